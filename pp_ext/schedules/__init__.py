@@ -1,0 +1,21 @@
+"""Pure-Python schedule layer: IR, generators, lowering, validator, simulator.
+
+Imports neither torch nor deepspeed, so every schedule can be checked in
+milliseconds anywhere.
+"""
+from . import classic, interleaved  # noqa: F401 - generators register themselves
+from .actions import Action, Kind
+from .costs import Costs
+from .errors import ConstraintError, InvalidScheduleError, ScheduleError
+from .lower import lower
+from .placement import Placement
+from .registry import REGISTRY, ScheduleSpec, build, get, names, register
+from .schedule import Message, Schedule
+from .simulate import Simulation, simulate
+from .validate import dry_run, validate
+
+__all__ = [
+    "Action", "Kind", "Costs", "ConstraintError", "InvalidScheduleError", "ScheduleError", "lower",
+    "Placement", "REGISTRY", "ScheduleSpec", "build", "get", "names", "register", "Message", "Schedule",
+    "Simulation", "simulate", "dry_run", "validate",
+]

@@ -1,0 +1,96 @@
+"""Cost model for the simulator.
+
+Uniform costs are per rank and micro-batch: the time to run F, I or W over one
+rank's share of the layers (``stages / ranks`` stages, so a chunk costs
+``ranks/stages`` of it: 1/v with v chunks in loop or V placement). ``B = I + W``.
+Per-stage costs (e.g. measured by a profiler) give F, I, W for each global stage
+and are used as they are. ``comm`` is the latency of one message between ranks;
+a hand-over between chunks of one rank costs nothing. Defaults are the unit costs
+of the literature's figures (F = I = W = 1, comm = 0).
+
+File format (JSON)::
+
+    {"comm": 0.05,
+     "stages": [{"forward": 1.0, "input_grad": 1.1, "weight_grad": 0.8}, ...]}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from .actions import Kind
+
+Number = Fraction | float | int
+
+
+def _number(text: str) -> Number:
+    text = text.strip()
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return float(text)
+
+
+@dataclass(frozen=True)
+class Costs:
+    forward: Number = Fraction(1)
+    input_grad: Number = Fraction(1)
+    weight_grad: Number = Fraction(1)
+    comm: Number = Fraction(0)
+    update: Number = Fraction(0)
+    per_stage: tuple[tuple[Number, Number, Number], ...] | None = None
+
+    def __post_init__(self) -> None:
+        values = [self.forward, self.input_grad, self.weight_grad, self.comm, self.update]
+        values += [v for stage in self.per_stage or () for v in stage]
+        if any(v < 0 for v in values):
+            raise ValueError("costs must be >= 0")
+
+    def duration(self, kind: Kind, stage: int, ranks: int, stages: int) -> Number:
+        """Time of one compute action on global ``stage`` (of ``stages``, on ``ranks``)."""
+        if self.per_stage is not None:
+            if len(self.per_stage) != stages:
+                raise ValueError(f"the cost file gives {len(self.per_stage)} stages, the schedule has {stages} "
+                                 f"(ranks x chunks): profile or write one entry per stage")
+            f, i, w = self.per_stage[stage]
+            share = 1
+        else:
+            f, i, w = self.forward, self.input_grad, self.weight_grad
+            share = Fraction(ranks, stages)
+        cost = {Kind.F: f, Kind.I: i, Kind.W: w, Kind.B: i + w, Kind.U: self.update}[kind]
+        return cost if kind is Kind.U else cost * share
+
+    @classmethod
+    def parse(cls, text: str) -> "Costs":
+        """``"F,I,W[,comm]"``, e.g. ``"1,1,1"`` or ``"1.2,1.1,0.7,0.05"``."""
+        parts = text.split(",")
+        if len(parts) not in (3, 4):
+            raise ValueError(f"--costs takes F,I,W[,comm] (e.g. 1,1,1,0.1), got {text!r}")
+        try:
+            numbers = [_number(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"--costs takes numbers F,I,W[,comm], got {text!r}") from None
+        return cls(*numbers)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Costs":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"cost file {path} does not exist: give --costs F,I,W[,comm] or a JSON file")
+        try:
+            data = json.loads(path.read_text())
+            stages = tuple((s["forward"], s["input_grad"], s["weight_grad"]) for s in data["stages"])
+            return cls(comm=data.get("comm", 0), per_stage=stages)
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"cost file {path} is not valid ({exc}): expected "
+                             '{"comm": x, "stages": [{"forward": f, "input_grad": i, "weight_grad": w}, ...]}'
+                             ) from None
+
+    @classmethod
+    def from_option(cls, value: str | None) -> "Costs":
+        """A ``--costs`` value: F,I,W[,comm] or the path of a JSON cost file."""
+        if value is None:
+            return cls()
+        return cls.load(value) if value.endswith(".json") or Path(value).exists() else cls.parse(value)

@@ -1,0 +1,94 @@
+"""Registry: schedules by name, each with its constraints checked up front.
+
+A schedule family is one generator function registered with :func:`register`;
+:func:`build` checks the sizes, generates the compute program and validates it.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import ConstraintError, ScheduleError
+from .schedule import Schedule
+
+Generator = Callable[[int, int, int], Schedule]
+Check = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    name: str
+    summary: str
+    constraints: str
+    source: str
+    placement: str
+    default_chunks: int
+    generate: Generator
+    check: Check
+
+    def resolve_chunks(self, chunks: int | None) -> int:
+        return self.default_chunks if chunks is None else chunks
+
+    def build(self, stages: int, micro_batches: int, chunks: int | None = None) -> Schedule:
+        """Check the sizes, generate and validate; returns the compute program."""
+        from .validate import validate
+
+        chunks = self.resolve_chunks(chunks)
+        check_sizes(self.name, stages, micro_batches, chunks)
+        self.check(stages, micro_batches, chunks)
+        schedule = self.generate(stages, micro_batches, chunks)
+        validate(schedule)
+        return schedule
+
+
+REGISTRY: dict[str, ScheduleSpec] = {}
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`ConstraintError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConstraintError(message)
+
+
+def check_sizes(name: str, stages: int, micro_batches: int, chunks: int) -> None:
+    require(stages >= 1, f"{name} needs stages >= 1 (got {stages})")
+    require(micro_batches >= 1, f"{name} needs micro_batches >= 1 (got {micro_batches})")
+    require(chunks >= 1, f"{name} needs chunks >= 1 (got {chunks})")
+
+
+def fixed_chunks(name: str, value: int) -> Check:
+    """A check for families that hold exactly ``value`` chunks per rank."""
+    def check(stages: int, micro_batches: int, chunks: int) -> None:
+        require(chunks == value, f"{name} holds exactly {value} chunk{'s' if value > 1 else ''} per rank "
+                                 f"(got chunks={chunks}): use chunks={value}")
+    return check
+
+
+def register(name: str, *, summary: str, constraints: str, source: str, placement: str,
+             default_chunks: int = 1, check: Check | None = None) -> Callable[[Generator], Generator]:
+    def decorate(generate: Generator) -> Generator:
+        if name in REGISTRY:
+            raise ValueError(f"schedule {name!r} registered twice")
+        REGISTRY[name] = ScheduleSpec(name, summary, constraints, source, placement, default_chunks,
+                                      generate, check or (lambda p, m, v: None))
+        return generate
+    return decorate
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get(name: str) -> ScheduleSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ScheduleError(f"unknown schedule {name!r}: {hint}choose one of {', '.join(REGISTRY)}") from None
+
+
+def build(name: str, stages: int, micro_batches: int, chunks: int | None = None) -> Schedule:
+    """Build and validate the named schedule (compute actions; see ``lower``)."""
+    return get(name).build(stages, micro_batches, chunks)

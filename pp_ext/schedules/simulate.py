@@ -1,0 +1,140 @@
+"""Simulator: run a schedule on a cost model, without tensors.
+
+Each rank runs its program in order; an action starts when the rank is free and
+its inputs are there (a message from another rank arrives ``comm`` after the
+action that made it ends). Sends are asynchronous and take no rank time.
+
+Metrics (the figures of ``SCHEDULES.md``):
+- ``makespan``: first start to last end of the step (flushed);
+- ``bubble_ratio`` = 1 - sum(busy) / (ranks * makespan);
+- ``peak_activations``: most micro-batch activations held at once on a rank, in
+  units of one micro-batch's activations of a whole rank's layers; ``F`` of a
+  chunk holds ``ranks/stages`` of a unit until its ``B`` (or its ``W`` when the
+  backward is split, since W still needs the layer inputs);
+- ``weight_copies``: copies of a rank's weights it keeps: replicas (Chimera's two
+  pipelines) times the weight versions alive at once (asynchronous schedules
+  stash one version per in-flight micro-batch between updates ``U``);
+- ``messages``: tensors sent between ranks per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import NamedTuple
+
+from .actions import Action, Kind
+from .costs import Costs, Number
+from .errors import InvalidScheduleError
+from .grid import step_grid
+from .schedule import Schedule
+
+
+class Span(NamedTuple):
+    action: Action
+    start: Number
+    end: Number
+
+
+@dataclass(frozen=True)
+class Simulation:
+    schedule: Schedule
+    costs: Costs
+    timeline: tuple[tuple[Span, ...], ...]
+    makespan: Number
+    busy: tuple[Number, ...]
+    peak_activations_per_rank: tuple[Number, ...]
+    weight_copies: Number
+    messages: int
+
+    @property
+    def bubble_ratio(self) -> Number:
+        if not self.makespan:
+            return 0
+        return 1 - sum(self.busy) / (self.schedule.ranks * self.makespan)
+
+    @property
+    def peak_activations(self) -> Number:
+        return max(self.peak_activations_per_rank)
+
+    def metrics(self) -> dict[str, float | int]:
+        return {
+            "makespan": float(self.makespan),
+            "bubble_ratio": float(self.bubble_ratio),
+            "peak_activations": float(self.peak_activations),
+            "weight_copies": float(self.weight_copies),
+            "messages": self.messages,
+        }
+
+
+def _peak_activations(schedule: Schedule, rank: int, program: tuple[Action, ...]) -> Number:
+    unit = Fraction(schedule.ranks, schedule.stages)
+    held = peak = Fraction(0)
+    for action in program:
+        if action.kind is Kind.F:
+            held += unit
+            peak = max(peak, held)
+        elif action.kind in (Kind.B, Kind.W):
+            held -= unit
+    return peak
+
+
+def _weight_versions(schedule: Schedule, program: tuple[Action, ...]) -> Number:
+    """Most weight versions alive at once on a rank, averaged over its chunks."""
+    version = [0] * schedule.chunks
+    pinned: dict[tuple[int, int], int] = {}  # (chunk, mb) -> version its forward used
+    most = Fraction(1)
+    for action in program:
+        if action.kind is Kind.U:
+            version[action.chunk] += 1
+        elif action.kind is Kind.F:
+            pinned[action.key()] = version[action.chunk]
+        elif action.kind in (Kind.B, Kind.W):
+            pinned.pop(action.key(), None)
+        alive = sum(len({v for (c, _), v in pinned.items() if c == chunk} | {version[chunk]})
+                    for chunk in range(schedule.chunks))
+        most = max(most, Fraction(alive, schedule.chunks))
+    return most
+
+
+def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
+    costs = costs or Costs()
+    compute = schedule.compute_only()
+    programs = compute.programs
+    ranks = len(programs)
+    finish: dict[tuple[int, Action], Number] = {}
+    timeline: list[list[Span]] = [[] for _ in range(ranks)]
+    free: list[Number] = [Fraction(0)] * ranks
+    pc = [0] * ranks
+    progress = True
+    while progress:
+        progress = False
+        for rank in range(ranks):
+            while pc[rank] < len(programs[rank]):
+                action = programs[rank][pc[rank]]
+                deps = compute.dependencies(rank, action)
+                if any(dep not in finish for dep in deps):
+                    break
+                start = max([free[rank]] + [finish[(r, a)] + (costs.comm if r != rank else 0) for r, a in deps])
+                end = start + costs.duration(action.kind, compute.stage(rank, action), ranks, compute.stages)
+                finish[(rank, action)] = end
+                timeline[rank].append(Span(action, start, end))
+                free[rank] = end
+                pc[rank] += 1
+                progress = True
+    blocked = [(r, pc[r]) for r in range(ranks) if pc[r] < len(programs[r])]
+    if blocked:
+        raise InvalidScheduleError("cannot simulate: the schedule deadlocks (run validate for details)",
+                                   step_grid(compute, blocked))
+    spans = [span for row in timeline for span in row]
+    makespan = (max(s.end for s in spans) - min(s.start for s in spans)) if spans else Fraction(0)
+    return Simulation(
+        schedule=schedule,
+        costs=costs,
+        timeline=tuple(tuple(row) for row in timeline),
+        makespan=makespan,
+        busy=tuple(sum((s.end - s.start for s in row), Fraction(0)) for row in timeline),
+        peak_activations_per_rank=tuple(_peak_activations(compute, r, p) for r, p in enumerate(programs)),
+        weight_copies=schedule.placement.pipelines * max(
+            (_weight_versions(compute, p) for p in programs), default=Fraction(1)),
+        messages=sum(len(compute.outgoing(r, a)) for r, p in enumerate(programs) for a in p),
+    )

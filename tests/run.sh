@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's test command: set up (or reuse) .venv, then run the whole suite.
+# Extra arguments go to pytest (e.g. -m "not slow" for the quick local subset).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/launch/env.sh"
+cd "$root"
+set +e
+python -m pytest "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+    echo "tests/run.sh: pytest collected no tests: failing on purpose" >&2
+    exit 1
+fi
+exit "$status"
