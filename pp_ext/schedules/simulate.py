@@ -15,10 +15,15 @@ Metrics (the figures of ``SCHEDULES.md``):
   pipelines) times the weight versions alive at once (asynchronous schedules
   stash one version per in-flight micro-batch between updates ``U``);
 - ``messages``: tensors sent between ranks per step.
+
+Steady state (:func:`steady_state`): the step repeated without a global flush
+between steps, each rank starting step n+1 as soon as its own step n is done (the
+optimizer post-validation of Qi et al. 2024, Sec. 5). ``period`` is the time per
+step once the repetition is periodic; its bubble is the papers' "zero bubble".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -138,3 +143,41 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
             (_weight_versions(compute, p) for p in programs), default=Fraction(1)),
         messages=sum(len(compute.outgoing(r, a)) for r, p in enumerate(programs) for a in p),
     )
+
+
+@dataclass(frozen=True)
+class SteadyState:
+    period: Number
+    bubble_ratio: Number
+
+
+def repeat(schedule: Schedule, steps: int) -> Schedule:
+    """The compute program of ``steps`` consecutive steps with no flush between them:
+    micro-batch k of step n becomes k + n*m."""
+    compute = schedule.compute_only()
+    m = schedule.micro_batches
+    programs = tuple(
+        tuple(replace(a, micro_batch=a.micro_batch + n * m) for n in range(steps) for a in program)
+        for program in compute.programs)
+    return replace(compute, micro_batches=m * steps, programs=programs,
+                   pipeline_of=schedule.pipeline_of * steps)
+
+
+def steady_state(schedule: Schedule, costs: Costs | None = None, steps: int = 6) -> SteadyState:
+    """Period and bubble of the step repeated back to back (see the module doc).
+
+    The period is the mean time between the ends of steps ``steps//2`` and
+    ``steps`` of the repetition: after a transient of about one step the ends of
+    consecutive steps are evenly spaced (max-plus periodic regime), so this is exact
+    at unit costs for the schedules here.
+    """
+    if steps < 2:
+        raise ValueError("steady_state needs steps >= 2")
+    sim = simulate(repeat(schedule, steps), costs)
+    m = schedule.micro_batches
+    ends = [max((s.end for row in sim.timeline for s in row if s.action.micro_batch // m == n), default=0)
+            for n in range(steps)]
+    first = steps // 2
+    period = (ends[-1] - ends[first - 1]) / (steps - first)
+    busy = sum(sim.busy) / steps
+    return SteadyState(period, 1 - busy / (schedule.ranks * period) if period else 0)
