@@ -85,6 +85,8 @@ def _peak_activations(schedule: Schedule, rank: int, program: tuple[Action, ...]
 
 def _weight_versions(schedule: Schedule, program: tuple[Action, ...]) -> Number:
     """Most weight versions alive at once on a rank, averaged over its chunks."""
+    if not any(a.kind is Kind.U for a in program):
+        return Fraction(1)  # synchronous: one version, updated after the flush
     version = [0] * schedule.chunks
     pinned: dict[tuple[int, int], int] = {}  # (chunk, mb) -> version its forward used
     most = Fraction(1)

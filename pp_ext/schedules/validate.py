@@ -91,9 +91,12 @@ def dry_run(schedule: Schedule) -> None:
         action = programs[rank][pc[rank]]
         here = (rank, pc[rank])
         if action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
-            producer = Action(Kind.F, action.micro_batch, action.chunk) if action.kind is Kind.SEND_ACT else next(
-                (a for a in done[rank] if a.kind.is_backward and a.key() == action.key()), None)
-            messages = [] if producer is None or producer not in done[rank] else [
+            if action.kind is Kind.SEND_ACT:
+                producer = Action(Kind.F, action.micro_batch, action.chunk)
+            else:
+                split = Action(Kind.I, action.micro_batch, action.chunk)
+                producer = split if schedule.has(rank, split) else Action(Kind.B, action.micro_batch, action.chunk)
+            messages = [] if producer not in done[rank] else [
                 m for m in schedule.outgoing(rank, producer) if m.dst == action.peer]
             if not messages:
                 _fail(schedule, f"rank {rank} step {pc[rank]}: {action} sends a tensor no earlier "
