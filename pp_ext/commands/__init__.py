@@ -1,0 +1,39 @@
+"""Command groups of the ``pp-ext`` command line (:mod:`pp_ext.cli` dispatches).
+
+Each group is a module of this package named in :data:`GROUPS` that defines
+``add_parser(subparsers)``: it adds its own sub-parser (``pp-ext schedule ...``,
+later ``bench``, ``plan``, ``train``, ``export``, ``tune``) and sets
+``handler=function(args) -> int`` on each leaf command with ``set_defaults``.
+A handler reports a user error by raising :class:`CommandError`; ``pp-ext``
+prints it as one line ``pp-ext: error: ...`` on stderr and exits with its code.
+
+Keep heavy imports (torch, deepspeed, transformers) inside the handlers, so that
+``pp-ext schedule ...`` starts in milliseconds on a machine without them.
+"""
+from __future__ import annotations
+
+import argparse
+
+# module names under pp_ext.commands, in the order `pp-ext --help` lists them
+GROUPS: tuple[str, ...] = ("schedule",)
+
+
+class CommandError(Exception):
+    """A user error: one line for stderr, an exit code, and optional detail lines
+    (e.g. the grid of an invalid schedule) printed after it."""
+
+    def __init__(self, message: str, exit_code: int = 2, detail: str = "") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.detail = detail
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
