@@ -3,7 +3,8 @@
 Imports neither torch nor deepspeed, so every schedule can be checked in
 milliseconds anywhere.
 """
-from . import classic, interleaved  # noqa: F401 - generators register themselves
+# generators register themselves on import; this order is the order `pp-ext schedule list` shows
+from . import classic, interleaved, zero_bubble, zbv, dualpipev  # noqa: F401, I001
 from .actions import Action, Kind
 from .costs import Costs
 from .errors import ConstraintError, InvalidScheduleError, ScheduleError
