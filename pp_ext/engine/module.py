@@ -1,0 +1,307 @@
+"""ChunkedPipelineModule: DeepSpeed's PipelineModule with several chunks per rank.
+
+The layer list is cut into ``S = p * chunks`` stages; chunk ``c`` of pipeline rank
+``r`` holds the stage that :class:`~pp_ext.schedules.placement.Placement` gives it
+("loop": Megatron interleaving, "v": ZB-V / DualPipeV). Every rank builds only its
+own chunks' layers. Each chunk keeps its own ``forward_funcs``; running a chunk
+switches them in and reuses ``PipelineModule.forward`` unchanged, as DeepSpeed's
+``DualPipeVModule`` does with its two phases.
+
+The partitioning logic is in pure functions (:func:`partition`, :func:`chunk_layout`,
+:func:`layer_rank`) so that layouts for any p can be checked without a process group.
+"""
+from __future__ import annotations
+
+import bisect
+import numbers
+import re
+from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.utils import partition_balanced, partition_uniform
+from deepspeed.utils import logger
+from torch import nn
+
+from pp_ext.schedules.placement import Placement
+
+PLACEMENTS = ("loop", "v")
+METHODS = "'parameters', 'uniform', 'type:REGEX' or a list of stage boundaries"
+
+
+def layer_name(layer) -> str | None:
+    """The class or function name DeepSpeed's 'type:' partitioning matches against."""
+    if isinstance(layer, LayerSpec):
+        return layer.typename.__name__
+    if isinstance(layer, nn.Module):
+        return type(layer).__name__
+    return getattr(layer, "__name__", None)
+
+
+def _trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def layer_param_counts(layers: Sequence) -> list[int]:
+    """Trainable parameters of each layer, without allocating any of them.
+
+    DeepSpeed's 'parameters' method builds every LayerSpec at full size on every rank
+    just to count; here each is built on the meta device. A layer whose constructor
+    needs real data (e.g. calls ``.item()``) cannot be built there and is built for
+    real, one at a time, as DeepSpeed would. A TiedLayerSpec counts at every place it
+    is used, as in DeepSpeed: the count stands for the work of that place (a tied LM
+    head costs as much as its weight suggests), but it is built only once.
+    """
+    counts, tied = [], {}
+    for layer in layers:
+        if isinstance(layer, TiedLayerSpec) and layer.key in tied:
+            counts.append(tied[layer.key])
+            continue
+        if isinstance(layer, LayerSpec):
+            try:
+                with torch.device("meta"):
+                    count = _trainable(layer.build())
+            except Exception:  # noqa: BLE001 - any meta-only failure; a real one re-raises below
+                count = _trainable(layer.build())
+            if isinstance(layer, TiedLayerSpec):
+                tied[layer.key] = count
+        elif isinstance(layer, nn.Module):
+            count = _trainable(layer)
+        else:
+            count = 0
+        counts.append(count)
+    return counts
+
+
+def _type_weights(layers: Sequence, pattern: str) -> list[int]:
+    regex = re.compile(pattern, re.IGNORECASE)
+    weights = [int(bool((name := layer_name(layer)) and regex.search(name))) for layer in layers]
+    if not any(weights):
+        raise ValueError(f"partition_method 'type:{pattern}' matches no layer: "
+                         f"layer types are {sorted({n for n in map(layer_name, layers) if n})}")
+    return weights
+
+
+def _check_boundaries(parts: Sequence[int], layers: int, stages: int) -> list[int]:
+    if isinstance(parts, str) or not all(
+            isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in parts):
+        raise ValueError(f"partition_method must be {METHODS}, got {parts!r}")
+    parts = [int(b) for b in parts]
+    if len(parts) != stages + 1:
+        problem = f"has {len(parts)} boundaries, {stages} stages need {stages + 1}"
+    elif parts[0] != 0 or parts[-1] != layers:
+        problem = f"must start at 0 and end at the number of layers ({layers})"
+    elif any(b <= a for a, b in zip(parts, parts[1:])):
+        problem = "must be strictly increasing (every stage needs at least one layer)"
+    else:
+        return parts
+    raise ValueError(f"explicit partition {parts} {problem}")
+
+
+def partition(layers: Sequence, stages: int, method: str | Sequence[int] = "parameters") -> list[int]:
+    """Stage boundaries ``parts`` (``stages + 1`` ints): stage s holds layers
+    ``parts[s]:parts[s+1]``. Methods as DeepSpeed's, plus explicit boundaries;
+    'parameters' counts on the meta device (:func:`layer_param_counts`)."""
+    if len(layers) < stages:
+        raise ValueError(f"{len(layers)} layers cannot fill {stages} pipeline stages (one layer at least each): "
+                         f"use fewer chunks or fewer pipeline stages")
+    if not isinstance(method, str):
+        return _check_boundaries(method, len(layers), stages)
+    kind, _, pattern = method.partition(":")
+    if kind.lower() == "uniform" and not pattern:
+        parts = partition_uniform(num_items=len(layers), num_parts=stages)
+    elif kind.lower() == "parameters" and not pattern:
+        parts = partition_balanced(weights=layer_param_counts(layers), num_parts=stages)
+    elif kind.lower() == "type" and pattern:
+        parts = partition_balanced(weights=_type_weights(layers, pattern), num_parts=stages)
+    else:
+        raise ValueError(f"partition_method must be {METHODS}, got {method!r}")
+    return [int(b) for b in parts]
+
+
+def chunk_layout(placement: Placement, parts: Sequence[int], rank: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` layer bounds of each chunk of ``rank``."""
+    stages = [placement.holds(rank, chunk)[1] for chunk in range(placement.chunks)]
+    return [(parts[s], parts[s + 1]) for s in stages]
+
+
+def layer_stage(parts: Sequence[int], layer_idx: int) -> int:
+    """Global stage that holds layer ``layer_idx``."""
+    if not 0 <= layer_idx < parts[-1]:
+        raise IndexError(f"layer {layer_idx} out of range: the model has {parts[-1]} layers")
+    return bisect.bisect_right(parts, layer_idx) - 1
+
+
+def layer_rank(placement: Placement, parts: Sequence[int], layer_idx: int) -> int:
+    """Pipeline rank that holds layer ``layer_idx`` (what DeepSpeed calls its stage owner)."""
+    return placement.locate(0, layer_stage(parts, layer_idx))[0]
+
+
+class ChunkedPipelineModule(PipelineModule):
+    """A :class:`deepspeed.pipe.PipelineModule` cut into ``p * chunks`` stages.
+
+    Takes PipelineModule's arguments plus ``chunks`` and ``placement`` ("loop" or "v").
+    ``num_stages`` (or the topology's pipe axis) stays the number of pipeline *ranks*,
+    as DeepSpeed's engine and grid expect; ``placement.stages`` is the number of model
+    stages. ``partition_method`` may also be a list of ``S + 1`` layer boundaries.
+
+    Layers tied (TiedLayerSpec) within one rank share one module and get no gradient
+    all-reduce; ties across ranks get DeepSpeed's ``tied_comms`` over those ranks.
+    """
+
+    def __init__(self, layers, *args, chunks: int = 1, placement: str = "loop", **kwargs):
+        if not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks must be a positive int, got {chunks!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        # read by _partition_layers, which PipelineModule.__init__ calls
+        self._chunks, self._placement_name = chunks, placement
+        super().__init__(layers, *args, **kwargs)
+
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    @property
+    def chunks(self) -> int:
+        return self._chunks
+
+    def stage_of_chunk(self, chunk: int) -> int:
+        return self._placement.holds(self.stage_id, chunk)[1]
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """``(start, stop)`` global layer indices of ``chunk``."""
+        return self._chunk_bounds[chunk]
+
+    def is_first_stage_chunk(self, chunk: int) -> bool:
+        return self.stage_of_chunk(chunk) == 0
+
+    def is_last_stage_chunk(self, chunk: int) -> bool:
+        return self.stage_of_chunk(chunk) == self._placement.stages - 1
+
+    def stage_owner(self, layer_idx: int) -> int:
+        """Pipeline rank holding ``layer_idx``: DeepSpeed's tied-module indexing uses it
+        as the pipe coordinate of the layer."""
+        return layer_rank(self._placement, self.parts, layer_idx)
+
+    def chunk_modules(self, chunk: int) -> list[nn.Module]:
+        """The modules ``chunk`` runs, in order; a tied module used twice is listed twice."""
+        start, stop = self._chunk_bounds[chunk]
+        modules = []
+        for idx in range(start, stop):
+            spec = self._layer_specs[idx]
+            if isinstance(spec, TiedLayerSpec):
+                modules.append(self.tied_modules[spec.key])
+            elif isinstance(spec, (LayerSpec, nn.Module)):
+                modules.append(self._modules[str(idx)])
+        return modules
+
+    def chunk_parameters(self, chunk: int) -> list[nn.Parameter]:
+        """Parameters of ``chunk``, each once. A module tied between two chunks of this
+        rank appears in both chunks' lists."""
+        params = {id(p): p for module in self.chunk_modules(chunk) for p in module.parameters()}
+        return list(params.values())
+
+    @contextmanager
+    def chunk(self, chunk: int) -> Iterator[None]:
+        """Expose ``chunk`` as this module's forward pass (and ``_local_start/stop``,
+        which DeepSpeed's checkpoint paths and seeds read) for the duration."""
+        previous = self._active_chunk
+        self._activate(chunk)
+        try:
+            yield
+        finally:
+            self._activate(previous)
+
+    def chunk_forward(self, chunk: int, inputs):
+        """Run ``chunk``'s layers on ``inputs``, exactly as PipelineModule.forward runs a stage."""
+        with self.chunk(chunk):
+            return self(inputs)
+
+    def forward(self, forward_input):
+        """PipelineModule.forward on the active chunk.
+
+        The parent's checkpointed segments look up ``self.forward_funcs`` when they are
+        recomputed in backward, by which time another chunk may be active: the checkpoint
+        function is wrapped for this call so that recomputation runs under this chunk.
+        """
+        checkpoint, chunk = self.activation_checkpoint_func, self._active_chunk
+
+        def run_under_chunk(function):
+            def run(*args):
+                with self.chunk(chunk):
+                    return function(*args)
+            return run
+
+        self.activation_checkpoint_func = lambda function, *args: checkpoint(run_under_chunk(function), *args)
+        try:
+            return super().forward(forward_input)
+        finally:
+            self.activation_checkpoint_func = checkpoint
+
+    # --- PipelineModule hooks -------------------------------------------------------
+
+    def _partition_layers(self, method="parameters"):
+        self._placement = Placement.named(self._placement_name, self.num_stages, self._chunks)
+        self.parts = partition(self._layer_specs, self._placement.stages, method)
+        self._chunk_bounds = chunk_layout(self._placement, self.parts, self.stage_id)
+        if self.global_rank == 0:
+            for stage in range(self._placement.stages):
+                rank, chunk = self._placement.locate(0, stage)
+                start, stop = self.parts[stage], self.parts[stage + 1]
+                names = ", ".join(layer_name(layer) or repr(layer) for layer in self._layer_specs[start:stop])
+                logger.info(f"stage {stage} (rank {rank} chunk {chunk}) layers [{start}, {stop}): {names}")
+        self._set_bounds(*self._chunk_bounds[0])
+
+    def _build(self):
+        # The parent builds the layers between _local_start and _local_stop into
+        # forward_funcs; tied_modules persists across calls, so a key tied between two
+        # chunks of this rank is built once and shared.
+        self._chunk_funcs = []
+        for start, stop in self._chunk_bounds:
+            self._set_bounds(start, stop)
+            self.forward_funcs = []
+            super()._build()
+            self._chunk_funcs.append(self.forward_funcs)
+        self._chunk_checkpointable = [[] for _ in range(self._chunks)]
+        self._activate(0)
+        # PipelineModule leaves this to the engine, and until then its forward with an
+        # interval > 0 runs no layer at all (it zips the layers with an empty list).
+        if self.activation_checkpoint_interval > 0:
+            self._precompute_checkpointable_values()
+
+    def _activate(self, chunk: int) -> None:
+        self._active_chunk = chunk
+        self.forward_funcs = self._chunk_funcs[chunk]
+        self.is_checkpointable_results = self._chunk_checkpointable[chunk]
+        self._local_start, self._local_stop = self._chunk_bounds[chunk]
+
+    def _precompute_checkpointable_values(self):
+        for chunk in range(self._chunks):
+            with self.chunk(chunk):
+                # the parent caches by interval only, which would carry over between chunks
+                self.is_checkpointable_results_interval = None
+                super()._precompute_checkpointable_values()
+                self._chunk_checkpointable[chunk] = self.is_checkpointable_results
+
+    def _index_tied_modules(self):
+        # The parent creates a group for every tie (collectively, on every rank); a tie
+        # whose uses all live on one rank is one shared module, so nothing to exchange.
+        comms = super()._index_tied_modules()
+        return {key: comm for key, comm in comms.items() if len(comm["ranks"]) > 1}
+
+    def save_state_dict(self, *args, **kwargs):
+        for chunk in range(self._chunks):
+            with self.chunk(chunk):
+                super().save_state_dict(*args, **kwargs)
+
+    def load_state_dir(self, *args, **kwargs):
+        for chunk in range(self._chunks):
+            with self.chunk(chunk):
+                super().load_state_dir(*args, **kwargs)
+
+    def compile(self, *args, **kwargs):
+        for chunk in range(self._chunks):
+            with self.chunk(chunk):
+                super().compile(*args, **kwargs)

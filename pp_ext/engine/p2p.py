@@ -1,0 +1,87 @@
+"""Point-to-point transfers between any two pipeline ranks.
+
+DeepSpeed's ``p2p.send/recv`` only reach adjacent stages (and first <-> last),
+which interleaved, V-shape and bidirectional placements go beyond; this uses
+``deepspeed.comm`` isend/irecv, which reach any rank on gloo and NCCL alike.
+Messages on one (src, dst) channel match in posting order (no tags: NCCL has
+none), which lowering guarantees (:mod:`pp_ext.schedules.lower`).
+
+Shapes: the first activation crossing a stage boundary is preceded by a small
+header (count, then dtype, requires_grad, rank and sizes of each tensor); later
+ones reuse it unless shapes are dynamic. Gradients need no header: the receiver
+made the tensors they belong to.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from deepspeed import comm as dist
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+          torch.int16, torch.int8, torch.uint8, torch.bool)
+MAX_TENSORS = 16
+MAX_DIMS = 8
+_FIELDS = 3 + MAX_DIMS  # dtype, requires_grad, ndim, sizes
+
+
+class TensorSpec(tuple):
+    """(shape, dtype, requires_grad) of one tensor crossing ranks."""
+
+    shape = property(lambda self: self[0])
+    dtype = property(lambda self: self[1])
+    requires_grad = property(lambda self: self[2])
+
+
+def as_tuple(value) -> tuple[torch.Tensor, ...]:
+    if torch.is_tensor(value):
+        return (value,)
+    if isinstance(value, (tuple, list)) and all(torch.is_tensor(t) for t in value):
+        return tuple(value)
+    raise TypeError(f"pipeline stages must pass a tensor or a tuple of tensors, got {type(value).__name__}")
+
+
+def specs_of(tensors: Sequence[torch.Tensor]) -> list[TensorSpec]:
+    return [TensorSpec((tuple(t.shape), t.dtype, t.requires_grad)) for t in tensors]
+
+
+def send_header(specs: Sequence[TensorSpec], dst: int, device) -> list:
+    if len(specs) > MAX_TENSORS:
+        raise ValueError(f"a stage passes {len(specs)} tensors; at most {MAX_TENSORS} are supported")
+    header = torch.zeros(1 + MAX_TENSORS * _FIELDS, dtype=torch.int64, device=device)
+    header[0] = len(specs)
+    for i, spec in enumerate(specs):
+        if len(spec.shape) > MAX_DIMS:
+            raise ValueError(f"tensor of rank {len(spec.shape)} crosses stages; at most {MAX_DIMS} dims")
+        if spec.dtype not in DTYPES:
+            raise ValueError(f"dtype {spec.dtype} cannot cross stages; use one of {DTYPES}")
+        base = 1 + i * _FIELDS
+        header[base:base + 3] = torch.tensor([DTYPES.index(spec.dtype), int(spec.requires_grad), len(spec.shape)])
+        header[base + 3:base + 3 + len(spec.shape)] = torch.tensor(spec.shape, dtype=torch.int64)
+    return [dist.isend(header, dst)]
+
+
+def recv_header(src: int, device) -> list[TensorSpec]:
+    header = torch.zeros(1 + MAX_TENSORS * _FIELDS, dtype=torch.int64, device=device)
+    dist.irecv(header, src).wait()
+    values = header.tolist()
+    specs = []
+    for i in range(values[0]):
+        base = 1 + i * _FIELDS
+        dtype, requires_grad, ndim = values[base:base + 3]
+        specs.append(TensorSpec((tuple(values[base + 3:base + 3 + ndim]), DTYPES[dtype], bool(requires_grad))))
+    return specs
+
+
+def send_tensors(tensors: Sequence[torch.Tensor], dst: int) -> list:
+    """Post non-blocking sends; the caller keeps the returned works until done."""
+    return [dist.isend(t.detach().contiguous(), dst) for t in tensors]
+
+
+def recv_tensors(specs: Sequence[TensorSpec], src: int, device) -> tuple[torch.Tensor, ...]:
+    """Receive tensors of the given specs (posted in order, then waited)."""
+    buffers = [torch.empty(spec.shape, dtype=spec.dtype, device=device) for spec in specs]
+    works = [dist.irecv(b, src) for b in buffers]
+    for work in works:
+        work.wait()
+    return tuple(buffers)

@@ -1,0 +1,92 @@
+"""Run a function on N local ranks joined by a gloo (or NCCL) process group.
+
+Used by the tests and by ``pp-ext bench``: one launch runs many cases, since a
+DeepSpeed launch costs seconds of start-up (FACTS: ~12 s per ``deepspeed`` launch).
+If any rank fails, the others are stopped and the failure's traceback is raised;
+nothing waits forever.
+"""
+from __future__ import annotations
+
+import os
+import queue as queue_errors
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+class RankFailed(RuntimeError):
+    """A rank raised or died; the message holds its traceback."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_rank(rank: int, world_size: int, port: int, threads: int = 1) -> None:
+    """Environment and process group of one local rank (CPU: gloo, one thread)."""
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(threads)
+    import deepspeed
+
+    # the shm comm op is JIT-built (~80 s) on first init and never used by training
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+
+
+def _entry(fn: Callable, rank: int, world_size: int, port: int, results, args: tuple) -> None:
+    try:
+        init_rank(rank, world_size, port)
+        results.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:  # report everything, including SystemExit, to the parent
+        results.put((rank, False, traceback.format_exc()))
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 900) -> list[Any]:
+    """``fn(rank, world_size, *args)`` on ``world_size`` processes; results by rank.
+
+    ``fn`` must be importable by name (a module-level function)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, results, args), daemon=True)
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=1)
+            except queue_errors.Empty:
+                # a rank that exits without reporting (killed, crashed interpreter) fails the run now
+                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode is not None]
+                if dead:
+                    raise RankFailed(f"rank(s) {dead} exited (code {procs[dead[0]].exitcode}) without a result") \
+                        from None
+                if time.monotonic() > deadline:
+                    raise RankFailed(f"no result within {timeout:.0f} s") from None
+                continue
+            if not ok:
+                raise RankFailed(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+    return [out[rank] for rank in range(world_size)]
