@@ -47,6 +47,8 @@ def init_rank(rank: int, world_size: int, port: int, threads: int = 1) -> None:
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, results, args: tuple) -> None:
+    # ranks talk on stderr: the parent's stdout is for its own results (e.g. --json)
+    os.dup2(2, 1)
     try:
         init_rank(rank, world_size, port)
         results.put((rank, True, fn(rank, world_size, *args)))

@@ -6,12 +6,15 @@ rank's share of the layers (``stages / ranks`` stages, so a chunk costs
 Per-stage costs (e.g. measured by a profiler) give F, I, W for each global stage
 and are used as they are. ``comm`` is the latency of one message between ranks;
 a hand-over between chunks of one rank costs nothing. Defaults are the unit costs
-of the literature's figures (F = I = W = 1, comm = 0).
+of the literature's figures (F = I = W = 1, comm = 0). A stage may also give its
+fused backward ``B`` as measured (it is often a little cheaper than I + W).
 
 File format (JSON)::
 
     {"comm": 0.05,
-     "stages": [{"forward": 1.0, "input_grad": 1.1, "weight_grad": 0.8}, ...]}
+     "stages": [{"forward": 1.0, "input_grad": 1.1, "weight_grad": 0.8, "backward": 1.8}, ...]}
+
+(``backward`` is optional.)
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class Costs:
     weight_grad: Number = Fraction(1)
     comm: Number = Fraction(0)
     update: Number = Fraction(0)
-    per_stage: tuple[tuple[Number, Number, Number], ...] | None = None
+    per_stage: tuple[tuple[Number, ...], ...] | None = None  # (F, I, W) or (F, I, W, B) per stage
 
     def __post_init__(self) -> None:
         values = [self.forward, self.input_grad, self.weight_grad, self.comm, self.update]
@@ -54,12 +57,12 @@ class Costs:
             if len(self.per_stage) != stages:
                 raise ValueError(f"the cost file gives {len(self.per_stage)} stages, the schedule has {stages} "
                                  f"(ranks x chunks): profile or write one entry per stage")
-            f, i, w = self.per_stage[stage]
+            f, i, w, *fused = self.per_stage[stage]
             share = 1
         else:
-            f, i, w = self.forward, self.input_grad, self.weight_grad
+            f, i, w, fused = self.forward, self.input_grad, self.weight_grad, []
             share = Fraction(ranks, stages)
-        cost = {Kind.F: f, Kind.I: i, Kind.W: w, Kind.B: i + w, Kind.U: self.update}[kind]
+        cost = {Kind.F: f, Kind.I: i, Kind.W: w, Kind.B: fused[0] if fused else i + w, Kind.U: self.update}[kind]
         return cost if kind is Kind.U else cost * share
 
     @classmethod
@@ -81,12 +84,20 @@ class Costs:
             raise ValueError(f"cost file {path} does not exist: give --costs F,I,W[,comm] or a JSON file")
         try:
             data = json.loads(path.read_text())
-            stages = tuple((s["forward"], s["input_grad"], s["weight_grad"]) for s in data["stages"])
+            stages = tuple((s["forward"], s["input_grad"], s["weight_grad"])
+                           + ((s["backward"],) if "backward" in s else ()) for s in data["stages"])
             return cls(comm=data.get("comm", 0), per_stage=stages)
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"cost file {path} is not valid ({exc}): expected "
-                             '{"comm": x, "stages": [{"forward": f, "input_grad": i, "weight_grad": w}, ...]}'
-                             ) from None
+                             '{"comm": x, "stages": [{"forward": f, "input_grad": i, "weight_grad": w'
+                             '[, "backward": b]}, ...]}') from None
+
+    def to_json(self) -> dict:
+        """The cost file format (per-stage costs only)."""
+        if self.per_stage is None:
+            raise ValueError("only per-stage costs are written as a cost file")
+        keys = ("forward", "input_grad", "weight_grad", "backward")
+        return {"comm": float(self.comm), "stages": [dict(zip(keys, map(float, s))) for s in self.per_stage]}
 
     @classmethod
     def from_option(cls, value: str | None) -> "Costs":

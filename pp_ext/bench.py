@@ -1,0 +1,239 @@
+"""``pp-ext bench``: time ``train_batch`` for every schedule on one model, side by side.
+
+One launch of ``stages`` local ranks (one thread each on CPU) times each schedule
+on the same small Llama-shaped model (:mod:`pp_ext.engine.tiny`) and data:
+DeepSpeed's own ``TrainSchedule`` on its stock engine (the baseline) and every
+registered schedule that accepts the sizes. All engines are built first, then
+timed round-robin (``warmup`` untimed rounds, ``repeats`` timed ones) so that a
+change in machine load falls on every schedule alike; the median is reported.
+
+It also measures what the simulator needs: per-stage F, I, W and fused B times of
+the real layers (one set per layout: chunks x placement), the p2p latency of one
+activation between two ranks, and the optimizer's time per step. The simulator's
+step time for each schedule is its makespan on those costs plus the optimizer
+time, so ``predicted_ratio`` (schedule / baseline, simulated) can be set against
+``ratio_vs_deepspeed`` (schedule / baseline, measured in the same run).
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+BASELINE = "deepspeed-1f1b"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    stages: int = 2
+    micro_batches: int = 4
+    schedules: tuple[str, ...] = ()  # empty: the baseline and every schedule that accepts the sizes
+    repeats: int = 5
+    warmup: int = 2
+    hidden: int = 256
+    heads: int = 4
+    intermediate: int = 688
+    vocab: int = 512
+    blocks_per_rank: int = 2
+    seq: int = 128
+    micro_batch_size: int = 4
+    cost_repeats: int = 5
+
+    def plan(self) -> list[tuple[str, int, str]]:
+        """(schedule, chunks, placement) to time, baseline first; raises on an unknown name."""
+        from pp_ext.schedules import REGISTRY, ConstraintError, get
+
+        names = self.schedules or (BASELINE, *REGISTRY)
+        plan = []
+        for name in names:
+            if name == BASELINE:
+                plan.append((BASELINE, 1, "loop"))
+                continue
+            spec = get(name)
+            try:
+                spec.check(self.stages, self.micro_batches, spec.default_chunks)
+            except ConstraintError as err:
+                if self.schedules:
+                    raise
+                print(f"pp-ext bench: skipping {name}: {err}", file=sys.stderr)
+                continue
+            plan.append((name, spec.default_chunks, spec.placement))
+        if plan[0][0] != BASELINE:
+            plan.insert(0, (BASELINE, 1, "loop"))
+        return plan
+
+
+def _progress(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"pp-ext bench: {message}", file=sys.stderr, flush=True)
+
+
+def _model(options: BenchOptions, chunks: int, placement: str):
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    from pp_ext.engine.module import ChunkedPipelineModule
+    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+
+    config = TinyConfig(vocab=options.vocab, hidden=options.hidden, heads=options.heads,
+                        intermediate=options.intermediate, blocks=options.blocks_per_rank * options.stages,
+                        tied=False)
+    # blocks carry the work: balance them, embedding and head ride on the end stages
+    return ChunkedPipelineModule(layers=layer_specs(config), topology=PipeDataParallelTopology(options.stages, 1),
+                                 loss_fn=lm_loss, chunks=chunks, placement=placement,
+                                 partition_method="type:Block", seed_layers=True, base_seed=1234)
+
+
+def _batches(options: BenchOptions):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(options.vocab, (options.micro_batch_size, options.seq), generator=gen)
+           for _ in range(options.micro_batches)]
+    return [(x, torch.roll(x, -1, dims=1)) for x in ids]
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[float, float, float, float]]:
+    """Median F, I, W, B seconds of each chunk of this rank, keyed by global stage."""
+    import torch
+
+    from pp_ext.engine.split_backward import WeightGradStore, enable_split_backward
+
+    store = WeightGradStore()
+    enable_split_backward(module, store)
+    ids, labels = _batches(options)[0]
+    costs = {}
+    for chunk in range(module.chunks):
+        first, last = module.is_first_stage_chunk(chunk), module.is_last_stage_chunk(chunk)
+
+        def forward():
+            x = ids if first else torch.randn(options.micro_batch_size, options.seq, options.hidden,
+                                              requires_grad=True)
+            out = module.chunk_forward(chunk, x)
+            return module.loss_fn(out, labels) if last else out
+
+        def backward(out):
+            torch.autograd.backward(out, None if last else torch.ones_like(out))
+
+        for _ in range(2):  # warm up: first calls pay for allocation and kernel selection
+            backward(forward())
+        f = _median_time(forward, options.cost_repeats)
+        outs = [forward() for _ in range(options.cost_repeats)]
+        b = _median_time(lambda: backward(outs.pop()), options.cost_repeats)
+        keys = iter(range(options.cost_repeats))
+        outs = [forward() for _ in range(options.cost_repeats)]
+
+        def input_grad():
+            with store.defer(next(keys)):
+                backward(outs.pop())
+
+        i = _median_time(input_grad, options.cost_repeats)
+        keys = iter(range(options.cost_repeats))
+        w = _median_time(lambda: store.run(next(keys)), options.cost_repeats)
+        costs[module.stage_of_chunk(chunk)] = (f, i, w, b)
+    module.zero_grad(set_to_none=True)
+    return costs
+
+
+def _comm_latency(options: BenchOptions, rank: int) -> float:
+    """Half a ping-pong of one activation between pipeline ranks 0 and 1."""
+    import torch
+    from deepspeed import comm as dist
+
+    if options.stages < 2:
+        return 0.0
+    tensor = torch.randn(options.micro_batch_size, options.seq, options.hidden)
+    times = []
+    for _ in range(options.cost_repeats + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        if rank == 0:
+            dist.send(tensor, 1)
+            dist.recv(tensor, 1)
+        elif rank == 1:
+            dist.recv(tensor, 0)
+            dist.send(tensor, 0)
+        times.append((time.perf_counter() - start) / 2)
+    result = torch.tensor([statistics.median(times[1:]) if rank == 0 else 0.0])
+    dist.broadcast(result, 0)
+    return float(result)
+
+
+def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
+    import torch
+    from deepspeed import comm as dist
+
+    import pp_ext
+    from pp_ext.schedules import Costs, build, simulate
+
+    plan = options.plan()
+    batches = _batches(options)
+    ds_config = {"train_micro_batch_size_per_gpu": options.micro_batch_size,
+                 "gradient_accumulation_steps": options.micro_batches,
+                 "train_batch_size": options.micro_batch_size * options.micro_batches,
+                 "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
+    layouts: dict[tuple[int, str], Costs] = {}
+    comm = _comm_latency(options, rank)
+    engines = []
+    for name, chunks, placement in plan:
+        module = _model(options, chunks, placement)
+        if (chunks, placement) not in layouts:
+            _progress(rank, f"measuring F/I/W/B per stage for {chunks} chunk(s) in {placement} placement")
+            mine = _stage_costs(module, options, rank)
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, mine)
+            stages = {s: c for part in gathered for s, c in part.items()}
+            layouts[(chunks, placement)] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)))
+        optimizer = torch.optim.SGD(module.parameters(), lr=1e-4)
+        engines.append(pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config, schedule=name)[0])
+    optimizer_time = _median_time(engines[0].optimizer.step, options.cost_repeats)
+
+    def step(engine) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        engine.train_batch(iter(batches))
+        elapsed = torch.tensor([time.perf_counter() - start])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return float(elapsed)
+
+    # round-robin over the schedules, so that drift in machine load touches all alike
+    times: list[list[float]] = [[] for _ in engines]
+    for repeat in range(options.warmup + options.repeats):
+        _progress(rank, f"{'warm-up' if repeat < options.warmup else 'timed'} round {repeat + 1} of "
+                        f"{options.warmup + options.repeats}")
+        for engine, column in zip(engines, times):
+            elapsed = step(engine)
+            if repeat >= options.warmup:
+                column.append(elapsed)
+    rows = []
+    for (name, chunks, placement), column in zip(plan, times):
+        simulated = build("1f1b" if name == BASELINE else name, options.stages, options.micro_batches, chunks)
+        predicted = float(simulate(simulated, layouts[(chunks, placement)]).makespan) + optimizer_time
+        rows.append({"schedule": name, "stages": options.stages, "micro_batches": options.micro_batches,
+                     "chunks": chunks, "placement": placement, "step_time_s": statistics.median(column),
+                     "step_times_s": column, "predicted_step_s": predicted,
+                     "costs": layouts[(chunks, placement)].to_json()})
+    base, base_predicted = rows[0]["step_time_s"], rows[0]["predicted_step_s"]
+    for row in rows:
+        row["ratio_vs_deepspeed"] = row["step_time_s"] / base
+        row["predicted_ratio"] = row["predicted_step_s"] / base_predicted
+        # measured speed-up as a share of the simulated one (1.0: as fast as predicted)
+        row["efficiency"] = row["predicted_ratio"] / row["ratio_vs_deepspeed"]
+    return rows if rank == 0 else None
+
+
+def run(options: BenchOptions) -> list[dict]:
+    from pp_ext.engine.spawn import spawn
+
+    options.plan()  # unknown names and refused sizes fail here, before any rank starts
+    return spawn(worker, options.stages, options)[0]
+
