@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from pp_ext.engine import split_backward
+from pp_ext.engine import split_backward, tiny
 from pp_ext.engine.split_backward import DeferrableLinear, WeightGradStore, enable_split_backward
 
 torch.set_num_threads(1)
@@ -27,25 +27,9 @@ class RMSNorm(nn.Module):
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-class Block(nn.Module):
+def Block():
     """Llama-like: RMSNorm, causal attention with q/k/v/o Linear, RMSNorm, SwiGLU MLP."""
-
-    def __init__(self, dim=64, heads=4, ffn=172):
-        super().__init__()
-        self.heads = heads
-        self.attn_norm, self.mlp_norm = RMSNorm(dim), RMSNorm(dim)
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
-        self.gate, self.up = nn.Linear(dim, ffn, bias=False), nn.Linear(dim, ffn, bias=False)
-        self.down = nn.Linear(ffn, dim, bias=False)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        h = self.attn_norm(x)
-        q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
-        h = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+    return tiny.Block(tiny.TinyConfig(hidden=64, heads=4, intermediate=172))
 
 
 class LM(nn.Module):
@@ -109,7 +93,7 @@ def test_patch_keeps_parameters_and_state_dict():
     assert [id(p) for p in model.parameters()] == params
     assert list(model.state_dict()) == keys
     assert type(model.head) is DeferrableLinear and isinstance(model.head, nn.Linear)
-    assert type(model.block.attn_norm) is RMSNorm
+    assert type(model.block.attn_norm) is nn.RMSNorm
     assert enable_split_backward(model, store) == 8  # idempotent
     assert [id(p) for p in model.parameters()] == params
     model.load_state_dict(ref.state_dict())
