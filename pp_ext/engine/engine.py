@@ -13,21 +13,46 @@ or the loss on the last stage), ``_grads`` (output gradients received or handed
 over) and ``_input_grads`` (gradients waiting to be sent back). The split
 backward defers linear layers' weight GEMMs from I to W through a
 :class:`~pp_ext.engine.split_backward.WeightGradStore`.
+
+``eval_batch`` is DeepSpeed's, running a forward-only program
+(:func:`forward_only`) under ``torch.no_grad()``; forward passes then keep
+nothing for a backward.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
 
 import torch
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from pp_ext.schedules import Schedule
+from pp_ext.schedules import Action, Kind, Schedule, lower
 
 from . import instructions as ins
 from . import p2p
 from .module import ChunkedPipelineModule
 from .split_backward import WeightGradStore, enable_split_backward
+
+
+def forward_only(schedule: Schedule, micro_batches: int) -> Schedule:
+    """The lowered forward-only program of ``micro_batches`` micro-batches on
+    ``schedule``'s placement, every micro-batch on route 0: what ``eval_batch`` runs.
+
+    Each rank runs its F actions in order of (micro-batch + stage, stage). F at stage
+    s needs only F at stage s - 1 of the same micro-batch, which comes earlier in
+    that order on every rank, so with non-blocking sends a receive never waits on a
+    rank that is itself waiting (``pp_ext.schedules.dry_run`` checks this in the
+    tests). ``micro_batches`` may differ from the training program's.
+    """
+    placement = schedule.placement
+    programs = []
+    for rank in range(placement.ranks):
+        held = [(placement.holds(rank, chunk), chunk) for chunk in range(placement.chunks)]
+        order = sorted((mb + stage, stage, mb, chunk)
+                       for (pipeline, stage), chunk in held if pipeline == 0 for mb in range(micro_batches))
+        programs.append(tuple(Action(Kind.F, mb, chunk) for _, _, mb, chunk in order))
+    return lower(Schedule(f"{schedule.name} forward-only", placement, micro_batches, tuple(programs)))
 
 
 class ScheduleEngine(PipelineEngine):
@@ -50,9 +75,13 @@ class ScheduleEngine(PipelineEngine):
         if schedule.micro_batches != self.micro_batches:
             raise ValueError(f"schedule has {schedule.micro_batches} micro-batches, DeepSpeed's "
                              f"gradient_accumulation_steps is {self.micro_batches}: make them equal")
-        if self.using_bf16_optimizer or self.fp16_enabled():
-            raise NotImplementedError("the pp-ext engine runs fp32 for now (bf16 and fp16: next step); "
-                                      "use the deepspeed-1f1b schedule for mixed precision")
+        if self.fp16_enabled():
+            raise NotImplementedError("the pp-ext engine runs fp32 or bf16; fp16 (loss scaling) is not "
+                                      "supported: use \"bf16\", or DeepSpeed's own PipelineEngine")
+        if schedule.split_backward and self.using_bf16_optimizer and self.optimizer.immediate_grad_update:
+            raise ValueError(f"schedule {schedule.name} splits the backward: bf16 immediate_grad_update moves "
+                             f"gradients in autograd hooks, which the deferred weight-gradient (W) work does "
+                             f"not fire; set \"bf16\": {{\"immediate_grad_update\": false}} (the default)")
         self.schedule = schedule
         self.placement = schedule.placement
         self._loss_rank = self.placement.locate(0, schedule.stages - 1)[0]
@@ -101,6 +130,22 @@ class ScheduleEngine(PipelineEngine):
         self._reset_buffers()
         return ins.ProgramSchedule(self.schedule, self.stage_id)
 
+    def _inference_schedule(self, micro_batches: int):
+        self._reset_buffers()
+        return ins.ForwardProgram(forward_only(self.schedule, micro_batches), self.stage_id)
+
+    def eval_batch(self, data_iter, return_logits=False, compute_loss=True, reduce_output='avg',
+                   bcast_loss=True, num_micro_batches=None):
+        """DeepSpeed's ``eval_batch`` (same arguments and results) on a forward-only
+        program; the module's train/eval mode is restored afterwards."""
+        training = self.module.training
+        try:
+            return super().eval_batch(data_iter, return_logits=return_logits, compute_loss=compute_loss,
+                                      reduce_output=reduce_output, bcast_loss=bcast_loss,
+                                      num_micro_batches=num_micro_batches)
+        finally:
+            self.module.train(training)
+
     def _batch(self, micro_batch: int):
         # the data iterator yields micro-batches in order; ranks holding the first
         # or the last stage read all of them, as DeepSpeed's TrainSchedule does
@@ -128,28 +173,63 @@ class ScheduleEngine(PipelineEngine):
     def _exec_forward_chunk(self, chunk: int, micro_batch: int) -> None:
         key = (chunk, micro_batch)
         first, last = self.module.is_first_stage_chunk(chunk), self.module.is_last_stage_chunk(chunk)
-        inputs = self._load_inputs(micro_batch) if first else self._inputs[key]
-        self._inputs[key] = inputs
+        inputs = self._load_inputs(micro_batch) if first else self._inputs.pop(key)
         outputs = self.module.chunk_forward(chunk, inputs[0] if len(inputs) == 1 else inputs)
+        # eval_batch runs under no_grad: keep nothing for a backward that will not come
+        backward = torch.is_grad_enabled()
+        if backward:
+            self._inputs[key] = inputs
+        if not self.module.training:
+            ds_checkpointing.reset()  # as DeepSpeed's forward pass does between evaluation passes
         if last:
-            loss = self.module.loss_fn(outputs, self._labels(micro_batch)) if self.module.loss_fn else outputs
-            self._outputs[key] = loss
-            self.fwd_outputs.append(loss.detach())
-            self.total_loss = loss.detach().clone() if self.total_loss is None else self.total_loss + loss.detach()
+            labels = self._labels(micro_batch)  # read even when unused, as DeepSpeed's last stage does
+            compute_loss = self._compute_loss and self.module.loss_fn is not None
+            loss = self.module.loss_fn(outputs, labels) if compute_loss else outputs
+            if self.eval_return_logits:
+                self.outputs = outputs
+            self.fwd_outputs.append(loss.detach() if torch.is_tensor(loss) else [t.detach() for t in loss])
+            if backward:
+                self._outputs[key] = loss
+                self.total_loss = loss.detach().clone() if self.total_loss is None else self.total_loss + loss.detach()
             return
-        self._outputs[key] = outputs
         rank, next_chunk = self._neighbour(chunk, +1)
+        if backward or rank != self.stage_id:
+            self._outputs[key] = outputs
         if rank == self.stage_id:  # the turn of a V: hand the activation over, cut the graph
             self._inputs[(next_chunk, micro_batch)] = tuple(
                 t.detach().requires_grad_(t.requires_grad) for t in p2p.as_tuple(outputs))
 
+    def _clear_low_precision_grads(self) -> None:
+        """bf16: start a B, I or W pass from zeroed bf16 gradients; the pass then adds
+        them to BF16_Optimizer's accumulators (:meth:`_accumulate_low_precision_grads`).
+
+        DeepSpeed's pipeline does this around each backward, so that every (parameter,
+        micro-batch) gradient is rounded to bf16 once and accumulated over micro-batches
+        in the optimizer's accumulation dtype (``data_types.grad_accum_dtype``). With the
+        backward split, I makes every gradient except the deferred weight GEMMs' and W
+        makes exactly those, so flushing after every pass, W included, still adds each
+        (parameter, micro-batch) gradient once and rounded once: exact as DeepSpeed, up
+        to the order in which micro-batches' gradients are added, which is the
+        schedule's. Flushing only at the end of the step would accumulate in bf16; a
+        parameter that gets gradient in both I and W (a Linear weight also used
+        elsewhere) is rounded once per pass.
+        """
+        if self.using_bf16_optimizer:
+            self.optimizer.clear_lp_grads()
+
+    def _accumulate_low_precision_grads(self) -> None:
+        if self.using_bf16_optimizer:
+            self.optimizer.update_hp_grads(clear_lp_grads=False)
+
     def _backward(self, chunk: int, micro_batch: int, split: bool) -> None:
         key = (chunk, micro_batch)
         outputs = self._outputs.pop(key)
+        self._clear_low_precision_grads()
         with self.store.defer(key) if split else nullcontext():
             if self.module.is_last_stage_chunk(chunk):
                 # PipelineEngine.backward refuses outside train_batch; DeepSpeed's own
-                # pipeline calls the DeepSpeedEngine one too (it scales by accumulation steps)
+                # pipeline calls the DeepSpeedEngine one too: it scales by accumulation
+                # steps and its epilogue accumulates bf16 gradients itself
                 DeepSpeedEngine.backward(self, outputs)
             else:
                 grads = self._grads.pop(key)
@@ -159,6 +239,7 @@ class ScheduleEngine(PipelineEngine):
                     torch.autograd.backward(tensors, grads)
                 finally:
                     self._running_engine_backward = False
+                self._accumulate_low_precision_grads()
         if not self.module.is_first_stage_chunk(chunk):
             grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
                           for t in self._inputs[key] if t.requires_grad)
@@ -178,7 +259,9 @@ class ScheduleEngine(PipelineEngine):
 
     def _exec_weight_grad_chunk(self, chunk: int, micro_batch: int) -> None:
         key = (chunk, micro_batch)
+        self._clear_low_precision_grads()
         self.store.run(key)
+        self._accumulate_low_precision_grads()
         del self._inputs[key]  # the saved inputs of the linear layers are free now
 
     def _exec_send_tensors(self, chunk: int, micro_batch: int, peer: int, grad: bool) -> None:
@@ -187,7 +270,8 @@ class ScheduleEngine(PipelineEngine):
         if grad:
             tensors = self._input_grads.pop(key)
         else:
-            tensors = p2p.as_tuple(self._outputs[key])
+            # training keeps the outputs for the backward; eval is done with them
+            tensors = p2p.as_tuple(self._outputs[key] if torch.is_grad_enabled() else self._outputs.pop(key))
             boundary = self.module.stage_of_chunk(chunk)
             if self.dynamic_shape or boundary not in self._header_cache:
                 self._header_cache[boundary] = p2p.specs_of(tensors)

@@ -84,8 +84,18 @@ class ProgramSchedule(ds.PipeSchedule):
     def steps(self):
         for instruction in self.instructions:
             yield [instruction]
-        yield [FinishSends(), ds.ReduceTiedGrads(), ds.ReduceGrads(), ds.OptimizerStep()]
+        yield self.end()
+
+    def end(self) -> list[ds.PipeInstruction]:
+        return [FinishSends(), ds.ReduceTiedGrads(), ds.ReduceGrads(), ds.OptimizerStep()]
 
     def num_pipe_buffers(self) -> int:
         # the pp-ext engine keys its buffers by (chunk, micro-batch), not by buffer id
         return 1
+
+
+class ForwardProgram(ProgramSchedule):
+    """One rank's forward-only program (``eval_batch``): no gradients to reduce, no step."""
+
+    def end(self) -> list[ds.PipeInstruction]:
+        return [FinishSends()]

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 from deepspeed.utils import logger
 from torch import nn
@@ -225,8 +226,14 @@ class ChunkedPipelineModule(PipelineModule):
         The parent's checkpointed segments look up ``self.forward_funcs`` when they are
         recomputed in backward, by which time another chunk may be active: the checkpoint
         function is wrapped for this call so that recomputation runs under this chunk.
+
+        Reentrant checkpointing of a segment whose inputs need no gradient (token ids
+        into the embedding) would return outputs that need none either, so its
+        parameters, and every layer after it, would get no gradient: such a segment
+        runs without checkpointing (where DeepSpeed's own pipeline fails).
         """
         checkpoint, chunk = self.activation_checkpoint_func, self._active_chunk
+        reentrant = checkpoint is not ds_checkpointing.non_reentrant_checkpoint
 
         def run_under_chunk(function):
             def run(*args):
@@ -234,7 +241,12 @@ class ChunkedPipelineModule(PipelineModule):
                     return function(*args)
             return run
 
-        self.activation_checkpoint_func = lambda function, *args: checkpoint(run_under_chunk(function), *args)
+        def checkpoint_under_chunk(function, *args):
+            if reentrant and not any(torch.is_tensor(a) and a.requires_grad for a in args):
+                return function(*args)
+            return checkpoint(run_under_chunk(function), *args)
+
+        self.activation_checkpoint_func = checkpoint_under_chunk
         try:
             return super().forward(forward_input)
         finally:
