@@ -38,7 +38,7 @@ class BenchOptions:
     blocks_per_rank: int = 2
     seq: int = 128
     micro_batch_size: int = 4
-    cost_repeats: int = 5
+    cost_repeats: int = 9
 
     def plan(self) -> list[tuple[str, int, str]]:
         """(schedule, chunks, placement) to time, baseline first; raises on an unknown name."""
@@ -181,21 +181,13 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
                  "gradient_accumulation_steps": options.micro_batches,
                  "train_batch_size": options.micro_batch_size * options.micro_batches,
                  "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
-    layouts: dict[tuple[int, str], Costs] = {}
-    comm = _comm_latency(options, rank)
     engines = []
     for name, chunks, placement in plan:
         module = _model(options, chunks, placement)
-        if (chunks, placement) not in layouts:
-            _progress(rank, f"measuring F/I/W/B per stage for {chunks} chunk(s) in {placement} placement")
-            mine = _stage_costs(module, options, rank)
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, mine)
-            stages = {s: c for part in gathered for s, c in part.items()}
-            layouts[(chunks, placement)] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)))
         optimizer = torch.optim.SGD(module.parameters(), lr=1e-4)
         engines.append(pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config, schedule=name)[0])
-    optimizer_time = _median_time(engines[0].optimizer.step, options.cost_repeats)
+    # cost models are measured on modules of their own, with the same weights
+    probes = {(chunks, placement): _model(options, chunks, placement) for _, chunks, placement in plan}
 
     def step(engine) -> float:
         dist.barrier()
@@ -205,9 +197,20 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return float(elapsed)
 
-    # round-robin over the schedules, so that drift in machine load touches all alike
+    # round-robin over the schedules, so that drift in machine load touches all alike;
+    # costs are measured between the warm-up and the timed rounds, on a warm machine
     times: list[list[float]] = [[] for _ in engines]
+    layouts: dict[tuple[int, str], Costs] = {}
     for repeat in range(options.warmup + options.repeats):
+        if repeat == options.warmup:
+            comm = _comm_latency(options, rank)
+            for (chunks, placement), probe in probes.items():
+                _progress(rank, f"measuring F/I/W/B per stage for {chunks} chunk(s) in {placement} placement")
+                gathered: list = [None] * world
+                dist.all_gather_object(gathered, _stage_costs(probe, options, rank))
+                stages = {s: c for part in gathered for s, c in part.items()}
+                layouts[(chunks, placement)] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)))
+            optimizer_time = _median_time(engines[0].optimizer.step, options.cost_repeats)
         _progress(rank, f"{'warm-up' if repeat < options.warmup else 'timed'} round {repeat + 1} of "
                         f"{options.warmup + options.repeats}")
         for engine, column in zip(engines, times):
