@@ -73,15 +73,22 @@ def recv_header(src: int, device) -> list[TensorSpec]:
     return specs
 
 
+def _batched(op: str, tensors: Sequence[torch.Tensor], peer: int) -> list:
+    # one batched call per message: a stage passing several tensors (hidden states,
+    # masks, positions) pays one launch, and NCCL groups them into one transfer
+    if len(tensors) == 1:
+        return [getattr(dist, op)(tensors[0], peer)]
+    return dist.batch_isend_irecv([dist.P2POp(getattr(dist, op), t, peer) for t in tensors])
+
+
 def send_tensors(tensors: Sequence[torch.Tensor], dst: int) -> list:
     """Post non-blocking sends; the caller keeps the returned works until done."""
-    return [dist.isend(t.detach().contiguous(), dst) for t in tensors]
+    return _batched("isend", [t.detach().contiguous() for t in tensors], dst)
 
 
 def recv_tensors(specs: Sequence[TensorSpec], src: int, device) -> tuple[torch.Tensor, ...]:
-    """Receive tensors of the given specs (posted in order, then waited)."""
+    """Receive tensors of the given specs (posted together, then waited)."""
     buffers = [torch.empty(spec.shape, dtype=spec.dtype, device=device) for spec in specs]
-    works = [dist.irecv(b, src) for b in buffers]
-    for work in works:
+    for work in _batched("irecv", buffers, src):
         work.wait()
     return tuple(buffers)
