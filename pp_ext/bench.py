@@ -40,8 +40,9 @@ class BenchOptions:
     micro_batch_size: int = 4
     cost_repeats: int = 9
 
-    def plan(self) -> list[tuple[str, int, str]]:
-        """(schedule, chunks, placement) to time, baseline first; raises on an unknown name."""
+    def plan(self, report=lambda message: None) -> list[tuple[str, int, str]]:
+        """(schedule, chunks, placement) to time, baseline first; raises on an unknown name
+        or on sizes a named schedule refuses; ``report`` hears which ones are skipped."""
         from pp_ext.schedules import REGISTRY, ConstraintError, get
 
         names = self.schedules or (BASELINE, *REGISTRY)
@@ -56,7 +57,7 @@ class BenchOptions:
             except ConstraintError as err:
                 if self.schedules:
                     raise
-                print(f"pp-ext bench: skipping {name}: {err}", file=sys.stderr)
+                report(f"skipping {name}: {err}")
                 continue
             plan.append((name, spec.default_chunks, spec.placement))
         if plan[0][0] != BASELINE:
@@ -237,6 +238,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
 def run(options: BenchOptions) -> list[dict]:
     from pp_ext.engine.spawn import spawn
 
-    options.plan()  # unknown names and refused sizes fail here, before any rank starts
+    # unknown names and refused sizes fail here, before any rank starts
+    options.plan(report=lambda message: _progress(0, message))
     return spawn(worker, options.stages, options)[0]
 
