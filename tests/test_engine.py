@@ -180,3 +180,69 @@ def test_engine_knows_actions_not_schedule_names():
         literals = {node.value for node in ast.walk(ast.parse(path.read_text()))
                     if isinstance(node, ast.Constant) and isinstance(node.value, str)}
         assert not names & literals, f"{path.name} names schedules {names & literals}"
+
+
+class Detach(_torch_module()):
+    def forward(self, x):
+        return x.detach()
+
+
+def run_detached(rank: int, world: int) -> None:
+    import torch
+    from deepspeed.pipe import LayerSpec
+
+    import pp_ext
+    from pp_ext.engine.module import ChunkedPipelineModule
+    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+
+    specs = layer_specs(TinyConfig(blocks=2, tied=False))
+    specs.insert(2, LayerSpec(Detach))
+    module = ChunkedPipelineModule(layers=specs, num_stages=2, loss_fn=lm_loss, partition_method=[0, 3, 6])
+    engine, *_ = pp_ext.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
+                                   config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                                           "train_batch_size": 4}, schedule="1f1b")
+    engine.train_batch(iter([batch(0, 0, k, 64) for k in range(2)]))
+
+
+@pytest.mark.slow
+def test_a_stage_that_cuts_the_gradient_fails_with_a_clear_error():
+    from pp_ext.engine.spawn import RankFailed, spawn
+
+    with pytest.raises(RankFailed, match="stage 0 .* returns no tensor that needs a gradient"):
+        spawn(run_detached, 2, timeout=120)
+
+
+def run_frozen_first_stage(rank: int, world: int) -> list[float]:
+    import torch
+
+    import pp_ext
+    from pp_ext.engine.module import ChunkedPipelineModule
+    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+
+    # V placement: rank 0 holds the first stage (frozen, as when fine-tuning only the
+    # upper layers) and the last stage (trainable)
+    module = ChunkedPipelineModule(layers=layer_specs(TinyConfig(blocks=2, tied=False)), num_stages=2,
+                                   loss_fn=lm_loss, chunks=2, placement="v", partition_method=[0, 2, 3, 4, 5])
+    frozen = {id(p) for p in module.chunk_parameters(0)} if rank == 0 else set()
+    for param in module.parameters():
+        param.requires_grad_(id(param) not in frozen)
+    before = [p.detach().clone() for p in module.parameters() if id(p) in frozen]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = pp_ext.initialize(model=module, optimizer=torch.optim.SGD(trainable, lr=0.1),
+                                   config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
+                                           "train_batch_size": 8, "gradient_clipping": 0.0}, schedule="zbv")
+    losses = [float(engine.train_batch(iter([batch(0, 0, k, 64) for k in range(4)]))) for _ in range(3)]
+    assert before and all(torch.equal(a, b) for a, b in zip(before, module.chunk_parameters(0))) or rank != 0
+    return losses
+
+
+@pytest.mark.slow
+def test_a_frozen_first_stage_trains_the_rest():
+    losses = spawn_ranks(run_frozen_first_stage)
+    assert losses[0] == losses[1] and losses[0][-1] < losses[0][0]
+
+
+def spawn_ranks(fn, world: int = 2):
+    from pp_ext.engine.spawn import spawn
+
+    return spawn(fn, world, timeout=120)

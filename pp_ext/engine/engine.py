@@ -89,6 +89,7 @@ class ScheduleEngine(PipelineEngine):
         if schedule.split_backward:
             enable_split_backward(self.module, self.store)
         self._header_cache: dict[int, list[p2p.TensorSpec]] = {}  # stage boundary -> specs
+        self._trainable = [any(p.requires_grad for p in module.chunk_parameters(c)) for c in range(module.chunks)]
         self._reset_buffers()
 
     # ------------------------------------------------------------------ topology
@@ -179,6 +180,14 @@ class ScheduleEngine(PipelineEngine):
         backward = torch.is_grad_enabled()
         if backward:
             self._inputs[key] = inputs
+            needs_grad = self._trainable[chunk] or any(t.requires_grad for t in inputs)
+            if needs_grad and not last and not any(t.requires_grad for t in p2p.as_tuple(outputs)):
+                # gradients are wanted here or before, but none could flow back: fail now
+                raise RuntimeError(
+                    f"pp-ext engine: stage {self.module.stage_of_chunk(chunk)} (pipeline rank {self.stage_id}, "
+                    f"chunk {chunk}) returns no tensor that needs a gradient, so it and the stages before it "
+                    f"would get none: return float activations computed from its parameters or inputs "
+                    f"(not detached, not under no_grad)")
         if not self.module.training:
             ds_checkpointing.reset()  # as DeepSpeed's forward pass does between evaluation passes
         if last:
@@ -236,7 +245,8 @@ class ScheduleEngine(PipelineEngine):
                 tensors = [t for t in p2p.as_tuple(outputs) if t.requires_grad]
                 self._running_engine_backward = True
                 try:
-                    torch.autograd.backward(tensors, grads)
+                    if tensors:  # a frozen stage with frozen inputs has nothing to compute
+                        torch.autograd.backward(tensors, grads)
                 finally:
                     self._running_engine_backward = False
                 self._accumulate_low_precision_grads()

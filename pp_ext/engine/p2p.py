@@ -76,8 +76,8 @@ def recv_header(src: int, device) -> list[TensorSpec]:
 def _batched(op: str, tensors: Sequence[torch.Tensor], peer: int) -> list:
     # one batched call per message: a stage passing several tensors (hidden states,
     # masks, positions) pays one launch, and NCCL groups them into one transfer
-    if len(tensors) == 1:
-        return [getattr(dist, op)(tensors[0], peer)]
+    if len(tensors) <= 1:  # nothing to batch (a frozen stage sends no gradient back)
+        return [getattr(dist, op)(t, peer) for t in tensors]
     return dist.batch_isend_irecv([dist.P2POp(getattr(dist, op), t, peer) for t in tensors])
 
 
