@@ -1,0 +1,30 @@
+"""Which HF architectures pp-ext can split, keyed by ``config.model_type``.
+
+One registry so that an unsupported model fails once, up front, with the list of
+what is supported, instead of deep inside a family's module.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from transformers import PretrainedConfig
+
+from pp_ext.hf import llama
+
+BUILDERS: dict[str, Callable[[PretrainedConfig, str], list]] = {
+    model_type: llama.layer_specs for model_type in llama.FAMILIES
+}
+
+
+def supported() -> list[str]:
+    return sorted(BUILDERS)
+
+
+def layer_specs(config: PretrainedConfig, attn_implementation: str = "sdpa") -> list:
+    """The model's pipeline layers (DeepSpeed LayerSpec / TiedLayerSpec), in order."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in BUILDERS:
+        raise ValueError(f"pp-ext cannot split HF model_type {model_type!r} "
+                         f"({type(config).__name__}) into pipeline stages: supported model types are "
+                         f"{', '.join(supported())}")
+    return BUILDERS[model_type](config, attn_implementation)
