@@ -4,6 +4,7 @@ data (fp32, CPU, gloo), tied and untied heads, pipeline 2 and 4, data parallel 2
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
 from pp_ext.schedules import REGISTRY, ConstraintError
 
@@ -43,13 +44,7 @@ def carrying_ids(specs: list) -> list:
             LayerSpec(DropIds, specs[-1])]
 
 
-def _torch_module():
-    import torch
-
-    return torch.nn.Module
-
-
-class _Wrapper(_torch_module()):
+class _Wrapper(nn.Module):
     def __init__(self, spec) -> None:
         super().__init__()
         self.inner = spec.build()
@@ -182,7 +177,7 @@ def test_engine_knows_actions_not_schedule_names():
         assert not names & literals, f"{path.name} names schedules {names & literals}"
 
 
-class Detach(_torch_module()):
+class Detach(nn.Module):
     def forward(self, x):
         return x.detach()
 
@@ -238,11 +233,7 @@ def run_frozen_first_stage(rank: int, world: int) -> list[float]:
 
 @pytest.mark.slow
 def test_a_frozen_first_stage_trains_the_rest():
-    losses = spawn_ranks(run_frozen_first_stage)
-    assert losses[0] == losses[1] and losses[0][-1] < losses[0][0]
-
-
-def spawn_ranks(fn, world: int = 2):
     from pp_ext.engine.spawn import spawn
 
-    return spawn(fn, world, timeout=120)
+    losses = spawn(run_frozen_first_stage, 2, timeout=120)
+    assert losses[0] == losses[1] and losses[0][-1] < losses[0][0]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from deepspeed.pipe import TiedLayerSpec
 from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config,
                           Qwen3Config)
 
+from pp_ext.engine.reference import SequentialReference
 from pp_ext.hf import copy_hf_weights, layer_specs, supported
 
 TOL = 1e-5
@@ -25,33 +25,16 @@ CONFIGS = {
 }
 
 
-def build(specs: list) -> list:
-    """(module, forward) per spec; tied specs share the module built first."""
-    tied, chain = {}, []
-    for spec in specs:
-        if isinstance(spec, TiedLayerSpec):
-            module = tied.setdefault(spec.key, spec.build())
-            chain.append((module, (lambda m, f: (lambda x: f(m, x)))(module, spec.forward_fn)
-                          if spec.forward_fn else module))
-        else:
-            module = spec.build()
-            chain.append((module, module))
-    return chain
-
-
-def chained(chain: list):
-    """The forward pass of the whole chain, stage after stage."""
-    def run(inputs):
-        for _, forward in chain:
-            inputs = forward(inputs)
-        return inputs
-    return run
+def build(specs: list) -> SequentialReference:
+    """The layers chained in one process, as one stage after another would run them
+    (a tied embedding and head share one module)."""
+    return SequentialReference(specs, loss_fn=None)
 
 
 def pipeline(hf_model, config, attn_implementation: str = "sdpa"):
     chain = build(layer_specs(config, attn_implementation))
-    copy_hf_weights([m for m, _ in chain], hf_model.state_dict())
-    return chained(chain)
+    copy_hf_weights(chain.layers, hf_model.state_dict())
+    return chain
 
 
 @pytest.fixture(scope="module", params=[(f, tied) for f in CONFIGS for tied in (True, False)],
@@ -114,7 +97,7 @@ def test_hf_keys_cover_the_model(models):
     hf_model, _ = models
     config = hf_model.config
     chain = build(layer_specs(config))
-    keys = {k for m, _ in chain for k in m.hf_keys().values()}
+    keys = {k for m in chain.layers for k in m.hf_keys().values()}
     expected = set(hf_model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     assert keys == expected
 
@@ -127,8 +110,8 @@ def test_attention_is_causal_without_attn_implementation():
     chain = build(layer_specs(config))
     assert config._attn_implementation is None
     hf_model = AutoModelForCausalLM.from_config(config).eval()
-    copy_hf_weights([m for m, _ in chain], hf_model.state_dict())
-    run = chained(chain)
+    copy_hf_weights(chain.layers, hf_model.state_dict())
+    run = chain
     x = ids()
     with torch.no_grad():
         assert max_diff(run(x)[:, :5], run(x[:, :5])) <= TOL
@@ -148,8 +131,8 @@ def test_eager_matches_hf():
 
 def test_only_tensors_cross_and_ints_stay_int():
     chain = build(layer_specs(CONFIGS["qwen3"](True)))
-    out = chain[0][1](ids())
-    for _, forward in chain[1:-2]:
+    out = chain.funcs[0](ids())
+    for forward in chain.funcs[1:-2]:
         out = forward(out)
         assert isinstance(out, tuple) and all(torch.is_tensor(t) for t in out)
         assert out[0].is_floating_point() and out[1].dtype == out[2].dtype == torch.int64
@@ -169,4 +152,4 @@ def test_copy_rejects_missing_keys(models):
     state = dict(hf_model.state_dict())
     del state["model.norm.weight"]
     with pytest.raises(KeyError, match="model.norm.weight"):
-        copy_hf_weights([m for m, _ in chain], state)
+        copy_hf_weights(chain.layers, state)

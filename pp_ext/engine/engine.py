@@ -286,9 +286,7 @@ class ScheduleEngine(PipelineEngine):
             if self.dynamic_shape or boundary not in self._header_cache:
                 self._header_cache[boundary] = p2p.specs_of(tensors)
                 self._sends += p2p.send_header(self._header_cache[boundary], dst, self.device)
-        self._sends += p2p.send_tensors(tensors, dst)
-        # keep the tensors alive until the sends complete
-        self._sends.append(tensors)
+        self._sends += p2p.send_tensors(tensors, dst)  # each work holds its tensor until done
 
     def _exec_recv_tensors(self, chunk: int, micro_batch: int, peer: int, grad: bool) -> None:
         key = (chunk, micro_batch)
@@ -306,8 +304,7 @@ class ScheduleEngine(PipelineEngine):
 
     def _exec_finish_sends(self) -> None:
         for work in self._sends:
-            if not isinstance(work, tuple):
-                work.wait()
+            work.wait()
         self._sends = []
         leftover = [name for name, buf in (("inputs", self._inputs), ("outputs", self._outputs),
                                            ("grads", self._grads), ("input grads", self._input_grads)) if buf]

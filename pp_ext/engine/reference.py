@@ -20,6 +20,7 @@ class SequentialReference(nn.Module):
         super().__init__()
         self.loss_fn = loss_fn
         self.tied_modules = nn.ModuleDict()
+        self.layers: list[nn.Module] = []  # the module of each spec, in order (a tied one twice)
         self.funcs = []
         for idx, spec in enumerate(specs):
             set_random_seed(base_seed + idx)
@@ -27,10 +28,12 @@ class SequentialReference(nn.Module):
                 if spec.key not in self.tied_modules:
                     self.tied_modules[spec.key] = spec.build()
                 module = self.tied_modules[spec.key]
+                self.layers.append(module)
                 self.funcs.append(module if spec.forward_fn is None else partial(spec.forward_fn, module))
             elif isinstance(spec, LayerSpec):
                 module = spec.build()
                 self.add_module(str(idx), module)
+                self.layers.append(module)
                 self.funcs.append(module)
             else:
                 raise TypeError(f"layer {idx}: SequentialReference builds LayerSpec/TiedLayerSpec, got {spec!r}")
