@@ -115,15 +115,7 @@ def _invalid(exc: InvalidScheduleError) -> CommandError:
 
 
 def metrics(result: Result) -> dict[str, float | int]:
-    sim = result.simulation
-    return {
-        "makespan": float(sim.makespan),
-        "bubble_ratio": float(sim.bubble_ratio),
-        "steady_bubble_ratio": float(result.steady.bubble_ratio),
-        "peak_activations": float(sim.peak_activations),
-        "weight_copies": float(sim.weight_copies),
-        "messages": sim.messages,
-    }
+    return {**result.simulation.metrics(), "steady_bubble_ratio": float(result.steady.bubble_ratio)}
 
 
 # --------------------------------------------------------------------------- list
