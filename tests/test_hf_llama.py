@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from pp_ext.engine.reference import SequentialReference
 from pp_ext.hf import copy_hf_weights, layer_specs, supported
 
+from hf_models import CONFIGS
+
 TOL = 1e-5
-SIZES = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-CONFIGS = {
-    "llama": lambda tied: LlamaConfig(**SIZES, tie_word_embeddings=tied),
-    "mistral": lambda tied: MistralConfig(**SIZES, sliding_window=4, tie_word_embeddings=tied),
-    "qwen2": lambda tied: Qwen2Config(**SIZES, tie_word_embeddings=tied),  # Qwen2 has qkv bias
-    "qwen3": lambda tied: Qwen3Config(**SIZES, head_dim=8, tie_word_embeddings=tied),
-}
 
 
 def build(specs: list) -> SequentialReference:

@@ -27,7 +27,7 @@ def batch(step: int, micro_batch: int):
 def run_family(family: str, schedule: str, tied: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
-    from test_hf_llama import CONFIGS
+    from hf_models import CONFIGS
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
