@@ -1,0 +1,120 @@
+"""The recipe schema: one dataclass per recipe section (OmegaConf structured config).
+
+Pure data, no torch: ``pp-ext plan`` and the error paths import it in milliseconds.
+Loading, merging and checking a recipe is :mod:`pp_ext.recipe`; this module only
+says which keys exist, their types and their defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    # a folder with config.json (+ safetensors weights, tokenizer files); without
+    # weights the model starts from a seeded random init (layout-independent)
+    path: str = "???"
+    # tokenizer folder; None: the model folder
+    tokenizer: Optional[str] = None
+    # float32 | bfloat16 | float16: the dtype the weights are loaded in
+    dtype: str = "float32"
+    # sdpa | eager | flash_attention_2
+    attn_implementation: str = "sdpa"
+    # activation checkpointing every N layers (0: off)
+    activation_checkpoint_interval: int = 0
+
+
+@dataclass
+class DataConfig:
+    # local file, folder or glob (jsonl/json/csv/parquet/txt), or a hub dataset name
+    path: str = "???"
+    # auto (from the file extension) | json | csv | parquet | text | hub
+    format: str = "auto"
+    # auto (from the columns) | text | prompt_completion | chat
+    kind: str = "auto"
+    split: str = "train"
+    # held-out evaluation data: a split name of the same dataset, or a fraction of it
+    eval_split: Optional[str] = None
+    eval_fraction: float = 0.0
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    # tokens per sample (fixed shapes: every micro-batch is micro_batch_size x seq_len)
+    seq_len: int = 512
+    # plain text: concatenate documents and cut into seq_len blocks (positions restart
+    # per document); records: pad (False) or pack (True) several records per sample
+    pack: bool = True
+    # tokenization workers (datasets.map num_proc); 1 = in process
+    num_proc: int = 1
+
+
+@dataclass
+class ParallelConfig:
+    pipeline: int = 1
+    tensor: int = 1
+    # data-parallel ranks; "auto": world size / (pipeline x tensor)
+    data: Any = "auto"
+    schedule: str = "1f1b"
+    # micro-batches per step (DeepSpeed's gradient_accumulation_steps)
+    micro_batches: int = 4
+    # model chunks per pipeline rank; None: the schedule's default
+    chunks: Optional[int] = None
+    # parameters | uniform | type:REGEX | [boundaries]
+    partition: Any = "parameters"
+
+
+@dataclass
+class TrainConfig:
+    # optimizer steps; 0: load, export and exit (a conversion). Or set epochs.
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    micro_batch_size: int = 1
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # adamw | sgd
+    optimizer: str = "adamw"
+    grad_clip: float = 1.0
+    # evaluate every N steps (0: only at the end when there is eval data)
+    eval_interval: int = 0
+    eval_batches: int = 8
+    seed: int = 1234
+    log_interval: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    # default: <output_dir>/checkpoints
+    dir: Optional[str] = None
+    # save every N steps (0: only at the end)
+    interval: int = 0
+    # how many checkpoints to keep (0: all)
+    keep: int = 2
+    # auto: the newest complete checkpoint if there is one | never | a checkpoint path
+    resume: str = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    tensorboard: bool = False
+    csv: bool = True
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "???"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # DeepSpeed config: bases from configs/deepspeed/ (e.g. [fp32-cpu]) merged in order,
+    # then `deepspeed.overrides` on top; pp-ext fills batch sizes, clipping and optimizer
+    deepspeed: dict = field(default_factory=lambda: {"bases": ["fp32-cpu"], "overrides": {}})
