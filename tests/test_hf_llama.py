@@ -1,10 +1,13 @@
-"""HF Llama-like families as pipeline layers: chained layers reproduce HF logits.
+"""HF Llama-like families (Llama, Mistral, Qwen2/3, Gemma, Gemma2, Gemma3 text, Phi3)
+as pipeline layers: chained layers reproduce HF logits.
 
 Single process, no DeepSpeed group: each spec is built and the modules are called
 in order, as one pipeline stage after another would; a TiedLayerSpec builds one
 module used by the embedding and the head.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from pp_ext.hf import copy_hf_weights, layer_specs, supported
 from hf_models import CONFIGS
 
 TOL = 1e-5
+EFFECT = 1e-3  # how far HF's logits must move when a family detail is dropped
 
 
 def build(specs: list) -> SequentialReference:
@@ -24,7 +28,7 @@ def build(specs: list) -> SequentialReference:
     return SequentialReference(specs, loss_fn=None)
 
 
-def pipeline(hf_model, config, attn_implementation: str = "sdpa"):
+def pipeline(hf_model, config, attn_implementation: str | None = None):
     chain = build(layer_specs(config, attn_implementation))
     copy_hf_weights(chain.layers, hf_model.state_dict())
     return chain
@@ -36,13 +40,20 @@ def models(request):
     family, tied = request.param
     torch.manual_seed(0)
     config = CONFIGS[family](tied)
-    hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    hf_model = AutoModelForCausalLM.from_config(config).float().eval()  # HF's default attention
     assert (hf_model.lm_head.weight is hf_model.model.embed_tokens.weight) == tied
+    attn = hf_model.model.layers[0].self_attn
     if family == "qwen2":
-        assert hf_model.model.layers[0].self_attn.q_proj.bias is not None
-    if family == "qwen3":
-        assert hasattr(hf_model.model.layers[0].self_attn, "q_norm")
-    return hf_model, pipeline(hf_model, config)
+        assert attn.q_proj.bias is not None
+    if family in ("qwen3", "gemma3_text"):
+        assert hasattr(attn, "q_norm")
+    if family == "phi3":  # fused projections, rotary on half of each head
+        assert hasattr(attn, "qkv_proj") and hasattr(hf_model.model.layers[0].mlp, "gate_up_proj")
+        assert 2 * hf_model.model.rotary_emb.inv_freq.numel() == attn.head_dim // 2
+    run = pipeline(hf_model, config)
+    # same attention as HF's default for the family (Gemma2: eager, sdpa cannot soft-cap)
+    assert run.layers[1].config._attn_implementation == hf_model.config._attn_implementation
+    return hf_model, run
 
 
 def ids(batch: int = 2, length: int = 10) -> torch.Tensor:
@@ -93,6 +104,74 @@ def test_hf_keys_cover_the_model(models):
     keys = {k for m in chain.layers for k in m.hf_keys().values()}
     expected = set(hf_model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     assert keys == expected
+
+
+def _full(layers: int) -> list[str]:
+    return ["full_attention"] * layers
+
+
+# Config changes that each drop one family detail: run with HF's weights, the pipeline
+# must then miss HF's logits by far more than TOL, so the tiny configs really exercise
+# what test_no_padding & co. find reproduced.
+ABLATIONS = {
+    "gemma2 final softcap": ("gemma2", "final_logit_softcapping", None),
+    "gemma2 attention softcap": ("gemma2", "attn_logit_softcapping", None),
+    "gemma2 sliding layers": ("gemma2", "layer_types", _full(2)),
+    "gemma3 final softcap": ("gemma3_text", "final_logit_softcapping", None),
+    "gemma3 sliding layers": ("gemma3_text", "layer_types", _full(2)),
+    "gemma3 global rope on local layers": ("gemma3_text", "rope_parameters", "full_attention"),
+    "gemma3 local rope on global layers": ("gemma3_text", "rope_parameters", "sliding_attention"),
+    "phi3 longrope": ("phi3", "rope_parameters", {"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 0.5}),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_family_details_are_exercised(name, tied):
+    family, field, value = ABLATIONS[name]
+    torch.manual_seed(0)
+    config = CONFIGS[family](tied)
+    hf_model = AutoModelForCausalLM.from_config(config).eval()
+    ablated = copy.deepcopy(config)
+    if field == "rope_parameters" and family == "gemma3_text":  # one layer type's rope for both
+        value = {layer_type: copy.deepcopy(config.rope_parameters[value]) for layer_type in config.rope_parameters}
+    setattr(ablated, field, value)
+    x = ids()
+    assert max_diff(pipeline(hf_model, ablated)(x), hf_model(x).logits) > EFFECT
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
+def test_gemma_embedding_is_scaled(family):
+    """The first stage sends HF's scaled embeddings (sqrt(hidden_size)); without the
+    scale the logits would miss HF's."""
+    torch.manual_seed(0)
+    config = CONFIGS[family](True)
+    hf_model = AutoModelForCausalLM.from_config(config).eval()
+    run, x = pipeline(hf_model, config), ids()
+    hidden = run.funcs[0](x)[0]
+    assert max_diff(hidden, hf_model.model.embed_tokens(x)) == 0.0
+    assert max_diff(hidden, config.hidden_size**0.5 * hf_model.model.embed_tokens.weight[x]) <= TOL
+    run.layers[0].embed_tokens.embed_scale.fill_(1.0)
+    assert max_diff(run(x), hf_model(x).logits) > EFFECT
+
+
+def test_attention_implementation_hf_refuses():
+    """Gemma2 has no sdpa in HF (sdpa cannot soft-cap attention logits): asking for it is
+    an error naming the fix, not silently different attention."""
+    with pytest.raises(ValueError, match="gemma2 models do not support attn_implementation 'sdpa'.*use 'eager'"):
+        layer_specs(CONFIGS["gemma2"](True), "sdpa")
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        layer_specs(CONFIGS["llama"](True), "flex")
+
+
+def test_bidirectional_gemma3_is_refused():
+    config = CONFIGS["gemma3_text"](True)
+    config.use_bidirectional_attention = True
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True .* set it to False"):
+        layer_specs(config)
 
 
 def test_attention_is_causal_without_attn_implementation():

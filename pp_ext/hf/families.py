@@ -11,7 +11,7 @@ from transformers import PretrainedConfig
 
 from pp_ext.hf import llama
 
-BUILDERS: dict[str, Callable[[PretrainedConfig, str], list]] = {
+BUILDERS: dict[str, Callable[[PretrainedConfig, str | None], list]] = {
     model_type: llama.layer_specs for model_type in llama.FAMILIES
 }
 
@@ -20,8 +20,11 @@ def supported() -> list[str]:
     return sorted(BUILDERS)
 
 
-def layer_specs(config: PretrainedConfig, attn_implementation: str = "sdpa") -> list:
-    """The model's pipeline layers (DeepSpeed LayerSpec / TiedLayerSpec), in order."""
+def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None) -> list:
+    """The model's pipeline layers (DeepSpeed LayerSpec / TiedLayerSpec), in order.
+
+    ``attn_implementation`` None takes HF's default for the family (sdpa, or eager where
+    HF has no sdpa for it, as Gemma2)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in BUILDERS:
         raise ValueError(f"pp-ext cannot split HF model_type {model_type!r} "
