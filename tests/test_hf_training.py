@@ -6,7 +6,9 @@ import pytest
 
 TOLERANCE = 1e-5
 CASES = [("llama", "zbv", True), ("qwen2", "1f1b", False), ("mistral", "zb-h1", True),
-         ("qwen3", "interleaved-1f1b", False)]
+         ("qwen3", "interleaved-1f1b", False),
+         ("gemma2", "zb-h1", True), ("gemma3_text", "1f1b", False), ("phi3", "zbv", False),
+         ("gemma", "interleaved-1f1b", True)]
 
 
 def shifted_loss(logits, labels):
@@ -36,7 +38,7 @@ def run_family(family: str, schedule: str, tied: bool) -> dict:
 
     torch.manual_seed(0)
     config = CONFIGS[family](tied)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+    hf = AutoModelForCausalLM.from_config(config).float()  # HF's default attention, as layer_specs'
     spec = get(schedule)
     module = ChunkedPipelineModule(layers=layer_specs(config), num_stages=2, loss_fn=shifted_loss,
                                    chunks=spec.default_chunks, placement=spec.placement, partition_method="uniform")
