@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 # module names under pp_ext.commands, in the order `pp-ext --help` lists them
-GROUPS: tuple[str, ...] = ("schedule", "bench")
+GROUPS: tuple[str, ...] = ("schedule", "bench", "plan")
 
 
 class CommandError(Exception):
@@ -37,3 +37,9 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
     return value
+
+
+def format_table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as text lines, each column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]

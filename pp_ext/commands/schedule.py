@@ -19,7 +19,7 @@ from pp_ext.schedules.registry import REGISTRY, ScheduleSpec, get
 from pp_ext.schedules.schedule import Schedule
 from pp_ext.schedules.simulate import Simulation, SteadyState, simulate, steady_state
 
-from . import CommandError, positive_int
+from . import CommandError, format_table, positive_int
 
 fmt = render.format_number
 
@@ -255,16 +255,12 @@ def run_compare(args: argparse.Namespace) -> int:
             table.append(cells)
         else:
             table.append([fmt(row[key]) if not isinstance(row[key], str) else row[key] for key, _ in _COLUMNS])
-    widths = [max(len(cells[i]) for cells in table if i < len(cells)) for i in range(len(_COLUMNS))]
     out = sys.stdout
     print(f"p={args.stages} m={args.micro_batches}"
           + (f" v={args.chunks}" if args.chunks else " (each schedule at its default chunks v)")
           + f"; {render.costs_text(costs)}", file=out)
     print("bubble: flushed step; steady: steps back to back; peak act: micro-batches of a rank's "
           "activations; weights: copies per rank\n", file=out)
-    for index, cells in enumerate(table):
-        text = "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(cells))
-        if index in errors:
-            text += "  " + errors[index]
-        print(text.rstrip(), file=out)
+    for index, text in enumerate(format_table(table)):
+        print(f"{text}  {errors[index]}" if index in errors else text, file=out)
     return 0

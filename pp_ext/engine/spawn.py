@@ -34,16 +34,32 @@ def init_rank(rank: int, world_size: int, port: int, threads: int = 1) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size))
+    torch.set_num_threads(threads)
+    init_distributed(rank)
+
+
+def select_accelerator() -> None:
+    """Without a GPU, DeepSpeed's CPU accelerator, chosen before deepspeed is imported
+    (its auto-detection says the same with a warning on stdout)."""
+    import torch
+
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(threads)
+
+
+def init_distributed(local_rank: int) -> None:
+    """DeepSpeed's process group from the environment (RANK, WORLD_SIZE, MASTER_*):
+    NCCL on GPUs (this rank's device), gloo on CPU."""
+    import torch
+
+    select_accelerator()
     import deepspeed
 
     # the shm comm op is JIT-built (~80 s) on first init and never used by training
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     if torch.cuda.is_available():
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, results, args: tuple) -> None:

@@ -1,0 +1,13 @@
+"""The main job's entry point for the ``deepspeed`` launcher (one process per rank)::
+
+    deepspeed --num_gpus 2 launch/train.py --recipe recipes/quickstart.yaml [key=value ...]
+    deepspeed --hostfile launch/hostfile launch/train.py --recipe recipes/llama-8b-pipe4-data2.yaml
+
+See :mod:`pp_ext.train`.
+"""
+import sys
+
+from pp_ext.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

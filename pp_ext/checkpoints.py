@@ -1,0 +1,62 @@
+"""Checkpoint bookkeeping of the training job: tags, completeness, ``latest``, pruning.
+
+DeepSpeed writes the tensors (``engine.save_checkpoint(dir, tag)``); what it does not
+promise is that a crash mid-save leaves ``latest`` on a loadable checkpoint, since its
+``latest`` is written by one rank while others may still be writing. So pp-ext saves
+with ``save_latest=False``, and only after every rank has finished (a barrier) does
+rank 0 write ``<tag>/pp_ext.json`` (the completeness marker, written atomically) and
+then point ``latest`` at the tag (atomically, by rename). Resuming takes the newest tag
+that has the marker; a tag without it is an interrupted save and is ignored.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pp_ext.schedules.render import write_atomic
+
+MARKER = "pp_ext.json"
+LATEST = "latest"
+
+
+def tag_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def mark_complete(save_dir: Path, tag: str, info: dict) -> None:
+    """Rank 0, after every rank saved ``tag``: the marker, then ``latest``."""
+    write_atomic(save_dir / tag / MARKER, json.dumps(info, indent=1, sort_keys=True).encode())
+    write_atomic(save_dir / LATEST, tag.encode())
+
+
+def complete_tags(save_dir: Path) -> list[tuple[int, str]]:
+    """``(step, tag)`` of every complete checkpoint in ``save_dir``, oldest first."""
+    found = []
+    for marker in Path(save_dir).glob(f"*/{MARKER}"):
+        try:
+            step = int(json.loads(marker.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable marker is no marker
+        found.append((step, marker.parent.name))
+    return sorted(found)
+
+
+def info(save_dir: Path, tag: str) -> dict:
+    return json.loads((Path(save_dir) / tag / MARKER).read_text())
+
+
+def prune(save_dir: Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints (0 keeps all), and
+    interrupted saves older than the newest complete one. Rank 0 only."""
+    tags = complete_tags(save_dir)
+    if not tags:
+        return []
+    doomed = [tag for _, tag in tags[:-keep]] if keep else []
+    newest = (Path(save_dir) / tags[-1][1]).stat().st_mtime
+    complete = {tag for _, tag in tags}
+    doomed += [p.name for p in Path(save_dir).iterdir() if p.is_dir() and p.name not in complete
+               and p.name.startswith("step-") and p.stat().st_mtime < newest]
+    for tag in doomed:
+        shutil.rmtree(Path(save_dir) / tag, ignore_errors=True)
+    return doomed

@@ -1,0 +1,126 @@
+"""``pp-ext plan --recipe R``: what a launch of the recipe would do, without launching.
+
+Prints the rank layout (pipeline x tensor x data, as DeepSpeed's
+``PipeModelDataParallelTopology`` numbers ranks), which layers each pipeline rank
+holds per chunk, the schedule's simulated bubble at unit costs, and an estimate of
+each rank's peak activation memory.
+
+The activation estimate follows Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", eq. (1): one transformer layer keeps
+``s*b*h*(34 + 5*a*s/h)`` bytes per micro-batch in 16-bit (s tokens, b micro-batch
+size, h hidden, a heads). The ``5*a*s/h`` term is the attention score matrix, which
+sdpa and flash attention do not keep; 32-bit activations double the rest. With
+activation checkpointing only each layer's input (``2*s*b*h`` bytes) stays, plus one
+layer's working set. The last stage also holds fp32 logits (``4*s*b*vocab``). A rank
+holds its peak number of micro-batches in flight (the simulator's ``peak act``) of
+these. An estimate for planning, not a measurement: ``pp-ext tune`` will measure.
+"""
+from __future__ import annotations
+
+import argparse
+from itertools import groupby
+
+from . import CommandError, format_table
+
+
+def add_parser(subparsers) -> None:
+    plan = subparsers.add_parser("plan", help="rank layout, layers per rank, bubble and memory of a recipe",
+                                 description="Show what launching a recipe would do, without launching: "
+                                             "the pipe x tensor x data layout, layers per rank, the "
+                                             "schedule's bubble and an activation-memory estimate.")
+    plan.add_argument("--recipe", required=True, metavar="FILE", help="recipes/NAME.yaml")
+    plan.add_argument("--world-size", type=int, default=None, metavar="N",
+                      help="ranks to plan for (default: pipeline x tensor x data, data 1 when 'auto')")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    plan.set_defaults(handler=run_plan)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    raise AssertionError
+
+
+def layer_activation_bytes(config, recipe) -> tuple[float, float]:
+    """``(per decoder layer, logits)`` bytes of one micro-batch (see the module doc)."""
+    s, b = recipe.data.seq_len, recipe.train.micro_batch_size
+    h, a = config.hidden_size, config.num_attention_heads
+    width = 2 if recipe.model.dtype in ("bfloat16", "float16") else 4
+    if recipe.model.activation_checkpoint_interval:
+        per_layer = 2 * s * b * h * width / 2
+    else:
+        per_layer = s * b * h * 34 * width / 2
+        if recipe.model.attn_implementation == "eager":
+            per_layer += 5 * a * s * s * b
+    return per_layer, 4.0 * s * b * config.vocab_size
+
+
+def _names(specs) -> str:
+    from pp_ext.engine.module import layer_name
+
+    runs = [(name, len(list(group))) for name, group in groupby(layer_name(s) or "?" for s in specs)]
+    return " + ".join(name if count == 1 else f"{count} x {name}" for name, count in runs)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from pp_ext.recipe import RecipeError, load
+    from pp_ext.train import check_before_launch
+
+    try:
+        recipe = load(args.recipe, args.overrides)
+        data = recipe.parallel.data if recipe.parallel.data != "auto" else 1
+        world = args.world_size or recipe.parallel.pipeline * recipe.parallel.tensor * data
+        pipe, tensor, data, chunks = check_before_launch(recipe, world)
+    except RecipeError as exc:
+        raise CommandError(str(exc)) from None
+    print(describe(recipe, world, pipe, tensor, data, chunks))
+    return 0
+
+
+def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int) -> str:
+    from pp_ext.engine.spawn import select_accelerator
+
+    select_accelerator()
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from transformers import AutoConfig
+
+    from pp_ext.engine.module import chunk_layout, layer_param_counts, partition
+    from pp_ext.hf import layer_specs
+    from pp_ext.schedules import Placement, get, simulate
+    from pp_ext.schedules.render import format_number
+
+    config = AutoConfig.from_pretrained(recipe.model.path)
+    specs = layer_specs(config, recipe.model.attn_implementation)
+    name = recipe.parallel.schedule
+    spec = get("1f1b" if name == "deepspeed-1f1b" else name)
+    placement = Placement.named(spec.placement, pipe, chunks)
+    parts = partition(specs, placement.stages, recipe.parallel.partition)
+    counts = layer_param_counts(specs)
+    simulation = simulate(spec.build(pipe, recipe.parallel.micro_batches, chunks))
+    metrics = simulation.metrics()
+    per_layer, logits = layer_activation_bytes(config, recipe)
+    topology = PipeModelDataParallelTopology(num_pp=pipe, num_mp=tensor, num_dp=data)
+    mbs, seq = recipe.train.micro_batch_size, recipe.data.seq_len
+
+    lines = [f"{recipe.model.path}: {config.model_type}, {len(specs)} pipeline layers "
+             f"({config.num_hidden_layers} decoder blocks), {sum(counts) / 1e6:.1f} M parameters",
+             f"{world} ranks = pipeline {pipe} x tensor {tensor} x data {data}; schedule {name} "
+             f"({chunks} chunk{'s' * (chunks > 1)} per rank, {spec.placement} placement), "
+             f"{recipe.parallel.micro_batches} micro-batches of {mbs} x {seq} tokens per data rank",
+             f"bubble at unit costs: {format_number(metrics['bubble_ratio'])} per step; peak activations "
+             f"in flight: {format_number(metrics['peak_activations'])} micro-batches of a rank's layers", ""]
+    table = [["pipeline rank", "global ranks", "stage: layers", "params", "activations (est.)"]]
+    for rank in range(pipe):
+        bounds = chunk_layout(placement, parts, rank)
+        held = [i for start, stop in bounds for i in range(start, stop)]
+        decoders = sum(1 for i in held if 0 < i < len(specs) - 2)
+        act = simulation.peak_activations_per_rank[rank] * (
+            decoders * per_layer + (logits if len(specs) - 1 in held else 0))
+        table.append([str(rank), ",".join(map(str, topology.filter_match(pipe=rank))),
+                      "; ".join(f"{placement.holds(rank, c)[1]}: {_names(specs[start:stop])}"
+                                for c, (start, stop) in enumerate(bounds)),
+                      f"{sum(counts[i] for i in held) / 1e6:.1f} M", _bytes(act)])
+    lines += format_table(table)
+    return "\n".join(lines)

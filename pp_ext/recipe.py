@@ -1,0 +1,212 @@
+"""Loading and checking a recipe: YAML file + ``key=value`` overrides -> typed config.
+
+OmegaConf does the merging and the type checks against :mod:`pp_ext.recipe_schema`;
+this module turns its exceptions into one line that names the recipe key and the
+nearest valid one, and adds the checks a type cannot express (choices, ranges, the
+world size). Every user error is a :class:`RecipeError`.
+
+No torch here: ``pp-ext plan`` and the launcher's error paths stay fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from pp_ext.recipe_schema import Recipe
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEEPSPEED_BASES = CONFIGS / "deepspeed"
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+OPTIMIZERS = ("adamw", "sgd")
+DATA_FORMATS = ("auto", "json", "csv", "parquet", "text", "hub")
+DATA_KINDS = ("auto", "text", "prompt_completion", "chat")
+# DeepSpeed keys that pp-ext derives from the recipe: setting them in `deepspeed:` would
+# make two sources of truth, so each names the recipe key to set instead
+DERIVED_DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "parallel.micro_batches",
+    "train_batch_size": "train.micro_batch_size and parallel.micro_batches",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.optimizer / train.lr",
+    "scheduler": "train.lr / train.warmup_steps / train.min_lr",
+}
+
+
+class RecipeError(ValueError):
+    """A recipe the user must fix; the message is one line naming key and fix."""
+
+
+def _section_keys(object_type: Any) -> list[str]:
+    if dataclasses.is_dataclass(object_type):
+        return [f.name for f in dataclasses.fields(object_type)]
+    return []
+
+
+def _nearest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> RecipeError:
+    key = exc.full_key or exc.key
+    if isinstance(exc, ConfigKeyError):
+        parent = key.rpartition(".")[0]
+        where = f"section '{parent}'" if parent else "the recipe's top level"
+        hint = _nearest(str(exc.key), _section_keys(exc.object_type))
+        return RecipeError(f"{source}: recipe key '{key}' does not exist in {where}{hint}")
+    if isinstance(exc, MissingMandatoryValue):
+        return RecipeError(f"{source}: recipe key '{key}' is required: set it in the recipe or as {key}=...")
+    if isinstance(exc, ValidationError):
+        first = str(exc.msg).splitlines()[0]
+        return RecipeError(f"{source}: recipe key '{key}' has the wrong type: {first}")
+    return RecipeError(f"{source}: {str(exc.msg).splitlines()[0]} (key '{key}')")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"recipe key '{key}' is {value!r}: choose one of {', '.join(map(str, choices))}{hint}")
+
+
+def _positive(key: str, value: Any, minimum: int = 1) -> None:
+    if value is None or value < minimum:
+        raise RecipeError(f"recipe key '{key}' must be >= {minimum}, got {value!r}")
+
+
+def _check(recipe: DictConfig) -> None:
+    """What the schema's types cannot say."""
+    from pp_ext.schedules import names as schedule_names
+
+    _choice("model.dtype", recipe.model.dtype, DTYPES)
+    _choice("model.attn_implementation", recipe.model.attn_implementation, ATTN_IMPLEMENTATIONS)
+    _choice("data.format", recipe.data.format, DATA_FORMATS)
+    _choice("data.kind", recipe.data.kind, DATA_KINDS)
+    _choice("train.optimizer", recipe.train.optimizer, OPTIMIZERS)
+    _choice("parallel.schedule", recipe.parallel.schedule, tuple(schedule_names()) + ("deepspeed-1f1b",))
+    for key in ("parallel.pipeline", "parallel.tensor", "parallel.micro_batches", "train.micro_batch_size",
+                "data.seq_len", "data.num_proc", "train.log_interval", "train.eval_batches"):
+        _positive(key, OmegaConf.select(recipe, key))
+    for key in ("train.warmup_steps", "train.eval_interval", "checkpoint.interval", "checkpoint.keep",
+                "model.activation_checkpoint_interval"):
+        _positive(key, OmegaConf.select(recipe, key), minimum=0)
+    data = recipe.parallel.data
+    if data != "auto" and not (isinstance(data, int) and not isinstance(data, bool) and data >= 1):
+        raise RecipeError(f"recipe key 'parallel.data' must be 'auto' or an integer >= 1, got {data!r}")
+    if recipe.parallel.chunks is not None:
+        _positive("parallel.chunks", recipe.parallel.chunks)
+    steps, epochs = recipe.train.steps, recipe.train.epochs
+    if (steps is None) == (epochs is None):
+        raise RecipeError("set exactly one of recipe keys 'train.steps' and 'train.epochs' "
+                          f"(got steps={steps!r}, epochs={epochs!r})")
+    if steps is not None and steps < 0 or epochs is not None and epochs <= 0:
+        raise RecipeError("recipe key 'train.steps' must be >= 0 (0: convert and export) "
+                          "and 'train.epochs' > 0")
+    if not 0.0 <= recipe.data.eval_fraction < 1.0:
+        raise RecipeError(f"recipe key 'data.eval_fraction' must be in [0, 1), got {recipe.data.eval_fraction}")
+    if not isinstance(recipe.deepspeed.get("bases", []), (list, ListConfig)):
+        raise RecipeError("recipe key 'deepspeed.bases' must be a list of names from configs/deepspeed/")
+    if unknown := sorted(set(recipe.deepspeed) - {"bases", "overrides"}):
+        raise RecipeError(f"recipe key 'deepspeed.{unknown[0]}' does not exist: the deepspeed section has "
+                          f"'bases' (names from configs/deepspeed/) and 'overrides' (DeepSpeed config keys)")
+    for key, instead in DERIVED_DEEPSPEED_KEYS.items():
+        if key in (recipe.deepspeed.get("overrides") or {}):
+            raise RecipeError(f"deepspeed.overrides.{key} is derived by pp-ext: set {instead} instead")
+
+
+def load(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
+    """The recipe at ``path`` with ``overrides`` (``key=value`` strings) applied, typed
+    and checked. Raises :class:`RecipeError` with one line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist: pass --recipe recipes/NAME.yaml "
+                          f"(available: {', '.join(sorted(p.name for p in available()))})")
+    try:
+        recipe = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(path))
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, str(path)) from None
+    except Exception as exc:  # noqa: BLE001 - YAML syntax errors come in several types
+        raise RecipeError(f"{path}: not a valid YAML recipe: {' '.join(str(exc).split())}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not key=value (e.g. train.steps=100)")
+    try:
+        recipe = OmegaConf.merge(recipe, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.to_container(recipe, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "command line" if overrides else str(path)) from None
+    _check(recipe)
+    return recipe
+
+
+def available() -> list[Path]:
+    """The recipes shipped in ``recipes/``."""
+    return sorted((CONFIGS.parent / "recipes").glob("*.yaml"))
+
+
+def deepspeed_bases() -> list[str]:
+    return sorted(p.stem for p in DEEPSPEED_BASES.glob("*.json"))
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
+def resolve_parallel(recipe: DictConfig, world_size: int) -> tuple[int, int, int]:
+    """``(pipeline, tensor, data)`` for ``world_size`` ranks; ``data: auto`` fills the rest."""
+    pipe, tensor, data = recipe.parallel.pipeline, recipe.parallel.tensor, recipe.parallel.data
+    model_parallel = pipe * tensor
+    if data == "auto":
+        if world_size % model_parallel:
+            raise RecipeError(f"world size {world_size} is not a multiple of parallel.pipeline x parallel.tensor "
+                              f"= {pipe} x {tensor}: launch a multiple of {model_parallel} ranks or change them")
+        data = world_size // model_parallel
+    if pipe * tensor * data != world_size:
+        raise RecipeError(f"world size {world_size} != parallel.pipeline x tensor x data = {pipe} x {tensor} x "
+                          f"{data} = {pipe * tensor * data}: launch {pipe * tensor * data} ranks "
+                          f"(deepspeed --num_gpus) or set parallel.data=auto")
+    return pipe, tensor, data
+
+
+def deepspeed_config(recipe: DictConfig, data_parallel: int, steps: int, output_dir: str | None = None) -> dict:
+    """DeepSpeed's config: ``deepspeed.bases`` merged in order, ``deepspeed.overrides`` on
+    top, and the keys pp-ext derives from the recipe (batch sizes, clipping, the
+    warm-up + cosine schedule as DeepSpeed's own ``WarmupCosineLR``, the monitors)."""
+    config: dict = {}
+    for name in recipe.deepspeed.get("bases", []):
+        path = DEEPSPEED_BASES / f"{name}.json"
+        if not path.is_file():
+            raise RecipeError(f"deepspeed base {name!r} does not exist: choose from "
+                              f"{', '.join(deepspeed_bases())} (configs/deepspeed/)")
+        config = _deep_merge(config, json.loads(path.read_text()))
+    config = _deep_merge(config, OmegaConf.to_container(recipe.deepspeed.get("overrides") or {}))
+    train, parallel = recipe.train, recipe.parallel
+    config.update(train_micro_batch_size_per_gpu=train.micro_batch_size,
+                  gradient_accumulation_steps=parallel.micro_batches,
+                  train_batch_size=train.micro_batch_size * parallel.micro_batches * data_parallel,
+                  gradient_clipping=train.grad_clip)
+    config.setdefault("steps_per_print", 10 ** 9)  # pp-ext logs progress itself
+    if steps > 0:
+        config["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": steps, "warmup_num_steps": train.warmup_steps, "warmup_type": "linear",
+            "warmup_min_ratio": 0.0, "cos_min_ratio": train.min_lr / train.lr if train.lr else 0.0}}
+    if output_dir is not None:
+        monitor = {"output_path": str(Path(output_dir) / "monitor"), "job_name": "train"}
+        if recipe.logging.csv:
+            config["csv_monitor"] = {"enabled": True, **monitor}
+        if recipe.logging.tensorboard:
+            config["tensorboard"] = {"enabled": True, **monitor}
+    return config

@@ -1,0 +1,349 @@
+"""The training job: recipe -> pipeline (x data) ranks -> fine-tuned HF model.
+
+Run by the ``deepspeed`` launcher, one process per rank::
+
+    deepspeed --num_gpus 2 launch/train.py --recipe recipes/quickstart.yaml train.steps=100
+
+Every user error (recipe, world size, schedule constraints, missing files) is found
+before the process group starts where it can be, and is one line on stderr from
+rank 0 with exit code 2 on every rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from pp_ext import checkpoints
+from pp_ext.recipe import RecipeError, deepspeed_config, load, resolve_parallel
+from pp_ext.schedules.render import write_atomic
+
+USAGE_ERROR = 2
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def say(message: str) -> None:
+    """Progress and results, from rank 0 only."""
+    if _rank() == 0:
+        print(f"pp-ext: {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="launch/train.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True, help="recipes/NAME.yaml")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    return parser.parse_args(argv)
+
+
+def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
+    """``(pipeline, tensor, data, chunks)``; raises RecipeError for what can be known
+    without a process group: layout, schedule constraints, files."""
+    from pp_ext.schedules import ScheduleError, get
+
+    pipe, tensor, data = resolve_parallel(recipe, world_size)
+    if tensor > 1:
+        raise RecipeError("parallel.tensor > 1 is not available yet (tensor parallelism is planned): "
+                          "set parallel.tensor=1")
+    name = recipe.parallel.schedule
+    chunks = recipe.parallel.chunks
+    if name != "deepspeed-1f1b":
+        spec = get(name)
+        chunks = spec.resolve_chunks(chunks)
+        try:
+            spec.build(pipe, recipe.parallel.micro_batches, chunks)
+        except ScheduleError as exc:
+            raise RecipeError(f"parallel.schedule={name} with pipeline={pipe}, "
+                              f"micro_batches={recipe.parallel.micro_batches}, chunks={chunks}: "
+                              f"{' '.join(str(exc).split())}") from None
+    elif chunks not in (None, 1):
+        raise RecipeError("parallel.schedule=deepspeed-1f1b runs one chunk per rank: drop parallel.chunks")
+    chunks = chunks or 1
+    model = Path(recipe.model.path)
+    if not (model / "config.json").is_file():
+        raise RecipeError(f"model.path {model} has no config.json: point it at a Hugging Face model folder")
+    tokenizer = Path(recipe.model.tokenizer or recipe.model.path)
+    if not tokenizer.is_dir():
+        raise RecipeError(f"model.tokenizer {tokenizer} is not a folder: point it at the tokenizer's files")
+    return pipe, tensor, data, chunks
+
+
+class LanguageModelLoss:
+    """Mean cross-entropy over the labelled tokens of a micro-batch (labels already
+    shifted; -100 ignored), as HF's causal-LM loss. While ``collect`` is on it also
+    counts answers right (:func:`pp_ext.metrics.answer_accuracy`) for evaluation."""
+
+    def __init__(self) -> None:
+        self.collect = False
+        self.counts = [0.0, 0.0]  # answers right, answers
+
+    def __call__(self, logits, labels):
+        import torch.nn.functional as F
+
+        from pp_ext.metrics import answer_accuracy
+
+        flat = labels.reshape(-1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=-100,
+                               reduction="sum") / (flat != -100).sum().clamp(min=1)
+        if self.collect:
+            right, total = answer_accuracy(logits, labels)
+            self.counts[0] += float(right)
+            self.counts[1] += float(total)
+        return loss
+
+
+def _threads() -> None:
+    import torch
+
+    if not torch.cuda.is_available():  # ranks on one CPU machine share its cores
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def make_optimizer(recipe, module):
+    """AdamW (or SGD) as torch's own: DeepSpeed's "optimizer" config on CPU would
+    JIT-build FusedAdam for minutes (FACTS). No weight decay on biases and norms."""
+    import torch
+
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    if recipe.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.train.lr)
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, betas=tuple(recipe.train.betas), eps=recipe.train.eps)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the run directory, one object per line (rank 0 writes).
+
+    On resume the lines past the checkpoint's step are dropped (they are recomputed),
+    so the file always reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if _rank() != 0:
+            return
+        kept = []
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        write_atomic(path, "".join(line + "\n" for line in kept).encode())
+
+    def write(self, entry: dict) -> None:
+        if _rank() == 0:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def evaluate(engine, loss: LanguageModelLoss, batches_fn, eval_batches: int) -> dict:
+    """Mean eval loss over ``eval_batches`` steps' worth of micro-batches, averaged
+    over data-parallel replicas, and answer accuracy summed over all of them."""
+    loss.collect, loss.counts = True, [0.0, 0.0]
+    data = batches_fn()
+    try:
+        losses = [float(engine.eval_batch(data)) for _ in range(eval_batches)]
+    finally:
+        loss.collect = False
+    last = engine.is_last_stage()
+    # every rank contributes: loss-stage ranks their figures, the others zeros
+    total_loss, replicas, right, answers = _all_sum([sum(losses) / len(losses) if last else 0.0,
+                                                     1.0 if last else 0.0, *(loss.counts if last else (0, 0))])
+    result = {"eval_loss": total_loss / replicas}
+    if answers:
+        result["eval_accuracy"] = right / answers
+    return result
+
+
+def run(recipe, world_size: int) -> int:
+    import torch
+    import torch.distributed as dist
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from transformers import AutoTokenizer
+
+    import pp_ext
+    from pp_ext.data import build_datasets, micro_batches
+    from pp_ext.engine.spawn import init_distributed
+    from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
+    from pp_ext.schedules import get
+
+    pipe, tensor, data_parallel, chunks = check_before_launch(recipe, world_size)
+    output_dir = Path(recipe.output_dir)
+    save_dir = Path(recipe.checkpoint.dir or output_dir / "checkpoints")
+    if _rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    _threads()
+    init_distributed(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(recipe.train.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
+    # rank 0 tokenizes first and fills datasets' cache; the others then read it
+    with nullcontext() if _rank() == 0 else _after_rank0():
+        train_set, eval_set = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    if _rank() == 0:
+        dist.barrier()
+
+    global_batch = recipe.train.micro_batch_size * recipe.parallel.micro_batches * data_parallel
+    steps_per_epoch = len(train_set) // global_batch
+    if steps_per_epoch == 0 and (recipe.train.epochs or recipe.train.steps):
+        raise RecipeError(f"the training data has {len(train_set)} samples, fewer than one step's global batch "
+                          f"of {global_batch}: lower train.micro_batch_size or parallel.micro_batches, or add data")
+    steps = recipe.train.steps if recipe.train.steps is not None else \
+        math.ceil(recipe.train.epochs * steps_per_epoch)
+
+    schedule = recipe.parallel.schedule
+    spec = None if schedule == "deepspeed-1f1b" else get(schedule)
+    loss = LanguageModelLoss()
+    module = build_pipeline_module(
+        recipe.model.path, topology=PipeModelDataParallelTopology(num_pp=pipe, num_mp=tensor, num_dp=data_parallel),
+        chunks=chunks, placement=spec.placement if spec else "loop", partition_method=recipe.parallel.partition,
+        loss_fn=loss, dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
+        activation_checkpoint_interval=recipe.model.activation_checkpoint_interval, seed=recipe.train.seed)
+    engine, *_ = pp_ext.initialize(model=module, optimizer=make_optimizer(recipe, module),
+                                   config=deepspeed_config(recipe, data_parallel, steps, str(output_dir)),
+                                   schedule=schedule)
+
+    start = 0
+    resume_from = _resume_tag(recipe, save_dir)
+    if resume_from is not None:
+        load_dir, tag = resume_from
+        engine.load_checkpoint(str(load_dir), tag=tag)
+        start = checkpoints.info(load_dir, tag)["step"]
+        say(f"resumed from {load_dir / tag} at step {start}")
+    log = MetricsLog(output_dir / "metrics.jsonl", start if resume_from else None)
+
+    dp_rank = engine.grid.get_data_parallel_rank()
+
+    def batches(dataset, start_step: int = 0):
+        return micro_batches(dataset, micro_batch_size=recipe.train.micro_batch_size,
+                             micro_batches=recipe.parallel.micro_batches, dp_rank=dp_rank,
+                             dp_size=data_parallel, seed=recipe.train.seed, start_step=start_step)
+
+    def save(step: int) -> None:
+        tag = checkpoints.tag_name(step)
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        if _rank() == 0:
+            save_hf_metadata(save_dir / tag, recipe.model.path, recipe.model.tokenizer)
+        dist.barrier()  # every rank's files are on disk before the marker says so
+        if _rank() == 0:
+            checkpoints.mark_complete(save_dir, tag, {"step": step, "pipeline": pipe, "tensor": tensor,
+                                                      "data": data_parallel, "chunks": chunks,
+                                                      "schedule": schedule})
+            checkpoints.prune(save_dir, recipe.checkpoint.keep)
+        dist.barrier()
+
+    def run_eval(step: int) -> None:
+        if eval_set is None:
+            return
+        result = evaluate(engine, loss, lambda: batches(eval_set), recipe.train.eval_batches)
+        log.write({"step": step, **result})
+        say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+
+    say(f"{world_size} ranks = pipeline {pipe} x tensor {tensor} x data {data_parallel}; schedule {schedule}, "
+        f"{recipe.parallel.micro_batches} micro-batches x {recipe.train.micro_batch_size} x "
+        f"{recipe.data.seq_len} tokens; {steps} steps ({len(train_set)} training samples)")
+    if start == 0 and steps > 0:
+        run_eval(0)
+    data = batches(train_set, start)
+    tokens = global_batch * recipe.data.seq_len
+    progress = _progress(steps, start, recipe.logging.progress)
+    for step in range(start + 1, steps + 1):
+        began = time.perf_counter()
+        value = float(engine.train_batch(data))
+        elapsed = time.perf_counter() - began
+        lr = engine.get_lr()[0]
+        if not math.isfinite(value):
+            say(f"step {step}: loss is {value}: stopping (lower train.lr, or check the data)")
+            return 1
+        entry = {"step": step, "loss": value, "lr": lr, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
+        log.write(entry)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+        if recipe.train.eval_interval and step % recipe.train.eval_interval == 0 and step != steps:
+            run_eval(step)
+        if recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0 and step != steps:
+            save(step)
+    if progress is not None:
+        progress.close()
+    if steps > 0 and start < steps:
+        run_eval(steps)
+    final = checkpoints.tag_name(steps)
+    if not (save_dir / final / checkpoints.MARKER).exists():
+        save(steps)
+    if _rank() == 0:
+        export_checkpoint(save_dir, output_dir / "hf", tag=final, overwrite=True)
+        say(f"exported the model to {output_dir / 'hf'} (from_pretrained loads it)")
+    dist.barrier()
+    return 0
+
+
+def _after_rank0():
+    import contextlib
+
+    import torch.distributed as dist
+
+    @contextlib.contextmanager
+    def wait():
+        dist.barrier()
+        yield
+    return wait()
+
+
+def _progress(steps: int, start: int, enabled: bool):
+    if not enabled or _rank() != 0 or steps == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _resume_tag(recipe, save_dir: Path) -> tuple[Path, str] | None:
+    """``(dir, tag)`` to resume from: ``auto`` takes the newest complete checkpoint of
+    ``save_dir``, ``never`` none, anything else is a checkpoint folder (a tag folder or
+    a save dir with complete checkpoints)."""
+    resume = recipe.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tags = checkpoints.complete_tags(save_dir)
+        return (save_dir, tags[-1][1]) if tags else None
+    path = Path(resume)
+    if (path / checkpoints.MARKER).is_file():
+        return path.parent, path.name
+    if tags := checkpoints.complete_tags(path):
+        return path, tags[-1][1]
+    raise RecipeError(f"checkpoint.resume={resume}: no complete pp-ext checkpoint there "
+                      f"(use auto, never, or a folder holding {checkpoints.MARKER})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        recipe = load(args.recipe, args.overrides)
+        check_before_launch(recipe, world_size)
+        return run(recipe, world_size)
+    except RecipeError as exc:
+        say(f"error: {exc}")
+        return USAGE_ERROR
+    except (FileNotFoundError, ValueError) as exc:  # loader and data errors are one line by design
+        say(f"error: {' '.join(str(exc).split())}")
+        return USAGE_ERROR
