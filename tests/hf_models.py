@@ -5,8 +5,8 @@ enough for CPU tests, with tied or untied input/output embeddings.
 """
 from __future__ import annotations
 
-from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config,
-                          Qwen2Config, Qwen3Config)
+from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
+                          MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
 
 SIZES = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -29,4 +29,14 @@ CONFIGS = {
         **SIZES, pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=8,
         rope_parameters={"rope_type": "longrope", "factor": 8.0, "partial_rotary_factor": 0.5,
                          "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]}, tie_word_embeddings=tied),
+    # GPT-2: Conv1D blocks and learned positions; dropout off (on by default) so that
+    # training matches HF's exactly.
+    "gpt2": lambda tied: GPT2Config(
+        vocab_size=100, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+        embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied),
+    # GPT-NeoX: rotary on half of each head; the tied config has the parallel residual
+    # (attention and MLP both read the layer input), the untied one the sequential one.
+    "gpt_neox": lambda tied: GPTNeoXConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, rotary_pct=0.5, use_parallel_residual=tied, tie_word_embeddings=tied),
 }

@@ -11,10 +11,11 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, BertConfig
 
 from pp_ext.engine.reference import SequentialReference
 from pp_ext.hf import copy_hf_weights, layer_specs, supported
+from pp_ext.hf.common import FinalNorm
 
 from hf_models import CONFIGS
 
@@ -41,15 +42,16 @@ def models(request):
     torch.manual_seed(0)
     config = CONFIGS[family](tied)
     hf_model = AutoModelForCausalLM.from_config(config).float().eval()  # HF's default attention
-    assert (hf_model.lm_head.weight is hf_model.model.embed_tokens.weight) == tied
-    attn = hf_model.model.layers[0].self_attn
-    if family == "qwen2":
-        assert attn.q_proj.bias is not None
-    if family in ("qwen3", "gemma3_text"):
-        assert hasattr(attn, "q_norm")
-    if family == "phi3":  # fused projections, rotary on half of each head
-        assert hasattr(attn, "qkv_proj") and hasattr(hf_model.model.layers[0].mlp, "gate_up_proj")
-        assert 2 * hf_model.model.rotary_emb.inv_freq.numel() == attn.head_dim // 2
+    assert (hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight) == tied
+    if hasattr(hf_model, "model"):  # Llama-like (GPT-2 and GPT-NeoX details: test_hf_gpt.py)
+        attn = hf_model.model.layers[0].self_attn
+        if family == "qwen2":
+            assert attn.q_proj.bias is not None
+        if family in ("qwen3", "gemma3_text"):
+            assert hasattr(attn, "q_norm")
+        if family == "phi3":  # fused projections, rotary on half of each head
+            assert hasattr(attn, "qkv_proj") and hasattr(hf_model.model.layers[0].mlp, "gate_up_proj")
+            assert 2 * hf_model.model.rotary_emb.inv_freq.numel() == attn.head_dim // 2
     run = pipeline(hf_model, config)
     # same attention as HF's default for the family (Gemma2: eager, sdpa cannot soft-cap)
     assert run.layers[1].config._attn_implementation == hf_model.config._attn_implementation
@@ -211,17 +213,18 @@ def test_only_tensors_cross_and_ints_stay_int():
 
 
 def test_unsupported_architecture():
-    with pytest.raises(ValueError, match="gpt2") as error:
-        layer_specs(GPT2Config(n_layer=1))
+    with pytest.raises(ValueError, match="'bert' \\(BertConfig\\)") as error:
+        layer_specs(BertConfig(num_hidden_layers=1))
     for model_type in supported():
         assert model_type in str(error.value)
-    assert set(supported()) >= {"llama", "mistral", "qwen2", "qwen3"}
+    assert set(supported()) >= {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"}
 
 
 def test_copy_rejects_missing_keys(models):
     hf_model, _ = models
     chain = build(layer_specs(hf_model.config))
     state = dict(hf_model.state_dict())
-    del state["model.norm.weight"]
-    with pytest.raises(KeyError, match="model.norm.weight"):
+    norm_key = next(m for m in chain.layers if isinstance(m, FinalNorm)).hf_keys()["norm.weight"]
+    del state[norm_key]
+    with pytest.raises(KeyError, match=norm_key):
         copy_hf_weights(chain.layers, state)

@@ -9,10 +9,11 @@ from collections.abc import Callable
 
 from transformers import PretrainedConfig
 
-from pp_ext.hf import llama
+from pp_ext.hf import gpt, llama
 
 BUILDERS: dict[str, Callable[[PretrainedConfig, str | None], list]] = {
-    model_type: llama.layer_specs for model_type in llama.FAMILIES
+    **{model_type: llama.layer_specs for model_type in llama.FAMILIES},
+    **{model_type: gpt.layer_specs for model_type in gpt.ARCHITECTURES},
 }
 
 
