@@ -43,8 +43,9 @@ class DataConfig:
     messages_field: str = "messages"
     # tokens per sample (fixed shapes: every micro-batch is micro_batch_size x seq_len)
     seq_len: int = 512
-    # plain text: concatenate documents and cut into seq_len blocks (positions restart
-    # per document); records: pad (False) or pack (True) several records per sample
+    # True: plain text is concatenated and cut into seq_len blocks, records are packed
+    # several per sample (positions restart per document); False: one document or
+    # record per sample, truncated or padded to seq_len (see pp_ext/data.py)
     pack: bool = True
     # tokenization workers (datasets.map num_proc); 1 = in process
     num_proc: int = 1
