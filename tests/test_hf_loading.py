@@ -1,0 +1,207 @@
+"""Per-stage loading from safetensors folders, and pipeline modules built from HF folders.
+
+Every family of tests/hf_models.py is saved with ``save_pretrained`` in small shards;
+the layers of each stage load only their own tensors from the folder, and chained
+(SequentialReference, as one stage after another) give the HF model's logits. The
+logit checks are test_hf_llama's own test functions, run here on a ``models`` fixture
+whose layers come from disk. ``build_pipeline_module`` runs in a world of one rank.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import pp_ext.hf.loading as loading
+from pp_ext.engine.reference import SequentialReference
+from pp_ext.engine.spawn import free_port, init_rank
+from pp_ext.hf import build_pipeline_module, layer_specs, load_hf_weights
+from pp_ext.hf.weights import checkpoint_names
+
+from hf_models import CONFIGS
+from test_hf_llama import TOL, ids, max_diff, test_no_padding, test_packed_sequences, test_padding  # noqa: F401
+
+SHARD = "20KB"  # a tiny model is ~90 KB: several shards
+FAMILIES = [(f, tied) for f in CONFIGS for tied in (True, False)]
+
+
+def family_id(param) -> str:
+    return f"{param[0]}-{'tied' if param[1] else 'untied'}"
+
+
+def hf_model(family: str, tied: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(CONFIGS[family](tied)).float().eval()  # HF's default attention
+
+
+def stages(chain: SequentialReference, count: int = 2) -> list[list]:
+    """The chain's layers cut into ``count`` contiguous stages."""
+    bounds = [round(i * len(chain.layers) / count) for i in range(count + 1)]
+    return [chain.layers[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+class CountingReads:
+    """``safe_open`` that records which files were opened and which tensors were read."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+        self.tensors: list[str] = []
+
+    def __call__(self, path, *args, **kwargs):
+        counter, handle = self, safe_open(path, *args, **kwargs)
+        self.files.add(str(path))
+
+        class Handle:
+            def __enter__(self):
+                handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def keys(self):
+                return handle.keys()
+
+            def get_tensor(self, key):
+                counter.tensors.append(key)
+                return handle.get_tensor(key)
+
+        return Handle()
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=family_id)
+def saved(request, tmp_path_factory):
+    family, tied = request.param
+    model = hf_model(family, tied)
+    folder = tmp_path_factory.mktemp(family_id(request.param))
+    model.save_pretrained(folder, max_shard_size=SHARD)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def models(saved):
+    """test_hf_llama's fixture, with each stage's layers loaded from the sharded folder."""
+    model, folder = saved
+    chain = SequentialReference(layer_specs(model.config), loss_fn=None)
+    for stage in stages(chain):
+        load_hf_weights(stage, folder)
+    return model, chain
+
+
+def test_folder_is_sharded(saved):
+    _, folder = saved
+    assert len(list(folder.glob("model-*.safetensors"))) >= 3 and (folder / "model.safetensors.index.json").exists()
+
+
+def test_a_stage_reads_only_its_tensors(saved, monkeypatch):
+    model, folder = saved
+    files = loading.weight_map(folder / "model.safetensors.index.json")
+    chain = SequentialReference(layer_specs(model.config), loss_fn=None)
+    for stage in stages(chain, 3):
+        reads = CountingReads()
+        monkeypatch.setattr(loading, "safe_open", reads)
+        load_hf_weights(stage, folder)
+        # as stored: GPT-NeoX's lm_head is embed_out on disk
+        needed = set(checkpoint_names({k for layer in stage for k in layer.hf_keys().values()}, model).values())
+        assert sorted(reads.tensors) == sorted(needed)  # each needed tensor once, nothing else
+        assert reads.files == {str(files[key]) for key in needed}
+        assert len(reads.files) < len(set(files.values()))
+
+
+def test_single_file(tmp_path):
+    model = hf_model("qwen2", False)
+    model.save_pretrained(tmp_path)
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["model.safetensors"]
+    chain = SequentialReference(layer_specs(model.config), loss_fn=None)
+    for stage in stages(chain):
+        load_hf_weights(stage, tmp_path)
+    x = ids()
+    with torch.no_grad():
+        assert max_diff(chain(x), model(x).logits) <= TOL
+
+
+def test_loading_errors(tmp_path):
+    model = hf_model("llama", True)
+    chain = SequentialReference(layer_specs(model.config), loss_fn=None)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_hf_weights(chain.layers, tmp_path / "nowhere")
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors or model.safetensors.index.json"):
+        load_hf_weights(chain.layers, tmp_path)
+    state = {k: v.clone() for k, v in model.state_dict().items() if k not in ("lm_head.weight", "model.norm.weight")}
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=r"model.safetensors has no tensor 'model.norm.weight', needed by FinalNorm"):
+        load_hf_weights(chain.layers, tmp_path)
+
+
+# --- build_pipeline_module, in a world of one rank -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world():
+    from deepspeed import comm as dist
+
+    if not dist.is_initialized():
+        init_rank(0, 1, free_port())
+
+
+def by_hf_key(module) -> dict[str, torch.Tensor]:
+    """The module's tensors under their HF names."""
+    return {hf: layer.state_dict()[local] for layer in loading.local_layers(module)
+            for local, hf in layer.hf_keys().items()}
+
+
+def test_build_loads_every_weight_in_dtype(world, tmp_path):
+    """bf16 weights on disk, a bf16 module: every tensor equal to the file's, rotary
+    tables still float32 as in HF, and logits equal to HF's ``from_pretrained``."""
+    model = hf_model("qwen3", True).to(torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size=SHARD)
+    module = build_pipeline_module(tmp_path, num_stages=1, chunks=2, partition_method="uniform", dtype="bfloat16")
+    on_disk = {k: v for f in tmp_path.glob("*.safetensors") for k, v in load_file(f).items()}
+    ours = by_hf_key(module)
+    assert ours.keys() == on_disk.keys()
+    assert all(ours[k].dtype == torch.bfloat16 and torch.equal(ours[k], on_disk[k]) for k in ours)
+    assert {b.dtype for name, b in module.named_buffers() if "inv_freq" in name} == {torch.float32}
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    x = ids()
+    with torch.no_grad():
+        out = module.chunk_forward(1, module.chunk_forward(0, x))
+        assert max_diff(out.float(), reference(x).logits.float()) == 0.0
+
+
+@pytest.mark.parametrize("family,tied", FAMILIES, ids=map(family_id, FAMILIES))
+def test_random_init_is_hfs_and_layout_free(world, tmp_path, family, tied):
+    """A config-only model: the same weights for any chunks / placement / partition,
+    from a folder or a config; HF's initialisation (constants exactly, random tensors
+    with HF's spread); and the HF model given these weights computes the same logits."""
+    config = CONFIGS[family](tied)
+    config.save_pretrained(tmp_path)
+    layouts = [dict(model=tmp_path), dict(model=config, chunks=2, partition_method="uniform"),
+               dict(model=config, chunks=2, placement="v", partition_method=[0, 3, len(layer_specs(config))])]
+    modules = [build_pipeline_module(num_stages=1, **layout) for layout in layouts]
+    first, *others = map(by_hf_key, modules)
+    assert all(first.keys() == o.keys() and all(torch.equal(first[k], o[k]) for k in first) for o in others)
+
+    reference = hf_model(family, tied, seed=1)
+    theirs = reference.state_dict()
+    for key, ours in first.items():
+        if theirs[key].unique().numel() == 1:  # ones, zeros: HF's constant initialisations
+            assert torch.equal(ours, theirs[key]), key
+        else:
+            assert abs(ours.std() / theirs[key].std() - 1) < 0.2, key
+    reference.load_state_dict(first, strict=not tied)
+    x = ids()
+    with torch.no_grad():
+        out = modules[1].chunk_forward(1, modules[1].chunk_forward(0, x))
+        assert max_diff(out, reference(x).logits) <= TOL
+
+
+def test_build_errors(world, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder .* does not exist"):
+        build_pipeline_module(tmp_path / "nowhere", num_stages=1)
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        build_pipeline_module(tmp_path, num_stages=1)
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'fp8'"):
+        build_pipeline_module(CONFIGS["llama"](True), num_stages=1, dtype="fp8")
