@@ -19,6 +19,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from pp_ext import checkpoints
 from pp_ext.recipe import RecipeError, deepspeed_config, load, resolve_parallel
 from pp_ext.schedules.render import write_atomic
@@ -70,6 +72,12 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
     model = Path(recipe.model.path)
     if not (model / "config.json").is_file():
         raise RecipeError(f"model.path {model} has no config.json: point it at a Hugging Face model folder")
+    from pp_ext.hf import supported
+
+    model_type = json.loads((model / "config.json").read_text()).get("model_type")
+    if model_type not in supported():
+        raise RecipeError(f"model.path {model} is a {model_type!r} model, which pp-ext cannot split into "
+                          f"pipeline stages: supported model types are {', '.join(supported())}")
     tokenizer = Path(recipe.model.tokenizer or recipe.model.path)
     if not tokenizer.is_dir():
         raise RecipeError(f"model.tokenizer {tokenizer} is not a folder: point it at the tokenizer's files")
@@ -79,7 +87,7 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
 class LanguageModelLoss:
     """Mean cross-entropy over the labelled tokens of a micro-batch (labels already
     shifted; -100 ignored), as HF's causal-LM loss. While ``collect`` is on it also
-    counts answers right (:func:`pp_ext.metrics.answer_accuracy`) for evaluation."""
+    counts answers right (:func:`pp_ext.metrics.answer_counts`) for evaluation."""
 
     def __init__(self) -> None:
         self.collect = False
@@ -88,15 +96,15 @@ class LanguageModelLoss:
     def __call__(self, logits, labels):
         import torch.nn.functional as F
 
-        from pp_ext.metrics import answer_accuracy
+        from pp_ext.metrics import IGNORE_INDEX, answer_counts
 
         flat = labels.reshape(-1)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=-100,
-                               reduction="sum") / (flat != -100).sum().clamp(min=1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=IGNORE_INDEX,
+                               reduction="sum") / (flat != IGNORE_INDEX).sum().clamp(min=1)
         if self.collect:
-            right, total = answer_accuracy(logits, labels)
-            self.counts[0] += float(right)
-            self.counts[1] += float(total)
+            right, total = answer_counts(logits, labels).tolist()
+            self.counts[0] += right
+            self.counts[1] += total
         return loss
 
 
@@ -157,9 +165,9 @@ def evaluate(engine, loss: LanguageModelLoss, batches_fn, eval_batches: int) -> 
     """Mean eval loss over ``eval_batches`` steps' worth of micro-batches, averaged
     over data-parallel replicas, and answer accuracy summed over all of them."""
     loss.collect, loss.counts = True, [0.0, 0.0]
-    data = batches_fn()
+    eval_data = batches_fn()
     try:
-        losses = [float(engine.eval_batch(data)) for _ in range(eval_batches)]
+        losses = [float(engine.eval_batch(eval_data)) for _ in range(eval_batches)]
     finally:
         loss.collect = False
     last = engine.is_last_stage()
@@ -179,7 +187,7 @@ def run(recipe, world_size: int) -> int:
     from transformers import AutoTokenizer
 
     import pp_ext
-    from pp_ext.data import build_datasets, micro_batches
+    from pp_ext import data
     from pp_ext.engine.spawn import init_distributed
     from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
     from pp_ext.schedules import get
@@ -189,6 +197,8 @@ def run(recipe, world_size: int) -> int:
     save_dir = Path(recipe.checkpoint.dir or output_dir / "checkpoints")
     if _rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
+        # the resolved recipe beside the results: what ran, and what `pp-ext report` reads
+        write_atomic(output_dir / "recipe.yaml", OmegaConf.to_yaml(recipe, resolve=True).encode())
     _threads()
     init_distributed(int(os.environ.get("LOCAL_RANK", "0")))
     torch.manual_seed(recipe.train.seed)
@@ -196,17 +206,14 @@ def run(recipe, world_size: int) -> int:
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
     # rank 0 tokenizes first and fills datasets' cache; the others then read it
     with nullcontext() if _rank() == 0 else _after_rank0():
-        train_set, eval_set = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+        train_set = data.load(recipe.data, tokenizer, "train", seed=recipe.train.seed)
+        eval_set = data.load(recipe.data, tokenizer, "eval", seed=recipe.train.seed)
     if _rank() == 0:
         dist.barrier()
 
     global_batch = recipe.train.micro_batch_size * recipe.parallel.micro_batches * data_parallel
-    steps_per_epoch = len(train_set) // global_batch
-    if steps_per_epoch == 0 and (recipe.train.epochs or recipe.train.steps):
-        raise RecipeError(f"the training data has {len(train_set)} samples, fewer than one step's global batch "
-                          f"of {global_batch}: lower train.micro_batch_size or parallel.micro_batches, or add data")
-    steps = recipe.train.steps if recipe.train.steps is not None else \
-        math.ceil(recipe.train.epochs * steps_per_epoch)
+    per_epoch = data.steps_per_epoch(len(train_set), global_batch)
+    steps = recipe.train.steps if recipe.train.steps is not None else math.ceil(recipe.train.epochs * per_epoch)
 
     schedule = recipe.parallel.schedule
     spec = None if schedule == "deepspeed-1f1b" else get(schedule)
@@ -232,7 +239,7 @@ def run(recipe, world_size: int) -> int:
     dp_rank = engine.grid.get_data_parallel_rank()
 
     def batches(dataset, start_step: int = 0):
-        return micro_batches(dataset, micro_batch_size=recipe.train.micro_batch_size,
+        return data.micro_batches(dataset, micro_batch_size=recipe.train.micro_batch_size,
                              micro_batches=recipe.parallel.micro_batches, dp_rank=dp_rank,
                              dp_size=data_parallel, seed=recipe.train.seed, start_step=start_step)
 
@@ -261,12 +268,12 @@ def run(recipe, world_size: int) -> int:
         f"{recipe.data.seq_len} tokens; {steps} steps ({len(train_set)} training samples)")
     if start == 0 and steps > 0:
         run_eval(0)
-    data = batches(train_set, start)
+    train_batches = batches(train_set, start)
     tokens = global_batch * recipe.data.seq_len
     progress = _progress(steps, start, recipe.logging.progress)
     for step in range(start + 1, steps + 1):
         began = time.perf_counter()
-        value = float(engine.train_batch(data))
+        value = float(engine.train_batch(train_batches))
         elapsed = time.perf_counter() - began
         lr = engine.get_lr()[0]
         if not math.isfinite(value):

@@ -71,7 +71,7 @@ def test_missing_required_key_and_file(tmp_path, recipe_file):
     (tmp_path / "no_model.yaml").write_text("output_dir: x\ndata:\n  path: d\ntrain:\n  steps: 1\n")
     assert "recipe key 'model.path' is required" in one_line_error(load, tmp_path / "no_model.yaml")
     message = one_line_error(load, tmp_path / "nothing.yaml")
-    assert "does not exist" in message and "llama-8b-pipe4-data2.yaml" in message
+    assert "does not exist" in message and "quickstart.yaml" in message
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
     assert "not a valid YAML recipe" in one_line_error(load, tmp_path / "broken.yaml")
 

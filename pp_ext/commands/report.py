@@ -1,0 +1,135 @@
+"""``pp-ext report RUN_DIR``: what a training run learned.
+
+Reads the run's ``metrics.jsonl`` (written by the training job) and prints the loss
+and evaluation figures at the start and the end, draws the curves into
+``RUN_DIR/curves.png`` (matplotlib, the ``plot`` extra), and, for prompt/completion
+data, lets the exported model (``RUN_DIR/hf``) answer a few held-out prompts with
+greedy decoding, next to the expected answers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import CommandError, format_table
+
+
+def add_parser(subparsers) -> None:
+    report = subparsers.add_parser("report", help="what a training run learned: metrics, curves, samples",
+                                   description="Summarise a training run's metrics.jsonl, draw its curves and "
+                                               "let its exported model answer held-out prompts.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the recipe's output_dir")
+    report.add_argument("--samples", type=int, default=5, metavar="N",
+                        help="held-out prompts the exported model answers (prompt/completion data; default 5)")
+    report.add_argument("--png", metavar="FILE", help="where to draw the curves (default RUN_DIR/curves.png)")
+    report.set_defaults(handler=run_report)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """``(train entries, eval entries)`` of ``run_dir/metrics.jsonl``."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise CommandError(f"{path} does not exist: give the output_dir of a training run")
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in entries if "loss" in e], [e for e in entries if "eval_loss" in e]
+
+
+def summary(train: list[dict], evals: list[dict]) -> list[str]:
+    rows = [["", "start", "end"]]
+    if train:
+        rows.append(["train loss", f"{train[0]['loss']:.4f} (step {train[0]['step']})",
+                     f"{train[-1]['loss']:.4f} (step {train[-1]['step']})"])
+    for key, label in (("eval_loss", "eval loss"), ("eval_accuracy", "answer accuracy")):
+        points = [e for e in evals if key in e]
+        if points:
+            rows.append([label, f"{points[0][key]:.4f} (step {points[0]['step']})",
+                         f"{points[-1][key]:.4f} (step {points[-1]['step']})"])
+    if train:
+        speed = sorted(e["tokens_per_s"] for e in train)[len(train) // 2]
+        rows.append(["tokens/s (median)", "", f"{speed:.0f}"])
+    return format_table(rows)
+
+
+def draw(train: list[dict], evals: list[dict], path: Path) -> Path | None:
+    try:
+        from pp_ext.schedules.render import require_matplotlib, write_atomic
+        require_matplotlib()
+    except Exception:  # noqa: BLE001 - pictures are optional; the table is the report
+        return None
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig, loss_axis = plt.subplots(figsize=(7, 4))
+    loss_axis.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss", color="#4477aa")
+    if evals:
+        loss_axis.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss",
+                       color="#ee6677")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("loss")
+    handles, labels = loss_axis.get_legend_handles_labels()
+    accuracy = [e for e in evals if "eval_accuracy" in e]
+    if accuracy:
+        acc_axis = loss_axis.twinx()
+        acc_axis.plot([e["step"] for e in accuracy], [e["eval_accuracy"] for e in accuracy], "s--",
+                      color="#228833", label="answer accuracy")
+        acc_axis.set_ylabel("answer accuracy")
+        acc_axis.set_ylim(0, 1)
+        more = acc_axis.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    loss_axis.legend(handles, labels, loc="center right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return write_atomic(path, buffer.getvalue())
+
+
+def samples(run_dir: Path, count: int) -> list[str]:
+    """The exported model's greedy answers to ``count`` held-out prompts."""
+    from omegaconf import OmegaConf
+
+    recipe_path, model_dir = run_dir / "recipe.yaml", run_dir / "hf"
+    if count <= 0 or not recipe_path.is_file() or not (model_dir / "config.json").is_file():
+        return []
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pp_ext.data_io import load_records
+
+    recipe = OmegaConf.load(recipe_path)
+    records = load_records(recipe.data, "eval", seed=recipe.train.seed)
+    fields = (recipe.data.prompt_field, recipe.data.completion_field)
+    if records is None or not set(fields) <= set(records.column_names):
+        return []
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = [["prompt", "expected", "model", "right"]]
+    right = 0
+    for record in records.select(range(min(count, len(records)))):
+        prompt, expected = record[fields[0]], record[fields[1]]
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=len(tokenizer(expected).input_ids) + 1, do_sample=False)
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        right += answer.strip() == expected.strip()
+        rows.append([repr(prompt), repr(expected), repr(answer), "yes" if answer.strip() == expected.strip()
+                     else "no"])
+    return format_table(rows) + [f"{right} of {len(rows) - 1} held-out prompts answered exactly "
+                                 f"(greedy decoding of the exported model {model_dir})"]
+
+
+def run_report(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    train, evals = read_metrics(run_dir)
+    print(f"run {run_dir}: {len(train)} steps")
+    print("\n".join(summary(train, evals)))
+    picture = draw(train, evals, Path(args.png) if args.png else run_dir / "curves.png")
+    if picture:
+        print(f"curves: {picture}")
+    lines = samples(run_dir, args.samples)
+    if lines:
+        print()
+        print("\n".join(lines))
+    return 0

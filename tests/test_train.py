@@ -1,0 +1,138 @@
+"""The main job (issue 5's done-when): the quickstart recipe trained with every
+schedule, and with pipeline 1 x data 2, gives the same per-step losses in
+metrics.jsonl; a run killed after a checkpoint resumes to the losses of an
+uninterrupted run; bad input is one line and exit code 2, before any rank starts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes/quickstart.yaml"
+TOLERANCE = 1e-5
+# small and quick: 3 steps, no evaluation, data as the quickstart's
+QUICK = ["train.steps=3", "data.eval_split=null", "logging.progress=false", "train.micro_batch_size=4"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in entries if "loss" in e}
+
+
+def train_cases(rank: int, world: int, root: str, cases: list[tuple[str, list[str]]]) -> dict:
+    """Each case is one training run of the quickstart recipe inside this process group."""
+    os.chdir(ROOT)  # the recipe's paths are relative to the repository
+    from pp_ext.recipe import load
+    from pp_ext.train import run
+
+    results = {}
+    for name, overrides in cases:
+        out = Path(root) / name
+        code = run(load(RECIPE, [*QUICK, *overrides, f"output_dir={out}"]), world)
+        results[name] = (code, losses(out) if rank == 0 else None)
+    return results
+
+
+def schedule_cases() -> list[tuple[str, list[str]]]:
+    from pp_ext.schedules import names
+
+    cases = [(name, [f"parallel.schedule={name}"]) for name in [*names(), "deepspeed-1f1b"]]
+    # the same global batch as pipeline 2 x 4 micro-batches: 2 data ranks x 2 micro-batches
+    cases.append(("pipeline-1-data-2", ["parallel.pipeline=1", "parallel.micro_batches=2",
+                                        "parallel.schedule=1f1b"]))
+    return cases
+
+
+@pytest.mark.slow
+def test_every_schedule_and_pipeline_1_give_the_same_losses(tmp_path):
+    from pp_ext.engine.spawn import spawn
+
+    results = spawn(train_cases, 2, str(tmp_path), schedule_cases(), timeout=900)[0]
+    reference = results["1f1b"][1]
+    assert sorted(reference) == [1, 2, 3]
+    failures = []
+    for name, (code, run_losses) in results.items():
+        diff = max(abs(run_losses[s] - reference[s]) for s in reference)
+        if code != 0 or sorted(run_losses) != [1, 2, 3] or diff > TOLERANCE:
+            failures.append(f"{name}: exit {code}, losses {run_losses}, max diff {diff:.2e}")
+    assert not failures, "\n".join(failures)
+    # the final HF export is there after each run
+    assert (tmp_path / "zbv/hf/config.json").is_file()
+
+
+def launch(out: Path, *overrides: str) -> subprocess.Popen:
+    """The README's way: the `deepspeed` launcher, 2 ranks, in its own process group."""
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "launch/train.py",
+               "--recipe", str(RECIPE), *QUICK, f"output_dir={out}", *overrides]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
+    from pp_ext.engine.spawn import spawn
+
+    steps = ["train.steps=30", "checkpoint.interval=10", "checkpoint.keep=1"]
+    uninterrupted = spawn(train_cases, 2, str(tmp_path), [("whole", steps)], timeout=600)[0]["whole"][1]
+
+    out = tmp_path / "killed"
+    process = launch(out, *steps)
+    marker = out / "checkpoints/step-00000010/pp_ext.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # every rank at once, mid-run
+    process.wait()
+    assert marker.exists(), process.stderr.read()
+    done = losses(out)
+    assert max(done) < 30, "the run finished before it was killed: nothing was resumed"
+
+    resumed = launch(out, *steps)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in err and "at step 10" in err
+    after = losses(out)
+    assert sorted(after) == list(range(1, 31))
+    diff = max(abs(after[s] - uninterrupted[s]) for s in after)
+    assert diff <= TOLERANCE, f"resumed losses differ from the uninterrupted run's by {diff:.2e}"
+    assert (out / "checkpoints/latest").read_text() == "step-00000030"
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == ["step-00000030"]  # keep: 1
+
+
+def fake_model(tmp_path: Path, model_type: str) -> Path:
+    folder = tmp_path / model_type
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return folder
+
+
+@pytest.mark.parametrize("overrides, world, expected", [
+    (["model.pth=x"], 2, "recipe key 'model.pth' does not exist in section 'model'; did you mean 'path'?"),
+    ([], 3, "world size 3 is not a multiple of parallel.pipeline x parallel.tensor = 2 x 1"),
+    (["parallel.data=2"], 2, "world size 2 != parallel.pipeline x tensor x data = 2 x 1 x 2 = 4"),
+    (["parallel.schedule=dualpipev", "parallel.micro_batches=2"], 2,
+     "parallel.schedule=dualpipev with pipeline=2, micro_batches=2, chunks=2"),
+    (["model.path=/nonexistent/model"], 2, "model.path /nonexistent/model has no config.json"),
+    (["model.path={bert}"], 2, "is a 'bert' model, which pp-ext cannot split into pipeline stages: "
+                                "supported model types are"),
+])
+def test_bad_input_is_one_line_before_any_rank_starts(tmp_path, capsys, monkeypatch, overrides, world,
+                                                      expected):
+    from pp_ext.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    if any("{bert}" in o for o in overrides):
+        overrides = [o.replace("{bert}", str(fake_model(tmp_path, "bert"))) for o in overrides]
+    code = main(["--recipe", str(RECIPE), f"output_dir={tmp_path / 'run'}", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("pp-ext: error: ") and expected in err, err
+    assert not (tmp_path / "run").exists()  # nothing written
