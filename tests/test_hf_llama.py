@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, BertConfig
 
 from pp_ext.engine.reference import SequentialReference
 from pp_ext.hf import copy_hf_weights, layer_specs, supported
-from pp_ext.hf.common import FinalNorm
+from pp_ext.hf.common import FinalNorm, HFDecoderLayer
 
 from hf_models import CONFIGS
 
@@ -54,7 +54,8 @@ def models(request):
             assert 2 * hf_model.model.rotary_emb.inv_freq.numel() == attn.head_dim // 2
     run = pipeline(hf_model, config)
     # same attention as HF's default for the family (Gemma2: eager, sdpa cannot soft-cap)
-    assert run.layers[1].config._attn_implementation == hf_model.config._attn_implementation
+    decoder = next(m for m in run.layers if isinstance(m, HFDecoderLayer))
+    assert decoder.config._attn_implementation == hf_model.config._attn_implementation
     return hf_model, run
 
 

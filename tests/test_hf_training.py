@@ -1,5 +1,6 @@
-"""2-stage training (CPU, gloo) of HF Llama-like families through pp-ext's engine
-equals single-process HF training on the same micro-batches (3 steps, fp32)."""
+"""2-stage training (CPU, gloo) of HF families (Llama-like, GPT-2, GPT-NeoX) through
+pp-ext's engine equals single-process HF training on the same micro-batches (3 steps,
+fp32). Zero-bubble schedules split each backward, GPT-2's Conv1D weights included."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,9 @@ TOLERANCE = 1e-5
 CASES = [("llama", "zbv", True), ("qwen2", "1f1b", False), ("mistral", "zb-h1", True),
          ("qwen3", "interleaved-1f1b", False),
          ("gemma2", "zb-h1", True), ("gemma3_text", "1f1b", False), ("phi3", "zbv", False),
-         ("gemma", "interleaved-1f1b", True)]
+         ("gemma", "interleaved-1f1b", True),
+         ("gpt2", "zb-h1", True), ("gpt2", "zbv", False), ("gpt_neox", "1f1b", False),
+         ("gpt_neox", "zb-h1", True)]
 
 
 def shifted_loss(logits, labels):

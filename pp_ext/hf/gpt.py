@@ -8,8 +8,10 @@ differs from the Llama-like families (:mod:`pp_ext.hf.llama`) is around them, as
 
 * GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners")
   adds learned absolute position embeddings ``wpe[position_ids]`` to the token
-  embeddings; positions default to 0..length-1 whatever the padding, and packed
-  documents (restarting ``position_ids``) restart their positions as well. No rotary.
+  embeddings (a layer of its own, after the token embedding, so that a tied head
+  shares nothing but the token matrix); positions default to 0..length-1 whatever
+  the padding, and packed documents (restarting ``position_ids``) restart their
+  positions as well. No rotary.
 * GPT-NeoX (Black et al. 2022, "GPT-NeoX-20B") has rotary positions rebuilt per layer.
 * Both end in a LayerNorm (``transformer.ln_f`` / ``gpt_neox.final_layer_norm``) and
   an ``lm_head`` (tied to the token embedding when ``config.tie_word_embeddings``).
@@ -19,7 +21,7 @@ differs from the Llama-like families (:mod:`pp_ext.hf.llama`) is around them, as
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from deepspeed.pipe import LayerSpec
 from torch import nn
@@ -31,38 +33,43 @@ from transformers.models.gpt_neox import modeling_gpt_neox
 from pp_ext.hf.common import FinalNorm, HFDecoderLayer, Stream, embedding_and_head, stage_inputs, with_attention
 
 
-class GPT2Embedding(nn.Module):
-    """``wte[input_ids] + wpe[position_ids]``, then the embedding dropout."""
+class TokenEmbedding(nn.Module):
+    """The token matrix (HF key ``hf_key``), then a dropout of probability ``dropout``.
 
-    def __init__(self, config: PretrainedConfig) -> None:
+    Nothing else: with a tied head, DeepSpeed keeps a second copy of this module on the
+    last stage and syncs only ``embed_tokens``, so any other weight here (GPT-2's
+    positions) would go stale there.
+    """
+
+    def __init__(self, config: PretrainedConfig, hf_key: str, dropout: float = 0.0) -> None:
         super().__init__()
+        self.hf_key = hf_key
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.drop = nn.Dropout(config.embd_pdrop)
-
-    def forward(self, inputs) -> Stream:
-        input_ids, position_ids, attention_mask = stage_inputs(inputs)
-        hidden = self.embed_tokens(input_ids) + self.embed_positions(position_ids)
-        return self.drop(hidden), position_ids, attention_mask
-
-    def hf_keys(self) -> dict[str, str]:
-        return {"embed_tokens.weight": "transformer.wte.weight", "embed_positions.weight": "transformer.wpe.weight"}
-
-
-class GPTNeoXEmbedding(nn.Module):
-    """``embed_in[input_ids]``, then the embedding dropout."""
-
-    def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.drop = nn.Dropout(config.hidden_dropout)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, inputs) -> Stream:
         input_ids, position_ids, attention_mask = stage_inputs(inputs)
         return self.drop(self.embed_tokens(input_ids)), position_ids, attention_mask
 
     def hf_keys(self) -> dict[str, str]:
-        return {"embed_tokens.weight": "gpt_neox.embed_in.weight"}
+        return {"embed_tokens.weight": self.hf_key}
+
+
+class GPT2Positions(nn.Module):
+    """GPT-2's learned absolute positions: ``hidden + wpe[position_ids]``, then the
+    embedding dropout (``GPT2Model.forward``)."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.drop = nn.Dropout(config.embd_pdrop)
+
+    def forward(self, inputs: Stream) -> Stream:
+        hidden, position_ids, attention_mask = inputs
+        return self.drop(hidden + self.embed_positions(position_ids)), position_ids, attention_mask
+
+    def hf_keys(self) -> dict[str, str]:
+        return {"embed_positions.weight": "transformer.wpe.weight"}
 
 
 class GPT2Layer(HFDecoderLayer):
@@ -82,33 +89,37 @@ class GPTNeoXLayer(HFDecoderLayer):
                          f"gpt_neox.layers.{layer_idx}.", modeling_gpt_neox.GPTNeoXRotaryEmbedding(config=config))
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """One family's layer classes, its HF model class (for attention support) and final norm."""
-    model_class: type[PreTrainedModel]
-    embedding: type[nn.Module]
-    decoder: type[HFDecoderLayer]
-    norm_prefix: str
-    norm_eps: str  # the config attribute holding the final LayerNorm's epsilon
+def _final_layer_norm(config: PretrainedConfig, hf_prefix: str, eps: float) -> LayerSpec:
+    return LayerSpec(FinalNorm, hf_prefix, nn.LayerNorm, config.hidden_size, eps=eps)
 
 
-ARCHITECTURES = {
-    "gpt2": Architecture(modeling_gpt2.GPT2PreTrainedModel, GPT2Embedding, GPT2Layer,
-                         "transformer.ln_f.", "layer_norm_epsilon"),
-    "gpt_neox": Architecture(modeling_gpt_neox.GPTNeoXPreTrainedModel, GPTNeoXEmbedding, GPTNeoXLayer,
-                             "gpt_neox.final_layer_norm.", "layer_norm_eps"),
+def _gpt2_specs(config: PretrainedConfig) -> list:
+    embed, head = embedding_and_head(config, TokenEmbedding, "transformer.wte.weight")
+    blocks = [LayerSpec(GPT2Layer, config, i) for i in range(config.num_hidden_layers)]
+    norm = _final_layer_norm(config, "transformer.ln_f.", config.layer_norm_epsilon)
+    return [embed, LayerSpec(GPT2Positions, config), *blocks, norm, head]
+
+
+def _gpt_neox_specs(config: PretrainedConfig) -> list:
+    embed, head = embedding_and_head(config, TokenEmbedding, "gpt_neox.embed_in.weight", config.hidden_dropout)
+    blocks = [LayerSpec(GPTNeoXLayer, config, i) for i in range(config.num_hidden_layers)]
+    norm = _final_layer_norm(config, "gpt_neox.final_layer_norm.", config.layer_norm_eps)
+    return [embed, *blocks, norm, head]
+
+
+# model_type -> (HF model class, which says what attention it supports; spec builder)
+ARCHITECTURES: dict[str, tuple[type[PreTrainedModel], Callable[[PretrainedConfig], list]]] = {
+    "gpt2": (modeling_gpt2.GPT2PreTrainedModel, _gpt2_specs),
+    "gpt_neox": (modeling_gpt_neox.GPTNeoXPreTrainedModel, _gpt_neox_specs),
 }
 
 
 def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None) -> list:
-    """Embedding, one spec per block, final LayerNorm, LM head (tied or not).
+    """Token embedding (GPT-2: then its positions), one spec per block, final LayerNorm,
+    LM head (tied or not).
 
     ``attn_implementation`` None takes HF's default for the model (sdpa); see
     :func:`pp_ext.hf.common.with_attention`.
     """
-    arch = ARCHITECTURES[config.model_type]
-    config = with_attention(config, arch.model_class, attn_implementation)
-    embed, head = embedding_and_head(config, arch.embedding)
-    blocks = [LayerSpec(arch.decoder, config, i) for i in range(config.num_hidden_layers)]
-    norm = LayerSpec(FinalNorm, arch.norm_prefix, nn.LayerNorm, config.hidden_size, eps=getattr(config, arch.norm_eps))
-    return [embed, *blocks, norm, head]
+    model_class, build = ARCHITECTURES[config.model_type]
+    return build(with_attention(config, model_class, attn_implementation))
