@@ -15,9 +15,10 @@ differs from the Llama-like families (:mod:`pp_ext.hf.llama`) is around them, as
 * GPT-NeoX (Black et al. 2022, "GPT-NeoX-20B") has rotary positions rebuilt per layer.
 * Both end in a LayerNorm (``transformer.ln_f`` / ``gpt_neox.final_layer_norm``) and
   an ``lm_head`` (tied to the token embedding when ``config.tie_word_embeddings``).
-  GPT-NeoX hub checkpoints spell the untied head ``embed_out``; transformers renames it
-  ``lm_head`` on load (``transformers.conversion_mapping``), and ``hf_keys()`` names
-  the loaded model's tensors.
+  GPT-NeoX checkpoints (and ``save_pretrained``) spell the untied head ``embed_out``;
+  transformers renames it ``lm_head`` on load (``transformers.conversion_mapping``).
+  ``hf_keys()`` names the loaded model's tensors, as for every family; per-stage
+  loading and export rename as transformers does.
 """
 from __future__ import annotations
 
