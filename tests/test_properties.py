@@ -36,6 +36,9 @@ def closed_forms(name, p, m, v):
             {"bubble_ratio": lower_bound(p, m, 2)} if m >= 3 * p // 2 else {})
     if name == "dualpipev":  # refuses m < 2p
         return {"bubble_ratio": lower_bound(p, m, 2), "peak_activations": p + Fr(1, 2)}
+    if name == "chimera":  # refuses odd p and m not a multiple of p; see chimera.py for the forms
+        return {"bubble_ratio": Fr((p - 2) * (m + p), (4 * p - 2) * m + p * (p - 2)), "peak_activations": p,
+                "weight_copies": 2}
     return {}
 
 
