@@ -1,0 +1,255 @@
+"""Export a pp-ext (DeepSpeed pipeline) checkpoint as a Hugging Face ``from_pretrained`` folder.
+
+DeepSpeed's ``PipelineModule.save_state_dict`` writes one file per layer spec,
+``layer_XX-model_states.pt`` for global layer index XX (``ckpt_layer_path``; with a
+model-parallel axis the name carries ``-model_YY``), and no file for a tied head
+called through ``forward_fn``. The layers' ``hf_keys()`` (built on the meta device
+from ``layer_specs(config)``, the order training used) name every tensor as the HF
+model does; the config and tokenizer come from ``<tag>/hf_meta/``, which
+:func:`save_hf_metadata` writes next to the checkpoint on rank 0.
+
+The export holds about one shard (and one layer file) in memory: layer files are
+read one at a time, memory-mapped where torch's format allows, shards are planned
+from shapes alone (``huggingface_hub.split_torch_state_dict_into_shards`` on meta
+tensors) and each is materialised, written and dropped in turn. Everything is written into a temporary
+sibling folder renamed into place at the end, so a crash never leaves a half-written
+``out_dir``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from transformers import AutoConfig, PretrainedConfig
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
+
+from pp_ext.hf.families import layer_specs
+from pp_ext.hf.loading import load_config, to_dtype
+from pp_ext.hf.weights import checkpoint_names, meta_model
+
+HF_META = "hf_meta"
+LATEST = "latest"  # DeepSpeed's pointer file in a save dir
+MODEL_FILES = (CONFIG_NAME, GENERATION_CONFIG_NAME)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx", ".index.json")
+
+
+class ExportError(Exception):
+    """A checkpoint that cannot be exported, said in one line with what to do."""
+
+
+def save_hf_metadata(tag_dir: str | Path, model: str | Path | PretrainedConfig,
+                     tokenizer_dir: str | Path | None = None) -> Path:
+    """Write ``<tag_dir>/hf_meta/``: what rebuilds the HF model from the checkpoint.
+
+    From the model folder: config.json and generation_config.json (a config: its
+    config.json). From ``tokenizer_dir`` (default: the model folder): every other
+    top-level file that is not weights (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, vocab/merges, tokenizer.model, chat templates, ...),
+    so whatever tokenizer format the model uses travels with it. Rank 0 calls this
+    after ``engine.save_checkpoint``.
+    """
+    meta = Path(tag_dir) / HF_META
+    meta.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PretrainedConfig):
+        model.save_pretrained(meta)
+    else:
+        load_config(model)  # one clear error for a folder that is no HF model
+        for name in MODEL_FILES:
+            if (Path(model) / name).is_file():
+                shutil.copy2(Path(model) / name, meta / name)
+        tokenizer_dir = model if tokenizer_dir is None else tokenizer_dir
+    if tokenizer_dir is not None:
+        if not Path(tokenizer_dir).is_dir():
+            raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist: pass the folder that holds "
+                                    f"tokenizer.json / tokenizer_config.json")
+        for path in sorted(Path(tokenizer_dir).iterdir()):
+            if path.is_file() and path.name not in MODEL_FILES and not path.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(path, meta / path.name)
+    return meta
+
+
+def tag_dir_of(checkpoint: str | Path, tag: str | None = None) -> Path:
+    """The tag folder to export: ``checkpoint/tag``, ``checkpoint/<latest>``, or
+    ``checkpoint`` itself when it is a tag folder (holds ``hf_meta``)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise ExportError(f"checkpoint folder {checkpoint} does not exist: pass a DeepSpeed save dir or one of its tags")
+    if tag is None and (checkpoint / HF_META).is_dir():
+        return checkpoint
+    if tag is None:
+        if not (checkpoint / LATEST).is_file():
+            raise ExportError(f"{checkpoint} has no '{LATEST}' file and no {HF_META}/: pass --tag TAG "
+                              f"(or the tag folder itself)")
+        tag = (checkpoint / LATEST).read_text().strip()
+    if not (checkpoint / tag).is_dir():
+        tags = sorted(p.name for p in checkpoint.iterdir() if p.is_dir())
+        raise ExportError(f"{checkpoint} has no tag {tag!r}: its tags are {', '.join(tags) or 'none'}")
+    return checkpoint / tag
+
+
+def layer_file(tag_dir: Path, idx: int) -> Path:
+    """The one file of layer ``idx`` (DeepSpeed's ``ckpt_layer_path_list`` pattern)."""
+    files = sorted(tag_dir.glob(f"layer_{idx:02d}-*model_states.pt"))
+    if not files:
+        raise ExportError(f"{tag_dir} has no layer_{idx:02d}-model_states.pt: the checkpoint is incomplete "
+                          f"or was saved from another model than {HF_META}/{CONFIG_NAME} describes")
+    if len(files) > 1:
+        raise ExportError(f"{tag_dir} holds layer {idx} in {len(files)} tensor-parallel slices "
+                          f"({files[0].name}, ...): exporting tensor-parallel checkpoints is not supported yet")
+    return files[0]
+
+
+def saved_layers(specs: list) -> list[tuple[int, LayerSpec]]:
+    """``(index, spec)`` of each layer with its own file: a tied module once, at its
+    first use; a tied head called through ``forward_fn`` (no file) or a function never."""
+    seen, out = set(), []
+    for idx, spec in enumerate(specs):
+        if not isinstance(spec, LayerSpec):
+            continue
+        if isinstance(spec, TiedLayerSpec):
+            if spec.forward_fn is not None or spec.key in seen:
+                continue
+            seen.add(spec.key)
+        out.append((idx, spec))
+    return out
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor of the checkpoint lies: a layer file and the key in it."""
+    path: Path
+    key: str
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+def load_layer(path: Path) -> dict[str, torch.Tensor]:
+    """A layer file's state dict: memory-mapped (read on demand) when it is torch's zip
+    format, DeepSpeed's default; the legacy format (``checkpoint_serialization: false``)
+    cannot be mapped and is read whole."""
+    return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+
+
+def checkpoint_tensors(tag_dir: Path, config: PretrainedConfig) -> dict[str, Stored]:
+    """Every tensor of the checkpoint under its HF name, read one layer file at a time."""
+    try:
+        specs = layer_specs(config)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    tensors = {}
+    for idx, spec in saved_layers(specs):
+        with torch.device("meta"):
+            layer = spec.build()
+        path = layer_file(tag_dir, idx)
+        state, expected = load_layer(path), layer.state_dict()
+        if state.keys() != expected.keys() or any(state[k].shape != expected[k].shape for k in state):
+            raise ExportError(f"{path.name} does not hold the tensors of {type(layer).__name__} as "
+                              f"{HF_META}/{CONFIG_NAME} describes it (names or shapes differ): export with the "
+                              f"config the checkpoint was trained with")
+        tensors.update({hf: Stored(path, local, state[local].shape, state[local].dtype)
+                        for local, hf in layer.hf_keys().items()})
+    return tensors
+
+
+def _check_keys(tensors: dict, expected: set[str]) -> None:
+    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or unexpected:
+        raise ExportError(f"the checkpoint's tensors are not the HF model's: missing {missing or 'none'}, "
+                          f"unexpected {unexpected or 'none'} (e.g. saved with exclude_frozen_parameters, "
+                          f"or another config)")
+
+
+def _write_weights(tensors: dict[str, Stored], names: dict[str, str], dtype: torch.dtype, folder: Path,
+                   max_shard_size: int | str) -> None:
+    """Safetensors shards (+ index) of ``tensors`` stored as ``names``, one shard in
+    memory at a time. Shards follow the layer order, so keeping the last layer file
+    open reads each file about once."""
+    def cast(t: Stored) -> torch.dtype:
+        return dtype if t.dtype.is_floating_point else t.dtype
+
+    shapes = {names[k]: torch.empty(t.shape, dtype=cast(t), device="meta") for k, t in tensors.items()}
+    try:
+        plan = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
+    except ValueError as err:
+        raise ExportError(f"max shard size {max_shard_size!r}: {err}") from None
+    source = {stored: name for name, stored in names.items()}
+    open_path, open_state = None, {}
+    for filename, keys in plan.filename_to_tensors.items():
+        shard = {}
+        for key in keys:
+            stored = tensors[source[key]]
+            if stored.path != open_path:
+                open_path, open_state = stored.path, load_layer(stored.path)
+            shard[key] = open_state[stored.key].to(cast(stored), copy=True).contiguous()
+        save_file(shard, folder / filename, metadata={"format": "pt"})
+        del shard
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    """Move the finished ``tmp`` to ``out_dir``; an old ``out_dir`` goes only after."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, tag: str | None = None,
+                      dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
+                      overwrite: bool = False) -> Path:
+    """Write the HF folder of a pp-ext checkpoint to ``out_dir`` (returned).
+
+    ``checkpoint`` is a DeepSpeed save dir (its ``latest`` tag, or ``tag``) or a tag
+    folder; it needs ``hf_meta/`` (:func:`save_hf_metadata`). ``dtype`` None keeps the
+    checkpoint's. Writes safetensors (``model.safetensors``, or shards of at most
+    ``max_shard_size`` and ``model.safetensors.index.json``), config.json with its
+    dtype, and the other hf_meta files. The tensor names must be exactly those of the
+    HF model (``from_config`` on the meta device, tied copies left out), else nothing
+    is written. An existing non-empty ``out_dir`` is an error unless ``overwrite``.
+    """
+    tag_dir, out_dir = tag_dir_of(checkpoint, tag), Path(out_dir)
+    meta = tag_dir / HF_META
+    if not (meta / CONFIG_NAME).is_file():
+        raise ExportError(f"{tag_dir} has no {HF_META}/{CONFIG_NAME}: the training job writes it with "
+                          f"pp_ext.hf.save_hf_metadata(tag_dir, model_dir) on rank 0 after save_checkpoint")
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite):
+        raise ExportError(f"output folder {out_dir} already exists and is not empty: pass overwrite "
+                          f"(--overwrite) to replace it, or choose another folder")
+    try:
+        out_dtype = None if dtype is None else to_dtype(dtype)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    config = AutoConfig.from_pretrained(meta)
+    tensors = checkpoint_tensors(tag_dir, config)
+    model = meta_model(config)
+    _check_keys(tensors, set(model.state_dict()) - set(model.all_tied_weights_keys))
+    out_dtype = out_dtype or next(t.dtype for t in tensors.values() if t.dtype.is_floating_point)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        _write_weights(tensors, checkpoint_names(tensors, model), out_dtype, tmp, max_shard_size)
+        config.dtype = out_dtype
+        config.save_pretrained(tmp)
+        for path in meta.iterdir():
+            if path.is_file() and path.name != CONFIG_NAME:
+                shutil.copy2(path, tmp / path.name)
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

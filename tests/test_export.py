@@ -1,0 +1,206 @@
+"""``pp-ext export`` / ``export_checkpoint``: a pipeline checkpoint back to a HF folder.
+
+Checkpoints come from DeepSpeed's own ``PipelineModule.save_state_dict`` (a world of
+one rank, two chunks) or, in the slow test, from ``engine.save_checkpoint`` after a
+2-rank training; ``from_pretrained`` must load the export with no missing or
+unexpected key, and give the trained model's logits.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+import pp_ext.hf.export as export
+from pp_ext.cli import main
+from pp_ext.engine.spawn import free_port, init_rank
+from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
+from pp_ext.hf.loading import local_layers
+
+from hf_models import CONFIGS
+from test_hf_llama import TOL, ids, max_diff
+
+TAG = "global_step3"
+
+
+def tokenizer(vocab_size: int = 100) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary (no download needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token="w2")
+
+
+def hf_folder(path, family: str, tied: bool):
+    """A saved tiny HF model with its tokenizer; returns the model."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family](tied)).eval()
+    model.save_pretrained(path, max_shard_size="20KB")
+    tokenizer().save_pretrained(path)
+    return model
+
+
+def by_hf_key(module) -> dict[str, torch.Tensor]:
+    return {hf: layer.state_dict()[local] for layer in local_layers(module)
+            for local, hf in layer.hf_keys().items()}
+
+
+@pytest.fixture(scope="module")
+def world():
+    from deepspeed import comm as dist
+
+    if not dist.is_initialized():
+        init_rank(0, 1, free_port())
+
+
+def checkpoint(tmp_path, family: str, tied: bool):
+    """A DeepSpeed save dir (``latest`` -> TAG) of the model loaded into a 2-chunk
+    pipeline module, with hf_meta; returns (save dir, HF model, module)."""
+    model = hf_folder(tmp_path / "hf", family, tied)
+    module = build_pipeline_module(tmp_path / "hf", num_stages=1, chunks=2, placement="v",
+                                   partition_method="uniform")
+    save_dir = tmp_path / "ckpt"
+    module.checkpoint_parallel_write_pipeline = False  # the engine's default, set from its config
+    module.save_state_dict(str(save_dir / TAG), TorchCheckpointEngine())
+    (save_dir / "latest").write_text(TAG)
+    save_hf_metadata(save_dir / TAG, tmp_path / "hf")
+    return save_dir, model, module
+
+
+@pytest.mark.parametrize("family,tied", [("llama", True), ("gpt_neox", False), ("qwen2", False)])
+def test_export_loads_in_hf(world, tmp_path, family, tied):
+    save_dir, model, module = checkpoint(tmp_path, family, tied)
+    assert main(["export", str(save_dir), str(tmp_path / "out"), "--max-shard-size", "20KB"]) == 0
+    out = tmp_path / "out"
+    # the same files and tensor names as save_pretrained wrote (e.g. GPT-NeoX's embed_out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    original = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"].keys() == original["weight_map"].keys()
+    assert len(set(index["weight_map"].values())) >= 3
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {p.name for p in out.iterdir()}
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    theirs = loaded.state_dict()
+    assert all(torch.equal(t, theirs[k]) for k, t in by_hf_key(module).items())
+    x = ids()
+    with torch.no_grad():
+        assert max_diff(loaded.eval()(x).logits, model(x).logits) <= TOL
+    text = "w5 w7 w99"
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(tmp_path / "hf")(text).input_ids
+
+
+def test_export_in_bfloat16_one_file(world, tmp_path):
+    save_dir, model, _ = checkpoint(tmp_path, "qwen3", True)
+    out = export_checkpoint(save_dir / TAG, tmp_path / "out", dtype="bfloat16")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    tensors = load_file(out / "model.safetensors")
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert tensors.keys() == expected.keys()
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, expected[k].bfloat16()) for k, t in tensors.items())
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = main(["export", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def siblings(path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}"))
+
+
+def test_cli_errors(world, tmp_path, capsys):
+    save_dir, _, _ = checkpoint(tmp_path, "llama", False)
+    capsys.readouterr()  # save_pretrained's progress bars
+    out = tmp_path / "out"
+    cases = [((tmp_path / "nowhere", out), "checkpoint folder .*nowhere does not exist"),
+             ((tmp_path / "hf", out), "has no 'latest' file and no hf_meta/: pass --tag"),
+             ((save_dir, out, "--tag", "step9"), f"has no tag 'step9': its tags are {TAG}"),
+             ((save_dir, out, "--max-shard-size", "lots"), "max shard size 'lots'")]
+    for argv, message in cases:
+        code, err = run(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert re.search(f"^pp-ext: error: .*{message}", err), err
+    assert run(capsys, save_dir, out, "--dtype", "fp8")[0] == 2  # argparse's choices
+    assert not out.exists() and siblings(out) == []
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run(capsys, save_dir, out)
+    assert code == 2 and "already exists and is not empty: pass overwrite (--overwrite)" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert run(capsys, save_dir, out, "--overwrite")[0] == 0
+    assert (out / "config.json").exists() and not (out / "keep.txt").exists() and siblings(out) == []
+
+    layer = save_dir / TAG / "layer_01-model_states.pt"
+    (save_dir / TAG / "layer_01-model_01-model_states.pt").write_bytes(layer.read_bytes())
+    code, err = run(capsys, save_dir, tmp_path / "tp")
+    assert code == 2 and "holds layer 1 in 2 tensor-parallel slices" in err
+    (save_dir / TAG / "layer_01-model_01-model_states.pt").unlink()
+    layer.unlink()
+    code, err = run(capsys, save_dir, tmp_path / "partial")
+    assert code == 2 and "has no layer_01-model_states.pt: the checkpoint is incomplete" in err
+    (save_dir / TAG / "hf_meta" / "config.json").unlink()
+    code, err = run(capsys, save_dir, tmp_path / "meta")
+    assert code == 2 and "has no hf_meta/config.json: the training job writes it with pp_ext.hf.save_hf_metadata" in err
+
+
+def test_key_set_is_checked(world, tmp_path, monkeypatch):
+    """Tensors the HF model lacks, or tensors it needs and the checkpoint lacks: named, nothing written."""
+    save_dir, _, _ = checkpoint(tmp_path, "llama", False)
+    real = export.checkpoint_tensors
+
+    def renamed(tag_dir, config):
+        tensors = real(tag_dir, config)
+        tensors["model.extra.weight"] = tensors.pop("model.norm.weight")
+        return tensors
+
+    monkeypatch.setattr(export, "checkpoint_tensors", renamed)
+    with pytest.raises(export.ExportError, match=r"missing \['model.norm.weight'\], unexpected \['model.extra.weight'\]"):
+        export_checkpoint(save_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and siblings(tmp_path / "out") == []
+
+
+def test_a_crash_leaves_the_old_folder(world, tmp_path, monkeypatch):
+    save_dir, _, _ = checkpoint(tmp_path, "llama", True)
+    out = export_checkpoint(save_dir, tmp_path / "out", max_shard_size="20KB")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    written, real_save = [], export.save_file
+
+    def save_then_crash(tensors, path, metadata=None):  # the second shard fails
+        if written:
+            raise OSError("disk full")
+        written.append(path)
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(export, "save_file", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(save_dir, out, dtype="bfloat16", max_shard_size="20KB", overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and siblings(out) == []
+    written.clear()
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(save_dir, tmp_path / "new", max_shard_size="20KB")
+    assert not (tmp_path / "new").exists() and siblings(tmp_path / "new") == []
+
+
+def test_metadata_files(tmp_path):
+    """Config and generation config from the model, every non-weight file from the tokenizer folder."""
+    hf_folder(tmp_path / "hf", "llama", True)
+    tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text("{{ messages }}")
+    (tmp_path / "tok" / "config.json").write_text("{}")  # not the model's: ignored
+    meta = save_hf_metadata(tmp_path / "tag", tmp_path / "hf", tmp_path / "tok")
+    assert sorted(p.name for p in meta.iterdir()) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                                      "tokenizer.json", "tokenizer_config.json"]
+    assert (meta / "config.json").read_text() == (tmp_path / "hf" / "config.json").read_text()
+    meta = save_hf_metadata(tmp_path / "tag2", CONFIGS["qwen2"](False))
+    assert [p.name for p in meta.iterdir()] == ["config.json"]
+    with pytest.raises(FileNotFoundError, match="tokenizer folder .* does not exist"):
+        save_hf_metadata(tmp_path / "tag3", tmp_path / "hf", tmp_path / "nowhere")
