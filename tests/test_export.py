@@ -204,3 +204,78 @@ def test_metadata_files(tmp_path):
     assert [p.name for p in meta.iterdir()] == ["config.json"]
     with pytest.raises(FileNotFoundError, match="tokenizer folder .* does not exist"):
         save_hf_metadata(tmp_path / "tag3", tmp_path / "hf", tmp_path / "nowhere")
+
+
+# --- round trip: 2-rank training, engine.save_checkpoint, export, from_pretrained -------
+
+ROUND_TRIP = [("llama", "zbv", True), ("qwen2", "1f1b", False), ("gpt_neox", "interleaved-1f1b", False)]
+
+
+def train_and_save(rank: int, world: int, root, cases: list) -> dict:
+    """On each rank: every case trained from its HF folder (each rank loading only its
+    layers) for 2 SGD steps and saved; and a config-only model built with zbv's layout.
+    Returns this rank's tensors by HF name, as numpy arrays (sent by value: torch
+    tensors would go through shared memory that dies with the rank)."""
+    from deepspeed import comm as dist
+
+    import pp_ext
+    from pp_ext.schedules import get
+    from test_hf_training import batch, shifted_loss
+
+    out = {}
+    for family, schedule, tied in cases:
+        spec = get(schedule)
+        module = build_pipeline_module(root / family, num_stages=2, chunks=spec.default_chunks,
+                                       placement=spec.placement, partition_method="uniform", loss_fn=shifted_loss)
+        engine, *_ = pp_ext.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
+                                       config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
+                                               "train_batch_size": 8}, schedule=schedule)
+        for step in range(2):
+            engine.train_batch(iter([batch(step, k) for k in range(4)]))
+        engine.save_checkpoint(str(root / f"{family}-ckpt"), tag="final")
+        if rank == 0:
+            save_hf_metadata(root / f"{family}-ckpt" / "final", root / family)
+        dist.barrier()
+        out[family] = {k: t.detach().numpy() for k, t in by_hf_key(module).items()}
+    module = build_pipeline_module(root / "config-only", num_stages=2, chunks=2, placement="v")
+    out["config-only"] = {k: t.detach().numpy() for k, t in by_hf_key(module).items()}
+    return out
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_round_trip(tmp_path):
+    from pp_ext.engine.reference import SequentialReference
+    from pp_ext.engine.spawn import spawn
+    from pp_ext.hf import copy_hf_weights, layer_specs
+    from pp_ext.hf.loading import hf_initializer, layout_free_specs
+
+    initial = {family: hf_folder(tmp_path / family, family, tied) for family, _, tied in ROUND_TRIP}
+    config = CONFIGS["qwen3"](True)
+    config.save_pretrained(tmp_path / "config-only")
+    ranks = [{case: {k: torch.from_numpy(a) for k, a in tensors.items()} for case, tensors in rank.items()}
+             for rank in spawn(train_and_save, 2, tmp_path, ROUND_TRIP, timeout=600)]
+
+    failures = []
+    for family, schedule, _ in ROUND_TRIP:
+        trained = {**ranks[0][family], **ranks[1][family]}
+        assert main(["export", str(tmp_path / f"{family}-ckpt"), str(tmp_path / f"{family}-out")]) == 0
+        loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / f"{family}-out", output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (family, info)
+        theirs = loaded.eval().state_dict()
+        assert all(torch.equal(t, theirs[k]) for k, t in trained.items()), family
+        assert max(max_diff(t, initial[family].state_dict()[k]) for k, t in trained.items()) > 1e-3  # it trained
+        chain = SequentialReference(layer_specs(loaded.config), loss_fn=None)
+        copy_hf_weights(chain.layers, trained)
+        x = ids()
+        with torch.no_grad():
+            diff = max_diff(chain(x), loaded(x).logits)
+        if diff > TOL:
+            failures.append(f"{family} ({schedule}): logits differ by {diff:.2e}")
+    assert not failures, "\n".join(failures)
+
+    # a config-only model: the same weights on 2 ranks (zbv) as built in one process
+    reference = SequentialReference(layout_free_specs(layer_specs(config), dtype=torch.float32, seed=1234,
+                                                      initialize=hf_initializer(config)), loss_fn=None)
+    built = {**ranks[0]["config-only"], **ranks[1]["config-only"]}
+    expected = {hf: layer.state_dict()[local] for layer in reference.layers for local, hf in layer.hf_keys().items()}
+    assert built.keys() == expected.keys() and all(torch.equal(built[k], expected[k]) for k in built)
