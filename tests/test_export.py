@@ -18,12 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import pp_ext.hf.export as export
 from pp_ext.cli import main
-from pp_ext.engine.spawn import free_port, init_rank
 from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
-from pp_ext.hf.loading import local_layers
 
 from hf_models import CONFIGS
+from test_engine_module import world  # noqa: F401 - the world-of-one-rank fixture
 from test_hf_llama import TOL, ids, max_diff
+from test_hf_loading import by_hf_key
 
 TAG = "global_step3"
 
@@ -44,19 +44,6 @@ def hf_folder(path, family: str, tied: bool):
     model.save_pretrained(path, max_shard_size="20KB")
     tokenizer().save_pretrained(path)
     return model
-
-
-def by_hf_key(module) -> dict[str, torch.Tensor]:
-    return {hf: layer.state_dict()[local] for layer in local_layers(module)
-            for local, hf in layer.hf_keys().items()}
-
-
-@pytest.fixture(scope="module")
-def world():
-    from deepspeed import comm as dist
-
-    if not dist.is_initialized():
-        init_rank(0, 1, free_port())
 
 
 def checkpoint(tmp_path, family: str, tied: bool):

@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM
 
 import pp_ext.hf.loading as loading
 from pp_ext.engine.reference import SequentialReference
-from pp_ext.engine.spawn import free_port, init_rank
 from pp_ext.hf import build_pipeline_module, layer_specs, load_hf_weights
 from pp_ext.hf.weights import checkpoint_names
 
 from hf_models import CONFIGS
+from test_engine_module import world  # noqa: F401 - the world-of-one-rank fixture
 from test_hf_llama import TOL, ids, max_diff, test_no_padding, test_packed_sequences, test_padding  # noqa: F401
 
 SHARD = "20KB"  # a tiny model is ~90 KB: several shards
@@ -137,14 +137,6 @@ def test_loading_errors(tmp_path):
 
 
 # --- build_pipeline_module, in a world of one rank -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def world():
-    from deepspeed import comm as dist
-
-    if not dist.is_initialized():
-        init_rank(0, 1, free_port())
 
 
 def by_hf_key(module) -> dict[str, torch.Tensor]:
