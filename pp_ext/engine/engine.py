@@ -23,9 +23,11 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from deepspeed import comm as dist
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pp_ext.schedules import Action, Kind, Schedule, lower
 
@@ -88,7 +90,9 @@ class ScheduleEngine(PipelineEngine):
         self.store = WeightGradStore()
         if schedule.split_backward:
             enable_split_backward(self.module, self.store)
-        self._header_cache: dict[int, list[p2p.TensorSpec]] = {}  # stage boundary -> specs
+        # (sending, stage boundary) -> specs: with two pipelines one rank may both send and
+        # receive the same boundary (p=2: rank 0 sends 0->1 down and receives 0->1 up)
+        self._header_cache: dict[tuple[bool, int], list[p2p.TensorSpec]] = {}
         self._trainable = [any(p.requires_grad for p in module.chunk_parameters(c)) for c in range(module.chunks)]
         self._reset_buffers()
 
@@ -107,11 +111,12 @@ class ScheduleEngine(PipelineEngine):
         return self.grid.stage_to_global(stage_id=pipeline_rank)
 
     def _neighbour(self, chunk: int, offset: int) -> tuple[int, int] | None:
-        """(pipeline rank, chunk) of the stage ``offset`` away from ``chunk``'s."""
-        stage = self.module.stage_of_chunk(chunk) + offset
-        if not 0 <= stage < self.schedule.stages:
+        """(pipeline rank, chunk) of the stage ``offset`` away from ``chunk``'s, on the
+        pipeline ``chunk`` belongs to."""
+        pipeline, stage = self.placement.holds(self.stage_id, chunk)
+        if not 0 <= stage + offset < self.schedule.stages:
             return None
-        return self.placement.locate(0, stage)
+        return self.placement.locate(pipeline, stage + offset)
 
     # ------------------------------------------------------------------ step
 
@@ -149,7 +154,8 @@ class ScheduleEngine(PipelineEngine):
 
     def _batch(self, micro_batch: int):
         # the data iterator yields micro-batches in order; ranks holding the first
-        # or the last stage read all of them, as DeepSpeed's TrainSchedule does
+        # or the last stage read all of them, as DeepSpeed's TrainSchedule does, so
+        # micro-batch k is the k-th item everywhere, whichever pipeline it takes
         while len(self._batches) <= micro_batch:
             self._batches.append(self._next_batch())
         return self._batches[micro_batch]
@@ -282,7 +288,7 @@ class ScheduleEngine(PipelineEngine):
         else:
             # training keeps the outputs for the backward; eval is done with them
             tensors = p2p.as_tuple(self._outputs[key] if torch.is_grad_enabled() else self._outputs.pop(key))
-            boundary = self.module.stage_of_chunk(chunk)
+            boundary = (True, self.module.stage_of_chunk(chunk))
             if self.dynamic_shape or boundary not in self._header_cache:
                 self._header_cache[boundary] = p2p.specs_of(tensors)
                 self._sends += p2p.send_header(self._header_cache[boundary], dst, self.device)
@@ -295,12 +301,41 @@ class ScheduleEngine(PipelineEngine):
             specs = p2p.specs_of([t for t in p2p.as_tuple(self._outputs[key]) if t.requires_grad])
             self._grads[key] = p2p.recv_tensors(specs, src, self.device)
             return
-        boundary = self.module.stage_of_chunk(chunk) - 1
+        # keyed by grad mode too: a header cached by eval_batch says requires_grad=False,
+        # and training after it would receive activations that send no gradient back
+        boundary = (False, self.module.stage_of_chunk(chunk) - 1)
         if self.dynamic_shape or boundary not in self._header_cache:
             self._header_cache[boundary] = p2p.recv_header(src, self.device)
         specs = self._header_cache[boundary]
         received = p2p.recv_tensors(specs, src, self.device)
         self._inputs[key] = tuple(t.requires_grad_(spec.requires_grad) for t, spec in zip(received, specs))
+
+    def _aggregate_total_loss(self):
+        # two pipelines: the loss rank holds the down pipeline's losses, its pair
+        # partner (holding the up pipeline's last stage) the rest; DeepSpeed then
+        # averages over micro-batches and data parallelism as usual
+        if self.module.replica_group is not None and self.total_loss is not None:
+            dist.all_reduce(self.total_loss, group=self.module.replica_group)
+        return super()._aggregate_total_loss()
+
+    def _exec_reduce_replica_grads(self) -> None:
+        """Sum the gradients of the two replicas of every stage (Chimera, Li & Hoefler
+        2021, Sec. 3: the replicas' gradients are all-reduced before the synchronous
+        update): g = g_down + g_up, each already scaled by 1/m as DeepSpeed's gradient
+        accumulation does, so g is the gradient of the mean loss over all m micro-batches."""
+        grads = []
+        for param in self.module.replica_parameters():
+            if self.using_bf16_optimizer:
+                grads.append(param._hp_grad)
+                continue
+            if param.grad is None:  # both ranks must reduce the same sizes, as DeepSpeed's own all-reduce
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad)
+        if grads:
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.module.replica_group)
+            for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(summed)
 
     def _exec_finish_sends(self) -> None:
         for work in self._sends:
@@ -321,4 +356,5 @@ class ScheduleEngine(PipelineEngine):
         ins.SendTensors: _exec_send_tensors,
         ins.RecvTensors: _exec_recv_tensors,
         ins.FinishSends: _exec_finish_sends,
+        ins.ReduceReplicaGrads: _exec_reduce_replica_grads,
     }

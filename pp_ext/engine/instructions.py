@@ -3,7 +3,8 @@
 A lowered program of one rank (:mod:`pp_ext.schedules`) becomes a DeepSpeed
 :class:`~deepspeed.runtime.pipe.schedule.PipeSchedule` whose ``steps()`` yield one
 instruction per action, then DeepSpeed's own end of step (``ReduceTiedGrads``,
-``ReduceGrads``, ``OptimizerStep``). DeepSpeed's buffer instructions address one
+``ReduceGrads``, ``OptimizerStep``), with ``ReduceReplicaGrads`` before ``ReduceGrads``
+where two pipelines hold two replicas of every stage. DeepSpeed's buffer instructions address one
 ``buffer_id`` on a rank holding one stage; pp-ext's address a (chunk,
 micro-batch) and a peer rank, and split the backward into I and W, so they are new
 :class:`PipeInstruction` subclasses dispatched through the engine's
@@ -57,6 +58,11 @@ class FinishSends(ds.PipeInstruction):
     """Wait for every send of the step to complete before gradients are reduced."""
 
 
+class ReduceReplicaGrads(ds.PipeInstruction):
+    """Sum the gradients of the two replicas of each stage (two pipelines, Chimera)
+    between the pair of ranks holding them, before DeepSpeed's data-parallel ``ReduceGrads``."""
+
+
 _COMPUTE = {Kind.F: ForwardChunk, Kind.B: BackwardChunk, Kind.I: InputGradChunk, Kind.W: WeightGradChunk}
 _COMM = {Kind.SEND_ACT: (SendTensors, False), Kind.SEND_GRAD: (SendTensors, True),
          Kind.RECV_ACT: (RecvTensors, False), Kind.RECV_GRAD: (RecvTensors, True)}
@@ -80,6 +86,7 @@ class ProgramSchedule(ds.PipeSchedule):
             raise ValueError("ProgramSchedule needs a lowered schedule (pp_ext.schedules.lower)")
         super().__init__(micro_batches=schedule.micro_batches, stages=schedule.ranks, stage_id=rank)
         self.instructions = [to_instruction(a) for a in schedule.programs[rank]]
+        self.replicated = schedule.placement.pipelines > 1
 
     def steps(self):
         for instruction in self.instructions:
@@ -87,7 +94,8 @@ class ProgramSchedule(ds.PipeSchedule):
         yield self.end()
 
     def end(self) -> list[ds.PipeInstruction]:
-        return [FinishSends(), ds.ReduceTiedGrads(), ds.ReduceGrads(), ds.OptimizerStep()]
+        replicas = [ReduceReplicaGrads()] if self.replicated else []
+        return [FinishSends(), ds.ReduceTiedGrads(), *replicas, ds.ReduceGrads(), ds.OptimizerStep()]
 
     def num_pipe_buffers(self) -> int:
         # the pp-ext engine keys its buffers by (chunk, micro-batch), not by buffer id

@@ -2,8 +2,9 @@
 
 The layer list is cut into ``S = p * chunks`` stages; chunk ``c`` of pipeline rank
 ``r`` holds the stage that :class:`~pp_ext.schedules.placement.Placement` gives it
-("loop": Megatron interleaving, "v": ZB-V / DualPipeV). Every rank builds only its
-own chunks' layers. Each chunk keeps its own ``forward_funcs``; running a chunk
+("loop": Megatron interleaving, "v": ZB-V / DualPipeV, "bidirectional": Chimera's
+two pipelines over two replicas of every stage). Every rank builds only its own
+chunks' layers. Each chunk keeps its own ``forward_funcs``; running a chunk
 switches them in and reuses ``PipelineModule.forward`` unchanged, as DeepSpeed's
 ``DualPipeVModule`` does with its two phases.
 
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
 
 import torch
+from deepspeed import comm as dist
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
@@ -27,7 +29,7 @@ from torch import nn
 
 from pp_ext.schedules.placement import Placement
 
-PLACEMENTS = ("loop", "v")
+PLACEMENTS = ("loop", "v", "bidirectional")
 METHODS = "'parameters', 'uniform', 'type:REGEX' or a list of stage boundaries"
 
 
@@ -149,6 +151,15 @@ class ChunkedPipelineModule(PipelineModule):
 
     Layers tied (TiedLayerSpec) within one rank share one module and get no gradient
     all-reduce; ties across ranks get DeepSpeed's ``tied_comms`` over those ranks.
+
+    In "bidirectional" placement (Chimera, Li & Hoefler 2021) pipeline ranks r and
+    p-1-r hold the same two stages (r's chunk 0 is the down replica of stage r, the
+    partner's chunk 1 its up replica). The up replicas start from the down ones'
+    weights (broadcast once, as DeepSpeed does for tied weights) and the pair's
+    gradients are summed before the optimizer step (:meth:`replica_parameters`,
+    :attr:`replica_group`), so both replicas stay identical. A tie must keep to one
+    such pair (stages s and p-1-s, e.g. embedding and LM head): DeepSpeed's
+    ``tied_comms`` then sum its weight over exactly the pair.
     """
 
     def __init__(self, layers, *args, chunks: int = 1, placement: str = "loop", **kwargs):
@@ -156,9 +167,13 @@ class ChunkedPipelineModule(PipelineModule):
             raise ValueError(f"chunks must be a positive int, got {chunks!r}")
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        if placement == "bidirectional" and chunks != 2:
+            raise ValueError(f"bidirectional placement holds 2 chunks per rank (a down and an up replica), "
+                             f"got chunks={chunks}: use chunks=2")
         # read by _partition_layers, which PipelineModule.__init__ calls
         self._chunks, self._placement_name = chunks, placement
         super().__init__(layers, *args, **kwargs)
+        self._replicas, self.replica_group = self._index_replicas()
 
     @property
     def placement(self) -> Placement:
@@ -255,8 +270,13 @@ class ChunkedPipelineModule(PipelineModule):
     # --- PipelineModule hooks -------------------------------------------------------
 
     def _partition_layers(self, method="parameters"):
+        if self._placement_name == "bidirectional" and self.num_stages % 2:
+            raise ValueError(f"bidirectional placement pairs pipeline rank r with rank p-1-r, so it needs an "
+                             f"even number of pipeline stages, got {self.num_stages}: use an even num_stages")
         self._placement = Placement.named(self._placement_name, self.num_stages, self._chunks)
         self.parts = partition(self._layer_specs, self._placement.stages, method)
+        if self._placement.pipelines > 1:
+            self._check_ties_keep_to_a_pair()
         self._chunk_bounds = chunk_layout(self._placement, self.parts, self.stage_id)
         if self.global_rank == 0:
             for stage in range(self._placement.stages):
@@ -297,6 +317,62 @@ class ChunkedPipelineModule(PipelineModule):
                 super()._precompute_checkpointable_values()
                 self._chunk_checkpointable[chunk] = self.is_checkpointable_results
 
+    def _check_ties_keep_to_a_pair(self) -> None:
+        p = self._placement.stages
+        for key in sorted({s.key for s in self._layer_specs if isinstance(s, TiedLayerSpec)}):
+            stages = sorted({layer_stage(self.parts, idx) for idx, s in enumerate(self._layer_specs)
+                             if isinstance(s, TiedLayerSpec) and s.key == key})
+            if len({min(s, p - 1 - s) for s in stages}) > 1:
+                raise ValueError(f"bidirectional placement: tied layers {key!r} sit on stages {stages}, held by "
+                                 f"more than one pair of ranks (s, p-1-s): tie only layers of stages s and "
+                                 f"p-1-s (e.g. embedding on the first stage and LM head on the last)")
+
+    def _index_replicas(self):
+        """Bidirectional placement: the pair group(s) and this rank's replicated parameters.
+
+        Creates one group per pair {r, p-1-r} of every data- and model-parallel fiber
+        (collectively, in the same order on every rank, as DeepSpeed's tie groups),
+        broadcasts each parameter from its down replica (the pair rank whose chunk 0
+        holds it; the lower rank where both chunks do), and marks the other copy
+        ``ds_pipe_replicated`` so the global gradient norm counts every stage once.
+        Parameters DeepSpeed's tie groups already sum are left to them.
+        """
+        if self._placement.pipelines == 1:
+            return [], None
+        p, grid = self.num_stages, self._grid
+        slices = grid.get_slice_parallel_world_size()
+        mine = None
+        for dp in range(grid.data_parallel_size):
+            for mp in range(slices):
+                for r in range(p // 2):
+                    where = {"data": dp, **({"model": mp} if slices > 1 else {})}
+                    ranks = [grid.stage_to_global(stage_id=s, **where) for s in (r, p - 1 - r)]
+                    group = dist.new_group(ranks=ranks)
+                    if self.global_rank in ranks:
+                        mine = (group, ranks)
+        group, ranks = mine
+        partner = p - 1 - self.stage_id
+        tied = {id(self._recursive_getattr(comm["module"], attr))
+                for comm in self.tied_comms.values() for attr in comm["weight_attr"]}
+        source = {}  # id -> pipeline rank of the down replica
+        for chunk, owner in ((0, self.stage_id), (1, partner)):
+            for param in self.chunk_parameters(chunk):
+                source[id(param)] = min(owner, source.get(id(param), owner))
+        replicas = [param for _, param in sorted(self.named_parameters())
+                    if id(param) in source and id(param) not in tied]
+        with torch.no_grad():
+            for param in replicas:
+                src = ranks[0] if source[id(param)] == min(self.stage_id, partner) else ranks[1]
+                dist.broadcast(param, src=src, group=group)
+                if source[id(param)] != self.stage_id:
+                    param.ds_pipe_replicated = True
+        return replicas, group
+
+    def replica_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients the engine sums over :attr:`replica_group` (bidirectional
+        placement; empty otherwise), in the same order on both ranks of a pair (by name)."""
+        return list(self._replicas)
+
     def _index_tied_modules(self):
         # The parent creates a group for every tie (collectively, on every rank); a tie
         # whose uses all live on one rank is one shared module, so nothing to exchange.
@@ -304,7 +380,8 @@ class ChunkedPipelineModule(PipelineModule):
         return {key: comm for key, comm in comms.items() if len(comm["ranks"]) > 1}
 
     def save_state_dict(self, *args, **kwargs):
-        for chunk in range(self._chunks):
+        # one replica per stage: with two pipelines, chunk 0 of every rank covers every stage once
+        for chunk in range(self._chunks // self._placement.pipelines):
             with self.chunk(chunk):
                 super().save_state_dict(*args, **kwargs)
 
