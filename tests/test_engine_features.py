@@ -143,9 +143,14 @@ def eval_cases(rank: int, world: int, cases: list[tuple[str, int | None]]) -> li
     for name, chunks in cases:
         engine, module, specs = build(name, chunks=chunks)
         reference = Reference(specs)
+        data = batches(100, 0, 4, TinyConfig.vocab)
+        # an evaluation before any training (as a training job's step-0 eval) must not
+        # leave the pipeline expecting activations without gradients
+        before = engine.eval_batch(iter(data))
+        with torch.no_grad():
+            ref_before = sum(reference.model.loss(*b) for b in data) / 4
         losses = train(engine, [0])
         ref_losses = reference.train([0])
-        data = batches(100, 0, 4, TinyConfig.vocab)
         loss = engine.eval_batch(iter(data))
         was_training = module.training
         # 3 micro-batches (not the training 4), logits back on the loss rank, no broadcast
@@ -155,7 +160,8 @@ def eval_cases(rank: int, world: int, cases: list[tuple[str, int | None]]) -> li
             ref_logits = reference.model(data[2][0])
         losses += train(engine, [1])
         ref_losses += reference.train([1])
-        diffs = {"eval loss": abs(float(loss) - float(sum(ref_eval) / 4)),
+        diffs = {"eval loss before training": abs(float(before) - float(ref_before)),
+                 "eval loss": abs(float(loss) - float(sum(ref_eval) / 4)),
                  "train losses around eval": loss_diff(losses, ref_losses),
                  "params after": reference.param_diff(module),
                  "train mode kept": float(not was_training)}

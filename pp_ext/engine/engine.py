@@ -288,7 +288,7 @@ class ScheduleEngine(PipelineEngine):
         else:
             # training keeps the outputs for the backward; eval is done with them
             tensors = p2p.as_tuple(self._outputs[key] if torch.is_grad_enabled() else self._outputs.pop(key))
-            boundary = (True, self.module.stage_of_chunk(chunk))
+            boundary = (True, self.module.stage_of_chunk(chunk), torch.is_grad_enabled())
             if self.dynamic_shape or boundary not in self._header_cache:
                 self._header_cache[boundary] = p2p.specs_of(tensors)
                 self._sends += p2p.send_header(self._header_cache[boundary], dst, self.device)
@@ -303,7 +303,7 @@ class ScheduleEngine(PipelineEngine):
             return
         # keyed by grad mode too: a header cached by eval_batch says requires_grad=False,
         # and training after it would receive activations that send no gradient back
-        boundary = (False, self.module.stage_of_chunk(chunk) - 1)
+        boundary = (False, self.module.stage_of_chunk(chunk) - 1, torch.is_grad_enabled())
         if self.dynamic_shape or boundary not in self._header_cache:
             self._header_cache[boundary] = p2p.recv_header(src, self.device)
         specs = self._header_cache[boundary]
