@@ -42,3 +42,85 @@ def test_refuses_with_one_clear_line(sizes, problem):
     with pytest.raises(ConstraintError, match=problem) as err:
         build("chimera", *sizes)
     assert "\n" not in str(err.value)
+
+
+# --- the engine: replicas on four ranks (one launch) --------------------------------------
+
+STEPS, MICRO_BATCHES, CLIP, LR, TOLERANCE, PIPE = 3, 4, 0.05, 1.0, 1e-5, 4
+
+
+def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
+    import torch
+    from deepspeed import comm as dist
+    from test_engine import batch
+
+    import pp_ext
+    from pp_ext.engine.module import ChunkedPipelineModule
+    from pp_ext.engine.reference import SequentialReference
+    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+
+    config = TinyConfig(blocks=PIPE, tied=True)
+    specs = layer_specs(config)
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES,
+                 "train_batch_size": 2 * MICRO_BATCHES, "steps_per_print": 10 ** 9, "gradient_clipping": CLIP}
+
+    def engine(seed: int):
+        torch.manual_seed(seed + rank)  # no per-layer seeds: each rank draws its replicas differently
+        module = ChunkedPipelineModule(layers=specs, num_stages=PIPE, loss_fn=lm_loss, chunks=2,
+                                       placement="bidirectional", partition_method="uniform")
+        optimizer = torch.optim.SGD(module.parameters(), lr=LR, momentum=0.9)
+        return module, pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config, schedule="chimera")[0]
+
+    def step(eng, n: int) -> float:
+        return float(eng.train_batch(iter([batch(n, 0, k, config.vocab) for k in range(MICRO_BATCHES)])))
+
+    module, eng = engine(0)
+    starts = [None] * world
+    dist.all_gather_object(starts, {name: t.clone() for name, t in module.state_dict().items()})
+    start = {name: t for held in starts for name, t in held.items()}  # each stage from one of its replicas
+
+    reference = SequentialReference(specs, lm_loss)
+    reference.load_state_dict(start)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=LR, momentum=0.9)
+    ref_losses, norms = [], []
+    for n in range(STEPS):
+        ref_optimizer.zero_grad()
+        losses = [reference.loss(*batch(n, 0, k, config.vocab)) / MICRO_BATCHES for k in range(MICRO_BATCHES)]
+        sum(losses).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)))
+        ref_optimizer.step()
+        ref_losses.append(float(sum(losses)))
+
+    losses = []
+    for n in range(STEPS):
+        losses.append(step(eng, n))
+        if n == 0:
+            eng.save_checkpoint(ckpt_dir, tag="one")
+    ref_params = dict(reference.named_parameters())
+    param_diff = max(float((p - ref_params[name]).abs().max()) for name, p in module.named_parameters())
+
+    resumed, eng2 = engine(7)
+    eng2.load_checkpoint(ckpt_dir, tag="one")
+    resumed_losses = [step(eng2, n) for n in range(1, STEPS)]
+    resumed_diff = max(float((p - dict(module.named_parameters())[name]).abs().max())
+                       for name, p in resumed.named_parameters())
+    return {"replicas_equal": all(torch.equal(t, start[k]) for held in starts for k, t in held.items()),
+            "losses": losses, "ref_losses": ref_losses, "norms": norms, "param_diff": param_diff,
+            "resumed_losses": resumed_losses, "resumed_diff": resumed_diff}
+
+
+@pytest.mark.slow
+def test_replicas_train_as_one_model_with_clipping_and_checkpoints(tmp_path):
+    from pp_ext.engine.spawn import spawn
+
+    results = spawn(train_replicas, PIPE, str(tmp_path), timeout=300)
+    for r in results:
+        assert r["replicas_equal"], "the up replicas must start from the down replicas' weights"
+        assert min(r["norms"]) > CLIP, "the reference must clip, or clipping is not tested"
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"])) <= TOLERANCE, r
+        assert r["param_diff"] <= TOLERANCE, r
+        assert max(abs(a - b) for a, b in zip(r["resumed_losses"], r["losses"][1:])) <= TOLERANCE, r
+        assert r["resumed_diff"] <= TOLERANCE, r
+    # one file per stateful layer: each stage saved once, from its down replica
+    layers = sorted(f.name for f in (tmp_path / "one").iterdir() if f.name.startswith("layer_"))
+    assert layers == [f"layer_{i:02d}-model_states.pt" for i in range(PIPE + 2)], layers  # the head has none

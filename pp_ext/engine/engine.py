@@ -337,6 +337,25 @@ class ScheduleEngine(PipelineEngine):
             for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 grad.copy_(summed)
 
+    def clip_fp32_gradients(self) -> None:
+        """fp32 clipping by the norm of the whole model's gradient, each parameter once.
+
+        DeepSpeed's ``clip_grad_norm_`` with a pipeline grid counts only the parameters of
+        model-parallel rank 0 (pipeline rank 0) unless marked model-parallel, so its norm
+        is the first rank's. Here ||g||^2 is summed over every pipeline rank's parameters,
+        skipping copies marked ``ds_pipe_replicated`` (extra owners of tied weights,
+        Chimera's up replicas) as DeepSpeed's bf16 and ZeRO paths do, and every gradient
+        is scaled by torch's factor min(1, max_norm / (norm + 1e-6))."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for param in params:
+            if not getattr(param, "ds_pipe_replicated", False):
+                squares += param.grad.detach().float().pow(2).sum()
+        dist.all_reduce(squares, group=self.mpu.get_model_parallel_group())
+        factor = torch.clamp(self.gradient_clipping() / (squares.sqrt() + 1e-6), max=1.0)
+        for param in params:
+            param.grad.mul_(factor)
+
     def _exec_finish_sends(self) -> None:
         for work in self._sends:
             work.wait()
