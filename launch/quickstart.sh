@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The README's main command: set up (or reuse) .venv, then run the default job.
-# Today the default job is the schedule core: it compares every registered
-# schedule at 4 stages x 8 micro-batches and draws their timelines into
-# runs/quickstart/. (Training the default recipe arrives with the main-job issue.)
+# The README's main command: set up (or reuse) .venv, train the default recipe
+# (recipes/quickstart.yaml: a tiny Llama-family model learns to reverse strings) on
+# 2 pipeline ranks through the ordinary `deepspeed` launcher, then show what it
+# learned. CPU (gloo) unless two GPUs are visible. Extra arguments are recipe
+# overrides, e.g. `bash launch/quickstart.sh parallel.schedule=zbv train.steps=100`.
+# An interrupted run resumes from its last checkpoint (checkpoint.resume: auto).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/env.sh"
-out="${1:-$root/runs/quickstart}"
-mkdir -p "$out"
-pp-ext schedule compare --stages 4 --micro-batches 8
-for name in $(python -c "from pp_ext.schedules import names; print(*names())"); do
-    pp-ext schedule show "$name" --stages 4 --micro-batches 8 --svg "$out/$name.svg" >/dev/null
-done
-pp-ext schedule show zb-h1 --stages 4 --micro-batches 8
-echo "timelines of every schedule: $out/*.svg"
+cd "$root"
+out="${PP_EXT_RUN_DIR:-runs/quickstart}"
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+if [ "${gpus:-0}" -lt 2 ]; then
+    # two ranks share this machine's cores; one GPU cannot hold two NCCL ranks
+    export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
+deepspeed --num_gpus 2 launch/train.py --recipe recipes/quickstart.yaml "output_dir=$out" "$@"
+pp-ext report "$out"

@@ -18,6 +18,7 @@ import os
 
 import datasets
 
+from pp_ext.recipe import RecipeError
 from pp_ext.recipe_schema import DataConfig
 
 # file extension -> datasets packaged builder
@@ -26,7 +27,7 @@ FORMATS = ("auto", "json", "csv", "parquet", "text", "hub")
 SPLITS = ("train", "eval")
 
 
-class DataError(ValueError):
+class DataError(RecipeError):
     """A data problem the user fixes in the recipe's ``data`` section or in the files."""
 
 
@@ -35,7 +36,7 @@ def _local_files(path: str) -> list[str]:
     return sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
 
 
-def _builder(cfg: DataConfig) -> tuple[str, dict]:
+def dataset_source(cfg: DataConfig) -> tuple[str, dict]:
     """``(path, kwargs)`` for ``datasets.load_dataset`` from ``data.path`` and ``data.format``."""
     if cfg.format not in FORMATS:
         raise DataError(f"data.format {cfg.format!r} is unknown: choose one of {', '.join(FORMATS)}")
@@ -81,7 +82,7 @@ def load_records(cfg: DataConfig, split: str, seed: int = 0) -> datasets.Dataset
         raise DataError("set one of data.eval_split and data.eval_fraction, not both")
     if split == "eval" and not (cfg.eval_split or cfg.eval_fraction):
         return None
-    path, kwargs = _builder(cfg)
+    path, kwargs = dataset_source(cfg)
     loaded = datasets.load_dataset(path, **kwargs)
     if split == "eval" and cfg.eval_split:
         return _split(loaded, cfg.eval_split, "data.eval_split", cfg)

@@ -25,6 +25,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEEPSPEED_BASES = CONFIGS / "deepspeed"
 
 DTYPES = ("float32", "bfloat16", "float16")
+# pp_ext.hf.common.ATTN_IMPLEMENTATIONS, repeated here to keep this module free of torch
+# (tests/test_recipe.py checks that the two agree)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 OPTIMIZERS = ("adamw", "sgd")
 DATA_FORMATS = ("auto", "json", "csv", "parquet", "text", "hub")
@@ -88,7 +90,8 @@ def _check(recipe: DictConfig) -> None:
     from pp_ext.schedules import names as schedule_names
 
     _choice("model.dtype", recipe.model.dtype, DTYPES)
-    _choice("model.attn_implementation", recipe.model.attn_implementation, ATTN_IMPLEMENTATIONS)
+    if recipe.model.attn_implementation is not None:
+        _choice("model.attn_implementation", recipe.model.attn_implementation, ATTN_IMPLEMENTATIONS)
     _choice("data.format", recipe.data.format, DATA_FORMATS)
     _choice("data.kind", recipe.data.kind, DATA_KINDS)
     _choice("train.optimizer", recipe.train.optimizer, OPTIMIZERS)
@@ -181,10 +184,11 @@ def resolve_parallel(recipe: DictConfig, world_size: int) -> tuple[int, int, int
     return pipe, tensor, data
 
 
-def deepspeed_config(recipe: DictConfig, data_parallel: int, steps: int, output_dir: str | None = None) -> dict:
+def deepspeed_config(recipe: DictConfig, data_parallel: int, output_dir: str | None = None) -> dict:
     """DeepSpeed's config: ``deepspeed.bases`` merged in order, ``deepspeed.overrides`` on
     top, and the keys pp-ext derives from the recipe (batch sizes, clipping, the
-    warm-up + cosine schedule as DeepSpeed's own ``WarmupCosineLR``, the monitors)."""
+    monitors). The optimizer and the learning-rate schedule are passed to
+    ``initialize`` as objects (:mod:`pp_ext.train`)."""
     config: dict = {}
     for name in recipe.deepspeed.get("bases", []):
         path = DEEPSPEED_BASES / f"{name}.json"
@@ -192,17 +196,13 @@ def deepspeed_config(recipe: DictConfig, data_parallel: int, steps: int, output_
             raise RecipeError(f"deepspeed base {name!r} does not exist: choose from "
                               f"{', '.join(deepspeed_bases())} (configs/deepspeed/)")
         config = _deep_merge(config, json.loads(path.read_text()))
-    config = _deep_merge(config, OmegaConf.to_container(recipe.deepspeed.get("overrides") or {}))
+    config = _deep_merge(config, OmegaConf.to_container(recipe.deepspeed).get("overrides") or {})
     train, parallel = recipe.train, recipe.parallel
     config.update(train_micro_batch_size_per_gpu=train.micro_batch_size,
                   gradient_accumulation_steps=parallel.micro_batches,
                   train_batch_size=train.micro_batch_size * parallel.micro_batches * data_parallel,
                   gradient_clipping=train.grad_clip)
     config.setdefault("steps_per_print", 10 ** 9)  # pp-ext logs progress itself
-    if steps > 0:
-        config["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": steps, "warmup_num_steps": train.warmup_steps, "warmup_type": "linear",
-            "warmup_min_ratio": 0.0, "cos_min_ratio": train.min_lr / train.lr if train.lr else 0.0}}
     if output_dir is not None:
         monitor = {"output_path": str(Path(output_dir) / "monitor"), "job_name": "train"}
         if recipe.logging.csv:

@@ -19,8 +19,9 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     # float32 | bfloat16 | float16: the dtype the weights are loaded in
     dtype: str = "float32"
-    # sdpa | eager | flash_attention_2
-    attn_implementation: str = "sdpa"
+    # sdpa | eager | flash_attention_2; None: the family's HF default (sdpa, or eager
+    # where HF's sdpa cannot do the family's attention, e.g. Gemma2's soft-capping)
+    attn_implementation: Optional[str] = None
     # activation checkpointing every N layers (0: off)
     activation_checkpoint_interval: int = 0
 
@@ -85,7 +86,8 @@ class TrainConfig:
     eval_interval: int = 0
     eval_batches: int = 8
     seed: int = 1234
-    log_interval: int = 1
+    # a progress line every N steps when stderr is not a terminal (else a live bar)
+    log_interval: int = 10
 
 
 @dataclass

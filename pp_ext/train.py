@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
     """``(pipeline, tensor, data, chunks)``; raises RecipeError for what can be known
-    without a process group: layout, schedule constraints, files."""
+    without a process group about the layout: ranks, schedule constraints, the model."""
     from pp_ext.schedules import ScheduleError, get
 
     pipe, tensor, data = resolve_parallel(recipe, world_size)
@@ -72,6 +72,9 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
     model = Path(recipe.model.path)
     if not (model / "config.json").is_file():
         raise RecipeError(f"model.path {model} has no config.json: point it at a Hugging Face model folder")
+    from pp_ext.engine.spawn import select_accelerator
+
+    select_accelerator()  # before deepspeed is first imported (by pp_ext.hf)
     from pp_ext.hf import supported
 
     model_type = json.loads((model / "config.json").read_text()).get("model_type")
@@ -128,6 +131,28 @@ def make_optimizer(recipe, module):
     if recipe.train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.train.lr)
     return torch.optim.AdamW(groups, lr=recipe.train.lr, betas=tuple(recipe.train.betas), eps=recipe.train.eps)
+
+
+def warmup_cosine(optimizer, recipe, steps: int):
+    """Linear warm-up over ``train.warmup_steps`` steps, then cosine decay from
+    ``train.lr`` to ``train.min_lr`` at the last step (Loshchilov & Hutter 2017, SGDR,
+    without restarts): step ``s`` (1-based) trains with ``lr * s / warmup`` while
+    ``s <= warmup``, then ``min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2`` with ``t`` the
+    fraction of the decay done.
+
+    torch's LambdaLR, which DeepSpeed steps after every optimizer step and keeps in
+    its checkpoints. Not DeepSpeed's WarmupCosineLR: its ratio is 0 at iterations -1
+    and 0, so the first two steps train with learning rate 0 (seen in metrics.jsonl)."""
+    import torch
+
+    warmup, floor = recipe.train.warmup_steps, recipe.train.min_lr / recipe.train.lr if recipe.train.lr else 0.0
+
+    def factor(done: int) -> float:  # ``done`` steps finished: the factor of step done + 1
+        if done < warmup:
+            return (done + 1) / warmup
+        t = min(1.0, (done - warmup) / max(1, steps - warmup - 1))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class MetricsLog:
@@ -223,8 +248,10 @@ def run(recipe, world_size: int) -> int:
         chunks=chunks, placement=spec.placement if spec else "loop", partition_method=recipe.parallel.partition,
         loss_fn=loss, dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
         activation_checkpoint_interval=recipe.model.activation_checkpoint_interval, seed=recipe.train.seed)
-    engine, *_ = pp_ext.initialize(model=module, optimizer=make_optimizer(recipe, module),
-                                   config=deepspeed_config(recipe, data_parallel, steps, str(output_dir)),
+    optimizer = make_optimizer(recipe, module)
+    engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer,
+                                   lr_scheduler=warmup_cosine(optimizer, recipe, steps),
+                                   config=deepspeed_config(recipe, data_parallel, str(output_dir)),
                                    schedule=schedule)
 
     start = 0
@@ -272,10 +299,10 @@ def run(recipe, world_size: int) -> int:
     tokens = global_batch * recipe.data.seq_len
     progress = _progress(steps, start, recipe.logging.progress)
     for step in range(start + 1, steps + 1):
+        lr = engine.get_lr()[0]  # this step's (the scheduler moves on after it)
         began = time.perf_counter()
         value = float(engine.train_batch(train_batches))
         elapsed = time.perf_counter() - began
-        lr = engine.get_lr()[0]
         if not math.isfinite(value):
             say(f"step {step}: loss is {value}: stopping (lower train.lr, or check the data)")
             return 1
@@ -284,6 +311,8 @@ def run(recipe, world_size: int) -> int:
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+        elif recipe.logging.progress and step % recipe.train.log_interval == 0:
+            say(f"step {step}/{steps}: loss {value:.4f}, lr {lr:.2e}, {tokens / elapsed:.0f} tokens/s")
         if recipe.train.eval_interval and step % recipe.train.eval_interval == 0 and step != steps:
             run_eval(step)
         if recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0 and step != steps:
@@ -315,7 +344,8 @@ def _after_rank0():
 
 
 def _progress(steps: int, start: int, enabled: bool):
-    if not enabled or _rank() != 0 or steps == 0:
+    """A live bar on rank 0 when stderr is a terminal; logs get plain lines instead."""
+    if not enabled or _rank() != 0 or steps == 0 or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
@@ -342,15 +372,17 @@ def _resume_tag(recipe, save_dir: Path) -> tuple[Path, str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pp_ext.hf.export import ExportError
+
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         recipe = load(args.recipe, args.overrides)
         check_before_launch(recipe, world_size)
+        from pp_ext.data_io import dataset_source
+
+        dataset_source(recipe.data)  # a missing data file fails here, not on every rank later
         return run(recipe, world_size)
-    except RecipeError as exc:
-        say(f"error: {exc}")
-        return USAGE_ERROR
-    except (FileNotFoundError, ValueError) as exc:  # loader and data errors are one line by design
+    except (RecipeError, FileNotFoundError, ExportError) as exc:  # the user's to fix: one line
         say(f"error: {' '.join(str(exc).split())}")
         return USAGE_ERROR

@@ -89,20 +89,17 @@ def test_deepspeed_config_composition(recipe_file):
     recipe = load(recipe_file, ["deepspeed.bases=[zero1-bf16]", "deepspeed.overrides.zero_optimization.stage=0",
                                 "train.micro_batch_size=2", "parallel.micro_batches=8", "train.warmup_steps=5",
                                 "train.min_lr=1e-5", "train.lr=1e-4", "train.grad_clip=0.5"])
-    config = deepspeed_config(recipe, data_parallel=3, steps=100, output_dir="/tmp/run")
+    config = deepspeed_config(recipe, data_parallel=3, output_dir="/tmp/run")
     assert config["bf16"]["enabled"] is True
     assert config["zero_optimization"]["stage"] == 0  # the override, deep-merged over the base
     assert config["zero_optimization"]["reduce_bucket_size"] == 50000000  # the base's, kept
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
             config["train_batch_size"], config["gradient_clipping"]) == (2, 8, 48, 0.5)
-    params = config["scheduler"]["params"]
-    assert config["scheduler"]["type"] == "WarmupCosineLR"
-    assert (params["total_num_steps"], params["warmup_num_steps"]) == (100, 5)
-    assert params["cos_min_ratio"] == pytest.approx(0.1)
+    assert "scheduler" not in config and "optimizer" not in config  # objects, given to initialize
     assert config["csv_monitor"] == {"enabled": True, "output_path": "/tmp/run/monitor", "job_name": "train"}
     bad = load(recipe_file, ["deepspeed.bases=[zero9]"])
     assert "deepspeed base 'zero9' does not exist: choose from fp32-cpu" in one_line_error(
-        deepspeed_config, bad, 1, 10)
+        deepspeed_config, bad, 1)
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -154,3 +151,29 @@ def test_shipped_recipes_load():
     assert {"llama-8b-pipe4-data2.yaml", "qwen-7b-zbv.yaml"} <= names
     for path in available():
         load(path)
+
+
+def test_attention_choices_are_the_adapters():
+    from pp_ext.hf.common import ATTN_IMPLEMENTATIONS as ADAPTER
+    from pp_ext.recipe import ATTN_IMPLEMENTATIONS
+
+    assert set(ATTN_IMPLEMENTATIONS) == set(ADAPTER)
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_learning_rate_schedule(recipe_file, warmup):
+    import torch
+
+    from pp_ext.train import warmup_cosine
+
+    recipe = load(recipe_file, ["train.lr=1.0", "train.min_lr=0.1", f"train.warmup_steps={warmup}"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.train.lr)
+    scheduler = warmup_cosine(optimizer, recipe, steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert lrs[warmup] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)  # peak after warm-up, min_lr last
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # then it only decays

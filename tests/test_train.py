@@ -120,6 +120,7 @@ def fake_model(tmp_path: Path, model_type: str) -> Path:
     (["parallel.schedule=dualpipev", "parallel.micro_batches=2"], 2,
      "parallel.schedule=dualpipev with pipeline=2, micro_batches=2, chunks=2"),
     (["model.path=/nonexistent/model"], 2, "model.path /nonexistent/model has no config.json"),
+    (["data.path=/nonexistent/data.jsonl"], 2, "data.path /nonexistent/data.jsonl does not exist"),
     (["model.path={bert}"], 2, "is a 'bert' model, which pp-ext cannot split into pipeline stages: "
                                 "supported model types are"),
 ])

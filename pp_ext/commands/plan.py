@@ -52,7 +52,7 @@ def layer_activation_bytes(config, recipe) -> tuple[float, float]:
         per_layer = 2 * s * b * h * width / 2
     else:
         per_layer = s * b * h * 34 * width / 2
-        if recipe.model.attn_implementation == "eager":
+        if recipe.model.attn_implementation == "eager":  # None (HF's default) is sdpa for most families
             per_layer += 5 * a * s * s * b
     return per_layer, 4.0 * s * b * config.vocab_size
 
@@ -80,14 +80,12 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int) -> str:
-    from pp_ext.engine.spawn import select_accelerator
-
-    select_accelerator()
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from transformers import AutoConfig
 
     from pp_ext.engine.module import chunk_layout, layer_param_counts, partition
     from pp_ext.hf import layer_specs
+    from pp_ext.hf.common import HFDecoderLayer
     from pp_ext.schedules import Placement, get, simulate
     from pp_ext.schedules.render import format_number
 
@@ -115,7 +113,7 @@ def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int)
     for rank in range(pipe):
         bounds = chunk_layout(placement, parts, rank)
         held = [i for start, stop in bounds for i in range(start, stop)]
-        decoders = sum(1 for i in held if 0 < i < len(specs) - 2)
+        decoders = sum(1 for i in held if issubclass(specs[i].typename, HFDecoderLayer))
         act = simulation.peak_activations_per_rank[rank] * (
             decoders * per_layer + (logits if len(specs) - 1 in held else 0))
         table.append([str(rank), ",".join(map(str, topology.filter_match(pipe=rank))),

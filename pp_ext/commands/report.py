@@ -78,8 +78,8 @@ def draw(train: list[dict], evals: list[dict], path: Path) -> Path | None:
         acc_axis.set_ylim(0, 1)
         more = acc_axis.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    loss_axis.legend(handles, labels, loc="center right")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)  # below, hiding no point
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)

@@ -29,7 +29,7 @@ import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
 
 from pp_ext.hf.families import layer_specs
@@ -39,7 +39,6 @@ from pp_ext.hf.weights import checkpoint_names, meta_model
 HF_META = "hf_meta"
 LATEST = "latest"  # DeepSpeed's pointer file in a save dir
 MODEL_FILES = (CONFIG_NAME, GENERATION_CONFIG_NAME)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx", ".index.json")
 
 
 class ExportError(Exception):
@@ -51,11 +50,11 @@ def save_hf_metadata(tag_dir: str | Path, model: str | Path | PretrainedConfig,
     """Write ``<tag_dir>/hf_meta/``: what rebuilds the HF model from the checkpoint.
 
     From the model folder: config.json and generation_config.json (a config: its
-    config.json). From ``tokenizer_dir`` (default: the model folder): every other
-    top-level file that is not weights (tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json, vocab/merges, tokenizer.model, chat templates, ...),
-    so whatever tokenizer format the model uses travels with it. Rank 0 calls this
-    after ``engine.save_checkpoint``.
+    config.json). From ``tokenizer_dir`` (default: the model folder): the tokenizer
+    as transformers saves it (``AutoTokenizer.from_pretrained(...).save_pretrained``:
+    tokenizer.json, tokenizer_config.json, chat template, vocab/merges, ...), so
+    whatever tokenizer format the model uses travels with it and nothing else from the
+    folder does (scripts, READMEs). Rank 0 calls this after ``engine.save_checkpoint``.
     """
     meta = Path(tag_dir) / HF_META
     meta.mkdir(parents=True, exist_ok=True)
@@ -71,9 +70,7 @@ def save_hf_metadata(tag_dir: str | Path, model: str | Path | PretrainedConfig,
         if not Path(tokenizer_dir).is_dir():
             raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist: pass the folder that holds "
                                     f"tokenizer.json / tokenizer_config.json")
-        for path in sorted(Path(tokenizer_dir).iterdir()):
-            if path.is_file() and path.name not in MODEL_FILES and not path.name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy2(path, meta / path.name)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(meta)
     return meta
 
 
