@@ -90,9 +90,9 @@ class ScheduleEngine(PipelineEngine):
         self.store = WeightGradStore()
         if schedule.split_backward:
             enable_split_backward(self.module, self.store)
-        # (sending, stage boundary) -> specs: with two pipelines one rank may both send and
-        # receive the same boundary (p=2: rank 0 sends 0->1 down and receives 0->1 up)
-        self._header_cache: dict[tuple[bool, int], list[p2p.TensorSpec]] = {}
+        # (sending, stage boundary, grad mode) -> specs: with two pipelines one rank may both
+        # send and receive the same boundary (p=2: rank 0 sends 0->1 down and receives 0->1 up)
+        self._header_cache: dict[tuple[bool, int, bool], list[p2p.TensorSpec]] = {}
         self._trainable = [any(p.requires_grad for p in module.chunk_parameters(c)) for c in range(module.chunks)]
         self._reset_buffers()
 

@@ -21,11 +21,11 @@ k-th micro-batch of a pipeline (k < p/2),
 Down forwards and up backwards fall on slots of the parity of r, up forwards and
 down backwards on the other parity, and within a parity the two never meet (that
 would need k >= p/2): the two pipelines merge without conflict, the paper's claim
-for even p. Units are concatenated directly (Sec. 3.4) with a period of 2p slots:
-unit u's forwards, shifted by 2p*u, land in the slots its predecessor's tail
-leaves free (again by parity), so no slot holds two actions. Each rank runs its
-actions in the order of these slots; the simulator then times them under any cost
-model.
+for even p. Units are concatenated directly (the paper's direct concatenation
+for m > p) with a period of 2p slots: unit u's forwards, shifted by 2p*u, land in
+the slots its predecessor's tail leaves free (again by parity), so no slot holds
+two actions. Each rank runs its actions in the order of these slots; the
+simulator then times them under any cost model.
 
 Figures (flushed step; per rank and micro-batch a stage costs F forward, B backward):
 - F = B = 1 (the paper's Table 2): rank r's slots run from min(r, p-1-r) to
@@ -37,8 +37,8 @@ Figures (flushed step; per rank and micro-batch a stage costs F forward, B backw
   of p micro-batches adds 4p-2 to the makespan for 3p of work, because the
   F = B order leaves a backward wave waiting on the other pipeline's longer one.
   Measured by the simulator; ``tests/test_properties.py`` asserts it over its grid.
-  The paper's forward doubling and backward halving (Sec. 3.4) attack exactly this
-  and are not implemented here.
+  The paper's forward doubling and backward halving (its other ways to scale to
+  m > p) attack exactly this; they are not implemented here.
 - Peak activations on rank r: p/2 + 1 + min(r, p-1-r) micro-batches, so between
   p/2 + 1 (ranks 0 and p-1) and p (the middle ranks), the paper's range.
 - Weights: 2 copies per rank (two stages' replicas; each stage's weights exist twice).
