@@ -114,6 +114,9 @@ def _check(recipe: DictConfig) -> None:
     if steps is not None and steps < 0 or epochs is not None and epochs <= 0:
         raise RecipeError("recipe key 'train.steps' must be >= 0 (0: convert and export) "
                           "and 'train.epochs' > 0")
+    if recipe.data.path is None and steps != 0:
+        raise RecipeError("recipe key 'data.path' is required: set it in the recipe or as data.path=... "
+                          "(only train.steps=0, a conversion, runs without data)")
     if not 0.0 <= recipe.data.eval_fraction < 1.0:
         raise RecipeError(f"recipe key 'data.eval_fraction' must be in [0, 1), got {recipe.data.eval_fraction}")
     if not isinstance(recipe.deepspeed.get("bases", []), (list, ListConfig)):

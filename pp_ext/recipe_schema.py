@@ -28,8 +28,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # local file, folder or glob (jsonl/json/csv/parquet/txt), or a hub dataset name
-    path: str = "???"
+    # local file, folder or glob (jsonl/json/csv/parquet/txt), or a hub dataset name;
+    # required unless train.steps=0 (a conversion: load, export, exit)
+    path: Optional[str] = None
     # auto (from the file extension) | json | csv | parquet | text | hub
     format: str = "auto"
     # auto (from the columns) | text | prompt_completion | chat

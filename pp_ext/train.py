@@ -230,14 +230,15 @@ def run(recipe, world_size: int) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
     # rank 0 tokenizes first and fills datasets' cache; the others then read it
-    with nullcontext() if _rank() == 0 else _after_rank0():
-        train_set = data.load(recipe.data, tokenizer, "train", seed=recipe.train.seed)
-        eval_set = data.load(recipe.data, tokenizer, "eval", seed=recipe.train.seed)
-    if _rank() == 0:
-        dist.barrier()
-
     global_batch = recipe.train.micro_batch_size * recipe.parallel.micro_batches * data_parallel
-    per_epoch = data.steps_per_epoch(len(train_set), global_batch)
+    train_set = eval_set = None
+    if recipe.train.steps != 0:  # a conversion (steps 0) reads no data
+        with nullcontext() if _rank() == 0 else _after_rank0():
+            train_set = data.load(recipe.data, tokenizer, "train", seed=recipe.train.seed)
+            eval_set = data.load(recipe.data, tokenizer, "eval", seed=recipe.train.seed)
+        if _rank() == 0:
+            dist.barrier()
+        per_epoch = data.steps_per_epoch(len(train_set), global_batch)
     steps = recipe.train.steps if recipe.train.steps is not None else math.ceil(recipe.train.epochs * per_epoch)
 
     schedule = recipe.parallel.schedule
@@ -292,7 +293,8 @@ def run(recipe, world_size: int) -> int:
 
     say(f"{world_size} ranks = pipeline {pipe} x tensor {tensor} x data {data_parallel}; schedule {schedule}, "
         f"{recipe.parallel.micro_batches} micro-batches x {recipe.train.micro_batch_size} x "
-        f"{recipe.data.seq_len} tokens; {steps} steps ({len(train_set)} training samples)")
+        f"{recipe.data.seq_len} tokens; " + (f"{steps} steps ({len(train_set)} training samples)" if steps
+                                              else "0 steps: load and export"))
     if start == 0 and steps > 0:
         run_eval(0)
     train_batches = batches(train_set, start)
@@ -381,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         check_before_launch(recipe, world_size)
         from pp_ext.data_io import dataset_source
 
-        dataset_source(recipe.data)  # a missing data file fails here, not on every rank later
+        if recipe.data.path is not None:
+            dataset_source(recipe.data)  # a missing data file fails here, not on every rank later
         return run(recipe, world_size)
     except (RecipeError, FileNotFoundError, ExportError) as exc:  # the user's to fix: one line
         say(f"error: {' '.join(str(exc).split())}")

@@ -76,6 +76,11 @@ def test_missing_required_key_and_file(tmp_path, recipe_file):
     assert "not a valid YAML recipe" in one_line_error(load, tmp_path / "broken.yaml")
 
 
+def test_data_is_required_unless_converting(recipe_file):
+    assert "recipe key 'data.path' is required" in one_line_error(load, recipe_file, ["data.path=null"])
+    assert load(recipe_file, ["data.path=null", "train.steps=0"]).data.path is None
+
+
 def test_world_size_must_match_pipe_tensor_data(recipe_file):
     assert resolve_parallel(load(recipe_file), 6) == (2, 1, 3)
     assert resolve_parallel(load(recipe_file, ["parallel.data=2"]), 4) == (2, 1, 2)

@@ -142,3 +142,31 @@ def test_bad_input_is_one_line_before_any_rank_starts(tmp_path, capsys, monkeypa
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("pp-ext: error: ") and expected in err, err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_steps_0_converts_a_model_without_data(tmp_path):
+    """train.steps=0 loads the model into pipeline stages, checkpoints and exports it:
+    the exported folder holds exactly the original tensors (2 ranks, zbv's V layout)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_models import CONFIGS
+    from pp_ext.engine.spawn import spawn
+
+    torch.manual_seed(0)
+    source = tmp_path / "model"
+    AutoModelForCausalLM.from_config(CONFIGS["qwen2"](False)).save_pretrained(source, max_shard_size="20KB")
+    overrides = [f"model.path={source}", f"model.tokenizer={ROOT / 'configs/models/quickstart'}",
+                 "data.path=null", "train.steps=0", "parallel.schedule=zbv"]
+    code, _ = spawn(train_cases, 2, str(tmp_path), [("converted", overrides)], timeout=300)[0]["converted"]
+    assert code == 0
+
+    def tensors(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    original, exported = tensors(source), tensors(tmp_path / "converted/hf")
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    assert not (tmp_path / "converted/metrics.jsonl").read_text().strip()  # no step was trained
