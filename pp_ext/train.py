@@ -72,9 +72,6 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
     model = Path(recipe.model.path)
     if not (model / "config.json").is_file():
         raise RecipeError(f"model.path {model} has no config.json: point it at a Hugging Face model folder")
-    from pp_ext.engine.spawn import select_accelerator
-
-    select_accelerator()  # before deepspeed is first imported (by pp_ext.hf)
     from pp_ext.hf import supported
 
     model_type = json.loads((model / "config.json").read_text()).get("model_type")
@@ -374,9 +371,12 @@ def _resume_tag(recipe, save_dir: Path) -> tuple[Path, str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pp_ext.hf.export import ExportError
+    from pp_ext.engine.spawn import select_accelerator
 
     args = parse_args(argv)
+    select_accelerator()  # before deepspeed is first imported
+    from pp_ext.hf.export import ExportError
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         recipe = load(args.recipe, args.overrides)

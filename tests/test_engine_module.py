@@ -207,7 +207,9 @@ def test_checkpoint_round_trip(world, tmp_path, placement):
 
 
 def test_bad_arguments(world):
-    with pytest.raises(ValueError, match="placement must be one of loop, v, got 'bidirectional'"):
+    with pytest.raises(ValueError, match="placement must be one of loop, v, bidirectional, got 'ring'"):
+        build(float_layers(4), chunks=2, placement="ring")
+    with pytest.raises(ValueError, match="even number of pipeline stages, got 1"):
         build(float_layers(4), chunks=2, placement="bidirectional")
     with pytest.raises(ValueError, match="chunks must be a positive int, got 0"):
         build(float_layers(4), chunks=0)

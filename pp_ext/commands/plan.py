@@ -60,12 +60,20 @@ def layer_activation_bytes(config, recipe) -> tuple[float, float]:
 def _names(specs) -> str:
     from pp_ext.engine.module import layer_name
 
-    runs = [(name, len(list(group))) for name, group in groupby(layer_name(s) or "?" for s in specs)]
-    return " + ".join(name if count == 1 else f"{count} x {name}" for name, count in runs)
+    def name(spec) -> str:  # a tied head runs its embedding's module through a function
+        forward = getattr(spec, "forward_fn", None)
+        forward = getattr(forward, "func", forward)  # a functools.partial names its function
+        return f"{layer_name(spec)}.{forward.__name__}" if forward else layer_name(spec) or "?"
+
+    runs = [(label, len(list(group))) for label, group in groupby(map(name, specs))]
+    return " + ".join(label if count == 1 else f"{count} x {label}" for label, count in runs)
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from pp_ext.engine.spawn import select_accelerator
     from pp_ext.recipe import RecipeError, load
+
+    select_accelerator()  # before deepspeed is first imported
     from pp_ext.train import check_before_launch
 
     try:
