@@ -95,6 +95,7 @@ def _check(recipe: DictConfig) -> None:
     _choice("data.format", recipe.data.format, DATA_FORMATS)
     _choice("data.kind", recipe.data.kind, DATA_KINDS)
     _choice("train.optimizer", recipe.train.optimizer, OPTIMIZERS)
+    _choice("train.nonfinite", recipe.train.nonfinite, ("stop", "skip"))
     _choice("parallel.schedule", recipe.parallel.schedule, tuple(schedule_names()) + ("deepspeed-1f1b",))
     for key in ("parallel.pipeline", "parallel.tensor", "parallel.micro_batches", "train.micro_batch_size",
                 "data.seq_len", "data.num_proc", "train.log_interval", "train.eval_batches"):

@@ -87,6 +87,9 @@ class TrainConfig:
     eval_interval: int = 0
     eval_batches: int = 8
     seed: int = 1234
+    # a step whose gradients are not finite never updates the weights; then
+    # stop: exit with an error (resume from the last checkpoint) | skip: report it, go on
+    nonfinite: str = "stop"
     # a progress line every N steps when stderr is not a terminal (else a live bar)
     log_interval: int = 10
 

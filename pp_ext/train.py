@@ -299,14 +299,26 @@ def run(recipe, world_size: int) -> int:
     progress = _progress(steps, start, recipe.logging.progress)
     for step in range(start + 1, steps + 1):
         lr = engine.get_lr()[0]  # this step's (the scheduler moves on after it)
+        skipped = engine.skipped_steps
         began = time.perf_counter()
         value = float(engine.train_batch(train_batches))
         elapsed = time.perf_counter() - began
-        if not math.isfinite(value):
-            say(f"step {step}: loss is {value}: stopping (lower train.lr, or check the data)")
-            return 1
         entry = {"step": step, "loss": value, "lr": lr, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
-        log.write(entry)
+        if engine.skipped_steps > skipped or not math.isfinite(value):
+            if engine.skipped_steps == skipped:  # an optimizer that did not skip: the weights took the step
+                log.write(entry)
+                say(f"error: step {step}: loss {value} and the optimizer updated the weights anyway: stopping; "
+                    f"resume from the last checkpoint in {save_dir}")
+                return 1
+            entry["skipped"] = True
+            log.write(entry)
+            if recipe.train.nonfinite == "stop":
+                say(f"error: step {step}: loss {value}, gradients not finite: stopped before the weights changed "
+                    f"(lower train.lr or check the data; train.nonfinite=skip skips such steps)")
+                return 1
+            say(f"step {step}: loss {value}, gradients not finite: step skipped, weights unchanged")
+        else:
+            log.write(entry)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")

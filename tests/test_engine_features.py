@@ -62,7 +62,7 @@ class Reference:
     """The same model in one process, trained like the pipeline (data parallel
     replicas' micro-batches summed into one step)."""
 
-    def __init__(self, specs) -> None:
+    def __init__(self, specs, clip: float = 0.0) -> None:
         import torch
 
         from pp_ext.engine.reference import SequentialReference
@@ -70,8 +70,11 @@ class Reference:
 
         self.model = SequentialReference(specs, lm_loss, base_seed=1234)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+        self.clip = clip  # DeepSpeed's gradient_clipping: the whole model's norm, as torch clips
 
     def train(self, steps, micro_batches: int = 4, data: int = 1) -> list[float]:
+        import torch
+
         from pp_ext.engine.tiny import TinyConfig
 
         losses = []
@@ -83,6 +86,8 @@ class Reference:
                     loss = self.model.loss(ids, labels) / (micro_batches * data)
                     loss.backward()
                     total += float(loss.detach())
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
             self.optimizer.step()
             losses.append(total)
         return losses
@@ -342,3 +347,41 @@ def checkpoint_cases(rank: int, world: int, root: str, cases: list[tuple[str, in
 @pytest.mark.slow
 def test_checkpoint_round_trip_continues_training_exactly(tmp_path):
     check(launch(checkpoint_cases, 2, str(tmp_path), [("interleaved-1f1b", 2), ("zbv", None)]), EXACT)
+
+
+# --------------------------------------------------------------------------- non-finite gradients
+
+def nonfinite_cases(rank: int, world: int, cases: list[tuple[str, dict]]) -> list[dict]:
+    """A step whose loss (so every gradient) is NaN changes no weight and is counted
+    in ``skipped_steps``; training then goes on as if that step's data never came."""
+    import torch
+
+    from pp_ext.engine.tiny import lm_loss
+
+    results = []
+    for name, config in cases:
+        engine, module, specs = build(name, config=config)
+        reference = Reference(specs, clip=config.get("gradient_clipping", 0.0))
+        losses, ref_losses = train(engine, [0]), reference.train([0])
+        before = [p.detach().clone() for p in module.parameters()]
+        module.loss_fn = lambda logits, labels: lm_loss(logits, labels) * float("nan")
+        skipped = engine.skipped_steps
+        nan_loss = train(engine, [1])[0]
+        module.loss_fn = lm_loss
+        unchanged = max(float((a.float() - p.detach().float()).abs().max()) for a, p in zip(before, module.parameters()))
+        diffs = {"weights changed by the NaN step": unchanged,
+                 "NaN step not counted as skipped": float(engine.skipped_steps != skipped + 1),
+                 "NaN loss reported": float(nan_loss == nan_loss)}
+        if "bf16" not in config:  # fp32: the next step equals a reference that never saw step 1
+            losses += train(engine, [2])
+            ref_losses += reference.train([2])
+            diffs["losses"] = loss_diff(losses, ref_losses)
+            diffs["params after"] = reference.param_diff(module)
+        results.append({"case": (name, tuple(config)), "diffs": diffs})
+    return results
+
+
+@pytest.mark.slow
+def test_nonfinite_gradients_skip_the_step():
+    check(launch(nonfinite_cases, 2, [("1f1b", {}), ("zbv", {"gradient_clipping": 1.0}),
+                                      ("zb-h1", {"bf16": {"enabled": True}})]), EXACT)

@@ -170,3 +170,22 @@ def test_steps_0_converts_a_model_without_data(tmp_path):
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
     assert not (tmp_path / "converted/metrics.jsonl").read_text().strip()  # no step was trained
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_stop_or_are_skipped(tmp_path):
+    """A learning rate of 1e20 makes step 2's loss and gradients non-finite: `stop`
+    exits with code 1 before the weights change, `skip` logs the step as skipped."""
+    from pp_ext.engine.spawn import spawn
+
+    diverge = ["train.optimizer=sgd", "train.lr=1e20", "train.min_lr=1e20", "train.warmup_steps=0",
+               "train.grad_clip=0.0"]
+    results = spawn(train_cases, 2, str(tmp_path), [("stop", diverge), ("skip", [*diverge, "train.nonfinite=skip"])],
+                    timeout=300)[0]
+    code, steps = results["stop"]
+    assert code == 1 and sorted(steps) == [1, 2] and not steps[2] == steps[2]  # NaN: stopped at step 2
+    assert not (tmp_path / "stop/hf").exists()
+    code, steps = results["skip"]
+    assert code == 0 and sorted(steps) == [1, 2, 3]
+    entries = [json.loads(line) for line in (tmp_path / "skip/metrics.jsonl").read_text().splitlines()]
+    assert [e.get("skipped", False) for e in entries] == [False, True, True]

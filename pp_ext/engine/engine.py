@@ -337,24 +337,47 @@ class ScheduleEngine(PipelineEngine):
             for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 grad.copy_(summed)
 
-    def clip_fp32_gradients(self) -> None:
-        """fp32 clipping by the norm of the whole model's gradient, each parameter once.
+    def fp32_grad_norm(self) -> torch.Tensor:
+        """The norm of the whole model's fp32 gradient, each parameter once.
 
         DeepSpeed's ``clip_grad_norm_`` with a pipeline grid counts only the parameters of
         model-parallel rank 0 (pipeline rank 0) unless marked model-parallel, so its norm
         is the first rank's. Here ||g||^2 is summed over every pipeline rank's parameters,
         skipping copies marked ``ds_pipe_replicated`` (extra owners of tied weights,
-        Chimera's up replicas) as DeepSpeed's bf16 and ZeRO paths do, and every gradient
-        is scaled by torch's factor min(1, max_norm / (norm + 1e-6))."""
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        Chimera's up replicas) as DeepSpeed's bf16 and ZeRO paths do."""
         squares = torch.zeros((), dtype=torch.float32, device=self.device)
-        for param in params:
-            if not getattr(param, "ds_pipe_replicated", False):
+        for param in self.module.parameters():
+            if param.grad is not None and not getattr(param, "ds_pipe_replicated", False):
                 squares += param.grad.detach().float().pow(2).sum()
         dist.all_reduce(squares, group=self.mpu.get_model_parallel_group())
-        factor = torch.clamp(self.gradient_clipping() / (squares.sqrt() + 1e-6), max=1.0)
-        for param in params:
-            param.grad.mul_(factor)
+        return squares.sqrt()
+
+    def clip_fp32_gradients(self) -> None:
+        """fp32 clipping by :meth:`fp32_grad_norm` (taken once per step, by
+        :meth:`_take_model_step`), with torch's factor min(1, max_norm / (norm + 1e-6))."""
+        factor = torch.clamp(self.gradient_clipping() / (self._step_grad_norm + 1e-6), max=1.0)
+        for param in self.module.parameters():
+            if param.grad is not None:
+                param.grad.mul_(factor)
+
+    def _take_model_step(self, lr_kwargs):
+        """fp32 without ZeRO: a step whose gradient norm is not finite is skipped, as
+        DeepSpeed's bf16 and ZeRO optimizers skip one (BF16_Optimizer.step and ZeRO's
+        step on an invalid norm): weights, optimizer state and learning-rate schedule
+        stay as they were, the gradients are cleared, ``skipped_steps`` counts it."""
+        if self.bfloat16_enabled() or self.zero_optimization():
+            return super()._take_model_step(lr_kwargs)
+        self._step_grad_norm = self.fp32_grad_norm()
+        if bool(torch.isfinite(self._step_grad_norm)):
+            return super()._take_model_step(lr_kwargs)
+        # the bookkeeping of DeepSpeed's overflow branch, without the optimizer step
+        self.zero_grad()
+        self._step_applied = False
+        self.skipped_steps += 1
+        self.losses = None
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        return None
 
     def _exec_finish_sends(self) -> None:
         for work in self._sends:
