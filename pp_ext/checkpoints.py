@@ -1,4 +1,4 @@
-"""Checkpoint bookkeeping of the training job: tags, completeness, ``latest``, pruning.
+"""Checkpoint bookkeeping of the training job: tags, completeness, integrity, ``latest``, pruning.
 
 DeepSpeed writes the tensors (``engine.save_checkpoint(dir, tag)``); what it does not
 promise is that a crash mid-save leaves ``latest`` on a loadable checkpoint, since its
@@ -7,6 +7,12 @@ with ``save_latest=False``, and only after every rank has finished (a barrier) d
 rank 0 write ``<tag>/pp_ext.json`` (the completeness marker, written atomically) and
 then point ``latest`` at the tag (atomically, by rename). Resuming takes the newest tag
 that has the marker; a tag without it is an interrupted save and is ignored.
+
+The marker also lists every file of the tag with its size (the save dir must be a
+filesystem rank 0 sees whole, as multi-node training needs anyway), so a file
+truncated or replaced later is found before DeepSpeed reads it (:func:`verify`).
+Sizes, not hashes: hashing a large model's optimizer state at every save would cost
+minutes, while truncation, the usual damage, always changes the size.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
+from pp_ext.recipe import RecipeError
 from pp_ext.schedules.render import write_atomic
 
 MARKER = "pp_ext.json"
@@ -24,10 +31,37 @@ def tag_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+class CheckpointError(RecipeError):
+    """A checkpoint that cannot be resumed from, said in one line with what to do."""
+
+
+def _files(tag_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name != MARKER}
+
+
 def mark_complete(save_dir: Path, tag: str, info: dict) -> None:
-    """Rank 0, after every rank saved ``tag``: the marker, then ``latest``."""
+    """Rank 0, after every rank saved ``tag``: the marker (with the file sizes), then ``latest``."""
+    info = {**info, "files": _files(Path(save_dir) / tag)}
     write_atomic(save_dir / tag / MARKER, json.dumps(info, indent=1, sort_keys=True).encode())
     write_atomic(save_dir / LATEST, tag.encode())
+
+
+def verify(save_dir: Path, tag: str) -> None:
+    """Raise :class:`CheckpointError` if a file the marker lists is missing or has
+    another size than when it was saved."""
+    tag_dir = Path(save_dir) / tag
+    for name, size in info(save_dir, tag).get("files", {}).items():
+        path = tag_dir / name
+        problem = ("is missing" if not path.is_file() else
+                   f"has {path.stat().st_size} bytes, {size} when saved (truncated or replaced)"
+                   if path.stat().st_size != size else None)
+        if problem:
+            older = [t for _, t in complete_tags(save_dir) if t < tag]
+            fix = (f"resume from an older one (checkpoint.resume={tag_dir.parent / older[-1]})" if older
+                   else "start afresh (checkpoint.resume=never)")
+            raise CheckpointError(f"checkpoint {tag_dir} is damaged: {name} {problem}: delete {tag_dir} "
+                                  f"or {fix}")
 
 
 def complete_tags(save_dir: Path) -> list[tuple[int, str]]:

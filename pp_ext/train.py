@@ -256,7 +256,14 @@ def run(recipe, world_size: int) -> int:
     resume_from = _resume_tag(recipe, save_dir)
     if resume_from is not None:
         load_dir, tag = resume_from
-        engine.load_checkpoint(str(load_dir), tag=tag)
+        checkpoints.verify(load_dir, tag)
+        try:
+            engine.load_checkpoint(str(load_dir), tag=tag)
+        except Exception as exc:  # noqa: BLE001 - whatever DeepSpeed says, the fix is the user's
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise checkpoints.CheckpointError(f"checkpoint {load_dir / tag} cannot be loaded into this run "
+                                              f"({first}): resume from another one or set "
+                                              f"checkpoint.resume=never") from exc
         start = checkpoints.info(load_dir, tag)["step"]
         say(f"resumed from {load_dir / tag} at step {start}")
     log = MetricsLog(output_dir / "metrics.jsonl", start if resume_from else None)

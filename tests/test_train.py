@@ -29,14 +29,13 @@ def losses(run_dir: Path) -> dict[int, float]:
 def train_cases(rank: int, world: int, root: str, cases: list[tuple[str, list[str]]]) -> dict:
     """Each case is one training run of the quickstart recipe inside this process group."""
     os.chdir(ROOT)  # the recipe's paths are relative to the repository
-    from pp_ext.recipe import load
-    from pp_ext.train import run
+    from pp_ext.train import main
 
     results = {}
     for name, overrides in cases:
-        out = Path(root) / name
-        code = run(load(RECIPE, [*QUICK, *overrides, f"output_dir={out}"]), world)
-        results[name] = (code, losses(out) if rank == 0 else None)
+        out = Path(root) / name.split(":")[0]  # "dir:label" runs again in dir
+        code = main(["--recipe", str(RECIPE), *QUICK, *overrides, f"output_dir={out}"])
+        results[name] = (code, losses(out) if rank == 0 and (out / "metrics.jsonl").exists() else None)
     return results
 
 
@@ -189,3 +188,22 @@ def test_nonfinite_steps_stop_or_are_skipped(tmp_path):
     assert code == 0 and sorted(steps) == [1, 2, 3]
     entries = [json.loads(line) for line in (tmp_path / "skip/metrics.jsonl").read_text().splitlines()]
     assert [e.get("skipped", False) for e in entries] == [False, True, True]
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_one_line_error(tmp_path, capfd):
+    from pp_ext.engine.spawn import spawn
+
+    steps = ["train.steps=2", "checkpoint.interval=1", "checkpoint.keep=0"]
+    assert spawn(train_cases, 2, str(tmp_path), [("run", steps)], timeout=300)[0]["run"][0] == 0
+    layer = next((tmp_path / "run/checkpoints/step-00000002").glob("layer_01-*model_states.pt"))
+    saved = json.loads((layer.parent / "pp_ext.json").read_text())["files"][layer.name]
+    layer.write_bytes(layer.read_bytes()[:100])
+    capfd.readouterr()
+    code = spawn(train_cases, 2, str(tmp_path), [("run:resumed", ["train.steps=3", "checkpoint.resume=auto"])],
+                 timeout=300)[0]["run:resumed"][0]
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("pp-ext: error")]
+    assert code == 2
+    assert err == [f"pp-ext: error: checkpoint {layer.parent} is damaged: {layer.name} has 100 bytes, "
+                   f"{saved} when saved (truncated or replaced): delete {layer.parent} or resume from an older "
+                   f"one (checkpoint.resume={layer.parent.parent / 'step-00000001'})"]
