@@ -84,6 +84,9 @@ class ScheduleEngine(PipelineEngine):
             raise ValueError(f"schedule {schedule.name} splits the backward: bf16 immediate_grad_update moves "
                              f"gradients in autograd hooks, which the deferred weight-gradient (W) work does "
                              f"not fire; set \"bf16\": {{\"immediate_grad_update\": false}} (the default)")
+        # DeepSpeed turns these on with a model axis (Megatron's scattered p2p); pp-ext's own
+        # p2p sends whole tensors, and nothing here may take DeepSpeed's partitioned paths
+        self.is_pipe_partitioned = self.is_grad_partitioned = False
         self.schedule = schedule
         self.placement = schedule.placement
         self._loss_rank = self.placement.locate(0, schedule.stages - 1)[0]

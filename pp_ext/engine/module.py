@@ -27,6 +27,7 @@ from deepspeed.runtime.utils import partition_balanced, partition_uniform
 from deepspeed.utils import logger
 from torch import nn
 
+from pp_ext import tp
 from pp_ext.schedules.placement import Placement
 
 PLACEMENTS = ("loop", "v", "bidirectional")
@@ -160,6 +161,11 @@ class ChunkedPipelineModule(PipelineModule):
     :attr:`replica_group`), so both replicas stay identical. A tie must keep to one
     such pair (stages s and p-1-s, e.g. embedding and LM head): DeepSpeed's
     ``tied_comms`` then sum its weight over exactly the pair.
+
+    With a model axis in the topology (tensor parallelism, Shoeybi et al. 2019, Sec. 3)
+    layers are counted and built on :attr:`tensor_axis`, the grid's slice-parallel
+    group (:mod:`pp_ext.tp`), and the parameters every tensor rank holds whole are
+    counted once in gradient norms (:func:`pp_ext.tp.mark_replicated`).
     """
 
     def __init__(self, layers, *args, chunks: int = 1, placement: str = "loop", **kwargs):
@@ -173,6 +179,8 @@ class ChunkedPipelineModule(PipelineModule):
         # read by _partition_layers, which PipelineModule.__init__ calls
         self._chunks, self._placement_name = chunks, placement
         super().__init__(layers, *args, **kwargs)
+        # after PipelineModule's build, which resets every ds_pipe_replicated flag
+        tp.mark_replicated(self, self.tensor_axis)
         self._replicas, self.replica_group = self._index_replicas()
 
     @property
@@ -274,7 +282,10 @@ class ChunkedPipelineModule(PipelineModule):
             raise ValueError(f"bidirectional placement pairs pipeline rank r with rank p-1-r, so it needs an "
                              f"even number of pipeline stages, got {self.num_stages}: use an even num_stages")
         self._placement = Placement.named(self._placement_name, self.num_stages, self._chunks)
-        self.parts = partition(self._layer_specs, self._placement.stages, method)
+        # the first hook PipelineModule calls once its grid exists
+        self.tensor_axis = tp.from_grid(self._grid)
+        with tp.using(self.tensor_axis):
+            self.parts = partition(self._layer_specs, self._placement.stages, method)
         if self._placement.pipelines > 1:
             self._check_ties_keep_to_a_pair()
         self._chunk_bounds = chunk_layout(self._placement, self.parts, self.stage_id)
@@ -294,7 +305,8 @@ class ChunkedPipelineModule(PipelineModule):
         for start, stop in self._chunk_bounds:
             self._set_bounds(start, stop)
             self.forward_funcs = []
-            super()._build()
+            with tp.using(self.tensor_axis):
+                super()._build()
             self._chunk_funcs.append(self.forward_funcs)
         self._chunk_checkpointable = [[] for _ in range(self._chunks)]
         self._activate(0)

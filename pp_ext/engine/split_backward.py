@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WeightGradStore", "DeferrableLinear", "enable_split_backward"]
+__all__ = ["WeightGradStore", "Deferrable", "DeferrableLinear", "enable_split_backward"]
 
 
 class _Work(NamedTuple):
@@ -146,10 +146,7 @@ class _SplitLinear(torch.autograd.Function):
         # the saved weight unpacks as a recomputed alias. A non-leaf weight is not deferred:
         # its gradient must flow on through the graph during I.
         ctx.param = weight if weight.is_leaf else None
-        if not weight_in_out:
-            return F.linear(input, weight, bias)
-        out = torch.addmm(bias, input.view(-1, input.size(-1)), weight)
-        return out.view(*input.shape[:-1], weight.size(1))
+        return dense(input, weight, bias, weight_in_out)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -169,27 +166,43 @@ class _SplitLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
-class _Deferrable:
-    """Forward through :class:`_SplitLinear`; set on instances by enable_split_backward."""
+def dense(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_in_out: bool) -> torch.Tensor:
+    """y = x W^T + b (``nn.Linear``) or x W + b (``Conv1D``, weight stored (in, out)),
+    as those layers compute it; ``bias`` None adds nothing."""
+    if not weight_in_out:
+        return F.linear(input, weight, bias)
+    flat = input.view(-1, input.size(-1))
+    out = flat.mm(weight) if bias is None else torch.addmm(bias, flat, weight)
+    return out.view(*input.shape[:-1], weight.size(1))
 
-    _wgrad_store: WeightGradStore
+
+class Deferrable:
+    """A linear layer (mixed into ``nn.Linear`` or ``Conv1D``) whose weight GEMM goes
+    to the W pass once :func:`enable_split_backward` binds it to a store; subclasses
+    (pp-ext's tensor-parallel layers) compute through :meth:`dense`."""
+
+    _wgrad_store: WeightGradStore | None = None
     _weight_in_out = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.dense(input, self.bias)
+
+    def dense(self, input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``input`` through this layer's weight and ``bias`` (None: no bias)."""
         # autocast would cast inside the Function and leave backward with mixed dtypes:
-        # run the ordinary layer instead (generic fallback)
-        if torch.is_autocast_enabled(input.device.type):
-            return super().forward(input)
-        return _SplitLinear.apply(input, self.weight, self.bias, self._wgrad_store, self._weight_in_out)
+        # compute as the ordinary layer does instead (generic fallback)
+        if self._wgrad_store is None or torch.is_autocast_enabled(input.device.type):
+            return dense(input, self.weight, bias, self._weight_in_out)
+        return _SplitLinear.apply(input, self.weight, bias, self._wgrad_store, self._weight_in_out)
 
 
-class DeferrableLinear(_Deferrable, nn.Linear):
+class DeferrableLinear(Deferrable, nn.Linear):
     """``nn.Linear`` whose weight GEMM goes to the W pass inside ``store.defer``."""
 
 
 @functools.cache
 def _deferrable_conv1d(conv1d: type) -> type:
-    return type("DeferrableConv1D", (_Deferrable, conv1d), {
+    return type("DeferrableConv1D", (Deferrable, conv1d), {
         "__module__": __name__, "__qualname__": "DeferrableConv1D", "_weight_in_out": True,
         "__doc__": "transformers' ``Conv1D`` (weight stored (in, out)) with a deferrable weight GEMM."})
 
@@ -208,7 +221,8 @@ def enable_split_backward(module: nn.Module, store: WeightGradStore) -> int:
     ``module`` deferrable through ``store`` (Qi et al. 2024, "Zero Bubble Pipeline
     Parallelism", Sec. 2). Returns the number of deferrable layers in ``module``.
 
-    Idempotent: layers already deferrable are counted and bound to ``store`` again.
+    Idempotent: layers already deferrable (pp-ext's tensor-parallel layers included:
+    they subclass :class:`Deferrable`) are counted and bound to ``store`` again.
     Subclasses of Linear are left alone (their forward may differ); their gradients
     come in I.
     """
@@ -221,7 +235,7 @@ def enable_split_backward(module: nn.Module, store: WeightGradStore) -> int:
     for layer in module.modules():
         if type(layer) in classes:
             layer.__class__ = classes[type(layer)]
-        elif not isinstance(layer, _Deferrable):
+        elif not isinstance(layer, Deferrable):
             continue
         layer._wgrad_store = store
         count += 1

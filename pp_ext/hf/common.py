@@ -17,10 +17,11 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+
+from pp_ext import tp
 
 # Each implementation with the HF ``PreTrainedModel`` flag that says a model supports it
 # (eager always works).
@@ -118,11 +119,15 @@ def _final_softcap(config: PretrainedConfig) -> float | None:
 
 
 class LMHead(nn.Module):
-    """An untied LM head (HF key ``lm_head.weight`` in every supported model)."""
+    """An untied LM head (HF key ``lm_head.weight`` in every supported model); with
+    tensor parallelism column-parallel by vocabulary, its logits left sharded for
+    :func:`pp_ext.tp.vocab_parallel_cross_entropy` (Shoeybi et al. 2019, Sec. 3)."""
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        axis = tp.current()
+        self.lm_head = tp.column_parallel(nn.Linear(config.hidden_size, config.vocab_size // axis.size, bias=False),
+                                          axis)
         self.cap = _final_softcap(config)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -134,8 +139,10 @@ class LMHead(nn.Module):
 
 def tied_head(embedding: nn.Module, hidden: torch.Tensor, cap: float | None = None) -> torch.Tensor:
     """The LM head tied to the embedding: logits from its ``embed_tokens`` matrix
-    (unscaled, as HF's tied ``lm_head``), soft-capped at ``cap``."""
-    return softcap(F.linear(hidden, embedding.embed_tokens.weight), cap)
+    (unscaled, as HF's tied ``lm_head``), soft-capped at ``cap``; a vocabulary-parallel
+    embedding gives this rank's block of the logits."""
+    table = embedding.embed_tokens
+    return softcap(tp.vocab_parallel_logits(hidden, table.weight, tp.axis_of(table)), cap)
 
 
 def embedding_and_head(config: PretrainedConfig, embedding: type[nn.Module], *args) -> tuple[LayerSpec, LayerSpec]:

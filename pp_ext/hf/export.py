@@ -2,8 +2,10 @@
 
 DeepSpeed's ``PipelineModule.save_state_dict`` writes one file per layer spec,
 ``layer_XX-model_states.pt`` for global layer index XX (``ckpt_layer_path``; with a
-model-parallel axis the name carries ``-model_YY``), and no file for a tied head
-called through ``forward_fn``. The layers' ``hf_keys()`` (built on the meta device
+model-parallel axis the name carries ``-model_YY``: one file per tensor rank YY),
+and no file for a tied head called through ``forward_fn``. Tensor-parallel parts are
+merged back (:meth:`pp_ext.tp.Split.merge`, the inverse of the cut loading made);
+replicated tensors are taken from tensor rank 0. The layers' ``hf_keys()`` (built on the meta device
 from ``layer_specs(config)``, the order training used) name every tensor as the HF
 model does; the config and tokenizer come from ``<tag>/hf_meta/``, which
 :func:`save_hf_metadata` writes next to the checkpoint on rank 0.
@@ -17,6 +19,7 @@ sibling folder renamed into place at the end, so a crash never leaves a half-wri
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -32,6 +35,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
 
+from pp_ext import tp
 from pp_ext.hf.families import layer_specs
 from pp_ext.hf.loading import load_config, to_dtype
 from pp_ext.hf.weights import checkpoint_names, meta_model
@@ -93,16 +97,19 @@ def tag_dir_of(checkpoint: str | Path, tag: str | None = None) -> Path:
     return checkpoint / tag
 
 
-def layer_file(tag_dir: Path, idx: int) -> Path:
-    """The one file of layer ``idx`` (DeepSpeed's ``ckpt_layer_path_list`` pattern)."""
+def layer_files(tag_dir: Path, idx: int) -> list[Path]:
+    """The files of layer ``idx`` (DeepSpeed's ``ckpt_layer_path_list`` pattern), one per
+    tensor rank, in rank order."""
     files = sorted(tag_dir.glob(f"layer_{idx:02d}-*model_states.pt"))
     if not files:
         raise ExportError(f"{tag_dir} has no layer_{idx:02d}-model_states.pt: the checkpoint is incomplete "
                           f"or was saved from another model than {HF_META}/{CONFIG_NAME} describes")
-    if len(files) > 1:
+    expected = [f"layer_{idx:02d}-model_{rank:02d}-model_states.pt" for rank in range(len(files))]
+    if len(files) > 1 and [f.name for f in files] != expected:
         raise ExportError(f"{tag_dir} holds layer {idx} in {len(files)} tensor-parallel slices "
-                          f"({files[0].name}, ...): exporting tensor-parallel checkpoints is not supported yet")
-    return files[0]
+                          f"({', '.join(f.name for f in files)}) that are not {expected[0]} .. {expected[-1]}: "
+                          f"the checkpoint mixes runs; export a tag written by one run")
+    return files
 
 
 def saved_layers(specs: list) -> list[tuple[int, LayerSpec]]:
@@ -122,11 +129,20 @@ def saved_layers(specs: list) -> list[tuple[int, LayerSpec]]:
 
 @dataclass(frozen=True)
 class Stored:
-    """Where one tensor of the checkpoint lies: a layer file and the key in it."""
-    path: Path
+    """Where one tensor of the checkpoint lies: its layer file(s) and the key in them,
+    with the whole tensor's shape. Parts of a tensor-parallel tensor lie in one file
+    per tensor rank and are merged by ``split``; a whole tensor lies in ``paths[0]``."""
+    paths: tuple[Path, ...]
     key: str
     shape: torch.Size
     dtype: torch.dtype
+    split: tp.Split | None = None
+
+    def read(self, load) -> torch.Tensor:
+        """The whole tensor, each file read by ``load(path)`` (a state dict)."""
+        if self.split is None:
+            return load(self.paths[0])[self.key]
+        return self.split.merge([load(path)[self.key] for path in self.paths])
 
 
 def load_layer(path: Path) -> dict[str, torch.Tensor]:
@@ -137,23 +153,31 @@ def load_layer(path: Path) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_tensors(tag_dir: Path, config: PretrainedConfig) -> dict[str, Stored]:
-    """Every tensor of the checkpoint under its HF name, read one layer file at a time."""
+    """Every tensor of the checkpoint under its HF name, one layer (its tensor ranks'
+    files) at a time."""
     try:
         specs = layer_specs(config)
     except ValueError as err:
         raise ExportError(str(err)) from None
     tensors = {}
     for idx, spec in saved_layers(specs):
-        with torch.device("meta"):
-            layer = spec.build()
-        path = layer_file(tag_dir, idx)
-        state, expected = load_layer(path), layer.state_dict()
-        if state.keys() != expected.keys() or any(state[k].shape != expected[k].shape for k in state):
-            raise ExportError(f"{path.name} does not hold the tensors of {type(layer).__name__} as "
-                              f"{HF_META}/{CONFIG_NAME} describes it (names or shapes differ): export with the "
-                              f"config the checkpoint was trained with")
-        tensors.update({hf: Stored(path, local, state[local].shape, state[local].dtype)
-                        for local, hf in layer.hf_keys().items()})
+        paths = tuple(layer_files(tag_dir, idx))
+        try:
+            with torch.device("meta"), tp.using(tp.TensorAxis(len(paths))):  # every rank's part has one shape
+                layer = spec.build()
+        except ValueError as err:  # a config that cannot be cut so many ways
+            raise ExportError(f"{paths[0].name} is one of {len(paths)} tensor-parallel slices: {err}") from None
+        expected, cut = layer.state_dict(), tp.splits(layer)
+        for path in paths:
+            state = load_layer(path)
+            if state.keys() != expected.keys() or any(state[k].shape != expected[k].shape for k in state):
+                raise ExportError(f"{path.name} does not hold the tensors of {type(layer).__name__} as "
+                                  f"{HF_META}/{CONFIG_NAME} describes it (names or shapes differ): export with the "
+                                  f"config the checkpoint was trained with")
+        for local, hf in layer.hf_keys().items():
+            split = cut.get(local)
+            shape = expected[local].shape if split is None else split.whole_shape(expected[local].shape)
+            tensors[hf] = Stored(paths if split else paths[:1], local, shape, state[local].dtype, split)
     return tensors
 
 
@@ -168,8 +192,8 @@ def _check_keys(tensors: dict, expected: set[str]) -> None:
 def _write_weights(tensors: dict[str, Stored], names: dict[str, str], dtype: torch.dtype, folder: Path,
                    max_shard_size: int | str) -> None:
     """Safetensors shards (+ index) of ``tensors`` stored as ``names``, one shard in
-    memory at a time. Shards follow the layer order, so keeping the last layer file
-    open reads each file about once."""
+    memory at a time. Shards follow the layer order, so keeping the last layer's files
+    (one per tensor rank) open reads each file about once."""
     def cast(t: Stored) -> torch.dtype:
         return dtype if t.dtype.is_floating_point else t.dtype
 
@@ -179,14 +203,12 @@ def _write_weights(tensors: dict[str, Stored], names: dict[str, str], dtype: tor
     except ValueError as err:
         raise ExportError(f"max shard size {max_shard_size!r}: {err}") from None
     source = {stored: name for name, stored in names.items()}
-    open_path, open_state = None, {}
+    load = functools.lru_cache(maxsize=max(len(t.paths) for t in tensors.values()))(load_layer)
     for filename, keys in plan.filename_to_tensors.items():
         shard = {}
         for key in keys:
             stored = tensors[source[key]]
-            if stored.path != open_path:
-                open_path, open_state = stored.path, load_layer(stored.path)
-            shard[key] = open_state[stored.key].to(cast(stored), copy=True).contiguous()
+            shard[key] = stored.read(load).to(cast(stored), copy=True).contiguous()
         save_file(shard, folder / filename, metadata={"format": "pt"})
         del shard
     if plan.is_sharded:

@@ -31,6 +31,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.gpt2 import modeling_gpt2
 from transformers.models.gpt_neox import modeling_gpt_neox
 
+from pp_ext import tp
 from pp_ext.hf.common import FinalNorm, HFDecoderLayer, Stream, embedding_and_head, stage_inputs, with_attention
 
 
@@ -45,7 +46,8 @@ class TokenEmbedding(nn.Module):
     def __init__(self, config: PretrainedConfig, hf_key: str, dropout: float = 0.0) -> None:
         super().__init__()
         self.hf_key = hf_key
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = tp.vocab_parallel_embedding(nn.Embedding, config.vocab_size, config.hidden_size, None,
+                                                        tp.current())
         self.drop = nn.Dropout(dropout)
 
     def forward(self, inputs) -> Stream:
@@ -83,10 +85,13 @@ class GPT2Layer(HFDecoderLayer):
 
 
 class GPTNeoXLayer(HFDecoderLayer):
-    """HF's ``GPTNeoXLayer`` with its (partial) rotary table rebuilt from the positions."""
+    """HF's ``GPTNeoXLayer`` with its (partial) rotary table rebuilt from the positions;
+    tensor-parallel by :data:`pp_ext.tp.plans.GPT_NEOX` when built on a tensor axis."""
 
     def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
-        super().__init__(config, modeling_gpt_neox.GPTNeoXLayer(config, layer_idx), create_causal_mask,
+        axis = tp.current()
+        layer = modeling_gpt_neox.GPTNeoXLayer(tp.local_config(config, axis.size), layer_idx)
+        super().__init__(config, tp.shard_layer(layer, config, axis), create_causal_mask,
                          f"gpt_neox.layers.{layer_idx}.", modeling_gpt_neox.GPTNeoXRotaryEmbedding(config=config))
 
 

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from pp_ext import tp
 from pp_ext.hf.common import FinalNorm, HFDecoderLayer, Stream, embedding_and_head, stage_inputs, state_keys, \
     with_attention
 
@@ -93,17 +94,17 @@ FAMILIES = {f.model_type: f for f in (
 
 
 class Embedding(nn.Module):
-    """Token embedding; also makes the int64 positions and padding mask the later stages read."""
+    """Token embedding (vocabulary-parallel with tensor parallelism); also makes the
+    int64 positions and padding mask the later stages read."""
 
     def __init__(self, config: PretrainedConfig, family: Family) -> None:
         super().__init__()
-        if family.scaled_embedding:
-            # HF's own class and scale, as the Gemma models build it: the factor is cast
-            # to the weight dtype before multiplying (sqrt(3072) becomes 55.5 in bf16).
-            self.embed_tokens = family.hf_class("TextScaledWordEmbedding")(
-                config.vocab_size, config.hidden_size, config.pad_token_id, embed_scale=config.hidden_size**0.5)
-        else:
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # HF's own class and scale, as the Gemma models build it: the factor is cast
+        # to the weight dtype before multiplying (sqrt(3072) becomes 55.5 in bf16).
+        scaled = {"embed_scale": config.hidden_size**0.5} if family.scaled_embedding else {}
+        table = family.hf_class("TextScaledWordEmbedding") if family.scaled_embedding else nn.Embedding
+        self.embed_tokens = tp.vocab_parallel_embedding(table, config.vocab_size, config.hidden_size,
+                                                        config.pad_token_id, tp.current(), **scaled)
 
     def forward(self, inputs) -> Stream:
         input_ids, position_ids, attention_mask = stage_inputs(inputs)
@@ -114,14 +115,18 @@ class Embedding(nn.Module):
 
 
 class DecoderLayer(HFDecoderLayer):
-    """The family's HF decoder layer with its rotary table and causal or sliding mask."""
+    """The family's HF decoder layer with its rotary table and causal or sliding mask;
+    with tensor parallelism built at this rank's share of heads and MLP features and
+    sharded by the family's plan (:mod:`pp_ext.tp.plans`)."""
 
     def __init__(self, config: PretrainedConfig, family: Family, layer_idx: int) -> None:
         make_mask = create_sliding_window_causal_mask if family.sliding(config, layer_idx) else create_causal_mask
         # Gemma3 keeps a local and a global table in one module; this layer asks for its own.
         rope_kwargs = {"layer_type": config.layer_types[layer_idx]} if family.rope_per_layer_type else None
-        super().__init__(config, family.hf_class("DecoderLayer")(config, layer_idx), make_mask,
-                         f"model.layers.{layer_idx}.", family.hf_class("RotaryEmbedding")(config=config), rope_kwargs)
+        axis = tp.current()
+        layer = family.hf_class("DecoderLayer")(tp.local_config(config, axis.size), layer_idx)
+        super().__init__(config, tp.shard_layer(layer, config, axis), make_mask, f"model.layers.{layer_idx}.",
+                         family.hf_class("RotaryEmbedding")(config=config), rope_kwargs)
 
 
 def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None) -> list:

@@ -34,6 +34,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers import initialization as hf_init
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from pp_ext import tp
 from pp_ext.engine.module import ChunkedPipelineModule
 from pp_ext.hf.families import layer_specs
 from pp_ext.hf.weights import copy_hf_weights, meta_model, model_names
@@ -83,7 +84,7 @@ def _unique(layers: Iterable[nn.Module]) -> list[nn.Module]:
 def load_hf_weights(layers: Iterable[nn.Module], model_dir: str | Path) -> None:
     """Copy into ``layers`` their tensors from the HF folder ``model_dir``, reading
     nothing else: a shard is opened only if it holds a needed tensor, and only the
-    needed tensors are read, one layer at a time (so at most one layer's tensors are
+    needed tensors (a tensor-parallel rank: only its part of each) are read, one layer at a time (so at most one layer's tensors are
     held beside the layers). Checkpoint keys are renamed as ``from_pretrained`` renames
     them (:func:`~pp_ext.hf.weights.model_names`); each tensor is cast to the dtype of
     the layer's own."""
@@ -93,15 +94,17 @@ def load_hf_weights(layers: Iterable[nn.Module], model_dir: str | Path) -> None:
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
         for layer in _unique(layers):
-            tensors = {}
-            for name in layer.hf_keys().values():
+            tensors, keys = {}, layer.hf_keys()
+            sharded = {keys[local] for local in tp.splits(layer)}  # read as slices: only this rank's part
+            for name in keys.values():
                 if name not in stored:
                     raise KeyError(f"{source} has no tensor {name!r}, needed by {type(layer).__name__}: the folder's "
                                    f"weights do not match its config (or this family's key mapping)")
                 path = files[stored[name]]
                 if path not in handles:
                     handles[path] = stack.enter_context(safe_open(path, framework="pt"))
-                tensors[name] = handles[path].get_tensor(stored[name])
+                handle = handles[path]
+                tensors[name] = (handle.get_slice if name in sharded else handle.get_tensor)(stored[name])
             copy_hf_weights([layer], tensors)
 
 
@@ -160,7 +163,8 @@ def layout_free_specs(specs: list, *, dtype: torch.dtype, seed: int,
     ``initialize`` None: no random initialisation (the weights will be loaded).
     Otherwise a spec is built under ``seed + its index`` (a tied module: the index of
     its first use, so every rank that holds it builds the same values) and then
-    ``initialize``'d. Built on the meta device (only counted, for 'parameters'
+    ``initialize``'d; on a tensor axis it is built and initialised whole, and each
+    rank keeps its part, so the values do not depend on the tensor size either. Built on the meta device (only counted, for 'parameters'
     partitioning), nothing is seeded or initialised.
     """
     first_use: dict[str, int] = {}
@@ -177,8 +181,14 @@ def layout_free_specs(specs: list, *, dtype: torch.dtype, seed: int,
                     with hf_init.no_init_weights():
                         return spec.build()
                 set_random_seed(seed + idx)
-                layer = spec.build()
-                initialize(layer)
+                with tp.using(tp.TensorAxis()):
+                    whole = spec.build()
+                initialize(whole)
+                if tp.current().size == 1:
+                    return whole
+                with hf_init.no_init_weights():
+                    layer = spec.build()
+                tp.load_parts(layer, whole.state_dict())
                 return layer
 
         out.append(_with_build(spec, build))
@@ -201,10 +211,14 @@ def build_pipeline_module(model: str | Path | PretrainedConfig, *, num_stages: i
 
     Without weights (a config, or a folder with config.json only) the layers get the
     family's HF initialisation under per-layer seeds, identical for any layout (see
-    :func:`layout_free_specs`). Other keyword arguments go to DeepSpeed's
+    :func:`layout_free_specs`). A topology with a model axis makes the layers
+    tensor-parallel on it (:mod:`pp_ext.tp`); each rank then reads only its part of
+    each sharded tensor. Other keyword arguments go to DeepSpeed's
     ``PipelineModule`` (e.g. ``checkpointable_layers``, ``dynamic_shape``).
     """
     config = load_config(model)
+    if topology is not None:  # a config that cannot be cut tensor ways fails here, in one line
+        tp.check_tensor_split(config, max(1, topology.get_dim("model")))
     weights = not isinstance(model, PretrainedConfig) and has_weights(model)
     specs = layout_free_specs(layer_specs(config, attn_implementation), dtype=to_dtype(dtype), seed=seed,
                               initialize=None if weights else hf_initializer(config))

@@ -15,11 +15,15 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, rename_source_key
 
+from pp_ext import tp
+
 
 def copy_hf_weights(layers: Iterable[nn.Module], state_dict: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state_dict`` (HF names, e.g. ``model.state_dict()``) into ``layers``.
 
-    Every entry of every layer's own ``state_dict`` must be mapped and present: a
+    Values are whole tensors, or safetensors slices (``get_slice``) read here. A
+    tensor-parallel layer's sharded parameters take only their part
+    (:meth:`pp_ext.tp.Split.take`, which reads no more of a slice than that). Every entry of every layer's own ``state_dict`` must be mapped and present: a
     silently skipped tensor would leave a randomly initialised weight behind. A
     module listed twice (a tied embedding and head) is copied twice, harmlessly.
     """
@@ -29,7 +33,7 @@ def copy_hf_weights(layers: Iterable[nn.Module], state_dict: Mapping[str, torch.
             raise KeyError(f"{type(layer).__name__} has no HF key for {unmapped}")
         if missing := sorted(k for k in keys.values() if k not in state_dict):
             raise KeyError(f"HF state dict lacks {missing} needed by {type(layer).__name__}")
-        layer.load_state_dict({local: state_dict[hf] for local, hf in keys.items()})
+        tp.load_parts(layer, {local: state_dict[hf] for local, hf in keys.items()})
 
 
 def meta_model(config: PretrainedConfig) -> PreTrainedModel:

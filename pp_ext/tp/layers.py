@@ -1,0 +1,145 @@
+"""Megatron's tensor-parallel layers (Shoeybi et al. 2019, Sec. 3), made from the
+ordinary layers HF builds.
+
+A layer built at its local shard shape (HF's own class, from a config whose heads
+and intermediate size are divided by the tensor size) becomes parallel by swapping
+its class, as :mod:`pp_ext.engine.split_backward` does: parameters stay the same
+objects under the same ``state_dict`` names, so HF key mappings, loading and
+checkpoints keep working.
+
+* column-parallel (q, k, v, gate, up): ``f`` then the local GEMM; output heads or
+  intermediate features stay on this rank (Sec. 3: no communication between the two
+  GEMMs of the MLP or attention block);
+* row-parallel (o, down): the local GEMM, ``g`` (all-reduce of the partial sums),
+  then the bias, added once after the reduction as the paper's Fig. 3 places it;
+* vocabulary-parallel embedding (Sec. 3, "input embedding"): each rank holds a
+  contiguous block of the vocabulary, looks up the ids that fall in it, zeros the
+  others and ``g`` sums the blocks.
+
+Both linear kinds subclass :class:`~pp_ext.engine.split_backward.Deferrable`, so in a
+zero-bubble schedule their weight GEMM moves to the W pass, which needs no
+communication (the saved input and output gradient are local); the all-reduce of
+``f`` stays in the input-gradient (I) pass, where autograd meets it.
+
+Every sharded parameter carries ``tp_split`` (:class:`~pp_ext.tp.split.Split`), which
+loading and export read; the others are replicated (:func:`mark_replicated`).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from pp_ext.engine.split_backward import Deferrable
+from pp_ext.tp.axis import TensorAxis, copy_to_region, reduce_from_region
+from pp_ext.tp.split import Split
+
+
+def axis_of(module: nn.Module) -> TensorAxis:
+    """The axis a layer was made parallel on (one rank for an ordinary layer)."""
+    return getattr(module, "tensor_axis", TensorAxis())
+
+
+class ColumnParallelLinear(Deferrable, nn.Linear):
+    """y_r = f(x) W_r^T + b_r: this rank's block of output features."""
+
+    tensor_axis: TensorAxis
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.dense(copy_to_region(input, self.tensor_axis), self.bias)
+
+
+class RowParallelLinear(Deferrable, nn.Linear):
+    """y = g(x_r W_r^T) + b: this rank's block of input features, summed over the axis."""
+
+    tensor_axis: TensorAxis
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = reduce_from_region(self.dense(input, None), self.tensor_axis)
+        return out if self.bias is None else out + self.bias
+
+
+def column_parallel(linear: nn.Linear, axis: TensorAxis, sections: tuple[int, ...] | None = None) -> nn.Linear:
+    """Make ``linear`` (built with this rank's share of output features) column-parallel.
+    ``sections``: whole lengths of fused outputs ([q; k; v]), default one section."""
+    if axis.size > 1:
+        split = Split(0, sections or (linear.out_features * axis.size,), axis.size, axis.rank)
+        linear.__class__, linear.tensor_axis = ColumnParallelLinear, axis
+        for param in (linear.weight, linear.bias):
+            if param is not None:
+                param.tp_split = split
+    return linear
+
+
+def row_parallel(linear: nn.Linear, axis: TensorAxis) -> nn.Linear:
+    """Make ``linear`` (built with this rank's share of input features) row-parallel;
+    its bias stays whole (replicated)."""
+    if axis.size > 1:
+        linear.__class__, linear.tensor_axis = RowParallelLinear, axis
+        linear.weight.tp_split = Split(1, (linear.in_features * axis.size,), axis.size, axis.rank)
+    return linear
+
+
+class _VocabParallel:
+    """Mixed into an ``nn.Embedding`` class holding rows ``[rank * n, (rank + 1) * n)``."""
+
+    tensor_axis: TensorAxis
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.tensor_axis.rank * self.num_embeddings
+        outside = (local < 0) | (local >= self.num_embeddings)
+        # the class's own lookup (Gemma's scales); a row's scale touches only its own ids
+        out = super().forward(local.masked_fill(outside, 0))
+        return reduce_from_region(out.masked_fill(outside.unsqueeze(-1), 0), self.tensor_axis)
+
+
+@functools.cache
+def _vocab_parallel_class(embedding: type) -> type:
+    return type(f"VocabParallel{embedding.__name__}", (_VocabParallel, embedding),
+                {"__module__": __name__, "__doc__": f"{embedding.__name__} over a block of the vocabulary."})
+
+
+def vocab_parallel_embedding(embedding: type[nn.Embedding], vocab_size: int, hidden_size: int,
+                             padding_idx: int | None, axis: TensorAxis, **kwargs) -> nn.Embedding:
+    """``embedding(vocab_size, hidden_size, padding_idx, **kwargs)`` holding this rank's
+    block of ``vocab_size / axis.size`` rows (the whole table with one rank)."""
+    rows = vocab_size // axis.size
+    if axis.size == 1:
+        return embedding(vocab_size, hidden_size, padding_idx, **kwargs)
+    start = axis.rank * rows
+    local_pad = padding_idx - start if padding_idx is not None and start <= padding_idx < start + rows else None
+    layer = embedding(rows, hidden_size, local_pad, **kwargs)
+    layer.__class__, layer.tensor_axis = _vocab_parallel_class(embedding), axis
+    layer.weight.tp_split = Split(0, (vocab_size,), axis.size, axis.rank)
+    return layer
+
+
+def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, axis: TensorAxis) -> torch.Tensor:
+    """This rank's block of logits from its block of the vocabulary matrix (a tied head):
+    a column-parallel GEMM whose output stays sharded for the parallel cross-entropy."""
+    return torch.nn.functional.linear(copy_to_region(hidden, axis), weight)
+
+
+def splits(layer: nn.Module) -> dict[str, Split]:
+    """``state_dict`` name -> :class:`Split` of each sharded parameter of ``layer``."""
+    return {name: param.tp_split for name, param in layer.named_parameters() if hasattr(param, "tp_split")}
+
+
+def load_parts(layer: nn.Module, state: Mapping) -> None:
+    """``layer.load_state_dict`` from whole tensors (or safetensors slices): each
+    sharded parameter takes only its part."""
+    cut = splits(layer)
+    layer.load_state_dict({name: cut[name].take(source) if name in cut else source[...]
+                           for name, source in state.items()})
+
+
+def mark_replicated(module: nn.Module, axis: TensorAxis) -> None:
+    """Mark the parameters every tensor rank holds whole (norms, row-parallel biases,
+    q/k norms) ``ds_pipe_replicated`` on all but tensor rank 0, so gradient norms
+    (pp-ext's fp32 clipping, DeepSpeed's bf16 and ZeRO paths) count them once."""
+    if axis.size > 1 and axis.rank > 0:
+        for param in module.parameters():
+            if not hasattr(param, "tp_split"):
+                param.ds_pipe_replicated = True

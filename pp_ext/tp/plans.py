@@ -1,0 +1,143 @@
+"""Sharding plans: which linear layers of each family's decoder layer are column- and
+which row-parallel, and the checks that a config can be cut ``tensor`` ways.
+
+Megatron's attention and MLP blocks (Shoeybi et al. 2019, Sec. 3) cut attention by
+heads (q, k, v column-parallel, output projection row-parallel) and the MLP by
+intermediate features (first GEMM(s) column-, second row-parallel), so each block
+communicates once forward and once backward. With grouped-query attention the key
+and value heads are cut as well, so each rank keeps whole groups (its query heads
+with their own key/value heads). Norms, including Qwen3's and Gemma3's per-head
+q/k norms, act on whole vectors or per head and stay replicated.
+
+The local layer is HF's own class built from :func:`local_config` (heads, key/value
+heads and intermediate size divided by ``tensor``, ``head_dim`` kept), so its linear
+layers have exactly the shard shapes and its forward splits heads at the local
+counts. GPT-NeoX derives its head size from the hidden size, so its fused
+``query_key_value`` and ``dense`` are rebuilt at the local width instead; its fused
+rows are stored head by head ([q_h, k_h, v_h] per head), so a contiguous block of
+rows is a block of heads. Phi3's fused ``qkv_proj`` ([q; k; v]) and ``gate_up_proj``
+([gate; up]) are cut section by section (:class:`~pp_ext.tp.split.Split`).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from pp_ext.tp.axis import TensorAxis
+from pp_ext.tp.layers import column_parallel, row_parallel
+
+Sections = Callable[[PretrainedConfig], tuple[int, ...]]
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    """The per-head width HF's attention uses (``head_dim`` when the config sets it)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _qkv(config: PretrainedConfig) -> tuple[int, ...]:
+    kv = config.num_key_value_heads * head_dim(config)
+    return config.num_attention_heads * head_dim(config), kv, kv
+
+
+def _gate_up(config: PretrainedConfig) -> tuple[int, ...]:
+    return config.intermediate_size, config.intermediate_size
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``columns``: submodule name -> its fused sections (None: one); ``rows``: row-parallel
+    submodules; ``rebuilt``: attention linears rebuilt at local width (GPT-NeoX)."""
+    columns: dict[str, Sections | None]
+    rows: tuple[str, ...]
+    kv_heads: bool = True  # the family has grouped key/value heads to divide
+    rebuilt: dict[str, str] = field(default_factory=dict)  # name -> "column" or "row"
+
+
+LLAMA = Plan(columns=dict.fromkeys(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                    "mlp.gate_proj", "mlp.up_proj")),
+             rows=("self_attn.o_proj", "mlp.down_proj"))
+PHI3 = Plan(columns={"self_attn.qkv_proj": _qkv, "mlp.gate_up_proj": _gate_up},
+            rows=("self_attn.o_proj", "mlp.down_proj"))
+GPT_NEOX = Plan(columns={"mlp.dense_h_to_4h": None}, rows=("mlp.dense_4h_to_h",), kv_heads=False,
+                rebuilt={"attention.query_key_value": "column", "attention.dense": "row"})
+PLANS = {**dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), LLAMA),
+         "phi3": PHI3, "gpt_neox": GPT_NEOX}
+
+
+def supported() -> list[str]:
+    return sorted(PLANS)
+
+
+def check_tensor_split(config: PretrainedConfig, tensor: int) -> None:
+    """Raise ValueError (one line, with the fix) unless ``config`` can be cut ``tensor`` ways."""
+    if tensor == 1:
+        return
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PLANS:
+        raise ValueError(f"tensor parallelism has no sharding plan for {model_type!r} models (it has for "
+                         f"{', '.join(supported())}): set parallel.tensor=1")
+    plan = PLANS[model_type]
+    counts = {"num_attention_heads": config.num_attention_heads, "intermediate_size": config.intermediate_size}
+    if plan.kv_heads:
+        counts["num_key_value_heads"] = config.num_key_value_heads
+    for name, count in counts.items():
+        if count % tensor:
+            raise ValueError(f"{model_type} config has {name}={count}, which does not divide by tensor={tensor}: "
+                             f"choose a tensor size that divides it")
+    if config.vocab_size % tensor:
+        # refused, not padded: padded rows would change the exported model's shapes
+        raise ValueError(f"vocab_size={config.vocab_size} does not divide by tensor={tensor} (the embedding and "
+                         f"LM head are cut by vocabulary): pad the vocabulary to a multiple of {tensor} "
+                         f"(model.resize_token_embeddings(..., pad_to_multiple_of={tensor}) and save it) or choose "
+                         f"a tensor size that divides it")
+
+
+def local_config(config: PretrainedConfig, tensor: int) -> PretrainedConfig:
+    """``config`` with the counts one tensor rank holds; the same object when ``tensor`` is 1."""
+    if tensor == 1:
+        return config
+    check_tensor_split(config, tensor)
+    plan, local = PLANS[config.model_type], copy.deepcopy(config)
+    local.intermediate_size = config.intermediate_size // tensor
+    if plan.kv_heads:
+        local.head_dim = head_dim(config)
+        local.num_attention_heads = config.num_attention_heads // tensor
+        local.num_key_value_heads = config.num_key_value_heads // tensor
+    return local
+
+
+def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) -> nn.Module:
+    """Make ``layer`` (HF's decoder layer built from ``local_config(config, axis.size)``)
+    tensor-parallel on ``axis`` by its family's plan."""
+    if axis.size == 1:
+        return layer
+    plan = PLANS[config.model_type]
+    for name, sections in plan.columns.items():
+        column_parallel(layer.get_submodule(name), axis, sections(config) if sections else None)
+    for name in plan.rows:
+        row_parallel(layer.get_submodule(name), axis)
+    for name, kind in plan.rebuilt.items():
+        parent, _, child = name.rpartition(".")
+        whole = layer.get_submodule(name)
+        if kind == "column":
+            local = nn.Linear(whole.in_features, whole.out_features // axis.size, bias=whole.bias is not None)
+            column_parallel(local, axis)
+        else:
+            local = row_parallel(nn.Linear(whole.in_features // axis.size, whole.out_features,
+                                           bias=whole.bias is not None), axis)
+        setattr(layer.get_submodule(parent), child, local)
+    return layer
+
+
+def describe(config: PretrainedConfig, tensor: int) -> str:
+    """One line: what each tensor rank holds (for ``pp-ext plan``)."""
+    parts = [f"{config.num_attention_heads // tensor} of {config.num_attention_heads} heads"]
+    if PLANS[config.model_type].kv_heads:
+        parts.append(f"{config.num_key_value_heads // tensor} of {config.num_key_value_heads} key/value heads")
+    parts += [f"{config.intermediate_size // tensor} of {config.intermediate_size} MLP features",
+              f"{config.vocab_size // tensor} of {config.vocab_size} vocabulary rows"]
+    return "each tensor rank holds " + ", ".join(parts)
