@@ -52,10 +52,11 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
     from pp_ext.schedules import ScheduleError, get
 
     pipe, tensor, data = resolve_parallel(recipe, world_size)
-    if tensor > 1:
-        raise RecipeError("parallel.tensor > 1 is not available yet (tensor parallelism is planned): "
-                          "set parallel.tensor=1")
     name = recipe.parallel.schedule
+    if tensor > 1 and name == "deepspeed-1f1b":
+        raise RecipeError("parallel.schedule=deepspeed-1f1b runs DeepSpeed's own engine, whose Megatron-shaped "
+                          "partitioned p2p pp-ext does not check with tensor parallelism: use 1f1b (the same "
+                          "schedule on pp-ext's engine) with parallel.tensor > 1")
     chunks = recipe.parallel.chunks
     if name != "deepspeed-1f1b":
         spec = get(name)
@@ -78,6 +79,15 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
     if model_type not in supported():
         raise RecipeError(f"model.path {model} is a {model_type!r} model, which pp-ext cannot split into "
                           f"pipeline stages: supported model types are {', '.join(supported())}")
+    if tensor > 1:
+        from transformers import AutoConfig
+
+        from pp_ext import tp
+
+        try:
+            tp.check_tensor_split(AutoConfig.from_pretrained(model), tensor)
+        except ValueError as exc:
+            raise RecipeError(f"parallel.tensor={tensor}: {exc}") from None
     tokenizer = Path(recipe.model.tokenizer or recipe.model.path)
     if not tokenizer.is_dir():
         raise RecipeError(f"model.tokenizer {tokenizer} is not a folder: point it at the tokenizer's files")
@@ -86,23 +96,25 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
 
 class LanguageModelLoss:
     """Mean cross-entropy over the labelled tokens of a micro-batch (labels already
-    shifted; -100 ignored), as HF's causal-LM loss. While ``collect`` is on it also
-    counts answers right (:func:`pp_ext.metrics.answer_counts`) for evaluation."""
+    shifted; -100 ignored), as HF's causal-LM loss, on logits sharded by vocabulary over
+    ``tensor_axis`` (the module's; whole logits with one tensor rank) without gathering
+    them (:func:`pp_ext.tp.vocab_parallel_cross_entropy`). While ``collect`` is on it
+    also counts answers right (:func:`pp_ext.metrics.answer_counts`) for evaluation."""
 
     def __init__(self) -> None:
+        from pp_ext import tp
+
         self.collect = False
         self.counts = [0.0, 0.0]  # answers right, answers
+        self.tensor_axis = tp.TensorAxis()
 
     def __call__(self, logits, labels):
-        import torch.nn.functional as F
-
+        from pp_ext import tp
         from pp_ext.metrics import IGNORE_INDEX, answer_counts
 
-        flat = labels.reshape(-1)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=IGNORE_INDEX,
-                               reduction="sum") / (flat != IGNORE_INDEX).sum().clamp(min=1)
-        if self.collect:
-            right, total = answer_counts(logits, labels).tolist()
+        loss = tp.vocab_parallel_cross_entropy(logits, labels, self.tensor_axis, IGNORE_INDEX)
+        if self.collect:  # evaluation only: arg-max needs the whole vocabulary
+            right, total = answer_counts(tp.gather_last_dim(logits, self.tensor_axis), labels).tolist()
             self.counts[0] += right
             self.counts[1] += total
         return loss
@@ -222,7 +234,7 @@ def run(recipe, world_size: int) -> int:
         # the resolved recipe beside the results: what ran, and what `pp-ext report` reads
         write_atomic(output_dir / "recipe.yaml", OmegaConf.to_yaml(recipe, resolve=True).encode())
     _threads()
-    init_distributed(int(os.environ.get("LOCAL_RANK", "0")))
+    init_distributed(int(os.environ.get("LOCAL_RANK", "0")), recipe.parallel.comm_timeout_s)
     torch.manual_seed(recipe.train.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
@@ -246,6 +258,7 @@ def run(recipe, world_size: int) -> int:
         chunks=chunks, placement=spec.placement if spec else "loop", partition_method=recipe.parallel.partition,
         loss_fn=loss, dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
         activation_checkpoint_interval=recipe.model.activation_checkpoint_interval, seed=recipe.train.seed)
+    loss.tensor_axis = module.tensor_axis
     optimizer = make_optimizer(recipe, module)
     engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer,
                                    lr_scheduler=warmup_cosine(optimizer, recipe, steps),
@@ -394,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     select_accelerator()  # before deepspeed is first imported
+    from pp_ext.engine.engine import PipelineError
     from pp_ext.hf.export import ExportError
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -408,3 +422,6 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, FileNotFoundError, ExportError) as exc:  # the user's to fix: one line
         say(f"error: {' '.join(str(exc).split())}")
         return USAGE_ERROR
+    except PipelineError as exc:  # every rank says where it was: rank 0 may be the one that died
+        print(f"pp-ext: error: {exc}", file=sys.stderr, flush=True)
+        return 1

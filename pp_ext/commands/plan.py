@@ -11,7 +11,10 @@ Recomputation in Large Transformer Models", eq. (1): one transformer layer keeps
 size, h hidden, a heads). The ``5*a*s/h`` term is the attention score matrix, which
 sdpa and flash attention do not keep; 32-bit activations double the rest. With
 activation checkpointing only each layer's input (``2*s*b*h`` bytes) stays, plus one
-layer's working set. The last stage also holds fp32 logits (``4*s*b*vocab``). A rank
+layer's working set. The last stage also holds fp32 logits (``4*s*b*vocab``). With
+tensor parallelism over t ranks (no sequence parallelism) eq. (2) applies instead,
+``s*b*h*(10 + 24/t + 5*a*s/(h*t))``, and logits are cut by vocabulary (``/t``); the
+parameter column then counts one tensor rank's share (:mod:`pp_ext.tp`). A rank
 holds its peak number of micro-batches in flight (the simulator's ``peak act``) of
 these. An estimate for planning, not a measurement: ``pp-ext tune`` will measure.
 """
@@ -43,18 +46,19 @@ def _bytes(n: float) -> str:
     raise AssertionError
 
 
-def layer_activation_bytes(config, recipe) -> tuple[float, float]:
-    """``(per decoder layer, logits)`` bytes of one micro-batch (see the module doc)."""
+def layer_activation_bytes(config, recipe, tensor: int = 1) -> tuple[float, float]:
+    """``(per decoder layer, logits)`` bytes of one micro-batch on one of ``tensor``
+    tensor ranks (see the module doc)."""
     s, b = recipe.data.seq_len, recipe.train.micro_batch_size
     h, a = config.hidden_size, config.num_attention_heads
     width = 2 if recipe.model.dtype in ("bfloat16", "float16") else 4
     if recipe.model.activation_checkpoint_interval:
         per_layer = 2 * s * b * h * width / 2
     else:
-        per_layer = s * b * h * 34 * width / 2
+        per_layer = s * b * h * (10 + 24 / tensor) * width / 2  # 34 with one tensor rank
         if recipe.model.attn_implementation == "eager":  # None (HF's default) is sdpa for most families
-            per_layer += 5 * a * s * s * b
-    return per_layer, 4.0 * s * b * config.vocab_size
+            per_layer += 5 * a * s * s * b / tensor
+    return per_layer, 4.0 * s * b * config.vocab_size / tensor
 
 
 def _names(specs) -> str:
@@ -91,6 +95,7 @@ def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int)
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from transformers import AutoConfig
 
+    from pp_ext import tp
     from pp_ext.engine.module import chunk_layout, layer_param_counts, partition
     from pp_ext.hf import layer_specs
     from pp_ext.hf.common import HFDecoderLayer
@@ -102,22 +107,28 @@ def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int)
     name = recipe.parallel.schedule
     spec = get("1f1b" if name == "deepspeed-1f1b" else name)
     placement = Placement.named(spec.placement, pipe, chunks)
-    parts = partition(specs, placement.stages, recipe.parallel.partition)
-    counts = layer_param_counts(specs)
+    with tp.using(tp.TensorAxis(tensor)):  # every tensor rank holds the same shapes
+        parts = partition(specs, placement.stages, recipe.parallel.partition)
+        counts = layer_param_counts(specs)
     simulation = simulate(spec.build(pipe, recipe.parallel.micro_batches, chunks))
     metrics = simulation.metrics()
-    per_layer, logits = layer_activation_bytes(config, recipe)
+    per_layer, logits = layer_activation_bytes(config, recipe, tensor)
     topology = PipeModelDataParallelTopology(num_pp=pipe, num_mp=tensor, num_dp=data)
     mbs, seq = recipe.train.micro_batch_size, recipe.data.seq_len
 
     lines = [f"{recipe.model.path}: {config.model_type}, {len(specs)} pipeline layers "
-             f"({config.num_hidden_layers} decoder blocks), {sum(counts) / 1e6:.1f} M parameters",
+             f"({config.num_hidden_layers} decoder blocks), {sum(layer_param_counts(specs)) / 1e6:.1f} M parameters",
              f"{world} ranks = pipeline {pipe} x tensor {tensor} x data {data}; schedule {name} "
              f"({chunks} chunk{'s' * (chunks > 1)} per rank, {spec.placement} placement), "
              f"{recipe.parallel.micro_batches} micro-batches of {mbs} x {seq} tokens per data rank",
              f"bubble at unit costs: {format_number(metrics['bubble_ratio'])} per step; peak activations "
-             f"in flight: {format_number(metrics['peak_activations'])} micro-batches of a rank's layers", ""]
-    table = [["pipeline rank", "global ranks", "stage: layers", "params", "activations (est.)"]]
+             f"in flight: {format_number(metrics['peak_activations'])} micro-batches of a rank's layers"]
+    if tensor > 1:
+        lines.append(f"tensor parallel over {tensor} ranks (global ranks of a pipeline rank: tensor ranks "
+                     f"side by side, then data replicas): {tp.describe(config, tensor)}")
+    lines.append("")
+    params = "params" if tensor == 1 else "params per tensor rank"
+    table = [["pipeline rank", "global ranks", "stage: layers", params, "activations (est.)"]]
     for rank in range(pipe):
         bounds = chunk_layout(placement, parts, rank)
         held = [i for start, stop in bounds for i in range(start, stop)]
