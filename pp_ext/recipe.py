@@ -97,7 +97,8 @@ def _check(recipe: DictConfig) -> None:
     _choice("train.optimizer", recipe.train.optimizer, OPTIMIZERS)
     _choice("train.nonfinite", recipe.train.nonfinite, ("stop", "skip"))
     _choice("parallel.schedule", recipe.parallel.schedule, tuple(schedule_names()) + ("deepspeed-1f1b",))
-    for key in ("parallel.pipeline", "parallel.tensor", "parallel.micro_batches", "train.micro_batch_size",
+    for key in ("parallel.pipeline", "parallel.tensor", "parallel.micro_batches", "parallel.comm_timeout_s",
+                "train.micro_batch_size",
                 "data.seq_len", "data.num_proc", "train.log_interval", "train.eval_batches"):
         _positive(key, OmegaConf.select(recipe, key))
     for key in ("train.warmup_steps", "train.eval_interval", "checkpoint.interval", "checkpoint.keep",

@@ -66,6 +66,9 @@ class ParallelConfig:
     chunks: Optional[int] = None
     # parameters | uniform | type:REGEX | [boundaries]
     partition: Any = "parameters"
+    # seconds any rank waits for a peer (p2p receive, collective) before it stops with
+    # an error naming itself, its stage and what it waited for (a dead or stalled rank)
+    comm_timeout_s: int = 1800
 
 
 @dataclass

@@ -207,3 +207,44 @@ def test_a_truncated_checkpoint_is_one_line_error(tmp_path, capfd):
     assert err == [f"pp-ext: error: checkpoint {layer.parent} is damaged: {layer.name} has 100 bytes, "
                    f"{saved} when saved (truncated or replaced): delete {layer.parent} or resume from an older "
                    f"one (checkpoint.resume={layer.parent.parent / 'step-00000001'})"]
+
+
+def rank_pid(out: Path, local_rank: int) -> int:
+    """The process of one rank of the launch writing to ``out`` (from /proc)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"--local_rank={local_rank}".encode() in args and f"output_dir={out}".encode() in args:
+            return int(cmdline.parent.name)
+    raise AssertionError(f"no rank {local_rank} writing to {out}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
+def test_a_stalled_or_killed_rank_stops_every_rank(tmp_path, how):
+    """Rank 1 stalls (SIGSTOP) or dies (kill -9) mid-run: the launch ends, non-zero,
+    within the recipe's timeout; after a stall rank 0 says where it was waiting."""
+    timeout = 10
+    out = tmp_path / how
+    process = launch(out, "train.steps=100000", f"parallel.comm_timeout_s={timeout}")
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            if (out / "metrics.jsonl").exists() and max(losses(out), default=0) >= 3:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, process.stderr.read()
+        os.kill(rank_pid(out, 1), getattr(signal, how))
+        stopped = time.monotonic()
+        _, err = process.communicate(timeout=timeout + 120)
+        elapsed = time.monotonic() - stopped
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert elapsed < timeout + 60, f"the launch took {elapsed:.0f} s to end"
+    if how == "SIGSTOP":
+        line = next(line for line in err.splitlines() if line.startswith("pp-ext: error: rank 0"))
+        assert "(pipeline rank 0) failed in" in line and "peer rank 1" in line, line

@@ -20,6 +20,8 @@ nothing for a backward.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -35,6 +37,27 @@ from . import instructions as ins
 from . import p2p
 from .module import ChunkedPipelineModule
 from .split_backward import WeightGradStore, enable_split_backward
+
+
+class PipelineError(RuntimeError):
+    """An instruction failed (a peer that died or stalled past the process group's
+    timeout, most often): the message names this rank, its stage, the instruction
+    with its chunk, micro-batch and peer, and the step."""
+
+
+def _named(instruction: str, handler: Callable) -> Callable:
+    """``handler`` whose RuntimeErrors (gloo's "Timed out waiting ... for recv", a
+    closed connection, NCCL's errors) say where this rank was in the program."""
+    @functools.wraps(handler)
+    def run(self, **kwargs):
+        try:
+            return handler(self, **kwargs)
+        except PipelineError:
+            raise
+        except RuntimeError as exc:
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PipelineError(f"{self._where(instruction, kwargs)}: {cause}") from exc
+    return run
 
 
 def forward_only(schedule: Schedule, micro_batches: int) -> Schedule:
@@ -392,7 +415,14 @@ class ScheduleEngine(PipelineEngine):
             raise RuntimeError(f"pp-ext engine: step ended with unconsumed {', '.join(leftover) or 'W work'} "
                                f"(schedule {self.schedule.name}): the program is not complete")
 
-    _INSTRUCTION_MAP = {
+    def _where(self, instruction: str, kwargs: dict) -> str:
+        """This rank, its stage and the instruction it was executing, for an error line."""
+        args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        peer = f", peer rank {self._global(kwargs['peer'])}" if "peer" in kwargs else ""
+        return (f"rank {self.global_rank} (pipeline rank {self.stage_id}) failed in {instruction}({args}) "
+                f"of step {self.global_steps + 1}{peer}")
+
+    _INSTRUCTION_MAP = {kind: _named(kind.__name__, handler) for kind, handler in {
         **PipelineEngine._INSTRUCTION_MAP,
         ins.ForwardChunk: _exec_forward_chunk,
         ins.BackwardChunk: _exec_backward_chunk,
@@ -402,4 +432,4 @@ class ScheduleEngine(PipelineEngine):
         ins.RecvTensors: _exec_recv_tensors,
         ins.FinishSends: _exec_finish_sends,
         ins.ReduceReplicaGrads: _exec_reduce_replica_grads,
-    }
+    }.items()}

@@ -47,9 +47,12 @@ def select_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_distributed(local_rank: int) -> None:
+def init_distributed(local_rank: int, timeout_s: float | None = None) -> None:
     """DeepSpeed's process group from the environment (RANK, WORLD_SIZE, MASTER_*):
-    NCCL on GPUs (this rank's device), gloo on CPU."""
+    NCCL on GPUs (this rank's device), gloo on CPU. ``timeout_s`` bounds every wait
+    for a peer (gloo raises, NCCL's watchdog aborts); None keeps torch's default."""
+    import datetime
+
     import torch
 
     select_accelerator()
@@ -57,7 +60,9 @@ def init_distributed(local_rank: int) -> None:
 
     # the shm comm op is JIT-built (~80 s) on first init and never used by training
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
+                               **timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
 
