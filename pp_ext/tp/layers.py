@@ -122,6 +122,21 @@ def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, axis: Tens
     return torch.nn.functional.linear(copy_to_region(hidden, axis), weight)
 
 
+def _summed(grad: torch.Tensor, axis: TensorAxis) -> torch.Tensor:
+    return axis.all_reduce(grad.clone())
+
+
+def sum_gradients(module: nn.Module, axis: TensorAxis) -> None:
+    """Sum the gradients of ``module``'s replicated parameters over the axis as autograd
+    makes them (Megatron's f applied to the weight). For a weight shared by all heads
+    but applied by each rank to its own heads only (Qwen3's and Gemma3's per-head q/k
+    norm), each rank's gradient covers its heads; the sum is the whole gradient, so
+    the replicas stay equal."""
+    if axis.size > 1:
+        for param in module.parameters():
+            param.register_hook(functools.partial(_summed, axis=axis))
+
+
 def splits(layer: nn.Module) -> dict[str, Split]:
     """``state_dict`` name -> :class:`Split` of each sharded parameter of ``layer``."""
     return {name: param.tp_split for name, param in layer.named_parameters() if hasattr(param, "tp_split")}

@@ -6,8 +6,9 @@ heads (q, k, v column-parallel, output projection row-parallel) and the MLP by
 intermediate features (first GEMM(s) column-, second row-parallel), so each block
 communicates once forward and once backward. With grouped-query attention the key
 and value heads are cut as well, so each rank keeps whole groups (its query heads
-with their own key/value heads). Norms, including Qwen3's and Gemma3's per-head
-q/k norms, act on whole vectors or per head and stay replicated.
+with their own key/value heads). Norms stay replicated; Qwen3's and Gemma3's q/k
+norms share one weight over all heads, so each rank's gradient covers only its heads
+and is summed over the axis (:func:`~pp_ext.tp.layers.sum_gradients`).
 
 The local layer is HF's own class built from :func:`local_config` (heads, key/value
 heads and intermediate size divided by ``tensor``, ``head_dim`` kept), so its linear
@@ -28,7 +29,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pp_ext.tp.axis import TensorAxis
-from pp_ext.tp.layers import column_parallel, row_parallel
+from pp_ext.tp.layers import column_parallel, row_parallel, sum_gradients
 
 Sections = Callable[[PretrainedConfig], tuple[int, ...]]
 
@@ -50,16 +51,19 @@ def _gate_up(config: PretrainedConfig) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Plan:
     """``columns``: submodule name -> its fused sections (None: one); ``rows``: row-parallel
-    submodules; ``rebuilt``: attention linears rebuilt at local width (GPT-NeoX)."""
+    submodules; ``per_head``: replicated submodules applied to each local head, whose
+    gradients are summed over the axis, where the layer has them; ``rebuilt``:
+    attention linears rebuilt at local width (GPT-NeoX)."""
     columns: dict[str, Sections | None]
     rows: tuple[str, ...]
+    per_head: tuple[str, ...] = ()
     kv_heads: bool = True  # the family has grouped key/value heads to divide
     rebuilt: dict[str, str] = field(default_factory=dict)  # name -> "column" or "row"
 
 
 LLAMA = Plan(columns=dict.fromkeys(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                     "mlp.gate_proj", "mlp.up_proj")),
-             rows=("self_attn.o_proj", "mlp.down_proj"))
+             rows=("self_attn.o_proj", "mlp.down_proj"), per_head=("self_attn.q_norm", "self_attn.k_norm"))
 PHI3 = Plan(columns={"self_attn.qkv_proj": _qkv, "mlp.gate_up_proj": _gate_up},
             rows=("self_attn.o_proj", "mlp.down_proj"))
 GPT_NEOX = Plan(columns={"mlp.dense_h_to_4h": None}, rows=("mlp.dense_4h_to_h",), kv_heads=False,
@@ -120,6 +124,10 @@ def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) ->
         column_parallel(layer.get_submodule(name), axis, sections(config) if sections else None)
     for name in plan.rows:
         row_parallel(layer.get_submodule(name), axis)
+    for name in plan.per_head:
+        parent, _, child = name.rpartition(".")
+        if hasattr(layer.get_submodule(parent), child):  # Qwen3 and Gemma3 have q/k norms, Llama not
+            sum_gradients(layer.get_submodule(name), axis)
     for name, kind in plan.rebuilt.items():
         parent, _, child = name.rpartition(".")
         whole = layer.get_submodule(name)
