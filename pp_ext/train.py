@@ -221,7 +221,7 @@ def run(recipe, world_size: int) -> int:
     from transformers import AutoTokenizer
 
     import pp_ext
-    from pp_ext import data
+    from pp_ext import data, reshape
     from pp_ext.engine.spawn import init_distributed
     from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
     from pp_ext.schedules import get
@@ -265,20 +265,32 @@ def run(recipe, world_size: int) -> int:
                                    config=deepspeed_config(recipe, data_parallel, str(output_dir)),
                                    schedule=schedule)
 
+    # what a checkpoint's layout is compared on (pp_ext.reshape.LAYOUT_KEYS)
+    layout = {"pipeline": pipe, "tensor": tensor, "data": data_parallel, "chunks": chunks,
+              "placement": spec.placement if spec else "loop",
+              "partition": OmegaConf.to_container(recipe.parallel.partition)
+              if OmegaConf.is_config(recipe.parallel.partition) else recipe.parallel.partition}
     start = 0
     resume_from = _resume_tag(recipe, save_dir)
     if resume_from is not None:
         load_dir, tag = resume_from
         checkpoints.verify(load_dir, tag)
+        reshaped = reshape.changes(checkpoints.info(load_dir, tag), layout)
         try:
-            engine.load_checkpoint(str(load_dir), tag=tag)
+            if reshaped:
+                reshape.load(engine, load_dir / tag, reshaped)
+            else:
+                engine.load_checkpoint(str(load_dir), tag=tag)
+        except checkpoints.CheckpointError:
+            raise
         except Exception as exc:  # noqa: BLE001 - whatever DeepSpeed says, the fix is the user's
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise checkpoints.CheckpointError(f"checkpoint {load_dir / tag} cannot be loaded into this run "
                                               f"({first}): resume from another one or set "
                                               f"checkpoint.resume=never") from exc
         start = checkpoints.info(load_dir, tag)["step"]
-        say(f"resumed from {load_dir / tag} at step {start}")
+        say(f"resumed from {load_dir / tag} at step {start}"
+            + (f", reshaped ({', '.join(reshaped)})" if reshaped else ""))
     log = MetricsLog(output_dir / "metrics.jsonl", start if resume_from else None)
 
     dp_rank = engine.grid.get_data_parallel_rank()
@@ -290,14 +302,13 @@ def run(recipe, world_size: int) -> int:
 
     def save(step: int) -> None:
         tag = checkpoints.tag_name(step)
-        engine.save_checkpoint(str(save_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
+                               client_state={"step": step, "param_names": reshape.param_names(engine)})
         if _rank() == 0:
             save_hf_metadata(save_dir / tag, recipe.model.path, recipe.model.tokenizer)
         dist.barrier()  # every rank's files are on disk before the marker says so
         if _rank() == 0:
-            checkpoints.mark_complete(save_dir, tag, {"step": step, "pipeline": pipe, "tensor": tensor,
-                                                      "data": data_parallel, "chunks": chunks,
-                                                      "schedule": schedule})
+            checkpoints.mark_complete(save_dir, tag, {"step": step, "schedule": schedule, **layout})
             checkpoints.prune(save_dir, recipe.checkpoint.keep)
         dist.barrier()
 

@@ -139,6 +139,7 @@ def test_plan_of_the_gpu_recipes(capsys):
      "parallel.schedule=dualpipev with pipeline=4, micro_batches=4, chunks=2"),
     (["--world-size", "6"], "world size 6 is not a multiple of parallel.pipeline x parallel.tensor = 4 x 1"),
     (["model.path=/nonexistent"], "model.path /nonexistent has no config.json"),
+    (["parallel.tensor=3", "--world-size", "12"], "num_attention_heads=28, which does not divide by tensor=3"),
 ])
 def test_plan_errors_are_one_line(capsys, args, expected):
     overrides = [a for a in args if "=" in a] + ([] if any(a.startswith("model.path") for a in args)

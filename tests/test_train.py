@@ -248,3 +248,24 @@ def test_a_stalled_or_killed_rank_stops_every_rank(tmp_path, how):
     if how == "SIGSTOP":
         line = next(line for line in err.splitlines() if line.startswith("pp-ext: error: rank 0"))
         assert "(pipeline rank 0) failed in" in line and "peer rank 1" in line, line
+
+
+@pytest.mark.slow
+def test_resume_under_another_layout_continues_the_same_run(tmp_path):
+    """A checkpoint of pipeline 2 x 1f1b resumed as pipeline 1 x data 2, and as zbv
+    (2 chunks in V placement), weights and AdamW state: the same losses as going on."""
+    from pp_ext.engine.spawn import spawn
+
+    steps = ["train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0"]
+    resume = f"checkpoint.resume={tmp_path / 'source/checkpoints/step-00000003'}"
+    cases = [("source", [*steps, "parallel.schedule=1f1b"]),
+             ("pipeline-1", [*steps, resume, "parallel.pipeline=1", "parallel.micro_batches=2"]),
+             ("zbv", [*steps, resume, "parallel.schedule=zbv"])]
+    results = spawn(train_cases, 2, str(tmp_path), cases, timeout=600)[0]
+    reference = results["source"][1]
+    assert results["source"][0] == 0 and sorted(reference) == list(range(1, 7))
+    for name in ("pipeline-1", "zbv"):
+        code, resumed = results[name]
+        assert code == 0 and sorted(resumed) == [4, 5, 6], (name, code, resumed)
+        diff = max(abs(resumed[s] - reference[s]) for s in resumed)
+        assert diff <= TOLERANCE, f"{name}: resumed losses differ by {diff:.2e}"
