@@ -29,6 +29,8 @@ def closed_forms(name, p, m, v):
     if name == "zb-h1":
         bubble = lower_bound(p, m, 1) if m >= p else 1 - Fr(3 * m, 2 * m + 2 * p - 1)
         return {"bubble_ratio": bubble, "peak_activations": min(m, p)}
+    if name == "auto":  # unit costs, 1F1B's memory (p): it finds zb-h1's bubble, optimal for these costs
+        return {"bubble_ratio": closed_forms("zb-h1", p, m, v)["bubble_ratio"]}
     if name == "zb-h2" and m >= p:
         return {"bubble_ratio": lower_bound(p, m, 1), "peak_activations": min(m, 2 * p - 1)}
     if name == "zbv":
@@ -57,6 +59,8 @@ def check(name, p, m, v):
     sim = simulate(sched)
     for metric, value in closed_forms(name, p, m, v).items():
         assert getattr(sim, metric) == value, (name, p, m, v, metric, getattr(sim, metric), value)
+    if name == "auto":  # built by name, auto keeps to 1F1B's memory limit of p micro-batches
+        assert sim.peak_activations <= min(m, p), (p, m, sim.peak_activations)
     # no single-pipeline schedule beats the flushed lower bound
     if sched.placement.pipelines == 1:
         assert sim.bubble_ratio >= lower_bound(p, m, v)
