@@ -74,18 +74,17 @@ def _model(options: BenchOptions, chunks: int, placement: str):
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.engine.tiny import layer_specs, lm_loss
+    from pp_ext.profile import tiny_config
 
-    config = TinyConfig(vocab=options.vocab, hidden=options.hidden, heads=options.heads,
-                        intermediate=options.intermediate, blocks=options.blocks_per_rank * options.stages,
-                        tied=False)
+    config = tiny_config(options)
     # blocks carry the work: balance them, embedding and head ride on the end stages
     return ChunkedPipelineModule(layers=layer_specs(config), topology=PipeDataParallelTopology(options.stages, 1),
                                  loss_fn=lm_loss, chunks=chunks, placement=placement,
                                  partition_method="type:Block", seed_layers=True, base_seed=1234)
 
 
-def _batches(options: BenchOptions):
+def batches(options: BenchOptions):
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -94,13 +93,35 @@ def _batches(options: BenchOptions):
     return [(x, torch.roll(x, -1, dims=1)) for x in ids]
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_passes(forward, backward, store, repeats: int) -> tuple[float, float, float, float]:
+    """Median seconds of F, I, W and fused B of one stage: ``forward()`` returns what
+    ``backward(out)`` differentiates; ``store`` is the split-backward store the
+    stage's layers defer their weight gradients to. Shared with :mod:`pp_ext.profile`."""
+    for _ in range(2):  # warm up: first calls pay for allocation and kernel selection
+        backward(forward())
+    f = median_time(forward, repeats)
+    outs = [forward() for _ in range(repeats)]
+    b = median_time(lambda: backward(outs.pop()), repeats)
+    keys = iter(range(repeats))
+    outs = [forward() for _ in range(repeats)]
+
+    def input_grad():
+        with store.defer(next(keys)):
+            backward(outs.pop())
+
+    i = median_time(input_grad, repeats)
+    keys = iter(range(repeats))
+    w = median_time(lambda: store.run(next(keys)), repeats)
+    return f, i, w, b
 
 
 def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[float, float, float, float]]:
@@ -111,7 +132,7 @@ def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[fl
 
     store = WeightGradStore()
     enable_split_backward(module, store)
-    ids, labels = _batches(options)[0]
+    ids, labels = batches(options)[0]
     costs = {}
     for chunk in range(module.chunks):
         first, last = module.is_first_stage_chunk(chunk), module.is_last_stage_chunk(chunk)
@@ -125,27 +146,12 @@ def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[fl
         def backward(out):
             torch.autograd.backward(out, None if last else torch.ones_like(out))
 
-        for _ in range(2):  # warm up: first calls pay for allocation and kernel selection
-            backward(forward())
-        f = _median_time(forward, options.cost_repeats)
-        outs = [forward() for _ in range(options.cost_repeats)]
-        b = _median_time(lambda: backward(outs.pop()), options.cost_repeats)
-        keys = iter(range(options.cost_repeats))
-        outs = [forward() for _ in range(options.cost_repeats)]
-
-        def input_grad():
-            with store.defer(next(keys)):
-                backward(outs.pop())
-
-        i = _median_time(input_grad, options.cost_repeats)
-        keys = iter(range(options.cost_repeats))
-        w = _median_time(lambda: store.run(next(keys)), options.cost_repeats)
-        costs[module.stage_of_chunk(chunk)] = (f, i, w, b)
+        costs[module.stage_of_chunk(chunk)] = time_passes(forward, backward, store, options.cost_repeats)
     module.zero_grad(set_to_none=True)
     return costs
 
 
-def _comm_latency(options: BenchOptions, rank: int) -> float:
+def comm_latency(options: BenchOptions, rank: int) -> float:
     """Half a ping-pong of one activation between pipeline ranks 0 and 1."""
     import torch
     from deepspeed import comm as dist
@@ -177,7 +183,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     from pp_ext.schedules import Costs, build, simulate
 
     plan = options.plan()
-    batches = _batches(options)
+    step_batches = batches(options)
     ds_config = {"train_micro_batch_size_per_gpu": options.micro_batch_size,
                  "gradient_accumulation_steps": options.micro_batches,
                  "train_batch_size": options.micro_batch_size * options.micro_batches,
@@ -193,7 +199,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     def step(engine) -> float:
         dist.barrier()
         start = time.perf_counter()
-        engine.train_batch(iter(batches))
+        engine.train_batch(iter(step_batches))
         elapsed = torch.tensor([time.perf_counter() - start])
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return float(elapsed)
@@ -204,14 +210,14 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     layouts: dict[tuple[int, str], Costs] = {}
     for repeat in range(options.warmup + options.repeats):
         if repeat == options.warmup:
-            comm = _comm_latency(options, rank)
+            comm = comm_latency(options, rank)
             for (chunks, placement), probe in probes.items():
                 _progress(rank, f"measuring F/I/W/B per stage for {chunks} chunk(s) in {placement} placement")
                 gathered: list = [None] * world
                 dist.all_gather_object(gathered, _stage_costs(probe, options, rank))
                 stages = {s: c for part in gathered for s, c in part.items()}
                 layouts[(chunks, placement)] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)))
-            optimizer_time = _median_time(engines[0].optimizer.step, options.cost_repeats)
+            optimizer_time = median_time(engines[0].optimizer.step, options.cost_repeats)
         _progress(rank, f"{'warm-up' if repeat < options.warmup else 'timed'} round {repeat + 1} of "
                         f"{options.warmup + options.repeats}")
         for engine, column in zip(engines, times):

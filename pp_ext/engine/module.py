@@ -31,7 +31,7 @@ from pp_ext import tp
 from pp_ext.schedules.placement import Placement
 
 PLACEMENTS = ("loop", "v", "bidirectional")
-METHODS = "'parameters', 'uniform', 'type:REGEX' or a list of stage boundaries"
+METHODS = "'parameters', 'uniform', 'type:REGEX' or a list of stage boundaries, or 'balanced:PROFILE.json'"
 
 
 def layer_name(layer) -> str | None:
@@ -103,10 +103,47 @@ def _check_boundaries(parts: Sequence[int], layers: int, stages: int) -> list[in
     raise ValueError(f"explicit partition {parts} {problem}")
 
 
+def balanced_parts(costs: Sequence[float], stages: int) -> list[int]:
+    """Boundaries that minimise the most expensive stage's summed layer cost (every
+    stage at least one layer), the smallest such spread among ties.
+
+    A pipeline runs at the pace of its slowest stage (Qi et al. 2024, "Zero Bubble
+    Pipeline Parallelism", ICLR, Sec. 3: bubbles and step time follow the per-stage
+    F/I/W times), so the cut should bound the maximum; DeepSpeed's
+    ``partition_balanced`` minimises max - min instead, which can leave the maximum
+    higher. Measured costs include the embedding and the head (a large vocabulary
+    makes the last layer the heaviest), so first and last stages come out uneven in
+    layer count. Dynamic programming over prefix sums, O(layers^2 x stages).
+    """
+    n = len(costs)
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    # best[s][i]: (largest stage, sum of squares) of the first i layers in s stages
+    best = [[None] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = (0.0, 0.0)
+    for s in range(1, stages + 1):
+        for i in range(s, n - (stages - s) + 1):
+            for k in range(s - 1, i):
+                if best[s - 1][k] is None:
+                    continue
+                stage = prefix[i] - prefix[k]
+                score = (max(best[s - 1][k][0], stage), best[s - 1][k][1] + stage * stage)
+                if best[s][i] is None or score < best[s][i]:
+                    best[s][i], cut[s][i] = score, k
+    parts = [n]
+    for s in range(stages, 0, -1):
+        parts.append(cut[s][parts[-1]])
+    return parts[::-1]
+
+
 def partition(layers: Sequence, stages: int, method: str | Sequence[int] = "parameters") -> list[int]:
     """Stage boundaries ``parts`` (``stages + 1`` ints): stage s holds layers
-    ``parts[s]:parts[s+1]``. Methods as DeepSpeed's, plus explicit boundaries;
-    'parameters' counts on the meta device (:func:`layer_param_counts`)."""
+    ``parts[s]:parts[s+1]``. Methods as DeepSpeed's, plus explicit boundaries and
+    'balanced:FILE' (measured per-layer costs of a ``pp-ext tune`` profile,
+    :func:`balanced_parts`); 'parameters' counts on the meta device
+    (:func:`layer_param_counts`)."""
     if len(layers) < stages:
         raise ValueError(f"{len(layers)} layers cannot fill {stages} pipeline stages (one layer at least each): "
                          f"use fewer chunks or fewer pipeline stages")
@@ -119,6 +156,13 @@ def partition(layers: Sequence, stages: int, method: str | Sequence[int] = "para
         parts = partition_balanced(weights=layer_param_counts(layers), num_parts=stages)
     elif kind.lower() == "type" and pattern:
         parts = partition_balanced(weights=_type_weights(layers, pattern), num_parts=stages)
+    elif kind.lower() == "balanced":
+        from pp_ext.profile import Profile
+
+        if not pattern:
+            raise ValueError("partition_method 'balanced' needs measured layer costs: give 'balanced:PROFILE.json' "
+                             "(written by pp-ext tune)")
+        parts = balanced_parts(Profile.load(pattern).layer_costs(len(layers)), stages)
     else:
         raise ValueError(f"partition_method must be {METHODS}, got {method!r}")
     return [int(b) for b in parts]

@@ -1,0 +1,79 @@
+"""Balanced partitioning (pure) and the profiler (one 2-rank launch on the bench model
+with a heavy head: balanced beats 'parameters' in simulation on the measured costs)."""
+import itertools
+
+import pytest
+
+from pp_ext.bench import BenchOptions
+from pp_ext.engine.module import balanced_parts, partition
+from pp_ext.profile import LayerCost, Profile, profile_tiny
+from pp_ext.schedules import build, simulate
+from pp_ext.schedules.auto import auto_schedule
+
+
+def brute_force_max(costs, stages):
+    n = len(costs)
+    best = None
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        parts = [0, *cuts, n]
+        worst = max(sum(costs[a:b]) for a, b in zip(parts, parts[1:]))
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+def test_balanced_parts_minimises_the_slowest_stage():
+    cases = [([1, 1, 1, 1], 2), ([1, 4, 4, 4, 4, 9], 2), ([5, 1, 1, 1, 1, 1, 1, 8], 3), ([3, 2, 2, 2, 2, 7], 4),
+             ([1] * 7, 7), ([2.5, 0.1, 0.1, 3.0, 0.2], 2)]
+    for costs, stages in cases:
+        parts = balanced_parts(costs, stages)
+        assert parts[0] == 0 and parts[-1] == len(costs) and len(parts) == stages + 1
+        assert all(b > a for a, b in zip(parts, parts[1:]))
+        assert max(sum(costs[a:b]) for a, b in zip(parts, parts[1:])) == brute_force_max(costs, stages)
+    # a heavy head gets a stage of few layers: uneven first and last stages
+    assert balanced_parts([1, 2, 2, 2, 2, 2, 2, 5], 2) == [0, 5, 8]
+
+
+def test_balanced_needs_a_matching_profile(tmp_path):
+    layers = [None] * 4
+    with pytest.raises(ValueError, match="needs measured layer costs: give 'balanced:PROFILE.json'"):
+        partition(layers, 2, "balanced")
+    with pytest.raises(ValueError, match="does not exist: write one with pp-ext tune"):
+        partition(layers, 2, f"balanced:{tmp_path / 'none.json'}")
+    profile = Profile(tuple(LayerCost("L", 1.0, 0.5, 0.4, 0.9, 10) for _ in range(3)), 0.0, 1, 8)
+    path = profile.save(tmp_path / "p.json")
+    with pytest.raises(ValueError, match="measures 3 layers, the model has 4"):
+        partition(layers, 2, f"balanced:{path}")
+    assert Profile.load(path) == profile
+    assert partition(layers[:3], 2, f"balanced:{path}") in ([0, 1, 3], [0, 2, 3])
+
+
+@pytest.mark.slow
+def test_profile_of_a_heavy_head_and_balanced_stages(tmp_path):
+    options = BenchOptions(stages=2, micro_batches=4, hidden=128, heads=2, intermediate=352, vocab=16384,
+                           blocks_per_rank=2, seq=64, micro_batch_size=2, cost_repeats=5)
+    profile = profile_tiny(options)
+    names = [layer.name for layer in profile.layers]
+    assert names[0] == "Embedding" and names[-1] != "Block" and names.count("Block") == 4
+    assert all(layer.forward > 0 and layer.input_grad > 0 and layer.backward > 0 for layer in profile.layers)
+    assert all(layer.activation_bytes > 0 for layer in profile.layers[1:]) and profile.comm > 0
+    head = profile.layers[-1]
+    assert head.forward + head.backward > max(l.forward + l.backward for l in profile.layers[1:-2])
+    saved = Profile.load(profile.save(tmp_path / "profile.json"))
+    assert saved == profile
+
+    from pp_ext.engine.module import layer_param_counts
+    from pp_ext.engine.tiny import layer_specs
+    from pp_ext.profile import tiny_config
+
+    layers = layer_specs(tiny_config(options))
+    by_params = partition(layers, 2, "parameters")
+    balanced = partition(layers, 2, f"balanced:{tmp_path / 'profile.json'}")
+    assert len(layer_param_counts(layers)) == len(profile.layers)
+    results = {}
+    for name, parts in (("parameters", by_params), ("balanced", balanced)):
+        costs = profile.stage_costs(parts)
+        results[name] = {s: simulate(build(s, 2, 4), costs).makespan for s in ("1f1b", "zb-h1")}
+        results[name]["auto"] = simulate(auto_schedule(2, 4, costs), costs).makespan
+    print("parts", by_params, balanced, "simulated step s", results)
+    assert all(results["balanced"][s] <= results["parameters"][s] for s in results["balanced"])
+    assert results["balanced"]["auto"] <= results["balanced"]["zb-h1"]
