@@ -269,3 +269,45 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
         assert code == 0 and sorted(resumed) == [4, 5, 6], (name, code, resumed)
         diff = max(abs(resumed[s] - reference[s]) for s in resumed)
         assert diff <= TOLERANCE, f"{name}: resumed losses differ by {diff:.2e}"
+
+
+@pytest.mark.slow
+def test_killed_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path):
+    """kill -9 while a checkpoint is being written (its folder exists, its marker does
+    not yet): `latest` still names the previous one, resume takes it, and the run ends
+    with the uninterrupted losses."""
+    from pp_ext.engine.spawn import spawn
+
+    steps = ["train.steps=40", "checkpoint.interval=2", "checkpoint.keep=2"]
+    uninterrupted = spawn(train_cases, 2, str(tmp_path), [("whole", steps)], timeout=600)[0]["whole"][1]
+
+    out = tmp_path / "killed"
+    saves = out / "checkpoints"
+    process = launch(out, *steps)
+    caught = None
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline and caught is None:
+            if (saves / "latest").exists():  # a complete checkpoint to fall back on
+                partial = [d for d in saves.glob("step-*") if not (d / "pp_ext.json").exists()]
+                if partial and any(partial[0].iterdir()):  # DeepSpeed has begun writing it
+                    os.killpg(process.pid, signal.SIGKILL)
+                    caught = partial[0]
+            time.sleep(0.001)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert caught is not None, "no save was caught in the middle"
+    assert not (caught / "pp_ext.json").exists(), "killed too late: the save had completed"
+    previous = (saves / "latest").read_text()
+    assert previous < caught.name and (saves / previous / "pp_ext.json").exists()
+
+    resumed = launch(out, *steps)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert f"resumed from {saves / previous}" in err
+    after = losses(out)
+    assert sorted(after) == list(range(1, 41))
+    diff = max(abs(after[s] - uninterrupted[s]) for s in after)
+    assert diff <= TOLERANCE, f"resumed losses differ from the uninterrupted run's by {diff:.2e}"
