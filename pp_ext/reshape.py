@@ -24,8 +24,11 @@ from pp_ext.checkpoints import CheckpointError
 LAYOUT_KEYS = ("pipeline", "tensor", "data", "chunks", "placement", "partition")
 
 
-def param_names(engine) -> list[str]:
-    """Names of the optimizer's parameters on this rank, in its order (saved with every checkpoint)."""
+def param_names(engine) -> list[str] | None:
+    """Names of the optimizer's parameters on this rank, in its order (saved with every
+    checkpoint); None under bf16 or ZeRO, whose optimizers hold flat partitions."""
+    if engine.bfloat16_enabled() or engine.zero_optimization():
+        return None
     names = {id(p): n for n, p in engine.module.named_parameters()}
     return [names[id(p)] for group in engine.optimizer.param_groups for p in group["params"]]
 
