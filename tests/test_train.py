@@ -267,7 +267,10 @@ def test_a_stalled_or_killed_rank_stops_every_rank(tmp_path, how):
 @pytest.mark.slow
 def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     """A checkpoint of pipeline 2 x 1f1b resumed as pipeline 1 x data 2, and as zbv
-    (2 chunks in V placement), weights and AdamW state: the same losses as going on."""
+    (2 chunks in V placement), weights and AdamW state: the same losses as going on.
+    A pipeline 1 x tensor 2 checkpoint resumed with the same layout, and as zbv (each
+    tensor rank takes its own part's AdamW state), likewise; under another tensor size
+    it is refused (exit code 2)."""
     from pp_ext.engine.spawn import spawn
 
     steps = ["train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0"]
@@ -275,14 +278,21 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     cases = [("source", [*steps, "parallel.schedule=1f1b"]),
              ("pipeline-1", [*steps, resume, "parallel.pipeline=1", "parallel.micro_batches=2"]),
              ("zbv", [*steps, resume, "parallel.schedule=zbv"])]
+    tensor = [*steps, *SMOKE_MODEL, "parallel.pipeline=1", "parallel.tensor=2"]
+    tensor_resume = f"checkpoint.resume={tmp_path / 'tensor-2/checkpoints/step-00000003'}"
+    cases += [("tensor-2", tensor), ("tensor-2-resumed", [*tensor, tensor_resume]),
+              ("tensor-2-zbv", [*tensor, tensor_resume, "parallel.schedule=zbv"]),
+              ("tensor-1", [*steps, *SMOKE_MODEL, tensor_resume])]  # tensor 2 -> 1: refused
     results = spawn(train_cases, 2, str(tmp_path), cases, timeout=600)[0]
-    reference = results["source"][1]
-    assert results["source"][0] == 0 and sorted(reference) == list(range(1, 7))
-    for name in ("pipeline-1", "zbv"):
-        code, resumed = results[name]
-        assert code == 0 and sorted(resumed) == [4, 5, 6], (name, code, resumed)
-        diff = max(abs(resumed[s] - reference[s]) for s in resumed)
-        assert diff <= TOLERANCE, f"{name}: resumed losses differ by {diff:.2e}"
+    for source, resumed_runs in (("source", ("pipeline-1", "zbv")), ("tensor-2", ("tensor-2-resumed", "tensor-2-zbv"))):
+        reference = results[source][1]
+        assert results[source][0] == 0 and sorted(reference) == list(range(1, 7)), (source, results[source])
+        for name in resumed_runs:
+            code, resumed = results[name]
+            assert code == 0 and sorted(resumed) == [4, 5, 6], (name, code, resumed)
+            diff = max(abs(resumed[s] - reference[s]) for s in resumed)
+            assert diff <= TOLERANCE, f"{name}: resumed losses differ by {diff:.2e}"
+    assert results["tensor-1"] == (2, None)
 
 
 @pytest.mark.slow
