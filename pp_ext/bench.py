@@ -102,10 +102,11 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_passes(forward, backward, store, repeats: int) -> tuple[float, float, float, float]:
+def time_passes(forward, backward, store, repeats: int, sync=lambda: None) -> tuple[float, float, float, float]:
     """Median seconds of F, I, W and fused B of one stage: ``forward()`` returns what
     ``backward(out)`` differentiates; ``store`` is the split-backward store the
-    stage's layers defer their weight gradients to. Shared with :mod:`pp_ext.profile`."""
+    stage's layers defer their weight gradients to; ``sync()`` waits for the device
+    after W (a GPU's kernels are asynchronous). Shared with :mod:`pp_ext.profile`."""
     for _ in range(2):  # warm up: first calls pay for allocation and kernel selection
         backward(forward())
     f = median_time(forward, repeats)
@@ -120,7 +121,7 @@ def time_passes(forward, backward, store, repeats: int) -> tuple[float, float, f
 
     i = median_time(input_grad, repeats)
     keys = iter(range(repeats))
-    w = median_time(lambda: store.run(next(keys)), repeats)
+    w = median_time(lambda: (store.run(next(keys)), sync()), repeats)
     return f, i, w, b
 
 

@@ -16,15 +16,24 @@ F, I, W, B are timed with the same code as ``pp-ext bench``
 during the layer's forward. The p2p latency is bench's half ping-pong of one
 activation (:func:`pp_ext.bench.comm_latency`).
 
+:func:`profile_recipe` profiles a recipe's own Hugging Face model (the layers of
+:func:`pp_ext.hf.layer_specs`, embedding and head included, built in the recipe's
+dtype, on the GPU where there is one) at its shapes (``train.micro_batch_size`` x
+``data.seq_len``), for one or several micro-batch sizes in one launch of 2 local
+ranks (the second is the p2p peer). :func:`recipe_schedule` is ``parallel.schedule:
+auto`` with ``parallel.profile``: the schedule computed from the profile's per-stage
+costs under ``parallel.memory_limit`` (Qi et al. 2024, Sec. 3), the same on every rank.
+
 File format (JSON)::
 
-    {"comm": s, "micro_batch_size": b, "seq": t,
+    {"comm": s, "micro_batch_size": b, "seq": t, "dtype": "float32",
      "layers": [{"name": "Embedding", "forward": s, "input_grad": s, "weight_grad": s,
                  "backward": s, "activation_bytes": n}, ...]}
 """
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,6 +56,7 @@ class Profile:
     comm: float
     micro_batch_size: int
     seq: int
+    dtype: str = "float32"
 
     def layer_costs(self, count: int) -> list[float]:
         """Seconds of one training micro-batch (forward + fused backward) per layer."""
@@ -67,11 +77,20 @@ class Profile:
         """Bytes of one micro-batch's activations per stage."""
         return [sum(layer.activation_bytes for layer in self.layers[a:b]) for a, b in zip(parts, parts[1:])]
 
+    def check_shapes(self, recipe, path: str | Path) -> None:
+        """Raise ValueError unless this profile was measured at the recipe's sequence
+        length and dtype (costs scale with both; the micro-batch size is checked by
+        the caller, since ``pp-ext tune`` varies it)."""
+        if (self.seq, self.dtype) != (recipe.data.seq_len, recipe.model.dtype):
+            raise ValueError(f"profile {path} measured {self.seq} tokens in {self.dtype}, the recipe has "
+                             f"data.seq_len={recipe.data.seq_len} in {recipe.model.dtype}: profile this recipe "
+                             f"again (pp-ext tune --recipe R without --profile)")
+
     def save(self, path: str | Path) -> Path:
         from pp_ext.schedules.render import write_atomic
 
         data = {"comm": self.comm, "micro_batch_size": self.micro_batch_size, "seq": self.seq,
-                "layers": [asdict(layer) for layer in self.layers]}
+                "dtype": self.dtype, "layers": [asdict(layer) for layer in self.layers]}
         return write_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
     @classmethod
@@ -82,7 +101,7 @@ class Profile:
         try:
             data = json.loads(path.read_text())
             return cls(tuple(LayerCost(**layer) for layer in data["layers"]), float(data["comm"]),
-                       int(data["micro_batch_size"]), int(data["seq"]))
+                       int(data["micro_batch_size"]), int(data["seq"]), str(data.get("dtype", "float32")))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"profile {path} is not valid ({exc}): write it again with pp-ext tune") from None
 
@@ -115,17 +134,22 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
 
     store = WeightGradStore()
     enable_split_backward(module, store)
+    # on a GPU kernels run asynchronously: each timed call waits for its own
+    sync = torch.cuda.synchronize if labels.is_cuda else (lambda: None)
     costs, x = [], inputs
     for chunk in range(module.chunks):
         last = module.is_last_stage_chunk(chunk)
 
         def forward(x=x, chunk=chunk, last=last):
             out = module.chunk_forward(chunk, x)
-            return module.loss_fn(out, labels) if last else out
+            out = module.loss_fn(out, labels) if last else out
+            sync()
+            return out
 
         def backward(out):
             outs = [t for t in _tensors(out) if t.requires_grad]
             torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+            sync()
 
         saved = {}
 
@@ -135,7 +159,7 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             out = forward()
-        f, i, w, b = time_passes(forward, backward, store, repeats)
+        f, i, w, b = time_passes(forward, backward, store, repeats, sync)
         start = module.chunk_bounds(chunk)[0]
         costs.append(LayerCost(layer_name(module._layer_specs[start]) or f"layer {start}", f, i, w, b,
                                sum(saved.values())))
@@ -166,6 +190,83 @@ def _tiny_worker(rank: int, world: int, options) -> Profile | None:
     ids, labels = batches(options)[0]
     return Profile(tuple(measure_layers(module, ids, labels, options.cost_repeats)), comm,
                    options.micro_batch_size, options.seq)
+
+
+def _recipe_worker(rank: int, world: int, recipe, sizes: tuple[int, ...], repeats: int) -> dict | None:
+    import torch
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    from pp_ext.bench import BenchOptions, comm_latency
+    from pp_ext.hf import build_pipeline_module
+    from pp_ext.hf.loading import load_config
+    from pp_ext.train import LanguageModelLoss
+
+    config = load_config(recipe.model.path)
+    loss = LanguageModelLoss()
+    chunks = len(recipe_layer_specs(recipe))
+    # as _tiny_worker: every layer its own chunk on each rank of pipeline 1 x data 2
+    module = build_pipeline_module(recipe.model.path, topology=PipeDataParallelTopology(1, world), chunks=chunks,
+                                   partition_method="uniform", loss_fn=loss, dtype=recipe.model.dtype,
+                                   attn_implementation=recipe.model.attn_implementation, seed=recipe.train.seed)
+    loss.tensor_axis = module.tensor_axis
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    module.to(device)
+    profiles = {}
+    for index, size in enumerate(sizes):
+        if rank == 0:
+            print(f"pp-ext tune: measuring {chunks} layers at micro-batch size {size} x {recipe.data.seq_len} "
+                  f"tokens ({index + 1} of {len(sizes)}, {device.type})", file=sys.stderr, flush=True)
+        # p2p of one activation of the hidden width (float32, as bench sends it)
+        comm = comm_latency(BenchOptions(stages=2, micro_batch_size=size, seq=recipe.data.seq_len,
+                                         hidden=config.hidden_size, cost_repeats=repeats), rank)
+        if rank != 0:
+            continue
+        gen = torch.Generator().manual_seed(recipe.train.seed)
+        ids = torch.randint(config.vocab_size, (size, recipe.data.seq_len), generator=gen).to(device)
+        layers = measure_layers(module, ids, torch.roll(ids, -1, dims=1), repeats)
+        profiles[size] = Profile(tuple(layers), comm, size, recipe.data.seq_len, recipe.model.dtype)
+    return profiles if rank == 0 else None
+
+
+def recipe_layer_specs(recipe) -> list:
+    """The pipeline layers of the recipe's model (what a profile measures, in order)."""
+    from pp_ext.hf import layer_specs
+    from pp_ext.hf.loading import load_config
+
+    return layer_specs(load_config(recipe.model.path), recipe.model.attn_implementation)
+
+
+def profile_recipe(recipe, sizes: tuple[int, ...], repeats: int = 5) -> dict[int, Profile]:
+    """Profiles of the recipe's model at each micro-batch size in ``sizes`` (its
+    ``data.seq_len`` and ``model.dtype``), measured in one launch of 2 local ranks."""
+    from pp_ext.engine.spawn import spawn
+
+    return spawn(_recipe_worker, 2, recipe, tuple(sizes), repeats)[0]
+
+
+def recipe_schedule(recipe, pipe: int):
+    """``parallel.schedule: auto`` with ``parallel.profile``: :func:`auto_schedule` on
+    the profile's per-stage costs for the recipe's partition (Qi et al. 2024, Sec. 3:
+    the best order depends on the measured F, I, W and communication), under
+    ``parallel.memory_limit`` micro-batches per rank (None: 1F1B's). Deterministic, so
+    every rank builds the same program. Raises ValueError (a profile of other shapes,
+    or of another model) or a ScheduleError."""
+    from omegaconf import OmegaConf
+
+    from pp_ext.engine.module import partition
+    from pp_ext.schedules.auto import auto_schedule
+
+    path = recipe.parallel.profile
+    profile = Profile.load(path)
+    profile.check_shapes(recipe, path)
+    if profile.micro_batch_size != recipe.train.micro_batch_size:
+        raise ValueError(f"profile {path} measured micro-batches of {profile.micro_batch_size} samples, the recipe "
+                         f"has train.micro_batch_size={recipe.train.micro_batch_size}: use that size or profile "
+                         f"again (pp-ext tune --recipe R)")
+    parts = partition(recipe_layer_specs(recipe), pipe, recipe.parallel.partition)
+    limit = recipe.parallel.memory_limit
+    limit = OmegaConf.to_container(limit) if OmegaConf.is_config(limit) else limit
+    return auto_schedule(pipe, recipe.parallel.micro_batches, profile.stage_costs(parts), limit)
 
 
 def tiny_config(options):

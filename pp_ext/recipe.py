@@ -109,6 +109,18 @@ def _check(recipe: DictConfig) -> None:
         raise RecipeError(f"recipe key 'parallel.data' must be 'auto' or an integer >= 1, got {data!r}")
     if recipe.parallel.chunks is not None:
         _positive("parallel.chunks", recipe.parallel.chunks)
+    limit = recipe.parallel.memory_limit
+    if limit is not None:
+        if recipe.parallel.schedule != "auto":
+            raise RecipeError(f"recipe key 'parallel.memory_limit' is read by parallel.schedule=auto only "
+                              f"(got schedule {recipe.parallel.schedule}): drop it or use schedule auto")
+        values = list(limit) if isinstance(limit, ListConfig) else [limit]
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise RecipeError(f"recipe key 'parallel.memory_limit' must be a number >= 1 (micro-batches of "
+                              f"activations per rank) or a list of them, one per pipeline rank; got {limit!r}")
+    if recipe.parallel.profile is not None and not Path(recipe.parallel.profile).is_file():
+        raise RecipeError(f"recipe key 'parallel.profile' is {recipe.parallel.profile}, which does not exist: "
+                          f"write it with pp-ext tune --recipe R --out FILE (it names the profile it writes)")
     steps, epochs = recipe.train.steps, recipe.train.epochs
     if (steps is None) == (epochs is None):
         raise RecipeError("set exactly one of recipe keys 'train.steps' and 'train.epochs' "

@@ -64,8 +64,15 @@ class ParallelConfig:
     micro_batches: int = 4
     # model chunks per pipeline rank; None: the schedule's default
     chunks: Optional[int] = None
-    # parameters | uniform | type:REGEX | [boundaries]
+    # parameters | uniform | type:REGEX | balanced:PROFILE.json | [boundaries]
     partition: Any = "parameters"
+    # a profile of this model at these shapes (written by `pp-ext tune`): with schedule
+    # auto, the schedule is computed from its measured per-stage costs (Qi et al. 2024,
+    # Sec. 3) instead of unit costs
+    profile: Optional[str] = None
+    # auto's memory limit per rank in micro-batches of that rank's activations (a number
+    # or one per pipeline rank); None: 1F1B's (pipeline micro-batches)
+    memory_limit: Any = None
     # seconds any rank waits for a peer (p2p receive, collective) before it stops with
     # an error naming itself, its stage and what it waited for (a dead or stalled rank)
     comm_timeout_s: int = 1800

@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
     """``(pipeline, tensor, data, chunks)``; raises RecipeError for what can be known
     without a process group about the layout: ranks, schedule constraints, the model."""
+    from pp_ext.profile import recipe_schedule
     from pp_ext.schedules import ScheduleError, get
 
     pipe, tensor, data = resolve_parallel(recipe, world_size)
@@ -63,10 +64,14 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
         chunks = spec.resolve_chunks(chunks)
         try:
             spec.build(pipe, recipe.parallel.micro_batches, chunks)
+            if name == "auto" and recipe.parallel.profile is not None:
+                recipe_schedule(recipe, pipe)
         except ScheduleError as exc:
             raise RecipeError(f"parallel.schedule={name} with pipeline={pipe}, "
                               f"micro_batches={recipe.parallel.micro_batches}, chunks={chunks}: "
                               f"{' '.join(str(exc).split())}") from None
+        except ValueError as exc:  # a profile of other shapes or another model
+            raise RecipeError(f"parallel.profile={recipe.parallel.profile}: {' '.join(str(exc).split())}") from None
     elif chunks not in (None, 1):
         raise RecipeError("parallel.schedule=deepspeed-1f1b runs one chunk per rank: drop parallel.chunks")
     chunks = chunks or 1
@@ -224,6 +229,7 @@ def run(recipe, world_size: int) -> int:
     from pp_ext import data, reshape
     from pp_ext.engine.spawn import init_distributed
     from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
+    from pp_ext.profile import recipe_schedule
     from pp_ext.schedules import get
 
     pipe, tensor, data_parallel, chunks = check_before_launch(recipe, world_size)
@@ -263,7 +269,9 @@ def run(recipe, world_size: int) -> int:
     engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer,
                                    lr_scheduler=warmup_cosine(optimizer, recipe, steps),
                                    config=deepspeed_config(recipe, data_parallel, str(output_dir)),
-                                   schedule=schedule)
+                                   # auto from measured costs: built from the profile, the same on every rank
+                                   schedule=recipe_schedule(recipe, pipe) if schedule == "auto"
+                                   and recipe.parallel.profile is not None else schedule)
 
     # what a checkpoint's layout is compared on (pp_ext.reshape.LAYOUT_KEYS)
     layout = {"pipeline": pipe, "tensor": tensor, "data": data_parallel, "chunks": chunks,

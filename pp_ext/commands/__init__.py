@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 # module names under pp_ext.commands, in the order `pp-ext --help` lists them
-GROUPS: tuple[str, ...] = ("schedule", "bench", "plan", "report", "export")
+GROUPS: tuple[str, ...] = ("schedule", "bench", "plan", "report", "export", "tune")
 
 
 class CommandError(Exception):

@@ -7,7 +7,7 @@ import deepspeed
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 
-from pp_ext.schedules import get, lower
+from pp_ext.schedules import Schedule, get, lower, validate
 
 from .engine import ScheduleEngine
 from .module import ChunkedPipelineModule
@@ -28,11 +28,13 @@ def _load_config(args: Any, config: Any, config_params: Any) -> dict:
 def initialize(args: Any = None, model: ChunkedPipelineModule | None = None, optimizer: Any = None,
                model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
                mpu: Any = None, dist_init_required: bool | None = None, collate_fn: Any = None,
-               config: Any = None, config_params: Any = None, schedule: str = "1f1b"):
+               config: Any = None, config_params: Any = None, schedule: str | Schedule = "1f1b"):
     """Same arguments and return tuple as ``deepspeed.initialize`` (engine, optimizer,
     training dataloader, lr scheduler), plus ``schedule``: a registered schedule name
     (``pp-ext schedule list``) or ``deepspeed-1f1b`` for DeepSpeed's own
-    ``TrainSchedule`` on its stock ``PipelineEngine``, unchanged (the baseline).
+    ``TrainSchedule`` on its stock ``PipelineEngine``, unchanged (the baseline), or a
+    prebuilt :class:`~pp_ext.schedules.Schedule` (e.g. ``auto`` computed from measured
+    costs, Qi et al. 2024 Sec. 3, which its name alone cannot rebuild), validated here.
 
     The module's ``chunks`` and ``placement`` choose the schedule's chunks; the
     number of micro-batches is DeepSpeed's ``gradient_accumulation_steps``.
@@ -46,6 +48,7 @@ def initialize(args: Any = None, model: ChunkedPipelineModule | None = None, opt
                                     model_parameters=model_parameters, training_data=training_data,
                                     lr_scheduler=lr_scheduler, dist_init_required=dist_init_required,
                                     collate_fn=collate_fn, config=config, config_params=config_params)
+    prebuilt, schedule = (None, schedule) if isinstance(schedule, str) else (schedule, schedule.name)
     spec = get(schedule)
     if not isinstance(model, ChunkedPipelineModule):
         raise TypeError(f"schedule {schedule} needs a pp_ext ChunkedPipelineModule (got {type(model).__name__})")
@@ -58,7 +61,15 @@ def initialize(args: Any = None, model: ChunkedPipelineModule | None = None, opt
     config_class = DeepSpeedConfig(config, mpu)
     micro_batches = config_class.gradient_accumulation_steps
     deepspeed.set_optimizer_flags(config_class, model)
-    program = lower(spec.build(model.topology().get_dim("pipe"), micro_batches, model.chunks))
+    pipe = model.topology().get_dim("pipe")
+    if prebuilt is not None and (prebuilt.placement.ranks, prebuilt.micro_batches, prebuilt.placement.stages) \
+            != (pipe, micro_batches, model.placement.stages):
+        raise ValueError(f"the prebuilt {schedule} schedule is for {prebuilt.placement.ranks} ranks, "
+                         f"{prebuilt.micro_batches} micro-batches and {prebuilt.placement.stages} stages; the module "
+                         f"and config have {pipe}, {micro_batches} and {model.placement.stages}: build it for these")
+    if prebuilt is not None:
+        validate(prebuilt)
+    program = lower(prebuilt or spec.build(pipe, micro_batches, model.chunks))
     engine = ScheduleEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                             training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
                             dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
