@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pp_ext.schedules import REGISTRY, ConstraintError, build, lower, simulate
+from pp_ext.schedules.asynchronous import SHOWN_STEPS
 from pp_ext.schedules.simulate import steady_state
 
 
@@ -38,6 +39,9 @@ def closed_forms(name, p, m, v):
             {"bubble_ratio": lower_bound(p, m, 2)} if m >= 3 * p // 2 else {})
     if name == "dualpipev":  # refuses m < 2p
         return {"bubble_ratio": lower_bound(p, m, 2), "peak_activations": p + Fr(1, 2)}
+    if name in ("pipedream", "pipedream-2bw", "pipemare"):  # a stream of SHOWN_STEPS calls, one fill
+        return {"bubble_ratio": Fr(p - 1, SHOWN_STEPS * m + p - 1), "peak_activations": min(p, SHOWN_STEPS * m),
+                "weight_copies": {"pipedream": p, "pipedream-2bw": 2, "pipemare": 1}[name]}
     if name == "chimera":  # refuses odd p and m not a multiple of p; see chimera.py for the forms
         return {"bubble_ratio": Fr((p - 2) * (m + p), (4 * p - 2) * m + p * (p - 2)), "peak_activations": p,
                 "weight_copies": 2}
@@ -55,7 +59,8 @@ def check(name, p, m, v):
     except ConstraintError as err:
         assert name in str(err) and "got" in str(err), f"constraint message must name the schedule and value: {err}"
         return None
-    assert sched.ranks == p and sched.chunks == v and sched.micro_batches == m
+    assert sched.ranks == p and sched.chunks == v
+    assert sched.micro_batches == m * (SHOWN_STEPS if sched.backward_weights else 1)
     sim = simulate(sched)
     for metric, value in closed_forms(name, p, m, v).items():
         assert getattr(sim, metric) == value, (name, p, m, v, metric, getattr(sim, metric), value)

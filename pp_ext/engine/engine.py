@@ -97,7 +97,9 @@ class ScheduleEngine(PipelineEngine):
                 f"{schedule.placement.name} placement; the module has {self.num_stages} x {module.chunks} in "
                 f"{module.placement.name}: build the module with chunks={schedule.chunks}, "
                 f"placement='{schedule.placement.name}'")
-        if schedule.micro_batches != self.micro_batches:
+        # an asynchronous stream spans several calls of m micro-batches each
+        if schedule.micro_batches % self.micro_batches if schedule.backward_weights \
+                else schedule.micro_batches != self.micro_batches:
             raise ValueError(f"schedule has {schedule.micro_batches} micro-batches, DeepSpeed's "
                              f"gradient_accumulation_steps is {self.micro_batches}: make them equal")
         if self.fp16_enabled():

@@ -7,8 +7,10 @@ import deepspeed
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 
+from pp_ext.async_rules import PipeMareOptions
 from pp_ext.schedules import Schedule, get, lower, validate
 
+from .async_engine import AsyncScheduleEngine
 from .engine import ScheduleEngine
 from .module import ChunkedPipelineModule
 
@@ -28,7 +30,8 @@ def _load_config(args: Any, config: Any, config_params: Any) -> dict:
 def initialize(args: Any = None, model: ChunkedPipelineModule | None = None, optimizer: Any = None,
                model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
                mpu: Any = None, dist_init_required: bool | None = None, collate_fn: Any = None,
-               config: Any = None, config_params: Any = None, schedule: str | Schedule = "1f1b"):
+               config: Any = None, config_params: Any = None, schedule: str | Schedule = "1f1b",
+               pipemare: PipeMareOptions = PipeMareOptions()):
     """Same arguments and return tuple as ``deepspeed.initialize`` (engine, optimizer,
     training dataloader, lr scheduler), plus ``schedule``: a registered schedule name
     (``pp-ext schedule list``) or ``deepspeed-1f1b`` for DeepSpeed's own
@@ -38,6 +41,8 @@ def initialize(args: Any = None, model: ChunkedPipelineModule | None = None, opt
 
     The module's ``chunks`` and ``placement`` choose the schedule's chunks; the
     number of micro-batches is DeepSpeed's ``gradient_accumulation_steps``.
+    ``pipemare``: PipeMare's hyper-parameters (used by ``schedule="pipemare"`` only).
+    Asynchronous schedules need ``engine.flush()`` before eval, checkpoints and the end.
     """
     if model is None:
         raise ValueError("pp_ext.initialize requires a model (a pp_ext ChunkedPipelineModule)")
@@ -70,9 +75,11 @@ def initialize(args: Any = None, model: ChunkedPipelineModule | None = None, opt
     if prebuilt is not None:
         validate(prebuilt)
     program = lower(prebuilt or spec.build(pipe, micro_batches, model.chunks))
-    engine = ScheduleEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                            training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
-                            dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
-                            config_class=config_class, schedule=program)
+    # asynchronous schedules (their backward_weights say so) run on their own engine
+    extra = {"micro_batches": micro_batches, "pipemare": pipemare} if program.backward_weights else {}
+    engine = (AsyncScheduleEngine if extra else ScheduleEngine)(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,
+        collate_fn=collate_fn, config=config, config_class=config_class, schedule=program, **extra)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 

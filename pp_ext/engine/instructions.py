@@ -40,6 +40,11 @@ class WeightGradChunk(ChunkInstruction):
     """W: the deferred weight-gradient work of an earlier I."""
 
 
+class Update(ChunkInstruction):
+    """U: an optimizer update of the chunk's weights inside the program (asynchronous
+    schedules, :mod:`pp_ext.engine.async_engine`): a new weight version."""
+
+
 class SendTensors(ChunkInstruction):
     """Send the chunk's outputs (``grad=False``) or input gradients to ``peer``."""
 
@@ -63,7 +68,8 @@ class ReduceReplicaGrads(ds.PipeInstruction):
     between the pair of ranks holding them, before DeepSpeed's data-parallel ``ReduceGrads``."""
 
 
-_COMPUTE = {Kind.F: ForwardChunk, Kind.B: BackwardChunk, Kind.I: InputGradChunk, Kind.W: WeightGradChunk}
+_COMPUTE = {Kind.F: ForwardChunk, Kind.B: BackwardChunk, Kind.I: InputGradChunk, Kind.W: WeightGradChunk,
+            Kind.U: Update}
 _COMM = {Kind.SEND_ACT: (SendTensors, False), Kind.SEND_GRAD: (SendTensors, True),
          Kind.RECV_ACT: (RecvTensors, False), Kind.RECV_GRAD: (RecvTensors, True)}
 
@@ -74,18 +80,18 @@ def to_instruction(action: Action) -> ds.PipeInstruction:
     if action.kind in _COMM:
         cls, grad = _COMM[action.kind]
         return cls(action.chunk, action.micro_batch, peer=action.peer, grad=grad)
-    raise ValueError(f"{action} has no DeepSpeed instruction: the synchronous engine runs F, B, I, W, "
-                     f"sends and receives (optimizer updates inside a step belong to asynchronous schedules)")
+    raise ValueError(f"{action} has no DeepSpeed instruction")
 
 
 class ProgramSchedule(ds.PipeSchedule):
     """One rank's lowered program as a DeepSpeed training schedule."""
 
-    def __init__(self, schedule: Schedule, rank: int) -> None:
+    def __init__(self, schedule: Schedule, rank: int, actions: tuple[Action, ...] | None = None) -> None:
+        """``actions``: a part of the rank's program (one call of an asynchronous stream)."""
         if not schedule.lowered and schedule.ranks > 1:
             raise ValueError("ProgramSchedule needs a lowered schedule (pp_ext.schedules.lower)")
         super().__init__(micro_batches=schedule.micro_batches, stages=schedule.ranks, stage_id=rank)
-        self.instructions = [to_instruction(a) for a in schedule.programs[rank]]
+        self.instructions = [to_instruction(a) for a in (schedule.programs[rank] if actions is None else actions)]
         self.replicated = schedule.placement.pipelines > 1
 
     def steps(self):
@@ -100,6 +106,14 @@ class ProgramSchedule(ds.PipeSchedule):
     def num_pipe_buffers(self) -> int:
         # the pp-ext engine keys its buffers by (chunk, micro-batch), not by buffer id
         return 1
+
+
+class AsyncCall(ProgramSchedule):
+    """One call of an asynchronous stream: updates happen inside it (``Update``), so
+    its end only settles the sends (:mod:`pp_ext.engine.async_engine`)."""
+
+    def end(self) -> list[ds.PipeInstruction]:
+        return [FinishSends()]
 
 
 class ForwardProgram(ProgramSchedule):

@@ -4,7 +4,7 @@ Imports neither torch nor deepspeed, so every schedule can be checked in
 milliseconds anywhere.
 """
 # generators register themselves on import; this order is the order `pp-ext schedule list` shows
-from . import classic, interleaved, zero_bubble, zbv, dualpipev, chimera, auto  # noqa: F401, I001
+from . import classic, interleaved, zero_bubble, zbv, dualpipev, chimera, asynchronous, auto  # noqa: F401, I001
 from .actions import Action, Kind
 from .costs import Costs
 from .errors import ConstraintError, InvalidScheduleError, ScheduleError

@@ -47,6 +47,11 @@ class Schedule:
     programs: tuple[tuple[Action, ...], ...]
     # pipeline (route) of each micro-batch; empty means every micro-batch takes route 0
     pipeline_of: tuple[int, ...] = field(default=())
+    # asynchronous schedules (pp_ext.schedules.asynchronous): the weights a backward
+    # uses, "stashed" (its forward's version) or "corrected" (PipeMare); "" = synchronous
+    backward_weights: str = ""
+    # U(g) makes the version that forwards of micro-batches > g + version_lag use
+    version_lag: int = 0
 
     @property
     def ranks(self) -> int:
@@ -59,6 +64,11 @@ class Schedule:
     @property
     def stages(self) -> int:
         return self.placement.stages
+
+    def forward_version(self, updates: list[int], micro_batch: int) -> int:
+        """Weight version the forward of ``micro_batch`` uses on a rank that has run
+        updates ``U(g)`` for ``g`` in ``updates``: one per update it may see."""
+        return sum(g + self.version_lag < micro_batch for g in updates)
 
     def pipeline(self, micro_batch: int) -> int:
         return self.pipeline_of[micro_batch] if self.pipeline_of else 0

@@ -84,20 +84,28 @@ def _peak_activations(schedule: Schedule, rank: int, program: tuple[Action, ...]
 
 
 def _weight_versions(schedule: Schedule, program: tuple[Action, ...]) -> Number:
-    """Most weight versions alive at once on a rank, averaged over its chunks."""
+    """Most weight versions alive at once on a rank, averaged over its chunks: the
+    latest, plus each older one a forward used whose backward is still to come (a
+    stash), plus each older one later forwards will still use (PipeDream-2BW's
+    second buffer, ``Schedule.version_lag``)."""
     if not any(a.kind is Kind.U for a in program):
         return Fraction(1)  # synchronous: one version, updated after the flush
-    version = [0] * schedule.chunks
+    updates: list[list[int]] = [[] for _ in range(schedule.chunks)]
     pinned: dict[tuple[int, int], int] = {}  # (chunk, mb) -> version its forward used
+    stashed = schedule.backward_weights != "corrected"  # PipeMare's backward takes the latest
+    next_forward = [0] * schedule.chunks
     most = Fraction(1)
     for action in program:
+        chunk = action.chunk
         if action.kind is Kind.U:
-            version[action.chunk] += 1
+            updates[chunk].append(action.micro_batch)
         elif action.kind is Kind.F:
-            pinned[action.key()] = version[action.chunk]
+            pinned[action.key()] = schedule.forward_version(updates[chunk], action.micro_batch)
+            next_forward[chunk] = action.micro_batch + 1
         elif action.kind in (Kind.B, Kind.W):
             pinned.pop(action.key(), None)
-        alive = sum(len({v for (c, _), v in pinned.items() if c == chunk} | {version[chunk]})
+        alive = sum(len({v for (c, _), v in pinned.items() if c == chunk and stashed}
+                        | {len(updates[chunk]), schedule.forward_version(updates[chunk], next_forward[chunk])})
                     for chunk in range(schedule.chunks))
         most = max(most, Fraction(alive, schedule.chunks))
     return most

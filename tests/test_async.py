@@ -1,0 +1,116 @@
+"""Asynchronous schedules: the pure stream (segments, weight versions) and, on the
+engine, each schedule equal to its own single-process rule (pp_ext.async_rules)
+within 1e-5 over 10 calls and a flush, p = 2 and p = 4 (one launch each)."""
+from __future__ import annotations
+
+import pytest
+
+from pp_ext.schedules import lower, simulate
+from pp_ext.schedules.asynchronous import SHOWN_STEPS, segments, shift, stream
+
+NAMES = ("pipedream", "pipedream-2bw", "pipemare")
+STEPS = 10
+TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_calls_after_the_first_repeat_and_the_drain_does_not_depend_on_the_length(name):
+    for p in range(1, 6):
+        for m in range(max(1, p - 1), 2 * p + 2):
+            if name == "pipedream-2bw" and m < p:
+                continue
+            long, short = lower(stream(name, p, m, 4)), lower(stream(name, p, m, 3))
+            for rank in range(p):
+                cut, cut3 = segments(long, m, rank), segments(short, m, rank)
+                assert cut[2] == shift(cut[1], m) and cut[3] == shift(cut[1], 2 * m), (name, p, m, rank)
+                assert cut3[-1] == shift(cut[-1], -m), (name, p, m, rank)
+
+
+@pytest.mark.parametrize("name,versions", [("pipedream", lambda p: p), ("pipedream-2bw", lambda p: 2),
+                                           ("pipemare", lambda p: 1)])
+def test_weight_versions_held(name, versions):
+    for p in range(2, 7):
+        sim = simulate(stream(name, p, p, SHOWN_STEPS))
+        assert sim.weight_copies == versions(p), (name, p, sim.weight_copies)
+        assert sim.peak_activations == p
+
+
+def batch(g: int, vocab: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(1000 + g)
+    ids = torch.randint(vocab, (2, 8), generator=gen)
+    return ids, torch.roll(ids, -1, dims=1)
+
+
+def run_case(name: str, pipe: int, m: int) -> dict:
+    import torch
+    from torch import nn
+
+    import pp_ext
+    from pp_ext.async_rules import AsyncReference, PipeMareOptions
+    from pp_ext.engine.module import ChunkedPipelineModule
+    from pp_ext.engine.reference import SequentialReference
+    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+
+    config = TinyConfig(blocks=pipe, tied=False)
+    specs = layer_specs(config)
+    options = PipeMareOptions(lr_warmup=5, decay=0.1)
+    module = ChunkedPipelineModule(layers=specs, num_stages=pipe, loss_fn=lm_loss, partition_method="uniform",
+                                   seed_layers=True, base_seed=1234)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": m,
+                 "train_batch_size": 2 * m, "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
+    engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config, schedule=name,
+                                   pipemare=options)
+    losses = [float(engine.train_batch(iter([batch(n * m + k, config.vocab) for k in range(m)])))
+              for n in range(STEPS)]
+    try:
+        engine.save_checkpoint("/nonexistent")
+        refused = ""
+    except RuntimeError as err:
+        refused = str(err)
+    engine.flush()
+
+    reference = SequentialReference(specs, lm_loss, base_seed=1234)
+    stages = [nn.Sequential(*reference.layers[a:b]) for a, b in zip(module.parts, module.parts[1:])]
+    rule = AsyncReference(name, stages, lm_loss, [torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9)
+                                                  for s in stages], m, options)
+    ref_losses = [sum(rule.micro_batch(*batch(n * m + k, config.vocab)) for k in range(m)) / m
+                  for n in range(STEPS)]
+    ref_params = dict(reference.named_parameters())
+    mine = dict(module.named_parameters())
+    param_diff = max(float((p.detach() - ref_params[n].detach()).abs().max()) for n, p in mine.items())
+    return {"case": (name, pipe, m), "losses": losses, "ref_losses": ref_losses, "param_diff": param_diff,
+            "missing": sorted(set(mine) - set(ref_params)), "refused": refused}
+
+
+def run_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
+    return [run_case(name, world, m) for name, m in cases]
+
+
+def launch(world: int, cases: list[tuple]) -> None:
+    from pp_ext.engine.spawn import spawn
+
+    failures = []
+    for rank, results in enumerate(spawn(run_cases, world, cases)):
+        for r in results:
+            loss_diff = max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"]))
+            print(rank, r["case"], f"loss diff {loss_diff:.2e} param diff {r['param_diff']:.2e}",
+                  f"losses {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}")
+            if r["missing"] or loss_diff > TOLERANCE or r["param_diff"] > TOLERANCE:
+                failures.append(f"rank {rank} {r['case']}: loss diff {loss_diff:.2e}, param diff "
+                                f"{r['param_diff']:.2e}, unnamed {r['missing'][:3]}")
+            if "engine.flush()" not in r["refused"]:
+                failures.append(f"rank {rank} {r['case']}: save_checkpoint in flight not refused")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_pipeline_2_each_async_schedule_equals_its_rule():
+    launch(2, [(name, m) for name in NAMES for m in (2, 3)])
+
+
+@pytest.mark.slow
+def test_pipeline_4_each_async_schedule_equals_its_rule():
+    launch(4, [(name, m) for name in NAMES for m in (4, 5)])
