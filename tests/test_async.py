@@ -114,3 +114,30 @@ def test_pipeline_2_each_async_schedule_equals_its_rule():
 @pytest.mark.slow
 def test_pipeline_4_each_async_schedule_equals_its_rule():
     launch(4, [(name, m) for name in NAMES for m in (4, 5)])
+
+
+def test_the_rules_differ_so_the_engine_comparison_can_fail():
+    """Each rule trains differently from the others (and from synchronous 1F1B, whose
+    single version is pipedream at p = 1): an engine running the wrong rule would fail."""
+    import torch
+    from torch import nn
+
+    from pp_ext.async_rules import AsyncReference, PipeMareOptions
+    from pp_ext.engine.reference import SequentialReference
+    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+
+    config = TinyConfig(blocks=2, tied=False)
+    finals = {}
+    for name in NAMES:
+        reference = SequentialReference(layer_specs(config), lm_loss, base_seed=1234)
+        layers = reference.layers
+        stages = [nn.Sequential(*layers[:2]), nn.Sequential(*layers[2:3]), nn.Sequential(*layers[3:])]
+        rule = AsyncReference(name, stages, lm_loss, [torch.optim.SGD(s.parameters(), lr=0.05) for s in stages],
+                              3, PipeMareOptions(lr_warmup=5))
+        for g in range(12):
+            rule.micro_batch(*batch(g, config.vocab))
+        finals[name] = torch.cat([p.detach().flatten() for p in reference.parameters()])
+    for a in NAMES:
+        for b in NAMES:
+            if a < b:
+                assert float((finals[a] - finals[b]).abs().max()) > 1e-4, (a, b)
