@@ -133,14 +133,14 @@ def test_auto_from_a_profile_differs_from_unit_costs(tmp_path):
 
 
 @pytest.mark.slow
-def test_tune_profiles_the_recipe_and_auto_trains_as_1f1b(tmp_path, capsys):
+def test_tune_profiles_the_recipe_and_auto_trains_as_1f1b(tmp_path, capfd):
     from pp_ext.engine.spawn import spawn
     from test_train import TOLERANCE, train_cases
 
     out = tmp_path / "tuned.txt"
     # 16 samples per step: splits 1x16 .. 16x1, each measured
     assert tune(tmp_path, "--out", str(out), "--repeats", "3", "train.micro_batch_size=4") == 0
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err  # the ranks write to the file descriptor
     assert "measuring 7 layers at micro-batch size 16 x 64 tokens (1 of 5, cpu)" in err
     profiles = {b: Path(f"{out}.profile-b{b}.json") for b in (16, 8, 4, 2, 1)}
     assert all(path.is_file() for path in profiles.values())
