@@ -308,7 +308,14 @@ def run(recipe, world_size: int) -> int:
                              micro_batches=recipe.parallel.micro_batches, dp_rank=dp_rank,
                              dp_size=data_parallel, seed=recipe.train.seed, start_step=start_step)
 
+    def settle() -> None:
+        # an asynchronous schedule keeps micro-batches in flight from one step to the
+        # next: drained (its weight versions collapsed) before eval, checkpoints, the end
+        if hasattr(engine, "flush"):
+            engine.flush()
+
     def save(step: int) -> None:
+        settle()
         tag = checkpoints.tag_name(step)
         engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
                                client_state={"step": step, **reshape.client_state(engine)})
@@ -323,6 +330,7 @@ def run(recipe, world_size: int) -> int:
     def run_eval(step: int) -> None:
         if eval_set is None:
             return
+        settle()
         result = evaluate(engine, loss, lambda: batches(eval_set), recipe.train.eval_batches)
         log.write({"step": step, **result})
         say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))

@@ -1,10 +1,11 @@
-"""``pp-ext report RUN_DIR``: what a training run learned.
+"""``pp-ext report RUN_DIR [RUN_DIR ...]``: what training runs learned.
 
-Reads the run's ``metrics.jsonl`` (written by the training job) and prints the loss
+Reads a run's ``metrics.jsonl`` (written by the training job) and prints the loss
 and evaluation figures at the start and the end, draws the curves into
 ``RUN_DIR/curves.png`` (matplotlib, the ``plot`` extra), and, for prompt/completion
 data, lets the exported model (``RUN_DIR/hf``) answer a few held-out prompts with
-greedy decoding, next to the expected answers.
+greedy decoding, next to the expected answers. Several runs (e.g. one recipe under
+different schedules) are compared: one row each, and their loss curves in one picture.
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ def add_parser(subparsers) -> None:
     report = subparsers.add_parser("report", help="what a training run learned: metrics, curves, samples",
                                    description="Summarise a training run's metrics.jsonl, draw its curves and "
                                                "let its exported model answer held-out prompts.")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="the recipe's output_dir")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a recipe's output_dir; several: compare them")
     report.add_argument("--samples", type=int, default=5, metavar="N",
                         help="held-out prompts the exported model answers (prompt/completion data; default 5)")
-    report.add_argument("--png", metavar="FILE", help="where to draw the curves (default RUN_DIR/curves.png)")
+    report.add_argument("--png", metavar="FILE", help="where to draw the curves (default RUN_DIR/curves.png; "
+                                                     "several runs: compare.png beside the first)")
     report.set_defaults(handler=run_report)
 
 
@@ -120,8 +123,59 @@ def samples(run_dir: Path, count: int) -> list[str]:
                                  f"(greedy decoding of the exported model {model_dir})"]
 
 
+TAIL = 10  # a run's final training loss: the mean of its last TAIL steps (one step is noisy)
+
+
+def compare(run_dirs: list[Path], png: Path) -> int:
+    runs = {str(d): read_metrics(d) for d in run_dirs}
+    rows = [["run", "steps", f"train loss (last {TAIL})", "eval loss", "answer accuracy", "tokens/s (median)"]]
+    for name, (train, evals) in runs.items():
+        last = [e["loss"] for e in train[-TAIL:]]
+        final = evals[-1] if evals else {}
+        speed = sorted(e["tokens_per_s"] for e in train)[len(train) // 2] if train else float("nan")
+        rows.append([name, str(len(train)), f"{sum(last) / max(1, len(last)):.4f}",
+                     f"{final.get('eval_loss', float('nan')):.4f}", f"{final.get('eval_accuracy', float('nan')):.4f}",
+                     f"{speed:.0f}"])
+    print("\n".join(format_table(rows)))
+    picture = draw_runs(runs, png)
+    if picture:
+        print(f"curves: {picture}")
+    return 0
+
+
+def draw_runs(runs: dict[str, tuple[list[dict], list[dict]]], path: Path) -> Path | None:
+    """Every run's training loss (and eval loss points) in one picture."""
+    try:
+        from pp_ext.schedules.render import require_matplotlib, write_atomic
+        require_matplotlib()
+    except Exception:  # noqa: BLE001 - pictures are optional; the table is the report
+        return None
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4))
+    for index, (name, (train, evals)) in enumerate(runs.items()):
+        color = plt.get_cmap("tab10")(index)
+        axis.plot([e["step"] for e in train], [e["loss"] for e in train], color=color, linewidth=1,
+                  label=Path(name).name)
+        axis.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o", color=color, markersize=4)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (lines: train, dots: eval)")
+    axis.set_yscale("log")
+    axis.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return write_atomic(path, buffer.getvalue())
+
+
 def run_report(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
+    run_dirs = [Path(d) for d in args.run_dirs]
+    if len(run_dirs) > 1:
+        return compare(run_dirs, Path(args.png) if args.png else run_dirs[0].parent / "compare.png")
+    run_dir = run_dirs[0]
     train, evals = read_metrics(run_dir)
     print(f"run {run_dir}: {len(train)} steps")
     print("\n".join(summary(train, evals)))
