@@ -80,6 +80,18 @@ def forward_only(schedule: Schedule, micro_batches: int) -> Schedule:
     return lower(Schedule(f"{schedule.name} forward-only", placement, micro_batches, tuple(programs)))
 
 
+def _grads_for_norm(optimizer, for_clipping: bool = False):
+    """BF16_Optimizer's gradients for the global norm, with a zero where this rank counts
+    none: with tensor parallelism (Shoeybi et al. 2019, Sec. 3) a tensor rank > 0 of a
+    stage holding only replicated weights (a final norm) and a tied copy (the LM head)
+    skips them all, and DeepSpeed's ``get_global_norm_of_tensors`` cannot stack an
+    empty list (its all-reduce over the model-parallel group must still run here)."""
+    found = type(optimizer).get_grads_for_norm(optimizer, for_clipping)
+    if for_clipping or found[0]:  # for clipping: a list of every gradient
+        return found
+    return [torch.zeros(1, device=optimizer.fp32_groups_flat_partition[0].device)], found[1]
+
+
 class ScheduleEngine(PipelineEngine):
     """Runs ``schedule`` (lowered, validated; see :func:`pp_ext.initialize`) on a
     :class:`ChunkedPipelineModule` whose placement and chunks match it."""
@@ -109,6 +121,8 @@ class ScheduleEngine(PipelineEngine):
             raise ValueError(f"schedule {schedule.name} splits the backward: bf16 immediate_grad_update moves "
                              f"gradients in autograd hooks, which the deferred weight-gradient (W) work does "
                              f"not fire; set \"bf16\": {{\"immediate_grad_update\": false}} (the default)")
+        if self.using_bf16_optimizer:  # a rank may count nothing in the norm: see _grads_for_norm
+            self.optimizer.get_grads_for_norm = functools.partial(_grads_for_norm, self.optimizer)
         # DeepSpeed turns these on with a model axis (Megatron's scattered p2p); pp-ext's own
         # p2p sends whole tensors, and nothing here may take DeepSpeed's partitioned paths
         self.is_pipe_partitioned = self.is_grad_partitioned = False

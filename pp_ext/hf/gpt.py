@@ -76,11 +76,15 @@ class GPT2Positions(nn.Module):
 
 
 class GPT2Layer(HFDecoderLayer):
-    """HF's ``GPT2Block``: causal mask only, positions are already in the hidden states."""
+    """HF's ``GPT2Block``: causal mask only, positions are already in the hidden states;
+    tensor-parallel by :data:`pp_ext.tp.plans.GPT2` when built on a tensor axis (its
+    ``Conv1D`` linears cut as Megatron cuts linears, Shoeybi et al. 2019, Sec. 3)."""
 
     def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
+        axis = tp.current()
         # layer_idx matters: scale_attn_by_inverse_layer_idx divides by it
-        super().__init__(config, modeling_gpt2.GPT2Block(config, layer_idx=layer_idx), create_causal_mask,
+        block = modeling_gpt2.GPT2Block(tp.local_config(config, axis.size), layer_idx=layer_idx)
+        super().__init__(config, tp.shard_layer(block, config, axis), create_causal_mask,
                          f"transformer.h.{layer_idx}.")
 
 

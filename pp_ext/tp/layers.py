@@ -16,6 +16,11 @@ checkpoints keep working.
   contiguous block of the vocabulary, looks up the ids that fall in it, zeros the
   others and ``g`` sums the blocks.
 
+transformers' ``Conv1D`` (GPT-2's linear layer, weight stored transposed as
+[in, out]) is cut the same way on the transposed dimensions: column-parallel along
+its weight's dim 1, row-parallel along dim 0 (:class:`ColumnParallelConv1D`,
+:class:`RowParallelConv1D`).
+
 Both linear kinds subclass :class:`~pp_ext.engine.split_backward.Deferrable`, so in a
 zero-bubble schedule their weight GEMM moves to the W pass, which needs no
 communication (the saved input and output gradient are local); the all-reduce of
@@ -31,6 +36,8 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+from transformers.pytorch_utils import Conv1D
 
 from pp_ext.engine.split_backward import Deferrable
 from pp_ext.tp.axis import TensorAxis, copy_to_region, reduce_from_region
@@ -61,24 +68,52 @@ class RowParallelLinear(Deferrable, nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
-def column_parallel(linear: nn.Linear, axis: TensorAxis, sections: tuple[int, ...] | None = None) -> nn.Linear:
-    """Make ``linear`` (built with this rank's share of output features) column-parallel.
-    ``sections``: whole lengths of fused outputs ([q; k; v]), default one section."""
+class ColumnParallelConv1D(Deferrable, Conv1D):
+    """:class:`ColumnParallelLinear` for ``Conv1D`` (weight [in, out_r])."""
+
+    tensor_axis: TensorAxis
+    _weight_in_out = True
+    forward = ColumnParallelLinear.forward
+
+
+class RowParallelConv1D(Deferrable, Conv1D):
+    """:class:`RowParallelLinear` for ``Conv1D`` (weight [in_r, out])."""
+
+    tensor_axis: TensorAxis
+    _weight_in_out = True
+    forward = RowParallelLinear.forward
+
+
+def _in_out(layer: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, weight stored [in, out])`` of a linear or ``Conv1D``."""
+    if isinstance(layer, Conv1D):
+        return layer.nx, layer.nf, True
+    return layer.in_features, layer.out_features, False
+
+
+def column_parallel(linear: nn.Module, axis: TensorAxis, sections: tuple[int, ...] | None = None) -> nn.Module:
+    """Make ``linear`` (an ``nn.Linear`` or ``Conv1D`` built with this rank's share of
+    output features) column-parallel. ``sections``: whole lengths of fused outputs
+    ([q; k; v]), default one section."""
     if axis.size > 1:
-        split = Split(0, sections or (linear.out_features * axis.size,), axis.size, axis.rank)
-        linear.__class__, linear.tensor_axis = ColumnParallelLinear, axis
-        for param in (linear.weight, linear.bias):
-            if param is not None:
-                param.tp_split = split
+        _, out_features, in_out = _in_out(linear)
+        sections = sections or (out_features * axis.size,)
+        linear.__class__ = ColumnParallelConv1D if in_out else ColumnParallelLinear
+        linear.tensor_axis = axis
+        linear.weight.tp_split = Split(1 if in_out else 0, sections, axis.size, axis.rank)
+        if linear.bias is not None:
+            linear.bias.tp_split = Split(0, sections, axis.size, axis.rank)
     return linear
 
 
-def row_parallel(linear: nn.Linear, axis: TensorAxis) -> nn.Linear:
-    """Make ``linear`` (built with this rank's share of input features) row-parallel;
-    its bias stays whole (replicated)."""
+def row_parallel(linear: nn.Module, axis: TensorAxis) -> nn.Module:
+    """Make ``linear`` (an ``nn.Linear`` or ``Conv1D`` built with this rank's share of
+    input features) row-parallel; its bias stays whole (replicated)."""
     if axis.size > 1:
-        linear.__class__, linear.tensor_axis = RowParallelLinear, axis
-        linear.weight.tp_split = Split(1, (linear.in_features * axis.size,), axis.size, axis.rank)
+        in_features, _, in_out = _in_out(linear)
+        linear.__class__ = RowParallelConv1D if in_out else RowParallelLinear
+        linear.tensor_axis = axis
+        linear.weight.tp_split = Split(0 if in_out else 1, (in_features * axis.size,), axis.size, axis.rank)
     return linear
 
 
@@ -152,9 +187,14 @@ def load_parts(layer: nn.Module, state: Mapping) -> None:
 
 def mark_replicated(module: nn.Module, axis: TensorAxis) -> None:
     """Mark the parameters every tensor rank holds whole (norms, row-parallel biases,
-    q/k norms) ``ds_pipe_replicated`` on all but tensor rank 0, so gradient norms
-    (pp-ext's fp32 clipping, DeepSpeed's bf16 and ZeRO paths) count them once."""
-    if axis.size > 1 and axis.rank > 0:
+    q/k norms) ``ds_pipe_replicated`` on all but tensor rank 0, and the sharded ones
+    ``tensor_model_parallel`` (Megatron's attribute, which DeepSpeed's
+    ``is_model_parallel_parameter`` reads) on every rank, so gradient norms (pp-ext's
+    fp32 clipping, DeepSpeed's bf16 and ZeRO paths, which count only tensor rank 0's
+    parameters unless so marked) count every part once and each replica once."""
+    if axis.size > 1:
         for param in module.parameters():
-            if not hasattr(param, "tp_split"):
+            if hasattr(param, "tp_split"):
+                param.tensor_model_parallel = True
+            elif axis.rank > 0:
                 param.ds_pipe_replicated = True

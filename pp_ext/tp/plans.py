@@ -13,11 +13,16 @@ and is summed over the axis (:func:`~pp_ext.tp.layers.sum_gradients`).
 The local layer is HF's own class built from :func:`local_config` (heads, key/value
 heads and intermediate size divided by ``tensor``, ``head_dim`` kept), so its linear
 layers have exactly the shard shapes and its forward splits heads at the local
-counts. GPT-NeoX derives its head size from the hidden size, so its fused
-``query_key_value`` and ``dense`` are rebuilt at the local width instead; its fused
-rows are stored head by head ([q_h, k_h, v_h] per head), so a contiguous block of
-rows is a block of heads. Phi3's fused ``qkv_proj`` ([q; k; v]) and ``gate_up_proj``
-([gate; up]) are cut section by section (:class:`~pp_ext.tp.split.Split`).
+counts. GPT-NeoX and GPT-2 derive their head size from the hidden size, so their
+attention linears are rebuilt at the local width instead (a module of the same class,
+``nn.Linear`` or transformers' ``Conv1D``). GPT-NeoX's fused ``query_key_value`` rows
+are stored head by head ([q_h, k_h, v_h] per head), so a contiguous block of rows is
+a block of heads. GPT-2's fused ``c_attn`` is a ``Conv1D`` whose weight is stored
+transposed ([in, out], out = [q; k; v]), cut section by section along its output
+dimension; ``GPT2Attention`` splits it at ``split_size``, which becomes the local
+width, and the MLP (``c_fc``, ``c_proj``) is built from ``n_inner / tensor``. Phi3's
+fused ``qkv_proj`` ([q; k; v]) and ``gate_up_proj`` ([gate; up]) are cut section by
+section (:class:`~pp_ext.tp.split.Split`).
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.pytorch_utils import Conv1D
 
 from pp_ext.tp.axis import TensorAxis
 from pp_ext.tp.layers import column_parallel, row_parallel, sum_gradients
@@ -48,17 +55,31 @@ def _gate_up(config: PretrainedConfig) -> tuple[int, ...]:
     return config.intermediate_size, config.intermediate_size
 
 
+def _gpt2_qkv(config: PretrainedConfig) -> tuple[int, ...]:
+    return (config.hidden_size,) * 3
+
+
+def mlp_features(config: PretrainedConfig) -> int:
+    """The MLP's intermediate width (GPT-2: ``n_inner``, default 4 x hidden)."""
+    if config.model_type == "gpt2":
+        return config.n_inner or 4 * config.hidden_size
+    return config.intermediate_size
+
+
 @dataclass(frozen=True)
 class Plan:
     """``columns``: submodule name -> its fused sections (None: one); ``rows``: row-parallel
     submodules; ``per_head``: replicated submodules applied to each local head, whose
-    gradients are summed over the axis, where the layer has them; ``rebuilt``:
-    attention linears rebuilt at local width (GPT-NeoX)."""
+    gradients are summed over the axis, where the layer has them; ``rebuilt``: linears
+    of ``columns`` or ``rows`` rebuilt at local width first (GPT-NeoX, GPT-2);
+    ``local_widths``: attributes (submodule -> names) divided by the tensor size after
+    the rebuild (GPT-2's ``split_size`` and head count)."""
     columns: dict[str, Sections | None]
     rows: tuple[str, ...]
     per_head: tuple[str, ...] = ()
     kv_heads: bool = True  # the family has grouped key/value heads to divide
-    rebuilt: dict[str, str] = field(default_factory=dict)  # name -> "column" or "row"
+    rebuilt: tuple[str, ...] = ()
+    local_widths: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 LLAMA = Plan(columns=dict.fromkeys(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -66,10 +87,13 @@ LLAMA = Plan(columns=dict.fromkeys(("self_attn.q_proj", "self_attn.k_proj", "sel
              rows=("self_attn.o_proj", "mlp.down_proj"), per_head=("self_attn.q_norm", "self_attn.k_norm"))
 PHI3 = Plan(columns={"self_attn.qkv_proj": _qkv, "mlp.gate_up_proj": _gate_up},
             rows=("self_attn.o_proj", "mlp.down_proj"))
-GPT_NEOX = Plan(columns={"mlp.dense_h_to_4h": None}, rows=("mlp.dense_4h_to_h",), kv_heads=False,
-                rebuilt={"attention.query_key_value": "column", "attention.dense": "row"})
+GPT_NEOX = Plan(columns=dict.fromkeys(("attention.query_key_value", "mlp.dense_h_to_4h")),
+                rows=("attention.dense", "mlp.dense_4h_to_h"), kv_heads=False,
+                rebuilt=("attention.query_key_value", "attention.dense"))
+GPT2 = Plan(columns={"attn.c_attn": _gpt2_qkv, "mlp.c_fc": None}, rows=("attn.c_proj", "mlp.c_proj"),
+            kv_heads=False, rebuilt=("attn.c_attn", "attn.c_proj"), local_widths={"attn": ("split_size", "num_heads")})
 PLANS = {**dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), LLAMA),
-         "phi3": PHI3, "gpt_neox": GPT_NEOX}
+         "phi3": PHI3, "gpt_neox": GPT_NEOX, "gpt2": GPT2}
 
 
 def supported() -> list[str]:
@@ -85,7 +109,8 @@ def check_tensor_split(config: PretrainedConfig, tensor: int) -> None:
         raise ValueError(f"tensor parallelism has no sharding plan for {model_type!r} models (it has for "
                          f"{', '.join(supported())}): set parallel.tensor=1")
     plan = PLANS[model_type]
-    counts = {"num_attention_heads": config.num_attention_heads, "intermediate_size": config.intermediate_size}
+    counts = {"num_attention_heads": config.num_attention_heads,
+              "n_inner" if model_type == "gpt2" else "intermediate_size": mlp_features(config)}
     if plan.kv_heads:
         counts["num_key_value_heads"] = config.num_key_value_heads
     for name, count in counts.items():
@@ -106,7 +131,10 @@ def local_config(config: PretrainedConfig, tensor: int) -> PretrainedConfig:
         return config
     check_tensor_split(config, tensor)
     plan, local = PLANS[config.model_type], copy.deepcopy(config)
-    local.intermediate_size = config.intermediate_size // tensor
+    if config.model_type == "gpt2":
+        local.n_inner = mlp_features(config) // tensor
+    else:
+        local.intermediate_size = config.intermediate_size // tensor
     if plan.kv_heads:
         local.head_dim = head_dim(config)
         local.num_attention_heads = config.num_attention_heads // tensor
@@ -120,6 +148,14 @@ def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) ->
     if axis.size == 1:
         return layer
     plan = PLANS[config.model_type]
+    for name in plan.rebuilt:
+        parent, _, child = name.rpartition(".")
+        setattr(layer.get_submodule(parent), child, _local_width(layer.get_submodule(name), name in plan.columns,
+                                                                  axis.size))
+    for name, attributes in plan.local_widths.items():
+        module = layer.get_submodule(name)
+        for attribute in attributes:
+            setattr(module, attribute, getattr(module, attribute) // axis.size)
     for name, sections in plan.columns.items():
         column_parallel(layer.get_submodule(name), axis, sections(config) if sections else None)
     for name in plan.rows:
@@ -128,17 +164,20 @@ def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) ->
         parent, _, child = name.rpartition(".")
         if hasattr(layer.get_submodule(parent), child):  # Qwen3 and Gemma3 have q/k norms, Llama not
             sum_gradients(layer.get_submodule(name), axis)
-    for name, kind in plan.rebuilt.items():
-        parent, _, child = name.rpartition(".")
-        whole = layer.get_submodule(name)
-        if kind == "column":
-            local = nn.Linear(whole.in_features, whole.out_features // axis.size, bias=whole.bias is not None)
-            column_parallel(local, axis)
-        else:
-            local = row_parallel(nn.Linear(whole.in_features // axis.size, whole.out_features,
-                                           bias=whole.bias is not None), axis)
-        setattr(layer.get_submodule(parent), child, local)
     return layer
+
+
+def _local_width(whole: nn.Module, column: bool, tensor: int) -> nn.Module:
+    """A linear of ``whole``'s class (``nn.Linear`` or ``Conv1D``) with its output
+    (``column``) or input features divided by ``tensor``, on ``whole``'s device and dtype."""
+    factory = {"device": whole.weight.device, "dtype": whole.weight.dtype}
+    if isinstance(whole, Conv1D):
+        nf, nx = (whole.nf // tensor, whole.nx) if column else (whole.nf, whole.nx // tensor)
+        with torch.device(factory["device"]):
+            return Conv1D(nf, nx).to(factory["dtype"])
+    out_features, in_features = (whole.out_features // tensor, whole.in_features) if column else \
+        (whole.out_features, whole.in_features // tensor)
+    return nn.Linear(in_features, out_features, bias=whole.bias is not None, **factory)
 
 
 def describe(config: PretrainedConfig, tensor: int) -> str:
@@ -146,6 +185,6 @@ def describe(config: PretrainedConfig, tensor: int) -> str:
     parts = [f"{config.num_attention_heads // tensor} of {config.num_attention_heads} heads"]
     if PLANS[config.model_type].kv_heads:
         parts.append(f"{config.num_key_value_heads // tensor} of {config.num_key_value_heads} key/value heads")
-    parts += [f"{config.intermediate_size // tensor} of {config.intermediate_size} MLP features",
+    parts += [f"{mlp_features(config) // tensor} of {mlp_features(config)} MLP features",
               f"{config.vocab_size // tensor} of {config.vocab_size} vocabulary rows"]
     return "each tensor rank holds " + ", ".join(parts)
