@@ -7,6 +7,12 @@ registered schedule that accepts the sizes. All engines are built first, then
 timed round-robin (``warmup`` untimed rounds, ``repeats`` timed ones) so that a
 change in machine load falls on every schedule alike; the median is reported.
 
+``auto`` is computed from the per-stage costs measured in the same launch (Qi et
+al. 2024, "Zero Bubble Pipeline Parallelism", Sec. 3: the schedule follows the
+profiled F, I, W and communication times), under 1F1B's memory, not from unit costs.
+With several ``partitions`` every schedule is timed on each cut of the model
+(``balanced`` from a profile of the bench model, :func:`pp_ext.profile.profile_tiny`).
+
 It also measures what the simulator needs: per-stage F, I, W and fused B times of
 the real layers (one set per layout: chunks x placement), the p2p latency of one
 activation between two ranks, and the optimizer's time per step. The simulator's
@@ -39,13 +45,16 @@ class BenchOptions:
     seq: int = 128
     micro_batch_size: int = 4
     cost_repeats: int = 9
+    # how the model is cut: 'type:Block' (blocks balanced, embedding and head on the end
+    # stages), any partition method, or 'balanced' (measured, see the module doc)
+    partitions: tuple[str, ...] = ("type:Block",)
 
-    def plan(self, report=lambda message: None) -> list[tuple[str, int, str]]:
-        """(schedule, chunks, placement) to time, baseline first; raises on an unknown name
-        or on sizes a named schedule refuses; ``report`` hears which ones are skipped."""
+    def plan(self, report=lambda message: None) -> list[tuple[str, int, str, str]]:
+        """(schedule, chunks, placement, partition) to time, baseline first; raises on an unknown
+        name or on sizes a named schedule refuses; ``report`` hears which ones are skipped."""
         from pp_ext.schedules import REGISTRY, ConstraintError, get
 
-        names = self.schedules or (BASELINE, *REGISTRY)
+        names = [BASELINE] + [n for n in self.schedules or REGISTRY if n != BASELINE]
         plan = []
         for name in names:
             if name == BASELINE:
@@ -54,15 +63,15 @@ class BenchOptions:
             spec = get(name)
             try:
                 spec.check(self.stages, self.micro_batches, spec.default_chunks)
+                if spec.build(self.stages, self.micro_batches).backward_weights:
+                    raise ConstraintError(f"{name} is asynchronous (weights change inside a step): not timed here")
             except ConstraintError as err:
                 if self.schedules:
                     raise
                 report(f"skipping {name}: {err}")
                 continue
             plan.append((name, spec.default_chunks, spec.placement))
-        if plan[0][0] != BASELINE:
-            plan.insert(0, (BASELINE, 1, "loop"))
-        return plan
+        return [(*row, cut) for cut in self.partitions for row in plan]
 
 
 def _progress(rank: int, message: str) -> None:
@@ -70,7 +79,7 @@ def _progress(rank: int, message: str) -> None:
         print(f"pp-ext bench: {message}", file=sys.stderr, flush=True)
 
 
-def _model(options: BenchOptions, chunks: int, placement: str):
+def _model(options: BenchOptions, chunks: int, placement: str, partition: str):
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     from pp_ext.engine.module import ChunkedPipelineModule
@@ -78,10 +87,9 @@ def _model(options: BenchOptions, chunks: int, placement: str):
     from pp_ext.profile import tiny_config
 
     config = tiny_config(options)
-    # blocks carry the work: balance them, embedding and head ride on the end stages
     return ChunkedPipelineModule(layers=layer_specs(config), topology=PipeDataParallelTopology(options.stages, 1),
                                  loss_fn=lm_loss, chunks=chunks, placement=placement,
-                                 partition_method="type:Block", seed_layers=True, base_seed=1234)
+                                 partition_method=partition, seed_layers=True, base_seed=1234)
 
 
 def batches(options: BenchOptions):
@@ -182,6 +190,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
 
     import pp_ext
     from pp_ext.schedules import Costs, build, simulate
+    from pp_ext.schedules.auto import auto_schedule
 
     plan = options.plan()
     step_batches = batches(options)
@@ -189,13 +198,27 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
                  "gradient_accumulation_steps": options.micro_batches,
                  "train_batch_size": options.micro_batch_size * options.micro_batches,
                  "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
+    # cost models are measured on modules of their own, with the same weights, before
+    # the engines are built: auto is computed from them
+    probes = {layout[1:]: _model(options, *layout[1:]) for layout in plan}
+    comm = comm_latency(options, rank)
+    layouts: dict[tuple[int, str, str], Costs] = {}
+    for layout, probe in probes.items():
+        _progress(rank, f"measuring F/I/W/B per stage for {layout[0]} chunk(s) in {layout[1]} placement, "
+                        f"partition {layout[2]}")
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, _stage_costs(probe, options, rank))
+        stages = {s: c for part in gathered for s, c in part.items()}
+        layouts[layout] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)))
+    schedules = [auto_schedule(options.stages, options.micro_batches, layouts[layout]) if name == "auto"
+                 else build("1f1b" if name == BASELINE else name, options.stages, options.micro_batches, layout[0])
+                 for name, layout in ((row[0], row[1:]) for row in plan)]
     engines = []
-    for name, chunks, placement in plan:
-        module = _model(options, chunks, placement)
+    for row, schedule in zip(plan, schedules):
+        name, module = row[0], _model(options, *row[1:])
         optimizer = torch.optim.SGD(module.parameters(), lr=1e-4)
-        engines.append(pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config, schedule=name)[0])
-    # cost models are measured on modules of their own, with the same weights
-    probes = {(chunks, placement): _model(options, chunks, placement) for _, chunks, placement in plan}
+        engines.append(pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                         schedule=schedule if name == "auto" else name)[0])
 
     def step(engine) -> float:
         dist.barrier()
@@ -205,19 +228,10 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return float(elapsed)
 
-    # round-robin over the schedules, so that drift in machine load touches all alike;
-    # costs are measured between the warm-up and the timed rounds, on a warm machine
+    # round-robin over the schedules, so that drift in machine load touches all alike
     times: list[list[float]] = [[] for _ in engines]
-    layouts: dict[tuple[int, str], Costs] = {}
     for repeat in range(options.warmup + options.repeats):
         if repeat == options.warmup:
-            comm = comm_latency(options, rank)
-            for (chunks, placement), probe in probes.items():
-                _progress(rank, f"measuring F/I/W/B per stage for {chunks} chunk(s) in {placement} placement")
-                gathered: list = [None] * world
-                dist.all_gather_object(gathered, _stage_costs(probe, options, rank))
-                stages = {s: c for part in gathered for s, c in part.items()}
-                layouts[(chunks, placement)] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)))
             optimizer_time = median_time(engines[0].optimizer.step, options.cost_repeats)
         _progress(rank, f"{'warm-up' if repeat < options.warmup else 'timed'} round {repeat + 1} of "
                         f"{options.warmup + options.repeats}")
@@ -226,13 +240,13 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
             if repeat >= options.warmup:
                 column.append(elapsed)
     rows = []
-    for (name, chunks, placement), column in zip(plan, times):
-        simulated = build("1f1b" if name == BASELINE else name, options.stages, options.micro_batches, chunks)
-        predicted = float(simulate(simulated, layouts[(chunks, placement)]).makespan) + optimizer_time
+    for (name, chunks, placement, cut), schedule, column in zip(plan, schedules, times):
+        costs = layouts[(chunks, placement, cut)]
+        predicted = float(simulate(schedule, costs).makespan) + optimizer_time
         rows.append({"schedule": name, "stages": options.stages, "micro_batches": options.micro_batches,
-                     "chunks": chunks, "placement": placement, "step_time_s": statistics.median(column),
-                     "step_times_s": column, "predicted_step_s": predicted,
-                     "costs": layouts[(chunks, placement)].to_json()})
+                     "chunks": chunks, "placement": placement, "partition": cut.split(":")[0] if
+                     cut.startswith("balanced:") else cut, "step_time_s": statistics.median(column),
+                     "step_times_s": column, "predicted_step_s": predicted, "costs": costs.to_json()})
     base, base_predicted = rows[0]["step_time_s"], rows[0]["predicted_step_s"]
     for row in rows:
         row["ratio_vs_deepspeed"] = row["step_time_s"] / base
@@ -243,9 +257,23 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
 
 
 def run(options: BenchOptions) -> list[dict]:
-    from pp_ext.engine.spawn import spawn
+    import dataclasses
+    import tempfile
 
-    # unknown names and refused sizes fail here, before any rank starts
+    from pp_ext.engine.module import partition
+    from pp_ext.engine.spawn import spawn
+    from pp_ext.engine.tiny import layer_specs
+    from pp_ext.profile import profile_tiny, tiny_config
+
+    # unknown names, refused sizes and unknown partition methods fail here, before any rank starts
     options.plan(report=lambda message: _progress(0, message))
-    return spawn(worker, options.stages, options)[0]
+    for cut in set(options.partitions) - {"balanced"}:
+        partition(layer_specs(tiny_config(options)), options.stages, cut)
+    with tempfile.TemporaryDirectory() as folder:
+        if "balanced" in options.partitions:
+            _progress(0, "profiling the model layer by layer for the balanced partition")
+            path = profile_tiny(options).save(f"{folder}/profile.json")
+            options = dataclasses.replace(options, partitions=tuple(
+                f"balanced:{path}" if cut == "balanced" else cut for cut in options.partitions))
+        return spawn(worker, options.stages, options)[0]
 

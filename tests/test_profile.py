@@ -77,3 +77,32 @@ def test_profile_of_a_heavy_head_and_balanced_stages(tmp_path):
     print("parts", by_params, balanced, "simulated step s", results)
     assert all(results["balanced"][s] <= results["parameters"][s] for s in results["balanced"])
     assert results["balanced"]["auto"] <= results["balanced"]["zb-h1"]
+
+
+def test_bench_refuses_an_unknown_partition_before_launching(capsys):
+    from pp_ext.cli import main
+
+    assert main(["bench", "--schedules", "1f1b", "--partitions", "balanced,sizes"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pp-ext: error: partition_method must be") and "got 'sizes'" in err[-1]
+
+
+@pytest.mark.slow
+def test_bench_times_auto_from_measured_costs_on_each_partition(capsys):
+    import json
+
+    from pp_ext.cli import main
+
+    code = main(["bench", "--schedules", "zb-h1,auto", "--partitions", "parameters,balanced", "--repeats", "1",
+                 "--warmup", "0", "--hidden", "64", "--seq", "16", "--micro-batch-size", "2", "--vocab", "4096",
+                 "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["schedule"], r["partition"]) for r in rows] == [
+        (s, cut) for cut in ("parameters", "balanced") for s in ("deepspeed-1f1b", "zb-h1", "auto")]
+    # each row's costs are those of its own cut, and auto is built from them: never longer than zb-h1 there
+    for cut in ("parameters", "balanced"):
+        by_name = {r["schedule"]: r for r in rows if r["partition"] == cut}
+        assert by_name["auto"]["costs"] == by_name["zb-h1"]["costs"]
+        assert by_name["auto"]["predicted_step_s"] <= by_name["zb-h1"]["predicted_step_s"]
+    assert rows[0]["costs"] != rows[3]["costs"]

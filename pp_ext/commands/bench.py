@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="time train_batch for each schedule next to DeepSpeed's TrainSchedule",
         description="Launch STAGES local ranks (one thread each on CPU), time train_batch for DeepSpeed's own "
-                    "TrainSchedule and every schedule that accepts the sizes on one small Llama-shaped model "
+                    "TrainSchedule and every schedule (auto: computed from the measured costs) that accepts the sizes on one small Llama-shaped model "
                     "(warm-up, repeats, median), measure per-stage F/I/W/B costs and the p2p latency, and print "
                     "measured against simulated step times.")
     parser.add_argument("--stages", "-p", type=positive_int, default=2, metavar="P", help="pipeline ranks (default 2)")
@@ -25,6 +25,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seq", type=positive_int, default=128, help="tokens per sample (default 128)")
     parser.add_argument("--micro-batch-size", type=positive_int, default=4, help="samples per micro-batch (default 4)")
     parser.add_argument("--blocks-per-rank", type=positive_int, default=2, help="decoder blocks per rank (default 2)")
+    parser.add_argument("--vocab", type=positive_int, default=512,
+                        help="vocabulary (default 512; large makes the head heavy)")
+    parser.add_argument("--partitions", metavar="A,B,...", default="type:Block",
+                        help="cuts of the model to time each schedule on: partition methods (parameters, uniform, "
+                             "type:REGEX) or balanced (from a profile measured first); default type:Block")
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
     parser.set_defaults(handler=run_bench)
 
@@ -37,10 +42,11 @@ def run_bench(args: argparse.Namespace) -> int:
     options = BenchOptions(stages=args.stages, micro_batches=args.micro_batches, schedules=names,
                            repeats=args.repeats, warmup=args.warmup, hidden=args.hidden, seq=args.seq,
                            micro_batch_size=args.micro_batch_size, blocks_per_rank=args.blocks_per_rank,
-                           intermediate=args.hidden * 11 // 4, heads=max(1, args.hidden // 64))
+                           intermediate=args.hidden * 11 // 4, heads=max(1, args.hidden // 64), vocab=args.vocab,
+                           partitions=tuple(p.strip() for p in args.partitions.split(",") if p.strip()))
     try:
         rows = run(options)
-    except ScheduleError as err:
+    except (ScheduleError, ValueError) as err:  # a refused size; a partition method that does not exist
         raise CommandError(str(err)) from None
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -49,9 +55,9 @@ def run_bench(args: argparse.Namespace) -> int:
           f"{args.micro_batch_size} x {args.seq} tokens per micro-batch; median of {args.repeats} steps")
     print("ratio: step time / DeepSpeed TrainSchedule's, measured in this run; simulated: the same from the "
           "measured per-stage costs")
-    header = f"{'schedule':<16} {'v':>2} {'step s':>8} {'ratio':>7} {'simulated':>9} {'sim ratio':>9} {'speed-up share':>14}"
+    header = f"{'schedule':<16} {'partition':<10} {'v':>2} {'step s':>8} {'ratio':>7} {'simulated':>9} {'sim ratio':>9} {'speed-up share':>14}"
     print(header)
     for row in rows:
-        print(f"{row['schedule']:<16} {row['chunks']:>2} {row['step_time_s']:>8.3f} {row['ratio_vs_deepspeed']:>7.3f} "
+        print(f"{row['schedule']:<16} {row['partition']:<10} {row['chunks']:>2} {row['step_time_s']:>8.3f} {row['ratio_vs_deepspeed']:>7.3f} "
               f"{row['predicted_step_s']:>9.3f} {row['predicted_ratio']:>9.3f} {row['efficiency']:>14.2f}")
     return 0
