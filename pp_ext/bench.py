@@ -260,8 +260,10 @@ def run(options: BenchOptions) -> list[dict]:
     import dataclasses
     import tempfile
 
+    from pp_ext.engine.spawn import select_accelerator, spawn
+
+    select_accelerator()  # before deepspeed is first imported (its auto-detection warns on stdout)
     from pp_ext.engine.module import partition
-    from pp_ext.engine.spawn import spawn
     from pp_ext.engine.tiny import layer_specs
     from pp_ext.profile import profile_tiny, tiny_config
 
