@@ -147,7 +147,7 @@ def make_optimizer(recipe, module):
     return torch.optim.AdamW(groups, lr=recipe.train.lr, betas=tuple(recipe.train.betas), eps=recipe.train.eps)
 
 
-def warmup_cosine(optimizer, recipe, steps: int):
+def warmup_cosine(optimizer, recipe, steps: int, updates_per_step: int = 1):
     """Linear warm-up over ``train.warmup_steps`` steps, then cosine decay from
     ``train.lr`` to ``train.min_lr`` at the last step (Loshchilov & Hutter 2017, SGDR,
     without restarts): step ``s`` (1-based) trains with ``lr * s / warmup`` while
@@ -156,10 +156,13 @@ def warmup_cosine(optimizer, recipe, steps: int):
 
     torch's LambdaLR, which DeepSpeed steps after every optimizer step and keeps in
     its checkpoints. Not DeepSpeed's WarmupCosineLR: its ratio is 0 at iterations -1
-    and 0, so the first two steps train with learning rate 0 (seen in metrics.jsonl)."""
+    and 0, so the first two steps train with learning rate 0 (seen in metrics.jsonl).
+    An asynchronous schedule may update ``updates_per_step`` times per step (PipeDream
+    after every micro-batch): the schedule is counted in updates, so it spans the run."""
     import torch
 
-    warmup, floor = recipe.train.warmup_steps, recipe.train.min_lr / recipe.train.lr if recipe.train.lr else 0.0
+    floor = recipe.train.min_lr / recipe.train.lr if recipe.train.lr else 0.0
+    warmup, steps = recipe.train.warmup_steps * updates_per_step, steps * updates_per_step
 
     def factor(done: int) -> float:  # ``done`` steps finished: the factor of step done + 1
         if done < warmup:
@@ -167,6 +170,18 @@ def warmup_cosine(optimizer, recipe, steps: int):
         t = min(1.0, (done - warmup) / max(1, steps - warmup - 1))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def updates_per_step(spec, pipe: int, recipe, chunks: int) -> int:
+    """Optimizer updates in one ``train_batch``: 1, or the weight updates (U actions)
+    an asynchronous program makes per call (its stream shows several calls)."""
+    if spec is None:
+        return 1
+    from pp_ext.schedules import Kind
+
+    schedule = spec.build(pipe, recipe.parallel.micro_batches, chunks)
+    updates = sum(a.kind is Kind.U for a in schedule.programs[0])
+    return max(1, updates * recipe.parallel.micro_batches // schedule.micro_batches)
 
 
 class MetricsLog:
@@ -267,7 +282,8 @@ def run(recipe, world_size: int) -> int:
     loss.tensor_axis = module.tensor_axis
     optimizer = make_optimizer(recipe, module)
     engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer,
-                                   lr_scheduler=warmup_cosine(optimizer, recipe, steps),
+                                   lr_scheduler=warmup_cosine(optimizer, recipe, steps,
+                                                              updates_per_step(spec, pipe, recipe, chunks)),
                                    config=deepspeed_config(recipe, data_parallel, str(output_dir)),
                                    # auto from measured costs: built from the profile, the same on every rank
                                    schedule=recipe_schedule(recipe, pipe) if schedule == "auto"

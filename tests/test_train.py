@@ -335,3 +335,31 @@ def test_killed_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path)
     assert sorted(after) == list(range(1, 41))
     diff = max(abs(after[s] - uninterrupted[s]) for s in after)
     assert diff <= TOLERANCE, f"resumed losses differ from the uninterrupted run's by {diff:.2e}"
+
+
+UNTIED = ["model.path=configs/models/quickstart-untied", "model.tokenizer=configs/models/quickstart",
+          "train.grad_clip=0.0"]  # what the asynchronous schedules accept
+
+
+@pytest.mark.slow
+def test_asynchronous_schedules_evaluate_checkpoint_and_resume_exactly(tmp_path):
+    """pipedream / pipemare in the training job: evaluation before and between steps
+    (after a flush), and a checkpoint taken after a flush resumes to the same losses."""
+    from pp_ext.engine.spawn import spawn
+
+    steps = ["train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0", "data.eval_split=validation",
+             "train.eval_interval=3", "train.eval_batches=1"]
+    cases = []
+    for name in ("pipedream", "pipemare"):
+        resume = f"checkpoint.resume={tmp_path / name / 'checkpoints/step-00000003'}"
+        cases += [(name, [*UNTIED, *steps, f"parallel.schedule={name}"]),
+                  (f"{name}-resumed", [*UNTIED, *steps, f"parallel.schedule={name}", resume])]
+    results = spawn(train_cases, 2, str(tmp_path), cases, timeout=600)[0]
+    for name in ("pipedream", "pipemare"):
+        (code, whole), (resumed_code, resumed) = results[name], results[f"{name}-resumed"]
+        assert code == 0 and resumed_code == 0 and sorted(whole) == list(range(1, 7)) and sorted(resumed) == [4, 5, 6]
+        diff = max(abs(resumed[s] - whole[s]) for s in resumed)
+        assert diff <= TOLERANCE, f"{name}: resumed losses differ by {diff:.2e}"
+        evals = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                 if "eval_loss" in line]
+        assert [e["step"] for e in evals] == [0, 3, 6]

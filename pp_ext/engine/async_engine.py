@@ -33,7 +33,7 @@ from pp_ext.schedules.asynchronous import segments, shift
 
 from . import instructions as ins
 from . import p2p
-from .engine import ScheduleEngine
+from .engine import ScheduleEngine, with_location
 
 
 class AsyncScheduleEngine(ScheduleEngine):
@@ -57,6 +57,7 @@ class AsyncScheduleEngine(ScheduleEngine):
         self.delay = schedule.stages - 1 - self.stage_id
         self.pipemare = pipemare
         self.updates_total = 0
+        self._evaluating = False
         self._start_stream()
 
     def _start_stream(self) -> None:
@@ -107,8 +108,13 @@ class AsyncScheduleEngine(ScheduleEngine):
                                f"call engine.flush() first")
 
     def eval_batch(self, *args, **kwargs):
+        """The synchronous engine's forward-only evaluation, at the current weights."""
         self._refuse_in_flight("eval_batch")
-        return super().eval_batch(*args, **kwargs)
+        self._evaluating = True
+        try:
+            return super().eval_batch(*args, **kwargs)
+        finally:
+            self._evaluating = False
 
     def save_checkpoint(self, *args, **kwargs):
         self._refuse_in_flight("save_checkpoint")
@@ -152,6 +158,8 @@ class AsyncScheduleEngine(ScheduleEngine):
     # ------------------------------------------------------------------ handlers
 
     def _exec_forward_chunk(self, chunk: int, micro_batch: int) -> None:
+        if self._evaluating:  # no stream, no versions: an ordinary forward
+            return ScheduleEngine._exec_forward_chunk(self, chunk, micro_batch)
         key, first, last = (chunk, micro_batch), self.module.is_first_stage_chunk(chunk), \
             self.module.is_last_stage_chunk(chunk)
         batch = self._batch(micro_batch - self._call_start) if first or last else None
@@ -226,6 +234,7 @@ class AsyncScheduleEngine(ScheduleEngine):
             work.wait()
         self._older_sends, self._sends = self._sends, []
 
-    _INSTRUCTION_MAP = {**ScheduleEngine._INSTRUCTION_MAP, ins.ForwardChunk: _exec_forward_chunk,
-                        ins.BackwardChunk: _exec_backward_chunk, ins.Update: _exec_update,
-                        ins.FinishSends: _exec_finish_sends}
+    _INSTRUCTION_MAP = {**ScheduleEngine._INSTRUCTION_MAP, **{
+        kind: with_location(kind.__name__, handler) for kind, handler in {
+            ins.ForwardChunk: _exec_forward_chunk, ins.BackwardChunk: _exec_backward_chunk,
+            ins.Update: _exec_update, ins.FinishSends: _exec_finish_sends}.items()}}

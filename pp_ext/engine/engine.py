@@ -45,7 +45,7 @@ class PipelineError(RuntimeError):
     with its chunk, micro-batch and peer, and the step."""
 
 
-def _named(instruction: str, handler: Callable) -> Callable:
+def with_location(instruction: str, handler: Callable) -> Callable:
     """``handler`` whose RuntimeErrors (gloo's "Timed out waiting ... for recv", a
     closed connection, NCCL's errors) say where this rank was in the program."""
     @functools.wraps(handler)
@@ -438,7 +438,7 @@ class ScheduleEngine(PipelineEngine):
         return (f"rank {self.global_rank} (pipeline rank {self.stage_id}) failed in {instruction}({args}) "
                 f"of step {self.global_steps + 1}{peer}")
 
-    _INSTRUCTION_MAP = {kind: _named(kind.__name__, handler) for kind, handler in {
+    _INSTRUCTION_MAP = {kind: with_location(kind.__name__, handler) for kind, handler in {
         **PipelineEngine._INSTRUCTION_MAP,
         ins.ForwardChunk: _exec_forward_chunk,
         ins.BackwardChunk: _exec_backward_chunk,
