@@ -14,9 +14,12 @@ BASELINE = "deepspeed-1f1b"
 
 
 def cases_for(pipe: int, sizes: list[int], chunk_choices: dict[str, list[int]] | None = None) -> list[tuple]:
-    """(schedule, micro_batches, chunks, tied) for every schedule that accepts the sizes."""
+    """(schedule, micro_batches, chunks, tied) for every synchronous schedule that accepts
+    the sizes (the asynchronous ones have their own references: tests/test_async.py)."""
     cases = [(BASELINE, sizes[-1], 1, True), (BASELINE, sizes[0], 1, False)]
     for name, spec in REGISTRY.items():
+        if not spec.synchronous:
+            continue
         for i, m in enumerate(sizes):
             for chunks in (chunk_choices or {}).get(name, [spec.default_chunks]):
                 try:

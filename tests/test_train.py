@@ -44,12 +44,9 @@ SMOKE_MODEL = ["model.path=configs/models/smoke", "model.tokenizer=configs/model
 
 def schedule_cases() -> list[tuple[str, list[str], str | None]]:
     """``(name, overrides, reference)``: each run's losses must equal its reference's."""
-    from pp_ext.schedules import Kind, build, names
+    from pp_ext.schedules import names
 
-    def synchronous(name: str) -> bool:  # no weight update inside the program: ordinary training
-        return not any(a.kind is Kind.U for program in build(name, 2, 4).programs for a in program)
-
-    cases = [(name, [f"parallel.schedule={name}"], "1f1b") for name in names() if synchronous(name)]
+    cases = [(name, [f"parallel.schedule={name}"], "1f1b") for name in names(synchronous=True)]
     # the same global batch as pipeline 2 x 4 micro-batches: 2 data ranks x 2 micro-batches
     cases.append(("pipeline-1-data-2", ["parallel.pipeline=1", "parallel.micro_batches=2"], "1f1b"))
     # DeepSpeed's own engine clips fp32 gradients by a norm that counts only pipeline

@@ -168,13 +168,15 @@ def search(recipe, profiles: dict, pipe: int, data: int, memory_limit: float | N
                     consider(auto_schedule(pipe, m, profiles[size].stage_costs(cut), limits), method, cut, size,
                              limits)
                 continue
+            if not spec.synchronous:
+                continue  # asynchronous: not the training the recipe asks for
             for chunks in range(1, MAX_CHUNKS + 1):
                 try:
                     schedule = spec.build(pipe, m, chunks)
                 except ScheduleError:
                     continue
-                if schedule.backward_weights or schedule.placement.stages > len(specs):
-                    continue  # asynchronous (not the training the recipe asks for), or too few layers
+                if schedule.placement.stages > len(specs):
+                    continue  # too few layers
                 for method, cut in cuts(schedule.placement.stages, size):
                     consider(schedule, method, cut, size)
     found.sort(key=lambda c: (c.step_s, max(c.memory)))

@@ -102,6 +102,7 @@ def _check(name: str, at_least_p: bool):
 
 def _register(name: str, summary: str, source: str, at_least_p: bool = False) -> None:
     @register(name, summary=summary, source=source, placement="loop", check=_check(name, at_least_p),
+              synchronous=False,
               constraints=f"chunks = 1; m >= {'p' if at_least_p else 'p-1'}; asynchronous "
                           f"(shown: {SHOWN_STEPS} calls and the drain)")
     def generate(stages: int, micro_batches: int, chunks: int) -> Schedule:

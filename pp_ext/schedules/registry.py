@@ -26,6 +26,9 @@ class ScheduleSpec:
     default_chunks: int
     generate: Generator
     check: Check
+    # False: weights change inside a step (the asynchronous family), so the result is
+    # not ordinary training and the synchronous engine, tests and tools leave it out
+    synchronous: bool = True
 
     def resolve_chunks(self, chunks: int | None) -> int:
         return self.default_chunks if chunks is None else chunks
@@ -66,18 +69,20 @@ def fixed_chunks(name: str, value: int) -> Check:
 
 
 def register(name: str, *, summary: str, constraints: str, source: str, placement: str,
-             default_chunks: int = 1, check: Check | None = None) -> Callable[[Generator], Generator]:
+             default_chunks: int = 1, check: Check | None = None,
+             synchronous: bool = True) -> Callable[[Generator], Generator]:
     def decorate(generate: Generator) -> Generator:
         if name in REGISTRY:
             raise ValueError(f"schedule {name!r} registered twice")
         REGISTRY[name] = ScheduleSpec(name, summary, constraints, source, placement, default_chunks,
-                                      generate, check or (lambda p, m, v: None))
+                                      generate, check or (lambda p, m, v: None), synchronous)
         return generate
     return decorate
 
 
-def names() -> list[str]:
-    return list(REGISTRY)
+def names(synchronous: bool | None = None) -> list[str]:
+    """Registered schedule names; ``synchronous`` True or False keeps only those."""
+    return [n for n, spec in REGISTRY.items() if synchronous is None or spec.synchronous == synchronous]
 
 
 def get(name: str) -> ScheduleSpec:
