@@ -50,8 +50,9 @@ def changes(saved: dict, current: dict) -> list[str]:
     return [f"{k} {saved.get(k)} -> {current[k]}" for k in LAYOUT_KEYS if saved.get(k) != current[k]]
 
 
-def load(engine, tag_dir: Path, what_changed: list[str]) -> int:
-    """Load ``tag_dir`` into ``engine`` under this run's layout; returns the step."""
+def load(engine, tag_dir: Path, what_changed: list[str]) -> None:
+    """Load ``tag_dir`` into ``engine`` under this run's layout (the step is in the
+    checkpoint's marker)."""
     tensor = next((change for change in what_changed if change.startswith("tensor ")), None)
     if tensor is not None:
         raise CheckpointError(f"checkpoint {tag_dir} was saved with another tensor-parallel size ({tensor}): its "
@@ -98,5 +99,4 @@ def load(engine, tag_dir: Path, what_changed: list[str]) -> int:
         engine.lr_scheduler.load_state_dict(first["lr_scheduler"])
     engine.global_steps, engine.global_samples = first["global_steps"], first["global_samples"]
     engine.skipped_steps = first["skipped_steps"]
-    return int(first["step"])
 

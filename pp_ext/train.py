@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -234,7 +234,8 @@ def evaluate(engine, loss: LanguageModelLoss, batches_fn, eval_batches: int) -> 
     return result
 
 
-def run(recipe, world_size: int) -> int:
+def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chunks: int) -> int:
+    """Train ``recipe`` on the layout :func:`check_before_launch` returned for it."""
     import torch
     import torch.distributed as dist
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -247,7 +248,6 @@ def run(recipe, world_size: int) -> int:
     from pp_ext.profile import recipe_schedule
     from pp_ext.schedules import get
 
-    pipe, tensor, data_parallel, chunks = check_before_launch(recipe, world_size)
     output_dir = Path(recipe.output_dir)
     save_dir = Path(recipe.checkpoint.dir or output_dir / "checkpoints")
     if _rank() == 0:
@@ -259,10 +259,10 @@ def run(recipe, world_size: int) -> int:
     torch.manual_seed(recipe.train.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
-    # rank 0 tokenizes first and fills datasets' cache; the others then read it
     global_batch = recipe.train.micro_batch_size * recipe.parallel.micro_batches * data_parallel
     train_set = eval_set = None
     if recipe.train.steps != 0:  # a conversion (steps 0) reads no data
+        # rank 0 tokenizes first and fills datasets' cache; the others then read it
         with nullcontext() if _rank() == 0 else _after_rank0():
             train_set = data.load(recipe.data, tokenizer, "train", seed=recipe.train.seed)
             eval_set = data.load(recipe.data, tokenizer, "eval", seed=recipe.train.seed)
@@ -299,7 +299,8 @@ def run(recipe, world_size: int) -> int:
     if resume_from is not None:
         load_dir, tag = resume_from
         checkpoints.verify(load_dir, tag)
-        reshaped = reshape.changes(checkpoints.info(load_dir, tag), layout)
+        saved = checkpoints.info(load_dir, tag)
+        reshaped = reshape.changes(saved, layout)
         try:
             if reshaped:
                 reshape.load(engine, load_dir / tag, reshaped)
@@ -312,7 +313,7 @@ def run(recipe, world_size: int) -> int:
             raise checkpoints.CheckpointError(f"checkpoint {load_dir / tag} cannot be loaded into this run "
                                               f"({first}): resume from another one or set "
                                               f"checkpoint.resume=never") from exc
-        start = checkpoints.info(load_dir, tag)["step"]
+        start = saved["step"]
         say(f"resumed from {load_dir / tag} at step {start}"
             + (f", reshaped ({', '.join(reshaped)})" if reshaped else ""))
     log = MetricsLog(output_dir / "metrics.jsonl", start if resume_from else None)
@@ -321,8 +322,8 @@ def run(recipe, world_size: int) -> int:
 
     def batches(dataset, start_step: int = 0):
         return data.micro_batches(dataset, micro_batch_size=recipe.train.micro_batch_size,
-                             micro_batches=recipe.parallel.micro_batches, dp_rank=dp_rank,
-                             dp_size=data_parallel, seed=recipe.train.seed, start_step=start_step)
+                                  micro_batches=recipe.parallel.micro_batches, dp_rank=dp_rank,
+                                  dp_size=data_parallel, seed=recipe.train.seed, start_step=start_step)
 
     def settle() -> None:
         # an asynchronous schedule keeps micro-batches in flight from one step to the
@@ -405,16 +406,12 @@ def run(recipe, world_size: int) -> int:
     return 0
 
 
+@contextmanager
 def _after_rank0():
-    import contextlib
-
     import torch.distributed as dist
 
-    @contextlib.contextmanager
-    def wait():
-        dist.barrier()
-        yield
-    return wait()
+    dist.barrier()
+    yield
 
 
 def _progress(steps: int, start: int, enabled: bool):
@@ -456,12 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         recipe = load(args.recipe, args.overrides)
-        check_before_launch(recipe, world_size)
+        layout = check_before_launch(recipe, world_size)
         from pp_ext.data_io import dataset_source
 
         if recipe.data.path is not None:
             dataset_source(recipe.data)  # a missing data file fails here, not on every rank later
-        return run(recipe, world_size)
+        return run(recipe, world_size, *layout)
     except (RecipeError, FileNotFoundError, ExportError) as exc:  # the user's to fix: one line
         say(f"error: {' '.join(str(exc).split())}")
         return USAGE_ERROR

@@ -54,16 +54,31 @@ def summary(train: list[dict], evals: list[dict]) -> list[str]:
     return format_table(rows)
 
 
-def draw(train: list[dict], evals: list[dict], path: Path) -> Path | None:
+def save_figure(path: Path, paint) -> Path | None:
+    """``paint(plt)`` returns a figure, written to ``path`` as PNG, atomically; None
+    without matplotlib (pictures are optional: the tables are the report)."""
+    from pp_ext.schedules.render import require_matplotlib, write_atomic
+
     try:
-        from pp_ext.schedules.render import require_matplotlib, write_atomic
         require_matplotlib()
-    except Exception:  # noqa: BLE001 - pictures are optional; the table is the report
+    except ImportError:
         return None
     import io
 
     import matplotlib.pyplot as plt
 
+    fig = paint(plt)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return write_atomic(path, buffer.getvalue())
+
+
+def draw(train: list[dict], evals: list[dict], path: Path) -> Path | None:
+    return save_figure(path, lambda plt: _paint_run(plt, train, evals))
+
+
+def _paint_run(plt, train: list[dict], evals: list[dict]):
     fig, loss_axis = plt.subplots(figsize=(7, 4))
     loss_axis.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss", color="#4477aa")
     if evals:
@@ -83,10 +98,7 @@ def draw(train: list[dict], evals: list[dict], path: Path) -> Path | None:
         handles, labels = handles + more[0], labels + more[1]
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)  # below, hiding no point
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return fig
 
 
 def samples(run_dir: Path, count: int) -> list[str]:
@@ -116,9 +128,9 @@ def samples(run_dir: Path, count: int) -> list[str]:
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=len(tokenizer(expected).input_ids) + 1, do_sample=False)
         answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        right += answer.strip() == expected.strip()
-        rows.append([repr(prompt), repr(expected), repr(answer), "yes" if answer.strip() == expected.strip()
-                     else "no"])
+        correct = answer.strip() == expected.strip()
+        right += correct
+        rows.append([repr(prompt), repr(expected), repr(answer), "yes" if correct else "no"])
     return format_table(rows) + [f"{right} of {len(rows) - 1} held-out prompts answered exactly "
                                  f"(greedy decoding of the exported model {model_dir})"]
 
@@ -145,15 +157,10 @@ def compare(run_dirs: list[Path], png: Path) -> int:
 
 def draw_runs(runs: dict[str, tuple[list[dict], list[dict]]], path: Path) -> Path | None:
     """Every run's training loss (and eval loss points) in one picture."""
-    try:
-        from pp_ext.schedules.render import require_matplotlib, write_atomic
-        require_matplotlib()
-    except Exception:  # noqa: BLE001 - pictures are optional; the table is the report
-        return None
-    import io
+    return save_figure(path, lambda plt: _paint_runs(plt, runs))
 
-    import matplotlib.pyplot as plt
 
+def _paint_runs(plt, runs: dict[str, tuple[list[dict], list[dict]]]):
     fig, axis = plt.subplots(figsize=(7, 4))
     for index, (name, (train, evals)) in enumerate(runs.items()):
         color = plt.get_cmap("tab10")(index)
@@ -165,10 +172,7 @@ def draw_runs(runs: dict[str, tuple[list[dict], list[dict]]], path: Path) -> Pat
     axis.set_yscale("log")
     axis.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return fig
 
 
 def run_report(args: argparse.Namespace) -> int:
