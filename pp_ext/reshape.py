@@ -1,30 +1,38 @@
-"""Resuming a checkpoint under another layout (pipeline ranks, chunks, placement,
-partition, data ranks): e.g. pipe 4 -> pipe 2, or 1f1b -> zbv.
+"""Resuming a checkpoint under another layout (pipeline ranks, tensor ranks, chunks,
+placement, partition, data ranks): e.g. pipe 4 -> pipe 2, 1f1b -> zbv, or pipe 2 x
+tensor 2 -> pipe 2 x tensor 1, in fp32, bf16 or with ZeRO-1.
 
-The weights need nothing: DeepSpeed's pipeline checkpoints hold one file per layer,
-named by the layer's global index, which any layout reads. What DeepSpeed ties to the
-layout is the rest of ``mp_rank_XX_model_states.pt``: the optimizer state is keyed by
-the position of each parameter in that rank's optimizer. So every save also records
-those parameters' names (``client_state["param_names"]``; a ChunkedPipelineModule
-names parameters by global layer index, the same in every layout), and a resume under
-another layout gives each parameter of this rank the state its name had on whichever
-rank held it, then the learning-rate schedule and the step counters.
+Every tensor is found by name, which no layout changes: DeepSpeed's pipeline checkpoints
+hold one file per layer (per tensor rank), named by the layer's global index, and a
+ChunkedPipelineModule names parameters by global layer index too. The optimizer state
+is read by (tensor rank, parameter name) (:mod:`pp_ext.optimizer_state`: the torch
+optimizer's state in fp32, the flat fp32 partitions of bf16 and ZeRO with their
+master weights), so each rank gives each of its parameters the state its name had on
+whichever rank held it, then the learning-rate schedule and the step counters.
 
-With tensor parallelism (Megatron, Shoeybi et al. 2019, Sec. 3) each tensor rank holds
-its own part of a sharded parameter under the same name, so a save records the tensor
-rank too (``client_state["tensor_rank"]``) and a parameter takes the state of its name
-on its own tensor rank. The tensor size itself cannot change: the layer files and the
-optimizer state hold parts cut for the saved size, so a change is refused in one line.
+With tensor parallelism (Megatron, Shoeybi et al. 2019, Sec. 3) each tensor rank
+holds its own part of a sharded parameter under the same name. A weight and its
+elementwise optimizer state (AdamW's ``exp_avg``, ``exp_avg_sq``; ``step`` is copied)
+are cut alike, so each is merged from the saved tensor ranks' parts by the cut of the
+saved size (:meth:`pp_ext.tp.Split.merge`, the layer built on the meta device for that
+size, as export does: :func:`pp_ext.hf.export.layer_tensors`) and this rank's part of
+the new size is taken (:meth:`pp_ext.tp.Split.take`); a replicated one (a norm) is
+tensor rank 0's. Merging then cutting at the saved size gives back the same parts, so
+an unchanged tensor size goes the same way.
 
-fp32 without ZeRO only: bf16 and ZeRO keep partitioned fp32 master copies in their own
-files (DeepSpeed's universal checkpoints convert those), so they are refused in one line.
+What stays refused, in one line: a checkpoint without parameter names (saved by an
+older pp-ext), and a change between fp32 and bf16 / ZeRO (their optimizers keep
+different state). A tensor size the model's vocabulary, heads or MLP width does not
+divide is refused before launch (:func:`pp_ext.tp.check_tensor_split`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from deepspeed.pipe import TiedLayerSpec
 
+from pp_ext import optimizer_state, tp
 from pp_ext.checkpoints import CheckpointError
 
 LAYOUT_KEYS = ("pipeline", "tensor", "data", "chunks", "placement", "partition")
@@ -32,8 +40,8 @@ LAYOUT_KEYS = ("pipeline", "tensor", "data", "chunks", "placement", "partition")
 
 def param_names(engine) -> list[str] | None:
     """Names of the optimizer's parameters on this rank, in its order (saved with every
-    checkpoint); None under bf16 or ZeRO, whose optimizers hold flat partitions."""
-    if engine.bfloat16_enabled() or engine.zero_optimization():
+    checkpoint); None under bf16 or ZeRO, whose checkpoints name their fragments."""
+    if optimizer_state.flat(engine):
         return None
     names = {id(p): n for n, p in engine.module.named_parameters()}
     return [names[id(p)] for group in engine.optimizer.param_groups for p in group["params"]]
@@ -50,53 +58,87 @@ def changes(saved: dict, current: dict) -> list[str]:
     return [f"{k} {saved.get(k)} -> {current[k]}" for k in LAYOUT_KEYS if saved.get(k) != current[k]]
 
 
+def held_layers(module) -> list[tuple[int, str, torch.nn.Module]]:
+    """``(index of its layer file, parameter name prefix, module)`` of every layer this
+    rank holds, a tied module once (its file: the first use that has one, as export's
+    :func:`pp_ext.hf.export.saved_layers`)."""
+    from pp_ext.hf.export import saved_layers
+
+    specs = module._layer_specs
+    first = {spec.key: idx for idx, spec in saved_layers(specs) if isinstance(spec, TiedLayerSpec)}
+    held = {}
+    for chunk in range(module.chunks):
+        for idx in range(*module.chunk_bounds(chunk)):
+            spec = specs[idx]
+            if isinstance(spec, TiedLayerSpec):
+                held.setdefault(spec.key, (first[spec.key], f"tied_modules.{spec.key}.", module.tied_modules[spec.key]))
+            elif str(idx) in module._modules:
+                held.setdefault(idx, (idx, f"{idx}.", module._modules[str(idx)]))
+    return list(held.values())
+
+
+def recut(parts: list[torch.Tensor], saved: tp.Split | None, current: tp.Split | None) -> torch.Tensor:
+    """This rank's part under ``current`` of the tensor whose saved parts (one per saved
+    tensor rank) were cut by ``saved`` (None: replicated, tensor rank 0's is taken)."""
+    whole = parts[0] if saved is None else saved.merge(parts)
+    return whole if current is None else current.take(whole)
+
+
 def load(engine, tag_dir: Path, what_changed: list[str]) -> None:
     """Load ``tag_dir`` into ``engine`` under this run's layout (the step is in the
-    checkpoint's marker)."""
-    tensor = next((change for change in what_changed if change.startswith("tensor ")), None)
-    if tensor is not None:
-        raise CheckpointError(f"checkpoint {tag_dir} was saved with another tensor-parallel size ({tensor}): its "
-                              f"layer files and optimizer state hold parts cut for the saved size, which pp-ext "
-                              f"does not re-cut; resume with the saved parallel.tensor")
-    if engine.bfloat16_enabled() or engine.zero_optimization():
-        raise CheckpointError(f"checkpoint {tag_dir} was saved with another layout ({', '.join(what_changed)}): "
-                              f"pp-ext reshapes fp32 checkpoints without ZeRO only; resume with the saved layout")
-    files = sorted(Path(tag_dir).glob("mp_rank_*_model_states.pt"))
-    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-    if not states or any("param_names" not in s or (engine.module.tensor_axis.size > 1 and "tensor_rank" not in s)
-                         for s in states):
+    checkpoint's marker): weights, optimizer state, learning-rate schedule, counters."""
+    from functools import cache
+
+    from pp_ext.hf.export import layer_tensors, load_layer
+
+    tag_dir = Path(tag_dir)
+    model_states = [torch.load(f, map_location="cpu", weights_only=False)
+                    for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt"))]
+    def named(state: dict) -> bool:  # parameter names, and the tensor rank where there were several
+        one_rank = state.get("checkpoint_parallel_dimensions", {}).get("tp_degree") == 1
+        return "param_names" in state and ("tensor_rank" in state or one_rank)
+
+    if not model_states or not all(named(s) for s in model_states):
         raise CheckpointError(f"checkpoint {tag_dir} has no parameter names (saved by an older pp-ext): "
                               f"resume with the saved layout")
-    by_name = {}  # (tensor rank, name) -> state: tensor ranks hold different parts under one name
-    for state in states:
-        optimizer = state["optimizer"]
-        order = [i for group in optimizer["param_groups"] for i in group["params"]]
-        for name, index in zip(state["param_names"], order):
-            by_name.setdefault((state.get("tensor_rank", 0), name), optimizer["state"].get(index))
-    engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine)
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    tensor_rank, missing = engine.module.tensor_axis.rank, []
-    for group in engine.optimizer.param_groups:
-        for param in group["params"]:
-            name = names[id(param)]
-            if (tensor_rank, name) not in by_name:
+    flat = optimizer_state.flat(engine)
+    if flat != (model_states[0]["param_names"] is None):  # names are saved by fp32 runs only
+        kinds = ("fp32 without ZeRO", "bf16 or ZeRO")
+        raise CheckpointError(f"checkpoint {tag_dir} was saved {kinds[not flat]}, this run is {kinds[flat]} "
+                              f"({', '.join(what_changed)}): their optimizers keep different state; resume "
+                              f"with the saved deepspeed.bases")
+    states, saved_groups = optimizer_state.saved(tag_dir, model_states)
+    wanted, missing = {}, []  # param -> this rank's part of its saved state (None: none yet)
+    for idx, prefix, layer in held_layers(engine.module):
+        meta, stored = layer_tensors(tag_dir, idx, engine.module._layer_specs[idx])
+        read = cache(load_layer)  # each of the layer's files once
+        tp.load_parts(layer, {local: where.read(read) for local, where in stored.items()})
+        shapes = meta.state_dict()
+        for local, param in layer.named_parameters():
+            if not param.requires_grad:
+                continue
+            name, where = prefix + local, stored[local]
+            ranks = range(len(where.paths))  # the saved tensor ranks' parts, or tensor rank 0's whole
+            if any((rank, name) not in states for rank in ranks):
                 missing.append(name)
-            elif by_name[tensor_rank, name] is not None:
-                engine.optimizer.state[param] = {k: v.clone().to(param.device) if torch.is_tensor(v) else v
-                                                 for k, v in by_name[tensor_rank, name].items()}
+                continue
+            parts = [states[rank, name] for rank in ranks]
+            wanted[param] = None if parts[0] is None else {
+                key: recut([part[key].view(shapes[local].shape) for part in parts], where.split,
+                           getattr(param, "tp_split", None)) if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in parts[0].items()}
     if missing:
         raise CheckpointError(f"checkpoint {tag_dir} holds no optimizer state for {missing[0]} "
                               f"({len(missing)} parameters): is it a checkpoint of this model?")
-    first = states[0]
-    saved_groups = first["optimizer"]["param_groups"]
+    optimizer_state.write(engine, wanted)
     if len(saved_groups) != len(engine.optimizer.param_groups):
         raise CheckpointError(f"checkpoint {tag_dir} has {len(saved_groups)} optimizer parameter groups, this run "
                               f"{len(engine.optimizer.param_groups)}: resume with the same optimizer")
     for group, saved in zip(engine.optimizer.param_groups, saved_groups):
         # the learning rate in force (the scheduler sets it only at its next step) and the rest
         group.update({k: v for k, v in saved.items() if k != "params"})
+    first = model_states[0]
     if engine.lr_scheduler is not None and first.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(first["lr_scheduler"])
     engine.global_steps, engine.global_samples = first["global_steps"], first["global_samples"]
     engine.skipped_steps = first["skipped_steps"]
-

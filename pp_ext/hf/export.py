@@ -4,7 +4,8 @@ DeepSpeed's ``PipelineModule.save_state_dict`` writes one file per layer spec,
 ``layer_XX-model_states.pt`` for global layer index XX (``ckpt_layer_path``; with a
 model-parallel axis the name carries ``-model_YY``: one file per tensor rank YY),
 and no file for a tied head called through ``forward_fn``. Tensor-parallel parts are
-merged back (:meth:`pp_ext.tp.Split.merge`, the inverse of the cut loading made);
+merged back (:meth:`pp_ext.tp.Split.merge`, the inverse of the cut loading made;
+:func:`layer_tensors`, which :mod:`pp_ext.reshape` reads layers with too);
 replicated tensors are taken from tensor rank 0. The layers' ``hf_keys()`` (built on the meta device
 from ``layer_specs(config)``, the order training used) name every tensor as the HF
 model does; the config and tokenizer come from ``<tag>/hf_meta/``, which
@@ -152,6 +153,29 @@ def load_layer(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
 
 
+def layer_tensors(tag_dir: Path, idx: int, spec: LayerSpec) -> tuple[torch.nn.Module, dict[str, Stored]]:
+    """Layer ``idx`` of the checkpoint: ``spec`` built on the meta device for the saved
+    tensor size (one file per tensor rank), and where each of its tensors lies, under
+    its ``state_dict`` name, with the cut that merges its parts."""
+    paths = tuple(layer_files(tag_dir, idx))
+    try:
+        with torch.device("meta"), tp.using(tp.TensorAxis(len(paths))):  # every rank's part has one shape
+            layer = spec.build()
+    except ValueError as err:  # a config that cannot be cut so many ways
+        raise ExportError(f"{paths[0].name} is one of {len(paths)} tensor-parallel slices: {err}") from None
+    expected, cut = layer.state_dict(), tp.splits(layer)
+    for path in paths:
+        state = load_layer(path)
+        if state.keys() != expected.keys() or any(state[k].shape != expected[k].shape for k in state):
+            raise ExportError(f"{path.name} does not hold the tensors of {type(layer).__name__} as "
+                              f"{HF_META}/{CONFIG_NAME} describes it (names or shapes differ): export with the "
+                              f"config the checkpoint was trained with")
+    return layer, {local: Stored(paths if local in cut else paths[:1], local,
+                                 cut[local].whole_shape(tensor.shape) if local in cut else tensor.shape,
+                                 state[local].dtype, cut.get(local))
+                   for local, tensor in expected.items()}
+
+
 def checkpoint_tensors(tag_dir: Path, config: PretrainedConfig) -> dict[str, Stored]:
     """Every tensor of the checkpoint under its HF name, one layer (its tensor ranks'
     files) at a time."""
@@ -161,23 +185,8 @@ def checkpoint_tensors(tag_dir: Path, config: PretrainedConfig) -> dict[str, Sto
         raise ExportError(str(err)) from None
     tensors = {}
     for idx, spec in saved_layers(specs):
-        paths = tuple(layer_files(tag_dir, idx))
-        try:
-            with torch.device("meta"), tp.using(tp.TensorAxis(len(paths))):  # every rank's part has one shape
-                layer = spec.build()
-        except ValueError as err:  # a config that cannot be cut so many ways
-            raise ExportError(f"{paths[0].name} is one of {len(paths)} tensor-parallel slices: {err}") from None
-        expected, cut = layer.state_dict(), tp.splits(layer)
-        for path in paths:
-            state = load_layer(path)
-            if state.keys() != expected.keys() or any(state[k].shape != expected[k].shape for k in state):
-                raise ExportError(f"{path.name} does not hold the tensors of {type(layer).__name__} as "
-                                  f"{HF_META}/{CONFIG_NAME} describes it (names or shapes differ): export with the "
-                                  f"config the checkpoint was trained with")
-        for local, hf in layer.hf_keys().items():
-            split = cut.get(local)
-            shape = expected[local].shape if split is None else split.whole_shape(expected[local].shape)
-            tensors[hf] = Stored(paths if split else paths[:1], local, shape, state[local].dtype, split)
+        layer, stored = layer_tensors(tag_dir, idx, spec)
+        tensors.update({hf: stored[local] for local, hf in layer.hf_keys().items()})
     return tensors
 
 

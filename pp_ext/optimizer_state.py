@@ -1,0 +1,132 @@
+"""A checkpoint's optimizer state by parameter name, and the same written into a live
+engine's optimizer: what :mod:`pp_ext.reshape` moves between layouts.
+
+Two kinds of optimizer hold it:
+
+* fp32 without ZeRO: the torch optimizer itself, saved in ``mp_rank_XX_model_states.pt``
+  keyed by each parameter's position; pp-ext saves the names in that order beside it
+  (``client_state["param_names"]``, :func:`pp_ext.reshape.param_names`).
+* bf16 (DeepSpeed's BF16_Optimizer) and ZeRO stage 1/2: one flat fp32 partition per
+  parameter group and data rank (the master weights, and the torch optimizer's state
+  of that flat tensor), saved in ``*zero_pp_rank_D_mp_rank_XX_optim_states.pt`` with
+  ``param_slice_mappings`` (name -> where its fragment lies in the partition, in
+  partition order) and the shapes in ``mp_rank_XX_model_states.pt``. A parameter's
+  whole state is the concatenation of its fragments over the data ranks, which is
+  how DeepSpeed's ``ds_to_universal.py`` (``extract_zero_shards``,
+  ``_merge_zero_shards``) reads them.
+
+DeepSpeed's own route for a new layout, the universal checkpoint, is not taken: it
+needs an offline conversion into another folder whose reader
+(``deepspeed.checkpoint.DeepSpeedCheckpoint``) derives the pipeline and tensor degrees
+from Megatron's file layout (one stage per pipeline rank, not pp-ext's chunks), the
+tensor cuts from regex patterns the client must save, and the config key
+``load_universal_checkpoint`` set before the engine exists. So the fragments are read
+here as ``ds_to_universal`` reads them, and written as its loader
+(``BaseOptimizer.load_hp_checkpoint_state_from_checkpoint_dir`` with
+``load_hp_checkpoint_state``) writes them, from tensors in memory instead of files.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+FP32 = "fp32"  # the key of a master weight beside its optimizer state (ds_to_universal's name)
+_FLAT_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+
+
+def flat(engine) -> bool:
+    """Whether ``engine``'s optimizer keeps flat fp32 partitions (bf16 or ZeRO)."""
+    return bool(engine.bfloat16_enabled() or engine.zero_optimization())
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def saved(tag_dir: Path, model_states: list[dict]) -> tuple[dict[tuple[int, str], dict], list[dict]]:
+    """``({(tensor rank, name): state}, param_groups)`` of the checkpoint in ``tag_dir``,
+    whose ``mp_rank_XX_model_states.pt`` files (in XX order) are ``model_states``. A
+    state is the torch optimizer's for that parameter (``exp_avg``, ``exp_avg_sq``,
+    ``step`` for AdamW), with the fp32 master weight under :data:`FP32` where the
+    optimizer was flat; a flat one's tensors are 1-D (view them as the parameter's
+    part). A parameter held by several ranks (a tied one) is taken once; a checkpoint
+    without tensor ranks had one."""
+    files = {}
+    for path in Path(tag_dir).glob("*optim_states.pt"):
+        if match := _FLAT_FILE.fullmatch(path.name):
+            files.setdefault(int(match[2]), []).append((int(match[1]), path))
+    if not files:
+        return _saved_torch(model_states)
+    by_name, groups = {}, None
+    for mp, model_state in enumerate(model_states):
+        parts = {}  # name -> {key: [fragment of each data rank]}
+        for _, path in sorted(files[mp]):
+            optimizer = _load(path)["optimizer_state_dict"]
+            groups = groups or optimizer["base_optimizer_state"]["param_groups"]
+            for i, mappings in enumerate(optimizer["param_slice_mappings"]):
+                flat_state = {FP32: optimizer["single_partition_of_fp32_groups"][i],
+                              **optimizer["base_optimizer_state"]["state"].get(i, {})}
+                for name, address in mappings.items():
+                    pieces = parts.setdefault(name, {})
+                    for key, value in flat_state.items():
+                        if torch.is_tensor(value) and value.dim() > 0:
+                            pieces.setdefault(key, []).append(value.narrow(0, address.start, address.numel))
+                        else:
+                            pieces[key] = value
+        for name, pieces in parts.items():
+            by_name.setdefault((model_state.get("tensor_rank", 0), name),
+                               {key: torch.cat(value) if isinstance(value, list) else value
+                                for key, value in pieces.items()})
+    return by_name, groups
+
+
+def _saved_torch(model_states: list[dict]) -> tuple[dict[tuple[int, str], dict], list[dict]]:
+    by_name = {}
+    for state in model_states:
+        optimizer = state["optimizer"]
+        order = [i for group in optimizer["param_groups"] for i in group["params"]]
+        for name, index in zip(state["param_names"], order):
+            by_name.setdefault((state.get("tensor_rank", 0), name), optimizer["state"].get(index))
+    return by_name, model_states[0]["optimizer"]["param_groups"]
+
+
+def write(engine, states: dict[torch.nn.Parameter, dict | None]) -> None:
+    """Give each trainable parameter of ``engine`` its ``states[param]`` (this rank's
+    part, keyed as :func:`saved` reads them; None: no state yet)."""
+    if not flat(engine):
+        for param, state in states.items():
+            if state is not None:
+                engine.optimizer.state[param] = {k: v.clone().to(param.device) if torch.is_tensor(v) else v
+                                                 for k, v in state.items()}
+        return
+    _write_flat(engine.optimizer, states)
+
+
+def _write_flat(optimizer, states: dict[torch.nn.Parameter, dict]) -> None:
+    """As DeepSpeed's universal loader: each parameter's fragment of this data rank's
+    partition takes its slice of the master weight and of each state, the flat state
+    is assembled from the fragments (``map_to_flat_opt_states``), and the bf16 weights
+    are cast from the masters (``update_lp_params``)."""
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    # the lp groups DeepSpeed's own _load_universal_checkpoint names: ZeRO's, BF16_Optimizer's
+    lp_groups = optimizer.bit16_groups if hasattr(optimizer, "bit16_groups") else optimizer.bf16_groups
+    for lp_group, group in zip(lp_groups, optimizer.optimizer.param_groups):
+        hp_param, keys, step = group["params"][0], set(), None
+        for lp in lp_group:
+            mapping = lp._hp_mapping
+            if mapping is None:  # the parameter lies wholly in another data rank's partition
+                continue
+            state, address = states[lp], mapping.lp_fragment_address
+            fragment = {key: value.to(hp_param.device).flatten().narrow(0, address.start, address.numel)
+                        for key, value in state.items() if torch.is_tensor(value) and value.dim() > 0}
+            mapping.hp_fragment.data.copy_(fragment.pop(FP32))
+            mapping.optim_fragment = {key: value.clone() for key, value in fragment.items()}
+            keys |= fragment.keys()
+            step = state.get("step", step)
+        if step is not None:
+            optimizer.optimizer.state[hp_param]["step"] = step.clone() if torch.is_tensor(step) else step
+        map_to_flat_opt_states(hp_param, lp_group, optimizer.optimizer.state, keys)
+    optimizer.update_lp_params()
