@@ -248,9 +248,11 @@ def recipe_schedule(recipe, pipe: int):
     """``parallel.schedule: auto`` with ``parallel.profile``: :func:`auto_schedule` on
     the profile's per-stage costs for the recipe's partition (Qi et al. 2024, Sec. 3:
     the best order depends on the measured F, I, W and communication), under
-    ``parallel.memory_limit`` micro-batches per rank (None: 1F1B's). Deterministic, so
-    every rank builds the same program. Raises ValueError (a profile of other shapes,
-    or of another model) or a ScheduleError."""
+    ``parallel.memory_limit`` micro-batches per rank (None: 1F1B's), in the placement
+    ``parallel.chunks`` names (1: loop, 2: V) or, without it, the one auto chooses
+    from the costs of both cuts (p and 2p stages; 2p only where the partition method
+    can cut that many). Deterministic, so every rank builds the same program. Raises
+    ValueError (a profile of other shapes, or of another model) or a ScheduleError."""
     from omegaconf import OmegaConf
 
     from pp_ext.engine.module import partition
@@ -263,10 +265,17 @@ def recipe_schedule(recipe, pipe: int):
         raise ValueError(f"profile {path} measured micro-batches of {profile.micro_batch_size} samples, the recipe "
                          f"has train.micro_batch_size={recipe.train.micro_batch_size}: use that size or profile "
                          f"again (pp-ext tune --recipe R)")
-    parts = partition(recipe_layer_specs(recipe), pipe, recipe.parallel.partition)
+    specs, chunks = recipe_layer_specs(recipe), recipe.parallel.chunks
+    cuts = []
+    for count in (1, 2) if chunks is None else (chunks,):
+        try:
+            cuts.append(profile.stage_costs(partition(specs, pipe * count, recipe.parallel.partition)))
+        except ValueError:
+            if chunks is not None or count == 1:
+                raise
     limit = recipe.parallel.memory_limit
     limit = OmegaConf.to_container(limit) if OmegaConf.is_config(limit) else limit
-    return auto_schedule(pipe, recipe.parallel.micro_batches, profile.stage_costs(parts), limit)
+    return auto_schedule(pipe, recipe.parallel.micro_batches, cuts, limit, chunks)
 
 
 def tiny_config(options):

@@ -62,7 +62,7 @@ class ParallelConfig:
     schedule: str = "1f1b"
     # micro-batches per step (DeepSpeed's gradient_accumulation_steps)
     micro_batches: int = 4
-    # model chunks per pipeline rank; None: the schedule's default
+    # model chunks per pipeline rank; None: the schedule's default (auto from a profile: its choice)
     chunks: Optional[int] = None
     # parameters | uniform | type:REGEX | balanced:PROFILE.json | [boundaries]
     partition: Any = "parameters"

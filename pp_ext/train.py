@@ -64,8 +64,8 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
         chunks = spec.resolve_chunks(chunks)
         try:
             spec.build(pipe, recipe.parallel.micro_batches, chunks)
-            if name == "auto" and recipe.parallel.profile is not None:
-                recipe_schedule(recipe, pipe)
+            if name == "auto" and recipe.parallel.profile is not None:  # auto chooses its chunks from the profile
+                chunks = recipe_schedule(recipe, pipe).chunks
         except ScheduleError as exc:
             raise RecipeError(f"parallel.schedule={name} with pipeline={pipe}, "
                               f"micro_batches={recipe.parallel.micro_batches}, chunks={chunks}: "
@@ -273,10 +273,13 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
 
     schedule = recipe.parallel.schedule
     spec = None if schedule == "deepspeed-1f1b" else get(schedule)
+    # auto from measured costs: built from the profile, the same on every rank, in the placement it chose
+    prebuilt = recipe_schedule(recipe, pipe) if schedule == "auto" and recipe.parallel.profile is not None else None
+    placement = prebuilt.placement.name if prebuilt else spec.placement_for(chunks) if spec else "loop"
     loss = LanguageModelLoss()
     module = build_pipeline_module(
         recipe.model.path, topology=PipeModelDataParallelTopology(num_pp=pipe, num_mp=tensor, num_dp=data_parallel),
-        chunks=chunks, placement=spec.placement if spec else "loop", partition_method=recipe.parallel.partition,
+        chunks=chunks, placement=placement, partition_method=recipe.parallel.partition,
         loss_fn=loss, dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
         activation_checkpoint_interval=recipe.model.activation_checkpoint_interval, seed=recipe.train.seed)
     loss.tensor_axis = module.tensor_axis
@@ -285,13 +288,11 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
                                    lr_scheduler=warmup_cosine(optimizer, recipe, steps,
                                                               updates_per_step(spec, pipe, recipe, chunks)),
                                    config=deepspeed_config(recipe, data_parallel, str(output_dir)),
-                                   # auto from measured costs: built from the profile, the same on every rank
-                                   schedule=recipe_schedule(recipe, pipe) if schedule == "auto"
-                                   and recipe.parallel.profile is not None else schedule)
+                                   schedule=prebuilt or schedule)
 
     # what a checkpoint's layout is compared on (pp_ext.reshape.LAYOUT_KEYS)
     layout = {"pipeline": pipe, "tensor": tensor, "data": data_parallel, "chunks": chunks,
-              "placement": spec.placement if spec else "loop",
+              "placement": placement,
               "partition": OmegaConf.to_container(recipe.parallel.partition)
               if OmegaConf.is_config(recipe.parallel.partition) else recipe.parallel.partition}
     start = 0

@@ -1,12 +1,13 @@
-"""``auto``: the Zero Bubble paper's heuristic (Qi et al. 2024, Sec. 3) against the
-handmade ZB-H1/H2 at their memory, and against the exact ILP where HiGHS is installed."""
+"""``auto``: the Zero Bubble paper's heuristic (Qi et al. 2024, Sec. 3) in loop and V
+placement against every fixed synchronous schedule that fits its memory, the handmade
+ZB-H1/H2 at their memory, and the exact ILP where HiGHS is installed."""
 import random
 from fractions import Fraction as Fr
 
 import pytest
 
-from pp_ext.schedules import ConstraintError, Costs, build, simulate, validate
-from pp_ext.schedules.auto import auto_schedule, greedy, heuristic, memory_limits, policies
+from pp_ext.schedules import REGISTRY, ConstraintError, Costs, Placement, build, names, simulate, validate
+from pp_ext.schedules.auto import PATIENCE, auto_schedule, greedy, heuristic, memory_limits, policies
 
 # Per-rank F, I (the paper's B), W and comm in ms, shaped like the Zero Bubble paper's
 # profiled GPT models of 1.5B to 28.3B parameters: I about F, W half of it or more,
@@ -38,10 +39,10 @@ def test_the_heuristic_alone_matches_zb_h1_and_zb_h2_at_their_memory(name):
     for p, m in SIZES:
         for limit, handmade in ((p, "zb-h1"), (2 * p, "zb-h2")):
             limits = memory_limits(p, m, limit)
-            programs, makespan = heuristic(p, m, costs, limits)
+            programs, makespan = heuristic(Placement.loop(p), m, costs, limits)
             reference = simulate(build(handmade, p, m), costs)
             assert makespan <= reference.makespan, (name, p, m, handmade, makespan, reference.makespan)
-            sim = simulate(auto_schedule(p, m, costs, limit), costs)
+            sim = simulate(auto_schedule(p, m, costs, limit, chunks=1), costs)
             assert sim.makespan <= makespan and sim.bubble_ratio <= reference.bubble_ratio
             assert max(sim.peak_activations_per_rank) <= min(limit, m)
 
@@ -53,26 +54,111 @@ def test_auto_is_never_worse_than_the_handmade_ones_on_uneven_stages():
         m = (p, p + 2, 2 * p)[seed % 3]
         costs = rank_costs(p, seed)
         for limit, handmade in ((p, "zb-h1"), (2 * p, "zb-h2")):
-            sim = simulate(auto_schedule(p, m, costs, limit), costs)
             reference = simulate(build(handmade, p, m), costs)
+            sim = simulate(auto_schedule(p, m, costs, limit, chunks=1), costs)
             assert sim.makespan <= reference.makespan and sim.peak_activations <= limit
-            worse += heuristic(p, m, costs, memory_limits(p, m, limit))[1] > reference.makespan
+            worse += heuristic(Placement.loop(p), m, costs, memory_limits(p, m, limit))[1] > reference.makespan
     assert worse < 12  # the greedy alone loses to the handmade order on a few of these, not most
 
 
 def test_greedy_times_are_the_simulators():
     """The search ranks candidates by the greedy's own clock: it must be the simulator's."""
-    from pp_ext.schedules import Placement, Schedule
+    from pp_ext.schedules import Schedule
 
-    for costs in (COSTS["1.5b"], rank_costs(4, 1), Costs(1.0, 1.3, 0.7, 0.1)):
+    for costs in (COSTS["1.5b"], rank_costs(4, 1), Costs(1.0, 1.3, 0.7, 0.1), rank_costs(6, 2)):
         p, m = len(costs.per_stage or ()) or 3, 7
-        limits = memory_limits(p, m, p + 1)
-        for policy in policies(limits)[::5]:
-            programs, makespan = greedy(p, m, costs, limits, policy)
-            schedule = Schedule("auto", Placement.loop(p), m, tuple(map(tuple, programs)))
+        placement = Placement.v(p // 2, 2) if costs.per_stage and p == 6 else Placement.loop(p)
+        p = placement.ranks
+        limits = memory_limits(p, m, p + 1, placement.chunks)
+        for policy in policies(limits, patience=PATIENCE)[::7]:
+            programs, makespan = greedy(placement, m, costs, limits, policy)
+            schedule = Schedule("auto", placement, m, tuple(map(tuple, programs)))
             validate(schedule)
             sim = simulate(schedule, costs)
             assert sim.makespan == pytest.approx(makespan, rel=1e-12) and sim.peak_activations <= p + 1
+
+
+def model_costs(p, stages, head, fiw):
+    """A model of p ranks' worth of equal blocks cut into ``stages`` equal stages (p: one
+    chunk per rank; 2p: two), F:I:W per block as ``fiw``; ``head`` adds that share of a
+    rank's blocks to the last stage (a large vocabulary's output layer)."""
+    share = Fr(p, stages)
+    per_stage = [tuple(x * share for x in fiw) for _ in range(stages)]
+    per_stage[-1] = tuple(x + head * y for x, y in zip(per_stage[-1], fiw))
+    return Costs(comm=fiw[0] / 30, per_stage=tuple(per_stage))
+
+
+SHAPES = {  # (head, F:I:W): equal stages or a heavy last stage; unit costs or the paper's 1.5B model
+    "equal-1:1:1": (0, (1, 1, 1)),
+    "equal-paper": (0, (Fr("18.5"), Fr("18.1"), Fr("9.3"))),
+    "head-1:1:1": (Fr(3, 2), (1, 1, 1)),
+    "head-paper": (Fr(3, 2), (Fr("18.5"), Fr("18.1"), Fr("9.3"))),
+}
+FIXED = [n for n in names(synchronous=True) if n != "auto"]
+
+
+def fixed_makespans(p, m, cuts, limit, replicas):
+    """Makespan of every fixed synchronous schedule of the registry (default chunks) whose
+    peak activations per rank fit ``limit`` and whose weight copies fit ``replicas``."""
+    found = {}
+    for name in FIXED:
+        try:
+            schedule = build(name, p, m)
+        except ConstraintError:
+            continue
+        sim = simulate(schedule, cuts[schedule.placement.stages])
+        if sim.peak_activations <= limit and sim.weight_copies <= replicas:
+            found[name] = sim.makespan
+    return found
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_auto_is_never_longer_than_a_fixed_schedule_that_fits_its_memory(shape):
+    """The issue's bar (issue 8): in simulation, auto under a memory limit is never longer
+    than any fixed synchronous schedule (any placement) that fits the same limit."""
+    head, fiw = SHAPES[shape]
+    shorter = 0
+    for p in range(2, 7):
+        cuts = {n: model_costs(p, n, head, fiw) for n in (p, 2 * p)}
+        for m in (p, 2 * p, 3 * p):
+            # 1F1B's memory (zb-h1's, zbv's, chimera's activations); for p <= 4 also 2p (zb-h2's 2p-1,
+            # dualpipev's p + 1/2, interleaved-1f1b's p + (p-1)/2)
+            for limit in ((p, 2 * p) if p <= 4 else (p,)):
+                schedule = auto_schedule(p, m, list(cuts.values()), limit)
+                validate(schedule)
+                assert schedule.placement.name in ("loop", "v")
+                sim = simulate(schedule, cuts[schedule.placement.stages])
+                assert sim.peak_activations <= limit and sim.weight_copies == 1
+                fixed = fixed_makespans(p, m, cuts, limit, replicas=1)
+                assert sim.makespan <= min(fixed.values()), (shape, p, m, limit, sim.makespan, fixed)
+                shorter += sim.makespan < min(fixed.values())
+    print(shape, "auto strictly shorter than every fixed schedule that fits on", shorter, "of 24 points")
+    assert shorter >= 5
+
+
+def test_auto_with_two_weight_replicas_weighs_chimera():
+    """With ``replicas=2`` the bidirectional placement (Chimera) is a candidate: at p=2 at
+    unit costs its two pipelines start together, which no single pipeline can."""
+    for shape in ("equal-1:1:1", "head-paper"):
+        head, fiw = SHAPES[shape]
+        for p, m in ((2, 4), (2, 6), (4, 8)):
+            cuts = {n: model_costs(p, n, head, fiw) for n in (p, 2 * p)}
+            schedule = auto_schedule(p, m, list(cuts.values()), p, replicas=2)
+            validate(schedule)
+            sim = simulate(schedule, cuts[schedule.placement.stages])
+            fixed = fixed_makespans(p, m, cuts, p, replicas=2)
+            assert sim.makespan <= min(fixed.values()) and sim.peak_activations <= p, (shape, p, m, fixed)
+    assert auto_schedule(2, 4, Costs(), replicas=2).placement.name == "bidirectional"
+
+
+def test_chunks_choose_the_placement():
+    costs = [model_costs(4, n, Fr(3, 2), (1, 1, 1)) for n in (4, 8)]
+    assert [(s.placement.name, s.chunks) for s in (auto_schedule(4, 8, costs, chunks=1),
+                                                   auto_schedule(4, 8, costs, chunks=2))] == [("loop", 1), ("v", 2)]
+    assert auto_schedule(4, 8, costs).placement.name == "v"  # the head is balanced against the embedding
+    assert auto_schedule(4, 8, costs[:1]).placement.name == "loop"  # only a cut into 4 stages was measured
+    assert (build("auto", 4, 8).placement.name, build("auto", 4, 8, 2).placement.name) == ("loop", "v")
+    assert REGISTRY["auto"].default_chunks == 1
 
 
 def test_memory_limit_trades_memory_for_time():
@@ -93,8 +179,11 @@ def test_per_rank_limits_and_bad_limits():
         auto_schedule(2, 4, memory_limit=0.5)
     with pytest.raises(ConstraintError, match="gives 3 ranks, the pipeline has 2"):
         auto_schedule(2, 4, memory_limit=[2, 2, 2])
-    with pytest.raises(ConstraintError, match=r"auto holds exactly 1 chunk per rank \(got chunks=2\)"):
-        build("auto", 2, 4, 2)
+    with pytest.raises(ConstraintError, match=r"auto holds 1 chunk per rank \(loop placement\) or 2 \(V placement\) "
+                                              r"\(got chunks=3\)"):
+        build("auto", 2, 4, 3)
+    with pytest.raises(ConstraintError, match="the costs give 3 stages, which fits no placement of 2 ranks"):
+        auto_schedule(2, 4, rank_costs(3, 0))
 
 
 # ---------------------------------------------------------------- the exact ILP

@@ -30,7 +30,7 @@ def closed_forms(name, p, m, v):
     if name == "zb-h1":
         bubble = lower_bound(p, m, 1) if m >= p else 1 - Fr(3 * m, 2 * m + 2 * p - 1)
         return {"bubble_ratio": bubble, "peak_activations": min(m, p)}
-    if name == "auto":  # unit costs, 1F1B's memory (p): it finds zb-h1's bubble, optimal for these costs
+    if name == "auto" and v == 1:  # unit costs, 1F1B's memory (p): zb-h1's bubble, optimal for these costs
         return {"bubble_ratio": closed_forms("zb-h1", p, m, v)["bubble_ratio"]}
     if name == "zb-h2" and m >= p:
         return {"bubble_ratio": lower_bound(p, m, 1), "peak_activations": min(m, 2 * p - 1)}

@@ -69,9 +69,11 @@ def test_auto_under_a_memory_limit_writes_its_limit(tmp_path, capsys):
     assert tune(tmp_path, "--profile", str(profile), "--out", str(out), "--memory-limit", "0.0135",
                 "train.micro_batch_size=4") == 0
     text = capsys.readouterr().out
-    assert "; 3 candidate(s) simulated on measured costs, 30 over 0.0135 GiB dropped" in text
+    assert "; 5 candidate(s) simulated on measured costs, 30 over 0.0135 GiB dropped" in text
     rows = [line.split() for line in text.splitlines() if line[:1].isdigit()]
-    assert [row[1] for row in rows] == ["auto", "1f1b", "auto"] and float(rows[0][7]) < float(rows[1][7])
+    # auto in loop (v 1) and V placement (v 2), each computed for the limit
+    assert [(row[1], row[2]) for row in rows] == [("auto", "1"), ("auto", "2"), ("auto", "2"), ("1f1b", "1"),
+                                                  ("auto", "1")] and float(rows[0][7]) < float(rows[3][7])
     written = out.read_text().split()
     assert "parallel.schedule=auto" in written and f"parallel.profile={profile}" in written
     limit = next(w for w in written if w.startswith("parallel.memory_limit="))

@@ -106,7 +106,7 @@ def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int)
     specs = layer_specs(config, recipe.model.attn_implementation)
     name = recipe.parallel.schedule
     spec = get("1f1b" if name == "deepspeed-1f1b" else name)
-    placement = Placement.named(spec.placement, pipe, chunks)
+    placement = Placement.named(spec.placement_for(chunks), pipe, chunks)
     with tp.using(tp.TensorAxis(tensor)):  # every tensor rank holds the same shapes
         parts = partition(specs, placement.stages, recipe.parallel.partition)
         counts = layer_param_counts(specs)
@@ -119,7 +119,7 @@ def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int)
     lines = [f"{recipe.model.path}: {config.model_type}, {len(specs)} pipeline layers "
              f"({config.num_hidden_layers} decoder blocks), {sum(layer_param_counts(specs)) / 1e6:.1f} M parameters",
              f"{world} ranks = pipeline {pipe} x tensor {tensor} x data {data}; schedule {name} "
-             f"({chunks} chunk{'s' * (chunks > 1)} per rank, {spec.placement} placement), "
+             f"({chunks} chunk{'s' * (chunks > 1)} per rank, {placement.name} placement), "
              f"{recipe.parallel.micro_batches} micro-batches of {mbs} x {seq} tokens per data rank",
              f"bubble at unit costs: {format_number(metrics['bubble_ratio'])} per step; peak activations "
              f"in flight: {format_number(metrics['peak_activations'])} micro-batches of a rank's layers"]

@@ -9,7 +9,8 @@ every candidate on the measured per-stage costs:
 
 - schedule: every registered synchronous schedule that accepts the sizes, at each
   chunk count it allows (1-4, at most one layer per stage), plus ``auto`` computed
-  from the measured costs under the memory limit (:func:`~pp_ext.schedules.auto.auto_schedule`);
+  from the measured costs under the memory limit (:func:`~pp_ext.schedules.auto.auto_schedule`)
+  with one chunk in loop placement and with two in V placement;
 - micro-batches: the recipe's count times 1/4 .. 4, each with the micro-batch size
   that keeps the global batch (``micro_batches x micro_batch_size``) exactly, so
   training computes the same thing; each size is measured (the costs are not linear);
@@ -155,18 +156,21 @@ def search(recipe, profiles: dict, pipe: int, data: int, memory_limit: float | N
     for size in sorted(profiles):
         m = recipe.parallel.micro_batches * recipe.train.micro_batch_size // size
         for name, spec in REGISTRY.items():
-            if name == "auto":  # computed per partition from the measured costs, within the memory limit
-                for method, cut in cuts(pipe, size):
-                    limits = None
-                    if limit_bytes is not None:
-                        static, act_rank = memory(Placement.loop(pipe), cut, size)
-                        limits = tuple(min(m, int((limit_bytes - s) // a)) if a else m
-                                       for s, a in zip(static, act_rank))
-                        if min(limits) < 1:
-                            dropped += 1
-                            continue
-                    consider(auto_schedule(pipe, m, profiles[size].stage_costs(cut), limits), method, cut, size,
-                             limits)
+            if name == "auto":  # per placement and partition from the measured costs, within the memory limit
+                for placement in (Placement.loop(pipe), Placement.v(pipe, 2)):
+                    if placement.stages > len(specs):
+                        continue  # too few layers
+                    for method, cut in cuts(placement.stages, size):
+                        limits = None
+                        if limit_bytes is not None:
+                            static, act_rank = memory(placement, cut, size)
+                            limits = tuple(min(m, int((limit_bytes - s) // a)) if a else m
+                                           for s, a in zip(static, act_rank))
+                            if min(limits) < 1:
+                                dropped += 1
+                                continue
+                        consider(auto_schedule(pipe, m, profiles[size].stage_costs(cut), limits, placement.chunks),
+                                 method, cut, size, limits)
                 continue
             if not spec.synchronous:
                 continue  # asynchronous: not the training the recipe asks for

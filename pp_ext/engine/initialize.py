@@ -57,9 +57,10 @@ def initialize(args: Any = None, model: ChunkedPipelineModule | None = None, opt
     spec = get(schedule)
     if not isinstance(model, ChunkedPipelineModule):
         raise TypeError(f"schedule {schedule} needs a pp_ext ChunkedPipelineModule (got {type(model).__name__})")
-    if spec.placement != model.placement.name:
-        raise ValueError(f"schedule {schedule} runs in {spec.placement} placement; build the module with "
-                         f"placement='{spec.placement}'")
+    placement = prebuilt.placement.name if prebuilt is not None else spec.placement_for(model.chunks)
+    if placement != model.placement.name:
+        raise ValueError(f"schedule {schedule} runs in {placement} placement; build the module with "
+                         f"placement='{placement}'")
     deepspeed.init_distributed(dist_init_required=dist_init_required)
     config = _load_config(args, config, config_params)
     mpu = model.mpu()

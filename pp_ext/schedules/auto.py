@@ -2,13 +2,24 @@
 
 Qi, Wan, Huang and Lin, "Zero Bubble Pipeline Parallelism", ICLR 2024, Sec. 3:
 the handmade ZB-H1/H2 are optimal only at equal F, I, W and zero communication;
-with measured costs the best order differs, so the paper computes it. This module
-is its Sec. 3.1 heuristic (the exact ILP of Sec. 3.2 is :mod:`.auto_ilp`). One chunk
-per rank, loop placement, backward split into I and W, micro-batches of each kind
-in index order on every rank.
+with measured costs the best order differs, so the paper computes it. ``auto``
+searches, for the costs and the memory it is given:
+
+- placements: one chunk per rank in loop placement (the paper's Sec. 3), and two
+  chunks per rank in V placement (the ZB-V shape of Qi, Wan, Amar and Lin,
+  "Pipeline Parallelism with Controllable Memory", NeurIPS 2024, and of the Zero
+  Bubble paper's appendix: the model cut into 2p stages, chunk 0 of rank r holds
+  stage r and chunk 1 stage 2p-1-r, so the first and the loss stage share rank 0
+  and a heavy head can be balanced against a light embedding); with ``replicas=2``
+  also Chimera's bidirectional placement (two copies of the weights);
+- orders: for loop and V placement, the paper's Sec. 3.1 heuristic below (the exact
+  ILP of Sec. 3.2 is :mod:`.auto_ilp`, loop placement only), plus every registered
+  synchronous schedule of that placement (ZB-H1/H2, 1F1B, GPipe; ZB-V, DualPipeV;
+  Chimera) that fits the memory limit, so ``auto`` is never longer than any of them.
 
 The heuristic lists actions in time order over all ranks at once (a list
-scheduler on the cost model) with the paper's rules:
+scheduler on the cost model) with the paper's rules, the backward split into I
+and W, each chunk's micro-batches of each kind in index order:
 
 1. warm-up: a rank runs as many forwards as its memory limit allows before its
    first input gradient arrives, which fills the wait for it;
@@ -20,47 +31,73 @@ scheduler on the cost model) with the paper's rules:
 3. a ``W`` is run as soon as the memory limit blocks the next forward, since
    only a ``W`` frees an activation (it still needs the layer input).
 
+With two chunks a rank runs its deeper chunk first where both can (depth-first, as
+ZB-V), and may leave a ready pass waiting a little for a preferred one about to
+arrive (a list scheduler that never waits cannot hold ZB-V's turn at rank p-1
+together; ``patience``). A micro-batch started on a V rank
+must later hold both chunks' activations (its chunk-1 forward comes before its
+chunk-0 backward), so a rank starts a new micro-batch only while a whole
+micro-batch's room is left: the list scheduler then never deadlocks on memory.
+
 The paper also searches the warm-up depth: each policy (W rule, whether I or F
-goes first when both can start, and a cap on how many forwards a rank runs
-ahead of its input gradients) gives one schedule, and the one with the smallest
-makespan on the simulator's cost model wins; the handmade ZB-H1/H2 orders are
-kept where they fit the limit and are shorter. Every candidate respects the memory limit by
-construction: a rank never holds more than ``memory_limit`` micro-batches of
-activations, counted as the simulator's ``peak_activations`` counts them.
+goes first when both can start, patience, and a cap on how many chunk forwards a
+rank runs ahead of its input gradients) gives one schedule, and the one with the
+smallest makespan on the simulator's cost model wins (see :func:`heuristic`). Every
+candidate respects the memory limit: a rank never holds more than
+``memory_limit`` micro-batches of its activations, counted as the simulator's
+``peak_activations`` counts them (one chunk's forward holds 1/chunks of a unit
+until its W).
 """
 from __future__ import annotations
 
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from .actions import Action, Kind
 from .costs import Costs, Number
 from .errors import ConstraintError
 from .placement import Placement
-from .registry import fixed_chunks, register
+from .registry import REGISTRY, register, require
 from .schedule import Schedule
 from .simulate import simulate
-from .zero_bubble import zb_h1, zb_h2
 
 W_RULES = ("fit", "eager", "bubble")
 
 
+PATIENCE = (Fraction(0), Fraction(1, 4), Fraction(1, 2))
+
+
 @dataclass(frozen=True)
 class Policy:
-    """One point of the heuristic's search: how W fills gaps, and per rank the most
-    forwards it may run ahead of its input gradients (its warm-up depth)."""
+    """One point of the heuristic's search: how W fills gaps, per rank the most chunk
+    forwards it may run ahead of its input gradients before it starts a new
+    micro-batch (its warm-up depth), which kind goes first when both can start, and
+    how long a rank leaves a ready pass waiting for one it prefers that is about to
+    arrive (``patience``, in its mean pass times)."""
 
     w_rule: str
     depth: tuple[int, ...]
     first: Kind = Kind.I
+    patience: Fraction = Fraction(0)
 
 
-def memory_limits(stages: int, micro_batches: int, memory_limit: Number | Sequence[Number] | None) -> tuple[int, ...]:
-    """Per-rank limits in whole micro-batches of a rank's activations; ``None`` is
-    1F1B's memory, ``stages`` micro-batches (what ZB-H1 holds too)."""
+def layouts(stages: int, replicas: int = 1) -> list[Placement]:
+    """The placements ``auto`` searches: loop x 1 chunk, V x 2 chunks, and with
+    ``replicas`` >= 2 (and p even) Chimera's bidirectional x 2."""
+    found = [Placement.loop(stages), Placement.v(stages, 2)]
+    if replicas >= 2 and stages % 2 == 0:
+        found.append(Placement.bidirectional(stages))
+    return found
+
+
+def memory_limits(stages: int, micro_batches: int, memory_limit: Number | Sequence[Number] | None,
+                  chunks: int = 1) -> tuple[int, ...]:
+    """Per-rank limits in whole chunk activations (``chunks`` per micro-batch of a
+    rank's activations); ``None`` is 1F1B's memory, ``stages`` micro-batches (what
+    ZB-H1 and ZB-V hold too)."""
     if memory_limit is None:
         limits = [stages] * stages
     elif isinstance(memory_limit, Sequence):
@@ -74,25 +111,34 @@ def memory_limits(stages: int, micro_batches: int, memory_limit: Number | Sequen
         if limit < 1:
             raise ConstraintError(f"auto: memory limit {limit} on rank {rank} is below one micro-batch's "
                                   f"activations (got {limit}): give a limit >= 1")
-    # an F holds a whole micro-batch: a fractional limit rounds down; more than m is never used
-    return tuple(min(math.floor(limit), micro_batches) for limit in limits)
+    # an F holds a whole chunk: a fractional limit rounds down; more than m micro-batches is never used
+    return tuple(min(math.floor(Fraction(limit) * chunks), chunks * micro_batches) for limit in limits)
 
 
-def policies(limits: Sequence[int]) -> list[Policy]:
-    """The search space: every W rule with warm-up depths from 1F1B's (rank r runs
-    p-r forwards ahead) up to the memory limit, and flat depths 1 .. limit."""
+def warmup_depths(limits: Sequence[int], chunks: int = 1) -> list[tuple[int, ...]]:
+    """Warm-up depths from 1F1B's (rank r runs chunks*(p-r) chunk forwards ahead) up
+    to the memory limit, and flat depths 1 .. limit."""
     p = len(limits)
-    depths = {tuple(min(limit, extra + p - rank) for rank, limit in enumerate(limits)) for extra in range(max(limits))}
+    depths = {tuple(min(limit, extra + chunks * (p - rank)) for rank, limit in enumerate(limits))
+              for extra in range(max(limits))}
     depths |= {tuple(min(limit, d) for limit in limits) for d in range(1, max(limits) + 1)}
-    return [Policy(rule, depth, first) for first in (Kind.I, Kind.F) for rule in W_RULES for depth in sorted(depths)]
+    return sorted(depths)
 
 
-def scaled_costs(stages: int, costs: Costs) -> tuple[list[dict[Kind, Number]], Number, int]:
-    """Per-rank F, I, W durations and the comm time, as integers times ``1/scale``
+def policies(limits: Sequence[int], depths: Sequence[tuple[int, ...]] | None = None,
+             patience: Sequence[Fraction] = (Fraction(0),)) -> list[Policy]:
+    """Every W rule, first kind and ``patience`` for each of ``depths`` (default:
+    :func:`warmup_depths`, one chunk)."""
+    return [Policy(rule, depth, first, wait) for wait in patience for first in (Kind.I, Kind.F)
+            for rule in W_RULES for depth in (warmup_depths(limits) if depths is None else depths)]
+
+
+def scaled_costs(placement: Placement, costs: Costs) -> tuple[list[dict[Kind, Number]], Number, int]:
+    """Per-stage F, I, W durations and the comm time, as integers times ``1/scale``
     where every cost is a fraction (exact, and far faster than Fraction arithmetic
     in the scheduler's inner loop); floats stay floats (``scale`` 1)."""
-    cost = [{kind: costs.duration(kind, rank, stages, stages) for kind in (Kind.F, Kind.I, Kind.W)}
-            for rank in range(stages)]
+    cost = [{kind: costs.duration(kind, stage, placement.ranks, placement.stages)
+             for kind in (Kind.F, Kind.I, Kind.W)} for stage in range(placement.stages)]
     values = [v for c in cost for v in c.values()] + [costs.comm]
     if not all(isinstance(v, (int, Fraction)) for v in values):
         return cost, costs.comm, 1
@@ -100,80 +146,99 @@ def scaled_costs(stages: int, costs: Costs) -> tuple[list[dict[Kind, Number]], N
     return ([{kind: int(v * scale) for kind, v in c.items()} for c in cost], int(costs.comm * scale), scale)
 
 
-def greedy(stages: int, micro_batches: int, costs: Costs, limits: Sequence[int],
+def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequence[int],
            policy: Policy) -> tuple[list[list[Action]], Number]:
-    """The list scheduler of the module doc for one policy: per-rank programs and
-    their makespan (each action starts as soon as its rank and inputs allow, so
-    this is the simulator's makespan of the same programs)."""
-    p, m = stages, micro_batches
-    cost, comm, scale = scaled_costs(stages, costs)
-    done = {Kind.F: [[None] * m for _ in range(p)], Kind.I: [[None] * m for _ in range(p)]}
-    issued = {Kind.F: [0] * p, Kind.I: [0] * p}
-    pending: list[deque[int]] = [deque() for _ in range(p)]
+    """The list scheduler of the module doc for one policy on a one-pipeline
+    placement (``limits`` in chunk activations per rank): per-rank programs and their
+    makespan (each action starts as soon as its rank and inputs allow, so this is the
+    simulator's makespan of the same programs)."""
+    p, v, m, last = placement.ranks, placement.chunks, micro_batches, placement.stages - 1
+    cost, comm, scale = scaled_costs(placement, costs)
+    stage_of = [[placement.holds(r, c)[1] for c in range(v)] for r in range(p)]
+    rank_of = [placement.locate(0, s)[0] for s in range(placement.stages)]
+    # a rank prefers its deeper chunk (nearer the loss on the way down, the ZB-V order)
+    chunk_order = [sorted(range(v), key=lambda c, r=r: -stage_of[r][c]) for r in range(p)]
+    other = Kind.F if policy.first is Kind.I else Kind.I
+    # how long a rank leaves a ready action waiting for one it prefers: patience x its mean pass
+    wait = [policy.patience * sum(cost[s][k] for s in stage_of[r] for k in cost[s]) / (3 * v) for r in range(p)]
+    order = [[(kind, c) for kind in (policy.first, other) for c in chunk_order[r]] for r in range(p)]
+    done = {Kind.F: [[None] * m for _ in range(placement.stages)], Kind.I: [[None] * m for _ in range(placement.stages)]}
+    issued = {Kind.F: [[0] * v for _ in range(p)], Kind.I: [[0] * v for _ in range(p)]}
+    ahead = [0] * p  # chunk forwards whose I has not run
+    pending: list[deque[tuple[int, int]]] = [deque() for _ in range(p)]  # (chunk, micro-batch) of W's to run
     held, free, idle = [0] * p, [0] * p, [0] * p
     programs: list[list[Action]] = [[] for _ in range(p)]
 
-    def arrival(kind: Kind, rank: int) -> Number | None:
-        """When the next ``kind`` of ``rank`` could start as far as its inputs go;
-        None while they are not scheduled yet (or the rank may not run it)."""
-        j = issued[kind][rank]
+    def arrival(kind: Kind, chunk: int, rank: int) -> Number | None:
+        """When the next ``kind`` of ``chunk`` on ``rank`` could start as far as its
+        inputs go; None while they are not scheduled yet (or the rank may not run it)."""
+        j = issued[kind][rank][chunk]
         if j == m:
             return None
+        stage = stage_of[rank][chunk]
         if kind is Kind.F:
-            if held[rank] >= limits[rank] or j - issued[Kind.I][rank] >= policy.depth[rank]:
+            if chunk == 0:  # a micro-batch's first chunk here: within the depth, and room for all its chunks
+                if held[rank] + v > limits[rank] or ahead[rank] >= policy.depth[rank]:
+                    return None
+            elif held[rank] >= limits[rank]:
                 return None
-            if rank == 0:
+            if stage == 0:
                 return 0
-            end, link = done[Kind.F][rank - 1][j], comm
+            source = stage - 1
+            end = done[Kind.F][source][j]
         else:
-            if j >= issued[Kind.F][rank]:
+            if j >= issued[Kind.F][rank][chunk]:
                 return None
-            if rank == p - 1:
-                return done[Kind.F][rank][j]
-            end, link = done[Kind.I][rank + 1][j], comm
-        return None if end is None else end + link
+            if stage == last:
+                return done[Kind.F][stage][j]
+            source = stage + 1
+            end = done[Kind.I][source][j]
+        return None if end is None else end + (comm if rank_of[source] != rank else 0)
 
-    def decide(rank: int) -> tuple[Number, Kind] | None:
+    def decide(rank: int) -> tuple[Number, tuple[Kind, int]] | None:
         now = free[rank]
-        ready = {kind: t for kind in (Kind.I, Kind.F) if (t := arrival(kind, rank)) is not None}
-        order = (policy.first, Kind.F if policy.first is Kind.I else Kind.I)
-        for kind in order:
-            if kind in ready and ready[kind] <= now:
-                return now, kind
+        ready = {key: t for key in order[rank] if (t := arrival(*key, rank)) is not None}
+        for key in order[rank]:
+            if key in ready and ready[key] <= now + wait[rank]:
+                return max(now, ready[key]), key
         upcoming = min(ready.values(), default=None)
         if pending[rank]:
             gap = None if upcoming is None else upcoming - now
-            memory_bound = issued[Kind.F][rank] < m and held[rank] >= limits[rank]
-            if (gap is None or memory_bound or policy.w_rule == "eager" or gap >= cost[rank][Kind.W]
+            forwards_left = any(n < m for n in issued[Kind.F][rank])
+            memory_bound = forwards_left and held[rank] + v > limits[rank]
+            w_cost = cost[stage_of[rank][pending[rank][0][0]]][Kind.W]
+            if (gap is None or memory_bound or policy.w_rule == "eager" or gap >= w_cost
                     or (policy.w_rule == "bubble" and idle[rank] + gap > max(idle))):
-                return now, Kind.W
+                return now, (Kind.W, pending[rank][0][0])
         if upcoming is None:
             return None
-        return upcoming, next(kind for kind in order if ready.get(kind) == upcoming)
+        return upcoming, next(key for key in order[rank] if ready.get(key) == upcoming)
 
     # a rank's choice changes only when it or a neighbour (whose results it waits
     # for) commits, or, under the "bubble" rule, when the largest idle time grows
-    decisions: list[tuple[Number, Kind] | None] = [decide(rank) for rank in range(p)]
-    for _ in range(3 * p * m):
+    decisions: list[tuple[Number, tuple[Kind, int]] | None] = [decide(rank) for rank in range(p)]
+    for _ in range(3 * placement.stages * m):
         rank = min((r for r in range(p) if decisions[r] is not None), key=lambda r: (decisions[r][0], r),
                    default=None)
-        if rank is None:  # cannot happen with limits >= 1: every micro-batch can go through alone
+        if rank is None:  # cannot happen with limits >= chunks: see the module doc
             raise AssertionError(f"auto heuristic stalled with policy {policy}")
-        start, kind = decisions[rank]
-        j = pending[rank].popleft() if kind is Kind.W else issued[kind][rank]
+        start, (kind, chunk) = decisions[rank]
+        j = pending[rank].popleft()[1] if kind is Kind.W else issued[kind][rank][chunk]
         most_idle = max(idle)
         idle[rank] += start - free[rank]
-        free[rank] = start + cost[rank][kind]
-        programs[rank].append(Action(kind, j))
+        free[rank] = start + cost[stage_of[rank][chunk]][kind]
+        programs[rank].append(Action(kind, j, chunk))
         if kind is Kind.W:
             held[rank] -= 1
         else:
-            done[kind][rank][j] = free[rank]
-            issued[kind][rank] += 1
+            done[kind][stage_of[rank][chunk]][j] = free[rank]
+            issued[kind][rank][chunk] += 1
             if kind is Kind.F:
                 held[rank] += 1
+                ahead[rank] += 1
             else:
-                pending[rank].append(j)
+                ahead[rank] -= 1
+                pending[rank].append((chunk, j))
         stale = range(p) if policy.w_rule == "bubble" and idle[rank] > most_idle else (rank - 1, rank, rank + 1)
         for r in stale:
             if 0 <= r < p:
@@ -181,39 +246,108 @@ def greedy(stages: int, micro_batches: int, costs: Costs, limits: Sequence[int],
     return programs, Fraction(max(free), scale) if scale != 1 else max(free)
 
 
-def heuristic(stages: int, micro_batches: int, costs: Costs, limits: Sequence[int]) -> tuple[list[list[Action]], Number]:
+def heuristic(placement: Placement, micro_batches: int, costs: Costs,
+              limits: Sequence[int]) -> tuple[list[list[Action]], Number]:
     """The best of :func:`greedy` over :func:`policies` (the first on ties: the least
-    memory-hungry), with its makespan."""
-    best = None
-    for policy in policies(limits):
-        programs, makespan = greedy(stages, micro_batches, costs, limits, policy)
-        if best is None or makespan < best[1]:
-            best = programs, makespan
-    return best
+    memory-hungry), with its makespan. One chunk: every depth. Two chunks (twice the
+    passes, and patience too): the depths are swept with the "fit" rule first, and
+    the whole policy space is searched at the three best."""
+    def best_of(search: list[Policy]) -> list[tuple[Number, int, Policy, list[list[Action]]]]:
+        runs = []
+        for index, policy in enumerate(search):
+            programs, makespan = greedy(placement, micro_batches, costs, limits, policy)
+            runs.append((makespan, index, policy, programs))
+        return sorted(runs, key=lambda run: run[:2])
+
+    depths = warmup_depths(limits, placement.chunks)
+    if placement.chunks == 1:
+        makespan, _, _, programs = best_of(policies(limits, depths))[0]
+        return programs, makespan
+    sweep = best_of([Policy("fit", depth, first) for depth in depths for first in (Kind.I, Kind.F)])
+    top = list(dict.fromkeys(run[2].depth for run in sweep))[:3]
+    makespan, _, _, programs = min(sweep[0], best_of(policies(limits, top, PATIENCE))[0], key=lambda run: run[:2])
+    return programs, makespan
 
 
-def auto_schedule(stages: int, micro_batches: int, costs: Costs | None = None,
-                  memory_limit: Number | Sequence[Number] | None = None) -> Schedule:
-    """The shortest schedule found for these costs (default: unit costs) under
-    ``memory_limit`` micro-batches of activations per rank (default: ``stages``,
-    1F1B's): the heuristic's, or the paper's handmade ZB-H1 / ZB-H2 where they fit
-    the limit and are shorter (a greedy order can lose a few per cent to them when
-    stages differ in cost; this way ``auto`` never does)."""
+def layout_costs(placement: Placement, costs: Costs | Sequence[Costs]) -> Costs | None:
+    """The first of ``costs`` that fits ``placement``: uniform costs fit every
+    placement, per-stage costs the one with as many stages."""
+    for option in [costs] if isinstance(costs, Costs) else costs:
+        if option.per_stage is None or len(option.per_stage) == placement.stages:
+            return option
+    return None
+
+
+def fits(schedule: Schedule, costs: Costs, limits: Sequence[int]) -> Number | None:
+    """The simulated makespan of ``schedule`` where its peak activations stay within
+    ``limits`` (chunk activations per rank), else None."""
+    sim = simulate(schedule, costs)
+    if all(peak * schedule.chunks <= limit for peak, limit in zip(sim.peak_activations_per_rank, limits)):
+        return sim.makespan
+    return None
+
+
+def candidates(placement: Placement, micro_batches: int, costs: Costs,
+               limits: Sequence[int]) -> list[tuple[Schedule, Number]]:
+    """What ``auto`` weighs in one placement, with makespans: the heuristic's
+    schedule (one-pipeline placements), then each registered synchronous schedule of
+    the placement that accepts the sizes and fits ``limits``."""
+    p, m, found = placement.ranks, micro_batches, []
+    if placement.pipelines == 1:
+        programs, makespan = heuristic(placement, m, costs, limits)
+        found.append((Schedule("auto", placement, m, tuple(map(tuple, programs))), makespan))
+    for name, spec in REGISTRY.items():
+        if name == "auto" or not spec.synchronous or spec.placement != placement.name:
+            continue
+        try:
+            schedule = spec.build(p, m, placement.chunks)
+        except ConstraintError:
+            continue
+        makespan = fits(schedule, costs, limits)
+        if makespan is not None:
+            found.append((replace(schedule, name="auto"), makespan))
+    return found
+
+
+def auto_schedule(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | None = None,
+                  memory_limit: Number | Sequence[Number] | None = None, chunks: int | None = None,
+                  replicas: int = 1) -> Schedule:
+    """The shortest schedule found (see the module doc) for these costs under
+    ``memory_limit`` micro-batches of a rank's activations per rank (default:
+    ``stages``, 1F1B's), in the placement it chooses: ``chunks`` 1 keeps it to loop
+    placement, 2 to V placement (or bidirectional, with ``replicas`` 2); ``None``
+    weighs both. ``costs`` (default: unit costs) is one cost model or one per cut of
+    the model: per-stage costs of p stages serve loop and bidirectional placement,
+    of 2p stages V placement; a placement no cost model fits is not searched.
+    Ties go to the first placement of :func:`layouts` (loop: one chunk)."""
     costs = costs or Costs()
-    limits = memory_limits(stages, micro_batches, memory_limit)
-    programs, makespan = heuristic(stages, micro_batches, costs, limits)
-    for handmade in (zb_h1, zb_h2):
-        candidate = handmade(stages, micro_batches, 1)
-        sim = simulate(candidate, costs)
-        if sim.makespan < makespan and all(a <= b for a, b in zip(sim.peak_activations_per_rank, limits)):
-            programs, makespan = candidate.programs, sim.makespan
-    return Schedule("auto", Placement.loop(stages), micro_batches, tuple(map(tuple, programs)))
+    best = None
+    for placement in layouts(stages, replicas):
+        layout = layout_costs(placement, costs)
+        if layout is None or chunks not in (None, placement.chunks):
+            continue
+        limits = memory_limits(stages, micro_batches, memory_limit, placement.chunks)
+        for schedule, makespan in candidates(placement, micro_batches, layout, limits):
+            if best is None or makespan < best[1]:
+                best = schedule, makespan
+    if best is None:
+        sizes = sorted({len(c.per_stage) for c in ([costs] if isinstance(costs, Costs) else costs)})
+        raise ConstraintError(f"auto: the costs give {' or '.join(map(str, sizes))} stages, which fits no placement "
+                              f"of {stages} ranks with chunks={chunks} ({stages} stages: 1 chunk in loop placement; "
+                              f"{2 * stages}: 2 chunks in V placement): give costs of those stages")
+    return best[0]
 
 
-@register("auto", summary="computed from costs and a memory limit: the Zero Bubble paper's heuristic "
-                          "(unit costs and 1F1B's memory when built by name)",
-          constraints="chunks = 1; memory limit >= 1 micro-batch per rank (default p)",
-          source="Qi et al. 2024 (Zero Bubble Pipeline Parallelism, ICLR), Sec. 3", placement="loop",
-          check=fixed_chunks("auto", 1))
+def _check_auto(stages: int, micro_batches: int, chunks: int) -> None:
+    require(chunks in (1, 2), f"auto holds 1 chunk per rank (loop placement) or 2 (V placement) (got chunks={chunks}): "
+                              f"use chunks=1 or chunks=2")
+
+
+@register("auto", summary="computed from costs and a memory limit: the Zero Bubble paper's heuristic in loop or "
+                          "V placement (unit costs and 1F1B's memory when built by name)",
+          constraints="chunks = 1 (loop placement) or 2 (V placement); memory limit >= 1 micro-batch per rank "
+                      "(default p)",
+          source="Qi et al. 2024 (Zero Bubble Pipeline Parallelism, ICLR, Sec. 3; Pipeline Parallelism with "
+                 "Controllable Memory, NeurIPS)", placement="loop", placements=((2, "v"),), check=_check_auto)
 def auto(stages: int, micro_batches: int, chunks: int) -> Schedule:
-    return auto_schedule(stages, micro_batches)
+    return auto_schedule(stages, micro_batches, chunks=chunks)

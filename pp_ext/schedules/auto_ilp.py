@@ -84,10 +84,10 @@ def solve_ilp(stages: int, micro_batches: int, costs: Costs | None = None,
     costs = costs or Costs()
     p, m = stages, micro_batches
     limits = memory_limits(p, m, memory_limit)
-    heuristic = auto_schedule(p, m, costs, memory_limit)
+    heuristic = auto_schedule(p, m, costs, memory_limit, chunks=1)
     heuristic_sim = simulate(heuristic, costs)
     # integers where the costs are fractions: the solver's tolerances then cannot blur an order
-    cost, comm, scale = scaled_costs(p, costs)
+    cost, comm, scale = scaled_costs(Placement.loop(p), costs)
     big_m = float(heuristic_sim.makespan * scale)
 
     h = highspy.Highs()

@@ -29,9 +29,15 @@ class ScheduleSpec:
     # False: weights change inside a step (the asynchronous family), so the result is
     # not ordinary training and the synchronous engine, tests and tools leave it out
     synchronous: bool = True
+    # chunk counts that run in another placement than ``placement`` (auto: 2 -> "v")
+    placements: tuple[tuple[int, str], ...] = ()
 
     def resolve_chunks(self, chunks: int | None) -> int:
         return self.default_chunks if chunks is None else chunks
+
+    def placement_for(self, chunks: int | None) -> str:
+        """The placement the module needs for this schedule with ``chunks`` (None: default)."""
+        return dict(self.placements).get(self.resolve_chunks(chunks), self.placement)
 
     def build(self, stages: int, micro_batches: int, chunks: int | None = None) -> Schedule:
         """Check the sizes, generate and validate; returns the compute program."""
@@ -69,13 +75,13 @@ def fixed_chunks(name: str, value: int) -> Check:
 
 
 def register(name: str, *, summary: str, constraints: str, source: str, placement: str,
-             default_chunks: int = 1, check: Check | None = None,
-             synchronous: bool = True) -> Callable[[Generator], Generator]:
+             default_chunks: int = 1, check: Check | None = None, synchronous: bool = True,
+             placements: tuple[tuple[int, str], ...] = ()) -> Callable[[Generator], Generator]:
     def decorate(generate: Generator) -> Generator:
         if name in REGISTRY:
             raise ValueError(f"schedule {name!r} registered twice")
         REGISTRY[name] = ScheduleSpec(name, summary, constraints, source, placement, default_chunks,
-                                      generate, check or (lambda p, m, v: None), synchronous)
+                                      generate, check or (lambda p, m, v: None), synchronous, placements)
         return generate
     return decorate
 
