@@ -9,7 +9,12 @@ change in machine load falls on every schedule alike; the median is reported.
 
 ``auto`` is computed from the per-stage costs measured in the same launch (Qi et
 al. 2024, "Zero Bubble Pipeline Parallelism", Sec. 3: the schedule follows the
-profiled F, I, W and communication times), under 1F1B's memory, not from unit costs.
+profiled F, I, W and communication times), not from unit costs, with the same
+memory as the hungriest fixed schedule: the largest peak activations of any fixed
+synchronous schedule in the run, and as many weight replicas (2 where Chimera
+runs). Its layout is its own choice (:func:`~pp_ext.schedules.auto.auto_schedule`:
+one chunk in loop placement or two in V placement, both measured for it), and its
+module is built in that layout.
 With several ``partitions`` every schedule is timed on each cut of the model
 (``balanced`` from a profile of the bench model, :func:`pp_ext.profile.profile_tiny`).
 
@@ -191,6 +196,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     import pp_ext
     from pp_ext.schedules import Costs, build, simulate
     from pp_ext.schedules.auto import auto_schedule
+    from pp_ext.schedules.auto import layouts as auto_layouts
 
     plan = options.plan()
     step_batches = batches(options)
@@ -199,8 +205,11 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
                  "train_batch_size": options.micro_batch_size * options.micro_batches,
                  "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
     # cost models are measured on modules of their own, with the same weights, before
-    # the engines are built: auto is computed from them
-    probes = {layout[1:]: _model(options, *layout[1:]) for layout in plan}
+    # the engines are built: auto is computed from them, in the layout it chooses
+    # (each of its candidate layouts is measured)
+    candidates = [(placement.chunks, placement.name) for placement in auto_layouts(options.stages)]
+    probes = {layout: _model(options, *layout) for layout in dict.fromkeys(
+        [row[1:] for row in plan] + [(*c, row[3]) for row in plan if row[0] == "auto" for c in candidates])}
     comm = comm_latency(options, rank)
     layouts: dict[tuple[int, str, str], Costs] = {}
     for layout, probe in probes.items():
@@ -210,9 +219,17 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         dist.all_gather_object(gathered, _stage_costs(probe, options, rank))
         stages = {s: c for part in gathered for s, c in part.items()}
         layouts[layout] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)))
-    schedules = [auto_schedule(options.stages, options.micro_batches, layouts[layout]) if name == "auto"
+    schedules = [None if name == "auto"
                  else build("1f1b" if name == BASELINE else name, options.stages, options.micro_batches, layout[0])
                  for name, layout in ((row[0], row[1:]) for row in plan)]
+    # auto: the same memory as the hungriest fixed synchronous schedule (activations, replicas)
+    fixed = [simulate(schedule) for schedule in schedules if schedule is not None and not schedule.backward_weights]
+    for index, (name, *_, cut) in enumerate(plan):
+        if name == "auto":
+            schedules[index] = auto_schedule(
+                options.stages, options.micro_batches, [layouts[(*c, cut)] for c in candidates],
+                max(sim.peak_activations for sim in fixed), replicas=int(max(sim.weight_copies for sim in fixed)))
+            plan[index] = (name, schedules[index].chunks, schedules[index].placement.name, cut)
     engines = []
     for row, schedule in zip(plan, schedules):
         name, module = row[0], _model(options, *row[1:])

@@ -100,9 +100,11 @@ def test_bench_times_auto_from_measured_costs_on_each_partition(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [(r["schedule"], r["partition"]) for r in rows] == [
         (s, cut) for cut in ("parameters", "balanced") for s in ("deepspeed-1f1b", "zb-h1", "auto")]
-    # each row's costs are those of its own cut, and auto is built from them: never longer than zb-h1 there
+    # each row's costs are those of its own cut and layout, and auto is built from them (its loop
+    # candidate from zb-h1's own costs): never longer than zb-h1 there
     for cut in ("parameters", "balanced"):
         by_name = {r["schedule"]: r for r in rows if r["partition"] == cut}
-        assert by_name["auto"]["costs"] == by_name["zb-h1"]["costs"]
+        assert (by_name["auto"]["chunks"], by_name["auto"]["placement"]) in ((1, "loop"), (2, "v"))
+        assert (by_name["auto"]["costs"] == by_name["zb-h1"]["costs"]) == (by_name["auto"]["chunks"] == 1)
         assert by_name["auto"]["predicted_step_s"] <= by_name["zb-h1"]["predicted_step_s"]
     assert rows[0]["costs"] != rows[3]["costs"]
