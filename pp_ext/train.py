@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# what transformers' AutoTokenizer reads a tokenizer from (any one suffices)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
 def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
     """``(pipeline, tensor, data, chunks)``; raises RecipeError for what can be known
     without a process group about the layout: ranks, schedule constraints, the model."""
@@ -459,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if recipe.data.path is not None:
             dataset_source(recipe.data)  # a missing data file fails here, not on every rank later
+            tokenizer = Path(recipe.model.tokenizer or recipe.model.path)
+            if not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
+                raise RecipeError(f"{tokenizer} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): set "
+                                  f"model.tokenizer to the folder that has them (a config-only model folder has none)")
         return run(recipe, world_size, *layout)
     except (RecipeError, FileNotFoundError, ExportError) as exc:  # the user's to fix: one line
         say(f"error: {' '.join(str(exc).split())}")

@@ -136,6 +136,8 @@ def fake_model(tmp_path: Path, model_type: str) -> Path:
      "parallel.schedule=dualpipev with pipeline=2, micro_batches=2, chunks=2"),
     (["model.path=/nonexistent/model"], 2, "model.path /nonexistent/model has no config.json"),
     (["data.path=/nonexistent/data.jsonl"], 2, "data.path /nonexistent/data.jsonl does not exist"),
+    (["model.path=configs/models/quickstart-untied"], 2,
+     "configs/models/quickstart-untied has no tokenizer files (tokenizer.json"),
     (["model.path={bert}"], 2, "is a 'bert' model, which pp-ext cannot split into pipeline stages: "
                                 "supported model types are"),
 ])
