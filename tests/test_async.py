@@ -3,27 +3,35 @@ engine, each schedule equal to its own single-process rule (pp_ext.async_rules)
 within 1e-5 over 10 calls and a flush, p = 2 and p = 4 (one launch each)."""
 from __future__ import annotations
 
+import random
+from fractions import Fraction
+
 import pytest
 
-from pp_ext.schedules import lower, simulate
-from pp_ext.schedules.asynchronous import SHOWN_STEPS, segments, shift, stream
+from pp_ext.schedules import Costs, lower, simulate
+from pp_ext.schedules.asynchronous import SHOWN_STEPS, segments, shift, steady_call, stream
 
 NAMES = ("pipedream", "pipedream-2bw", "pipemare")
 STEPS = 10
 TOLERANCE = 1e-5
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_calls_after_the_first_repeat_and_the_drain_does_not_depend_on_the_length(name):
+def sizes(name: str):
+    """(p, m) up to p = 5 that ``name`` accepts."""
     for p in range(1, 6):
         for m in range(max(1, p - 1), 2 * p + 2):
-            if name == "pipedream-2bw" and m < p:
-                continue
-            long, short = lower(stream(name, p, m, 4)), lower(stream(name, p, m, 3))
-            for rank in range(p):
-                cut, cut3 = segments(long, m, rank), segments(short, m, rank)
-                assert cut[2] == shift(cut[1], m) and cut[3] == shift(cut[1], 2 * m), (name, p, m, rank)
-                assert cut3[-1] == shift(cut[-1], -m), (name, p, m, rank)
+            if name != "pipedream-2bw" or m >= p:
+                yield p, m
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_calls_after_the_first_repeat_and_the_drain_does_not_depend_on_the_length(name):
+    for p, m in sizes(name):
+        long, short = lower(stream(name, p, m, 4)), lower(stream(name, p, m, 3))
+        for rank in range(p):
+            cut, cut3 = segments(long, m, rank), segments(short, m, rank)
+            assert cut[2] == shift(cut[1], m) and cut[3] == shift(cut[1], 2 * m), (name, p, m, rank)
+            assert cut3[-1] == shift(cut[-1], -m), (name, p, m, rank)
 
 
 @pytest.mark.parametrize("name,versions", [("pipedream", lambda p: p), ("pipedream-2bw", lambda p: 2),
@@ -33,6 +41,32 @@ def test_weight_versions_held(name, versions):
         sim = simulate(stream(name, p, p, SHOWN_STEPS))
         assert sim.weight_copies == versions(p), (name, p, sim.weight_copies)
         assert sim.peak_activations == p
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_steady_call_is_the_streams_time_per_call(name):
+    # uniform costs: no bubble once full, m * (F + B) + updates * U a call; S calls take
+    # (S*m + p-1) * (F + B) without updates (the 1F1B bubble (p-1)/(S*m+p-1))
+    for p, m in sizes(name):
+        updates = 1 if name == "pipedream-2bw" else m
+        assert steady_call(name, p, m, Costs(update=Fraction(1, 3))) == 3 * m + Fraction(updates, 3), (p, m)
+        assert simulate(stream(name, p, m, 2)).makespan == (2 * m + p - 1) * 3
+    # unequal stages, comm and updates: the growth per call of a much longer stream; on
+    # the last costs pipedream and pipemare settle only after 6 calls
+    rng = random.Random(7)
+
+    def third(top: int) -> Fraction:
+        return Fraction(rng.randint(1, top), 3)
+
+    cases = [(p, m, Costs(comm=Fraction(rng.randint(0, 5), 10), update=third(4),
+                          per_stage=tuple((third(9), third(9), third(9), third(19)) for _ in range(p))))
+             for p, m in ((2, 4), (3, 3), (4, 4), (5, 7))]
+    cases.append((5, 4, Costs(comm=Fraction(1, 10), update=1, per_stage=tuple(
+        tuple(map(Fraction, stage.split())) for stage in ("1 1 1/3 2", "3 4/3 5/3 16/3", "5/3 8/3 8/3 5",
+                                                           "1/3 2/3 4/3 14/3", "7/3 4/3 2 17/3")))))
+    for p, m, costs in cases:
+        long = [simulate(stream(name, p, m, calls), costs).makespan for calls in (24, 28)]
+        assert steady_call(name, p, m, costs) == (long[1] - long[0]) / 4, (p, m)
 
 
 def batch(g: int, vocab: int):

@@ -42,9 +42,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .actions import Action, Kind
+from .costs import Costs, Number
 from .placement import Placement
 from .registry import fixed_chunks, register, require
 from .schedule import Schedule
+from .simulate import simulate
 
 # calls shown by `pp-ext schedule show/compare` and the property grid: a stream of
 # SHOWN_STEPS calls and its drain, m * SHOWN_STEPS micro-batches in all
@@ -70,6 +72,19 @@ def stream(name: str, stages: int, micro_batches: int, steps: int) -> Schedule:
     return Schedule(name, Placement.loop(stages), total, tuple(programs),
                     backward_weights="corrected" if name == "pipemare" else "stashed",
                     version_lag=micro_batches if name == "pipedream-2bw" else 0)
+
+
+def steady_call(name: str, stages: int, micro_batches: int, costs: Costs | None = None) -> Number:
+    """Simulated time of one ``train_batch`` call after the first (the steady state): how
+    much the stream's makespan grows per call, averaged over calls 9 to 16. The fill and
+    the drain are in every makespan alike and cancel. At uniform costs every call adds
+    m * (F + B) + updates * U (no bubble); with unequal stages the first calls are a
+    transient (up to 6 of them on the tests' random costs) and the growth may alternate
+    between calls, which a mean over 8 calls taken after 8 covers. Updates ``U`` cost
+    ``costs.update`` each: m per call for ``pipedream`` and ``pipemare``, 1 for
+    ``pipedream-2bw``."""
+    makespan = [simulate(stream(name, stages, micro_batches, calls), costs).makespan for calls in (8, 16)]
+    return (makespan[1] - makespan[0]) / 8
 
 
 def segments(lowered: Schedule, micro_batches: int, rank: int) -> tuple[tuple[Action, ...], ...]:
