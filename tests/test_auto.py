@@ -182,7 +182,7 @@ def test_per_rank_limits_and_bad_limits():
     with pytest.raises(ConstraintError, match=r"auto holds 1 chunk per rank \(loop placement\) or 2 \(V placement\) "
                                               r"\(got chunks=3\)"):
         build("auto", 2, 4, 3)
-    with pytest.raises(ConstraintError, match="the costs give 3 stages, which fits no placement of 2 ranks"):
+    with pytest.raises(ConstraintError, match="the costs give 3 stages, which fit no placement of 2 ranks"):
         auto_schedule(2, 4, rank_costs(3, 0))
 
 
@@ -220,3 +220,16 @@ def test_ilp_beats_the_heuristic_where_it_can():
     result = solve_ilp(4, 8, costs, 4, time_limit=30)
     assert result.optimal and result.ilp_makespan == Fr(304, 10) < result.heuristic_makespan == Fr(305, 10)
     assert result.best is result.ilp and 0 < result.gap < 0.01
+
+
+def test_costs_by_placement_name_weigh_each_placement_on_its_own():
+    """``pp-ext bench`` measures every candidate layout and passes the costs keyed by
+    placement name: each placement is then simulated on its own costs (a layout whose
+    measured passes are slower loses even where unit costs would pick it)."""
+    fast, slow = Costs(), Costs(forward=2, input_grad=2, weight_grad=2)
+    for winner in ("loop", "v", "bidirectional"):
+        costs = {name: fast if name == winner else slow for name in ("loop", "v", "bidirectional")}
+        assert auto_schedule(2, 4, costs, 2, replicas=2).placement.name == winner, winner
+    with pytest.raises(ConstraintError, match="the costs are for placements loop, which give no placement of 2 "
+                                              "ranks with chunks=2"):
+        auto_schedule(2, 4, {"loop": fast}, 2, chunks=2)

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -269,9 +269,13 @@ def heuristic(placement: Placement, micro_batches: int, costs: Costs,
     return programs, makespan
 
 
-def layout_costs(placement: Placement, costs: Costs | Sequence[Costs]) -> Costs | None:
-    """The first of ``costs`` that fits ``placement``: uniform costs fit every
-    placement, per-stage costs the one with as many stages."""
+def layout_costs(placement: Placement, costs: Costs | Sequence[Costs] | Mapping[str, Costs]) -> Costs | None:
+    """The costs of ``placement``: by its name where ``costs`` maps placement names
+    to costs (each measured in its own layout, as ``pp-ext bench`` does), else the
+    first that fits: uniform costs fit every placement, per-stage costs the one with
+    as many stages."""
+    if isinstance(costs, Mapping):
+        return costs.get(placement.name)
     for option in [costs] if isinstance(costs, Costs) else costs:
         if option.per_stage is None or len(option.per_stage) == placement.stages:
             return option
@@ -309,16 +313,17 @@ def candidates(placement: Placement, micro_batches: int, costs: Costs,
     return found
 
 
-def auto_schedule(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | None = None,
+def auto_schedule(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | Mapping[str, Costs] | None = None,
                   memory_limit: Number | Sequence[Number] | None = None, chunks: int | None = None,
                   replicas: int = 1) -> Schedule:
     """The shortest schedule found (see the module doc) for these costs under
     ``memory_limit`` micro-batches of a rank's activations per rank (default:
     ``stages``, 1F1B's), in the placement it chooses: ``chunks`` 1 keeps it to loop
     placement, 2 to V placement (or bidirectional, with ``replicas`` 2); ``None``
-    weighs both. ``costs`` (default: unit costs) is one cost model or one per cut of
-    the model: per-stage costs of p stages serve loop and bidirectional placement,
-    of 2p stages V placement; a placement no cost model fits is not searched.
+    weighs both. ``costs`` (default: unit costs) is one cost model, one per cut of
+    the model (per-stage costs of p stages serve loop and bidirectional placement,
+    of 2p stages V placement) or one per placement name; a placement no cost model
+    fits is not searched.
     Ties go to the first placement of :func:`layouts` (loop: one chunk)."""
     costs = costs or Costs()
     best = None
@@ -331,10 +336,15 @@ def auto_schedule(stages: int, micro_batches: int, costs: Costs | Sequence[Costs
             if best is None or makespan < best[1]:
                 best = schedule, makespan
     if best is None:
-        sizes = sorted({len(c.per_stage) for c in ([costs] if isinstance(costs, Costs) else costs)})
-        raise ConstraintError(f"auto: the costs give {' or '.join(map(str, sizes))} stages, which fits no placement "
-                              f"of {stages} ranks with chunks={chunks} ({stages} stages: 1 chunk in loop placement; "
-                              f"{2 * stages}: 2 chunks in V placement): give costs of those stages")
+        if isinstance(costs, Mapping):
+            given = f"the costs are for placements {', '.join(costs)}, which give"
+        else:
+            sizes = sorted({len(c.per_stage) for c in ([costs] if isinstance(costs, Costs) else costs)
+                            if c.per_stage is not None})
+            given = f"the costs give {' or '.join(map(str, sizes))} stages, which fit" if sizes else "uniform costs fit"
+        raise ConstraintError(f"auto: {given} no placement of {stages} ranks with chunks={chunks} ({stages} stages: "
+                              f"1 chunk in loop placement; {2 * stages}: 2 chunks in V placement): give costs of "
+                              f"those stages (or keyed by placement name: loop, v)")
     return best[0]
 
 
