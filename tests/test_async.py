@@ -77,7 +77,17 @@ def batch(g: int, vocab: int):
     return ids, torch.roll(ids, -1, dims=1)
 
 
-def run_case(name: str, pipe: int, m: int) -> dict:
+def optimizer_for(kind: str, params):
+    """SGD with momentum, or AdamW (what the training job uses; its state is per
+    parameter, so a stage's updates must reach exactly its own state)."""
+    import torch
+
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=0.01, weight_decay=0.01)
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def run_case(name: str, pipe: int, m: int, kind: str = "sgd") -> dict:
     import torch
     from torch import nn
 
@@ -92,7 +102,7 @@ def run_case(name: str, pipe: int, m: int) -> dict:
     options = PipeMareOptions(lr_warmup=5, decay=0.1)
     module = ChunkedPipelineModule(layers=specs, num_stages=pipe, loss_fn=lm_loss, partition_method="uniform",
                                    seed_layers=True, base_seed=1234)
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
+    optimizer = optimizer_for(kind, module.parameters())
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": m,
                  "train_batch_size": 2 * m, "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
     engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config, schedule=name,
@@ -108,19 +118,18 @@ def run_case(name: str, pipe: int, m: int) -> dict:
 
     reference = SequentialReference(specs, lm_loss, base_seed=1234)
     stages = [nn.Sequential(*reference.layers[a:b]) for a, b in zip(module.parts, module.parts[1:])]
-    rule = AsyncReference(name, stages, lm_loss, [torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9)
-                                                  for s in stages], m, options)
+    rule = AsyncReference(name, stages, lm_loss, [optimizer_for(kind, s.parameters()) for s in stages], m, options)
     ref_losses = [sum(rule.micro_batch(*batch(n * m + k, config.vocab)) for k in range(m)) / m
                   for n in range(STEPS)]
     ref_params = dict(reference.named_parameters())
     mine = dict(module.named_parameters())
     param_diff = max(float((p.detach() - ref_params[n].detach()).abs().max()) for n, p in mine.items())
-    return {"case": (name, pipe, m), "losses": losses, "ref_losses": ref_losses, "param_diff": param_diff,
+    return {"case": (name, pipe, m, kind), "losses": losses, "ref_losses": ref_losses, "param_diff": param_diff,
             "missing": sorted(set(mine) - set(ref_params)), "refused": refused}
 
 
 def run_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
-    return [run_case(name, world, m) for name, m in cases]
+    return [run_case(name, world, *case) for name, *case in cases]
 
 
 def launch(world: int, cases: list[tuple]) -> None:
@@ -142,7 +151,7 @@ def launch(world: int, cases: list[tuple]) -> None:
 
 @pytest.mark.slow
 def test_pipeline_2_each_async_schedule_equals_its_rule():
-    launch(2, [(name, m) for name in NAMES for m in (2, 3)])
+    launch(2, [(name, m) for name in NAMES for m in (2, 3)] + [(name, 2, "adamw") for name in NAMES])
 
 
 @pytest.mark.slow
@@ -175,3 +184,46 @@ def test_the_rules_differ_so_the_engine_comparison_can_fail():
         for b in NAMES:
             if a < b:
                 assert float((finals[a] - finals[b]).abs().max()) > 1e-4, (a, b)
+
+
+def test_2bw_rule_without_its_delay_is_synchronous_training(monkeypatch):
+    """What separates pipedream-2bw from synchronous training is the delay of one
+    version alone: with forwards at the latest version instead of W(t-1), its rule
+    (mean gradient of m micro-batches, one AdamW step per batch) is ordinary
+    gradient-accumulation training, equal within float rounding. (On the quickstart
+    that one-step delay is what slows 2BW under AdamW: see README.)"""
+    import torch
+    from torch import nn
+
+    from pp_ext import async_rules
+    from pp_ext.async_rules import AsyncReference
+    from pp_ext.engine.reference import SequentialReference
+    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+
+    config, m = TinyConfig(blocks=2, tied=False), 3
+    sync = SequentialReference(layer_specs(config), lm_loss, base_seed=1234)
+    optimizer = torch.optim.AdamW(sync.parameters(), lr=0.01)
+    expected = []
+    for n in range(4):
+        expected.append(sum(float(sync.loss(*batch(n * m + k, config.vocab))) for k in range(m)) / m)
+        for k in range(m):
+            (sync.loss(*batch(n * m + k, config.vocab)) / m).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def losses(delayed: bool) -> tuple[list[float], torch.Tensor]:
+        if not delayed:
+            monkeypatch.setattr(async_rules, "forward_version", lambda name, p, s, m, g: g // m)
+        reference = SequentialReference(layer_specs(config), lm_loss, base_seed=1234)
+        stages = [nn.Sequential(*reference.layers[:3]), nn.Sequential(*reference.layers[3:])]
+        rule = AsyncReference("pipedream-2bw", stages, lm_loss,
+                              [torch.optim.AdamW(s.parameters(), lr=0.01) for s in stages], m)
+        out = [sum(rule.micro_batch(*batch(n * m + k, config.vocab)) for k in range(m)) / m for n in range(4)]
+        return out, torch.cat([p.detach().flatten() for p in reference.parameters()])
+
+    undelayed, weights = losses(delayed=False)
+    assert max(abs(a - b) for a, b in zip(undelayed, expected)) < 1e-5
+    assert float((weights - torch.cat([p.detach().flatten() for p in sync.parameters()])).abs().max()) < 1e-5
+    monkeypatch.undo()
+    delayed, _ = losses(delayed=True)
+    assert abs(delayed[-1] - expected[-1]) > 1e-4  # the delay does change training
