@@ -24,6 +24,30 @@ activation between two ranks, and the optimizer's time per step. The simulator's
 step time for each schedule is its makespan on those costs plus the optimizer
 time, so ``predicted_ratio`` (schedule / baseline, simulated) can be set against
 ``ratio_vs_deepspeed`` (schedule / baseline, measured in the same run).
+
+The asynchronous schedules (``pipedream``, Narayanan et al. 2019, SOSP;
+``pipedream-2bw``, Narayanan et al. 2021, ICML; ``pipemare``, Yang et al. 2021,
+MLSys: :mod:`pp_ext.schedules.asynchronous`) keep their pipeline full across
+``train_batch`` calls: an engine's first call is the fill, every later one the same
+steady program, and only ``flush()`` drains it. What is timed for them is a steady
+call: one ``train_batch`` of m micro-batches once the pipeline is full, so the fill
+and the drain are amortised away, as over a long run (a stream of S calls has the
+bubble (p-1)/(S*m+p-1) at F = B/2). In each round such an engine runs an untimed
+fill, the timed call, then an untimed ``flush()``: a call leaves its last gradients
+in flight, which would otherwise meet the next engine's messages on the same
+channels. The call after the fill is a steady one: every call starts from the same
+micro-batches in flight, with the ranks together (the barrier before it, and
+DeepSpeed's ``train_batch`` ends each call with the loss broadcast from the last
+stage). The prediction is the simulated growth of the stream per call
+(:func:`~pp_ext.schedules.asynchronous.steady_call`) on the engine's costs: each
+backward B first recomputes its forward (the engine keeps only a chunk's input,
+:mod:`pp_ext.engine.async_engine`), so it costs F + B; each update is an optimizer
+step of the measured time, m a call for ``pipedream`` and ``pipemare`` (an update
+per micro-batch), 1 for ``pipedream-2bw``. The simulated stream keeps the ranks
+staggered across calls, where the engine starts them together: the last stage
+first waits p-1 forward hops, which the prediction leaves out. A call is the work
+of a synchronous step (m micro-batches), on the same model: the bench model ties no
+weights across ranks, which the asynchronous engine refuses.
 """
 from __future__ import annotations
 
@@ -68,8 +92,6 @@ class BenchOptions:
             spec = get(name)
             try:
                 spec.check(self.stages, self.micro_batches, spec.default_chunks)
-                if not spec.synchronous:
-                    raise ConstraintError(f"{name} is asynchronous (weights change inside a step): not timed here")
             except ConstraintError as err:
                 if self.schedules:
                     raise
@@ -190,11 +212,14 @@ def comm_latency(options: BenchOptions, rank: int) -> float:
 
 
 def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
+    import dataclasses
+
     import torch
     from deepspeed import comm as dist
 
     import pp_ext
     from pp_ext.schedules import Costs, build, simulate
+    from pp_ext.schedules.asynchronous import steady_call
     from pp_ext.schedules.auto import auto_schedule
     from pp_ext.schedules.auto import layouts as auto_layouts
 
@@ -237,33 +262,47 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         engines.append(pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config,
                                          schedule=schedule if name == "auto" else name)[0])
 
-    def step(engine) -> float:
+    def step(engine, steady: bool) -> float:
+        """Seconds of one train_batch (the slowest rank's); ``steady``: an asynchronous
+        engine's call once its pipeline is full, between an untimed fill and drain."""
+        if steady:
+            engine.train_batch(iter(step_batches))
         dist.barrier()
         start = time.perf_counter()
         engine.train_batch(iter(step_batches))
         elapsed = torch.tensor([time.perf_counter() - start])
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if steady:  # its last gradients are still in flight: receiving them here keeps
+            engine.flush()  # them from the next engine's messages on the same channels
         return float(elapsed)
 
     # round-robin over the schedules, so that drift in machine load touches all alike
+    asynchronous = [bool(schedule.backward_weights) for schedule in schedules]
     times: list[list[float]] = [[] for _ in engines]
     for repeat in range(options.warmup + options.repeats):
         if repeat == options.warmup:
             optimizer_time = median_time(engines[0].optimizer.step, options.cost_repeats)
         _progress(rank, f"{'warm-up' if repeat < options.warmup else 'timed'} round {repeat + 1} of "
                         f"{options.warmup + options.repeats}")
-        for engine, column in zip(engines, times):
-            elapsed = step(engine)
+        for engine, column, steady in zip(engines, times, asynchronous):
+            elapsed = step(engine, steady)
             if repeat >= options.warmup:
                 column.append(elapsed)
     rows = []
-    for (name, chunks, placement, cut), schedule, column in zip(plan, schedules, times):
+    for (name, chunks, placement, cut), schedule, column, steady in zip(plan, schedules, times, asynchronous):
         costs = layouts[(chunks, placement, cut)]
-        predicted = float(simulate(schedule, costs).makespan) + optimizer_time
+        if steady:  # the stream's growth per call on the asynchronous engine's costs: its
+            # backward first recomputes the forward (it keeps only a chunk's input), U is an optimizer step
+            engine_costs = dataclasses.replace(costs, update=optimizer_time, per_stage=tuple(
+                (f, i + f, w, *(b + f for b in fused)) for f, i, w, *fused in costs.per_stage))
+            predicted = float(steady_call(name, options.stages, options.micro_batches, engine_costs))
+        else:
+            predicted = float(simulate(schedule, costs).makespan) + optimizer_time
         rows.append({"schedule": name, "stages": options.stages, "micro_batches": options.micro_batches,
                      "chunks": chunks, "placement": placement, "partition": cut.split(":")[0] if
-                     cut.startswith("balanced:") else cut, "step_time_s": statistics.median(column),
-                     "step_times_s": column, "predicted_step_s": predicted, "costs": costs.to_json()})
+                     cut.startswith("balanced:") else cut, "asynchronous": steady,
+                     "step_time_s": statistics.median(column), "step_times_s": column,
+                     "predicted_step_s": predicted, "costs": costs.to_json()})
     base, base_predicted = rows[0]["step_time_s"], rows[0]["predicted_step_s"]
     for row in rows:
         row["ratio_vs_deepspeed"] = row["step_time_s"] / base
