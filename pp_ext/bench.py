@@ -229,10 +229,18 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
                  "gradient_accumulation_steps": options.micro_batches,
                  "train_batch_size": options.micro_batch_size * options.micro_batches,
                  "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
+    schedules = [None if name == "auto"
+                 else build("1f1b" if name == BASELINE else name, options.stages, options.micro_batches, layout[0])
+                 for name, layout in ((row[0], row[1:]) for row in plan)]
+    # auto: the same memory as the hungriest fixed synchronous schedule (activations, replicas)
+    fixed = [simulate(schedule) for schedule in schedules if schedule is not None and not schedule.backward_weights]
+    memory = max((sim.peak_activations for sim in fixed), default=None)
+    replicas = int(max((sim.weight_copies for sim in fixed), default=1))
     # cost models are measured on modules of their own, with the same weights, before
     # the engines are built: auto is computed from them, in the layout it chooses
-    # (each of its candidate layouts is measured)
-    candidates = [(placement.chunks, placement.name) for placement in auto_layouts(options.stages)]
+    # (each of its candidate layouts is measured, and each candidate placement is
+    # weighed on its own layout's costs)
+    candidates = [(placement.chunks, placement.name) for placement in auto_layouts(options.stages, replicas)]
     probes = {layout: _model(options, *layout) for layout in dict.fromkeys(
         [row[1:] for row in plan] + [(*c, row[3]) for row in plan if row[0] == "auto" for c in candidates])}
     comm = comm_latency(options, rank)
@@ -244,16 +252,10 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         dist.all_gather_object(gathered, _stage_costs(probe, options, rank))
         stages = {s: c for part in gathered for s, c in part.items()}
         layouts[layout] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)))
-    schedules = [None if name == "auto"
-                 else build("1f1b" if name == BASELINE else name, options.stages, options.micro_batches, layout[0])
-                 for name, layout in ((row[0], row[1:]) for row in plan)]
-    # auto: the same memory as the hungriest fixed synchronous schedule (activations, replicas)
-    fixed = [simulate(schedule) for schedule in schedules if schedule is not None and not schedule.backward_weights]
     for index, (name, *_, cut) in enumerate(plan):
         if name == "auto":
-            schedules[index] = auto_schedule(
-                options.stages, options.micro_batches, [layouts[(*c, cut)] for c in candidates],
-                max(sim.peak_activations for sim in fixed), replicas=int(max(sim.weight_copies for sim in fixed)))
+            schedules[index] = auto_schedule(options.stages, options.micro_batches,
+                                             {c[1]: layouts[(*c, cut)] for c in candidates}, memory, replicas=replicas)
             plan[index] = (name, schedules[index].chunks, schedules[index].placement.name, cut)
     engines = []
     for row, schedule in zip(plan, schedules):
