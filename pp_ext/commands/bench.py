@@ -61,10 +61,10 @@ def run_bench(args: argparse.Namespace) -> int:
         print("timed 'steady call': an asynchronous schedule's train_batch once its pipeline is full (the fill "
               "and drain amortised away; its weights change inside the call); simulated: the stream's time per call, "
               "each backward recomputing its forward as that engine does")
-    header = f"{'schedule':<16} {'partition':<10} {'v':>2} {'step s':>8} {'ratio':>7} {'simulated':>9} {'sim ratio':>9} {'speed-up share':>14} timed"
+    header = f"{'schedule':<16} {'partition':<10} {'v':>2} {'placement':<13} {'step s':>8} {'ratio':>7} {'simulated':>9} {'sim ratio':>9} {'speed-up share':>14} timed"
     print(header)
     for row in rows:
-        print(f"{row['schedule']:<16} {row['partition']:<10} {row['chunks']:>2} {row['step_time_s']:>8.3f} {row['ratio_vs_deepspeed']:>7.3f} "
+        print(f"{row['schedule']:<16} {row['partition']:<10} {row['chunks']:>2} {row['placement']:<13} {row['step_time_s']:>8.3f} {row['ratio_vs_deepspeed']:>7.3f} "
               f"{row['predicted_step_s']:>9.3f} {row['predicted_ratio']:>9.3f} {row['efficiency']:>14.2f} "
               f"{'steady call' if row['asynchronous'] else 'step'}")
     return 0
