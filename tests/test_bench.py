@@ -46,7 +46,8 @@ def test_bench_times_a_steady_call_of_each_asynchronous_schedule(capsys):
     assert rows["deepspeed-1f1b"][-1] == "step"
     for name in ("pipedream", "pipedream-2bw", "pipemare"):
         assert rows[name][-2:] == ["steady", "call"]
-        step, simulated = float(rows[name][3]), float(rows[name][5])
+        assert rows[name][3] == "loop"
+        step, simulated = float(rows[name][4]), float(rows[name][6])
         assert step > 0 and simulated > 0, rows[name]
 
 
