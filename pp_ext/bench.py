@@ -4,7 +4,7 @@ One launch of ``stages`` local ranks (one thread each on CPU) times each schedul
 on the same small Llama-shaped model (:mod:`pp_ext.engine.tiny`) and data:
 DeepSpeed's own ``TrainSchedule`` on its stock engine (the baseline) and every
 registered schedule that accepts the sizes. All engines are built first, then
-timed round-robin (``warmup`` untimed rounds, ``repeats`` timed ones) so that a
+timed round-robin in a shuffled order (``warmup`` untimed rounds, ``repeats`` timed ones) so that a
 change in machine load falls on every schedule alike; the median is reported.
 
 ``auto`` is computed from the per-stage costs measured in the same launch (Qi et
@@ -51,6 +51,7 @@ weights across ranks, which the asynchronous engine refuses.
 """
 from __future__ import annotations
 
+import random
 import statistics
 import sys
 import time
@@ -278,18 +279,23 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
             engine.flush()  # them from the next engine's messages on the same channels
         return float(elapsed)
 
-    # round-robin over the schedules, so that drift in machine load touches all alike
+    # round-robin over the schedules, so that drift in machine load touches all alike,
+    # in a new order each round (the same on every rank: one seed), so that what a
+    # schedule's predecessor leaves behind (an asynchronous flush, freed memory) does
+    # not fall on the same schedule every round
     asynchronous = [bool(schedule.backward_weights) for schedule in schedules]
     times: list[list[float]] = [[] for _ in engines]
+    order, shuffle = list(range(len(engines))), random.Random(0).shuffle
     for repeat in range(options.warmup + options.repeats):
         if repeat == options.warmup:
             optimizer_time = median_time(engines[0].optimizer.step, options.cost_repeats)
         _progress(rank, f"{'warm-up' if repeat < options.warmup else 'timed'} round {repeat + 1} of "
                         f"{options.warmup + options.repeats}")
-        for engine, column, steady in zip(engines, times, asynchronous):
-            elapsed = step(engine, steady)
+        shuffle(order)
+        for index in order:
+            elapsed = step(engines[index], asynchronous[index])
             if repeat >= options.warmup:
-                column.append(elapsed)
+                times[index].append(elapsed)
     rows = []
     for (name, chunks, placement, cut), schedule, column, steady in zip(plan, schedules, times, asynchronous):
         costs = layouts[(chunks, placement, cut)]
