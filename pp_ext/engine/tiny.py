@@ -65,19 +65,16 @@ class Norm(nn.RMSNorm):
         super().__init__(config.hidden)
 
 
-class Head(nn.Linear):
-    def __init__(self, config: TinyConfig) -> None:
-        super().__init__(config.hidden, config.vocab, bias=False)
-
-
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
 
 
 def layer_specs(config: TinyConfig) -> list:
-    """Embedding, ``blocks`` decoder blocks, final norm, LM head."""
+    """Embedding, ``blocks`` decoder blocks, final norm, LM head (untied: a plain
+    ``nn.Linear``, as HF's ``lm_head``, so the split backward defers its weight GEMM
+    to W; a subclass would keep it in I)."""
     embed = (TiedLayerSpec("embed", Embedding, config, tied_weight_attr=["weight"]) if config.tied
              else LayerSpec(Embedding, config))
     head = (TiedLayerSpec("embed", Embedding, config, forward_fn=tied_head, tied_weight_attr=["weight"])
-            if config.tied else LayerSpec(Head, config))
+            if config.tied else LayerSpec(nn.Linear, config.hidden, config.vocab, bias=False))
     return [embed, *[LayerSpec(Block, config) for _ in range(config.blocks)], LayerSpec(Norm, config), head]
