@@ -188,6 +188,27 @@ def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[fl
     return costs
 
 
+def replica_reduce_time(module, options: BenchOptions) -> float:
+    """Seconds of summing this rank's replica gradients with its partner's, as the
+    engine's ReduceReplicaGrads does (one flat all-reduce over ``replica_group``);
+    0 where the module has one replica of each stage."""
+    import torch
+    from deepspeed import comm as dist
+
+    if module.replica_group is None:
+        return 0.0
+    flat = torch.zeros(sum(p.numel() for p in module.replica_parameters()))
+    times = []
+    for _ in range(options.cost_repeats + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(flat, group=module.replica_group)
+        times.append(time.perf_counter() - start)
+    result = torch.tensor([statistics.median(times[1:])])
+    dist.all_reduce(result, op=dist.ReduceOp.MAX)  # every rank waits for the slowest pair
+    return float(result)
+
+
 def comm_latency(options: BenchOptions, rank: int) -> float:
     """Half a ping-pong of one activation between pipeline ranks 0 and 1."""
     import torch
@@ -252,7 +273,8 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, _stage_costs(probe, options, rank))
         stages = {s: c for part in gathered for s, c in part.items()}
-        layouts[layout] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)))
+        layouts[layout] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)),
+                                replica_reduce=replica_reduce_time(probe, options))
     for index, (name, *_, cut) in enumerate(plan):
         if name == "auto":
             schedules[index] = auto_schedule(options.stages, options.micro_batches,

@@ -113,3 +113,18 @@ def test_bidirectional_placement_counts_two_weight_copies():
     assert sim.weight_copies == 2
     # each chunk is a whole stage of the model here: 2 micro-batches of 1 unit
     assert sim.peak_activations == 2
+
+
+def test_replica_reduce_is_paid_once_per_step_by_two_pipelines_only(tmp_path):
+    """Chimera sums its two replicas' gradients after the flush (Costs.replica_reduce):
+    its makespan grows by exactly that, a one-pipeline schedule's not at all, and a
+    cost file keeps it."""
+    reduce = Costs(replica_reduce=Fr(7, 2))
+    for name, chunks in (("chimera", 2), ("zbv", 2), ("1f1b", 1)):
+        schedule = build(name, 4, 8, chunks)
+        extra = simulate(schedule, reduce).makespan - simulate(schedule).makespan
+        assert extra == (Fr(7, 2) if name == "chimera" else 0), name
+    measured = Costs(comm=0.1, per_stage=((1.0, 1.0, 1.0),) * 4, replica_reduce=0.25)
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(measured.to_json()))
+    assert Costs.load(path) == measured

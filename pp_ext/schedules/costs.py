@@ -12,9 +12,11 @@ fused backward ``B`` as measured (it is often a little cheaper than I + W).
 File format (JSON)::
 
     {"comm": 0.05,
-     "stages": [{"forward": 1.0, "input_grad": 1.1, "weight_grad": 0.8, "backward": 1.8}, ...]}
+     "stages": [{"forward": 1.0, "input_grad": 1.1, "weight_grad": 0.8, "backward": 1.8}, ...],
+     "replica_reduce": 0.3}
 
-(``backward`` is optional.)
+(``backward`` and ``replica_reduce`` are optional; ``replica_reduce`` is the time of
+summing the two replicas' gradients per step, which only Chimera's two pipelines pay.)
 """
 from __future__ import annotations
 
@@ -44,9 +46,13 @@ class Costs:
     comm: Number = Fraction(0)
     update: Number = Fraction(0)
     per_stage: tuple[tuple[Number, ...], ...] | None = None  # (F, I, W) or (F, I, W, B) per stage
+    # summing the two replicas' gradients once per step where two pipelines hold two
+    # replicas of every stage (Chimera, Li & Hoefler 2021, Sec. 3): an all-reduce after
+    # the last backward, which nothing overlaps in pp-ext's engine
+    replica_reduce: Number = Fraction(0)
 
     def __post_init__(self) -> None:
-        values = [self.forward, self.input_grad, self.weight_grad, self.comm, self.update]
+        values = [self.forward, self.input_grad, self.weight_grad, self.comm, self.update, self.replica_reduce]
         values += [v for stage in self.per_stage or () for v in stage]
         if any(v < 0 for v in values):
             raise ValueError("costs must be >= 0")
@@ -86,7 +92,7 @@ class Costs:
             data = json.loads(path.read_text())
             stages = tuple((s["forward"], s["input_grad"], s["weight_grad"])
                            + ((s["backward"],) if "backward" in s else ()) for s in data["stages"])
-            return cls(comm=data.get("comm", 0), per_stage=stages)
+            return cls(comm=data.get("comm", 0), per_stage=stages, replica_reduce=data.get("replica_reduce", 0))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"cost file {path} is not valid ({exc}): expected "
                              '{"comm": x, "stages": [{"forward": f, "input_grad": i, "weight_grad": w'
@@ -97,7 +103,8 @@ class Costs:
         if self.per_stage is None:
             raise ValueError("only per-stage costs are written as a cost file")
         keys = ("forward", "input_grad", "weight_grad", "backward")
-        return {"comm": float(self.comm), "stages": [dict(zip(keys, map(float, s))) for s in self.per_stage]}
+        return {"comm": float(self.comm), "stages": [dict(zip(keys, map(float, s))) for s in self.per_stage],
+                **({"replica_reduce": float(self.replica_reduce)} if self.replica_reduce else {})}
 
     @classmethod
     def from_option(cls, value: str | None) -> "Costs":

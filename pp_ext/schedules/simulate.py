@@ -5,7 +5,8 @@ its inputs are there (a message from another rank arrives ``comm`` after the
 action that made it ends). Sends are asynchronous and take no rank time.
 
 Metrics (the figures of ``SCHEDULES.md``):
-- ``makespan``: first start to last end of the step (flushed);
+- ``makespan``: first start to last end of the step (flushed), plus the costs'
+  ``replica_reduce`` where two pipelines sum their replicas' gradients (Chimera);
 - ``bubble_ratio`` = 1 - sum(busy) / (ranks * makespan);
 - ``peak_activations``: most micro-batch activations held at once on a rank, in
   units of one micro-batch's activations of a whole rank's layers; ``F`` of a
@@ -142,6 +143,8 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
                                    step_grid(compute, blocked))
     spans = [span for row in timeline for span in row]
     makespan = (max(s.end for s in spans) - min(s.start for s in spans)) if spans else Fraction(0)
+    if schedule.placement.pipelines > 1 and spans:
+        makespan += costs.replica_reduce  # after the flush, before the step (Costs.replica_reduce)
     return Simulation(
         schedule=schedule,
         costs=costs,
