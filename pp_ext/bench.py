@@ -4,8 +4,9 @@ One launch of ``stages`` local ranks (one thread each on CPU) times each schedul
 on the same small Llama-shaped model (:mod:`pp_ext.engine.tiny`) and data:
 DeepSpeed's own ``TrainSchedule`` on its stock engine (the baseline) and every
 registered schedule that accepts the sizes. All engines are built first, then
-timed round-robin in a shuffled order (``warmup`` untimed rounds, ``repeats`` timed ones) so that a
-change in machine load falls on every schedule alike; the median is reported.
+timed round-robin, in a new order each round (``warmup`` untimed rounds,
+``repeats`` timed ones), so that a change in machine load falls on every schedule
+alike; the median is reported.
 
 ``auto`` is computed from the per-stage costs measured in the same launch (Qi et
 al. 2024, "Zero Bubble Pipeline Parallelism", Sec. 3: the schedule follows the

@@ -49,9 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # what transformers' AutoTokenizer reads a tokenizer from (any one suffices)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
-    """``(pipeline, tensor, data, chunks)``; raises RecipeError for what can be known
-    without a process group about the layout: ranks, schedule constraints, the model."""
+def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int, object]:
+    """``(pipeline, tensor, data, chunks, prebuilt)``; raises RecipeError for what can
+    be known without a process group about the layout: ranks, schedule constraints,
+    the model. ``prebuilt``: ``auto`` computed from ``parallel.profile`` (its chunks
+    are its choice), built here once; None otherwise."""
     from pp_ext.profile import recipe_schedule
     from pp_ext.schedules import ScheduleError, get
 
@@ -61,14 +63,15 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
         raise RecipeError("parallel.schedule=deepspeed-1f1b runs DeepSpeed's own engine, whose Megatron-shaped "
                           "partitioned p2p pp-ext does not check with tensor parallelism: use 1f1b (the same "
                           "schedule on pp-ext's engine) with parallel.tensor > 1")
-    chunks = recipe.parallel.chunks
+    chunks, prebuilt = recipe.parallel.chunks, None
     if name != "deepspeed-1f1b":
         spec = get(name)
         chunks = spec.resolve_chunks(chunks)
         try:
             spec.build(pipe, recipe.parallel.micro_batches, chunks)
             if name == "auto" and recipe.parallel.profile is not None:  # auto chooses its chunks from the profile
-                chunks = recipe_schedule(recipe, pipe).chunks
+                prebuilt = recipe_schedule(recipe, pipe)
+                chunks = prebuilt.chunks
         except ScheduleError as exc:
             raise RecipeError(f"parallel.schedule={name} with pipeline={pipe}, "
                               f"micro_batches={recipe.parallel.micro_batches}, chunks={chunks}: "
@@ -99,7 +102,7 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int]:
     tokenizer = Path(recipe.model.tokenizer or recipe.model.path)
     if not tokenizer.is_dir():
         raise RecipeError(f"model.tokenizer {tokenizer} is not a folder: point it at the tokenizer's files")
-    return pipe, tensor, data, chunks
+    return pipe, tensor, data, chunks, prebuilt
 
 
 class LanguageModelLoss:
@@ -237,8 +240,9 @@ def evaluate(engine, loss: LanguageModelLoss, batches_fn, eval_batches: int) -> 
     return result
 
 
-def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chunks: int) -> int:
-    """Train ``recipe`` on the layout :func:`check_before_launch` returned for it."""
+def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chunks: int, prebuilt=None) -> int:
+    """Train ``recipe`` on the layout :func:`check_before_launch` returned for it
+    (``prebuilt``: its ``auto`` schedule from the profile, the same on every rank)."""
     import torch
     import torch.distributed as dist
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -248,7 +252,6 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
     from pp_ext import data, reshape
     from pp_ext.engine.spawn import init_distributed
     from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
-    from pp_ext.profile import recipe_schedule
     from pp_ext.schedules import get
 
     output_dir = Path(recipe.output_dir)
@@ -276,8 +279,6 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
 
     schedule = recipe.parallel.schedule
     spec = None if schedule == "deepspeed-1f1b" else get(schedule)
-    # auto from measured costs: built from the profile, the same on every rank, in the placement it chose
-    prebuilt = recipe_schedule(recipe, pipe) if schedule == "auto" and recipe.parallel.profile is not None else None
     placement = prebuilt.placement.name if prebuilt else spec.placement_for(chunks) if spec else "loop"
     loss = LanguageModelLoss()
     module = build_pipeline_module(

@@ -84,7 +84,7 @@ def run_plan(args: argparse.Namespace) -> int:
         recipe = load(args.recipe, args.overrides)
         data = recipe.parallel.data if recipe.parallel.data != "auto" else 1
         world = args.world_size or recipe.parallel.pipeline * recipe.parallel.tensor * data
-        pipe, tensor, data, chunks = check_before_launch(recipe, world)
+        pipe, tensor, data, chunks, _ = check_before_launch(recipe, world)
     except RecipeError as exc:
         raise CommandError(str(exc)) from None
     print(describe(recipe, world, pipe, tensor, data, chunks))

@@ -219,7 +219,7 @@ def run_tune(args: argparse.Namespace) -> int:
     try:
         recipe = load(args.recipe, args.overrides)
         data = recipe.parallel.data if recipe.parallel.data != "auto" else 1
-        pipe, tensor, data, chunks = check_before_launch(
+        pipe, tensor, data, chunks, _ = check_before_launch(
             recipe, recipe.parallel.pipeline * recipe.parallel.tensor * data)
     except RecipeError as exc:
         raise CommandError(str(exc)) from None
