@@ -13,9 +13,19 @@ al. 2024, "Zero Bubble Pipeline Parallelism", Sec. 3: the schedule follows the
 profiled F, I, W and communication times), not from unit costs, with the same
 memory as the hungriest fixed schedule: the largest peak activations of any fixed
 synchronous schedule in the run, and as many weight replicas (2 where Chimera
-runs). Its layout is its own choice (:func:`~pp_ext.schedules.auto.auto_schedule`:
-one chunk in loop placement or two in V placement, both measured for it), and its
-module is built in that layout.
+runs). Its layout is its own choice (one chunk in loop placement or two in V
+placement, both measured for it; Chimera's bidirectional placement with two
+replicas). The simulator ranks auto's candidate programs
+(:func:`~pp_ext.schedules.auto.ranked`), and the first ``auto_candidates`` of them
+are built and timed against each other in ``auto_trials`` rounds of their own
+after the warm-up; the fastest (median) is auto's row in the timed rounds. Where
+their simulated times differ by less than the simulator's error (a few per cent
+here), measuring is what tells them apart, as autotuners do; the trial rounds are
+not the timed ones, so the choice does not ride on the noise of the rounds it is
+judged by. Each row also gives its ratio to the fastest fixed synchronous row
+paired round by round (the median of the per-round ratios, and in how many rounds
+it was faster): on a shared machine rounds drift together, so the paired ratio is
+steadier than the ratio of medians.
 With several ``partitions`` every schedule is timed on each cut of the model
 (``balanced`` from a profile of the bench model, :func:`pp_ext.profile.profile_tiny`).
 
@@ -76,6 +86,8 @@ class BenchOptions:
     seq: int = 128
     micro_batch_size: int = 4
     cost_repeats: int = 9
+    auto_candidates: int = 3  # auto's simulated best programs timed against each other
+    auto_trials: int = 3  # rounds of those trials (after the warm-up, before the timed rounds)
     # how the model is cut: 'type:Block' (blocks balanced, embedding and head on the end
     # stages), any partition method, or 'balanced' (measured, see the module doc)
     partitions: tuple[str, ...] = ("type:Block",)
@@ -243,8 +255,8 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     import pp_ext
     from pp_ext.schedules import Costs, build, simulate
     from pp_ext.schedules.asynchronous import steady_call
-    from pp_ext.schedules.auto import auto_schedule
     from pp_ext.schedules.auto import layouts as auto_layouts
+    from pp_ext.schedules.auto import origin, ranked
 
     plan = options.plan()
     step_batches = batches(options)
@@ -276,17 +288,20 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         stages = {s: c for part in gathered for s, c in part.items()}
         layouts[layout] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)),
                                 replica_reduce=replica_reduce_time(probe, options))
-    for index, (name, *_, cut) in enumerate(plan):
-        if name == "auto":
-            schedules[index] = auto_schedule(options.stages, options.micro_batches,
-                                             {c[1]: layouts[(*c, cut)] for c in candidates}, memory, replicas=replicas)
-            plan[index] = (name, schedules[index].chunks, schedules[index].placement.name, cut)
-    engines = []
-    for row, schedule in zip(plan, schedules):
-        name, module = row[0], _model(options, *row[1:])
+
+    def engine(name: str, schedule, layout):
+        module = _model(options, *layout)
         optimizer = torch.optim.SGD(module.parameters(), lr=1e-4)
-        engines.append(pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config,
-                                         schedule=schedule if name == "auto" else name)[0])
+        return pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                 schedule=name if schedule is None else schedule)[0]
+
+    # auto's candidates: its simulated best programs, each built in its own layout
+    trials = {index: [(schedule, engine("auto", schedule, (schedule.chunks, schedule.placement.name, cut)))
+                      for schedule, _ in ranked(options.stages, options.micro_batches,
+                                                {c[1]: layouts[(*c, cut)] for c in candidates}, memory,
+                                                replicas=replicas)[:options.auto_candidates]]
+              for index, (name, *_, cut) in enumerate(plan) if name == "auto"}
+    engines = [None if name == "auto" else engine(name, None, layout) for name, *layout in plan]
 
     def step(engine, steady: bool) -> float:
         """Seconds of one train_batch (the slowest rank's); ``steady``: an asynchronous
@@ -302,25 +317,43 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
             engine.flush()  # them from the next engine's messages on the same channels
         return float(elapsed)
 
-    # round-robin over the schedules, so that drift in machine load touches all alike,
-    # in a new order each round (the same on every rank: one seed), so that what a
-    # schedule's predecessor leaves behind (an asynchronous flush, freed memory) does
-    # not fall on the same schedule every round
-    asynchronous = [bool(schedule.backward_weights) for schedule in schedules]
-    times: list[list[float]] = [[] for _ in engines]
-    order, shuffle = list(range(len(engines))), random.Random(0).shuffle
-    for repeat in range(options.warmup + options.repeats):
-        if repeat == options.warmup:
-            optimizer_time = median_time(engines[0].optimizer.step, options.cost_repeats)
-        _progress(rank, f"{'warm-up' if repeat < options.warmup else 'timed'} round {repeat + 1} of "
-                        f"{options.warmup + options.repeats}")
-        shuffle(order)
-        for index in order:
-            elapsed = step(engines[index], asynchronous[index])
-            if repeat >= options.warmup:
-                times[index].append(elapsed)
+    def rounds(indices: list, count: int, label: str, times: dict) -> None:
+        """``count`` rounds over the engines ``indices`` name (keys of ``timed``), in a
+        new order each round (the same on every rank: one seed): drift in machine load
+        touches all alike, and what one leaves behind (an asynchronous flush, freed
+        memory) does not fall on the same successor every round."""
+        order = list(indices)
+        for repeat in range(count):
+            _progress(rank, f"{label} round {repeat + 1} of {count}")
+            shuffle(order)
+            for key in order:
+                times.setdefault(key, []).append(step(timed[key], asynchronous[key]))
+
+    shuffle = random.Random(0).shuffle
+    timed = {index: e for index, e in enumerate(engines) if e is not None}
+    timed |= {(index, k): e for index, programs in trials.items() for k, (_, e) in enumerate(programs)}
+    asynchronous = {index: bool(schedules[index].backward_weights) for index in range(len(plan)) if engines[index]}
+    asynchronous |= {key: False for key in timed if isinstance(key, tuple)}
+    rounds(list(timed), options.warmup, "warm-up", {})
+    optimizer_time = median_time(timed[0].optimizer.step, options.cost_repeats)
+    trial_times: dict = {}
+    rounds([key for key in timed if isinstance(key, tuple)], options.auto_trials, "auto's trial", trial_times)
+    choices = {}
+    for index, programs in trials.items():
+        medians = [statistics.median(trial_times[(index, k)]) if options.auto_trials else 0.0
+                   for k in range(len(programs))]
+        chosen = min(range(len(programs)), key=lambda k: (medians[k], k))  # ties: the simulated best
+        schedules[index], timed[index] = programs[chosen]
+        asynchronous[index] = False
+        plan[index] = ("auto", schedules[index].chunks, schedules[index].placement.name, plan[index][3])
+        choices[index] = [{"origin": origin(schedule) or f"auto ({schedule.placement.name})",
+                           "trial_s": median, "chosen": k == chosen} for k, ((schedule, _), median)
+                          in enumerate(zip(programs, medians))]
+    times: dict = {}
+    rounds(list(range(len(plan))), options.repeats, "timed", times)
     rows = []
-    for (name, chunks, placement, cut), schedule, column, steady in zip(plan, schedules, times, asynchronous):
+    for index, (name, chunks, placement, cut) in enumerate(plan):
+        schedule, column, steady = schedules[index], times[index], asynchronous[index]
         costs = layouts[(chunks, placement, cut)]
         if steady:  # the stream's growth per call on the asynchronous engine's costs: its
             # backward first recomputes the forward (it keeps only a chunk's input), U is an optimizer step
@@ -334,13 +367,30 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
                      cut.startswith("balanced:") else cut, "asynchronous": steady,
                      "step_time_s": statistics.median(column), "step_times_s": column,
                      "predicted_step_s": predicted, "costs": costs.to_json()})
+        if index in choices:
+            rows[-1]["auto_trials"] = choices[index]
     base, base_predicted = rows[0]["step_time_s"], rows[0]["predicted_step_s"]
     for row in rows:
         row["ratio_vs_deepspeed"] = row["step_time_s"] / base
         row["predicted_ratio"] = row["predicted_step_s"] / base_predicted
         # measured speed-up as a share of the simulated one (1.0: as fast as predicted)
         row["efficiency"] = row["predicted_ratio"] / row["ratio_vs_deepspeed"]
+    paired_with_fastest_fixed(rows)
     return rows if rank == 0 else None
+
+
+def paired_with_fastest_fixed(rows: list[dict]) -> None:
+    """Add to each row its step time against the fastest fixed synchronous row (the
+    smallest median; ``auto`` and the asynchronous schedules are not fixed ones)
+    paired by round: ``vs_fastest_fixed`` names it and gives the median of the
+    per-round ratios and in how many rounds the row was faster."""
+    fixed = [row for row in rows if row["schedule"] != "auto" and not row["asynchronous"]]
+    fastest = min(fixed, key=lambda row: row["step_time_s"])
+    for row in rows:
+        ratios = [t / b for t, b in zip(row["step_times_s"], fastest["step_times_s"])]
+        row["vs_fastest_fixed"] = {"schedule": fastest["schedule"], "partition": fastest["partition"],
+                                   "median_ratio": statistics.median(ratios),
+                                   "faster_rounds": sum(r < 1 for r in ratios), "rounds": len(ratios)}
 
 
 def run(options: BenchOptions) -> list[dict]:

@@ -7,7 +7,8 @@ from fractions import Fraction as Fr
 import pytest
 
 from pp_ext.schedules import REGISTRY, ConstraintError, Costs, Placement, build, names, simulate, validate
-from pp_ext.schedules.auto import PATIENCE, auto_schedule, greedy, heuristic, memory_limits, policies
+from pp_ext.schedules.auto import (PATIENCE, auto_schedule, greedy, heuristic, memory_limits, origin, policies,
+                                   ranked)
 
 # Per-rank F, I (the paper's B), W and comm in ms, shaped like the Zero Bubble paper's
 # profiled GPT models of 1.5B to 28.3B parameters: I about F, W half of it or more,
@@ -233,3 +234,26 @@ def test_costs_by_placement_name_weigh_each_placement_on_its_own():
     with pytest.raises(ConstraintError, match="the costs are for placements loop, which give no placement of 2 "
                                               "ranks with chunks=2"):
         auto_schedule(2, 4, {"loop": fast}, 2, chunks=2)
+
+
+def test_ranked_lists_distinct_programs_shortest_first_and_names_the_fixed_ones():
+    """What ``pp-ext bench`` times against each other: the first is auto_schedule's
+    choice, makespans ascend, no program twice, and a fixed schedule's program is
+    recognised as that schedule (the heuristic's own is not)."""
+    for p, m in ((2, 4), (4, 8)):
+        cuts = {n: model_costs(p, n, Fr(3, 2), (1, 1, 1)) for n in (p, 2 * p)}
+        for replicas in (1, 2):
+            found = ranked(p, m, list(cuts.values()), p, replicas=replicas)
+            assert found[0][0] == auto_schedule(p, m, list(cuts.values()), p, replicas=replicas)
+            assert [mk for _, mk in found] == sorted(mk for _, mk in found)
+            keys = [(s.placement.name, s.programs) for s, _ in found]
+            assert len(set(keys)) == len(keys)
+            for schedule, makespan in found:
+                validate(schedule)
+                assert simulate(schedule, cuts[schedule.placement.stages]).makespan == makespan
+                name = origin(schedule)
+                if name is not None:
+                    assert build(name, p, m, schedule.chunks).programs == schedule.programs
+            fixed = {origin(s) for s, _ in found} - {None}
+            assert {"1f1b", "zb-h1", "zbv"} <= fixed and ("chimera" in fixed) == (replicas == 2)
+    assert origin(build("auto", 2, 4)) is None  # unit costs: the heuristic's own loop program

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from pp_ext.cli import main
+from pp_ext.schedules import REGISTRY, get
 
 KEYS = {"schedule", "stages", "micro_batches", "chunks", "asynchronous", "step_time_s", "ratio_vs_deepspeed",
         "predicted_ratio"}
@@ -22,6 +23,42 @@ def test_bench_json_has_one_row_per_schedule_with_the_baseline_first(capsys):
         assert len(row["costs"]["stages"]) == 2 * row["chunks"]
     assert rows[0]["ratio_vs_deepspeed"] == 1.0 and rows[0]["predicted_ratio"] == 1.0
     assert not any(row["asynchronous"] for row in rows)
+
+
+@pytest.mark.slow
+def test_bench_times_autos_best_simulated_programs_and_keeps_the_fastest(capsys):
+    code = main(["bench", "--stages", "2", "--micro-batches", "4", "--schedules", "zbv,chimera,auto", "--repeats", "2",
+                 "--warmup", "0", "--auto-candidates", "2", "--auto-trials", "2", "--hidden", "64", "--seq", "16",
+                 "--micro-batch-size", "2", "--json"])
+    assert code == 0
+    rows = {row["schedule"]: row for row in json.loads(capsys.readouterr().out)}
+    trials = rows["auto"]["auto_trials"]
+    assert len(trials) == 2 and sum(t["chosen"] for t in trials) == 1 and all(t["trial_s"] > 0 for t in trials)
+    kept = next(t for t in trials if t["chosen"])
+    assert kept["trial_s"] == min(t["trial_s"] for t in trials)
+    # the row is the kept program's: a fixed schedule's placement, or "auto (PLACEMENT)"
+    placement = get(kept["origin"]).placement if kept["origin"] in REGISTRY else kept["origin"][len("auto ("):-1]
+    assert rows["auto"]["placement"] == placement
+    for row in rows.values():
+        paired = row["vs_fastest_fixed"]
+        assert paired["schedule"] in ("deepspeed-1f1b", "zbv", "chimera") and paired["rounds"] == 2
+        assert ("auto_trials" in row) == (row["schedule"] == "auto")
+
+
+def test_paired_ratios_are_taken_round_by_round_against_the_fastest_fixed_row():
+    from pp_ext.bench import paired_with_fastest_fixed
+
+    def row(name, times, asynchronous=False):
+        return {"schedule": name, "partition": "type:Block", "asynchronous": asynchronous, "step_times_s": times,
+                "step_time_s": sorted(times)[len(times) // 2]}
+
+    rows = [row("deepspeed-1f1b", [1.0, 1.2, 1.4]), row("zbv", [0.8, 1.0, 0.9]), row("auto", [0.7, 1.1, 0.9]),
+            row("pipedream", [0.5, 0.5, 0.5], asynchronous=True)]
+    paired_with_fastest_fixed(rows)
+    auto = rows[2]["vs_fastest_fixed"]
+    assert (auto["schedule"], auto["faster_rounds"], auto["rounds"]) == ("zbv", 1, 3)
+    assert auto["median_ratio"] == pytest.approx(1.0)  # 0.875, 1.1, 1.0
+    assert rows[1]["vs_fastest_fixed"]["median_ratio"] == 1.0
 
 
 def test_bench_plans_the_asynchronous_schedules_that_accept_the_sizes():

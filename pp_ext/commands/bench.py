@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import CommandError, positive_int
+from . import CommandError, non_negative_int, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--schedules", metavar="A,B,...",
                         help="only these (comma-separated; 'deepspeed-1f1b' is always timed as the baseline)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed steps per schedule (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--hidden", type=positive_int, default=256, help="model width (default 256)")
     parser.add_argument("--seq", type=positive_int, default=128, help="tokens per sample (default 128)")
     parser.add_argument("--micro-batch-size", type=positive_int, default=4, help="samples per micro-batch (default 4)")
@@ -32,6 +32,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--partitions", metavar="A,B,...", default="type:Block",
                         help="cuts of the model to time each schedule on: partition methods (parameters, uniform, "
                              "type:REGEX) or balanced (from a profile measured first); default type:Block")
+    parser.add_argument("--auto-candidates", type=positive_int, default=3, metavar="K",
+                        help="auto: time its K best simulated programs against each other and keep the fastest "
+                             "(default 3)")
+    parser.add_argument("--auto-trials", type=non_negative_int, default=3, metavar="N",
+                        help="rounds of auto's trials, after the warm-up and before the timed rounds (default 3; "
+                             "0: the simulated best)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
     parser.set_defaults(handler=run_bench)
 
@@ -45,7 +51,8 @@ def run_bench(args: argparse.Namespace) -> int:
                            repeats=args.repeats, warmup=args.warmup, hidden=args.hidden, seq=args.seq,
                            micro_batch_size=args.micro_batch_size, blocks_per_rank=args.blocks_per_rank,
                            intermediate=args.hidden * 11 // 4, heads=max(1, args.hidden // 64), vocab=args.vocab,
-                           partitions=tuple(p.strip() for p in args.partitions.split(",") if p.strip()))
+                           partitions=tuple(p.strip() for p in args.partitions.split(",") if p.strip()),
+                           auto_candidates=args.auto_candidates, auto_trials=args.auto_trials)
     try:
         rows = run(options)
     except (ScheduleError, ValueError) as err:  # a refused size; a partition method that does not exist
@@ -67,4 +74,12 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{row['schedule']:<16} {row['partition']:<10} {row['chunks']:>2} {row['placement']:<13} {row['step_time_s']:>8.3f} {row['ratio_vs_deepspeed']:>7.3f} "
               f"{row['predicted_step_s']:>9.3f} {row['predicted_ratio']:>9.3f} {row['efficiency']:>14.2f} "
               f"{'steady call' if row['asynchronous'] else 'step'}")
+    for row in rows:
+        if "auto_trials" in row:
+            paired = row["vs_fastest_fixed"]
+            print(f"auto ({row['partition']}): trial medians " + ", ".join(
+                f"{'*' if trial['chosen'] else ''}{trial['origin']} {trial['trial_s']:.3f}" for trial in row["auto_trials"])
+                + f" (* kept); against {paired['schedule']} ({paired['partition']}), the fastest fixed row, round by "
+                  f"round: median ratio {paired['median_ratio']:.3f}, faster in {paired['faster_rounds']} of "
+                  f"{paired['rounds']} rounds")
     return 0

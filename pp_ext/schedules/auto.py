@@ -313,29 +313,32 @@ def candidates(placement: Placement, micro_batches: int, costs: Costs,
     return found
 
 
-def auto_schedule(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | Mapping[str, Costs] | None = None,
-                  memory_limit: Number | Sequence[Number] | None = None, chunks: int | None = None,
-                  replicas: int = 1) -> Schedule:
-    """The shortest schedule found (see the module doc) for these costs under
-    ``memory_limit`` micro-batches of a rank's activations per rank (default:
-    ``stages``, 1F1B's), in the placement it chooses: ``chunks`` 1 keeps it to loop
-    placement, 2 to V placement (or bidirectional, with ``replicas`` 2); ``None``
-    weighs both. ``costs`` (default: unit costs) is one cost model, one per cut of
-    the model (per-stage costs of p stages serve loop and bidirectional placement,
-    of 2p stages V placement) or one per placement name; a placement no cost model
-    fits is not searched.
-    Ties go to the first placement of :func:`layouts` (loop: one chunk)."""
+def ranked(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | Mapping[str, Costs] | None = None,
+           memory_limit: Number | Sequence[Number] | None = None, chunks: int | None = None,
+           replicas: int = 1) -> list[tuple[Schedule, Number]]:
+    """Every distinct program ``auto`` weighs (see the module doc), shortest simulated
+    makespan first, for these costs under ``memory_limit`` micro-batches of a rank's
+    activations per rank (default: ``stages``, 1F1B's), in the placement it chooses:
+    ``chunks`` 1 keeps it to loop placement, 2 to V placement (or bidirectional, with
+    ``replicas`` 2); ``None`` weighs both. ``costs`` (default: unit costs) is one cost
+    model, one per cut of the model (per-stage costs of p stages serve loop and
+    bidirectional placement, of 2p stages V placement) or one per placement name; a
+    placement no cost model fits is not searched. Equal makespans keep the search
+    order (the first placement of :func:`layouts`, loop, first; the heuristic before
+    the fixed schedules); a program found twice (the heuristic rebuilding a fixed
+    schedule) is listed once. A caller that can time them (``pp-ext bench``) picks
+    among the first few by measurement, where the simulator's error is larger than
+    their differences."""
     costs = costs or Costs()
-    best = None
+    found: dict[tuple, tuple[Schedule, Number]] = {}
     for placement in layouts(stages, replicas):
         layout = layout_costs(placement, costs)
         if layout is None or chunks not in (None, placement.chunks):
             continue
         limits = memory_limits(stages, micro_batches, memory_limit, placement.chunks)
         for schedule, makespan in candidates(placement, micro_batches, layout, limits):
-            if best is None or makespan < best[1]:
-                best = schedule, makespan
-    if best is None:
+            found.setdefault((placement.name, schedule.programs), (schedule, makespan))
+    if not found:
         if isinstance(costs, Mapping):
             given = f"the costs are for placements {', '.join(costs)}, which give"
         else:
@@ -345,7 +348,29 @@ def auto_schedule(stages: int, micro_batches: int, costs: Costs | Sequence[Costs
         raise ConstraintError(f"auto: {given} no placement of {stages} ranks with chunks={chunks} ({stages} stages: "
                               f"1 chunk in loop placement; {2 * stages}: 2 chunks in V placement): give costs of "
                               f"those stages (or keyed by placement name: loop, v)")
-    return best[0]
+    return sorted(found.values(), key=lambda candidate: candidate[1])  # stable: ties keep the search order
+
+
+def origin(schedule: Schedule) -> str | None:
+    """The registered synchronous schedule whose programs ``schedule`` runs (its
+    placement, sizes and actions equal), or None for a program of ``auto``'s own."""
+    p, m = schedule.placement.ranks, schedule.micro_batches
+    for name, spec in REGISTRY.items():
+        if name == "auto" or not spec.synchronous or spec.placement != schedule.placement.name:
+            continue
+        try:
+            if spec.build(p, m, schedule.chunks).programs == schedule.programs:
+                return name
+        except ConstraintError:
+            continue
+    return None
+
+
+def auto_schedule(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | Mapping[str, Costs] | None = None,
+                  memory_limit: Number | Sequence[Number] | None = None, chunks: int | None = None,
+                  replicas: int = 1) -> Schedule:
+    """The shortest schedule of :func:`ranked` (same arguments)."""
+    return ranked(stages, micro_batches, costs, memory_limit, chunks, replicas)[0][0]
 
 
 def _check_auto(stages: int, micro_batches: int, chunks: int) -> None:
