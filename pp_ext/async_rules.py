@@ -73,7 +73,11 @@ class AsyncReference:
         self.name, self.stages, self.loss_fn, self.optimizers = name, stages, loss_fn, optimizers
         self.m, self.options = micro_batches, pipemare
         self.params = [list(s.parameters()) for s in stages]
-        self.history = [[[p.detach().clone() for p in ps]] for ps in self.params]  # versions per stage
+        # per stage, the versions a coming micro-batch may still run at: version v is
+        # history[s][v - first[s]]; older ones are dropped, so a long run holds at most
+        # the rule's in-flight versions (p for pipedream, 2 for 2BW), as the engine does
+        self.history = [[[p.detach().clone() for p in ps]] for ps in self.params]
+        self.first = [0] * len(stages)
         self.delta = [[torch.zeros_like(p) for p in ps] for ps in self.params]
         self.g = 0
 
@@ -89,16 +93,16 @@ class AsyncReference:
         xs, x = [], inputs
         with torch.no_grad():
             for s, stage in enumerate(self.stages):
-                self._weights(s, self.history[s][versions[s]])
+                self._weights(s, self._version(s, versions[s]))
                 xs.append(x)
                 x = stage(x)
             loss = self.loss_fn(x, labels).item()
         grad = None
         scale = 1.0 / updates_per_group(self.name, self.m)
         for s in reversed(range(p)):
-            weights = self.history[s][versions[s]]
+            weights = self._version(s, versions[s])
             if self.name == "pipemare":
-                latest, delay = self.history[s][-1], len(self.history[s]) - 1 - versions[s]
+                latest, delay = self.history[s][-1], self._latest(s) - versions[s]
                 weights = [w - delay * d for w, d in zip(latest, self.delta[s])]
             self._weights(s, weights)
             x = xs[s].detach().requires_grad_(xs[s].is_floating_point())
@@ -118,7 +122,7 @@ class AsyncReference:
         latest = self.history[s][-1]
         self._weights(s, latest)
         delay = len(self.stages) - 1 - s
-        factor = lr_factor(len(self.history[s]) - 1, delay, self.options) if self.name == "pipemare" else 1.0
+        factor = lr_factor(self._latest(s), delay, self.options) if self.name == "pipemare" else 1.0
         groups = self.optimizers[s].param_groups
         lrs = [group["lr"] for group in groups]
         for group in groups:
@@ -132,3 +136,13 @@ class AsyncReference:
             gamma = correction_decay(delay, self.options)
             self.delta[s] = [gamma * d + (1 - gamma) * (n - o) for d, n, o in zip(self.delta[s], new, latest)]
         self.history[s].append(new)
+        # micro-batch g runs at versions that never decrease with g: keep from the next one's
+        keep = forward_version(self.name, len(self.stages), s, self.m, self.g)
+        del self.history[s][:keep - self.first[s]]
+        self.first[s] = keep
+
+    def _latest(self, s: int) -> int:
+        return self.first[s] + len(self.history[s]) - 1
+
+    def _version(self, s: int, version: int) -> list[torch.Tensor]:
+        return self.history[s][version - self.first[s]]

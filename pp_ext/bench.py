@@ -201,6 +201,24 @@ def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[fl
     return costs
 
 
+def allreduce_seconds(flat, repeats: int, group=None) -> float:
+    """Median seconds of an all-reduce of ``flat`` over ``group`` (default: all ranks),
+    the first call left out (it sets up the channels); on a GPU each call is waited for."""
+    import torch
+    from deepspeed import comm as dist
+
+    sync = torch.cuda.synchronize if flat.is_cuda else (lambda: None)
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        sync()
+        start = time.perf_counter()
+        dist.all_reduce(flat, group=group)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def replica_reduce_time(module, options: BenchOptions) -> float:
     """Seconds of summing this rank's replica gradients with its partner's, as the
     engine's ReduceReplicaGrads does (one flat all-reduce over ``replica_group``);
@@ -211,13 +229,7 @@ def replica_reduce_time(module, options: BenchOptions) -> float:
     if module.replica_group is None:
         return 0.0
     flat = torch.zeros(sum(p.numel() for p in module.replica_parameters()))
-    times = []
-    for _ in range(options.cost_repeats + 1):
-        dist.barrier()
-        start = time.perf_counter()
-        dist.all_reduce(flat, group=module.replica_group)
-        times.append(time.perf_counter() - start)
-    result = torch.tensor([statistics.median(times[1:])])
+    result = torch.tensor([allreduce_seconds(flat, options.cost_repeats, module.replica_group)])
     dist.all_reduce(result, op=dist.ReduceOp.MAX)  # every rank waits for the slowest pair
     return float(result)
 

@@ -14,7 +14,12 @@ on one pipeline rank; its input is the previous layer's real output (detached), 
 F, I, W, B are timed with the same code as ``pp-ext bench``
 (:func:`pp_ext.bench.time_passes`). Activation memory is the bytes autograd saves
 during the layer's forward. The p2p latency is bench's half ping-pong of one
-activation (:func:`pp_ext.bench.comm_latency`).
+activation (:func:`pp_ext.bench.comm_latency`). The all-reduce between the two ranks
+is timed at two sizes (a few bytes, and the model's parameters) and kept as
+latency + bytes / bandwidth (the alpha-beta model of Hockney 1994), so that the sum
+of Chimera's two weight replicas (Li & Hoefler 2021, Sec. 3.3) is priced for any
+cut: a rank of the bidirectional placement sums stages i and p-1-i
+(:meth:`Profile.stage_costs`, ``Costs.replica_reduce``).
 
 :func:`profile_recipe` profiles a recipe's own Hugging Face model (the layers of
 :func:`pp_ext.hf.layer_specs`, embedding and head included, built in the recipe's
@@ -27,8 +32,12 @@ costs under ``parallel.memory_limit`` (Qi et al. 2024, Sec. 3), the same on ever
 File format (JSON)::
 
     {"comm": s, "micro_batch_size": b, "seq": t, "dtype": "float32",
+     "allreduce_latency": s, "allreduce_bandwidth": bytes/s,
      "layers": [{"name": "Embedding", "forward": s, "input_grad": s, "weight_grad": s,
-                 "backward": s, "activation_bytes": n}, ...]}
+                 "backward": s, "activation_bytes": n, "parameter_bytes": n}, ...]}
+
+(a file without the all-reduce fields or ``parameter_bytes``, written before they
+existed, prices the replica sum at 0).
 """
 from __future__ import annotations
 
@@ -48,6 +57,7 @@ class LayerCost:
     weight_grad: float
     backward: float
     activation_bytes: int
+    parameter_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,8 @@ class Profile:
     micro_batch_size: int
     seq: int
     dtype: str = "float32"
+    allreduce_latency: float = 0.0
+    allreduce_bandwidth: float = float("inf")
 
     def layer_costs(self, count: int) -> list[float]:
         """Seconds of one training micro-batch (forward + fused backward) per layer."""
@@ -66,12 +78,20 @@ class Profile:
         return [layer.forward + layer.backward for layer in self.layers]
 
     def stage_costs(self, parts: list[int]) -> Costs:
-        """Per-stage F, I, W, B (sums over each stage's layers) for the simulator."""
+        """Per-stage F, I, W, B (sums over each stage's layers) for the simulator, and
+        the replica sum of a two-pipeline (bidirectional) schedule on this cut: rank i
+        all-reduces the gradients of stages i and p-1-i in one flat buffer with its
+        partner, all pairs at once, so the slowest pair's time (paid only where a
+        schedule has two pipelines, :func:`pp_ext.schedules.simulate`)."""
         self.layer_costs(parts[-1])
         stages = tuple(tuple(sum(getattr(layer, key) for layer in self.layers[a:b])
                              for key in ("forward", "input_grad", "weight_grad", "backward"))
                        for a, b in zip(parts, parts[1:]))
-        return Costs(comm=self.comm, per_stage=stages)
+        weights = [sum(layer.parameter_bytes for layer in self.layers[a:b]) for a, b in zip(parts, parts[1:])]
+        p = len(weights)
+        largest = max(weights[i] + weights[p - 1 - i] for i in range(p))
+        reduce = self.allreduce_latency + largest / self.allreduce_bandwidth if largest else 0.0
+        return Costs(comm=self.comm, per_stage=stages, replica_reduce=reduce)
 
     def activation_bytes(self, parts: list[int]) -> list[int]:
         """Bytes of one micro-batch's activations per stage."""
@@ -90,7 +110,10 @@ class Profile:
         from pp_ext.schedules.render import write_atomic
 
         data = {"comm": self.comm, "micro_batch_size": self.micro_batch_size, "seq": self.seq,
-                "dtype": self.dtype, "layers": [asdict(layer) for layer in self.layers]}
+                "dtype": self.dtype, "allreduce_latency": self.allreduce_latency,
+                # JSON has no infinity: a bandwidth too high to measure is null
+                "allreduce_bandwidth": None if self.allreduce_bandwidth == float("inf") else self.allreduce_bandwidth,
+                "layers": [asdict(layer) for layer in self.layers]}
         return write_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
     @classmethod
@@ -101,7 +124,8 @@ class Profile:
         try:
             data = json.loads(path.read_text())
             return cls(tuple(LayerCost(**layer) for layer in data["layers"]), float(data["comm"]),
-                       int(data["micro_batch_size"]), int(data["seq"]), str(data.get("dtype", "float32")))
+                       int(data["micro_batch_size"]), int(data["seq"]), str(data.get("dtype", "float32")),
+                       float(data.get("allreduce_latency", 0.0)), float(data.get("allreduce_bandwidth") or "inf"))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"profile {path} is not valid ({exc}): write it again with pp-ext tune") from None
 
@@ -162,7 +186,8 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
         f, i, w, b = time_passes(forward, backward, store, repeats, sync)
         start = module.chunk_bounds(chunk)[0]
         costs.append(LayerCost(layer_name(module._layer_specs[start]) or f"layer {start}", f, i, w, b,
-                               sum(saved.values())))
+                               sum(saved.values()), sum(p.numel() * p.element_size()
+                                                        for p in module.chunk_parameters(chunk))))
         x = None if last else _detached(out)
     module.zero_grad(set_to_none=True)
     return costs
@@ -185,11 +210,12 @@ def _tiny_worker(rank: int, world: int, options) -> Profile | None:
                                    base_seed=1234)
     torch.set_num_threads(1)
     comm = comm_latency(options, rank)
+    latency, bandwidth = allreduce_model(module, options.cost_repeats)
     if rank != 0:
         return None
     ids, labels = batches(options)[0]
     return Profile(tuple(measure_layers(module, ids, labels, options.cost_repeats)), comm,
-                   options.micro_batch_size, options.seq)
+                   options.micro_batch_size, options.seq, allreduce_latency=latency, allreduce_bandwidth=bandwidth)
 
 
 def _recipe_worker(rank: int, world: int, recipe, sizes: tuple[int, ...], repeats: int) -> dict | None:
@@ -211,6 +237,7 @@ def _recipe_worker(rank: int, world: int, recipe, sizes: tuple[int, ...], repeat
     loss.tensor_axis = module.tensor_axis
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     module.to(device)
+    latency, bandwidth = allreduce_model(module, repeats)
     profiles = {}
     for index, size in enumerate(sizes):
         if rank == 0:
@@ -224,8 +251,32 @@ def _recipe_worker(rank: int, world: int, recipe, sizes: tuple[int, ...], repeat
         gen = torch.Generator().manual_seed(recipe.train.seed)
         ids = torch.randint(config.vocab_size, (size, recipe.data.seq_len), generator=gen).to(device)
         layers = measure_layers(module, ids, torch.roll(ids, -1, dims=1), repeats)
-        profiles[size] = Profile(tuple(layers), comm, size, recipe.data.seq_len, recipe.model.dtype)
+        profiles[size] = Profile(tuple(layers), comm, size, recipe.data.seq_len, recipe.model.dtype,
+                                 latency, bandwidth)
     return profiles if rank == 0 else None
+
+
+def allreduce_model(module, repeats: int) -> tuple[float, float]:
+    """Latency (s) and bandwidth (bytes/s) of an all-reduce between this launch's
+    ranks (all of them), from its median time on one element and on a buffer the
+    size of ``module``'s parameters (what a replica sum moves at most), on their
+    device: t(n) = latency + n / bandwidth (Hockney 1994). Every rank gets the
+    slowest rank's figures."""
+    import torch
+    from deepspeed import comm as dist
+
+    from pp_ext.bench import allreduce_seconds
+
+    first = next(module.parameters())
+    numel = sum(p.numel() for p in module.parameters())
+    small, large = (allreduce_seconds(torch.zeros(n, device=first.device, dtype=first.dtype), repeats)
+                    for n in (1, numel))
+    result = torch.tensor([small, large], dtype=torch.float64, device=first.device)
+    dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    small, large = (float(t) for t in result)
+    moved = (numel - 1) * first.element_size()
+    # a large all-reduce timed no slower than a one-element one: bandwidth beyond what this can tell
+    return small, moved / (large - small) if large > small else float("inf")
 
 
 def recipe_layer_specs(recipe) -> list:

@@ -1,6 +1,8 @@
 """Balanced partitioning (pure) and the profiler (one 2-rank launch on the bench model
 with a heavy head: balanced beats 'parameters' in simulation on the measured costs)."""
+import dataclasses
 import itertools
+import json
 
 import pytest
 
@@ -48,6 +50,31 @@ def test_balanced_needs_a_matching_profile(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_replica_sum_is_priced_per_cut_from_the_all_reduce_fit(tmp_path):
+    """Chimera's rank i sums stages i and p-1-i with its partner: the slowest pair's
+    latency + bytes / bandwidth; a profile written before these fields prices it at 0."""
+    weights = [100, 300, 500, 700, 900, 1100]
+    layers = tuple(LayerCost("L", 1.0, 0.5, 0.4, 0.9, 10, w) for w in weights)
+    profile = Profile(layers, 0.1, 1, 8, allreduce_latency=0.002, allreduce_bandwidth=1000.0)
+    two = profile.stage_costs([0, 3, 6])  # stages of 900 and 2700 bytes: both ranks hold both
+    assert two.replica_reduce == pytest.approx(0.002 + 3.6)
+    four = profile.stage_costs([0, 1, 2, 4, 6])  # 100, 300, 1200, 2000: pairs (0, 3) and (1, 2)
+    assert four.replica_reduce == pytest.approx(0.002 + 2.1)
+    sim = {name: simulate(build(name, 4, 8, 2 if name == "chimera" else 1), four) for name in ("chimera", "1f1b")}
+    unpriced = dataclasses.replace(four, replica_reduce=0)
+    assert sim["chimera"].makespan == simulate(build("chimera", 4, 8, 2), unpriced).makespan + four.replica_reduce
+    assert sim["1f1b"].makespan == simulate(build("1f1b", 4, 8), unpriced).makespan
+    old = json.loads(profile.save(tmp_path / "p.json").read_text())
+    for key in ("allreduce_latency", "allreduce_bandwidth"):
+        del old[key]
+    for layer in old["layers"]:
+        del layer["parameter_bytes"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert Profile.load(tmp_path / "old.json").stage_costs([0, 3, 6]).replica_reduce == 0
+    unmeasurable = dataclasses.replace(profile, allreduce_bandwidth=float("inf"))
+    assert Profile.load(unmeasurable.save(tmp_path / "inf.json")) == unmeasurable  # null in the file
+
+
 def test_profile_of_a_heavy_head_and_balanced_stages(tmp_path):
     options = BenchOptions(stages=2, micro_batches=4, hidden=128, heads=2, intermediate=352, vocab=16384,
                            blocks_per_rank=2, seq=64, micro_batch_size=2, cost_repeats=5)
@@ -58,6 +85,9 @@ def test_profile_of_a_heavy_head_and_balanced_stages(tmp_path):
     assert all(layer.activation_bytes > 0 for layer in profile.layers[1:]) and profile.comm > 0
     head = profile.layers[-1]
     assert head.forward + head.backward > max(l.forward + l.backward for l in profile.layers[1:-2])
+    assert profile.allreduce_latency > 0 and profile.allreduce_bandwidth > 0
+    # the embedding and head hold vocab x hidden floats each, a norm hidden of them
+    assert profile.layers[0].parameter_bytes == 16384 * 128 * 4 and profile.layers[-1].parameter_bytes > 0
     saved = Profile.load(profile.save(tmp_path / "profile.json"))
     assert saved == profile
 
