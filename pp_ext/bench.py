@@ -17,12 +17,12 @@ runs). Its layout is its own choice (one chunk in loop placement or two in V
 placement, both measured for it; Chimera's bidirectional placement with two
 replicas). The simulator ranks auto's candidate programs
 (:func:`~pp_ext.schedules.auto.ranked`), and the first ``auto_candidates`` of them
-are built and timed against each other in ``auto_trials`` rounds of their own
-after the warm-up; the fastest (median) is auto's row in the timed rounds. Where
-their simulated times differ by less than the simulator's error (a few per cent
-here), measuring is what tells them apart, as autotuners do; the trial rounds are
-not the timed ones, so the choice does not ride on the noise of the rounds it is
-judged by. Each row also gives its ratio to the fastest fixed synchronous row
+are built and timed in ``auto_trials`` rounds after the warm-up (rounds of all
+engines, as the timed ones); the fastest of them (median) is auto's row in the
+timed rounds. Where their simulated times differ by less than the simulator's
+error (a few per cent here), measuring is what tells them apart, as autotuners do;
+the trial rounds are not the timed ones, so the choice does not ride on the noise
+of the rounds it is judged by. Each row also gives its ratio to the fastest fixed synchronous row
 paired round by round (the median of the per-round ratios, and in how many rounds
 it was faster): on a shared machine rounds drift together, so the paired ratio is
 steadier than the ratio of medians.
@@ -87,7 +87,7 @@ class BenchOptions:
     micro_batch_size: int = 4
     cost_repeats: int = 9
     auto_candidates: int = 3  # auto's simulated best programs timed against each other
-    auto_trials: int = 3  # rounds of those trials (after the warm-up, before the timed rounds)
+    auto_trials: int = 5  # rounds of those trials (after the warm-up, before the timed rounds)
     # how the model is cut: 'type:Block' (blocks balanced, embedding and head on the end
     # stages), any partition method, or 'balanced' (measured, see the module doc)
     partitions: tuple[str, ...] = ("type:Block",)
@@ -348,8 +348,11 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     asynchronous |= {key: False for key in timed if isinstance(key, tuple)}
     rounds(list(timed), options.warmup, "warm-up", {})
     optimizer_time = median_time(timed[0].optimizer.step, options.cost_repeats)
+    # the trials run among all engines, as the timed rounds do: a schedule's time
+    # depends on what runs around it (caches, allocator), by as much as auto's
+    # candidates differ
     trial_times: dict = {}
-    rounds([key for key in timed if isinstance(key, tuple)], options.auto_trials, "auto's trial", trial_times)
+    rounds(list(timed), options.auto_trials, "auto's trial", trial_times)
     choices = {}
     for index, programs in trials.items():
         medians = [statistics.median(trial_times[(index, k)]) if options.auto_trials else 0.0

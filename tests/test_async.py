@@ -3,6 +3,7 @@ engine, each schedule equal to its own single-process rule (pp_ext.async_rules)
 within 1e-5 over 10 calls and a flush, p = 2 and p = 4 (one launch each)."""
 from __future__ import annotations
 
+import math
 import random
 from fractions import Fraction
 
@@ -230,3 +231,51 @@ def test_2bw_rule_without_its_delay_is_synchronous_training(monkeypatch):
     monkeypatch.undo()
     delayed, _ = losses(delayed=True)
     assert abs(delayed[-1] - expected[-1]) > 1e-4  # the delay does change training
+
+
+def run_two_engines(rank: int, world: int) -> dict:
+    """An asynchronous engine between calls, and another engine on the same ranks."""
+    import torch
+
+    import pp_ext
+    from pp_ext.engine.module import ChunkedPipelineModule
+    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+
+    config = TinyConfig(blocks=world, tied=False)
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 4,
+                 "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
+
+    def engine(name):
+        module = ChunkedPipelineModule(layers=layer_specs(config), num_stages=world, loss_fn=lm_loss,
+                                       partition_method="uniform", seed_layers=True, base_seed=1234)
+        return pp_ext.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.05),
+                                 config=ds_config, schedule=name)[0]
+
+    data = [batch(k, config.vocab) for k in range(2)]
+    stream, other = engine("pipedream"), engine("1f1b")
+    stream.train_batch(iter(data))
+    refused = []
+    for run in (lambda: other.train_batch(iter(data)), lambda: other.eval_batch(iter(data))):
+        try:
+            run()
+        except RuntimeError as err:
+            refused.append(str(err))
+    stream.flush()
+    after_flush = float(other.train_batch(iter(data)))
+    stream.train_batch(iter(data))  # the stream starts again, then drains
+    stream.flush()
+    return {"refused": refused, "after_flush": after_flush}
+
+
+@pytest.mark.slow
+def test_another_engine_is_refused_while_an_asynchronous_one_is_in_flight():
+    """Messages between two ranks match in posting order: a second engine's would meet
+    the asynchronous engine's in-flight gradients and hang; it gets an error instead,
+    on every rank, and runs once the stream is flushed."""
+    from pp_ext.engine.spawn import spawn
+
+    for result in spawn(run_two_engines, 2):
+        assert len(result["refused"]) == 2, result
+        for message in result["refused"]:
+            assert message.startswith("schedule pipedream still has micro-batches in flight") and "flush()" in message
+        assert math.isfinite(result["after_flush"])

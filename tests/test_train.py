@@ -403,19 +403,20 @@ UNTIED = ["model.path=configs/models/quickstart-untied", "model.tokenizer=config
 
 @pytest.mark.slow
 def test_asynchronous_schedules_evaluate_checkpoint_and_resume_exactly(tmp_path):
-    """pipedream / pipemare in the training job: evaluation before and between steps
-    (after a flush), and a checkpoint taken after a flush resumes to the same losses."""
+    """pipedream / pipedream-2bw / pipemare in the training job: evaluation before and
+    between steps (after a flush), and a checkpoint taken after a flush resumes to the
+    same losses."""
     from pp_ext.engine.spawn import spawn
 
     steps = ["train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0", "data.eval_split=validation",
              "train.eval_interval=3", "train.eval_batches=1"]
     cases = []
-    for name in ("pipedream", "pipemare"):
+    for name in ("pipedream", "pipedream-2bw", "pipemare"):
         resume = f"checkpoint.resume={tmp_path / name / 'checkpoints/step-00000003'}"
         cases += [(name, [*UNTIED, *steps, f"parallel.schedule={name}"]),
                   (f"{name}-resumed", [*UNTIED, *steps, f"parallel.schedule={name}", resume])]
     results = spawn(train_cases, 2, str(tmp_path), cases, timeout=600)[0]
-    for name in ("pipedream", "pipemare"):
+    for name in ("pipedream", "pipedream-2bw", "pipemare"):
         (code, whole), (resumed_code, resumed) = results[name], results[f"{name}-resumed"]
         assert code == 0 and resumed_code == 0 and sorted(whole) == list(range(1, 7)) and sorted(resumed) == [4, 5, 6]
         diff = max(abs(resumed[s] - whole[s]) for s in resumed)

@@ -35,8 +35,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--auto-candidates", type=positive_int, default=3, metavar="K",
                         help="auto: time its K best simulated programs against each other and keep the fastest "
                              "(default 3)")
-    parser.add_argument("--auto-trials", type=non_negative_int, default=3, metavar="N",
-                        help="rounds of auto's trials, after the warm-up and before the timed rounds (default 3; "
+    parser.add_argument("--auto-trials", type=non_negative_int, default=5, metavar="N",
+                        help="rounds of auto's trials, after the warm-up and before the timed rounds (default 5; "
                              "0: the simulated best)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
     parser.set_defaults(handler=run_bench)

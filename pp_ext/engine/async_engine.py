@@ -70,6 +70,7 @@ class AsyncScheduleEngine(ScheduleEngine):
         self._older_sends: list = []
         self._labels_of: dict[int, object] = {}
         super()._reset_buffers()
+        p2p.hold_channels(self, False)
 
     def _params(self) -> list[torch.nn.Parameter]:
         return self.module.chunk_parameters(0)
@@ -88,6 +89,7 @@ class AsyncScheduleEngine(ScheduleEngine):
         self._call_start = self.calls * self.m
         self._batches = []  # the data iterator's micro-batches of this call
         self.calls += 1
+        p2p.hold_channels(self, True)
         return ins.AsyncCall(self.schedule, self.stage_id, actions)
 
     def flush(self) -> None:

@@ -140,6 +140,10 @@ class ScheduleEngine(PipelineEngine):
 
     # ------------------------------------------------------------------ topology
 
+    def train_batch(self, data_iter=None):
+        p2p.claim_channels(self)  # before DeepSpeed starts its timers: an error leaves the engine usable
+        return super().train_batch(data_iter)
+
     def is_last_stage(self) -> bool:
         """True on the rank that holds the last stage (and computes the loss)."""
         if self._loss_rank is None:
@@ -186,6 +190,7 @@ class ScheduleEngine(PipelineEngine):
                    bcast_loss=True, num_micro_batches=None):
         """DeepSpeed's ``eval_batch`` (same arguments and results) on a forward-only
         program; the module's train/eval mode is restored afterwards."""
+        p2p.claim_channels(self)
         training = self.module.training
         try:
             return super().eval_batch(data_iter, return_logits=return_logits, compute_loss=compute_loss,

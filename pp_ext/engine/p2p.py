@@ -4,7 +4,10 @@ DeepSpeed's ``p2p.send/recv`` only reach adjacent stages (and first <-> last),
 which interleaved, V-shape and bidirectional placements go beyond; this uses
 ``deepspeed.comm`` isend/irecv, which reach any rank on gloo and NCCL alike.
 Messages on one (src, dst) channel match in posting order (no tags: NCCL has
-none), which lowering guarantees (:mod:`pp_ext.schedules.lower`).
+none), which lowering guarantees (:mod:`pp_ext.schedules.lower`). So two engines on
+the same ranks must not interleave while one has messages in flight (an
+asynchronous engine between calls): :func:`claim_channels` refuses that with an
+error instead of letting the messages meet and hang.
 
 Shapes: the first activation crossing a stage boundary is preceded by a small
 header (count, then dtype, requires_grad, rank and sizes of each tensor); later
@@ -13,6 +16,7 @@ made the tensors they belong to.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +27,27 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
 MAX_TENSORS = 16
 MAX_DIMS = 8
 _FIELDS = 3 + MAX_DIMS  # dtype, requires_grad, ndim, sizes
+
+
+# engines of this process whose messages are still on the channels between calls
+_in_flight: weakref.WeakSet = weakref.WeakSet()
+
+
+def hold_channels(engine, holding: bool) -> None:
+    """``engine`` leaves messages in flight when its call returns (``holding``) or has
+    drained them."""
+    (_in_flight.add if holding else _in_flight.discard)(engine)
+
+
+def claim_channels(engine) -> None:
+    """Raise before ``engine`` posts a message while another engine has some in
+    flight: they would meet that engine's messages on the same channels (every rank
+    of the pipeline raises alike, as every rank holds the same calls)."""
+    for other in list(_in_flight):
+        if other is not engine:
+            raise RuntimeError(f"schedule {other.schedule.name} still has micro-batches in flight on these ranks: "
+                               f"call its engine's flush() before running another engine (messages between two "
+                               f"ranks are matched in posting order)")
 
 
 class TensorSpec(tuple):
