@@ -105,13 +105,17 @@ class AsyncReference:
                 latest, delay = self.history[s][-1], self._latest(s) - versions[s]
                 weights = [w - delay * d for w, d in zip(latest, self.delta[s])]
             self._weights(s, weights)
-            x = xs[s].detach().requires_grad_(xs[s].is_floating_point())
+            x = xs[s]
+            if torch.is_tensor(x):
+                x = x.detach().requires_grad_(x.is_floating_point())
+            elif s > 0:  # the first stage may take a tuple of inputs (ids, mask, positions)
+                raise TypeError(f"stage {s} gets a {type(x).__name__}: the reference passes one tensor between stages")
             out = self.stages[s](x)
             if grad is None:
                 (self.loss_fn(out, labels) * scale).backward()
             else:
                 torch.autograd.backward(out, grad)
-            grad = x.grad
+            grad = x.grad if s > 0 else None
         self.g += 1
         if self.g % updates_per_group(self.name, self.m) == 0:
             for s in range(p):

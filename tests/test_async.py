@@ -279,3 +279,24 @@ def test_another_engine_is_refused_while_an_asynchronous_one_is_in_flight():
         for message in result["refused"]:
             assert message.startswith("schedule pipedream still has micro-batches in flight") and "flush()" in message
         assert math.isfinite(result["after_flush"])
+
+
+def test_the_delay_study_trains_the_recipe_by_the_2bw_rule_and_ordinarily():
+    """launch/delay_study.py (the README's whole-model study): both runs, same first
+    loss (same weights and data before any update), and one line for a bad key."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "launch/delay_study.py", "--recipe", "recipes/quickstart.yaml",
+               "model.path=configs/models/quickstart-untied", "model.tokenizer=configs/models/quickstart",
+               "train.steps=3", "train.grad_clip=0"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = {line.split(" step 1:")[0]: line.split("loss ")[1] for line in done.stdout.splitlines()
+             if " step 1:" in line}
+    assert set(first) == {"ordinary", "2bw rule"} and first["ordinary"] == first["2bw rule"]
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if "last-10" in line] == ["ordinary", "2bw rule"]
+    bad = subprocess.run([*command, "train.stepz=1"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "'train.stepz' does not exist" in bad.stderr.strip().splitlines()[-1]
