@@ -24,7 +24,7 @@ from pp_ext import data
 from pp_ext.async_rules import AsyncReference
 from pp_ext.engine.reference import SequentialReference
 from pp_ext.hf import layer_specs
-from pp_ext.hf.loading import load_config
+from pp_ext.hf.loading import has_weights, hf_initializer, layout_free_specs, load_config
 from pp_ext.recipe import RecipeError, load
 from pp_ext.train import LanguageModelLoss, make_optimizer, warmup_cosine
 
@@ -32,8 +32,11 @@ from pp_ext.train import LanguageModelLoss, make_optimizer, warmup_cosine
 def train(recipe, delayed: bool) -> list[float]:
     """Per-step mean micro-batch loss of ``train.steps`` steps, the rule's or ordinary."""
     config = load_config(recipe.model.path)
-    model = SequentialReference(layer_specs(config, recipe.model.attn_implementation), LanguageModelLoss(),
-                                base_seed=recipe.train.seed)
+    # the training job's initial weights (a config-only model folder: HF's initialisation
+    # under per-layer seeds, pp_ext.hf.loading.build_pipeline_module)
+    specs = layout_free_specs(layer_specs(config, recipe.model.attn_implementation), dtype=torch.float32,
+                              seed=recipe.train.seed, initialize=hf_initializer(config))
+    model = SequentialReference(specs, LanguageModelLoss(), base_seed=recipe.train.seed)
     optimizer = make_optimizer(recipe, model)
     scheduler = warmup_cosine(optimizer, recipe, recipe.train.steps)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
@@ -71,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load(args.recipe, args.overrides)
     except RecipeError as err:
         print(f"delay_study: error: {err}", file=sys.stderr)
+        return 2
+    if has_weights(recipe.model.path) or recipe.model.dtype != "float32":
+        print("delay_study: error: the study trains a config-only model folder in float32 (fresh weights, as "
+              "the training job initialises them): give model.path a folder with config.json only and "
+              "model.dtype=float32", file=sys.stderr)
+        return 2
+    if recipe.train.grad_clip:
+        print(f"delay_study: error: train.grad_clip={recipe.train.grad_clip}: neither run clips (the asynchronous "
+              f"engines refuse clipping): set train.grad_clip=0", file=sys.stderr)
         return 2
     torch.manual_seed(recipe.train.seed)
     results = {name: train(recipe, delayed) for name, delayed in (("ordinary", False), ("2bw rule", True))}

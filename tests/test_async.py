@@ -283,7 +283,7 @@ def test_another_engine_is_refused_while_an_asynchronous_one_is_in_flight():
 
 def test_the_delay_study_trains_the_recipe_by_the_2bw_rule_and_ordinarily():
     """launch/delay_study.py (the README's whole-model study): both runs, same first
-    loss (same weights and data before any update), and one line for a bad key."""
+    loss (same weights and data before any update), and one line for bad input."""
     import subprocess
     import sys
     from pathlib import Path
@@ -298,5 +298,7 @@ def test_the_delay_study_trains_the_recipe_by_the_2bw_rule_and_ordinarily():
              if " step 1:" in line}
     assert set(first) == {"ordinary", "2bw rule"} and first["ordinary"] == first["2bw rule"]
     assert [line.split(":")[0] for line in done.stdout.splitlines() if "last-10" in line] == ["ordinary", "2bw rule"]
-    bad = subprocess.run([*command, "train.stepz=1"], cwd=root, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "'train.stepz' does not exist" in bad.stderr.strip().splitlines()[-1]
+    for override, message in (("train.stepz=1", "'train.stepz' does not exist"),
+                              ("train.grad_clip=1.0", "set train.grad_clip=0")):
+        bad = subprocess.run([*command, override], cwd=root, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr.strip().splitlines()[-1], bad.stderr[-500:]
