@@ -352,7 +352,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     # depends on what runs around it (caches, allocator), by as much as auto's
     # candidates differ
     trial_times: dict = {}
-    rounds(list(timed), options.auto_trials, "auto's trial", trial_times)
+    rounds(list(timed), options.auto_trials if trials else 0, "auto's trial", trial_times)
     choices = {}
     for index, programs in trials.items():
         medians = [statistics.median(trial_times[(index, k)]) if options.auto_trials else 0.0
