@@ -361,9 +361,12 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         schedules[index], timed[index] = programs[chosen]
         asynchronous[index] = False
         plan[index] = ("auto", schedules[index].chunks, schedules[index].placement.name, plan[index][3])
+        cut = plan[index][3]
         choices[index] = [{"origin": origin(schedule) or f"auto ({schedule.placement.name})",
-                           "trial_s": median, "chosen": k == chosen} for k, ((schedule, _), median)
-                          in enumerate(zip(programs, medians))]
+                           "predicted_step_s": float(simulate(schedule, layouts[(schedule.chunks,
+                                                     schedule.placement.name, cut)]).makespan) + optimizer_time,
+                           "trial_s": median, "chosen": k == chosen}
+                          for k, ((schedule, _), median) in enumerate(zip(programs, medians))]
     times: dict = {}
     rounds(list(range(len(plan))), options.repeats, "timed", times)
     rows = []

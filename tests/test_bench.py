@@ -34,6 +34,7 @@ def test_bench_times_autos_best_simulated_programs_and_keeps_the_fastest(capsys)
     rows = {row["schedule"]: row for row in json.loads(capsys.readouterr().out)}
     trials = rows["auto"]["auto_trials"]
     assert len(trials) == 2 and sum(t["chosen"] for t in trials) == 1 and all(t["trial_s"] > 0 for t in trials)
+    assert trials[0]["predicted_step_s"] == min(t["predicted_step_s"] for t in trials)  # ranked by the simulator
     kept = next(t for t in trials if t["chosen"])
     assert kept["trial_s"] == min(t["trial_s"] for t in trials)
     # the row is the kept program's: a fixed schedule's placement, or "auto (PLACEMENT)"

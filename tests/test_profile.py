@@ -124,14 +124,15 @@ def test_bench_times_auto_from_measured_costs_on_each_partition(capsys):
     from pp_ext.cli import main
 
     code = main(["bench", "--schedules", "zb-h1,auto", "--partitions", "parameters,balanced", "--repeats", "1",
-                 "--warmup", "0", "--hidden", "64", "--seq", "16", "--micro-batch-size", "2", "--vocab", "4096",
+                 "--warmup", "0", "--auto-trials", "0", "--hidden", "64", "--seq", "16", "--micro-batch-size", "2",
+                 "--vocab", "4096",
                  "--json"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["schedule"], r["partition"]) for r in rows] == [
         (s, cut) for cut in ("parameters", "balanced") for s in ("deepspeed-1f1b", "zb-h1", "auto")]
     # each row's costs are those of its own cut and layout, and auto is built from them (its loop
-    # candidate from zb-h1's own costs): never longer than zb-h1 there
+    # candidate from zb-h1's own costs): never longer than zb-h1 there (no trials: the simulated best)
     for cut in ("parameters", "balanced"):
         by_name = {r["schedule"]: r for r in rows if r["partition"] == cut}
         assert (by_name["auto"]["chunks"], by_name["auto"]["placement"]) in ((1, "loop"), (2, "v"))
