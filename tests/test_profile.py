@@ -125,8 +125,7 @@ def test_bench_times_auto_from_measured_costs_on_each_partition(capsys):
 
     code = main(["bench", "--schedules", "zb-h1,auto", "--partitions", "parameters,balanced", "--repeats", "1",
                  "--warmup", "0", "--auto-trials", "0", "--hidden", "64", "--seq", "16", "--micro-batch-size", "2",
-                 "--vocab", "4096",
-                 "--json"])
+                 "--vocab", "4096", "--json"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["schedule"], r["partition"]) for r in rows] == [
