@@ -22,10 +22,10 @@ engines, as the timed ones); the fastest of them (median) is auto's row in the
 timed rounds. Where their simulated times differ by less than the simulator's
 error (a few per cent here), measuring is what tells them apart, as autotuners do;
 the trial rounds are not the timed ones, so the choice does not ride on the noise
-of the rounds it is judged by. Each row also gives its ratio to the fastest fixed synchronous row
-paired round by round (the median of the per-round ratios, and in how many rounds
-it was faster): on a shared machine rounds drift together, so the paired ratio is
-steadier than the ratio of medians.
+of the rounds it is judged by. Each row also gives its ratio to the fastest fixed
+synchronous row paired round by round (the median of the per-round ratios, and in
+how many rounds it was faster): on a shared machine rounds drift together, so the
+paired ratio is steadier than the ratio of medians.
 With several ``partitions`` every schedule is timed on each cut of the model
 (``balanced`` from a profile of the bench model, :func:`pp_ext.profile.profile_tiny`).
 
@@ -268,6 +268,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     from pp_ext.schedules import Costs, build, simulate
     from pp_ext.schedules.asynchronous import steady_call
     from pp_ext.schedules.auto import layouts as auto_layouts
+    from pp_ext.engine.async_engine import AsyncScheduleEngine
     from pp_ext.schedules.auto import origin, ranked
 
     plan = options.plan()
@@ -315,9 +316,10 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
               for index, (name, *_, cut) in enumerate(plan) if name == "auto"}
     engines = [None if name == "auto" else engine(name, None, layout) for name, *layout in plan]
 
-    def step(engine, steady: bool) -> float:
-        """Seconds of one train_batch (the slowest rank's); ``steady``: an asynchronous
-        engine's call once its pipeline is full, between an untimed fill and drain."""
+    def step(engine) -> float:
+        """Seconds of one train_batch (the slowest rank's); an asynchronous engine's
+        call once its pipeline is full, between an untimed fill and drain."""
+        steady = isinstance(engine, AsyncScheduleEngine)
         if steady:
             engine.train_batch(iter(step_batches))
         dist.barrier()
@@ -339,13 +341,11 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
             _progress(rank, f"{label} round {repeat + 1} of {count}")
             shuffle(order)
             for key in order:
-                times.setdefault(key, []).append(step(timed[key], asynchronous[key]))
+                times.setdefault(key, []).append(step(timed[key]))
 
     shuffle = random.Random(0).shuffle
     timed = {index: e for index, e in enumerate(engines) if e is not None}
     timed |= {(index, k): e for index, programs in trials.items() for k, (_, e) in enumerate(programs)}
-    asynchronous = {index: bool(schedules[index].backward_weights) for index in range(len(plan)) if engines[index]}
-    asynchronous |= {key: False for key in timed if isinstance(key, tuple)}
     rounds(list(timed), options.warmup, "warm-up", {})
     optimizer_time = median_time(timed[0].optimizer.step, options.cost_repeats)
     # the trials run among all engines, as the timed rounds do: a schedule's time
@@ -359,9 +359,8 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
                    for k in range(len(programs))]
         chosen = min(range(len(programs)), key=lambda k: (medians[k], k))  # ties: the simulated best
         schedules[index], timed[index] = programs[chosen]
-        asynchronous[index] = False
-        plan[index] = ("auto", schedules[index].chunks, schedules[index].placement.name, plan[index][3])
         cut = plan[index][3]
+        plan[index] = ("auto", schedules[index].chunks, schedules[index].placement.name, cut)
         choices[index] = [{"origin": origin(schedule) or f"auto ({schedule.placement.name})",
                            "predicted_step_s": float(simulate(schedule, layouts[(schedule.chunks,
                                                      schedule.placement.name, cut)]).makespan) + optimizer_time,
@@ -371,7 +370,8 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     rounds(list(range(len(plan))), options.repeats, "timed", times)
     rows = []
     for index, (name, chunks, placement, cut) in enumerate(plan):
-        schedule, column, steady = schedules[index], times[index], asynchronous[index]
+        schedule, column = schedules[index], times[index]
+        steady = bool(schedule.backward_weights)
         costs = layouts[(chunks, placement, cut)]
         if steady:  # the stream's growth per call on the asynchronous engine's costs: its
             # backward first recomputes the forward (it keeps only a chunk's input), U is an optimizer step
