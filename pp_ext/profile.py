@@ -256,19 +256,23 @@ def _recipe_worker(rank: int, world: int, recipe, sizes: tuple[int, ...], repeat
     return profiles if rank == 0 else None
 
 
+LARGEST_ALLREDUCE = 2 ** 26  # elements: 256 MiB in fp32, long enough to see the bandwidth
+
+
 def allreduce_model(module, repeats: int) -> tuple[float, float]:
     """Latency (s) and bandwidth (bytes/s) of an all-reduce between this launch's
     ranks (all of them), from its median time on one element and on a buffer the
-    size of ``module``'s parameters (what a replica sum moves at most), on their
-    device: t(n) = latency + n / bandwidth (Hockney 1994). Every rank gets the
-    slowest rank's figures."""
+    size of ``module``'s parameters (what a replica sum moves at most; at most
+    ``LARGEST_ALLREDUCE`` elements, so a large model's profile needs no second copy
+    of it), on their device: t(n) = latency + n / bandwidth (Hockney 1994). Every
+    rank gets the slowest rank's figures."""
     import torch
     from deepspeed import comm as dist
 
     from pp_ext.bench import allreduce_seconds
 
     first = next(module.parameters())
-    numel = sum(p.numel() for p in module.parameters())
+    numel = min(sum(p.numel() for p in module.parameters()), LARGEST_ALLREDUCE)
     small, large = (allreduce_seconds(torch.zeros(n, device=first.device, dtype=first.dtype), repeats)
                     for n in (1, numel))
     result = torch.tensor([small, large], dtype=torch.float64, device=first.device)
