@@ -291,22 +291,30 @@ def fits(schedule: Schedule, costs: Costs, limits: Sequence[int]) -> Number | No
     return None
 
 
+def fixed_schedules(placement: Placement, micro_batches: int) -> list[tuple[str, Schedule]]:
+    """Each registered synchronous schedule (``auto`` aside) of ``placement`` that
+    accepts its ranks and ``micro_batches``, by name, in registry order."""
+    found = []
+    for name, spec in REGISTRY.items():
+        if name == "auto" or not spec.synchronous or spec.placement != placement.name:
+            continue
+        try:
+            found.append((name, spec.build(placement.ranks, micro_batches, placement.chunks)))
+        except ConstraintError:
+            continue
+    return found
+
+
 def candidates(placement: Placement, micro_batches: int, costs: Costs,
                limits: Sequence[int]) -> list[tuple[Schedule, Number]]:
     """What ``auto`` weighs in one placement, with makespans: the heuristic's
     schedule (one-pipeline placements), then each registered synchronous schedule of
     the placement that accepts the sizes and fits ``limits``."""
-    p, m, found = placement.ranks, micro_batches, []
+    m, found = micro_batches, []
     if placement.pipelines == 1:
         programs, makespan = heuristic(placement, m, costs, limits)
         found.append((Schedule("auto", placement, m, tuple(map(tuple, programs))), makespan))
-    for name, spec in REGISTRY.items():
-        if name == "auto" or not spec.synchronous or spec.placement != placement.name:
-            continue
-        try:
-            schedule = spec.build(p, m, placement.chunks)
-        except ConstraintError:
-            continue
+    for _, schedule in fixed_schedules(placement, m):
         makespan = fits(schedule, costs, limits)
         if makespan is not None:
             found.append((replace(schedule, name="auto"), makespan))
@@ -354,16 +362,8 @@ def ranked(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | Map
 def origin(schedule: Schedule) -> str | None:
     """The registered synchronous schedule whose programs ``schedule`` runs (its
     placement, sizes and actions equal), or None for a program of ``auto``'s own."""
-    p, m = schedule.placement.ranks, schedule.micro_batches
-    for name, spec in REGISTRY.items():
-        if name == "auto" or not spec.synchronous or spec.placement != schedule.placement.name:
-            continue
-        try:
-            if spec.build(p, m, schedule.chunks).programs == schedule.programs:
-                return name
-        except ConstraintError:
-            continue
-    return None
+    return next((name for name, fixed in fixed_schedules(schedule.placement, schedule.micro_batches)
+                 if fixed.programs == schedule.programs), None)
 
 
 def auto_schedule(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | Mapping[str, Costs] | None = None,
