@@ -29,8 +29,9 @@ from pp_ext.recipe import RecipeError, load
 from pp_ext.train import LanguageModelLoss, make_optimizer, warmup_cosine
 
 
-def train(recipe, delayed: bool) -> list[float]:
-    """Per-step mean micro-batch loss of ``train.steps`` steps, the rule's or ordinary."""
+def train(recipe, dataset, delayed: bool) -> list[float]:
+    """Per-step mean micro-batch loss of ``train.steps`` steps on ``dataset`` (the
+    recipe's tokenized training split), the rule's or ordinary."""
     config = load_config(recipe.model.path)
     # the training job's initial weights (a config-only model folder: HF's initialisation
     # under per-layer seeds, pp_ext.hf.loading.build_pipeline_module)
@@ -39,10 +40,9 @@ def train(recipe, delayed: bool) -> list[float]:
     model = SequentialReference(specs, LanguageModelLoss(), base_seed=recipe.train.seed)
     optimizer = make_optimizer(recipe, model)
     scheduler = warmup_cosine(optimizer, recipe, recipe.train.steps)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
     m = recipe.parallel.micro_batches
-    batches = data.micro_batches(data.load(recipe.data, tokenizer, "train"), micro_batch_size=recipe.train.micro_batch_size,
-                                 micro_batches=m, dp_rank=0, dp_size=1, seed=recipe.train.seed)
+    batches = data.micro_batches(dataset, micro_batch_size=recipe.train.micro_batch_size, micro_batches=m,
+                                 dp_rank=0, dp_size=1, seed=recipe.train.seed)
     rule = AsyncReference("pipedream-2bw", [model], model.loss_fn, [optimizer], m) if delayed else None
     losses = []
     for step in range(recipe.train.steps):
@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
               f"engines refuse clipping): set train.grad_clip=0", file=sys.stderr)
         return 2
     torch.manual_seed(recipe.train.seed)
-    results = {name: train(recipe, delayed) for name, delayed in (("ordinary", False), ("2bw rule", True))}
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
+    dataset = data.load(recipe.data, tokenizer, "train")
+    results = {name: train(recipe, dataset, delayed) for name, delayed in (("ordinary", False), ("2bw rule", True))}
     for name, losses in results.items():
         print(f"{name}: last-10 loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
     return 0
