@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from pp_ext.data_io import DataError, load_records
+from pp_ext.data_io import DataError, first_records, load_records
 from pp_ext.metrics import IGNORE_INDEX
 from pp_ext.recipe_schema import DataConfig
 
@@ -67,8 +67,28 @@ def detect_kind(columns: list[str], cfg: DataConfig) -> str:
     for key, column in need[cfg.kind]:
         if column not in columns:
             raise DataError(f"{key} {column!r} is not a column of data.path (columns: {', '.join(columns)}): "
-                            f"set {key} to one of them")
+                            f"set {key} to one of them, or data.kind=auto if these are not {cfg.kind} records")
     return cfg.kind
+
+
+def _check_tokenizer(kind: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    """What records of ``kind`` need of the tokenizer: an EOS token, and a chat template for chats."""
+    if kind == "chat" and not tokenizer.chat_template:
+        raise DataError("data.kind is chat but the tokenizer has no chat template: set model.tokenizer to a "
+                        "tokenizer folder with one (chat_template.jinja or tokenizer_config.json)")
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos_token: set one in its tokenizer_config.json")
+
+
+def check(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """What :func:`tokenize` would refuse, found before any rank starts from the first
+    record of each split (:func:`pp_ext.data_io.first_records`): missing splits,
+    unreadable files, the kind's columns, what the kind needs of the tokenizer. A hub
+    dataset, read only when loaded, is checked against ``data.kind`` alone."""
+    records = first_records(cfg)
+    kinds = {detect_kind(list(record), cfg) for record in records.values()} if records else {cfg.kind}
+    for kind in kinds:
+        _check_tokenizer(kind, tokenizer)
 
 
 def _with_eos(ids: list[int], eos: int) -> list[int]:
@@ -179,11 +199,7 @@ def _record_samples(batch: dict, *, seq_len: int, pad: int, pack: bool) -> dict:
 def tokenize(records: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> datasets.Dataset:
     """Fixed-length samples (``COLUMNS``, int64 torch format) from raw records."""
     kind = detect_kind(records.column_names, cfg)
-    if kind == "chat" and not tokenizer.chat_template:
-        raise DataError("data.kind is chat but the tokenizer has no chat template: set model.tokenizer to a "
-                        "tokenizer folder with one (chat_template.jinja or tokenizer_config.json)")
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no eos_token: set one in its tokenizer_config.json")
+    _check_tokenizer(kind, tokenizer)
     fields = {"text": cfg.text_field, "prompt": cfg.prompt_field, "completion": cfg.completion_field,
               "messages": cfg.messages_field}
     docs = records.map(functools.partial(_documents, kind=kind, tokenizer=tokenizer, fields=fields),

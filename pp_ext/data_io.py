@@ -10,13 +10,19 @@ A ``.txt`` file is one document (``sample_by="document"``), so the text pipeline
 appends one EOS per file rather than one per line. A folder's files are split by
 their names as ``datasets`` does (``train.jsonl``, ``validation.jsonl``, ...), so
 ``data.eval_split: validation`` picks the held-out file.
+
+:func:`first_records` reads only the first record of each split (``datasets``'
+streaming mode: nothing loaded or cached), so the launcher can check the columns
+before any rank starts.
 """
 from __future__ import annotations
 
 import glob
 import os
+from contextlib import contextmanager
 
 import datasets
+from datasets.exceptions import DatasetsError
 
 from pp_ext.recipe import RecipeError
 from pp_ext.recipe_schema import DataConfig
@@ -61,6 +67,34 @@ def dataset_source(cfg: DataConfig) -> tuple[str, dict]:
     return builder, {"data_files": files, **options}
 
 
+def _innermost(exc: BaseException) -> str:
+    while exc.__cause__ is not None:  # datasets wraps the parser's error in its own
+        exc = exc.__cause__
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@contextmanager
+def _reading(cfg: DataConfig, builder: str):
+    """What ``datasets`` (or pyarrow under it) raises on data it cannot read or reach, as
+    one :class:`DataError` naming ``data.path``; datasets' own error log, which says the
+    same, is held back."""
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    except DataError:
+        raise
+    except (DatasetsError, ConnectionError, FileNotFoundError, ValueError) as exc:  # pyarrow's are ValueErrors
+        if cfg.format == "hub":
+            raise DataError(f"data.path {cfg.path} (data.format=hub) cannot be loaded: {_innermost(exc)}: check "
+                            "the dataset's name, and that the hub is reachable or the dataset in datasets' "
+                            "cache") from exc
+        raise DataError(f"data.path {cfg.path} cannot be read as {builder} data: {_innermost(exc)}: fix the "
+                        f"file, or set data.format to its format") from exc
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
 def _split(dataset: datasets.DatasetDict, name: str, key: str, cfg: DataConfig) -> datasets.Dataset:
     if name not in dataset:
         raise DataError(f"{key} {name!r} is not a split of {cfg.path} (splits: {', '.join(dataset)}): "
@@ -83,7 +117,8 @@ def load_records(cfg: DataConfig, split: str, seed: int = 0) -> datasets.Dataset
     if split == "eval" and not (cfg.eval_split or cfg.eval_fraction):
         return None
     path, kwargs = dataset_source(cfg)
-    loaded = datasets.load_dataset(path, **kwargs)
+    with _reading(cfg, path):
+        loaded = datasets.load_dataset(path, **kwargs)
     if split == "eval" and cfg.eval_split:
         return _split(loaded, cfg.eval_split, "data.eval_split", cfg)
     records = _split(loaded, cfg.split, "data.split", cfg)
@@ -91,3 +126,23 @@ def load_records(cfg: DataConfig, split: str, seed: int = 0) -> datasets.Dataset
         return records
     parts = records.train_test_split(test_size=cfg.eval_fraction, seed=seed)
     return parts["train" if split == "train" else "test"]
+
+
+def first_records(cfg: DataConfig) -> dict[str, dict]:
+    """The first record of each split a run reads, by recipe key (``data.split``, and
+    ``data.eval_split`` when set; ``data.eval_fraction`` holds out records of
+    ``data.split``), read in ``datasets``' streaming mode: nothing is loaded or cached.
+    Empty for a hub dataset, which reading may download (it is checked when loaded)."""
+    if cfg.format == "hub":
+        return {}
+    path, kwargs = dataset_source(cfg)
+    splits = {"data.split": cfg.split, **({"data.eval_split": cfg.eval_split} if cfg.eval_split else {})}
+    first = {}
+    with _reading(cfg, path):
+        loaded = datasets.load_dataset(path, streaming=True, **kwargs)
+        for key, name in splits.items():
+            first[key] = next(iter(_split(loaded, name, key, cfg)), None)
+            if first[key] is None:
+                raise DataError(f"{key} {name!r} of data.path {cfg.path} has no records: give data with at "
+                                f"least one")
+    return first

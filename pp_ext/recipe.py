@@ -10,8 +10,10 @@ No torch here: ``pp-ext plan`` and the launcher's error paths stay fast.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,44 @@ def _positive(key: str, value: Any, minimum: int = 1) -> None:
         raise RecipeError(f"recipe key '{key}' must be >= {minimum}, got {value!r}")
 
 
+def _number(key: str, value: Any, minimum: float = 0.0, *, above: bool = False) -> None:
+    """A finite number >= ``minimum`` (> with ``above``): a float key's type lets nan
+    and inf through, and torch only refuses them once every rank has started."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < minimum or above and value == minimum:
+        raise RecipeError(f"recipe key '{key}' must be a finite number {'>' if above else '>='} {minimum:g}, "
+                          f"got {value!r}")
+
+
+# numpy.random.seed (DeepSpeed seeds each layer with seed + its index) takes seeds below 2**32
+MAX_SEED = 2 ** 31
+# the largest timeout datetime.timedelta holds (init_process_group takes one)
+MAX_TIMEOUT_S = int(datetime.timedelta.max.total_seconds())
+
+
+def _check_numbers(recipe: DictConfig) -> None:
+    """Ranges of the numeric keys (AdamW's as torch.optim.AdamW checks them)."""
+    train = recipe.train
+    _number("train.lr", train.lr)
+    _number("train.min_lr", train.min_lr)
+    if train.min_lr > train.lr:
+        raise RecipeError(f"recipe key 'train.min_lr' is {train.min_lr:g}, above train.lr {train.lr:g}: the "
+                          f"learning rate decays from lr down to min_lr, so set min_lr <= lr")
+    _number("train.weight_decay", train.weight_decay)
+    _number("train.eps", train.eps, above=True)
+    _number("train.grad_clip", train.grad_clip)  # 0: no clipping
+    betas = list(train.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise RecipeError(f"recipe key 'train.betas' must be two numbers in [0, 1) (AdamW's beta1, beta2), "
+                          f"got {betas!r}")
+    if not 0 <= train.seed < MAX_SEED:
+        raise RecipeError(f"recipe key 'train.seed' must be in [0, 2**31), got {train.seed}")
+    if recipe.parallel.comm_timeout_s > MAX_TIMEOUT_S:
+        raise RecipeError(f"recipe key 'parallel.comm_timeout_s' must be <= {MAX_TIMEOUT_S} (the longest "
+                          f"timeout Python's timedelta holds), got {recipe.parallel.comm_timeout_s}")
+
+
 def _check(recipe: DictConfig) -> None:
     """What the schema's types cannot say."""
     from pp_ext.schedules import names as schedule_names
@@ -125,9 +165,9 @@ def _check(recipe: DictConfig) -> None:
     if (steps is None) == (epochs is None):
         raise RecipeError("set exactly one of recipe keys 'train.steps' and 'train.epochs' "
                           f"(got steps={steps!r}, epochs={epochs!r})")
-    if steps is not None and steps < 0 or epochs is not None and epochs <= 0:
+    if steps is not None and steps < 0 or epochs is not None and not 0 < epochs < math.inf:
         raise RecipeError("recipe key 'train.steps' must be >= 0 (0: convert and export) "
-                          "and 'train.epochs' > 0")
+                          f"and 'train.epochs' a finite number > 0 (got steps={steps!r}, epochs={epochs!r})")
     if recipe.data.path is None and steps != 0:
         raise RecipeError("recipe key 'data.path' is required: set it in the recipe or as data.path=... "
                           "(only train.steps=0, a conversion, runs without data)")
@@ -141,6 +181,7 @@ def _check(recipe: DictConfig) -> None:
     for key, instead in DERIVED_DEEPSPEED_KEYS.items():
         if key in (recipe.deepspeed.get("overrides") or {}):
             raise RecipeError(f"deepspeed.overrides.{key} is derived by pp-ext: set {instead} instead")
+    _check_numbers(recipe)
 
 
 def load(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:

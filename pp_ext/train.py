@@ -4,9 +4,10 @@ Run by the ``deepspeed`` launcher, one process per rank::
 
     deepspeed --num_gpus 2 launch/train.py --recipe recipes/quickstart.yaml train.steps=100
 
-Every user error (recipe, world size, schedule constraints, missing files) is found
-before the process group starts where it can be, and is one line on stderr from
-rank 0 with exit code 2 on every rank.
+Every user error (recipe, world size, schedule constraints, missing files, model
+against tokenizer and data: :mod:`pp_ext.preflight`) is found before the process
+group starts where it can be, and is one line on stderr from rank 0 with exit code 2
+on every rank; one found later by some ranks stops every rank the same way.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pp_ext import checkpoints
+from pp_ext import checkpoints, preflight
 from pp_ext.recipe import RecipeError, deepspeed_config, load, resolve_parallel
 from pp_ext.schedules.render import write_atomic
 
@@ -46,14 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# what transformers' AutoTokenizer reads a tokenizer from (any one suffices)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
 def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int, object]:
     """``(pipeline, tensor, data, chunks, prebuilt)``; raises RecipeError for what can
-    be known without a process group about the layout: ranks, schedule constraints,
-    the model. ``prebuilt``: ``auto`` computed from ``parallel.profile`` (its chunks
-    are its choice), built here once; None otherwise."""
+    be known without a process group about the layout (ranks, schedule constraints),
+    the model, its tokenizer and the run's folders (:mod:`pp_ext.preflight`; the data
+    is :func:`pp_ext.preflight.check_data`'s). ``prebuilt``: ``auto`` computed from
+    ``parallel.profile`` (its chunks are its choice), built here once; None otherwise."""
     from pp_ext.profile import recipe_schedule
     from pp_ext.schedules import ScheduleError, get
 
@@ -90,18 +89,24 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int, ob
     if model_type not in supported():
         raise RecipeError(f"model.path {model} is a {model_type!r} model, which pp-ext cannot split into "
                           f"pipeline stages: supported model types are {', '.join(supported())}")
-    if tensor > 1:
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
+    config = AutoConfig.from_pretrained(model)
+    if tensor > 1:
         from pp_ext import tp
 
         try:
-            tp.check_tensor_split(AutoConfig.from_pretrained(model), tensor)
+            tp.check_tensor_split(config, tensor)
         except ValueError as exc:
             raise RecipeError(f"parallel.tensor={tensor}: {exc}") from None
-    tokenizer = Path(recipe.model.tokenizer or recipe.model.path)
+    tokenizer = preflight.tokenizer_folder(recipe)
     if not tokenizer.is_dir():
         raise RecipeError(f"model.tokenizer {tokenizer} is not a folder: point it at the tokenizer's files")
+    preflight.check_tokenizer(recipe, config)
+    preflight.check_positions(recipe, config)
+    preflight.check_folders(recipe, _save_dir(recipe))
+    if (resume_from := _resume_tag(recipe, _save_dir(recipe))) is not None:
+        checkpoints.verify(*resume_from)
     return pipe, tensor, data, chunks, prebuilt
 
 
@@ -254,12 +259,7 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
     from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
     from pp_ext.schedules import get
 
-    output_dir = Path(recipe.output_dir)
-    save_dir = Path(recipe.checkpoint.dir or output_dir / "checkpoints")
-    if _rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        # the resolved recipe beside the results: what ran, and what `pp-ext report` reads
-        write_atomic(output_dir / "recipe.yaml", OmegaConf.to_yaml(recipe, resolve=True).encode())
+    output_dir, save_dir = Path(recipe.output_dir), _save_dir(recipe)
     _threads()
     init_distributed(int(os.environ.get("LOCAL_RANK", "0")), recipe.parallel.comm_timeout_s)
     torch.manual_seed(recipe.train.seed)
@@ -269,13 +269,17 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
     train_set = eval_set = None
     if recipe.train.steps != 0:  # a conversion (steps 0) reads no data
         # rank 0 tokenizes first and fills datasets' cache; the others then read it
-        with nullcontext() if _rank() == 0 else _after_rank0():
-            train_set = data.load(recipe.data, tokenizer, "train", seed=recipe.train.seed)
-            eval_set = data.load(recipe.data, tokenizer, "eval", seed=recipe.train.seed)
-        if _rank() == 0:
-            dist.barrier()
+        for first in (True, False):
+            with _together():
+                if (_rank() == 0) == first:
+                    train_set = data.load(recipe.data, tokenizer, "train", seed=recipe.train.seed)
+                    eval_set = data.load(recipe.data, tokenizer, "eval", seed=recipe.train.seed)
         per_epoch = data.steps_per_epoch(len(train_set), global_batch)
     steps = recipe.train.steps if recipe.train.steps is not None else math.ceil(recipe.train.epochs * per_epoch)
+    if _rank() == 0:  # nothing is written before the data is known to be good
+        save_dir.mkdir(parents=True, exist_ok=True)
+        # the resolved recipe beside the results: what ran, and what `pp-ext report` reads
+        write_atomic(output_dir / "recipe.yaml", OmegaConf.to_yaml(recipe, resolve=True).encode())
 
     schedule = recipe.parallel.schedule
     spec = None if schedule == "deepspeed-1f1b" else get(schedule)
@@ -404,19 +408,34 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
     final = checkpoints.tag_name(steps)
     if not (save_dir / final / checkpoints.MARKER).exists():
         save(steps)
-    if _rank() == 0:
-        export_checkpoint(save_dir, output_dir / "hf", tag=final, overwrite=True)
-        say(f"exported the model to {output_dir / 'hf'} (from_pretrained loads it)")
-    dist.barrier()
+    with _together():
+        if _rank() == 0:
+            export_checkpoint(save_dir, output_dir / "hf", tag=final, overwrite=True)
+            say(f"exported the model to {output_dir / 'hf'} (from_pretrained loads it)")
     return 0
 
 
 @contextmanager
-def _after_rank0():
+def _together():
+    """The block on this rank, then a meeting of every rank (a barrier): if the block
+    raised a user error on any rank, every rank raises the first one (rank 0 says it),
+    rather than one rank stopping while the others wait for it in a collective until
+    it is gone ("Connection closed by peer")."""
     import torch.distributed as dist
 
-    dist.barrier()
-    yield
+    error = None
+    try:
+        yield
+    except (RecipeError, FileNotFoundError) as exc:
+        error = " ".join(str(exc).split())
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if first := next((e for e in errors if e is not None), None):
+        raise RecipeError(first)
+
+
+def _save_dir(recipe) -> Path:
+    return Path(recipe.checkpoint.dir or Path(recipe.output_dir) / "checkpoints")
 
 
 def _progress(steps: int, start: int, enabled: bool):
@@ -459,14 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load(args.recipe, args.overrides)
         layout = check_before_launch(recipe, world_size)
-        from pp_ext.data_io import dataset_source
-
         if recipe.data.path is not None:
-            dataset_source(recipe.data)  # a missing data file fails here, not on every rank later
-            tokenizer = Path(recipe.model.tokenizer or recipe.model.path)
-            if not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
-                raise RecipeError(f"{tokenizer} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): set "
-                                  f"model.tokenizer to the folder that has them (a config-only model folder has none)")
+            preflight.check_data(recipe)  # bad data fails here, not on one rank later
         return run(recipe, world_size, *layout)
     except (RecipeError, FileNotFoundError, ExportError) as exc:  # the user's to fix: one line
         say(f"error: {' '.join(str(exc).split())}")

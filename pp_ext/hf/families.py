@@ -32,3 +32,10 @@ def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None
                          f"({type(config).__name__}) into pipeline stages: supported model types are "
                          f"{', '.join(supported())}")
     return BUILDERS[model_type](config, attn_implementation)
+
+
+def position_table(config: PretrainedConfig) -> int | None:
+    """Positions the model's learned absolute position table holds (GPT-2's ``wpe``,
+    ``max_position_embeddings`` rows): a position id past it indexes past the table.
+    None for rotary positions, which take any position."""
+    return config.max_position_embeddings if config.model_type in gpt.LEARNED_POSITIONS else None

@@ -122,6 +122,8 @@ ARCHITECTURES: dict[str, tuple[type[PreTrainedModel], Callable[[PretrainedConfig
     "gpt2": (modeling_gpt2.GPT2PreTrainedModel, _gpt2_specs),
     "gpt_neox": (modeling_gpt_neox.GPTNeoXPreTrainedModel, _gpt_neox_specs),
 }
+# the model types whose positions are a learned table (GPT2Positions) rather than rotary
+LEARNED_POSITIONS = ("gpt2",)
 
 
 def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None) -> list:
