@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-from pp_ext import data
+from pp_ext import data, data_io
 from pp_ext.data_io import DataError, load_records
 from pp_ext.metrics import answer_accuracy, answer_counts
 from pp_ext.recipe_schema import DataConfig
@@ -110,6 +110,29 @@ def test_load_errors_name_the_recipe_key(config, split, message):
     with pytest.raises(DataError, match=message) as err:
         load_records(DataConfig(**config), split)
     assert "\n" not in str(err.value)
+
+
+def test_unreadable_data_is_one_line(tmp_path, monkeypatch, caplog):
+    """A file datasets cannot parse, and a hub dataset it cannot reach, are one line
+    naming data.path, from the first records and from the whole load alike; datasets'
+    own error log is held back."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": no\n')
+    expected = f"data.path {broken} cannot be read as json data: JSON parse error: Invalid value. in row 1: fix"
+    for read in (lambda c: load_records(c, "train"), data_io.first_records):
+        with caplog.at_level(logging.ERROR), pytest.raises(DataError) as err:
+            read(cfg(broken))
+        assert str(err.value).startswith(expected) and not caplog.records, (str(err.value), caplog.records)
+    # offline as HF_HUB_OFFLINE=1 makes it (both libraries read it once, when imported)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as err:
+        load_records(DataConfig(path="pp-ext-tests/no-such-dataset", format="hub"), "train")
+    assert str(err.value).startswith("data.path pp-ext-tests/no-such-dataset (data.format=hub) cannot be loaded: "
+                                     "Couldn't reach 'pp-ext-tests/no-such-dataset' on the Hub"), str(err.value)
+    assert data_io.first_records(DataConfig(path="pp-ext-tests/no-such-dataset", format="hub")) == {}
 
 
 def test_mixed_extensions_need_a_format(tmp_path):

@@ -67,6 +67,17 @@ def test_bad_recipes_name_the_key_and_the_fix(recipe_file, overrides, expected):
     assert expected in one_line_error(load, recipe_file, overrides)
 
 
+def test_numbers_at_the_edges_of_their_ranges_load(recipe_file):
+    """The range checks (the bad-input rows of tests/test_train.py) refuse only what
+    torch, DeepSpeed and Python cannot take: the edges themselves load."""
+    from pp_ext.recipe import MAX_TIMEOUT_S
+
+    load(recipe_file, ["train.lr=0", "train.min_lr=0", "train.weight_decay=0", "train.grad_clip=0",
+                       "train.betas=[0,0.999999]", "train.eps=1e-30", "train.seed=0",
+                       f"parallel.comm_timeout_s={MAX_TIMEOUT_S}"])
+    load(recipe_file, ["train.lr=1e-4", "train.min_lr=1e-4", f"train.seed={2 ** 31 - 1}"])
+
+
 def test_missing_required_key_and_file(tmp_path, recipe_file):
     (tmp_path / "no_model.yaml").write_text("output_dir: x\ndata:\n  path: d\ntrain:\n  steps: 1\n")
     assert "recipe key 'model.path' is required" in one_line_error(load, tmp_path / "no_model.yaml")

@@ -121,11 +121,50 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == ["step-00000030"]  # keep: 1
 
 
-def fake_model(tmp_path: Path, model_type: str) -> Path:
+def fake_model(tmp_path: Path, model_type: str, **config) -> Path:
     folder = tmp_path / model_type
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, **config}))
     return folder
+
+
+def vocab_50(tmp_path: Path) -> Path:
+    """The quickstart model with an embedding of 50 rows: its tokenizer has 103 tokens."""
+    config = json.loads((ROOT / "configs/models/quickstart/config.json").read_text())
+    del config["model_type"]
+    return fake_model(tmp_path, "llama", **{**config, "vocab_size": 50})
+
+
+def added_token(tmp_path: Path) -> Path:
+    """The quickstart tokenizer with one token added (id 103, one past the model's vocabulary)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "configs/models/quickstart")
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(tmp_path / "added")
+    return tmp_path / "added"
+
+
+def gpt2(tmp_path: Path, positions: int) -> Path:
+    """A GPT-2 config whose learned position table has ``positions`` rows."""
+    return fake_model(tmp_path, "gpt2", n_positions=positions, vocab_size=128, n_embd=32, n_layer=2, n_head=2,
+                      bos_token_id=1, eos_token_id=2)
+
+
+# what a row's "{name}" stands for: something made in tmp_path before the run
+PLACEHOLDERS = {
+    "bert": lambda tmp: fake_model(tmp, "bert"),
+    "vocab50": vocab_50,
+    "added": added_token,
+    "gpt2": lambda tmp: gpt2(tmp, 32),  # shorter than the quickstart's seq_len 64
+    "file": lambda tmp: tmp / "a-file.txt",
+    "broken": lambda tmp: tmp / "broken.jsonl",
+}
+FILES = {"a-file.txt": "not a folder\n", "broken.jsonl": '{"prompt": "a", "completion": "b"}\n{"prompt": no\n'}
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
 @pytest.mark.parametrize("overrides, world, expected", [
@@ -140,20 +179,127 @@ def fake_model(tmp_path: Path, model_type: str) -> Path:
      "configs/models/quickstart-untied has no tokenizer files (tokenizer.json"),
     (["model.path={bert}"], 2, "is a 'bert' model, which pp-ext cannot split into pipeline stages: "
                                 "supported model types are"),
+    # issue 19: tokenizer against model, data kind, numbers, folders, positions
+    (["model.path={vocab50}", "model.tokenizer=configs/models/quickstart"], 2,
+     "the tokenizer in configs/models/quickstart has token ids up to 102 (103 tokens), but model.path {vocab50} "
+     "has vocab_size 50: use the model's own tokenizer (model.tokenizer), or a model whose embedding has at "
+     "least 103 rows"),
+    (["model.tokenizer={added}"], 2, "the tokenizer in {added} has token ids up to 103 (104 tokens), but "
+                                     "model.path configs/models/quickstart has vocab_size 103"),
+    (["data.kind=chat"], 2, "data.messages_field 'messages' is not a column of data.path (columns: prompt, "
+                            "completion): set data.messages_field to one of them, or data.kind=auto"),
+    (["data.eval_split=test"], 2, "data.eval_split 'test' is not a split of recipes/data/reverse (splits: train, "
+                                  "validation)"),
+    (["data.path={broken}"], 2, "data.path {broken} cannot be read as json data: JSON parse error: Invalid value. "
+                                "in row 1: fix the file"),
+    (["train.lr=nan"], 2, "recipe key 'train.lr' must be a finite number >= 0, got nan"),
+    (["train.lr=inf"], 2, "recipe key 'train.lr' must be a finite number >= 0, got inf"),
+    (["train.lr=-1e-3"], 2, "recipe key 'train.lr' must be a finite number >= 0, got -0.001"),
+    (["train.min_lr=nan"], 2, "recipe key 'train.min_lr' must be a finite number >= 0, got nan"),
+    (["train.min_lr=0.01"], 2, "recipe key 'train.min_lr' is 0.01, above train.lr 0.003"),
+    (["train.warmup_steps=-1"], 2, "recipe key 'train.warmup_steps' must be >= 0, got -1"),
+    (["train.eps=0"], 2, "recipe key 'train.eps' must be a finite number > 0, got 0.0"),
+    (["train.betas=[0.9,1.0]"], 2, "recipe key 'train.betas' must be two numbers in [0, 1)"),
+    (["train.weight_decay=-0.1"], 2, "recipe key 'train.weight_decay' must be a finite number >= 0, got -0.1"),
+    (["train.grad_clip=nan"], 2, "recipe key 'train.grad_clip' must be a finite number >= 0, got nan"),
+    (["train.steps=null", "train.epochs=inf"], 2, "'train.epochs' a finite number > 0 (got steps=None, epochs=inf)"),
+    (["train.seed=-1"], 2, "recipe key 'train.seed' must be in [0, 2**31), got -1"),
+    (["parallel.comm_timeout_s=0"], 2, "recipe key 'parallel.comm_timeout_s' must be >= 1, got 0"),
+    (["parallel.comm_timeout_s=100000000000000"], 2, "recipe key 'parallel.comm_timeout_s' must be <= "
+                                                    "86400000000000"),
+    (["output_dir={file}"], 2, "output_dir {file} is a file: give a folder"),
+    (["output_dir={file}/run"], 2, "output_dir {file}/run cannot be made: {file} is a file"),
+    (["checkpoint.dir={file}"], 2, "checkpoint.dir {file} is a file: give a folder"),
+    (["checkpoint.resume={file}"], 2, "checkpoint.resume={file}: no complete pp-ext checkpoint there"),
+    (["model.path={gpt2}", "model.tokenizer=configs/models/quickstart"], 2,
+     "data.seq_len=64 is longer than the learned position table of model.path {gpt2} (gpt2: 32 positions): set "
+     "data.seq_len <= 32"),
 ])
 def test_bad_input_is_one_line_before_any_rank_starts(tmp_path, capsys, monkeypatch, overrides, world,
                                                       expected):
+    """Every rank stops with exit code 2 before the process group starts; rank 0 says
+    one line, the others nothing, and nothing is written."""
     from pp_ext.train import main
 
+    for name, make in PLACEHOLDERS.items():
+        if any(f"{{{name}}}" in o for o in overrides):
+            path = make(tmp_path)
+            if path.name in FILES:
+                path.write_text(FILES[path.name])
+            overrides = [o.replace(f"{{{name}}}", str(path)) for o in overrides]
+            expected = expected.replace(f"{{{name}}}", str(path))
+    before = tree(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    monkeypatch.setenv("RANK", "0")
-    if any("{bert}" in o for o in overrides):
-        overrides = [o.replace("{bert}", str(fake_model(tmp_path, "bert"))) for o in overrides]
-    code = main(["--recipe", str(RECIPE), f"output_dir={tmp_path / 'run'}", *overrides])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.count("\n") == 1 and err.startswith("pp-ext: error: ") and expected in err, err
-    assert not (tmp_path / "run").exists()  # nothing written
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        code = main(["--recipe", str(RECIPE), f"output_dir={tmp_path / 'run'}", *overrides])
+        err = capsys.readouterr().err
+        assert code == 2
+        if rank == 0:
+            assert err.count("\n") == 1 and err.startswith("pp-ext: error: ") and expected in err, err
+        else:
+            assert err == ""
+    assert tree(tmp_path) == before  # nothing written
+
+
+def test_the_edges_pass_the_checks_before_launch(tmp_path):
+    """A tokenizer whose highest id is the model's last row (the quickstart's, 103 and
+    103), and a GPT-2 position table exactly data.seq_len long, are accepted."""
+    from pp_ext.recipe import load
+    from pp_ext.train import check_before_launch
+
+    for overrides in ([], [f"model.path={gpt2(tmp_path, 64)}", "model.tokenizer=configs/models/quickstart"]):
+        check_before_launch(load(RECIPE, [f"output_dir={tmp_path / 'run'}", *overrides]), 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["vocabulary", "hub"])
+def test_bad_input_through_the_launcher_is_one_line(tmp_path, monkeypatch, case):
+    """As a new user launches (`deepspeed --num_gpus 2 launch/train.py ...`): a model
+    whose vocabulary is smaller than the tokenizer's ids (found before the ranks
+    start), and a hub dataset that cannot be reached (found by rank 0 while it reads
+    the data, rank 1 waiting for it): one line on stderr, exit code 2, no traceback
+    from either rank, nothing written."""
+    if case == "vocabulary":
+        overrides = [f"model.path={vocab_50(tmp_path)}", "model.tokenizer=configs/models/quickstart"]
+        expected = "has vocab_size 50: use the model's own tokenizer"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        overrides = ["data.format=hub", "data.path=pp-ext-tests/no-such-dataset"]
+        expected = "data.path pp-ext-tests/no-such-dataset (data.format=hub) cannot be loaded"
+    out = tmp_path / "run"
+    process = launch(out, *overrides)
+    _, err = process.communicate(timeout=300)
+    lines = err.splitlines()
+    assert process.returncode == 2, err
+    assert len(lines) == 1 and lines[0].startswith("pp-ext: error: ") and expected in lines[0], err
+    assert not out.exists()
+
+
+def stop_together(rank: int, world: int) -> list:
+    """Three meetings of every rank: rank 0 fails in the first, rank 1 in the second,
+    none in the third; what each rank raised in each."""
+    from pp_ext.recipe import RecipeError
+    from pp_ext.train import _together
+
+    raised = []
+    for failing in (0, 1, None):
+        try:
+            with _together():
+                if rank == failing:
+                    raise RecipeError(f"rank {rank}'s\nproblem")
+            raised.append(None)
+        except RecipeError as exc:
+            raised.append(str(exc))
+    return raised
+
+
+@pytest.mark.slow
+def test_a_user_error_on_one_rank_stops_every_rank_with_it():
+    from pp_ext.engine.spawn import spawn
+
+    expected = ["rank 0's problem", "rank 1's problem", None]
+    assert spawn(stop_together, 2, timeout=300) == [expected, expected]
 
 
 @pytest.mark.slow
