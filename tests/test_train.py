@@ -167,7 +167,8 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
-@pytest.mark.parametrize("overrides, world, expected", [
+# (overrides, world size, the line's expected text)
+BAD_INPUT = [
     (["model.pth=x"], 2, "recipe key 'model.pth' does not exist in section 'model'; did you mean 'path'?"),
     ([], 3, "world size 3 is not a multiple of parallel.pipeline x parallel.tensor = 2 x 1"),
     (["parallel.data=2"], 2, "world size 2 != parallel.pipeline x tensor x data = 2 x 1 x 2 = 4"),
@@ -214,7 +215,11 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
     (["model.path={gpt2}", "model.tokenizer=configs/models/quickstart"], 2,
      "data.seq_len=64 is longer than the learned position table of model.path {gpt2} (gpt2: 32 positions): set "
      "data.seq_len <= 32"),
-])
+]
+
+
+@pytest.mark.parametrize("overrides, world, expected", BAD_INPUT,
+                         ids=[" ".join(overrides) or f"world-{world}" for overrides, world, _ in BAD_INPUT])
 def test_bad_input_is_one_line_before_any_rank_starts(tmp_path, capsys, monkeypatch, overrides, world,
                                                       expected):
     """Every rank stops with exit code 2 before the process group starts; rank 0 says
