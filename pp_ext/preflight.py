@@ -86,7 +86,7 @@ def _writable_folder(key: str, path: Path) -> None:
 def check_folders(recipe, save_dir: Path) -> None:
     """The run's folders: ``output_dir`` and the checkpoints' ``save_dir``."""
     _writable_folder("output_dir", Path(recipe.output_dir))
-    _writable_folder("checkpoint.dir" if recipe.checkpoint.dir else "output_dir", save_dir)
+    _writable_folder("checkpoint.dir", save_dir)  # default: output_dir/checkpoints
 
 
 def check_data(recipe) -> None:

@@ -96,7 +96,8 @@ def _number(key: str, value: Any, minimum: float = 0.0, *, above: bool = False) 
                           f"got {value!r}")
 
 
-# numpy.random.seed (DeepSpeed seeds each layer with seed + its index) takes seeds below 2**32
+# each layer is built under seed + its index (DeepSpeed's set_random_seed), and numpy.random.seed
+# takes seeds below 2**32: 2**31 leaves room for the indices (and datasets' seeds must be >= 0)
 MAX_SEED = 2 ** 31
 # the largest timeout datetime.timedelta holds (init_process_group takes one)
 MAX_TIMEOUT_S = int(datetime.timedelta.max.total_seconds())

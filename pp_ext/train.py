@@ -426,12 +426,19 @@ def _together():
     error = None
     try:
         yield
-    except (RecipeError, FileNotFoundError) as exc:
+    except _user_errors() as exc:
         error = " ".join(str(exc).split())
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     if first := next((e for e in errors if e is not None), None):
         raise RecipeError(first)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What the user fixes (one line, exit code 2), as opposed to a bug (a traceback)."""
+    from pp_ext.hf.export import ExportError
+
+    return RecipeError, FileNotFoundError, ExportError
 
 
 def _save_dir(recipe) -> Path:
@@ -472,7 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     select_accelerator()  # before deepspeed is first imported
     from pp_ext.engine.engine import PipelineError
-    from pp_ext.hf.export import ExportError
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -481,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.data.path is not None:
             preflight.check_data(recipe)  # bad data fails here, not on one rank later
         return run(recipe, world_size, *layout)
-    except (RecipeError, FileNotFoundError, ExportError) as exc:  # the user's to fix: one line
+    except _user_errors() as exc:  # the user's to fix: one line
         say(f"error: {' '.join(str(exc).split())}")
         return USAGE_ERROR
     except PipelineError as exc:  # every rank says where it was: rank 0 may be the one that died
