@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from pp_ext.data_io import DataError, first_records, load_records
+from pp_ext.data_io import DataError, load_records, split_columns
 from pp_ext.metrics import IGNORE_INDEX
 from pp_ext.recipe_schema import DataConfig
 
@@ -82,11 +82,11 @@ def _check_tokenizer(kind: str, tokenizer: PreTrainedTokenizerBase) -> None:
 
 def check(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """What :func:`tokenize` would refuse, found before any rank starts from the first
-    record of each split (:func:`pp_ext.data_io.first_records`): missing splits,
+    record of each split (:func:`pp_ext.data_io.split_columns`): missing splits,
     unreadable files, the kind's columns, what the kind needs of the tokenizer. A hub
     dataset, read only when loaded, is checked against ``data.kind`` alone."""
-    records = first_records(cfg)
-    kinds = {detect_kind(list(record), cfg) for record in records.values()} if records else {cfg.kind}
+    splits = split_columns(cfg)
+    kinds = {detect_kind(columns, cfg) for columns in splits.values()} if splits else {cfg.kind}
     for kind in kinds:
         _check_tokenizer(kind, tokenizer)
 

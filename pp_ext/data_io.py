@@ -11,7 +11,7 @@ appends one EOS per file rather than one per line. A folder's files are split by
 their names as ``datasets`` does (``train.jsonl``, ``validation.jsonl``, ...), so
 ``data.eval_split: validation`` picks the held-out file.
 
-:func:`first_records` reads only the first record of each split (``datasets``'
+:func:`split_columns` reads only the first record of each split (``datasets``'
 streaming mode: nothing loaded or cached), so the launcher can check the columns
 before any rank starts.
 """
@@ -128,21 +128,25 @@ def load_records(cfg: DataConfig, split: str, seed: int = 0) -> datasets.Dataset
     return parts["train" if split == "train" else "test"]
 
 
-def first_records(cfg: DataConfig) -> dict[str, dict]:
-    """The first record of each split a run reads, by recipe key (``data.split``, and
+def split_columns(cfg: DataConfig) -> dict[str, list[str]]:
+    """The columns of each split a run reads, by recipe key (``data.split``, and
     ``data.eval_split`` when set; ``data.eval_fraction`` holds out records of
-    ``data.split``), read in ``datasets``' streaming mode: nothing is loaded or cached.
-    Empty for a hub dataset, which reading may download (it is checked when loaded)."""
+    ``data.split``), from its first record read in ``datasets``' streaming mode:
+    nothing is loaded or cached. Plain text has one column, ``text``, and a record is
+    a whole file, so none is read. Empty for a hub dataset, which reading may
+    download (it is checked when loaded)."""
     if cfg.format == "hub":
         return {}
     path, kwargs = dataset_source(cfg)
     splits = {"data.split": cfg.split, **({"data.eval_split": cfg.eval_split} if cfg.eval_split else {})}
-    first = {}
+    columns = {}
     with _reading(cfg, path):
         loaded = datasets.load_dataset(path, streaming=True, **kwargs)
         for key, name in splits.items():
-            first[key] = next(iter(_split(loaded, name, key, cfg)), None)
-            if first[key] is None:
+            records = _split(loaded, name, key, cfg)
+            first = {"text": None} if path == "text" else next(iter(records), None)
+            if first is None:
                 raise DataError(f"{key} {name!r} of data.path {cfg.path} has no records: give data with at "
                                 f"least one")
-    return first
+            columns[key] = list(first)
+    return columns

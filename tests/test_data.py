@@ -112,6 +112,18 @@ def test_load_errors_name_the_recipe_key(config, split, message):
     assert "\n" not in str(err.value)
 
 
+def test_split_columns_before_loading(tmp_path):
+    """The columns the launcher checks before any rank starts: each split's, read from
+    its first record, and plain text's one column; an empty split is refused."""
+    assert data_io.split_columns(cfg(REVERSE, eval_split="validation")) == {
+        "data.split": ["prompt", "completion"], "data.eval_split": ["prompt", "completion"]}
+    (tmp_path / "doc.txt").write_text("a whole document\n")
+    assert data_io.split_columns(cfg(tmp_path / "doc.txt")) == {"data.split": ["text"]}
+    (tmp_path / "empty.csv").write_text("prompt,completion\n")
+    with pytest.raises(DataError, match="data.split 'train' of data.path .*empty.csv has no records"):
+        data_io.split_columns(cfg(tmp_path / "empty.csv"))
+
+
 def test_unreadable_data_is_one_line(tmp_path, monkeypatch, caplog):
     """A file datasets cannot parse, and a hub dataset it cannot reach, are one line
     naming data.path, from the first records and from the whole load alike; datasets'
@@ -119,7 +131,7 @@ def test_unreadable_data_is_one_line(tmp_path, monkeypatch, caplog):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": no\n')
     expected = f"data.path {broken} cannot be read as json data: JSON parse error: Invalid value. in row 1: fix"
-    for read in (lambda c: load_records(c, "train"), data_io.first_records):
+    for read in (lambda c: load_records(c, "train"), data_io.split_columns):
         with caplog.at_level(logging.ERROR), pytest.raises(DataError) as err:
             read(cfg(broken))
         assert str(err.value).startswith(expected) and not caplog.records, (str(err.value), caplog.records)
@@ -132,7 +144,7 @@ def test_unreadable_data_is_one_line(tmp_path, monkeypatch, caplog):
         load_records(DataConfig(path="pp-ext-tests/no-such-dataset", format="hub"), "train")
     assert str(err.value).startswith("data.path pp-ext-tests/no-such-dataset (data.format=hub) cannot be loaded: "
                                      "Couldn't reach 'pp-ext-tests/no-such-dataset' on the Hub"), str(err.value)
-    assert data_io.first_records(DataConfig(path="pp-ext-tests/no-such-dataset", format="hub")) == {}
+    assert data_io.split_columns(DataConfig(path="pp-ext-tests/no-such-dataset", format="hub")) == {}
 
 
 def test_mixed_extensions_need_a_format(tmp_path):
