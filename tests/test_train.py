@@ -320,7 +320,9 @@ def test_steps_0_converts_a_model_without_data(tmp_path):
 
     torch.manual_seed(0)
     source = tmp_path / "model"
-    AutoModelForCausalLM.from_config(CONFIGS["qwen2"](False)).save_pretrained(source, max_shard_size="20KB")
+    config = CONFIGS["qwen2"](False)
+    config.vocab_size = 104  # the quickstart tokenizer's 103 ids fit (checked before launch)
+    AutoModelForCausalLM.from_config(config).save_pretrained(source, max_shard_size="20KB")
     overrides = [f"model.path={source}", f"model.tokenizer={ROOT / 'configs/models/quickstart'}",
                  "data.path=null", "train.steps=0", "parallel.schedule=zbv"]
     code, _ = spawn(train_cases, 2, str(tmp_path), [("converted", overrides)], timeout=300)[0]["converted"]
