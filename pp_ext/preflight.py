@@ -9,6 +9,9 @@ and a GPU run with a device-side assert that names nothing), and a learned absol
 position table (GPT-2's ``wpe``) must hold ``data.seq_len`` positions. The run's
 folders must be folders this user can write. The data's first records must have
 the columns of ``data.kind`` (:func:`pp_ext.data.check`).
+
+transformers, torch and datasets are imported inside the functions, as in
+:mod:`pp_ext.train`: ``pp-ext plan`` imports this module and starts fast.
 """
 from __future__ import annotations
 
