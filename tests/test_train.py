@@ -159,8 +159,10 @@ PLACEHOLDERS = {
     "gpt2": lambda tmp: gpt2(tmp, 32),  # shorter than the quickstart's seq_len 64
     "file": lambda tmp: tmp / "a-file.txt",
     "broken": lambda tmp: tmp / "broken.jsonl",
+    "yaml": lambda tmp: tmp / "broken.yaml",
 }
-FILES = {"a-file.txt": "not a folder\n", "broken.jsonl": '{"prompt": "a", "completion": "b"}\n{"prompt": no\n'}
+FILES = {"a-file.txt": "not a folder\n", "broken.jsonl": '{"prompt": "a", "completion": "b"}\n{"prompt": no\n',
+         "broken.yaml": "model: [unclosed\n"}
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -180,6 +182,12 @@ BAD_INPUT = [
      "configs/models/quickstart-untied has no tokenizer files (tokenizer.json"),
     (["model.path={bert}"], 2, "is a 'bert' model, which pp-ext cannot split into pipeline stages: "
                                 "supported model types are"),
+    (["train.steps=abc"], 2, "recipe key 'train.steps' has the wrong type"),
+    (["--recipe", "{yaml}"], 2, "{yaml}: not a valid YAML recipe"),
+    (["--recipe", "recipes/quickstrat.yaml"], 2, "recipe file recipes/quickstrat.yaml does not exist: pass --recipe "
+                                                 "recipes/NAME.yaml (available: "),
+    (["data.prompt_field=question"], 2, "data.prompt_field 'question' is not a column of data.path (columns: "
+                                        "prompt, completion)"),
     # issue 19: tokenizer against model, data kind, numbers, folders, positions
     (["model.path={vocab50}", "model.tokenizer=configs/models/quickstart"], 2,
      "the tokenizer in configs/models/quickstart has token ids up to 102 (103 tokens), but model.path {vocab50} "
