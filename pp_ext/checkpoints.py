@@ -94,3 +94,26 @@ def prune(save_dir: Path, keep: int) -> list[str]:
     for tag in doomed:
         shutil.rmtree(Path(save_dir) / tag, ignore_errors=True)
     return doomed
+
+
+def save_dir(recipe) -> Path:
+    """Where the run saves its checkpoints: ``checkpoint.dir``, by default ``output_dir/checkpoints``."""
+    return Path(recipe.checkpoint.dir or Path(recipe.output_dir) / "checkpoints")
+
+
+def resume_point(resume: str, save_dir: Path) -> tuple[Path, str] | None:
+    """``(dir, tag)`` to resume from for ``checkpoint.resume``: ``auto`` takes the newest
+    complete checkpoint of ``save_dir``, ``never`` none, anything else is a checkpoint
+    folder (a tag folder or a save dir with complete checkpoints)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tags = complete_tags(save_dir)
+        return (save_dir, tags[-1][1]) if tags else None
+    path = Path(resume)
+    if (path / MARKER).is_file():
+        return path.parent, path.name
+    if tags := complete_tags(path):
+        return path, tags[-1][1]
+    raise RecipeError(f"checkpoint.resume={resume}: no complete pp-ext checkpoint there "
+                      f"(use auto, never, or a folder holding {MARKER})")

@@ -104,8 +104,9 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int, ob
         raise RecipeError(f"model.tokenizer {tokenizer} is not a folder: point it at the tokenizer's files")
     preflight.check_tokenizer(recipe, config)
     preflight.check_positions(recipe, config)
-    preflight.check_folders(recipe, _save_dir(recipe))
-    if (resume_from := _resume_tag(recipe, _save_dir(recipe))) is not None:
+    save_dir = checkpoints.save_dir(recipe)
+    preflight.check_folders(recipe, save_dir)
+    if (resume_from := checkpoints.resume_point(recipe.checkpoint.resume, save_dir)) is not None:
         checkpoints.verify(*resume_from)
     return pipe, tensor, data, chunks, prebuilt
 
@@ -259,7 +260,7 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
     from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
     from pp_ext.schedules import get
 
-    output_dir, save_dir = Path(recipe.output_dir), _save_dir(recipe)
+    output_dir, save_dir = Path(recipe.output_dir), checkpoints.save_dir(recipe)
     _threads()
     init_distributed(int(os.environ.get("LOCAL_RANK", "0")), recipe.parallel.comm_timeout_s)
     torch.manual_seed(recipe.train.seed)
@@ -304,7 +305,7 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
               "partition": OmegaConf.to_container(recipe.parallel.partition)
               if OmegaConf.is_config(recipe.parallel.partition) else recipe.parallel.partition}
     start = 0
-    resume_from = _resume_tag(recipe, save_dir)
+    resume_from = checkpoints.resume_point(recipe.checkpoint.resume, save_dir)
     if resume_from is not None:
         load_dir, tag = resume_from
         checkpoints.verify(load_dir, tag)
@@ -441,10 +442,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return RecipeError, FileNotFoundError, ExportError
 
 
-def _save_dir(recipe) -> Path:
-    return Path(recipe.checkpoint.dir or Path(recipe.output_dir) / "checkpoints")
-
-
 def _progress(steps: int, start: int, enabled: bool):
     """A live bar on rank 0 when stderr is a terminal; logs get plain lines instead."""
     if not enabled or _rank() != 0 or steps == 0 or not sys.stderr.isatty():
@@ -452,25 +449,6 @@ def _progress(steps: int, start: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
-
-
-def _resume_tag(recipe, save_dir: Path) -> tuple[Path, str] | None:
-    """``(dir, tag)`` to resume from: ``auto`` takes the newest complete checkpoint of
-    ``save_dir``, ``never`` none, anything else is a checkpoint folder (a tag folder or
-    a save dir with complete checkpoints)."""
-    resume = recipe.checkpoint.resume
-    if resume == "never":
-        return None
-    if resume == "auto":
-        tags = checkpoints.complete_tags(save_dir)
-        return (save_dir, tags[-1][1]) if tags else None
-    path = Path(resume)
-    if (path / checkpoints.MARKER).is_file():
-        return path.parent, path.name
-    if tags := checkpoints.complete_tags(path):
-        return path, tags[-1][1]
-    raise RecipeError(f"checkpoint.resume={resume}: no complete pp-ext checkpoint there "
-                      f"(use auto, never, or a folder holding {checkpoints.MARKER})")
 
 
 def main(argv: list[str] | None = None) -> int:
