@@ -19,6 +19,7 @@ from collections import Counter, defaultdict, deque
 from .actions import Action, Kind
 from .errors import InvalidScheduleError
 from .grid import step_grid
+from .lower import lower
 from .schedule import Message, Schedule
 
 
@@ -141,8 +142,6 @@ def dry_run(schedule: Schedule) -> None:
 
 def validate(schedule: Schedule) -> Schedule:
     """Check every rule; return the lowered schedule (lowering it if needed)."""
-    from .lower import lower
-
     check_structure(schedule)
     lowered = lower(schedule)
     dry_run(lowered)
