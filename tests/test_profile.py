@@ -8,7 +8,8 @@ import pytest
 
 from pp_ext.bench import BenchOptions
 from pp_ext.engine.module import balanced_parts, partition
-from pp_ext.profile import LayerCost, Profile, profile_tiny
+from pp_ext.cost_model import LayerCost, Profile
+from pp_ext.profile import profile_tiny
 from pp_ext.schedules import build, simulate
 from pp_ext.schedules.auto import auto_schedule
 

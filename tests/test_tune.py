@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pp_ext.cli import main
-from pp_ext.profile import LayerCost, Profile
+from pp_ext.cost_model import LayerCost, Profile
 from pp_ext.recipe import RecipeError, load
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -210,7 +210,8 @@ def run_tune(args: argparse.Namespace) -> int:
     from pp_ext.recipe import RecipeError, load
 
     select_accelerator()  # before deepspeed is first imported
-    from pp_ext.profile import Profile, profile_recipe
+    from pp_ext.cost_model import Profile
+    from pp_ext.profile import profile_recipe
     from pp_ext.schedules.render import write_atomic
     from pp_ext.train import check_before_launch
 
