@@ -178,7 +178,7 @@ def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[fl
     """Median F, I, W, B seconds of each chunk of this rank, keyed by global stage."""
     import torch
 
-    from pp_ext.engine.split_backward import WeightGradStore, enable_split_backward
+    from pp_ext.split_backward import WeightGradStore, enable_split_backward
 
     store = WeightGradStore()
     enable_split_backward(module, store)

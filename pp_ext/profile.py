@@ -70,7 +70,7 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
 
     from pp_ext.bench import time_passes
     from pp_ext.engine.module import layer_name
-    from pp_ext.engine.split_backward import WeightGradStore, enable_split_backward
+    from pp_ext.split_backward import WeightGradStore, enable_split_backward
 
     store = WeightGradStore()
     enable_split_backward(module, store)
