@@ -77,8 +77,8 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from pp_ext.cost_model import Profile
 from pp_ext.engine.async_engine import AsyncScheduleEngine
 from pp_ext.engine.initialize import initialize
-from pp_ext.engine.measure import allreduce_model, allreduce_seconds, comm_latency, measure_layers, median_time, \
-    time_passes
+from pp_ext.engine.measure import (allreduce_model, allreduce_seconds, comm_latency, measure_layers, median_time,
+                                   time_passes)
 from pp_ext.engine.module import ChunkedPipelineModule, partition
 from pp_ext.engine.spawn import spawn
 from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss

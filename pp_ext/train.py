@@ -165,7 +165,7 @@ def evaluate(engine, loss: LanguageModelLoss, batches_fn, eval_batches: int) -> 
 
 
 def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chunks: int, prebuilt=None) -> int:
-    """Train ``recipe`` on the layout :func:`check_before_launch` returned for it
+    """Train ``recipe`` on the layout :func:`~pp_ext.preflight.check_before_launch` returned for it
     (``prebuilt``: its ``auto`` schedule from the profile, the same on every rank)."""
     output_dir = Path(recipe.output_dir)
     save_dir = Path(recipe.checkpoint.dir or output_dir / "checkpoints")
