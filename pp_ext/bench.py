@@ -138,11 +138,11 @@ def _progress(rank: int, message: str) -> None:
         print(f"pp-ext bench: {message}", file=sys.stderr, flush=True)
 
 
-def _model(options: BenchOptions, chunks: int, placement: str, partition: str):
+def _model(options: BenchOptions, chunks: int, placement: str, cut: str):
     config = tiny_config(options)
     return ChunkedPipelineModule(layers=layer_specs(config), topology=PipeDataParallelTopology(options.stages, 1),
                                  loss_fn=lm_loss, chunks=chunks, placement=placement,
-                                 partition_method=partition, seed_layers=True, base_seed=1234)
+                                 partition_method=cut, seed_layers=True, base_seed=1234)
 
 
 def batches(options: BenchOptions):
