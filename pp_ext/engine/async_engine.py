@@ -28,8 +28,8 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from pp_ext.async_rules import PipeMareOptions, correction_decay, lr_factor
-from pp_ext.schedules import Action, Kind, Schedule
-from pp_ext.schedules.asynchronous import segments, shift
+from pp_ext.schedules import Kind, Schedule
+from pp_ext.schedules.asynchronous import calls
 
 from . import instructions as ins
 from . import p2p
@@ -50,7 +50,7 @@ class AsyncScheduleEngine(ScheduleEngine):
             raise ValueError(f"schedule {schedule.name} updates each stage on its own: untie the weights "
                              f"shared across pipeline ranks (e.g. tie_word_embeddings=false)")
         self.m = micro_batches
-        self.segments = segments(schedule, micro_batches, self.stage_id)
+        self.stream_calls = calls(schedule, micro_batches, self.stage_id)
         program = schedule.programs[self.stage_id]
         backwards, updates = (sum(a.kind is k for a in program) for k in (Kind.B, Kind.U))
         self.grad_scale = updates / backwards  # mean over the micro-batches of an update
@@ -85,7 +85,7 @@ class AsyncScheduleEngine(ScheduleEngine):
         pass  # buffers outlive a call: the pipeline stays full
 
     def _train_schedule(self):
-        actions = self.segments[0] if self.calls == 0 else shift(self.segments[1], (self.calls - 1) * self.m)
+        actions = self.stream_calls.call(self.calls)
         self._call_start = self.calls * self.m
         self._batches = []  # the data iterator's micro-batches of this call
         self.calls += 1
@@ -97,9 +97,7 @@ class AsyncScheduleEngine(ScheduleEngine):
         weight version but the latest is gone and the next call warms up again."""
         if not self.calls:
             return
-        shown = self.schedule.micro_batches // self.m  # calls in the stream the drain was cut from
-        drain = shift(self.segments[-1], (self.calls - shown) * self.m)
-        self._exec_schedule(ins.AsyncCall(self.schedule, self.stage_id, drain))
+        self._exec_schedule(ins.AsyncCall(self.schedule, self.stage_id, self.stream_calls.drain(self.calls)))
         for work in self._older_sends + self._sends:
             work.wait()
         self._start_stream()
