@@ -1,11 +1,18 @@
 """NCCL's point-to-point rules (pp_ext.schedules.nccl; FACTS.md, "NCCL point-to-point").
 
-The dry run on small traces whose outcome is derived by hand; the crossing lowering of
-1f1b (each receive right before its use) refused under both stream models while gloo's
-buffered model passes it; every lowered program one global order of transfers, checked
-by a second, independent computation (a cycle search).
+Pure: the dry run on small traces whose outcome is derived by hand; today's-style
+crossing lowering of 1f1b refused under both stream models while gloo's buffered model
+passes it; every lowered program one global order of transfers, checked by a second,
+independent computation (a cycle search). Slow: the engine's calls recorded while
+training every schedule (p = 2 and 4, pipe 2 x data 2, pipe 2 x tensor 2, plain gloo)
+replay to the end under both stream models, as DeepSpeed's own engine's do, while a
+recorded crossing program does not; the emulation on gloo (PP_EXT_P2P=emulate-nccl)
+stops the crossing program with the comm-timeout error within 30 s, which plain gloo
+runs.
 """
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -177,3 +184,135 @@ def test_every_lowered_program_is_one_global_order_of_transfers():
                     assert one_global_order(lower(schedule)), (name, p, m, v)
                     checked += 1
     assert checked > 300
+
+
+# ---------------------------------------------------------------------- the engine, recorded
+
+
+def record(case_runner, *args):
+    """``case_runner(*args)`` with this rank's communication calls recorded."""
+    from nccl_recorder import recording
+
+    with recording() as trace:
+        result = case_runner(*args)
+    return result, trace
+
+
+def run_recorded(rank: int, world: int, kind: str, cases: list, *extra) -> list:
+    import os
+
+    os.environ["PP_EXT_P2P"] = ""  # plain gloo: the recorder sees the engine's real calls
+    if kind == "engine":
+        import test_engine as harness
+        return [record(harness.run_case, name, extra[0], m, v, tied) for name, m, v, tied in cases]
+    if kind == "async":
+        import test_async as harness
+        return [record(harness.run_case, name, world, m) for name, m in cases]
+    import test_tensor_parallel as harness
+    return [record(harness.run_case, extra[0], case) for case in cases]
+
+
+def replay(results_by_rank: list[list]) -> list[str]:
+    """Replay each case's recorded traces under both stream models; what did not finish."""
+    failures = []
+    for i, (result, _) in enumerate(results_by_rank[0]):
+        traces_of_case = [results[i][1] for results in results_by_rank]
+        assert sum(op.kind != "collective" for t in traces_of_case for op in t.ops), "nothing recorded"
+        for streams in STREAMS:
+            outcome = run(traces_of_case, streams)
+            if not outcome.finished:
+                failures.append(f"{result['case']} ({streams} streams): {outcome.report}")
+    return failures
+
+
+def launch_recorded(world: int, kind: str, cases: list, *extra) -> list[list]:
+    from pp_ext.engine.spawn import spawn
+
+    results = spawn(run_recorded, world, kind, cases, *extra)
+    assert not replay(results), "\n".join(replay(results))
+    return results
+
+
+def synchronous_cases(pipe: int, m: int) -> list[tuple]:
+    from test_engine import cases_for
+
+    return cases_for(pipe, [m], {"interleaved-1f1b": [2, 3], "looped-bfs": [2, 3]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipe", [2, 4])
+def test_the_engines_recorded_calls_finish_under_nccl_every_schedule(pipe):
+    """Every registered schedule (and DeepSpeed's own engine, whose blocking send/recv in
+    parity order is NCCL-safe): the replay finishes, and training is still exact."""
+    import test_engine
+
+    test_engine.check([[result for result, _ in results]
+                       for results in launch_recorded(pipe, "engine", synchronous_cases(pipe, 2 * pipe), pipe)])
+    launch_recorded(pipe, "async", [(name, pipe) for name, spec in REGISTRY.items() if not spec.synchronous])
+
+
+@pytest.mark.slow
+def test_the_engines_recorded_calls_finish_under_nccl_pipe_2_data_2():
+    import test_engine
+
+    test_engine.check([[result for result, _ in results]
+                       for results in launch_recorded(4, "engine", synchronous_cases(2, 4), 2)])
+
+
+@pytest.mark.slow
+def test_the_engines_recorded_calls_finish_under_nccl_pipe_2_tensor_2(tmp_path):
+    cases = [("llama", True, (2, 2, 1), "zbv", False), ("qwen2", False, (2, 2, 1), "zb-h1", False),
+             ("qwen3", False, (2, 2, 1), "1f1b", False), ("llama", False, (2, 2, 1), "chimera", False)]
+    for results in launch_recorded(4, "tensor", cases, str(tmp_path)):
+        for result, _ in results:
+            assert max(abs(a - b) for a, b in zip(result["losses"], result["ref_losses"])) < 1e-5, result["case"]
+
+
+# ---------------------------------------------------------------------- a crossing engine
+
+
+def run_crossing(rank: int, world: int, mode: str) -> dict:
+    """The crossing 1f1b program of CROSSING_1F1B on the pp-ext engine (bypassing the
+    validator), recorded."""
+    import os
+
+    os.environ["PP_EXT_P2P"] = mode
+    import deepspeed
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from pp_ext.engine.engine import ScheduleEngine
+    from pp_ext.engine.module import ChunkedPipelineModule
+    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from test_engine import batch
+
+    module = ChunkedPipelineModule(layers=layer_specs(TinyConfig(blocks=2, tied=False)), num_stages=2,
+                                   loss_fn=lm_loss, partition_method="uniform", seed_layers=True, base_seed=1234)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "train_batch_size": 8}
+    deepspeed.init_distributed()
+    engine = ScheduleEngine(args=None, model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1), mpu=module.mpu(),
+                            config=config, config_class=DeepSpeedConfig(config, module.mpu()),
+                            schedule=crossing_1f1b())
+    start = time.monotonic()
+    try:
+        loss, trace = record(engine.train_batch, iter([batch(0, 0, k, 64) for k in range(4)]))
+        return {"loss": float(loss), "trace": trace}
+    except Exception as error:  # noqa: BLE001 - the failure is the result
+        return {"error": str(error), "seconds": time.monotonic() - start}
+
+
+@pytest.mark.slow
+def test_the_emulation_stops_a_crossing_program_that_plain_gloo_runs():
+    from pp_ext.engine.spawn import spawn
+
+    plain = spawn(run_crossing, 2, "", comm_timeout_s=5)
+    assert all("loss" in r for r in plain), plain  # gloo buffers the crossing sends
+    stuck = [run([r["trace"] for r in plain], streams) for streams in STREAMS]
+    assert not any(outcome.finished for outcome in stuck)  # the recorded calls replay to a hang
+
+    emulated = spawn(run_crossing, 2, "emulate-nccl", comm_timeout_s=5)
+    for rank, result in enumerate(emulated):
+        assert "error" in result and result["seconds"] < 30, result
+        assert result["error"].startswith(f"rank {rank} (pipeline rank {rank}) failed in RecvTensors("), result
+    # the first rank to time out stops; its peer may see that instead of its own timeout
+    assert any("Timed out waiting 5000ms" in result["error"] for result in emulated), emulated

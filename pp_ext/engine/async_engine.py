@@ -98,8 +98,8 @@ class AsyncScheduleEngine(ScheduleEngine):
         if not self.calls:
             return
         self._exec_schedule(ins.AsyncCall(self.schedule, self.stage_id, self.stream_calls.drain(self.calls)))
-        for work in self._older_sends + self._sends:
-            work.wait()
+        for posted in self._older_sends + self._sends:
+            posted.wait()
         self._start_stream()
 
     def _refuse_in_flight(self, what: str) -> None:
@@ -163,7 +163,7 @@ class AsyncScheduleEngine(ScheduleEngine):
         key, first, last = (chunk, micro_batch), self.module.is_first_stage_chunk(chunk), \
             self.module.is_last_stage_chunk(chunk)
         batch = self._batch(micro_batch - self._call_start) if first or last else None
-        inputs = self._load_inputs(micro_batch - self._call_start) if first else self._inputs.pop(key)
+        inputs = self._load_inputs(micro_batch - self._call_start) if first else self._received(key, grad=False).pop(key)
         version = self.schedule.forward_version(self._updates, micro_batch)
         self._pinned[key] = version
         self._next_forward = micro_batch + 1
@@ -191,7 +191,7 @@ class AsyncScheduleEngine(ScheduleEngine):
                 (self.module.loss_fn(outputs, labels) * self.grad_scale).backward()
             else:
                 self._outputs.pop(key)
-                grads = self._grads.pop(key)
+                grads = self._received(key, grad=True).pop(key)
                 torch.autograd.backward([t for t in p2p.as_tuple(outputs) if t.requires_grad], grads)
         if not self.module.is_first_stage_chunk(chunk):
             self._input_grads[key] = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
@@ -230,8 +230,8 @@ class AsyncScheduleEngine(ScheduleEngine):
     def _exec_finish_sends(self) -> None:
         # a call's last gradients are received in the next call: wait for the sends
         # of the call before, whose receivers have certainly posted them by now
-        for work in self._older_sends:
-            work.wait()
+        for posted in self._older_sends:
+            posted.wait()
         self._older_sends, self._sends = self._sends, []
 
     _INSTRUCTION_MAP = {**ScheduleEngine._INSTRUCTION_MAP, **{
