@@ -25,8 +25,9 @@ from pp_ext.async_rules import AsyncReference
 from pp_ext.engine.reference import SequentialReference
 from pp_ext.hf import layer_specs
 from pp_ext.hf.loading import has_weights, hf_initializer, layout_free_specs, load_config
+from pp_ext.loss import LanguageModelLoss
 from pp_ext.recipe import RecipeError, load
-from pp_ext.train import LanguageModelLoss, make_optimizer, warmup_cosine
+from pp_ext.train import make_optimizer, warmup_cosine
 
 
 def train(recipe, dataset, delayed: bool) -> list[float]:

@@ -7,7 +7,10 @@ See :mod:`pp_ext.train`.
 """
 import sys
 
-from pp_ext.train import main
+from pp_ext.engine.spawn import select_accelerator
+
+select_accelerator()  # before pp_ext.train imports deepspeed (its auto-detection warns on stdout)
+from pp_ext.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,7 @@ synchronous row paired round by round (the median of the per-round ratios, and i
 how many rounds it was faster): on a shared machine rounds drift together, so the
 paired ratio is steadier than the ratio of medians.
 With several ``partitions`` every schedule is timed on each cut of the model
-(``balanced`` from a profile of the bench model, :func:`pp_ext.profile.profile_tiny`).
+(``balanced`` from a profile of the bench model, :func:`profile_tiny`).
 
 It also measures what the simulator needs: per-stage F, I, W and fused B times of
 the real layers (one set per layout: chunks x placement), the p2p latency of one
@@ -62,11 +62,31 @@ weights across ranks, which the asynchronous engine refuses.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+
+import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+from pp_ext.cost_model import Profile
+from pp_ext.engine.async_engine import AsyncScheduleEngine
+from pp_ext.engine.initialize import initialize
+from pp_ext.engine.measure import (allreduce_model, allreduce_seconds, comm_latency, measure_layers, median_time,
+                                   time_passes)
+from pp_ext.engine.module import ChunkedPipelineModule, partition
+from pp_ext.engine.spawn import spawn
+from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+from pp_ext.schedules import REGISTRY, ConstraintError, Costs, build, get, simulate
+from pp_ext.schedules.asynchronous import steady_call
+from pp_ext.schedules.auto import layouts as auto_layouts
+from pp_ext.schedules.auto import origin, ranked
+from pp_ext.split_backward import WeightGradStore, enable_split_backward
 
 BASELINE = "deepspeed-1f1b"
 
@@ -95,8 +115,6 @@ class BenchOptions:
     def plan(self, report=lambda message: None) -> list[tuple[str, int, str, str]]:
         """(schedule, chunks, placement, partition) to time, baseline first; raises on an unknown
         name or on sizes a named schedule refuses; ``report`` hears which ones are skipped."""
-        from pp_ext.schedules import REGISTRY, ConstraintError, get
-
         names = [BASELINE] + [n for n in self.schedules or REGISTRY if n != BASELINE]
         plan = []
         for name in names:
@@ -120,66 +138,22 @@ def _progress(rank: int, message: str) -> None:
         print(f"pp-ext bench: {message}", file=sys.stderr, flush=True)
 
 
-def _model(options: BenchOptions, chunks: int, placement: str, partition: str):
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
-
-    from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.tiny import layer_specs, lm_loss
-    from pp_ext.profile import tiny_config
-
+def _model(options: BenchOptions, chunks: int, placement: str, cut: str):
     config = tiny_config(options)
     return ChunkedPipelineModule(layers=layer_specs(config), topology=PipeDataParallelTopology(options.stages, 1),
                                  loss_fn=lm_loss, chunks=chunks, placement=placement,
-                                 partition_method=partition, seed_layers=True, base_seed=1234)
+                                 partition_method=cut, seed_layers=True, base_seed=1234)
 
 
 def batches(options: BenchOptions):
-    import torch
-
     gen = torch.Generator().manual_seed(0)
     ids = [torch.randint(options.vocab, (options.micro_batch_size, options.seq), generator=gen)
            for _ in range(options.micro_batches)]
     return [(x, torch.roll(x, -1, dims=1)) for x in ids]
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def time_passes(forward, backward, store, repeats: int, sync=lambda: None) -> tuple[float, float, float, float]:
-    """Median seconds of F, I, W and fused B of one stage: ``forward()`` returns what
-    ``backward(out)`` differentiates; ``store`` is the split-backward store the
-    stage's layers defer their weight gradients to; ``sync()`` waits for the device
-    after W (a GPU's kernels are asynchronous). Shared with :mod:`pp_ext.profile`."""
-    for _ in range(2):  # warm up: first calls pay for allocation and kernel selection
-        backward(forward())
-    f = median_time(forward, repeats)
-    outs = [forward() for _ in range(repeats)]
-    b = median_time(lambda: backward(outs.pop()), repeats)
-    keys = iter(range(repeats))
-    outs = [forward() for _ in range(repeats)]
-
-    def input_grad():
-        with store.defer(next(keys)):
-            backward(outs.pop())
-
-    i = median_time(input_grad, repeats)
-    keys = iter(range(repeats))
-    w = median_time(lambda: (store.run(next(keys)), sync()), repeats)
-    return f, i, w, b
-
-
 def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[float, float, float, float]]:
     """Median F, I, W, B seconds of each chunk of this rank, keyed by global stage."""
-    import torch
-
-    from pp_ext.engine.split_backward import WeightGradStore, enable_split_backward
-
     store = WeightGradStore()
     enable_split_backward(module, store)
     ids, labels = batches(options)[0]
@@ -201,31 +175,10 @@ def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[fl
     return costs
 
 
-def allreduce_seconds(flat, repeats: int, group=None) -> float:
-    """Median seconds of an all-reduce of ``flat`` over ``group`` (default: all ranks),
-    the first call left out (it sets up the channels); on a GPU each call is waited for."""
-    import torch
-    from deepspeed import comm as dist
-
-    sync = torch.cuda.synchronize if flat.is_cuda else (lambda: None)
-    times = []
-    for _ in range(repeats + 1):
-        dist.barrier()
-        sync()
-        start = time.perf_counter()
-        dist.all_reduce(flat, group=group)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
 def replica_reduce_time(module, options: BenchOptions) -> float:
     """Seconds of summing this rank's replica gradients with its partner's, as the
     engine's ReduceReplicaGrads does (one flat all-reduce over ``replica_group``);
     0 where the module has one replica of each stage."""
-    import torch
-    from deepspeed import comm as dist
-
     if module.replica_group is None:
         return 0.0
     flat = torch.zeros(sum(p.numel() for p in module.replica_parameters()))
@@ -234,43 +187,14 @@ def replica_reduce_time(module, options: BenchOptions) -> float:
     return float(result)
 
 
-def comm_latency(options: BenchOptions, rank: int) -> float:
-    """Half a ping-pong of one activation between pipeline ranks 0 and 1."""
-    import torch
-    from deepspeed import comm as dist
-
+def activation_latency(options: BenchOptions, rank: int) -> float:
+    """Half a ping-pong of one activation of the bench model between pipeline ranks 0 and 1."""
     if options.stages < 2:
         return 0.0
-    tensor = torch.randn(options.micro_batch_size, options.seq, options.hidden)
-    times = []
-    for _ in range(options.cost_repeats + 1):
-        dist.barrier()
-        start = time.perf_counter()
-        if rank == 0:
-            dist.send(tensor, 1)
-            dist.recv(tensor, 1)
-        elif rank == 1:
-            dist.recv(tensor, 0)
-            dist.send(tensor, 0)
-        times.append((time.perf_counter() - start) / 2)
-    result = torch.tensor([statistics.median(times[1:]) if rank == 0 else 0.0])
-    dist.broadcast(result, 0)
-    return float(result)
+    return comm_latency((options.micro_batch_size, options.seq, options.hidden), options.cost_repeats, rank)
 
 
 def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
-    import dataclasses
-
-    import torch
-    from deepspeed import comm as dist
-
-    import pp_ext
-    from pp_ext.schedules import Costs, build, simulate
-    from pp_ext.schedules.asynchronous import steady_call
-    from pp_ext.schedules.auto import layouts as auto_layouts
-    from pp_ext.engine.async_engine import AsyncScheduleEngine
-    from pp_ext.schedules.auto import origin, ranked
-
     plan = options.plan()
     step_batches = batches(options)
     ds_config = {"train_micro_batch_size_per_gpu": options.micro_batch_size,
@@ -291,7 +215,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     candidates = [(placement.chunks, placement.name) for placement in auto_layouts(options.stages, replicas)]
     probes = {layout: _model(options, *layout) for layout in dict.fromkeys(
         [row[1:] for row in plan] + [(*c, row[3]) for row in plan if row[0] == "auto" for c in candidates])}
-    comm = comm_latency(options, rank)
+    comm = activation_latency(options, rank)
     layouts: dict[tuple[int, str, str], Costs] = {}
     for layout, probe in probes.items():
         _progress(rank, f"measuring F/I/W/B per stage for {layout[0]} chunk(s) in {layout[1]} placement, "
@@ -305,8 +229,8 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     def engine(name: str, schedule, layout):
         module = _model(options, *layout)
         optimizer = torch.optim.SGD(module.parameters(), lr=1e-4)
-        return pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config,
-                                 schedule=name if schedule is None else schedule)[0]
+        return initialize(model=module, optimizer=optimizer, config=ds_config,
+                          schedule=name if schedule is None else schedule)[0]
 
     # auto's candidates: its simulated best programs, each built in its own layout
     trials = {index: [(schedule, engine("auto", schedule, (schedule.chunks, schedule.placement.name, cut)))
@@ -411,17 +335,38 @@ def paired_with_fastest_fixed(rows: list[dict]) -> None:
                                    "faster_rounds": sum(r < 1 for r in ratios), "rounds": len(ratios)}
 
 
+def tiny_config(options: BenchOptions) -> TinyConfig:
+    """The bench's Llama-shaped model (:mod:`pp_ext.engine.tiny`) at ``options``' sizes."""
+    return TinyConfig(vocab=options.vocab, hidden=options.hidden, heads=options.heads,
+                      intermediate=options.intermediate, blocks=options.blocks_per_rank * options.stages, tied=False)
+
+
+def _profile_worker(rank: int, world: int, options: BenchOptions) -> Profile | None:
+    config = tiny_config(options)
+    layers = layer_specs(config)
+    # pipeline 1 x data 2: each rank holds every layer, one chunk each; the second
+    # rank is the peer of the p2p measurement
+    module = ChunkedPipelineModule(layers=layers, topology=PipeDataParallelTopology(1, world), loss_fn=lm_loss,
+                                   chunks=len(layers), partition_method="uniform", seed_layers=True,
+                                   base_seed=1234)
+    torch.set_num_threads(1)
+    comm = activation_latency(options, rank)
+    latency, bandwidth = allreduce_model(module, options.cost_repeats)
+    if rank != 0:
+        return None
+    ids, labels = batches(options)[0]
+    return Profile(tuple(measure_layers(module, ids, labels, options.cost_repeats)), comm,
+                   options.micro_batch_size, options.seq, allreduce_latency=latency, allreduce_bandwidth=bandwidth)
+
+
+def profile_tiny(options: BenchOptions) -> Profile:
+    """Profile the bench model of ``options`` layer by layer on this machine (one launch
+    of 2 local ranks, as :func:`pp_ext.profile.profile_recipe` does for a recipe's model):
+    the costs of the ``balanced`` partition."""
+    return spawn(_profile_worker, 2, options)[0]
+
+
 def run(options: BenchOptions) -> list[dict]:
-    import dataclasses
-    import tempfile
-
-    from pp_ext.engine.spawn import select_accelerator, spawn
-
-    select_accelerator()  # before deepspeed is first imported (its auto-detection warns on stdout)
-    from pp_ext.engine.module import partition
-    from pp_ext.engine.tiny import layer_specs
-    from pp_ext.profile import profile_tiny, tiny_config
-
     # unknown names, refused sizes and unknown partition methods fail here, before any rank starts
     options.plan(report=lambda message: _progress(0, message))
     for cut in set(options.partitions) - {"balanced"}:
@@ -433,4 +378,3 @@ def run(options: BenchOptions) -> list[dict]:
             options = dataclasses.replace(options, partitions=tuple(
                 f"balanced:{path}" if cut == "balanced" else cut for cut in options.partitions))
         return spawn(worker, options.stages, options)[0]
-

@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 
 import torch
+from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
 FP32 = "fp32"  # the key of a master weight beside its optimizer state (ds_to_universal's name)
 _FLAT_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
@@ -109,8 +110,6 @@ def _write_flat(optimizer, states: dict[torch.nn.Parameter, dict]) -> None:
     partition takes its slice of the master weight and of each state, the flat state
     is assembled from the fragments (``map_to_flat_opt_states``), and the bf16 weights
     are cast from the masters (``update_lp_params``)."""
-    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
-
     # the lp groups DeepSpeed's own _load_universal_checkpoint names: ZeRO's, BF16_Optimizer's
     lp_groups = optimizer.bit16_groups if hasattr(optimizer, "bit16_groups") else optimizer.bf16_groups
     for lp_group, group in zip(lp_groups, optimizer.optimizer.param_groups):

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from pp_ext.recipe_schema import Recipe
+from pp_ext.schedules import names as schedule_names
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEEPSPEED_BASES = CONFIGS / "deepspeed"
@@ -128,8 +129,6 @@ def _check_numbers(recipe: DictConfig) -> None:
 
 def _check(recipe: DictConfig) -> None:
     """What the schema's types cannot say."""
-    from pp_ext.schedules import names as schedule_names
-
     _choice("model.dtype", recipe.model.dtype, DTYPES)
     if recipe.model.attn_implementation is not None:
         _choice("model.attn_implementation", recipe.model.attn_implementation, ATTN_IMPLEMENTATIONS)

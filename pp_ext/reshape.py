@@ -27,6 +27,7 @@ divide is refused before launch (:func:`pp_ext.tp.check_tensor_split`).
 """
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from deepspeed.pipe import TiedLayerSpec
 
 from pp_ext import optimizer_state, tp
 from pp_ext.checkpoints import CheckpointError
+from pp_ext.hf.export import layer_tensors, load_layer, saved_layers
 
 LAYOUT_KEYS = ("pipeline", "tensor", "data", "chunks", "placement", "partition")
 
@@ -62,8 +64,6 @@ def held_layers(module) -> list[tuple[int, str, torch.nn.Module]]:
     """``(index of its layer file, parameter name prefix, module)`` of every layer this
     rank holds, a tied module once (its file: the first use that has one, as export's
     :func:`pp_ext.hf.export.saved_layers`)."""
-    from pp_ext.hf.export import saved_layers
-
     specs = module._layer_specs
     first = {spec.key: idx for idx, spec in saved_layers(specs) if isinstance(spec, TiedLayerSpec)}
     held = {}
@@ -87,10 +87,6 @@ def recut(parts: list[torch.Tensor], saved: tp.Split | None, current: tp.Split |
 def load(engine, tag_dir: Path, what_changed: list[str]) -> None:
     """Load ``tag_dir`` into ``engine`` under this run's layout (the step is in the
     checkpoint's marker): weights, optimizer state, learning-rate schedule, counters."""
-    from functools import cache
-
-    from pp_ext.hf.export import layer_tensors, load_layer
-
     tag_dir = Path(tag_dir)
     model_states = [torch.load(f, map_location="cpu", weights_only=False)
                     for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt"))]

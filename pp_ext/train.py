@@ -4,6 +4,8 @@ Run by the ``deepspeed`` launcher, one process per rank::
 
     deepspeed --num_gpus 2 launch/train.py --recipe recipes/quickstart.yaml train.steps=100
 
+(``launch/train.py`` chooses DeepSpeed's accelerator before this module imports deepspeed.)
+
 Every user error (recipe, world size, schedule constraints, missing files, model
 against tokenizer and data: :mod:`pp_ext.preflight`) is found before the process
 group starts where it can be, and is one line on stderr from rank 0 with exit code 2
@@ -20,10 +22,23 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from omegaconf import OmegaConf
+from tqdm import tqdm
+from transformers import AutoTokenizer
 
-from pp_ext import checkpoints, preflight
-from pp_ext.recipe import RecipeError, deepspeed_config, load, resolve_parallel
+from pp_ext import checkpoints, data, reshape
+from pp_ext.engine.engine import PipelineError
+from pp_ext.engine.initialize import initialize
+from pp_ext.engine.spawn import init_distributed
+from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
+from pp_ext.hf.export import ExportError
+from pp_ext.loss import LanguageModelLoss
+from pp_ext.preflight import check_before_launch, check_data
+from pp_ext.recipe import RecipeError, deepspeed_config, load
+from pp_ext.schedules import Kind, get
 from pp_ext.schedules.render import write_atomic
 
 USAGE_ERROR = 2
@@ -47,99 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int, object]:
-    """``(pipeline, tensor, data, chunks, prebuilt)``; raises RecipeError for what can
-    be known without a process group about the layout (ranks, schedule constraints),
-    the model, its tokenizer and the run's folders (:mod:`pp_ext.preflight`; the data
-    is :func:`pp_ext.preflight.check_data`'s). ``prebuilt``: ``auto`` computed from
-    ``parallel.profile`` (its chunks are its choice), built here once; None otherwise."""
-    from pp_ext.profile import recipe_schedule
-    from pp_ext.schedules import ScheduleError, get
-
-    pipe, tensor, data = resolve_parallel(recipe, world_size)
-    name = recipe.parallel.schedule
-    if tensor > 1 and name == "deepspeed-1f1b":
-        raise RecipeError("parallel.schedule=deepspeed-1f1b runs DeepSpeed's own engine, whose Megatron-shaped "
-                          "partitioned p2p pp-ext does not check with tensor parallelism: use 1f1b (the same "
-                          "schedule on pp-ext's engine) with parallel.tensor > 1")
-    chunks, prebuilt = recipe.parallel.chunks, None
-    if name != "deepspeed-1f1b":
-        spec = get(name)
-        chunks = spec.resolve_chunks(chunks)
-        try:
-            spec.build(pipe, recipe.parallel.micro_batches, chunks)
-            if name == "auto" and recipe.parallel.profile is not None:  # auto chooses its chunks from the profile
-                prebuilt = recipe_schedule(recipe, pipe)
-                chunks = prebuilt.chunks
-        except ScheduleError as exc:
-            raise RecipeError(f"parallel.schedule={name} with pipeline={pipe}, "
-                              f"micro_batches={recipe.parallel.micro_batches}, chunks={chunks}: "
-                              f"{' '.join(str(exc).split())}") from None
-        except ValueError as exc:  # a profile of other shapes or another model
-            raise RecipeError(f"parallel.profile={recipe.parallel.profile}: {' '.join(str(exc).split())}") from None
-    elif chunks not in (None, 1):
-        raise RecipeError("parallel.schedule=deepspeed-1f1b runs one chunk per rank: drop parallel.chunks")
-    chunks = chunks or 1
-    model = Path(recipe.model.path)
-    if not (model / "config.json").is_file():
-        raise RecipeError(f"model.path {model} has no config.json: point it at a Hugging Face model folder")
-    from pp_ext.hf import supported
-
-    model_type = json.loads((model / "config.json").read_text()).get("model_type")
-    if model_type not in supported():
-        raise RecipeError(f"model.path {model} is a {model_type!r} model, which pp-ext cannot split into "
-                          f"pipeline stages: supported model types are {', '.join(supported())}")
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model)
-    if tensor > 1:
-        from pp_ext import tp
-
-        try:
-            tp.check_tensor_split(config, tensor)
-        except ValueError as exc:
-            raise RecipeError(f"parallel.tensor={tensor}: {exc}") from None
-    tokenizer = preflight.tokenizer_folder(recipe)
-    if not tokenizer.is_dir():
-        raise RecipeError(f"model.tokenizer {tokenizer} is not a folder: point it at the tokenizer's files")
-    preflight.check_tokenizer(recipe, config)
-    preflight.check_positions(recipe, config)
-    save_dir = checkpoints.save_dir(recipe)
-    preflight.check_folders(recipe, save_dir)
-    if (resume_from := checkpoints.resume_point(recipe.checkpoint.resume, save_dir)) is not None:
-        checkpoints.verify(*resume_from)
-    return pipe, tensor, data, chunks, prebuilt
-
-
-class LanguageModelLoss:
-    """Mean cross-entropy over the labelled tokens of a micro-batch (labels already
-    shifted; -100 ignored), as HF's causal-LM loss, on logits sharded by vocabulary over
-    ``tensor_axis`` (the module's; whole logits with one tensor rank) without gathering
-    them (:func:`pp_ext.tp.vocab_parallel_cross_entropy`). While ``collect`` is on it
-    also counts answers right (:func:`pp_ext.metrics.answer_counts`) for evaluation."""
-
-    def __init__(self) -> None:
-        from pp_ext import tp
-
-        self.collect = False
-        self.counts = [0.0, 0.0]  # answers right, answers
-        self.tensor_axis = tp.TensorAxis()
-
-    def __call__(self, logits, labels):
-        from pp_ext import tp
-        from pp_ext.metrics import IGNORE_INDEX, answer_counts
-
-        loss = tp.vocab_parallel_cross_entropy(logits, labels, self.tensor_axis, IGNORE_INDEX)
-        if self.collect:  # evaluation only: arg-max needs the whole vocabulary
-            right, total = answer_counts(tp.gather_last_dim(logits, self.tensor_axis), labels).tolist()
-            self.counts[0] += right
-            self.counts[1] += total
-        return loss
+# what the user fixes (one line, exit code 2), as opposed to a bug (a traceback)
+USER_ERRORS = (RecipeError, FileNotFoundError, ExportError)
 
 
 def _threads() -> None:
-    import torch
-
     if not torch.cuda.is_available():  # ranks on one CPU machine share its cores
         local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
@@ -148,8 +75,6 @@ def _threads() -> None:
 def make_optimizer(recipe, module):
     """AdamW (or SGD) as torch's own: DeepSpeed's "optimizer" config on CPU would
     JIT-build FusedAdam for minutes (FACTS). No weight decay on biases and norms."""
-    import torch
-
     decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": recipe.train.weight_decay},
@@ -171,8 +96,6 @@ def warmup_cosine(optimizer, recipe, steps: int, updates_per_step: int = 1):
     and 0, so the first two steps train with learning rate 0 (seen in metrics.jsonl).
     An asynchronous schedule may update ``updates_per_step`` times per step (PipeDream
     after every micro-batch): the schedule is counted in updates, so it spans the run."""
-    import torch
-
     floor = recipe.train.min_lr / recipe.train.lr if recipe.train.lr else 0.0
     warmup, steps = recipe.train.warmup_steps * updates_per_step, steps * updates_per_step
 
@@ -189,8 +112,6 @@ def updates_per_step(spec, pipe: int, recipe, chunks: int) -> int:
     an asynchronous program makes per call (its stream shows several calls)."""
     if spec is None:
         return 1
-    from pp_ext.schedules import Kind
-
     schedule = spec.build(pipe, recipe.parallel.micro_batches, chunks)
     updates = sum(a.kind is Kind.U for a in schedule.programs[0])
     return max(1, updates * recipe.parallel.micro_batches // schedule.micro_batches)
@@ -219,9 +140,6 @@ class MetricsLog:
 
 
 def _all_sum(values: list[float]) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.tolist()
@@ -247,19 +165,8 @@ def evaluate(engine, loss: LanguageModelLoss, batches_fn, eval_batches: int) -> 
 
 
 def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chunks: int, prebuilt=None) -> int:
-    """Train ``recipe`` on the layout :func:`check_before_launch` returned for it
+    """Train ``recipe`` on the layout :func:`~pp_ext.preflight.check_before_launch` returned for it
     (``prebuilt``: its ``auto`` schedule from the profile, the same on every rank)."""
-    import torch
-    import torch.distributed as dist
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-    from transformers import AutoTokenizer
-
-    import pp_ext
-    from pp_ext import data, reshape
-    from pp_ext.engine.spawn import init_distributed
-    from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
-    from pp_ext.schedules import get
-
     output_dir, save_dir = Path(recipe.output_dir), checkpoints.save_dir(recipe)
     _threads()
     init_distributed(int(os.environ.get("LOCAL_RANK", "0")), recipe.parallel.comm_timeout_s)
@@ -293,11 +200,11 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
         activation_checkpoint_interval=recipe.model.activation_checkpoint_interval, seed=recipe.train.seed)
     loss.tensor_axis = module.tensor_axis
     optimizer = make_optimizer(recipe, module)
-    engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer,
-                                   lr_scheduler=warmup_cosine(optimizer, recipe, steps,
-                                                              updates_per_step(spec, pipe, recipe, chunks)),
-                                   config=deepspeed_config(recipe, data_parallel, str(output_dir)),
-                                   schedule=prebuilt or schedule)
+    engine, *_ = initialize(model=module, optimizer=optimizer,
+                            lr_scheduler=warmup_cosine(optimizer, recipe, steps,
+                                                       updates_per_step(spec, pipe, recipe, chunks)),
+                            config=deepspeed_config(recipe, data_parallel, str(output_dir)),
+                            schedule=prebuilt or schedule)
 
     # what a checkpoint's layout is compared on (pp_ext.reshape.LAYOUT_KEYS)
     layout = {"pipeline": pipe, "tensor": tensor, "data": data_parallel, "chunks": chunks,
@@ -422,12 +329,10 @@ def _together():
     raised a user error on any rank, every rank raises the first one (rank 0 says it),
     rather than one rank stopping while the others wait for it in a collective until
     it is gone ("Connection closed by peer")."""
-    import torch.distributed as dist
-
     error = None
     try:
         yield
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         error = " ".join(str(exc).split())
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
@@ -435,37 +340,23 @@ def _together():
         raise RecipeError(first)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """What the user fixes (one line, exit code 2), as opposed to a bug (a traceback)."""
-    from pp_ext.hf.export import ExportError
-
-    return RecipeError, FileNotFoundError, ExportError
-
-
 def _progress(steps: int, start: int, enabled: bool):
     """A live bar on rank 0 when stderr is a terminal; logs get plain lines instead."""
     if not enabled or _rank() != 0 or steps == 0 or not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
-
     return tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pp_ext.engine.spawn import select_accelerator
-
     args = parse_args(argv)
-    select_accelerator()  # before deepspeed is first imported
-    from pp_ext.engine.engine import PipelineError
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         recipe = load(args.recipe, args.overrides)
         layout = check_before_launch(recipe, world_size)
         if recipe.data.path is not None:
-            preflight.check_data(recipe)  # bad data fails here, not on one rank later
+            check_data(recipe)  # bad data fails here, not on one rank later
         return run(recipe, world_size, *layout)
-    except _user_errors() as exc:  # the user's to fix: one line
+    except USER_ERRORS as exc:  # the user's to fix: one line
         say(f"error: {' '.join(str(exc).split())}")
         return USAGE_ERROR
     except PipelineError as exc:  # every rank says where it was: rank 0 may be the one that died

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The README's test command: set up (or reuse) .venv, then run the whole suite.
-# Extra arguments go to pytest (e.g. -m "not slow" for the quick local subset).
+# The README's test command: set up (or reuse) .venv, check the import layers
+# (.importlinter: a new upward import fails here, with import-linter's message),
+# then run the whole suite. Extra arguments go to pytest (e.g. -m "not slow" for
+# the quick local subset).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/env.sh"
 cd "$root"
+lint-imports --no-logo --no-cache .importlinter
 set +e
 python -m pytest "$@"
 status=$?

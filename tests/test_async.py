@@ -1,4 +1,4 @@
-"""Asynchronous schedules: the pure stream (segments, weight versions) and, on the
+"""Asynchronous schedules: the pure stream (calls and drains, weight versions) and, on the
 engine, each schedule equal to its own single-process rule (pp_ext.async_rules)
 within 1e-5 over 10 calls and a flush, p = 2 and p = 4 (one launch each)."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ from fractions import Fraction
 
 import pytest
 
-from pp_ext.schedules import Costs, lower, simulate
-from pp_ext.schedules.asynchronous import SHOWN_STEPS, segments, shift, steady_call, stream
+from pp_ext.schedules import Costs, simulate
+from pp_ext.schedules.asynchronous import CALLS_SEARCHED, SHOWN_STEPS, calls, lowered_stream, steady_call, stream
 
 NAMES = ("pipedream", "pipedream-2bw", "pipemare")
 STEPS = 10
@@ -26,13 +26,19 @@ def sizes(name: str):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_calls_after_the_first_repeat_and_the_drain_does_not_depend_on_the_length(name):
+def test_the_calls_and_the_drain_run_exactly_the_lowered_stream_of_that_many_calls(name):
+    """What the engine runs for c calls then flush() (Calls.call(0 .. c-1), then
+    Calls.drain(c)) is the lowered stream of c calls, on every rank, also for c past the
+    calls searched for the periodic regime; so it is NCCL-safe as lowering proves."""
     for p, m in sizes(name):
-        long, short = lower(stream(name, p, m, 4)), lower(stream(name, p, m, 3))
-        for rank in range(p):
-            cut, cut3 = segments(long, m, rank), segments(short, m, rank)
-            assert cut[2] == shift(cut[1], m) and cut[3] == shift(cut[1], 2 * m), (name, p, m, rank)
-            assert cut3[-1] == shift(cut[-1], -m), (name, p, m, rank)
+        if p > 4:
+            continue
+        cut = [calls(stream(name, p, m, SHOWN_STEPS), m, rank) for rank in range(p)]
+        for c in (1, 2, 3, CALLS_SEARCHED + 2):
+            want = lowered_stream(name, p, m, c)
+            for rank in range(p):
+                ran = sum((cut[rank].call(n) for n in range(c)), ()) + cut[rank].drain(c)
+                assert ran == want.programs[rank], (name, p, m, rank, c)
 
 
 @pytest.mark.parametrize("name,versions", [("pipedream", lambda p: p), ("pipedream-2bw", lambda p: 2),

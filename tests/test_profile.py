@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pp_ext.bench import BenchOptions
+from pp_ext.bench import BenchOptions, profile_tiny
 from pp_ext.engine.module import balanced_parts, partition
-from pp_ext.profile import LayerCost, Profile, profile_tiny
+from pp_ext.cost_model import LayerCost, Profile
 from pp_ext.schedules import build, simulate
 from pp_ext.schedules.auto import auto_schedule
 
@@ -91,9 +91,9 @@ def test_profile_of_a_heavy_head_and_balanced_stages(tmp_path):
     saved = Profile.load(profile.save(tmp_path / "profile.json"))
     assert saved == profile
 
+    from pp_ext.bench import tiny_config
     from pp_ext.engine.module import layer_param_counts
     from pp_ext.engine.tiny import layer_specs
-    from pp_ext.profile import tiny_config
 
     layers = layer_specs(tiny_config(options))
     by_params = partition(layers, 2, "parameters")

@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from pp_ext.engine import split_backward, tiny
-from pp_ext.engine.split_backward import DeferrableLinear, WeightGradStore, enable_split_backward
+from pp_ext import split_backward
+from pp_ext.engine import tiny
+from pp_ext.split_backward import DeferrableLinear, WeightGradStore, enable_split_backward
 
 torch.set_num_threads(1)
 

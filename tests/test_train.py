@@ -259,7 +259,7 @@ def test_the_edges_pass_the_checks_before_launch(tmp_path):
     """A tokenizer whose highest id is the model's last row (the quickstart's, 103 and
     103), and a GPT-2 position table exactly data.seq_len long, are accepted."""
     from pp_ext.recipe import load
-    from pp_ext.train import check_before_launch
+    from pp_ext.preflight import check_before_launch
 
     for overrides in ([], [f"model.path={gpt2(tmp_path, 64)}", "model.tokenizer=configs/models/quickstart"]):
         check_before_launch(load(RECIPE, [f"output_dir={tmp_path / 'run'}", *overrides]), 2)

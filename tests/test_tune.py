@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pp_ext.cli import main
-from pp_ext.profile import LayerCost, Profile
+from pp_ext.cost_model import LayerCost, Profile
 from pp_ext.recipe import RecipeError, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def test_tune_ranks_candidates_and_writes_the_winner(tmp_path, capsys):
     method = rows[0][6].split("=")[0]
     assert written[4] == f"parallel.partition={f'balanced:{profile}' if method == 'balanced' else method}"
     # the file is recipe overrides that load and pass the launch checks
-    from pp_ext.train import check_before_launch
+    from pp_ext.preflight import check_before_launch
 
     recipe = load(RECIPE, written)
     assert check_before_launch(recipe, 2)[3] == int(rows[0][2])
@@ -79,7 +79,7 @@ def test_auto_under_a_memory_limit_writes_its_limit(tmp_path, capsys):
     limit = next(w for w in written if w.startswith("parallel.memory_limit="))
     assert limit == "parallel.memory_limit=[3,1]"
     recipe = load(RECIPE, written)
-    from pp_ext.profile import recipe_schedule
+    from pp_ext.preflight import recipe_schedule
     from pp_ext.schedules import simulate
 
     schedule = recipe_schedule(recipe, 2)
@@ -104,7 +104,7 @@ def test_tune_errors_are_one_line_and_write_nothing(tmp_path, capsys, args, mess
 
 
 def test_recipe_keys_for_auto_from_a_profile(tmp_path):
-    from pp_ext.train import check_before_launch
+    from pp_ext.preflight import check_before_launch
 
     profile = heavy_head_profile(tmp_path / "profile.json")
     with pytest.raises(RecipeError, match="'parallel.memory_limit' is read by parallel.schedule=auto only"):
@@ -123,7 +123,7 @@ def test_recipe_keys_for_auto_from_a_profile(tmp_path):
 
 def test_auto_from_a_profile_differs_from_unit_costs(tmp_path):
     """The recipe's auto follows the measured costs (else the training test below proves little)."""
-    from pp_ext.profile import recipe_schedule
+    from pp_ext.preflight import recipe_schedule
     from pp_ext.schedules import build
 
     profile = heavy_head_profile(tmp_path / "profile.json")

@@ -7,7 +7,7 @@ later ``bench``, ``plan``, ``train``, ``export``, ``tune``) and sets
 A handler reports a user error by raising :class:`CommandError`; ``pp-ext``
 prints it as one line ``pp-ext: error: ...`` on stderr and exits with its code.
 
-Keep heavy imports (torch, deepspeed, transformers) inside the handlers, so that
+Keep heavy imports (torch, deepspeed, transformers, omegaconf) inside the handlers, so that
 ``pp-ext schedule ...`` starts in milliseconds on a machine without them.
 """
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pp_ext.schedules import ScheduleError
+
 from . import CommandError, non_negative_int, positive_int
 
 
@@ -43,8 +45,11 @@ def add_parser(subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    # torch, deepspeed: only when this command runs (pp_ext.commands)
+    from pp_ext.engine.spawn import select_accelerator
+
+    select_accelerator()  # before deepspeed is first imported (its auto-detection warns on stdout)
     from pp_ext.bench import BenchOptions, run
-    from pp_ext.schedules import ScheduleError
 
     names = tuple(n.strip() for n in args.schedules.split(",") if n.strip()) if args.schedules else ()
     options = BenchOptions(stages=args.stages, micro_batches=args.micro_batches, schedules=names,

@@ -23,6 +23,9 @@ from __future__ import annotations
 import argparse
 from itertools import groupby
 
+from pp_ext.schedules import Placement, get, simulate
+from pp_ext.schedules.render import format_number
+
 from . import CommandError, format_table
 
 
@@ -62,7 +65,7 @@ def layer_activation_bytes(config, recipe, tensor: int = 1) -> tuple[float, floa
 
 
 def _names(specs) -> str:
-    from pp_ext.engine.module import layer_name
+    from pp_ext.engine.module import layer_name  # torch: only when this command runs (pp_ext.commands)
 
     def name(spec) -> str:  # a tied head runs its embedding's module through a function
         forward = getattr(spec, "forward_fn", None)
@@ -74,11 +77,12 @@ def _names(specs) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    # torch, deepspeed, omegaconf: only when this command runs (pp_ext.commands)
     from pp_ext.engine.spawn import select_accelerator
     from pp_ext.recipe import RecipeError, load
 
     select_accelerator()  # before deepspeed is first imported
-    from pp_ext.train import check_before_launch
+    from pp_ext.preflight import check_before_launch
 
     try:
         recipe = load(args.recipe, args.overrides)
@@ -92,6 +96,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int) -> str:
+    # torch, deepspeed, transformers: only when this command runs (pp_ext.commands)
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from transformers import AutoConfig
 
@@ -99,8 +104,6 @@ def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int)
     from pp_ext.engine.module import chunk_layout, layer_param_counts, partition
     from pp_ext.hf import layer_specs
     from pp_ext.hf.common import HFDecoderLayer
-    from pp_ext.schedules import Placement, get, simulate
-    from pp_ext.schedules.render import format_number
 
     config = AutoConfig.from_pretrained(recipe.model.path)
     specs = layer_specs(config, recipe.model.attn_implementation)

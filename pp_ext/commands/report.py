@@ -10,8 +10,11 @@ different schedules) are compared: one row each, and their loss curves in one pi
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
+
+from pp_ext.schedules.render import require_matplotlib, write_atomic
 
 from . import CommandError, format_table
 
@@ -57,15 +60,11 @@ def summary(train: list[dict], evals: list[dict]) -> list[str]:
 def save_figure(path: Path, paint) -> Path | None:
     """``paint(plt)`` returns a figure, written to ``path`` as PNG, atomically; None
     without matplotlib (pictures are optional: the tables are the report)."""
-    from pp_ext.schedules.render import require_matplotlib, write_atomic
-
     try:
         require_matplotlib()
     except ImportError:
         return None
-    import io
-
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the optional plot extra, checked just above
 
     fig = paint(plt)
     buffer = io.BytesIO()
@@ -103,7 +102,7 @@ def _paint_run(plt, train: list[dict], evals: list[dict]):
 
 def samples(run_dir: Path, count: int) -> list[str]:
     """The exported model's greedy answers to ``count`` held-out prompts."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # omegaconf, torch, transformers: only when this command runs (pp_ext.commands)
 
     recipe_path, model_dir = run_dir / "recipe.yaml", run_dir / "hf"
     if count <= 0 or not recipe_path.is_file() or not (model_dir / "config.json").is_file():

@@ -32,6 +32,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pp_ext.cost_model import Profile
+from pp_ext.schedules import REGISTRY, Placement, ScheduleError, simulate
+from pp_ext.schedules.auto import auto_schedule
+from pp_ext.schedules.render import write_atomic
+
 from . import CommandError, format_table, positive_int
 
 MICRO_BATCH_FACTORS = (0.25, 0.5, 1, 2, 4)
@@ -95,7 +100,7 @@ def state_bytes_per_param(recipe, data: int) -> float:
     parameter's dtype (SGD, without momentum, none). With DeepSpeed's bf16 (a
     ``deepspeed.bases`` entry) the optimizer works on fp32 masters instead: a master
     copy and two fp32 moments, split over the data ranks by ZeRO stage >= 1."""
-    from pp_ext.recipe import deepspeed_config
+    from pp_ext.recipe import deepspeed_config  # omegaconf: only when this command runs (pp_ext.commands)
 
     width = 2 if recipe.model.dtype in ("bfloat16", "float16") else 4
     moments = 2 if recipe.train.optimizer == "adamw" else 0
@@ -108,10 +113,9 @@ def state_bytes_per_param(recipe, data: int) -> float:
 
 def search(recipe, profiles: dict, pipe: int, data: int, memory_limit: float | None):
     """Every candidate (see the module doc), fastest first, and the number dropped for memory."""
+    # torch: only when this command runs (pp_ext.commands)
     from pp_ext.engine.module import balanced_parts, chunk_layout, layer_param_counts, partition
-    from pp_ext.profile import recipe_layer_specs
-    from pp_ext.schedules import REGISTRY, Placement, ScheduleError, simulate
-    from pp_ext.schedules.auto import auto_schedule
+    from pp_ext.preflight import recipe_layer_specs
 
     specs = recipe_layer_specs(recipe)
     counts = layer_param_counts(specs)
@@ -206,13 +210,13 @@ def overrides(best: Candidate, profile_path: Path) -> list[str]:
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    # torch, deepspeed, omegaconf: only when this command runs (pp_ext.commands)
     from pp_ext.engine.spawn import select_accelerator
     from pp_ext.recipe import RecipeError, load
 
     select_accelerator()  # before deepspeed is first imported
-    from pp_ext.profile import Profile, profile_recipe
-    from pp_ext.schedules.render import write_atomic
-    from pp_ext.train import check_before_launch
+    from pp_ext.preflight import check_before_launch
+    from pp_ext.profile import profile_recipe
 
     if args.memory_limit is not None and args.memory_limit <= 0:
         raise CommandError(f"--memory-limit must be > 0 GiB per rank, got {args.memory_limit}")

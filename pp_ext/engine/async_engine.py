@@ -28,8 +28,8 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from pp_ext.async_rules import PipeMareOptions, correction_decay, lr_factor
-from pp_ext.schedules import Action, Kind, Schedule
-from pp_ext.schedules.asynchronous import segments, shift
+from pp_ext.schedules import Kind, Schedule
+from pp_ext.schedules.asynchronous import calls
 
 from . import instructions as ins
 from . import p2p
@@ -50,7 +50,7 @@ class AsyncScheduleEngine(ScheduleEngine):
             raise ValueError(f"schedule {schedule.name} updates each stage on its own: untie the weights "
                              f"shared across pipeline ranks (e.g. tie_word_embeddings=false)")
         self.m = micro_batches
-        self.segments = segments(schedule, micro_batches, self.stage_id)
+        self.stream_calls = calls(schedule, micro_batches, self.stage_id)
         program = schedule.programs[self.stage_id]
         backwards, updates = (sum(a.kind is k for a in program) for k in (Kind.B, Kind.U))
         self.grad_scale = updates / backwards  # mean over the micro-batches of an update
@@ -85,7 +85,7 @@ class AsyncScheduleEngine(ScheduleEngine):
         pass  # buffers outlive a call: the pipeline stays full
 
     def _train_schedule(self):
-        actions = self.segments[0] if self.calls == 0 else shift(self.segments[1], (self.calls - 1) * self.m)
+        actions = self.stream_calls.call(self.calls)
         self._call_start = self.calls * self.m
         self._batches = []  # the data iterator's micro-batches of this call
         self.calls += 1
@@ -97,11 +97,9 @@ class AsyncScheduleEngine(ScheduleEngine):
         weight version but the latest is gone and the next call warms up again."""
         if not self.calls:
             return
-        shown = self.schedule.micro_batches // self.m  # calls in the stream the drain was cut from
-        drain = shift(self.segments[-1], (self.calls - shown) * self.m)
-        self._exec_schedule(ins.AsyncCall(self.schedule, self.stage_id, drain))
-        for work in self._older_sends + self._sends:
-            work.wait()
+        self._exec_schedule(ins.AsyncCall(self.schedule, self.stage_id, self.stream_calls.drain(self.calls)))
+        for posted in self._older_sends + self._sends:
+            posted.wait()
         self._start_stream()
 
     def _refuse_in_flight(self, what: str) -> None:
@@ -165,7 +163,7 @@ class AsyncScheduleEngine(ScheduleEngine):
         key, first, last = (chunk, micro_batch), self.module.is_first_stage_chunk(chunk), \
             self.module.is_last_stage_chunk(chunk)
         batch = self._batch(micro_batch - self._call_start) if first or last else None
-        inputs = self._load_inputs(micro_batch - self._call_start) if first else self._inputs.pop(key)
+        inputs = self._load_inputs(micro_batch - self._call_start) if first else self._received(key, grad=False).pop(key)
         version = self.schedule.forward_version(self._updates, micro_batch)
         self._pinned[key] = version
         self._next_forward = micro_batch + 1
@@ -193,7 +191,7 @@ class AsyncScheduleEngine(ScheduleEngine):
                 (self.module.loss_fn(outputs, labels) * self.grad_scale).backward()
             else:
                 self._outputs.pop(key)
-                grads = self._grads.pop(key)
+                grads = self._received(key, grad=True).pop(key)
                 torch.autograd.backward([t for t in p2p.as_tuple(outputs) if t.requires_grad], grads)
         if not self.module.is_first_stage_chunk(chunk):
             self._input_grads[key] = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
@@ -232,8 +230,8 @@ class AsyncScheduleEngine(ScheduleEngine):
     def _exec_finish_sends(self) -> None:
         # a call's last gradients are received in the next call: wait for the sends
         # of the call before, whose receivers have certainly posted them by now
-        for work in self._older_sends:
-            work.wait()
+        for posted in self._older_sends:
+            posted.wait()
         self._older_sends, self._sends = self._sends, []
 
     _INSTRUCTION_MAP = {**ScheduleEngine._INSTRUCTION_MAP, **{

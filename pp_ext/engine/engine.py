@@ -12,7 +12,7 @@ handed over from another chunk of this rank), ``_outputs`` (a chunk's outputs,
 or the loss on the last stage), ``_grads`` (output gradients received or handed
 over) and ``_input_grads`` (gradients waiting to be sent back). The split
 backward defers linear layers' weight GEMMs from I to W through a
-:class:`~pp_ext.engine.split_backward.WeightGradStore`.
+:class:`~pp_ext.split_backward.WeightGradStore`.
 
 ``eval_batch`` is DeepSpeed's, running a forward-only program
 (:func:`forward_only`) under ``torch.no_grad()``; forward passes then keep
@@ -32,11 +32,11 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pp_ext.schedules import Action, Kind, Schedule, lower
+from pp_ext.split_backward import WeightGradStore, enable_split_backward
 
 from . import instructions as ins
 from . import p2p
 from .module import ChunkedPipelineModule
-from .split_backward import WeightGradStore, enable_split_backward
 
 
 class PipelineError(RuntimeError):
@@ -136,6 +136,7 @@ class ScheduleEngine(PipelineEngine):
         # send and receive the same boundary (p=2: rank 0 sends 0->1 down and receives 0->1 up)
         self._header_cache: dict[tuple[bool, int, bool], list[p2p.TensorSpec]] = {}
         self._trainable = [any(p.requires_grad for p in module.chunk_parameters(c)) for c in range(module.chunks)]
+        self._link = p2p.pipeline_link(self.grid._topo.get_axis_comm_lists("pipe"), self.global_rank, self.device)
         self._reset_buffers()
 
     # ------------------------------------------------------------------ topology
@@ -171,8 +172,10 @@ class ScheduleEngine(PipelineEngine):
         self._outputs: dict[tuple[int, int], tuple[torch.Tensor, ...] | torch.Tensor] = {}
         self._grads: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self._input_grads: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        # receives posted, not yet waited for: (grad, (chunk, micro-batch)) -> (buffers, posted, instruction)
+        self._arriving: dict[tuple[bool, tuple[int, int]], tuple] = {}
         self._batches: list = []
-        self._sends: list = []
+        self._sends: list[p2p.Posted] = []
 
     def reset_activation_shape(self) -> None:
         super().reset_activation_shape()
@@ -227,7 +230,7 @@ class ScheduleEngine(PipelineEngine):
     def _exec_forward_chunk(self, chunk: int, micro_batch: int) -> None:
         key = (chunk, micro_batch)
         first, last = self.module.is_first_stage_chunk(chunk), self.module.is_last_stage_chunk(chunk)
-        inputs = self._load_inputs(micro_batch) if first else self._inputs.pop(key)
+        inputs = self._load_inputs(micro_batch) if first else self._received(key, grad=False).pop(key)
         outputs = self.module.chunk_forward(chunk, inputs[0] if len(inputs) == 1 else inputs)
         # eval_batch runs under no_grad: keep nothing for a backward that will not come
         backward = torch.is_grad_enabled()
@@ -294,7 +297,7 @@ class ScheduleEngine(PipelineEngine):
                 # steps and its epilogue accumulates bf16 gradients itself
                 DeepSpeedEngine.backward(self, outputs)
             else:
-                grads = self._grads.pop(key)
+                grads = self._received(key, grad=True).pop(key)
                 tensors = [t for t in p2p.as_tuple(outputs) if t.requires_grad]
                 self._running_engine_backward = True
                 try:
@@ -338,24 +341,41 @@ class ScheduleEngine(PipelineEngine):
             boundary = (True, self.module.stage_of_chunk(chunk), torch.is_grad_enabled())
             if self.dynamic_shape or boundary not in self._header_cache:
                 self._header_cache[boundary] = p2p.specs_of(tensors)
-                self._sends += p2p.send_header(self._header_cache[boundary], dst, self.device)
-        self._sends += p2p.send_tensors(tensors, dst)  # each work holds its tensor until done
+                self._sends.append(p2p.send_header(self._link, self._header_cache[boundary], dst, self.device))
+        self._sends.append(p2p.send_tensors(self._link, tensors, dst))  # each holds its tensors until done
 
     def _exec_recv_tensors(self, chunk: int, micro_batch: int, peer: int, grad: bool) -> None:
+        """Post the receive (lowering put it where the transfer stands in the global
+        sequence); the instruction that needs the tensors waits for it (:meth:`_received`)."""
         key = (chunk, micro_batch)
         src = self._global(peer)
         if grad:
             specs = p2p.specs_of([t for t in p2p.as_tuple(self._outputs[key]) if t.requires_grad])
-            self._grads[key] = p2p.recv_tensors(specs, src, self.device)
-            return
-        # keyed by grad mode too: a header cached by eval_batch says requires_grad=False,
-        # and training after it would receive activations that send no gradient back
-        boundary = (False, self.module.stage_of_chunk(chunk) - 1, torch.is_grad_enabled())
-        if self.dynamic_shape or boundary not in self._header_cache:
-            self._header_cache[boundary] = p2p.recv_header(src, self.device)
-        specs = self._header_cache[boundary]
-        received = p2p.recv_tensors(specs, src, self.device)
-        self._inputs[key] = tuple(t.requires_grad_(spec.requires_grad) for t, spec in zip(received, specs))
+        else:
+            # keyed by grad mode too: a header cached by eval_batch says requires_grad=False,
+            # and training after it would receive activations that send no gradient back
+            boundary = (False, self.module.stage_of_chunk(chunk) - 1, torch.is_grad_enabled())
+            if self.dynamic_shape or boundary not in self._header_cache:
+                self._header_cache[boundary] = p2p.recv_header(self._link, src, self.device)
+            specs = self._header_cache[boundary]
+        buffers, posted = p2p.recv_tensors(self._link, specs, src, self.device)
+        where = self._where("RecvTensors", dict(chunk=chunk, micro_batch=micro_batch, peer=peer, grad=grad))
+        self._arriving[(grad, key)] = (buffers, posted, where, specs)
+
+    def _received(self, key: tuple[int, int], grad: bool) -> dict:
+        """The buffer (``_grads`` or ``_inputs``) holding ``key``, once a receive posted for
+        it has completed; a tensor handed over from another chunk of this rank is there already."""
+        buffer = self._grads if grad else self._inputs
+        if (grad, key) in self._arriving:
+            buffers, posted, where, specs = self._arriving.pop((grad, key))
+            try:
+                posted.wait()
+            except RuntimeError as exc:
+                cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise PipelineError(f"{where}, waiting for it: {cause}") from exc
+            buffer[key] = buffers if grad else tuple(
+                t.requires_grad_(spec.requires_grad) for t, spec in zip(buffers, specs))
+        return buffer
 
     def _aggregate_total_loss(self):
         # two pipelines: the loss rank holds the down pipeline's losses, its pair
@@ -427,11 +447,12 @@ class ScheduleEngine(PipelineEngine):
         return None
 
     def _exec_finish_sends(self) -> None:
-        for work in self._sends:
-            work.wait()
+        for posted in self._sends:
+            posted.wait()
         self._sends = []
         leftover = [name for name, buf in (("inputs", self._inputs), ("outputs", self._outputs),
-                                           ("grads", self._grads), ("input grads", self._input_grads)) if buf]
+                                           ("grads", self._grads), ("input grads", self._input_grads),
+                                           ("receives", self._arriving)) if buf]
         if leftover or self.store.pending():
             raise RuntimeError(f"pp-ext engine: step ended with unconsumed {', '.join(leftover) or 'W work'} "
                                f"(schedule {self.schedule.name}): the program is not complete")

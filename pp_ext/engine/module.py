@@ -28,6 +28,7 @@ from deepspeed.utils import logger
 from torch import nn
 
 from pp_ext import tp
+from pp_ext.cost_model import Profile
 from pp_ext.schedules.placement import Placement
 
 PLACEMENTS = ("loop", "v", "bidirectional")
@@ -157,8 +158,6 @@ def partition(layers: Sequence, stages: int, method: str | Sequence[int] = "para
     elif kind.lower() == "type" and pattern:
         parts = partition_balanced(weights=_type_weights(layers, pattern), num_parts=stages)
     elif kind.lower() == "balanced":
-        from pp_ext.profile import Profile
-
         if not pattern:
             raise ValueError("partition_method 'balanced' needs measured layer costs: give 'balanced:PROFILE.json' "
                              "(written by pp-ext tune)")

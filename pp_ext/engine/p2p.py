@@ -1,33 +1,58 @@
-"""Point-to-point transfers between any two pipeline ranks.
+"""Point-to-point transfers between any two pipeline ranks, as NCCL needs them.
 
-DeepSpeed's ``p2p.send/recv`` only reach adjacent stages (and first <-> last),
-which interleaved, V-shape and bidirectional placements go beyond; this uses
-``deepspeed.comm`` isend/irecv, which reach any rank on gloo and NCCL alike.
-Messages on one (src, dst) channel match in posting order (no tags: NCCL has
-none), which lowering guarantees (:mod:`pp_ext.schedules.lower`). So two engines on
-the same ranks must not interleave while one has messages in flight (an
-asynchronous engine between calls): :func:`claim_channels` refuses that with an
-error instead of letting the messages meet and hang.
+NCCL's rules (FACTS.md, "NCCL point-to-point"): a send completes only with its
+receive, and ops on one stream complete in posting order. Lowering
+(:mod:`pp_ext.schedules.lower`) orders every rank's sends and receives as the
+projection of one global sequence of transfers, which finishes under those rules
+(:mod:`pp_ext.schedules.nccl` proves it for every program); this module posts
+exactly that, in program order:
+
+- every op on one process group per pipeline (:func:`pipeline_link`), made for pp-ext and
+  initialised by a collective of its ranks at once: one communicator and stream
+  per rank, the stricter of NCCL's stream models; the first ``batch_isend_irecv``
+  of a group need not involve every rank then; and DeepSpeed's collectives on its
+  own pipe group (the loss broadcast after each ``train_batch``) never queue behind
+  a receive an asynchronous engine leaves in flight between calls;
+- each message (a stage's tensors) as one ``batch_isend_irecv``, one NCCL group;
+- without waiting: the engine waits for a receive where its tensors are needed and
+  for its sends at the end of the step (:class:`Posted`).
+
+Messages on one (src, dst) channel match in posting order (no tags: NCCL has none),
+so two engines on the same ranks must not interleave while one has messages in
+flight (an asynchronous engine between calls): :func:`claim_channels` refuses that
+with an error instead of letting the messages meet and hang.
 
 Shapes: the first activation crossing a stage boundary is preceded by a small
 header (count, then dtype, requires_grad, rank and sizes of each tensor); later
-ones reuse it unless shapes are dynamic. Gradients need no header: the receiver
-made the tensors they belong to.
+ones reuse it unless shapes are dynamic. The receiver waits for the header where it
+posts the receive, before the tensors' receive; that is the same place in the
+sequence on both ranks. Gradients need no header: the receiver made the tensors they
+belong to.
+
+``PP_EXT_P2P=emulate-nccl`` runs the same posts on gloo through
+:class:`pp_ext.engine.nccl_emulation.EmulatedNccl`, which enforces NCCL's rules
+instead of gloo's buffering (on NCCL it changes nothing): the test suite runs under it.
 """
 from __future__ import annotations
 
+import datetime
+import os
 import weakref
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as torch_dist
 from deepspeed import comm as dist
+
+from .nccl_emulation import EmulatedNccl
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
           torch.int16, torch.int8, torch.uint8, torch.bool)
 MAX_TENSORS = 16
 MAX_DIMS = 8
 _FIELDS = 3 + MAX_DIMS  # dtype, requires_grad, ndim, sizes
-
+MODE_VARIABLE = "PP_EXT_P2P"
+EMULATE = "emulate-nccl"
 
 # engines of this process whose messages are still on the channels between calls
 _in_flight: weakref.WeakSet = weakref.WeakSet()
@@ -50,6 +75,77 @@ def claim_channels(engine) -> None:
                                f"ranks are matched in posting order)")
 
 
+class Posted:
+    """Ops posted together; ``wait()`` returns once all have completed."""
+
+    def __init__(self, works: list) -> None:
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works = []
+
+
+class Link:
+    """This rank's point-to-point ops, all on ``group`` (global ranks as peers)."""
+
+    def __init__(self, group, emulated: EmulatedNccl | None = None) -> None:
+        self.group = group
+        self.emulated = emulated
+
+    def post(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
+             receives: Sequence[tuple[torch.Tensor, int]] = ()) -> Posted:
+        """Post ``(tensor, peer)`` sends and receives as one batch, without waiting."""
+        if self.emulated is not None:
+            return self.emulated.post(sends, receives)
+        ops = [dist.P2POp(dist.isend, t, peer, self.group) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer, self.group) for t, peer in receives]
+        return Posted(dist.batch_isend_irecv(ops) if ops else [])
+
+
+def _timeout() -> datetime.timedelta | None:
+    """The default process group's timeout (``parallel.comm_timeout_s``), for the groups made here."""
+    group = torch_dist.distributed_c10d._get_default_group()
+    try:
+        return group._get_backend(torch.device(_device_type())).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _device_type() -> str:
+    return "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
+
+
+_links: dict[tuple, Link] = {}
+
+
+def pipeline_link(pipelines: Sequence[Sequence[int]], rank: int, device) -> Link:
+    """The :class:`Link` of ``rank`` in its pipeline; ``pipelines``: the global ranks of
+    every pipeline (DeepSpeed's pipe axis lists), the same on every rank. The groups are
+    made once per process and layout: every rank calls this at the same point (engine
+    construction), as ``new_group`` needs. With one stage nothing crosses ranks and no
+    group is made."""
+    mode = os.environ.get(MODE_VARIABLE, "")
+    if mode not in ("", EMULATE):
+        raise ValueError(f"{MODE_VARIABLE}={mode!r} is not a p2p mode: use {EMULATE} or leave it unset")
+    key = tuple(map(tuple, pipelines))
+    if key in _links:
+        return _links[key]
+    if max(map(len, key)) == 1:
+        _links[key] = Link(None)
+        return _links[key]
+    timeout = _timeout()
+    groups = [torch_dist.new_group(list(ranks), **({"timeout": timeout} if timeout else {})) for ranks in key]
+    mine = next(g for ranks, g in zip(key, groups) if rank in ranks)
+    # a collective first: the group's communicator exists before any batched p2p
+    torch_dist.all_reduce(torch.zeros(1, device=device), group=mine)
+    # on NCCL the rules are NCCL's own: nothing to emulate
+    emulated = EmulatedNccl(mine, timeout) if mode == EMULATE and _device_type() == "cpu" else None
+    _links[key] = Link(mine, emulated)
+    return _links[key]
+
+
 class TensorSpec(tuple):
     """(shape, dtype, requires_grad) of one tensor crossing ranks."""
 
@@ -70,10 +166,10 @@ def specs_of(tensors: Sequence[torch.Tensor]) -> list[TensorSpec]:
     return [TensorSpec((tuple(t.shape), t.dtype, t.requires_grad)) for t in tensors]
 
 
-def send_header(specs: Sequence[TensorSpec], dst: int, device) -> list:
+def send_header(link: Link, specs: Sequence[TensorSpec], dst: int, device) -> Posted:
     if len(specs) > MAX_TENSORS:
         raise ValueError(f"a stage passes {len(specs)} tensors; at most {MAX_TENSORS} are supported")
-    header = torch.zeros(1 + MAX_TENSORS * _FIELDS, dtype=torch.int64, device=device)
+    header = torch.zeros(1 + MAX_TENSORS * _FIELDS, dtype=torch.int64)
     header[0] = len(specs)
     for i, spec in enumerate(specs):
         if len(spec.shape) > MAX_DIMS:
@@ -83,12 +179,13 @@ def send_header(specs: Sequence[TensorSpec], dst: int, device) -> list:
         base = 1 + i * _FIELDS
         header[base:base + 3] = torch.tensor([DTYPES.index(spec.dtype), int(spec.requires_grad), len(spec.shape)])
         header[base + 3:base + 3 + len(spec.shape)] = torch.tensor(spec.shape, dtype=torch.int64)
-    return [dist.isend(header, dst)]
+    return link.post(sends=[(header.to(device), dst)])
 
 
-def recv_header(src: int, device) -> list[TensorSpec]:
+def recv_header(link: Link, src: int, device) -> list[TensorSpec]:
+    """Receive a header and wait for it (the receive of the tensors needs the shapes)."""
     header = torch.zeros(1 + MAX_TENSORS * _FIELDS, dtype=torch.int64, device=device)
-    dist.irecv(header, src).wait()
+    link.post(receives=[(header, src)]).wait()
     values = header.tolist()
     specs = []
     for i in range(values[0]):
@@ -98,22 +195,14 @@ def recv_header(src: int, device) -> list[TensorSpec]:
     return specs
 
 
-def _batched(op: str, tensors: Sequence[torch.Tensor], peer: int) -> list:
-    # one batched call per message: a stage passing several tensors (hidden states,
-    # masks, positions) pays one launch, and NCCL groups them into one transfer
-    if len(tensors) <= 1:  # nothing to batch (a frozen stage sends no gradient back)
-        return [getattr(dist, op)(t, peer) for t in tensors]
-    return dist.batch_isend_irecv([dist.P2POp(getattr(dist, op), t, peer) for t in tensors])
+def send_tensors(link: Link, tensors: Sequence[torch.Tensor], dst: int) -> Posted:
+    """Post the sends of one message; the caller keeps the result until it is done
+    (it holds the tensors)."""
+    return link.post(sends=[(t.detach().contiguous(), dst) for t in tensors])
 
 
-def send_tensors(tensors: Sequence[torch.Tensor], dst: int) -> list:
-    """Post non-blocking sends; the caller keeps the returned works until done."""
-    return _batched("isend", [t.detach().contiguous() for t in tensors], dst)
-
-
-def recv_tensors(specs: Sequence[TensorSpec], src: int, device) -> tuple[torch.Tensor, ...]:
-    """Receive tensors of the given specs (posted together, then waited)."""
-    buffers = [torch.empty(spec.shape, dtype=spec.dtype, device=device) for spec in specs]
-    for work in _batched("irecv", buffers, src):
-        work.wait()
-    return tuple(buffers)
+def recv_tensors(link: Link, specs: Sequence[TensorSpec], src: int,
+                 device) -> tuple[tuple[torch.Tensor, ...], Posted]:
+    """Post the receives of one message: its buffers, and what to wait on before reading them."""
+    buffers = tuple(torch.empty(spec.shape, dtype=spec.dtype, device=device) for spec in specs)
+    return buffers, link.post(receives=[(b, src) for b in buffers])

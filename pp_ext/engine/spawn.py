@@ -7,6 +7,7 @@ nothing waits forever.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import queue as queue_errors
 import socket
@@ -15,6 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -28,21 +30,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_rank(rank: int, world_size: int, port: int, threads: int = 1) -> None:
+def init_rank(rank: int, world_size: int, port: int, threads: int = 1, comm_timeout_s: float | None = None) -> None:
     """Environment and process group of one local rank (CPU: gloo, one thread)."""
-    import torch
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size))
     torch.set_num_threads(threads)
-    init_distributed(rank)
+    init_distributed(rank, comm_timeout_s)
 
 
 def select_accelerator() -> None:
     """Without a GPU, DeepSpeed's CPU accelerator, chosen before deepspeed is imported
     (its auto-detection says the same with a warning on stdout)."""
-    import torch
-
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -51,12 +49,8 @@ def init_distributed(local_rank: int, timeout_s: float | None = None) -> None:
     """DeepSpeed's process group from the environment (RANK, WORLD_SIZE, MASTER_*):
     NCCL on GPUs (this rank's device), gloo on CPU. ``timeout_s`` bounds every wait
     for a peer (gloo raises, NCCL's watchdog aborts); None keeps torch's default."""
-    import datetime
-
-    import torch
-
     select_accelerator()
-    import deepspeed
+    import deepspeed  # here, not at the top: the accelerator is chosen first
 
     # the shm comm op is JIT-built (~80 s) on first init and never used by training
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -67,25 +61,29 @@ def init_distributed(local_rank: int, timeout_s: float | None = None) -> None:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
 
 
-def _entry(fn: Callable, rank: int, world_size: int, port: int, results, args: tuple) -> None:
+def _entry(fn: Callable, rank: int, world_size: int, port: int, results, args: tuple,
+           comm_timeout_s: float | None) -> None:
     # ranks talk on stderr: the parent's stdout is for its own results (e.g. --json)
     os.dup2(2, 1)
     try:
-        init_rank(rank, world_size, port)
+        init_rank(rank, world_size, port, comm_timeout_s=comm_timeout_s)
         results.put((rank, True, fn(rank, world_size, *args)))
     except BaseException:  # report everything, including SystemExit, to the parent
         results.put((rank, False, traceback.format_exc()))
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 900) -> list[Any]:
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 900,
+          comm_timeout_s: float | None = None) -> list[Any]:
     """``fn(rank, world_size, *args)`` on ``world_size`` processes; results by rank.
 
-    ``fn`` must be importable by name (a module-level function)."""
+    ``fn`` must be importable by name (a module-level function). ``comm_timeout_s``
+    bounds every wait for a peer (as ``parallel.comm_timeout_s``; None: torch's default)."""
+    select_accelerator()  # each rank imports fn's module, and with it deepspeed, before anything else
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, results, args), daemon=True)
-             for rank in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, results, args, comm_timeout_s),
+                         daemon=True) for rank in range(world_size)]
     for proc in procs:
         proc.start()
     out: dict[int, Any] = {}

@@ -39,10 +39,12 @@ program, shifted by m micro-batches), m >= p for ``pipedream-2bw``.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+import functools
+from dataclasses import dataclass, replace
 
 from .actions import Action, Kind
 from .costs import Costs, Number
+from .lower import lower
 from .placement import Placement
 from .registry import fixed_chunks, register, require
 from .schedule import Schedule
@@ -87,18 +89,72 @@ def steady_call(name: str, stages: int, micro_batches: int, costs: Costs | None 
     return (makespan[1] - makespan[0]) / 8
 
 
-def segments(lowered: Schedule, micro_batches: int, rank: int) -> tuple[tuple[Action, ...], ...]:
-    """Cut ``rank``'s lowered stream into its calls, then the drain. Call n starts at
-    the receive (or forward) of micro-batch n*m; from call 1 on every call is call 1
-    shifted by m micro-batches (m >= p - 1), so the last call is as long as call 1
-    and the drain (what ``flush()`` runs) is the rest."""
-    program = lowered.programs[rank]
-    starts = []
-    for n in range(lowered.micro_batches // micro_batches):
-        first = next(i for i, a in enumerate(program) if a.kind is Kind.F and a.micro_batch == n * micro_batches)
-        starts.append(first - 1 if first and program[first - 1].kind is Kind.RECV_ACT else first)
-    bounds = starts + [2 * starts[-1] - starts[-2], len(program)]
-    return tuple(program[a:b] for a, b in zip(bounds, bounds[1:]))
+# streams of up to this many calls are lowered to find where a stream's calls repeat
+CALLS_SEARCHED = 7
+
+
+@dataclass(frozen=True)
+class Calls:
+    """One rank's lowered stream cut into ``train_batch`` calls and ``flush()`` drains.
+
+    Call n starts at the first action of a micro-batch >= n*m on the rank (its
+    receive or its forward: every other action of a micro-batch comes after them), so
+    a call never posts a receive for a micro-batch of a call that may not come. After
+    the fill (``first``: calls 0 .. k-1, k <= 2 for the sizes tested) each call is
+    ``steady`` shifted by m micro-batches; the drain after c calls is ``drains[c-1]``,
+    or once they repeat the last of them shifted. Running calls 0 .. c-1 and the drain
+    after c is exactly the lowered stream of c calls (tests/test_async.py)."""
+
+    first: tuple[tuple[Action, ...], ...]
+    steady: tuple[Action, ...]
+    drains: tuple[tuple[Action, ...], ...]
+    micro_batches: int
+
+    def call(self, n: int) -> tuple[Action, ...]:
+        if n < len(self.first):
+            return self.first[n]
+        return shift(self.steady, (n - len(self.first)) * self.micro_batches)
+
+    def drain(self, calls: int) -> tuple[Action, ...]:
+        known = min(calls, len(self.drains))
+        return shift(self.drains[known - 1], (calls - known) * self.micro_batches)
+
+
+def _call_starts(program: tuple[Action, ...], micro_batches: int, calls: int) -> list[int]:
+    return [next(i for i, a in enumerate(program) if a.kind in (Kind.F, Kind.RECV_ACT)
+                 and a.micro_batch >= n * micro_batches) for n in range(calls)]
+
+
+def _repeats_from(parts: list[tuple[Action, ...]], micro_batches: int) -> int:
+    """The first index from which every part is the one before it shifted by m, seen
+    at least twice."""
+    for k in range(len(parts) - 2):
+        if all(parts[j] == shift(parts[k], (j - k) * micro_batches) for j in range(k + 1, len(parts))):
+            return k
+    raise ValueError(f"no periodic regime in {len(parts)} parts of the stream")
+
+
+@functools.lru_cache(maxsize=32)  # every rank of a process group, and the tests, cut the same streams
+def lowered_stream(name: str, stages: int, micro_batches: int, steps: int) -> Schedule:
+    return lower(stream(name, stages, micro_batches, steps))
+
+
+def calls(schedule: Schedule, micro_batches: int, rank: int) -> Calls:
+    """``rank``'s :class:`Calls` of the asynchronous ``schedule`` with m = ``micro_batches``."""
+    lowered = [lowered_stream(schedule.name, schedule.stages, micro_batches, s).programs[rank]
+               for s in range(1, CALLS_SEARCHED + 1)]
+    longest = lowered[-1]
+    starts = _call_starts(longest, micro_batches, CALLS_SEARCHED)
+    parts = [longest[a:b] for a, b in zip(starts, starts[1:])]  # calls 0 .. CALLS_SEARCHED - 2
+    k = _repeats_from(parts, micro_batches)
+    drains = []
+    for s, program in enumerate(lowered[:-1], start=1):
+        done = starts[s]
+        if program[:done] != longest[:done]:  # a call must not depend on how many follow
+            raise ValueError(f"{schedule.name}: the first {s} calls of rank {rank} change with the stream's length")
+        drains.append(program[done:])
+    c = _repeats_from(drains, micro_batches)
+    return Calls(tuple(parts[:k]), parts[k], tuple(drains[:c + 1]), micro_batches)
 
 
 def shift(actions: tuple[Action, ...], offset: int) -> tuple[Action, ...]:

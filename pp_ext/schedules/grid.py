@@ -4,11 +4,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from math import gcd
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .schedule import Schedule
-    from .simulate import Simulation
 
 MARK = "!"
 
@@ -21,8 +16,9 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def step_grid(schedule: "Schedule", marked: Iterable[tuple[int, int]] = ()) -> str:
-    """Rank x step grid of the programs; ``marked`` (rank, step) cells get a ``!``."""
+def step_grid(schedule, marked: Iterable[tuple[int, int]] = ()) -> str:
+    """Rank x step grid of the programs of ``schedule`` (a
+    :class:`~pp_ext.schedules.schedule.Schedule`); ``marked`` (rank, step) cells get a ``!``."""
     marked = set(marked)
     rows = [
         [(MARK if (rank, step) in marked else "") + str(action) for step, action in enumerate(program)]
@@ -45,8 +41,8 @@ def _quantum(values: Iterable[Fraction | float]) -> Fraction | float:
     return Fraction(numerator, denominator)
 
 
-def time_grid(simulation: "Simulation", max_columns: int = 400) -> str:
-    """Rank x time grid from a simulation: one column per time quantum (the largest
+def time_grid(simulation, max_columns: int = 400) -> str:
+    """Rank x time grid from a :class:`~pp_ext.schedules.simulate.Simulation`: one column per time quantum (the largest
     unit that divides every start and duration), ``.`` where the rank is idle and
     ``=`` where an action continues. Returns the step grid if that would be wider
     than ``max_columns``."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .errors import ConstraintError, ScheduleError
 from .schedule import Schedule
+from .validate import validate
 
 Generator = Callable[[int, int, int], Schedule]
 Check = Callable[[int, int, int], None]
@@ -41,8 +42,6 @@ class ScheduleSpec:
 
     def build(self, stages: int, micro_batches: int, chunks: int | None = None) -> Schedule:
         """Check the sizes, generate and validate; returns the compute program."""
-        from .validate import validate
-
         chunks = self.resolve_chunks(chunks)
         check_sizes(self.name, stages, micro_batches, chunks)
         self.check(stages, micro_batches, chunks)

@@ -29,13 +29,11 @@ import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 from xml.sax.saxutils import escape, quoteattr
 
 from .actions import Kind
-
-if TYPE_CHECKING:
-    from .simulate import Simulation, SteadyState
+from .simulate import Simulation, SteadyState, steady_state
 
 PLOT_HINT = "pip install 'pp-ext[plot]'"
 
@@ -295,8 +293,6 @@ def layout(simulation: "Simulation", steady: "SteadyState | None" = None) -> Lay
 
 
 def _steady(simulation: "Simulation") -> "SteadyState":
-    from .simulate import steady_state
-
     return steady_state(simulation.schedule, simulation.costs)
 
 

@@ -19,6 +19,7 @@ from functools import cached_property
 from typing import NamedTuple
 
 from .actions import Action, Kind
+from .grid import step_grid
 from .placement import Placement
 
 
@@ -151,6 +152,4 @@ class Schedule:
         return messages
 
     def __str__(self) -> str:
-        from .grid import step_grid
-
         return step_grid(self)

@@ -139,8 +139,12 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
                 progress = True
     blocked = [(r, pc[r]) for r in range(ranks) if pc[r] < len(programs[r])]
     if blocked:
-        raise InvalidScheduleError("cannot simulate: the schedule deadlocks (run validate for details)",
-                                   step_grid(compute, blocked))
+        waits = "; ".join(
+            f"rank {r} at {programs[r][s]} waits for "
+            + ", ".join(f"{dep} of rank {d}" for d, dep in compute.dependencies(r, programs[r][s])
+                        if (d, dep) not in finish)
+            for r, s in blocked)
+        raise InvalidScheduleError(f"deadlock: no rank can go on ({waits})", step_grid(compute, blocked))
     spans = [span for row in timeline for span in row]
     makespan = (max(s.end for s in spans) - min(s.start for s in spans)) if spans else Fraction(0)
     if schedule.placement.pipelines > 1 and spans:

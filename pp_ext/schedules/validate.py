@@ -10,7 +10,11 @@ action marked with ``!``:
    same (chunk, micro-batch); hand-overs between chunks of one rank are in order;
 4. the lowered program (sends and receives added) runs to the end on all ranks
    with non-blocking sends and blocking receives, every receive matching the
-   message at the head of its channel: no deadlock, nothing left unsent or unread.
+   message at the head of its channel: no deadlock, nothing left unsent or unread
+   (what gloo, which buffers sends, needs);
+5. it also runs to the end under NCCL's rules (:mod:`pp_ext.schedules.nccl`): a
+   send completes only with its receive, ops complete in posting order on one
+   stream per rank pair and, stricter, on one stream per rank for every peer.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from collections import Counter, defaultdict, deque
 from .actions import Action, Kind
 from .errors import InvalidScheduleError
 from .grid import step_grid
+from .lower import lower
+from .nccl import STREAMS, Streams, program_traces, run
 from .schedule import Message, Schedule
 
 
@@ -79,8 +85,31 @@ def check_structure(schedule: Schedule) -> None:
             done.add(action)
 
 
-def dry_run(schedule: Schedule) -> None:
-    """Rule 4: run a lowered program on all ranks at once, without tensors."""
+def dry_run(schedule: Schedule, streams: tuple[Streams, ...] = STREAMS) -> None:
+    """Rules 4 and 5: run a lowered program on all ranks at once, without tensors,
+    buffered (gloo), then under NCCL's rules with each of ``streams``."""
+    buffered_dry_run(schedule)
+    for model in streams:
+        nccl_dry_run(schedule, model)
+
+
+def nccl_dry_run(schedule: Schedule, streams: Streams) -> None:
+    """Rule 5 with one stream model; receives block the host where they are posted
+    (as the engine's shape headers do), the stricter case."""
+    traces = program_traces(schedule)
+    outcome = run(traces, streams)
+    if outcome.finished:
+        return
+    marks = [(r, traces[r].events[e].step) for r, e in outcome.blocked]
+    posted_at = {(r, i): event.step for r, trace in enumerate(traces) for event in trace.events
+                 if event.kind == "post" for i in event.ops}
+    marks += [(head[0], posted_at[head]) for head in outcome.heads]
+    _fail(schedule, f"deadlock under NCCL's rules (one stream per {streams}): {outcome.report}", marks)
+
+
+def buffered_dry_run(schedule: Schedule) -> None:
+    """Rule 4: sends never wait (gloo buffers them); a receive waits for the message
+    at the head of its channel."""
     programs = schedule.programs
     channels: dict[tuple[int, int], deque[Message]] = defaultdict(deque)
     done: list[set[Action]] = [set() for _ in programs]
@@ -141,8 +170,6 @@ def dry_run(schedule: Schedule) -> None:
 
 def validate(schedule: Schedule) -> Schedule:
     """Check every rule; return the lowered schedule (lowering it if needed)."""
-    from .lower import lower
-
     check_structure(schedule)
     lowered = lower(schedule)
     dry_run(lowered)

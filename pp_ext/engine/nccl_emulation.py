@@ -1,0 +1,87 @@
+"""NCCL's point-to-point rules on gloo, for tests (``PP_EXT_P2P=emulate-nccl``).
+
+Gloo buffers a send and matches each (peer, direction) on its own, so a program
+that posts in crossing orders passes on CPU and hangs on GPUs. Here every batch a
+rank posts goes, in posting order, onto one queue per rank that a worker thread
+runs one element at a time, as NCCL runs one stream per communicator: a send
+completes only once its receiver has taken it (the receiver acknowledges each
+message), and nothing behind an element starts before it completes. A crossing
+order then fails as it would under NCCL, with gloo's timeout naming the wait,
+instead of passing. (One stream per rank for every peer is the stricter of NCCL's
+stream models, and the one pp-ext's engine uses: :mod:`pp_ext.engine.p2p`.)
+"""
+from __future__ import annotations
+
+import datetime
+import queue
+import threading
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+_DATA, _ACK = 0, 1
+_DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class _Element:
+    """One posted batch; ``wait()`` blocks the host until the worker has run it."""
+
+    def __init__(self, sends, receives) -> None:
+        self.sends, self.receives = list(sends), list(receives)
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"emulated NCCL p2p: {self.error}") from self.error
+
+
+class EmulatedNccl:
+    """Runs posted batches in order on a worker thread, over the gloo ``group``, each
+    send waiting for its receiver's acknowledgement."""
+
+    def __init__(self, group, timeout: datetime.timedelta | None) -> None:
+        self.group = group
+        self.timeout = timeout or _DEFAULT_TIMEOUT
+        self.queue: queue.SimpleQueue[_Element] = queue.SimpleQueue()
+        self.broken: BaseException | None = None
+        threading.Thread(target=self._work, name="pp-ext emulated NCCL stream", daemon=True).start()
+
+    def post(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
+             receives: Sequence[tuple[torch.Tensor, int]] = ()) -> _Element:
+        element = _Element(sends, receives)
+        self.queue.put(element)
+        return element
+
+    def _work(self) -> None:
+        while True:
+            element = self.queue.get()
+            try:
+                if self.broken is not None:  # a stream that failed runs nothing more, as NCCL's aborts
+                    raise RuntimeError(f"an earlier op on this stream failed ({self.broken})")
+                self._run(element)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting host thread
+                self.broken = self.broken or exc
+                element.error = exc
+            element.done.set()
+
+    def _run(self, element: _Element) -> None:
+        group = self.group
+        data = [dist.isend(t, peer, group=group, tag=_DATA) for t, peer in element.sends]
+        received = [(dist.irecv(t, peer, group=group, tag=_DATA), peer) for t, peer in element.receives]
+        for work, peer in received:
+            self._wait(work, f"receive from rank {peer}")
+        acks = [dist.isend(torch.ones(1), peer, group=group, tag=_ACK) for _, peer in element.receives]
+        for _, peer in element.sends:  # the send is complete once its receiver has taken it
+            self._wait(dist.irecv(torch.zeros(1), peer, group=group, tag=_ACK),
+                       f"send to rank {peer} (its receive is not posted)")
+        for work in data + acks:
+            work.wait()
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{what}: {str(exc).strip().splitlines()[0]}") from None

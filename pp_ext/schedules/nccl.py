@@ -1,0 +1,275 @@
+"""NCCL's point-to-point rules as a dry run: does a communication trace finish?
+
+Gloo buffers sends, so a program whose ranks post their sends and receives in
+crossing orders runs on CPU and hangs on GPUs. NCCL's rules (NCCL user guide,
+p2p and groups; PyTorch's ProcessGroupNCCL; ``FACTS.md``, "NCCL point-to-point"):
+
+- a send completes only together with its matching receive, at any size
+  (``ncclSend`` "is blocking for the GPU");
+- ops run on a stream in the order they were posted. PyTorch runs the unbatched
+  ``isend``/``irecv`` between two ranks on one communicator and stream per rank
+  pair, both directions (``streams="pair"``); batched ops (``batch_isend_irecv``),
+  every op once the communicator is initialised eagerly, and collectives share the
+  process group's communicator: one stream per rank for every peer
+  (``streams="rank"``, the stricter model);
+- a batch (one ``ncclGroupStart``/``ncclGroupEnd``) completes as one unit, once
+  every op in it can;
+- the k-th send from a to b on a communicator matches the k-th receive on b from a
+  there (there are no tags), and the k-th collective of a communicator on every
+  member meets the k-th on the others;
+- the host goes on after posting and blocks only where it waits.
+
+A :class:`Trace` is what one rank posts and waits for, in order: the engine's
+recorded calls (``tests/test_nccl_replay.py``) or a lowered program
+(:func:`program_traces`). :func:`run` plays all ranks' traces under those rules and
+returns the :class:`Outcome`: finished, or stuck with each rank's blocked wait and
+the ops at the heads of its streams.
+"""
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .actions import Kind
+from .schedule import Message, Schedule
+
+Streams = Literal["pair", "rank"]
+STREAMS: tuple[Streams, ...] = ("pair", "rank")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One communication op of a rank. ``group``: the ranks of the process group it is
+    posted on (global ranks), and ``name`` tells apart groups of the same ranks (each
+    has its own communicator); ``label``: what it carries (matched ops must agree)."""
+
+    kind: Literal["send", "recv", "collective"]
+    group: tuple[int, ...]
+    peer: int = -1
+    label: str = ""
+    batched: bool = False
+    name: str = ""
+    where: str = ""  # for reports: the instruction that posted it
+
+
+@dataclass(frozen=True)
+class Event:
+    """``post`` puts ``ops`` on their streams as one element (one op, or one batch);
+    ``wait`` blocks the host until each of ``ops`` has completed. ``ops`` are indices
+    into the trace's op list; ``step`` locates the event in a program (or -1)."""
+
+    kind: Literal["post", "wait"]
+    ops: tuple[int, ...]
+    step: int = -1
+    where: str = ""
+
+
+@dataclass
+class Trace:
+    """One rank's ops and events, in the order the rank posted and waited."""
+
+    ops: list[Op] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def post(self, ops: list[Op], step: int = -1, where: str = "") -> tuple[int, ...]:
+        ids = tuple(range(len(self.ops), len(self.ops) + len(ops)))
+        self.ops.extend(ops)
+        self.events.append(Event("post", ids, step, where))
+        return ids
+
+    def wait(self, ids, step: int = -1, where: str = "") -> None:
+        if ids:
+            self.events.append(Event("wait", tuple(ids), step, where))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """``blocked``: (rank, event index) of every host that could not go on; ``heads``:
+    (rank, op index) of every op at the head of a stream that never completed."""
+
+    finished: bool
+    blocked: tuple[tuple[int, int], ...] = ()
+    heads: tuple[tuple[int, int], ...] = ()
+    report: str = ""
+
+
+class CrossedMessagesError(ValueError):
+    """Two matched ops disagree on what they carry: the ranks posted in crossing orders."""
+
+
+def _communicator(rank: int, op: Op, streams: Streams) -> tuple:
+    if op.kind != "collective" and streams == "pair" and not op.batched:
+        return (op.group, op.name, "pair", min(rank, op.peer), max(rank, op.peer))
+    return (op.group, op.name, "group")
+
+
+def run(traces: list[Trace], streams: Streams) -> Outcome:
+    """Play every rank's trace under NCCL's rules (module doc) until all finish or
+    nothing can move. ``traces[r]`` is global rank r's."""
+    ranks = len(traces)
+    queues: dict[tuple, deque[tuple[int, tuple[int, ...]]]] = defaultdict(deque)  # (rank, comm) -> elements
+    element: dict[tuple[int, int], tuple[int, tuple[int, ...]]] = {}  # (rank, op) -> its element
+    stream: dict[tuple[int, int], tuple] = {}  # (rank, op) -> its queue key
+    # match key -> {rank: op}: p2p (comm, src, dst, k), collectives (comm, k)
+    matches: dict[tuple, dict[int, int]] = defaultdict(dict)
+    match_of: dict[tuple[int, int], tuple] = {}
+    counters: dict[tuple, int] = defaultdict(int)
+    done: list[set[int]] = [set() for _ in range(ranks)]
+    pc = [0] * ranks
+
+    def post(rank: int, ids: tuple[int, ...]) -> None:
+        for i in ids:
+            op = traces[rank].ops[i]
+            comm = _communicator(rank, op, streams)
+            if op.kind == "collective":
+                if rank not in op.group:
+                    raise ValueError(f"rank {rank} posts a collective on group {op.group} it is not in")
+                base = (comm,)
+            else:
+                if not 0 <= op.peer < ranks or op.peer == rank:
+                    raise ValueError(f"rank {rank} posts a {op.kind} to rank {op.peer}")
+                base = (comm, rank, op.peer) if op.kind == "send" else (comm, op.peer, rank)
+            key = base + (counters[(rank, op.kind) + base],)
+            counters[(rank, op.kind) + base] += 1
+            matches[key][rank] = i
+            match_of[(rank, i)] = key
+            stream[(rank, i)] = (rank, comm)
+        # a batch spanning several communicators (never posted by pp-ext) would be one
+        # element on each of them; keep it on the first op's queue, which is stricter
+        queue = stream[(rank, ids[0])]
+        queues[queue].append((rank, ids))
+        for i in ids:
+            element[(rank, i)] = (rank, ids)
+
+    def partners(rank: int, i: int) -> list[tuple[int, int]] | None:
+        """(rank, op) of the ops ``rank``'s op ``i`` completes with; None if one is not posted."""
+        op = traces[rank].ops[i]
+        found = matches[match_of[(rank, i)]]
+        want = [r for r in op.group if r != rank] if op.kind == "collective" else [op.peer]
+        if any(r not in found for r in want):
+            return None
+        return [(r, found[r]) for r in want]
+
+    def check_labels(rank: int, i: int, others: list[tuple[int, int]]) -> None:
+        op = traces[rank].ops[i]
+        for r, j in others:
+            other = traces[r].ops[j]
+            if other.label != op.label or (op.kind == "collective") != (other.kind == "collective"):
+                raise CrossedMessagesError(
+                    f"rank {rank}'s {_name(op)} meets rank {r}'s {_name(other)}: the ranks posted in crossing orders")
+
+    while True:
+        moved = False
+        for rank in range(ranks):
+            events = traces[rank].events
+            while pc[rank] < len(events):
+                event = events[pc[rank]]
+                if event.kind == "post":
+                    post(rank, event.ops)
+                elif not all(i in done[rank] for i in event.ops):
+                    break
+                pc[rank] += 1
+                moved = True
+        heads = {queue[0] for queue in queues.values() if queue}
+        ready = set(heads)
+        changed = True
+        while changed:  # the largest set of head elements whose every op meets its partners in the set
+            changed = False
+            for head in list(ready):
+                rank, ids = head
+                for i in ids:
+                    found = partners(rank, i)
+                    if found is None or any(element[p] not in ready for p in found):
+                        ready.discard(head)
+                        changed = True
+                        break
+        for rank, ids in sorted(ready):
+            for i in ids:
+                check_labels(rank, i, partners(rank, i))
+        for rank, ids in ready:
+            queues[stream[(rank, ids[0])]].popleft()
+            done[rank].update(ids)
+            moved = True
+        if not moved:
+            break
+
+    blocked = tuple((r, pc[r]) for r in range(ranks) if pc[r] < len(traces[r].events))
+    stuck = tuple(sorted((rank, ids[0]) for queue in queues.values() if queue for rank, ids in [queue[0]]))
+    if not blocked and not stuck:
+        return Outcome(True)
+    lines = []
+    for r, e in blocked:
+        event = traces[r].events[e]
+        waiting = [traces[r].ops[i] for i in event.ops if i not in done[r]]
+        lines.append(f"rank {r} waits{' at ' + event.where if event.where else ''} for "
+                     + ", ".join(f"{op.kind} {op.label}" for op in waiting))
+    for r, i in stuck:
+        op = traces[r].ops[i]
+        lines.append(f"rank {r}'s stream {_stream(r, op, streams)} is held by its {_name(op)}")
+    return Outcome(False, blocked, stuck, "; ".join(lines))
+
+
+def _name(op: Op) -> str:
+    return f"{op.kind} {op.label}" + (f" ({op.where})" if op.where and op.where != op.label else "")
+
+
+def _stream(rank: int, op: Op, streams: Streams) -> str:
+    comm = _communicator(rank, op, streams)
+    return f"to rank {op.peer}" if comm[2] == "pair" else f"on group {op.name or list(op.group)}"
+
+
+# ---------------------------------------------------------------------- lowered programs
+
+def messages_by_receive(schedule: Schedule) -> dict[tuple[int, object], Message]:
+    """(receiving rank, its receive action) -> the message it receives."""
+    found = {}
+    for rank, program in enumerate(schedule.programs):
+        for action in program:
+            if action.kind.is_compute:
+                for message in schedule.outgoing(rank, action):
+                    found[(message.dst, message.recv())] = message
+    return found
+
+
+def _label(message: Message) -> str:
+    """``F3.c1 r0->r1``: the activation of micro-batch 3 from chunk 1 of rank 0 (``B``: a gradient)."""
+    chunk = f".c{message.src_chunk}" if message.src_chunk else ""
+    return f"{'B' if message.grad else 'F'}{message.micro_batch}{chunk} r{message.src}->r{message.dst}"
+
+
+def program_traces(schedule: Schedule, blocking_receives: bool = True) -> list[Trace]:
+    """The traces the engine posts for a lowered, structurally valid program
+    (:func:`pp_ext.schedules.validate.check_structure`, then the buffered dry run):
+    each ``sF``/``sB`` posts a send, each ``rF``/``rB`` a receive, each compute
+    action first waits for the receives of its inputs, and the end of the program
+    waits for every send. ``blocking_receives``: the host also waits right at each
+    receive, as it does for a shape header (the stricter model)."""
+    group = tuple(range(schedule.ranks))
+    by_receive = messages_by_receive(schedule)
+    traces = []
+    for rank, program in enumerate(schedule.programs):
+        trace = Trace()
+        arriving: dict[Message, int] = {}
+        sends = []
+        made: dict[object, Message] = {}  # send action -> the message its producer made
+        for step, action in enumerate(program):
+            if action.kind.is_compute:
+                needed = [arriving.pop(m) for m in schedule.incoming(rank, action) if m in arriving]
+                trace.wait(needed, step, str(action))
+                made.update((message.send(), message) for message in schedule.outgoing(rank, action))
+            elif action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
+                message = made.pop(action)
+                sends += trace.post([Op("send", group, message.dst, _label(message), where=str(action))],
+                                    step, str(action))
+            else:
+                message = by_receive[(rank, action)]
+                ids = trace.post([Op("recv", group, message.src, _label(message), where=str(action))],
+                                 step, str(action))
+                if blocking_receives:
+                    trace.wait(ids, step, str(action))
+                else:
+                    arriving[message] = ids[0]
+        trace.wait(sends + list(arriving.values()), len(program) - 1, "the end of the program")
+        traces.append(trace)
+    return traces

@@ -1,0 +1,170 @@
+"""Records a rank's communication calls as a :class:`pp_ext.schedules.nccl.Trace`.
+
+Inside ``with recording() as trace:`` every call a rank makes through
+``deepspeed.comm`` (``send``, ``recv``, ``isend``, ``irecv``, ``batch_isend_irecv``,
+``all_reduce``, ``broadcast``, ``all_gather``, ``barrier`` ...) and the collectives
+pp-ext's tensor-parallel layers call on ``torch.distributed`` directly become ops on
+the trace, in call order, with the process group's ranks and name; a blocking call is a
+post and a wait, an asynchronous one a post, and each ``wait()`` on the works it
+returned a wait. A call made inside a recorded one (deepspeed.comm calling torch) is not
+recorded again. The label of a point-to-point op is its dtype and shape, which the two
+sides of a transfer must agree on.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+
+import torch
+import torch.distributed as torch_dist
+
+import deepspeed.comm as ds_comm
+import deepspeed.comm.comm as ds_comm_module
+from pp_ext.schedules.nccl import Op, Trace
+
+P2P = ("send", "recv", "isend", "irecv")
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "all_to_all_single", "barrier", "reduce", "gather", "scatter")
+
+
+def _group(group) -> tuple[tuple[int, ...], str]:
+    if group is None:
+        group = torch_dist.distributed_c10d._get_default_group()
+    return tuple(torch_dist.get_process_group_ranks(group)), group.group_name
+
+
+def _label(tensor) -> str:
+    if isinstance(tensor, (list, tuple)):
+        return "+".join(_label(t) for t in tensor)
+    return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}" if torch.is_tensor(tensor) else ""
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.trace = Trace()
+        self.local = threading.local()
+
+    def inside(self) -> bool:
+        return getattr(self.local, "depth", 0) > 0
+
+    @contextlib.contextmanager
+    def call(self):
+        self.local.depth = getattr(self.local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self.local.depth -= 1
+
+    def works(self, result, ids: tuple[int, ...], where: str):
+        """Wrap what an asynchronous call returned so that waiting on it is recorded."""
+        if result is None:
+            return None
+        if isinstance(result, list):
+            return [self.works(work, ids, where) for work in result]
+        return _Work(self, result, ids, where)
+
+
+class _Work:
+    def __init__(self, recorder: _Recorder, work, ids: tuple[int, ...], where: str) -> None:
+        self._recorder, self._work, self._ids, self._where = recorder, work, ids, where
+
+    def wait(self, *args, **kwargs):
+        self._recorder.trace.wait(self._ids, where=self._where)
+        with self._recorder.call():
+            return self._work.wait(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+
+# taken before anything is patched
+SIGNATURES = {name: inspect.signature(getattr(torch_dist, name)) for name in P2P + COLLECTIVES
+              if hasattr(torch_dist, name)}
+
+
+def _arguments(name: str, args, kwargs) -> dict:
+    """The call's arguments by name: deepspeed.comm's functions take torch.distributed's
+    parameters in torch's order (plus logging keywords), behind a signature-less wrapper."""
+    signature = SIGNATURES[name]
+    return signature.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in signature.parameters}).arguments
+
+
+def _p2p_wrapper(recorder: _Recorder, name: str, original):
+    blocking = name in ("send", "recv")
+    kind = "send" if name in ("send", "isend") else "recv"
+
+    def wrapper(*args, **kwargs):
+        if recorder.inside():
+            return original(*args, **kwargs)
+        given = _arguments(name, args, kwargs)
+        peer = given.get("dst", given.get("src"))
+        ranks, group_name = _group(given.get("group"))
+        ids = recorder.trace.post([Op(kind, ranks, peer, _label(given["tensor"]), name=group_name, where=name)],
+                                  where=name)
+        with recorder.call():
+            result = original(*args, **kwargs)
+        if blocking:
+            recorder.trace.wait(ids, where=name)
+            return result
+        return recorder.works(result, ids, name)
+    return wrapper
+
+
+def _batch_wrapper(recorder: _Recorder, original):
+    def wrapper(ops, *args, **kwargs):
+        if recorder.inside():
+            return original(ops, *args, **kwargs)
+        posted = []
+        for op in ops:
+            ranks, group_name = _group(op.group)
+            posted.append(Op("send" if op.op == "isend" else "recv", ranks, op.peer, _label(op.tensor),
+                             batched=True, name=group_name, where="batch_isend_irecv"))
+        ids = recorder.trace.post(posted, where="batch_isend_irecv")
+        with recorder.call():
+            works = original(ops, *args, **kwargs)
+        # gloo gives a work per op, NCCL one for the batch: each wait stands for the batch
+        return recorder.works(list(works), ids, "batch_isend_irecv")
+    return wrapper
+
+
+def _collective_wrapper(recorder: _Recorder, name: str, original):
+    def wrapper(*args, **kwargs):
+        if recorder.inside():
+            return original(*args, **kwargs)
+        given = _arguments(name, args, kwargs)
+        ranks, group_name = _group(given.get("group"))
+        tensors = args[:1] if name != "barrier" else ()
+        ids = recorder.trace.post([Op("collective", ranks, label=f"{name} {_label(list(tensors))}",
+                                      name=group_name, where=name)], where=name)
+        with recorder.call():
+            result = original(*args, **kwargs)
+        if given.get("async_op"):
+            return recorder.works(result, ids, name)
+        recorder.trace.wait(ids, where=name)
+        return result
+    return wrapper
+
+
+@contextlib.contextmanager
+def recording():
+    """Record this rank's communication calls while the block runs; yields the Trace."""
+    recorder = _Recorder()
+    patches = []
+    for name in P2P:
+        wrapper = _p2p_wrapper(recorder, name, getattr(ds_comm, name))
+        # P2POp asserts its op is comm.py's own isend/irecv: patch both names alike
+        patches += [(ds_comm, name, wrapper), (ds_comm_module, name, wrapper)]
+    patches.append((ds_comm, "batch_isend_irecv", _batch_wrapper(recorder, ds_comm.batch_isend_irecv)))
+    for name in COLLECTIVES:
+        for module in (ds_comm, torch_dist):
+            if hasattr(module, name):
+                patches.append((module, name, _collective_wrapper(recorder, name, getattr(module, name))))
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    try:
+        for module, name, wrapper in patches:
+            setattr(module, name, wrapper)
+        yield recorder.trace
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
