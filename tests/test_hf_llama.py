@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, BertConfig
 from pp_ext.engine.reference import SequentialReference
 from pp_ext.hf import copy_hf_weights, layer_specs, supported
 from pp_ext.hf.common import FinalNorm, HFDecoderLayer
+from pp_ext.hf.context import ChunkContext
 
 from hf_models import CONFIGS
 
@@ -204,13 +205,19 @@ def test_eager_matches_hf():
         assert max_diff(out[mask.bool()], hf_model(x, attention_mask=mask).logits[mask.bool()]) <= TOL
 
 
-def test_only_tensors_cross_and_ints_stay_int():
+def test_ints_stay_int_and_the_context_is_handed_on():
+    """Each layer hands on (hidden, positions, padding mask), and the decoder layers the
+    one context the first of them built (a chunk's output drops it: test_hf_stage.py)."""
     chain = build(layer_specs(CONFIGS["qwen3"](True)))
     out = chain.funcs[0](ids())
+    contexts = []
     for forward in chain.funcs[1:-2]:
         out = forward(out)
-        assert isinstance(out, tuple) and all(torch.is_tensor(t) for t in out)
-        assert out[0].is_floating_point() and out[1].dtype == out[2].dtype == torch.int64
+        hidden, positions, mask, *shared = out
+        assert hidden.is_floating_point() and positions.dtype == mask.dtype == torch.int64
+        assert len(shared) == 1 and isinstance(shared[0], ChunkContext)
+        contexts.append(shared[0])
+    assert len(contexts) == 2 and contexts[0] is contexts[1]
 
 
 def test_unsupported_architecture():

@@ -297,6 +297,10 @@ class ChunkedPipelineModule(PipelineModule):
         into the embedding) would return outputs that need none either, so its
         parameters, and every layer after it, would get no gradient: such a segment
         runs without checkpointing (where DeepSpeed's own pipeline fails).
+
+        A layer may hand the next layer of its chunk objects that are not tensors (the
+        masks and rotary tables an HF chunk builds once, :mod:`pp_ext.hf.context`); only
+        tensors cross a stage, so the chunk's output keeps its tensors alone.
         """
         checkpoint, chunk = self.activation_checkpoint_func, self._active_chunk
         reentrant = checkpoint is not ds_checkpointing.non_reentrant_checkpoint
@@ -314,9 +318,12 @@ class ChunkedPipelineModule(PipelineModule):
 
         self.activation_checkpoint_func = checkpoint_under_chunk
         try:
-            return super().forward(forward_input)
+            outputs = super().forward(forward_input)
         finally:
             self.activation_checkpoint_func = checkpoint
+        if isinstance(outputs, tuple) and not all(torch.is_tensor(t) for t in outputs):
+            outputs = tuple(t for t in outputs if torch.is_tensor(t))
+        return outputs
 
     # --- PipelineModule hooks -------------------------------------------------------
 

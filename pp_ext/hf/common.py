@@ -5,10 +5,12 @@ mapping and the choice of attention implementation.
 Only tensors cross stages (DeepSpeed sends nothing else), so the first stage turns
 its input into ``(hidden, position_ids, attention_mask)``: positions and the 2D
 padding mask are int64, sent without gradients, and the mask is always sent (all
-ones when none was given) so every micro-batch has the same shapes. Each decoder
-layer rebuilds its 4D mask (and rotary table, where the family has one) from them
-with the functions the HF model itself calls (``transformers.masking_utils``), so no
-float mask or table crosses a stage.
+ones when none was given) so every micro-batch has the same shapes. The first decoder
+layer of a chunk builds the 4D masks and rotary tables from them with the functions
+the HF model itself calls (``transformers.masking_utils``), once, and hands them on to
+the chunk's later layers as a fourth element of the stream
+(:class:`~pp_ext.hf.context.ChunkContext`), so no float mask or table crosses a stage
+and none is built twice.
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from pp_ext import tp
+from pp_ext.hf.context import ChunkContext
 
 # Each implementation with the HF ``PreTrainedModel`` flag that says a model supports it
 # (eager always works).
 ATTN_IMPLEMENTATIONS = {"sdpa": "_supports_sdpa", "eager": None, "flash_attention_2": "_supports_flash_attn"}
 
-Stream = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (hidden, position_ids, attention_mask)
+# (hidden, position_ids, attention_mask), then, between the layers of one chunk, the
+# ChunkContext the first decoder layer built from them
+Stream = tuple
 
 
 def state_keys(module: nn.Module, local: str, hf: str) -> dict[str, str]:
@@ -53,20 +58,12 @@ def stage_inputs(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return input_ids, position_ids, attention_mask.long()
 
 
-def layer_mask(make_mask: Callable, config: PretrainedConfig, hidden: torch.Tensor,
-               position_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """The 4D mask (or None) HF's ``make_mask`` gives for this layer's input."""
-    # An all-ones mask is no mask: only then do HF's mask functions look for
-    # packed documents (position ids restarting) in position_ids.
-    padding = None if bool(attention_mask.all()) else attention_mask
-    return make_mask(config=config, inputs_embeds=hidden, attention_mask=padding,
-                     past_key_values=None, position_ids=position_ids)
-
-
 class HFDecoderLayer(nn.Module):
-    """One HF decoder layer (``layer``, called as the HF model calls it) whose mask, and
-    rotary ``(cos, sin)`` when ``rotary_emb`` is given (called with ``rope_kwargs`` too:
-    Gemma3 asks for its layer type's table), are rebuilt from the int tensors.
+    """One HF decoder layer (``layer``, called as the HF model calls it) with its mask
+    (``make_mask``), and rotary ``(cos, sin)`` when ``rotary_emb`` is given (called with
+    ``rope_kwargs`` too: Gemma3 asks for its layer type's table), from the chunk's
+    :class:`~pp_ext.hf.context.ChunkContext`: the one it receives, or a new one built
+    from the int tensors when it is the chunk's first decoder layer.
 
     A family subclasses it and builds ``layer`` in its own ``__init__``, so that a spec
     holds no weights until DeepSpeed builds it on its stage. ``hf_prefix`` is the
@@ -80,12 +77,13 @@ class HFDecoderLayer(nn.Module):
         self.rotary_emb, self.rope_kwargs, self.layer = rotary_emb, rope_kwargs or {}, layer
 
     def forward(self, inputs: Stream) -> Stream:
-        hidden, position_ids, attention_mask = inputs
-        mask = layer_mask(self.make_mask, self.config, hidden, position_ids, attention_mask)
+        hidden, position_ids, attention_mask, *shared = inputs
+        context = shared[0] if shared else ChunkContext(position_ids, attention_mask)
+        mask = context.mask(self.make_mask, self.config, hidden)
         rotary = {} if self.rotary_emb is None else \
-            {"position_embeddings": self.rotary_emb(hidden, position_ids, **self.rope_kwargs)}
+            {"position_embeddings": context.rotary(self.rotary_emb, hidden, self.rope_kwargs)}
         hidden = self.layer(hidden, attention_mask=mask, position_ids=position_ids, **rotary)
-        return hidden, position_ids, attention_mask
+        return hidden, position_ids, attention_mask, context
 
     def hf_keys(self) -> dict[str, str]:
         return state_keys(self, "layer.", self.hf_prefix)

@@ -12,7 +12,7 @@ differs from the Llama-like families (:mod:`pp_ext.hf.llama`) is around them, as
   shares nothing but the token matrix); positions default to 0..length-1 whatever
   the padding, and packed documents (restarting ``position_ids``) restart their
   positions as well. No rotary.
-* GPT-NeoX (Black et al. 2022, "GPT-NeoX-20B") has rotary positions rebuilt per layer.
+* GPT-NeoX (Black et al. 2022, "GPT-NeoX-20B") has rotary positions, built once per chunk.
 * Both end in a LayerNorm (``transformer.ln_f`` / ``gpt_neox.final_layer_norm``) and
   an ``lm_head`` (tied to the token embedding when ``config.tie_word_embeddings``).
   GPT-NeoX checkpoints (and ``save_pretrained``) spell the untied head ``embed_out``;

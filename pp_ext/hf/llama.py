@@ -14,10 +14,10 @@ specs where only tensors cross stages:
   and mask are int64 so DeepSpeed sends them without gradients, and the mask is
   always sent (all ones when none was given) so every micro-batch has the same
   tensor shapes;
-* every decoder layer rebuilds rotary ``(cos, sin)`` (Gemma3: the table of its own
-  layer type, local or global) and its causal or sliding mask from those two int
-  tensors, with the mask functions the HF model itself calls, so no float mask or
-  rotary table crosses a stage;
+* the decoder layers of a chunk build rotary ``(cos, sin)`` (Gemma3: one table per
+  layer type, local or global) and their causal or sliding masks from those two int
+  tensors once, with the mask functions the HF model itself calls, and share them
+  (:mod:`pp_ext.hf.context`), so no float mask or rotary table crosses a stage;
 * the final norm drops the int tensors and the LM head returns logits, soft-capped
   where the config sets ``final_logit_softcapping`` (Gemma2/3); a tied head
   (``config.tie_word_embeddings``) is a ``TiedLayerSpec`` sharing the embedding.
