@@ -130,7 +130,7 @@ class ScheduleEngine(PipelineEngine):
         self.placement = schedule.placement
         self._loss_rank = self.placement.locate(0, schedule.stages - 1)[0]
         self.store = WeightGradStore()
-        if schedule.split_backward:
+        if any(action.kind is Kind.I for action in schedule.programs[self.stage_id]):
             enable_split_backward(self.module, self.store)
         # (sending, stage boundary, grad mode) -> specs: with two pipelines one rank may both
         # send and receive the same boundary (p=2: rank 0 sends 0->1 down and receives 0->1 up)
@@ -278,9 +278,15 @@ class ScheduleEngine(PipelineEngine):
         schedule's. Flushing only at the end of the step would accumulate in bf16; a
         parameter that gets gradient in both I and W (a Linear weight also used
         elsewhere) is rounded once per pass.
+
+        The bf16 gradients are dropped (None), not zeroed: autograd then hands each
+        parameter the gradient it computed instead of adding it to a zeroed buffer, and
+        the accumulation skips what the pass did not reach (a W reaches the deferred
+        weights only), where zeroed buffers would be added in full; 0 + g = g, so the
+        sums are the same to the bit.
         """
         if self.using_bf16_optimizer:
-            self.optimizer.clear_lp_grads()
+            self.optimizer.clear_lp_grads(set_to_none=True)
 
     def _accumulate_low_precision_grads(self) -> None:
         if self.using_bf16_optimizer:

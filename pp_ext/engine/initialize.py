@@ -8,7 +8,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 
 from pp_ext.async_rules import PipeMareOptions
-from pp_ext.schedules import Schedule, get, lower, validate
+from pp_ext.schedules import Schedule, fuse_backward, get, validate
 
 from .async_engine import AsyncScheduleEngine
 from .engine import ScheduleEngine
@@ -75,7 +75,8 @@ def initialize(args: Any = None, model: ChunkedPipelineModule | None = None, opt
                          f"and config have {pipe}, {micro_batches} and {model.placement.stages}: build it for these")
     if prebuilt is not None:
         validate(prebuilt)
-    program = lower(prebuilt or spec.build(pipe, micro_batches, model.chunks))
+    # an I right before its own W gains nothing from the split: one B instead (at p = 1, all of them)
+    program = fuse_backward(prebuilt or spec.build(pipe, micro_batches, model.chunks))
     # asynchronous schedules (their backward_weights say so) run on their own engine
     extra = {"micro_batches": micro_batches, "pipemare": pipemare} if program.backward_weights else {}
     engine = (AsyncScheduleEngine if extra else ScheduleEngine)(

@@ -8,6 +8,7 @@ from . import classic, interleaved, zero_bubble, zbv, dualpipev, chimera, asynch
 from .actions import Action, Kind
 from .costs import Costs
 from .errors import ConstraintError, InvalidScheduleError, ScheduleError
+from .fuse import fuse_backward
 from .lower import lower
 from .placement import Placement
 from .registry import REGISTRY, ScheduleSpec, build, get, names, register
@@ -16,7 +17,7 @@ from .simulate import Simulation, simulate
 from .validate import dry_run, validate
 
 __all__ = [
-    "Action", "Kind", "Costs", "ConstraintError", "InvalidScheduleError", "ScheduleError", "lower",
+    "Action", "Kind", "Costs", "ConstraintError", "InvalidScheduleError", "ScheduleError", "fuse_backward", "lower",
     "Placement", "REGISTRY", "ScheduleSpec", "build", "get", "names", "register", "Message", "Schedule",
     "Simulation", "simulate", "dry_run", "validate",
 ]
