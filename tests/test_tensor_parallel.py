@@ -115,6 +115,35 @@ def test_a_tensor_size_change_is_a_layout_change_and_an_unreadable_checkpoint_on
     assert "\n" not in str(err.value)
 
 
+def test_one_rank_loss_is_torchs_fused_cross_entropy():
+    """With whole logits the loss is F.cross_entropy's (value and gradient, labelled
+    tokens only, no NaN when none is), in two passes over the logits (the float copy,
+    the log-softmax), not the max / shift / exp / sum of the vocabulary-parallel form."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    logits = torch.randn(2, 5, 11, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(11, (2, 5))
+    labels[0, :2] = -100
+
+    class FullSize(TorchDispatchMode):
+        passes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.passes += torch.is_tensor(out) and out.numel() == logits.numel() and not func.is_view
+            return out
+
+    with FullSize() as full:
+        loss = tp.vocab_parallel_cross_entropy(logits, labels, tp.TensorAxis())
+    assert full.passes == 2
+    expected = F.cross_entropy(logits.float().reshape(-1, 11), labels.reshape(-1), ignore_index=-100)
+    assert torch.equal(loss, expected)
+    grad, = torch.autograd.grad(loss, logits)
+    assert torch.equal(grad, torch.autograd.grad(expected, logits)[0])
+    assert tp.vocab_parallel_cross_entropy(logits, torch.full((2, 5), -100), tp.TensorAxis()).item() == 0.0
+
+
 def test_vocabulary_must_divide():
     config = CONFIGS["llama"](False)
     config.vocab_size = 101

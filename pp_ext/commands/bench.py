@@ -1,12 +1,22 @@
-"""``pp-ext bench``: every schedule's ``train_batch`` time next to DeepSpeed's own."""
+"""``pp-ext bench``: every schedule's ``train_batch`` time next to DeepSpeed's own; with
+``--model``, one device: an HF model's decoder layer and train step next to
+transformers' own under DeepSpeed's engine (:mod:`pp_ext.model_bench`)."""
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from pp_ext.schedules import ScheduleError
 
 from . import CommandError, non_negative_int, positive_int
+
+# (option, default without --model, default with --model): what both benches read
+SHARED = (("micro_batches", 4, 4), ("micro_batch_size", 4, 4), ("seq", 128, 2048), ("warmup", 2, 3),
+          ("repeats", 5, 20))
+# what only the schedule bench (several ranks, the tiny model) reads
+SCHEDULE_BENCH_ONLY = ("stages", "hidden", "blocks_per_rank", "vocab", "partitions", "auto_candidates", "auto_trials")
+MODEL_BENCH_ONLY = ("device", "layers", "steps", "dtype", "save")
 
 
 def add_parser(subparsers) -> None:
@@ -18,33 +28,75 @@ def add_parser(subparsers) -> None:
                     "measured against simulated step times. The asynchronous schedules (pipedream, pipedream-2bw, "
                     "pipemare) are timed per steady call: a train_batch once their pipeline is full (an untimed "
                     "fill before it, an untimed flush after it).")
-    parser.add_argument("--stages", "-p", type=positive_int, default=2, metavar="P", help="pipeline ranks (default 2)")
-    parser.add_argument("--micro-batches", "-m", type=positive_int, default=4, metavar="M",
+    parser.add_argument("--stages", "-p", type=positive_int, default=None, metavar="P",
+                        help="pipeline ranks (default 2)")
+    parser.add_argument("--micro-batches", "-m", type=positive_int, default=None, metavar="M",
                         help="micro-batches per step (default 4)")
     parser.add_argument("--schedules", metavar="A,B,...",
-                        help="only these (comma-separated; 'deepspeed-1f1b' is always timed as the baseline)")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed steps per schedule (default 5)")
-    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument("--hidden", type=positive_int, default=256, help="model width (default 256)")
-    parser.add_argument("--seq", type=positive_int, default=128, help="tokens per sample (default 128)")
-    parser.add_argument("--micro-batch-size", type=positive_int, default=4, help="samples per micro-batch (default 4)")
-    parser.add_argument("--blocks-per-rank", type=positive_int, default=2, help="decoder blocks per rank (default 2)")
-    parser.add_argument("--vocab", type=positive_int, default=512,
+                        help="only these (comma-separated; 'deepspeed-1f1b' is always timed as the baseline; with "
+                             "--model: pp-ext's schedules at pipeline 1, default 1f1b,zb-h1)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed steps per schedule (default 5); with --model: timed calls per layer pass "
+                             "(default 20)")
+    parser.add_argument("--warmup", type=non_negative_int, default=None,
+                        help="untimed steps first (default 2; with --model: rounds left out of the medians, "
+                             "default 3)")
+    parser.add_argument("--hidden", type=positive_int, default=None, help="model width (default 256)")
+    parser.add_argument("--seq", type=positive_int, default=None,
+                        help="tokens per sample (default 128; with --model 2048)")
+    parser.add_argument("--micro-batch-size", type=positive_int, default=None,
+                        help="samples per micro-batch (default 4)")
+    parser.add_argument("--blocks-per-rank", type=positive_int, default=None,
+                        help="decoder blocks per rank (default 2)")
+    parser.add_argument("--vocab", type=positive_int, default=None,
                         help="vocabulary (default 512; large makes the head heavy)")
-    parser.add_argument("--partitions", metavar="A,B,...", default="type:Block",
+    parser.add_argument("--partitions", metavar="A,B,...", default=None,
                         help="cuts of the model to time each schedule on: partition methods (parameters, uniform, "
                              "type:REGEX) or balanced (from a profile measured first); default type:Block")
-    parser.add_argument("--auto-candidates", type=positive_int, default=3, metavar="K",
+    parser.add_argument("--auto-candidates", type=positive_int, default=None, metavar="K",
                         help="auto: time its K best simulated programs against each other and keep the fastest "
                              "(default 3)")
-    parser.add_argument("--auto-trials", type=non_negative_int, default=5, metavar="N",
+    parser.add_argument("--auto-trials", type=non_negative_int, default=None, metavar="N",
                         help="rounds of auto's trials, after the warm-up and before the timed rounds (default 5; "
                              "0: the simulated best)")
-    parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
+    model = parser.add_argument_group(
+        "one device (--model)", "time an HF model's decoder layer (F, I, W, B) next to transformers' own and its "
+        "train step at pipeline 1 (pp-ext's schedules) next to DeepSpeed's ordinary engine on transformers' model, "
+        "same weights, data, bf16 + ZeRO-1 config and torch AdamW; tokens/s medians, ratios side by side")
+    model.add_argument("--model", metavar="DIR", help="an HF model folder (its config.json; weights are not read)")
+    model.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda where there is one")
+    model.add_argument("--layers", type=positive_int, help="decoder layers (default: the config's)")
+    model.add_argument("--steps", type=non_negative_int,
+                       help="rounds of train steps, every engine once a round (default 12; 0: the layer only)")
+    model.add_argument("--dtype", choices=("bfloat16", "float32"), help="default bfloat16")
+    model.add_argument("--save", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=run_bench)
 
 
+def _resolve(args: argparse.Namespace) -> None:
+    """Fill the options not given with the defaults of the bench ``--model`` chooses;
+    refuse what the other bench alone reads."""
+    model = args.model is not None
+    given = [name for name in (SCHEDULE_BENCH_ONLY if model else MODEL_BENCH_ONLY) if getattr(args, name) is not None]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise CommandError(f"{option} is read by the schedule bench (without --model): drop it, or drop --model"
+                           if model else f"{option} is read by the one-device bench: add --model DIR, or drop it")
+    for name, default, with_model in SHARED:
+        if getattr(args, name) is None:
+            setattr(args, name, with_model if model else default)
+    if not model:
+        for name, default in (("stages", 2), ("hidden", 256), ("blocks_per_rank", 2), ("vocab", 512),
+                              ("partitions", "type:Block"), ("auto_candidates", 3), ("auto_trials", 5)):
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    _resolve(args)
+    if args.model is not None:
+        return run_model_bench(args)
     # torch, deepspeed: only when this command runs (pp_ext.commands)
     from pp_ext.engine.spawn import select_accelerator
 
@@ -87,4 +139,32 @@ def run_bench(args: argparse.Namespace) -> int:
                 + f" (* kept); against {paired['schedule']} ({paired['partition']}), the fastest fixed row, round by "
                   f"round: median ratio {paired['median_ratio']:.3f}, faster in {paired['faster_rounds']} of "
                   f"{paired['rounds']} rounds")
+    return 0
+
+
+def run_model_bench(args: argparse.Namespace) -> int:
+    from pp_ext.model_bench import ModelBenchOptions, format_report, run
+    from pp_ext.schedules.render import write_atomic
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CommandError("--device cuda: no CUDA device is visible here; use --device cpu (small sizes)")
+    names = tuple(n.strip() for n in args.schedules.split(",") if n.strip()) if args.schedules else None
+    options = ModelBenchOptions(model=args.model, device=args.device or "", layers=args.layers or 0,
+                                micro_batch_size=args.micro_batch_size, seq=args.seq,
+                                micro_batches=args.micro_batches, steps=12 if args.steps is None else args.steps,
+                                warmup=args.warmup, layer_repeats=args.repeats, dtype=args.dtype or "bfloat16",
+                                **({"schedules": names} if names else {}))
+    if args.save and Path(args.save).is_dir():
+        raise CommandError(f"--save {args.save} is a folder: give a file name, e.g. {Path(args.save) / 'bench.json'}")
+    try:
+        report = run(options)
+    except (ScheduleError, ValueError, FileNotFoundError) as err:  # an unknown schedule, a missing model folder
+        raise CommandError(" ".join(str(err).split())) from None
+    text = json.dumps(report, indent=1)
+    if args.save:
+        write_atomic(args.save, (text + "\n").encode())
+    print(text if args.json else format_report(report))
     return 0

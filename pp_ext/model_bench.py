@@ -1,0 +1,431 @@
+"""``pp-ext bench --model``: on one device, pp-ext's decoder layer and train step next to
+transformers' own, under the same DeepSpeed configuration.
+
+What a user with one GPU (or a pipeline of one stage per node) asks first: does a
+pp-ext stage cost what the Hugging Face model costs, and what does a W-split schedule
+(Qi et al. 2024, "Zero Bubble Pipeline Parallelism") cost where there is no bubble to
+fill? One process on one device answers both, in one run:
+
+* per decoder layer, median F, I, W and fused B seconds of pp-ext's layer
+  (:class:`pp_ext.hf.common.HFDecoderLayer`) next to F and B of transformers' own
+  decoder layer with the same weights, called as the HF model calls it (mask and rotary
+  table built beforehand, once). pp-ext's F is timed as a chunk's later layers run
+  (the chunk's context built), and once more as its first decoder layer runs (building
+  the masks and rotary tables, with the one host read of the batch's layout); I and W
+  on a copy whose linear layers defer their weight GEMMs (:mod:`pp_ext.engine.split_backward`);
+* per train step, tokens per second of DeepSpeed's ordinary engine
+  (``deepspeed.initialize``) on transformers' ``AutoModelForCausalLM`` and of pp-ext's
+  engine at pipeline 1 for each schedule, from the same weights, data, DeepSpeed
+  configuration (the training job's ``zero1-bf16`` base: bf16, ZeRO-1, fp32 gradient
+  accumulation; gradient clipping) and torch AdamW. The engines are built first and
+  stepped round-robin, in a new order each round, so drift in the machine falls on all
+  alike; the first ``warmup`` rounds are left out of the medians (steps 4-12 of 12 by
+  default). The first step's losses are reported too: the same model on the same
+  data, they agree within bf16's rounding;
+* per train step, what each engine asks of the host, counted in one more step under a
+  TorchDispatchMode: host reads (``.item()``, ``bool(tensor)``, ``nonzero`` ... each
+  waits for the device's queue to drain), device synchronisations, and aten ops (about
+  one kernel launch each). Counts do not depend on the device, so a CPU run shows what
+  a GPU run pays.
+
+Ratios are pp-ext / transformers for the layer (time) and pp-ext / DeepSpeed's engine
+for the step (tokens/s), both medians of the same run.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+BASELINE = "deepspeed (HF model)"
+
+
+@dataclass(frozen=True)
+class ModelBenchOptions:
+    model: str  # an HF model folder; its config.json is read, weights are not
+    device: str = ""  # "cuda" or "cpu"; empty: cuda where there is one
+    layers: int = 0  # decoder layers (0: the config's)
+    micro_batch_size: int = 4
+    seq: int = 2048
+    micro_batches: int = 4
+    steps: int = 12  # rounds of train steps (0: per-layer timings only)
+    warmup: int = 3  # first rounds left out of the medians
+    schedules: tuple[str, ...] = ("1f1b", "zb-h1")
+    layer_repeats: int = 20
+    dtype: str = "bfloat16"
+    attn_implementation: str | None = None
+    grad_clip: float = 1.0
+    lr: float = 1e-5
+    seed: int = 1234
+
+    def check(self) -> None:
+        """One ValueError line for what cannot run (before any process starts)."""
+        if self.steps and self.steps <= self.warmup:
+            raise ValueError(f"--steps {self.steps} leaves nothing to time after --warmup {self.warmup}: "
+                             f"give more steps than warm-up rounds (or --steps 0 for the per-layer timings only)")
+        from pp_ext.schedules import get
+
+        for name in self.schedules:
+            get(name)
+
+
+def bench_config(options: ModelBenchOptions):
+    """The model's config with ``layers`` decoder layers (per-layer lists such as
+    ``layer_types`` cut to match)."""
+    from pp_ext.hf.loading import load_config
+
+    config = copy.deepcopy(load_config(options.model))
+    if options.layers:
+        config.num_hidden_layers = options.layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = list(config.layer_types[:options.layers])
+    return config
+
+
+# --------------------------------------------------------------------------- counting
+
+
+class StepCounts:
+    """Counts host reads, aten ops and device synchronisations while active."""
+
+    READS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "unique_consecutive",
+             "_unique2", "unique_dim", "repeat_interleave"}
+    COPIES = {"tolist", "numpy", "cpu"}  # on a CPU tensor these read the host with no aten op
+
+    def __init__(self) -> None:
+        self.ops = self.reads = self.syncs = self._depth = 0
+
+    def __enter__(self):
+        import torch
+        from deepspeed.accelerator import get_accelerator
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self
+
+        class Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counts.ops += 1
+                counts.reads += func.overloadpacket.__name__ in StepCounts.READS
+                return func(*args, **(kwargs or {}))
+
+        class Function(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                counts.reads += getattr(func, "__name__", "") in StepCounts.COPIES
+                return func(*args, **(kwargs or {}))
+
+        accelerator = get_accelerator()
+        self._restore = [(accelerator, "synchronize", accelerator.synchronize),
+                         (torch.cuda, "synchronize", torch.cuda.synchronize)]
+        for owner, name, function in self._restore:
+            setattr(owner, name, self._counting(function))
+        self._modes = [Function(), Dispatch()]
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def _counting(self, function):
+        def synchronize(*args, **kwargs):
+            # DeepSpeed's accelerator synchronises through torch.cuda's: one, not two
+            self.syncs += self._depth == 0
+            self._depth += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._depth -= 1
+        return synchronize
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        for owner, name, function in self._restore:
+            setattr(owner, name, function)
+
+    def as_dict(self) -> dict:
+        return {"host_reads": self.reads, "synchronizations": self.syncs, "aten_ops": self.ops}
+
+
+# --------------------------------------------------------------------------- the engines
+
+
+def deepspeed_config(options: ModelBenchOptions) -> dict:
+    """The training job's ``zero1-bf16`` base (fp32 ones for ``float32``) with the bench's sizes."""
+    from pp_ext.recipe import DEEPSPEED_BASES
+
+    base = "zero1-bf16" if options.dtype == "bfloat16" else "zero1-fp32"
+    config = json.loads((DEEPSPEED_BASES / f"{base}.json").read_text())
+    config.update(train_micro_batch_size_per_gpu=options.micro_batch_size,
+                  gradient_accumulation_steps=options.micro_batches,
+                  train_batch_size=options.micro_batch_size * options.micro_batches,
+                  gradient_clipping=options.grad_clip, steps_per_print=10 ** 9)
+    return config
+
+
+def batches(options: ModelBenchOptions, vocab: int):
+    """``micro_batches`` pairs of (token ids, labels shifted by one; the last position
+    unlabelled), the same every step: pp-ext's loss reads labels shifted, HF's model
+    shifts the ids itself, so both score the same tokens."""
+    import torch
+
+    from pp_ext.metrics import IGNORE_INDEX
+
+    gen = torch.Generator().manual_seed(options.seed)
+    out = []
+    for _ in range(options.micro_batches):
+        ids = torch.randint(vocab, (options.micro_batch_size, options.seq), generator=gen)
+        labels = torch.roll(ids, -1, dims=1)
+        labels[:, -1] = IGNORE_INDEX
+        out.append((ids, labels))
+    return out
+
+
+def hf_model(config, options: ModelBenchOptions, device):
+    """Transformers' model of ``config``, initialised as HF does under ``options.seed``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(options.seed)
+    kwargs = {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, options.dtype), **kwargs)
+    return model.to(device).train()
+
+
+def deepspeed_engine(model, options: ModelBenchOptions):
+    """DeepSpeed's ordinary engine on the HF model and a step function."""
+    import deepspeed
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(options))
+    device = engine.device
+
+    def step(data):
+        """One optimizer step over ``data``; the mean loss of its micro-batches, as
+        pp-ext's ``train_batch`` returns it."""
+        total = 0.0
+        for ids, labels in data:
+            # HF labels are the ids (the model shifts them); no KV cache in training
+            ids = ids.to(device)
+            loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+            engine.backward(loss)
+            engine.step()
+            total = total + loss.detach()
+        return total / len(data)
+
+    return engine, step
+
+
+def pp_ext_engine(config, state_dict, schedule: str, options: ModelBenchOptions):
+    """pp-ext's engine at pipeline 1 on ``config``'s layers holding ``state_dict`` (the
+    HF model's weights), and a step function."""
+    import torch
+
+    import pp_ext
+    from pp_ext.hf import build_pipeline_module, copy_hf_weights
+    from pp_ext.hf.loading import local_layers
+    from pp_ext.schedules import get
+    from pp_ext.train import LanguageModelLoss
+
+    spec = get(schedule)
+    loss = LanguageModelLoss()
+    module = build_pipeline_module(config, num_stages=1, chunks=spec.default_chunks, placement=spec.placement,
+                                   partition_method="uniform", loss_fn=loss, dtype=options.dtype,
+                                   attn_implementation=options.attn_implementation, seed=options.seed)
+    copy_hf_weights(local_layers(module), state_dict)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=options.lr)
+    engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer, config=deepspeed_config(options),
+                                   schedule=schedule)
+    return engine, lambda data: engine.train_batch(iter(data))
+
+
+def build_engines(config, options: ModelBenchOptions, device) -> dict:
+    """{name: (engine, step)}: DeepSpeed's engine on the HF model first, then pp-ext's
+    for each schedule, all from the HF model's initial weights."""
+    model = hf_model(config, options, device)
+    state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+    engines = {BASELINE: deepspeed_engine(model, options)}
+    for schedule in options.schedules:
+        engines[f"pp-ext {schedule}"] = pp_ext_engine(config, state, schedule, options)
+    return engines
+
+
+def count_step(step, data) -> dict:
+    """Host reads, synchronisations and aten ops of one train step."""
+    with StepCounts() as counts:
+        step(data)
+    return counts.as_dict()
+
+
+def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
+    """One row per engine: tokens/s median over the timed rounds, step times, the
+    first step's loss and the counts of one more step."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    engines = build_engines(config, options, device)
+    data = batches(options, config.vocab_size)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    first: dict[str, float] = {}
+    order, shuffle = list(engines), random.Random(options.seed).shuffle
+    for round_ in range(options.steps):
+        shuffle(order)
+        for name in order:
+            sync()
+            start = time.perf_counter()
+            loss = engines[name][1](data)
+            sync()
+            times[name].append(time.perf_counter() - start)
+            if round_ == 0:
+                first[name] = float(loss)
+    tokens = options.micro_batch_size * options.seq * options.micro_batches
+    rows = []
+    for name, (engine, step) in engines.items():
+        timed = times[name][options.warmup:]
+        rows.append({"engine": name, "tokens_per_s": tokens / statistics.median(timed),
+                     "step_time_s": statistics.median(timed), "step_times_s": times[name],
+                     "first_loss": first[name], **count_step(step, data)})
+    base = rows[0]["tokens_per_s"]
+    one_f_one_b = next((row["tokens_per_s"] for row in rows if row["engine"] == "pp-ext 1f1b"), None)
+    for row in rows:
+        row["vs_deepspeed"] = row["tokens_per_s"] / base
+        if one_f_one_b is not None and row["engine"].startswith("pp-ext"):
+            row["vs_1f1b"] = row["tokens_per_s"] / one_f_one_b
+    return rows
+
+
+# --------------------------------------------------------------------------- one layer
+
+
+def layer_timings(config, options: ModelBenchOptions, device) -> dict:
+    """Median seconds of one decoder layer's passes, pp-ext's next to transformers'."""
+    import torch
+
+    from pp_ext.bench import median_time, time_passes
+    from pp_ext.engine.split_backward import WeightGradStore, enable_split_backward
+    from pp_ext.hf import layer_specs
+    from pp_ext.hf.common import HFDecoderLayer
+    from pp_ext.hf.context import ChunkContext
+    from pp_ext.hf.loading import default_dtype
+
+    dtype = getattr(torch, options.dtype)
+    spec = next(s for s in layer_specs(config, options.attn_implementation)
+                if isinstance(s.typename, type) and issubclass(s.typename, HFDecoderLayer))
+    torch.manual_seed(options.seed)
+    with default_dtype(dtype):  # as the engine builds layers: HF's float32 buffers (rotary inv_freq) stay so
+        ours = spec.build().to(device)
+    theirs = copy.deepcopy(ours.layer)  # transformers' own decoder layer, the same weights
+    split, store = copy.deepcopy(ours), WeightGradStore()
+    enable_split_backward(split, store)
+    shape = (options.micro_batch_size, options.seq)
+    x = (torch.randn(*shape, config.hidden_size, device=device, dtype=dtype) * 0.1).requires_grad_()
+    positions = torch.arange(options.seq, device=device).expand(*shape)
+    padding = torch.ones(shape, dtype=torch.long, device=device)
+    context = ChunkContext(positions, padding)
+    # what transformers' model passes its layers: the mask and the rotary table, built once
+    kwargs = {"attention_mask": context.mask(ours.make_mask, ours.config, x), "position_ids": positions}
+    if ours.rotary_emb is not None:
+        kwargs["position_embeddings"] = context.rotary(ours.rotary_emb, x, ours.rope_kwargs)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(forward):
+        def run():
+            out = forward()
+            sync()
+            return out
+        return run
+
+    def backward(out):
+        out.backward(torch.ones_like(out))
+        sync()
+
+    repeats = options.layer_repeats
+    hf_f, _, _, hf_b = time_passes(timed(lambda: theirs(x, **kwargs)), backward, WeightGradStore(), repeats, sync)
+    f, _, _, b = time_passes(timed(lambda: ours((x, positions, padding, context))[0]), backward,
+                             WeightGradStore(), repeats, sync)
+    split_f, i, w, _ = time_passes(timed(lambda: split((x, positions, padding, context))[0]), backward, store,
+                                   repeats, sync)
+    first = median_time(timed(lambda: ours((x, positions, padding))[0]), repeats)
+    build = median_time(timed(lambda: _build(ChunkContext(positions, padding), ours, x)), repeats)
+    return {"layer": type(theirs).__name__, "tokens": options.micro_batch_size * options.seq,
+            "transformers": {"forward": hf_f, "backward": hf_b},
+            "pp_ext": {"forward": f, "forward_first_in_chunk": first, "context_build": build,
+                       "forward_split": split_f, "input_grad": i, "weight_grad": w, "backward": b},
+            "forward_ratio": f / hf_f, "backward_ratio": b / hf_b, "split_ratio": (i + w) / b}
+
+
+def _build(context, layer, hidden):
+    mask = context.mask(layer.make_mask, layer.config, hidden)
+    return mask, None if layer.rotary_emb is None else context.rotary(layer.rotary_emb, hidden, layer.rope_kwargs)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def describe(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def worker(rank: int, world: int, options: ModelBenchOptions) -> dict:
+    import torch
+
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = bench_config(options)
+    report = {"options": {**asdict(options), "schedules": list(options.schedules)}, "device": describe(device),
+              "model_type": config.model_type, "decoder_layers": config.num_hidden_layers,
+              "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
+              "torch": torch.__version__}
+    report["layer"] = layer_timings(config, options, device)
+    if options.steps:
+        report["steps"] = train_steps(config, options, device)
+    return report
+
+
+def run(options: ModelBenchOptions) -> dict:
+    """The report of one run, in a process of its own (a world of one rank)."""
+    from pp_ext.engine.spawn import select_accelerator, spawn
+
+    options.check()
+    bench_config(options)  # a missing folder or unknown model fails here, in this process
+    select_accelerator()
+    return spawn(worker, 1, options)[0]
+
+
+def format_report(report: dict) -> str:
+    """The report as plain-text tables."""
+    opts, layer = report["options"], report["layer"]
+    ms = 1e3
+    lines = [f"{report['model_type']}: {report['decoder_layers']} decoder layers, hidden {report['hidden_size']}, "
+             f"vocabulary {report['vocab_size']}, {opts['dtype']} on {report['device']}",
+             "",
+             f"one decoder layer ({layer['layer']}), {layer['tokens']} tokens, median of {opts['layer_repeats']} (ms)",
+             f"{'':<28}{'F':>9}{'I':>9}{'W':>9}{'B':>9}",
+             f"{'transformers':<28}{layer['transformers']['forward'] * ms:>9.3f}{'-':>9}{'-':>9}"
+             f"{layer['transformers']['backward'] * ms:>9.3f}"]
+    ours = layer["pp_ext"]
+    lines += [f"{'pp-ext':<28}{ours['forward'] * ms:>9.3f}{ours['input_grad'] * ms:>9.3f}"
+              f"{ours['weight_grad'] * ms:>9.3f}{ours['backward'] * ms:>9.3f}",
+              f"{'pp-ext / transformers':<28}{layer['forward_ratio']:>9.3f}{'':>18}{layer['backward_ratio']:>9.3f}",
+              f"pp-ext's first decoder layer of a chunk: F {ours['forward_first_in_chunk'] * ms:.3f} ms "
+              f"(masks and rotary tables {ours['context_build'] * ms:.3f} ms, once per chunk and micro-batch); "
+              f"I + W = {layer['split_ratio']:.3f} B"]
+    if "steps" in report:
+        tokens = opts["micro_batch_size"] * opts["seq"] * opts["micro_batches"]
+        lines += ["",
+                  f"train step: {opts['micro_batches']} micro-batches of {opts['micro_batch_size']} x {opts['seq']} "
+                  f"tokens ({tokens} per step), median of steps {opts['warmup'] + 1}-{opts['steps']}; "
+                  f"counts of one more step",
+                  f"{'engine':<22}{'tokens/s':>12}{'vs DS':>8}{'vs 1f1b':>9}{'step s':>9}{'1st loss':>10}"
+                  f"{'reads':>7}{'syncs':>7}{'aten ops':>10}"]
+        for row in report["steps"]:
+            vs = f"{row['vs_1f1b']:.3f}" if "vs_1f1b" in row else "-"
+            lines.append(f"{row['engine']:<22}{row['tokens_per_s']:>12.1f}{row['vs_deepspeed']:>8.3f}{vs:>9}"
+                         f"{row['step_time_s']:>9.4f}{row['first_loss']:>10.4f}{row['host_reads']:>7}"
+                         f"{row['synchronizations']:>7}{row['aten_ops']:>10}")
+    return "\n".join(lines)
