@@ -6,7 +6,7 @@ simulator, ``auto``, ``pp-ext tune`` and ``parallel.partition: balanced:FILE`` r
 :func:`pp_ext.hf.layer_specs`, embedding and head included, built in the recipe's
 dtype, on the GPU where there is one) at its shapes (``train.micro_batch_size`` x
 ``data.seq_len``), for one or several micro-batch sizes in one launch of 2 local
-ranks (the second is the p2p peer). Each layer is its own chunk of a
+ranks (the second is the p2p peer; 1 where one GPU is visible, :func:`profile_ranks`). Each layer is its own chunk of a
 :class:`~pp_ext.engine.module.ChunkedPipelineModule` on one pipeline rank; its input
 is the previous layer's real output (detached), and F, I, W, B, the p2p latency of
 one activation and the all-reduce are timed with the same code as ``pp-ext bench``
@@ -41,14 +41,15 @@ def _recipe_worker(rank: int, world: int, recipe, sizes: tuple[int, ...], repeat
     loss.tensor_axis = module.tensor_axis
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     module.to(device)
-    latency, bandwidth = allreduce_model(module, repeats)
+    # one rank (one GPU): no peer, so p2p and the all-reduce are priced at 0 (profile_ranks)
+    latency, bandwidth = allreduce_model(module, repeats) if world > 1 else (0.0, float("inf"))
     profiles = {}
     for index, size in enumerate(sizes):
         if rank == 0:
             print(f"pp-ext tune: measuring {chunks} layers at micro-batch size {size} x {recipe.data.seq_len} "
                   f"tokens ({index + 1} of {len(sizes)}, {device.type})", file=sys.stderr, flush=True)
         # p2p of one activation of the hidden width (float32, as bench sends it)
-        comm = comm_latency((size, recipe.data.seq_len, config.hidden_size), repeats, rank)
+        comm = comm_latency((size, recipe.data.seq_len, config.hidden_size), repeats, rank) if world > 1 else 0.0
         if rank != 0:
             continue
         gen = torch.Generator().manual_seed(recipe.train.seed)
@@ -59,7 +60,15 @@ def _recipe_worker(rank: int, world: int, recipe, sizes: tuple[int, ...], repeat
     return profiles if rank == 0 else None
 
 
-def profile_recipe(recipe, sizes: tuple[int, ...], repeats: int = 5) -> dict[int, Profile]:
+def profile_ranks() -> int:
+    """Local ranks of a recipe's profile: 2 (the second is the peer of the p2p and
+    all-reduce timings), or 1 where CUDA shows one GPU, since NCCL refuses two ranks on
+    one device: the layers are measured there alone, p2p and the all-reduce priced at 0."""
+    return 1 if torch.cuda.is_available() and torch.cuda.device_count() < 2 else 2
+
+
+def profile_recipe(recipe, sizes: tuple[int, ...], repeats: int = 5, ranks: int | None = None) -> dict[int, Profile]:
     """Profiles of the recipe's model at each micro-batch size in ``sizes`` (its
-    ``data.seq_len`` and ``model.dtype``), measured in one launch of 2 local ranks."""
-    return spawn(_recipe_worker, 2, recipe, tuple(sizes), repeats)[0]
+    ``data.seq_len`` and ``model.dtype``), measured in one launch of ``ranks`` local
+    ranks (default :func:`profile_ranks`)."""
+    return spawn(_recipe_worker, ranks or profile_ranks(), recipe, tuple(sizes), repeats)[0]

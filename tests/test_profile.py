@@ -138,3 +138,45 @@ def test_bench_times_auto_from_measured_costs_on_each_partition(capsys):
         assert (by_name["auto"]["costs"] == by_name["zb-h1"]["costs"]) == (by_name["auto"]["chunks"] == 1)
         assert by_name["auto"]["predicted_step_s"] <= by_name["zb-h1"]["predicted_step_s"]
     assert rows[0]["costs"] != rows[3]["costs"]
+
+
+@pytest.mark.parametrize("available,count,ranks", [(False, 0, 2), (True, 1, 1), (True, 2, 2), (True, 8, 2)])
+def test_a_recipe_profile_takes_one_rank_where_one_gpu_is_visible(monkeypatch, available, count, ranks):
+    """NCCL takes one rank per GPU: with one GPU the profiler runs alone on it."""
+    import torch
+
+    from pp_ext.profile import profile_ranks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    assert profile_ranks() == ranks
+
+
+def test_the_schedule_bench_says_what_one_gpu_cannot_run(monkeypatch, capsys):
+    import torch
+
+    from pp_ext.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["bench", "--stages", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--stages 2 starts 2 local ranks, one GPU each" in err
+    assert "bench one GPU with --model DIR" in err
+
+
+@pytest.mark.slow
+def test_a_one_rank_profile_measures_the_layers_and_prices_p2p_at_zero(tmp_path):
+    """What a one-GPU machine runs (here on the CPU): every layer measured, no peer for
+    p2p and the all-reduce, priced at 0 (the file keeps it through a save and load)."""
+    from pathlib import Path
+
+    from pp_ext.profile import profile_recipe
+    from pp_ext.recipe import load
+
+    recipe = load(Path(__file__).resolve().parent.parent / "recipes/quickstart.yaml", [])
+    profile = profile_recipe(recipe, (2,), repeats=1, ranks=1)[2]
+    assert len(profile.layers) == 7 and all(layer.forward > 0 and layer.backward > 0 for layer in profile.layers)
+    assert (profile.comm, profile.allreduce_latency, profile.allreduce_bandwidth) == (0.0, 0.0, float("inf"))
+    again = Profile.load(profile.save(tmp_path / "profile.json"))
+    assert again == profile

@@ -101,6 +101,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from pp_ext.engine.spawn import select_accelerator
 
     select_accelerator()  # before deepspeed is first imported (its auto-detection warns on stdout)
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < args.stages:
+        raise CommandError(f"--stages {args.stages} starts {args.stages} local ranks, one GPU each (NCCL takes no two "
+                           f"ranks on one device), and {torch.cuda.device_count()} is visible: bench one GPU with "
+                           f"--model DIR, or run the ranks on the CPU with CUDA_VISIBLE_DEVICES=")
     from pp_ext.bench import BenchOptions, run
 
     names = tuple(n.strip() for n in args.schedules.split(",") if n.strip()) if args.schedules else ()

@@ -49,9 +49,9 @@ def add_parser(subparsers) -> None:
     tune = subparsers.add_parser(
         "tune", help="profile a recipe's model, search schedule x micro-batches x chunks x partition, write the best",
         description="Measure the recipe's model layer by layer at its shapes (F, I, W, activation bytes, p2p "
-                    "latency; 2 local ranks), simulate every schedule x micro-batch split x chunks x partition on "
-                    "the measured costs, drop those over the memory limit, print them ranked and write the "
-                    "winner's recipe overrides (key=value lines).")
+                    "latency; 2 local ranks, or 1 where one GPU is visible, then p2p is priced at 0), simulate "
+                    "every schedule x micro-batch split x chunks x partition on the measured costs, drop those over "
+                    "the memory limit, print them ranked and write the winner's recipe overrides (key=value lines).")
     tune.add_argument("--recipe", required=True, metavar="FILE", help="recipes/NAME.yaml")
     tune.add_argument("--memory-limit", type=float, default=None, metavar="GB",
                       help="GiB per rank for weights, gradients, optimizer state and activations (default: no limit)")
@@ -216,7 +216,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     select_accelerator()  # before deepspeed is first imported
     from pp_ext.preflight import check_before_launch
-    from pp_ext.profile import profile_recipe
+    from pp_ext.profile import profile_ranks, profile_recipe
 
     if args.memory_limit is not None and args.memory_limit <= 0:
         raise CommandError(f"--memory-limit must be > 0 GiB per rank, got {args.memory_limit}")
@@ -248,8 +248,12 @@ def run_tune(args: argparse.Namespace) -> int:
         profiles, profile_path = {profile.micro_batch_size: profile}, Path(args.profile)
         say(f"read {args.profile}: micro-batch size {profile.micro_batch_size} only")
     else:
+        ranks = profile_ranks()
         say(f"profiling {recipe.model.path} at micro-batch sizes {', '.join(str(b) for _, b in splits)} "
-            f"x {recipe.data.seq_len} tokens ({recipe.model.dtype}) on 2 local ranks")
+            f"x {recipe.data.seq_len} tokens ({recipe.model.dtype}) on {ranks} local rank(s)")
+        if ranks == 1:
+            say("one GPU visible: the layers are measured on it; p2p latency and all-reduce need a second GPU "
+                "(NCCL takes one rank per GPU) and are priced at 0")
         profiles, profile_path = profile_recipe(recipe, tuple(b for _, b in splits), args.repeats), None
     say("simulating the candidates on the measured costs")
     try:
