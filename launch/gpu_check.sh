@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The one-GPU check of issue 16, in one command (about 5 minutes on an H200).
+#
+# On a machine with one GPU, from the repository root, after the device kit:
+#   source .device-kit/setup.sh && OUT=/some/folder bash launch/gpu_check.sh
+# It writes under $OUT (default runs/gpu-check; 7 files, no sub-folders) and prints a
+# summary table last:
+#   1. bench-308m.{txt,json}: `pp-ext bench --model configs/models/llama-308m` at the
+#      issue's settings: 16 layers, hidden 1024, vocabulary 32000; micro-batches of
+#      4 x 2048 tokens, 4 per step; bf16 + ZeRO-1 (fp32 accumulation), torch AdamW;
+#      tokens/s median of steps 4-12 of DeepSpeed's engine on transformers' model and of
+#      pp-ext at pipeline 1 (1f1b, zb-h1); per-layer F, I, W, B at that shape;
+#   2. layer-8b.{txt,json}: per-layer F, I, W, B at the Llama-3.1-8B shape, 4096 tokens;
+#   3. smoke.log: the GPU smoke suite's single-GPU cases (tests/test_gpu_smoke.py);
+#   bench.log: the benches' stderr; summary.txt: the table printed last, with the
+#   issue's bars (pp-ext 1f1b >= 0.97x DeepSpeed's engine, zb-h1 >= 0.98x 1f1b,
+#   decoder-layer forward within 5 % of transformers').
+# The benches run first, so a smoke case that hangs costs its timeout, not the figures.
+#
+# PP_EXT_GPU_CHECK_TINY=1 runs the same steps on the CPU at toy sizes (the smoke
+# model, a few tokens), to check the script itself where there is no GPU:
+#   PP_EXT_GPU_CHECK_TINY=1 PYTHON=.venv/bin/python OUT=/tmp/gpu-check bash launch/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=${PYTHON:-python3}
+out=${OUT:-runs/gpu-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+if [ "${PP_EXT_GPU_CHECK_TINY:-0}" = 1 ]; then
+    device=cpu
+    big=(--model configs/models/smoke --layers 2 --seq 16 --micro-batch-size 2 --micro-batches 4 --steps 4
+         --warmup 1 --repeats 2)
+    layer=(--model configs/models/smoke --layers 1 --seq 32 --micro-batch-size 1 --steps 0 --repeats 2)
+else
+    device=cuda
+    big=(--model configs/models/llama-308m --seq 2048 --micro-batch-size 4 --micro-batches 4 --steps 12 --warmup 3
+         --repeats 20)
+    layer=(--model configs/models/llama-3.1-8b --layers 1 --seq 4096 --micro-batch-size 1 --steps 0 --repeats 20)
+fi
+
+exec 3>&2  # the terminal's stderr: the stages' own output goes to files
+stage() {  # stage NAME SECONDS COMMAND...: run it with a time limit, say how it ended
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "gpu_check: $name ..." >&3
+    timeout --kill-after=10 "$limit" "$@"
+    local code=$?
+    echo "gpu_check: $name: exit $code after $((SECONDS - start)) s" | tee -a "$out/bench.log" >&3
+    return $code
+}
+
+: > "$out/bench.log"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  "$py" -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"; } >> "$out/bench.log" 2>&1
+
+stage "bench 308M (tokens/s, layer)" 200 "$py" -m pp_ext.cli bench --device "$device" "${big[@]}" \
+    --save "$out/bench-308m.json" > "$out/bench-308m.txt" 2>> "$out/bench.log"
+stage "layer at the 8B shape" 120 "$py" -m pp_ext.cli bench --device "$device" "${layer[@]}" \
+    --save "$out/layer-8b.json" > "$out/layer-8b.txt" 2>> "$out/bench.log"
+stage "smoke suite, single-GPU cases" 240 "$py" -m pytest tests/test_gpu_smoke.py -k single-gpu -q \
+    -p no:cacheprovider > "$out/smoke.log" 2>&1
+
+"$py" - "$out" <<'PY' | tee "$out/summary.txt"
+"""The issue's figures and bars, from the two reports and the smoke log."""
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+
+
+def load(name):
+    path = out / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def verdict(ok):
+    return "ok" if ok else "MISSED"
+
+
+lines = []
+bench, layer8b = load("bench-308m.json"), load("layer-8b.json")
+if bench is None:
+    lines.append("bench 308M: no report (see bench.log)")
+else:
+    rows = {row["engine"]: row for row in bench["steps"]}
+    ds, one, zb = rows["deepspeed (HF model)"], rows["pp-ext 1f1b"], rows["pp-ext zb-h1"]
+    lines.append(f"train step, {bench['model_type']} {bench['decoder_layers']} layers, {bench['device']}")
+    lines.append(f"{'engine':<22}{'tokens/s':>11}{'ratio':>8}  bar     reads syncs")
+    lines.append(f"{'deepspeed (HF model)':<22}{ds['tokens_per_s']:>11.0f}{1:>8.3f}  -       "
+                 f"{ds['host_reads']:>5} {ds['synchronizations']:>5}")
+    lines.append(f"{'pp-ext 1f1b':<22}{one['tokens_per_s']:>11.0f}{one['vs_deepspeed']:>8.3f}  >=0.97 "
+                 f"{verdict(one['vs_deepspeed'] >= 0.97):<7}{one['host_reads']:>5} {one['synchronizations']:>5}")
+    lines.append(f"{'pp-ext zb-h1 / 1f1b':<22}{zb['tokens_per_s']:>11.0f}{zb['vs_1f1b']:>8.3f}  >=0.98 "
+                 f"{verdict(zb['vs_1f1b'] >= 0.98):<7}{zb['host_reads']:>5} {zb['synchronizations']:>5}")
+    lines.append(f"first losses: DS {ds['first_loss']:.4f}, 1f1b {one['first_loss']:.4f}, zb-h1 {zb['first_loss']:.4f}")
+for name, report in (("308M", bench), ("8B shape", layer8b)):
+    if report is None:
+        lines.append(f"layer {name}: no report")
+        continue
+    lay, ours = report["layer"], report["layer"]["pp_ext"]
+    lines.append(f"layer {name} ({lay['tokens']} tokens): F {ours['forward'] * 1e3:.3f} ms vs transformers "
+                 f"{lay['transformers']['forward'] * 1e3:.3f} ms = {lay['forward_ratio']:.3f} (<=1.05 "
+                 f"{verdict(lay['forward_ratio'] <= 1.05)}); B {lay['backward_ratio']:.3f}; I {ours['input_grad'] * 1e3:.3f} "
+                 f"W {ours['weight_grad'] * 1e3:.3f} B {ours['backward'] * 1e3:.3f} ms, I+W = {lay['split_ratio']:.3f} B; "
+                 f"first in chunk {ours['forward_first_in_chunk'] * 1e3:.3f} ms")
+smoke = (out / "smoke.log").read_text().splitlines() if (out / "smoke.log").is_file() else []
+ends = [line.strip("= ") for line in smoke if any(w in line for w in (" passed", " failed", " skipped", " error"))]
+lines.append("smoke (single GPU): " + (ends[-1] if ends else "no result (see smoke.log)"))
+print("\n".join(lines))
+PY
