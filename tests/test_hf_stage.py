@@ -168,3 +168,32 @@ def test_two_chunks_give_hf_logits(world, family, kind):
         theirs = hf_model(x, **hf_arguments(kind, inputs)).logits
     real = inputs[1].bool() if kind == "padding" else torch.ones_like(x, dtype=torch.bool)
     assert (ours[real] - theirs[real]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpointed_segments_share_the_chunks_context(world, interval, reentrant):
+    """With activation checkpointing a segment hands the context on too (DeepSpeed's
+    checkpoint returns what the layers returned), so only a segment that starts without
+    one builds it, in its forward and again in its recomputation: at most 2 reads per
+    chunk for 2 or 8 decoder layers, and the same logits and gradients as without."""
+    from deepspeed.runtime.activation_checkpointing import checkpointing
+
+    x = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    function = {} if reentrant else {"activation_checkpoint_func": checkpointing.non_reentrant_checkpoint}
+    counts = []
+    for blocks in (2, 8):
+        specs = layer_specs(config_with("llama", blocks))
+        runs = {}
+        for every in (0, interval):
+            module = ChunkedPipelineModule(specs, num_stages=1, partition_method="uniform", seed_layers=True,
+                                           activation_checkpoint_interval=every, **function)
+            reads, copies = HostReads(), HostCopies()
+            with copies, reads:
+                logits = module(x)
+                logits.float().pow(2).mean().backward()
+            runs[every] = logits, {n: p.grad for n, p in module.named_parameters()}, reads.count + copies.count
+        (plain, plain_grads, _), (ours, grads, count) = runs[0], runs[interval]
+        assert torch.equal(plain, ours) and all(torch.equal(g, plain_grads[n]) for n, g in grads.items())
+        counts.append(count)
+    assert counts[0] == counts[1] <= 2, counts
