@@ -5,9 +5,9 @@ A host read (``.item()``, ``bool(tensor)``, ``.tolist()``, ``nonzero``...) waits
 every kernel queued before it, so the GPU idles while the CPU queues the next ones.
 Transformers' own model reads once per forward (packed documents, padding); a stage
 must read no more often than a constant per chunk and micro-batch, whatever its number
-of layers. Counted with a TorchDispatchMode (ops whose result size or value needs the
-device's data) and a TorchFunctionMode (Tensor methods that copy to the host and, on a
-CPU tensor, dispatch nothing).
+of layers. Counted by :class:`pp_ext.model_bench.StepCounts` (a TorchDispatchMode for
+ops whose result size or value needs the device's data, a TorchFunctionMode for Tensor
+methods that copy to the host and, on a CPU tensor, dispatch nothing).
 """
 from __future__ import annotations
 
@@ -15,41 +15,15 @@ import copy
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.masking_utils import find_packed_sequence_indices
 
 from pp_ext.engine.module import ChunkedPipelineModule
 from pp_ext.engine.spawn import free_port, init_rank
 from pp_ext.hf import copy_hf_weights, layer_specs
 from pp_ext.hf.context import layout
+from pp_ext.model_bench import StepCounts
 
 from hf_models import CONFIGS
-
-# aten ops that read device data on the host (a scalar, or an output size)
-READS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "unique_consecutive",
-         "_unique2", "unique_dim", "repeat_interleave", "masked_scatter_"}
-COPIES = {"tolist", "numpy", "cpu"}  # Tensor methods that read on the host with no aten op on a CPU tensor
-
-
-class HostReads(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket.__name__ in READS
-        return func(*args, **(kwargs or {}))
-
-
-class HostCopies(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += getattr(func, "__name__", "") in COPIES
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +62,13 @@ INPUTS = {
 
 def reads_of_a_step(module: ChunkedPipelineModule, inputs) -> int:
     """Host reads over both chunks' forward and backward of one micro-batch."""
-    reads, copies = HostReads(), HostCopies()
-    with copies, reads:
+    with StepCounts() as counts:
         hidden = module.chunk_forward(0, inputs)
         boundary = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in hidden)
         logits = module.chunk_forward(1, boundary)
         logits.float().pow(2).mean().backward()
         torch.autograd.backward(hidden[0], boundary[0].grad)
-    return reads.count + copies.count
+    return counts.reads
 
 
 @pytest.mark.parametrize("kind", INPUTS)
@@ -188,11 +161,10 @@ def test_checkpointed_segments_share_the_chunks_context(world, interval, reentra
         for every in (0, interval):
             module = ChunkedPipelineModule(specs, num_stages=1, partition_method="uniform", seed_layers=True,
                                            activation_checkpoint_interval=every, **function)
-            reads, copies = HostReads(), HostCopies()
-            with copies, reads:
+            with StepCounts() as step:
                 logits = module(x)
                 logits.float().pow(2).mean().backward()
-            runs[every] = logits, {n: p.grad for n, p in module.named_parameters()}, reads.count + copies.count
+            runs[every] = logits, {n: p.grad for n, p in module.named_parameters()}, step.reads
         (plain, plain_grads, _), (ours, grads, count) = runs[0], runs[interval]
         assert torch.equal(plain, ours) and all(torch.equal(g, plain_grads[n]) for n, g in grads.items())
         counts.append(count)
