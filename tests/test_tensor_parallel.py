@@ -244,7 +244,9 @@ def run_case(tmp, case) -> dict:
         norms.append(float(engine.get_global_grad_norm() if dtype == "bfloat16" else engine._step_grad_norm))
     result = {"case": case, "losses": losses, "norms": norms, "optimizer": type(engine.optimizer).__name__,
               "replicas_differ": replicas_differ(module, axis)}
-    if family == "gpt2":  # under a split backward every Conv1D defers its weight GEMM to W
+    # under a split backward every Conv1D defers its weight GEMM to W; a rank whose every I
+    # meets its own W runs B instead (pipeline 1: fuse_backward), with nothing to defer
+    if family == "gpt2" and any(a.kind.name == "I" for a in engine.schedule.programs[engine.stage_id]):
         from transformers.pytorch_utils import Conv1D
         convs = [m for m in module.modules() if isinstance(m, Conv1D)]
         result["conv1d"] = (len(convs), sum(getattr(m, "_wgrad_store", None) is engine.store for m in convs))
