@@ -12,7 +12,7 @@ fill? One process on one device answers both, in one run:
   table built beforehand, once). pp-ext's F is timed as a chunk's later layers run
   (the chunk's context built), and once more as its first decoder layer runs (building
   the masks and rotary tables, with the one host read of the batch's layout); I and W
-  on a copy whose linear layers defer their weight GEMMs (:mod:`pp_ext.engine.split_backward`);
+  on a copy whose linear layers defer their weight GEMMs (:mod:`pp_ext.split_backward`);
 * per train step, tokens per second of DeepSpeed's ordinary engine
   (``deepspeed.initialize``) on transformers' ``AutoModelForCausalLM`` and of pp-ext's
   engine at pipeline 1 for each schedule, from the same weights, data, DeepSpeed
@@ -40,6 +40,26 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
+
+from pp_ext.engine.initialize import initialize
+from pp_ext.engine.measure import median_time, time_passes
+from pp_ext.engine.spawn import spawn
+from pp_ext.hf import build_pipeline_module, copy_hf_weights, layer_specs
+from pp_ext.hf.common import HFDecoderLayer
+from pp_ext.hf.context import ChunkContext
+from pp_ext.hf.loading import default_dtype, load_config, local_layers
+from pp_ext.loss import LanguageModelLoss
+from pp_ext.metrics import IGNORE_INDEX
+from pp_ext.recipe import DEEPSPEED_BASES
+from pp_ext.schedules import get
+from pp_ext.split_backward import WeightGradStore, enable_split_backward
+
 BASELINE = "deepspeed (HF model)"
 
 
@@ -66,8 +86,6 @@ class ModelBenchOptions:
         if self.steps and self.steps <= self.warmup:
             raise ValueError(f"--steps {self.steps} leaves nothing to time after --warmup {self.warmup}: "
                              f"give more steps than warm-up rounds (or --steps 0 for the per-layer timings only)")
-        from pp_ext.schedules import get
-
         for name in self.schedules:
             get(name)
 
@@ -75,8 +93,6 @@ class ModelBenchOptions:
 def bench_config(options: ModelBenchOptions):
     """The model's config with ``layers`` decoder layers (per-layer lists such as
     ``layer_types`` cut to match)."""
-    from pp_ext.hf.loading import load_config
-
     config = copy.deepcopy(load_config(options.model))
     if options.layers:
         config.num_hidden_layers = options.layers
@@ -99,11 +115,6 @@ class StepCounts:
         self.ops = self.reads = self.syncs = self._depth = 0
 
     def __enter__(self):
-        import torch
-        from deepspeed.accelerator import get_accelerator
-        from torch.overrides import TorchFunctionMode
-        from torch.utils._python_dispatch import TorchDispatchMode
-
         counts = self
 
         class Dispatch(TorchDispatchMode):
@@ -153,8 +164,6 @@ class StepCounts:
 
 def deepspeed_config(options: ModelBenchOptions) -> dict:
     """The training job's ``zero1-bf16`` base (fp32 ones for ``float32``) with the bench's sizes."""
-    from pp_ext.recipe import DEEPSPEED_BASES
-
     base = "zero1-bf16" if options.dtype == "bfloat16" else "zero1-fp32"
     config = json.loads((DEEPSPEED_BASES / f"{base}.json").read_text())
     config.update(train_micro_batch_size_per_gpu=options.micro_batch_size,
@@ -168,10 +177,6 @@ def batches(options: ModelBenchOptions, vocab: int):
     """``micro_batches`` pairs of (token ids, labels shifted by one; the last position
     unlabelled), the same every step: pp-ext's loss reads labels shifted, HF's model
     shifts the ids itself, so both score the same tokens."""
-    import torch
-
-    from pp_ext.metrics import IGNORE_INDEX
-
     gen = torch.Generator().manual_seed(options.seed)
     out = []
     for _ in range(options.micro_batches):
@@ -184,9 +189,6 @@ def batches(options: ModelBenchOptions, vocab: int):
 
 def hf_model(config, options: ModelBenchOptions, device):
     """Transformers' model of ``config``, initialised as HF does under ``options.seed``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(options.seed)
     kwargs = {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, options.dtype), **kwargs)
@@ -195,9 +197,6 @@ def hf_model(config, options: ModelBenchOptions, device):
 
 def deepspeed_engine(model, options: ModelBenchOptions):
     """DeepSpeed's ordinary engine on the HF model and a step function."""
-    import deepspeed
-    import torch
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(options))
     device = engine.device
@@ -221,14 +220,6 @@ def deepspeed_engine(model, options: ModelBenchOptions):
 def pp_ext_engine(config, state_dict, schedule: str, options: ModelBenchOptions):
     """pp-ext's engine at pipeline 1 on ``config``'s layers holding ``state_dict`` (the
     HF model's weights), and a step function."""
-    import torch
-
-    import pp_ext
-    from pp_ext.hf import build_pipeline_module, copy_hf_weights
-    from pp_ext.hf.loading import local_layers
-    from pp_ext.schedules import get
-    from pp_ext.train import LanguageModelLoss
-
     spec = get(schedule)
     loss = LanguageModelLoss()
     module = build_pipeline_module(config, num_stages=1, chunks=spec.default_chunks, placement=spec.placement,
@@ -236,8 +227,7 @@ def pp_ext_engine(config, state_dict, schedule: str, options: ModelBenchOptions)
                                    attn_implementation=options.attn_implementation, seed=options.seed)
     copy_hf_weights(local_layers(module), state_dict)
     optimizer = torch.optim.AdamW(module.parameters(), lr=options.lr)
-    engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer, config=deepspeed_config(options),
-                                   schedule=schedule)
+    engine, *_ = initialize(model=module, optimizer=optimizer, config=deepspeed_config(options), schedule=schedule)
     return engine, lambda data: engine.train_batch(iter(data))
 
 
@@ -262,8 +252,6 @@ def count_step(step, data) -> dict:
 def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
     """One row per engine: tokens/s median over the timed rounds, step times, the
     first step's loss and the counts of one more step."""
-    import torch
-
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     engines = build_engines(config, options, device)
     data = batches(options, config.vocab_size)
@@ -301,15 +289,6 @@ def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
 
 def layer_timings(config, options: ModelBenchOptions, device) -> dict:
     """Median seconds of one decoder layer's passes, pp-ext's next to transformers'."""
-    import torch
-
-    from pp_ext.bench import median_time, time_passes
-    from pp_ext.engine.split_backward import WeightGradStore, enable_split_backward
-    from pp_ext.hf import layer_specs
-    from pp_ext.hf.common import HFDecoderLayer
-    from pp_ext.hf.context import ChunkContext
-    from pp_ext.hf.loading import default_dtype
-
     dtype = getattr(torch, options.dtype)
     spec = next(s for s in layer_specs(config, options.attn_implementation)
                 if isinstance(s.typename, type) and issubclass(s.typename, HFDecoderLayer))
@@ -365,16 +344,12 @@ def _build(context, layer, hidden):
 
 
 def describe(device) -> str:
-    import torch
-
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def worker(rank: int, world: int, options: ModelBenchOptions) -> dict:
-    import torch
-
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = bench_config(options)
     report = {"options": {**asdict(options), "schedules": list(options.schedules)}, "device": describe(device),
@@ -389,11 +364,8 @@ def worker(rank: int, world: int, options: ModelBenchOptions) -> dict:
 
 def run(options: ModelBenchOptions) -> dict:
     """The report of one run, in a process of its own (a world of one rank)."""
-    from pp_ext.engine.spawn import select_accelerator, spawn
-
     options.check()
     bench_config(options)  # a missing folder or unknown model fails here, in this process
-    select_accelerator()
     return spawn(worker, 1, options)[0]
 
 

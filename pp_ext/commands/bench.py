@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from pp_ext.schedules import ScheduleError
+from pp_ext.schedules.render import write_atomic
 
 from . import CommandError, non_negative_int, positive_int
 
@@ -149,12 +150,15 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_model_bench(args: argparse.Namespace) -> int:
+    # torch, deepspeed: only when this command runs (pp_ext.commands)
+    from pp_ext.engine.spawn import select_accelerator
+
+    select_accelerator()  # before deepspeed is first imported (its auto-detection warns on stdout)
+    import torch
+
     from pp_ext.model_bench import ModelBenchOptions, format_report, run
-    from pp_ext.schedules.render import write_atomic
 
     if args.device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise CommandError("--device cuda: no CUDA device is visible here; use --device cpu (small sizes)")
     names = tuple(n.strip() for n in args.schedules.split(",") if n.strip()) if args.schedules else None
