@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one-GPU check of issue 16, in one command (about 5 minutes on an H200).
+# The one-GPU check of issue 16, in one command (about 5 minutes on an H200; each stage has a
+# time limit, 180 + 90 + 200 s at most).
 #
 # On a machine with one GPU, from the repository root, after the device kit:
 #   source .device-kit/setup.sh && OUT=/some/folder bash launch/gpu_check.sh
@@ -55,11 +56,11 @@ stage() {  # stage NAME SECONDS COMMAND...: run it with a time limit, say how it
   "$py" -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"; } >> "$out/bench.log" 2>&1
 
-stage "bench 308M (tokens/s, layer)" 200 "$py" -m pp_ext.cli bench --device "$device" "${big[@]}" \
+stage "bench 308M (tokens/s, layer)" 180 "$py" -m pp_ext.cli bench --device "$device" "${big[@]}" \
     --save "$out/bench-308m.json" > "$out/bench-308m.txt" 2>> "$out/bench.log"
-stage "layer at the 8B shape" 120 "$py" -m pp_ext.cli bench --device "$device" "${layer[@]}" \
+stage "layer at the 8B shape" 90 "$py" -m pp_ext.cli bench --device "$device" "${layer[@]}" \
     --save "$out/layer-8b.json" > "$out/layer-8b.txt" 2>> "$out/bench.log"
-stage "smoke suite, single-GPU cases" 240 "$py" -m pytest tests/test_gpu_smoke.py -k single-gpu -q \
+stage "smoke suite, single-GPU cases" 200 "$py" -m pytest tests/test_gpu_smoke.py -k single-gpu -q \
     -p no:cacheprovider > "$out/smoke.log" 2>&1
 
 "$py" - "$out" <<'PY' | tee "$out/summary.txt"
