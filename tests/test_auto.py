@@ -86,7 +86,7 @@ def model_costs(p, stages, head, fiw):
     share = Fr(p, stages)
     per_stage = [tuple(x * share for x in fiw) for _ in range(stages)]
     per_stage[-1] = tuple(x + head * y for x, y in zip(per_stage[-1], fiw))
-    return Costs(comm=fiw[0] / 30, per_stage=tuple(per_stage))
+    return Costs(comm=Fr(fiw[0]) / 30, per_stage=tuple(per_stage))
 
 
 SHAPES = {  # (head, F:I:W): equal stages or a heavy last stage; unit costs or the paper's 1.5B model

@@ -55,6 +55,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from functools import lru_cache
 
 from .actions import Action, Kind
 from .costs import Costs, Number
@@ -133,6 +134,7 @@ def policies(limits: Sequence[int], depths: Sequence[tuple[int, ...]] | None = N
             for rule in W_RULES for depth in (warmup_depths(limits) if depths is None else depths)]
 
 
+@lru_cache(maxsize=16)  # the same for every policy of a search (read-only)
 def scaled_costs(placement: Placement, costs: Costs) -> tuple[list[dict[Kind, Number]], Number, int]:
     """Per-stage F, I, W durations and the comm time, as integers times ``1/scale``
     where every cost is a fraction (exact, and far faster than Fraction arithmetic
@@ -161,6 +163,11 @@ def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Seque
     other = Kind.F if policy.first is Kind.I else Kind.I
     # how long a rank leaves a ready action waiting for one it prefers: patience x its mean pass
     wait = [policy.patience * sum(cost[s][k] for s in stage_of[r] for k in cost[s]) / (3 * v) for r in range(p)]
+    if all(isinstance(x, int) for x in [comm, *(x for c in cost for x in c.values())]):
+        # exact costs (integers times 1/scale): scale the waits too, so the loop compares integers only
+        factor = math.lcm(*(w.denominator for w in wait))
+        cost = [{kind: value * factor for kind, value in c.items()} for c in cost]
+        comm, scale, wait = comm * factor, scale * factor, [int(w * factor) for w in wait]
     order = [[(kind, c) for kind in (policy.first, other) for c in chunk_order[r]] for r in range(p)]
     done = {Kind.F: [[None] * m for _ in range(placement.stages)], Kind.I: [[None] * m for _ in range(placement.stages)]}
     issued = {Kind.F: [[0] * v for _ in range(p)], Kind.I: [[0] * v for _ in range(p)]}
@@ -197,11 +204,16 @@ def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Seque
 
     def decide(rank: int) -> tuple[Number, tuple[Kind, int]] | None:
         now = free[rank]
-        ready = {key: t for key in order[rank] if (t := arrival(*key, rank)) is not None}
+        patient = now + wait[rank]
+        upcoming = first = None  # the earliest arrival, and the first kind in ``order`` that arrives then
         for key in order[rank]:
-            if key in ready and ready[key] <= now + wait[rank]:
-                return max(now, ready[key]), key
-        upcoming = min(ready.values(), default=None)
+            ready = arrival(*key, rank)
+            if ready is None:
+                continue
+            if ready <= patient:
+                return max(now, ready), key
+            if upcoming is None or ready < upcoming:
+                upcoming, first = ready, key
         if pending[rank]:
             gap = None if upcoming is None else upcoming - now
             forwards_left = any(n < m for n in issued[Kind.F][rank])
@@ -210,16 +222,16 @@ def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Seque
             if (gap is None or memory_bound or policy.w_rule == "eager" or gap >= w_cost
                     or (policy.w_rule == "bubble" and idle[rank] + gap > max(idle))):
                 return now, (Kind.W, pending[rank][0][0])
-        if upcoming is None:
-            return None
-        return upcoming, next(key for key in order[rank] if ready.get(key) == upcoming)
+        return None if upcoming is None else (upcoming, first)
 
     # a rank's choice changes only when it or a neighbour (whose results it waits
     # for) commits, or, under the "bubble" rule, when the largest idle time grows
     decisions: list[tuple[Number, tuple[Kind, int]] | None] = [decide(rank) for rank in range(p)]
     for _ in range(3 * placement.stages * m):
-        rank = min((r for r in range(p) if decisions[r] is not None), key=lambda r: (decisions[r][0], r),
-                   default=None)
+        rank = None  # the rank whose decided action starts first (the lowest on ties)
+        for r, decision in enumerate(decisions):
+            if decision is not None and (rank is None or decision[0] < decisions[rank][0]):
+                rank = r
         if rank is None:  # cannot happen with limits >= chunks: see the module doc
             raise AssertionError(f"auto heuristic stalled with policy {policy}")
         start, (kind, chunk) = decisions[rank]
@@ -291,7 +303,8 @@ def fits(schedule: Schedule, costs: Costs, limits: Sequence[int]) -> Number | No
     return None
 
 
-def fixed_schedules(placement: Placement, micro_batches: int) -> list[tuple[str, Schedule]]:
+@lru_cache(maxsize=64)  # built and validated once for every cost model and limit weighed at these sizes
+def fixed_schedules(placement: Placement, micro_batches: int) -> tuple[tuple[str, Schedule], ...]:
     """Each registered synchronous schedule (``auto`` aside) of ``placement`` that
     accepts its ranks and ``micro_batches``, by name, in registry order."""
     found = []
@@ -302,7 +315,7 @@ def fixed_schedules(placement: Placement, micro_batches: int) -> list[tuple[str,
             found.append((name, spec.build(placement.ranks, micro_batches, placement.chunks)))
         except ConstraintError:
             continue
-    return found
+    return tuple(found)
 
 
 def candidates(placement: Placement, micro_batches: int, costs: Costs,
