@@ -202,8 +202,10 @@ def tokenize(records: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg:
     _check_tokenizer(kind, tokenizer)
     fields = {"text": cfg.text_field, "prompt": cfg.prompt_field, "completion": cfg.completion_field,
               "messages": cfg.messages_field}
+    # None runs in this process: datasets (5.x) starts a pool of worker processes for num_proc=1 too
+    workers = cfg.num_proc if cfg.num_proc > 1 else None
     docs = records.map(functools.partial(_documents, kind=kind, tokenizer=tokenizer, fields=fields),
-                       batched=True, num_proc=cfg.num_proc, remove_columns=records.column_names,
+                       batched=True, num_proc=workers, remove_columns=records.column_names,
                        desc="tokenizing")
     if kind == "text" and cfg.pack:
         layout = functools.partial(_stream_blocks, seq_len=cfg.seq_len)
@@ -214,7 +216,7 @@ def tokenize(records: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg:
                         truncated, len(docs), cfg.seq_len)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         layout = functools.partial(_record_samples, seq_len=cfg.seq_len, pad=pad, pack=cfg.pack)
-    samples = docs.map(layout, batched=True, num_proc=cfg.num_proc, remove_columns=docs.column_names,
+    samples = docs.map(layout, batched=True, num_proc=workers, remove_columns=docs.column_names,
                        desc="packing" if cfg.pack else "padding")
     return samples.with_format("torch", columns=list(COLUMNS))
 

@@ -1,8 +1,48 @@
-"""Every test runs pp-ext's point-to-point under NCCL's rules, emulated on gloo
+"""Two rules for every test.
+
+Every test runs pp-ext's point-to-point under NCCL's rules, emulated on gloo
 (pp_ext.engine.nccl_emulation): a send completes only once its receiver has taken it,
 and a rank's ops complete in posting order. Gloo alone buffers sends and would pass
 programs that hang on GPUs. Spawned ranks and launched jobs inherit it;
-``PP_EXT_P2P= bash tests/run.sh`` runs plain gloo instead."""
+``PP_EXT_P2P= bash tests/run.sh`` runs plain gloo instead.
+
+The quick subset's contract (setup.cfg): a test not marked ``slow`` starts no process.
+Every such test runs with process creation watched (``subprocess``, ``multiprocessing``
+and so ``torch.multiprocessing``, ``os.fork``/``os.posix_spawn``); one that starts a
+process fails at teardown naming what it started, so a process launch cannot slip
+into ``pytest -m "not slow"`` unmarked.
+"""
+from __future__ import annotations
+
+import multiprocessing.process
 import os
+import subprocess
+
+import pytest
 
 os.environ.setdefault("PP_EXT_P2P", "emulate-nccl")
+
+
+@pytest.fixture(autouse=True)
+def starts_no_process_unless_slow(request, monkeypatch):
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    started: list[str] = []
+
+    def watch(owner, name: str, what) -> None:
+        original = getattr(owner, name)
+
+        def watched(*args, **kwargs):
+            started.append(what(*args))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, watched)
+
+    watch(subprocess.Popen, "_execute_child", lambda popen, args, *_: f"subprocess {args!r:.120}")
+    watch(multiprocessing.process.BaseProcess, "start", lambda process: f"multiprocessing {process!r}")
+    watch(os, "fork", lambda: "os.fork()")
+    watch(os, "posix_spawn", lambda path, *_: f"os.posix_spawn({path!r})")
+    yield
+    if started:
+        pytest.fail(f"starts a process but is not marked slow: {'; '.join(started)}", pytrace=False)

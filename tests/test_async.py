@@ -287,6 +287,7 @@ def test_another_engine_is_refused_while_an_asynchronous_one_is_in_flight():
         assert math.isfinite(result["after_flush"])
 
 
+@pytest.mark.slow  # launches the study's training processes
 def test_the_delay_study_trains_the_recipe_by_the_2bw_rule_and_ordinarily():
     """launch/delay_study.py (the README's whole-model study): both runs, same first
     loss (same weights and data before any update), and one line for bad input."""

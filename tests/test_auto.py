@@ -6,6 +6,7 @@ from fractions import Fraction as Fr
 
 import pytest
 
+import brute_force
 from pp_ext.schedules import REGISTRY, ConstraintError, Costs, Placement, build, names, simulate, validate
 from pp_ext.schedules.auto import (PATIENCE, auto_schedule, greedy, heuristic, memory_limits, origin, policies,
                                    ranked)
@@ -59,7 +60,7 @@ def test_auto_is_never_worse_than_the_handmade_ones_on_uneven_stages():
             sim = simulate(auto_schedule(p, m, costs, limit, chunks=1), costs)
             assert sim.makespan <= reference.makespan and sim.peak_activations <= limit
             worse += heuristic(Placement.loop(p), m, costs, memory_limits(p, m, limit))[1] > reference.makespan
-    assert worse < 12  # the greedy alone loses to the handmade order on a few of these, not most
+    assert worse <= 3  # the greedy alone loses to the handmade order on a few: measured 3 of 48 (seeds 11, 14, 19)
 
 
 def test_greedy_times_are_the_simulators():
@@ -96,6 +97,9 @@ SHAPES = {  # (head, F:I:W): equal stages or a heavy last stage; unit costs or t
     "head-paper": (Fr(3, 2), (Fr("18.5"), Fr("18.1"), Fr("9.3"))),
 }
 FIXED = [n for n in names(synchronous=True) if n != "auto"]
+# of the 24 points of each shape below, where auto is strictly shorter than every fixed
+# schedule that fits, as measured (exact costs: deterministic); losing any of them fails
+MEASURED_SHORTER = {"equal-1:1:1": 14, "equal-paper": 14, "head-1:1:1": 7, "head-paper": 10}
 
 
 def fixed_makespans(p, m, cuts, limit, replicas):
@@ -134,7 +138,7 @@ def test_auto_is_never_longer_than_a_fixed_schedule_that_fits_its_memory(shape):
                 assert sim.makespan <= min(fixed.values()), (shape, p, m, limit, sim.makespan, fixed)
                 shorter += sim.makespan < min(fixed.values())
     print(shape, "auto strictly shorter than every fixed schedule that fits on", shorter, "of 24 points")
-    assert shorter >= 5
+    assert shorter >= MEASURED_SHORTER[shape]
 
 
 def test_auto_with_two_weight_replicas_weighs_chimera():
@@ -213,13 +217,22 @@ def test_ilp_and_heuristic_agree_within_the_gap(name):
 
 
 def test_ilp_beats_the_heuristic_where_it_can():
-    """Uneven stages where the greedy order is 0.1 short of optimal: the ILP finds it."""
+    """Uneven stages where the greedy order is short of optimal: the ILP finds a shorter
+    order, and both makespans are what an independent simulation of their programs
+    gives (tests/brute_force.py), above the chain bound of every rank (its first F
+    cannot start before the forwards and messages of the stages before it, and then
+    it has m (F + I + W) of work)."""
     solve_ilp = ilp()
     stages = ((Fr(3, 5), 1, 1), (Fr(11, 10), Fr(13, 10), Fr(1, 2)), (Fr(9, 10), Fr(9, 10), Fr(9, 10)),
               (Fr(13, 10), Fr(11, 10), Fr(1, 5)))
     costs = Costs(comm=Fr(3, 10), per_stage=stages)
-    result = solve_ilp(4, 8, costs, 4, time_limit=30)
-    assert result.optimal and result.ilp_makespan == Fr(304, 10) < result.heuristic_makespan == Fr(305, 10)
+    p, m = 4, 8
+    result = solve_ilp(p, m, costs, 4, time_limit=30)
+    assert result.optimal and result.bound == result.ilp_makespan
+    assert result.ilp_makespan == brute_force.makespan(result.ilp, costs)
+    assert result.heuristic_makespan == brute_force.makespan(result.heuristic, costs)
+    chain = max(sum(stages[s][0] + costs.comm for s in range(r)) + m * sum(stages[r]) for r in range(p))
+    assert chain <= result.ilp_makespan < result.heuristic_makespan
     assert result.best is result.ilp and 0 < result.gap < 0.01
 
 

@@ -5,6 +5,7 @@ from fractions import Fraction as Fr
 
 import pytest
 
+import brute_force
 from pp_ext.schedules import ConstraintError, Costs, build, simulate
 
 
@@ -12,10 +13,27 @@ from pp_ext.schedules import ConstraintError, Costs, build, simulate
 @pytest.mark.parametrize("units", [1, 2, 3])
 def test_paper_bubble_at_equal_forward_and_backward(p, units):
     # the paper's Table 2 counts F = B: bubble (p-2)/(2m+p-2) with direct concatenation
+    # (derived by hand in chimera.py from the slots of its order)
     m = units * p
-    sim = simulate(build("chimera", p, m), Costs(forward=1, input_grad=Fr(1, 2), weight_grad=Fr(1, 2)))
-    assert sim.makespan == 2 * m + p - 2
+    sched, costs = build("chimera", p, m), Costs(forward=1, input_grad=Fr(1, 2), weight_grad=Fr(1, 2))
+    sim = simulate(sched, costs)
+    assert sim.makespan == 2 * m + p - 2 == brute_force.makespan(sched, costs)
     assert sim.bubble_ratio == Fr(p - 2, 2 * m + p - 2)
+
+
+@pytest.mark.parametrize("p", [2, 4, 6, 8])
+@pytest.mark.parametrize("units", [1, 2, 3])
+def test_bubble_at_unit_costs_agrees_with_a_second_simulation(p, units):
+    """F = I = W = 1 (so B = 2F): chimera.py's makespan (4p-2)m/p + p-2 has no derivation
+    by hand; it is checked against tests/brute_force.py, a simulation independent of
+    pp_ext.schedules.simulate, so a simulator bug cannot move formula and expectation
+    together. test_properties.py then asserts the bubble over its whole grid."""
+    m = units * p
+    sched = build("chimera", p, m)
+    makespan = Fr(4 * p - 2, p) * m + p - 2
+    assert brute_force.makespan(sched) == makespan == simulate(sched).makespan
+    bubble = Fr((p - 2) * (m + p), (4 * p - 2) * m + p * (p - 2))  # 1 - 3m / makespan, the form of chimera.py
+    assert simulate(sched).bubble_ratio == 1 - Fr(3 * m, makespan) == bubble
 
 
 @pytest.mark.parametrize("p", [2, 4, 6, 8])

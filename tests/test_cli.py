@@ -228,6 +228,7 @@ def test_usage(capsys):
 
 # ---------------------------------------------------------------- as a program
 
+@pytest.mark.slow  # starts a process
 def test_python_dash_m_runs_the_cli():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-m", "pp_ext.cli", "schedule", "compare", "-p", "2", "-m", "4",
@@ -241,6 +242,7 @@ def test_python_dash_m_runs_the_cli():
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("pp-ext: error: unknown schedule 'nope'")
 
 
+@pytest.mark.slow  # starts a process
 def test_console_script():
     script = shutil.which("pp-ext")
     if script is None:

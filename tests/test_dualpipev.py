@@ -4,6 +4,7 @@ from fractions import Fraction
 
 import pytest
 
+import brute_force
 from pp_ext.schedules import ConstraintError, Kind, Placement, Schedule, build, get, simulate
 from pp_ext.schedules.dualpipev import dualpipev_program
 from pp_ext.schedules.simulate import steady_state
@@ -88,16 +89,19 @@ def test_phase_structure(p, m):
         assert len(program) - last_input_grad - 1 == 2 * (r + 1)
 
 
-@pytest.mark.parametrize("p, m, makespan", [(2, 4, Fraction(27, 2)), (4, 8, Fraction(59, 2)),
-                                             (8, 16, Fraction(123, 2))])
-def test_w_inside_every_b_misses_the_bound(p, m, makespan):
-    """DeepSpeed's port of DualPipeV runs every backward as one B."""
+@pytest.mark.parametrize("p, m", [(2, 4), (4, 8), (8, 16)])
+def test_w_inside_every_b_misses_the_bound(p, m):
+    """DeepSpeed's port of DualPipeV runs every backward as one B: the split schedule
+    reaches the bound 3m + (p-1)/2 (each rank idle only while F0 comes down, half a
+    unit per rank), the fused one does not. Its makespan has no closed form here: the
+    simulator's is checked against the independent tests/brute_force.py."""
     split = build("dualpipev", p, m)
     fused = replace(split, programs=tuple(
         tuple(replace(a, kind=Kind.B) if a.kind is Kind.I else a for a in program if a.kind is not Kind.W)
         for program in split.programs))
     validate(fused)
-    assert simulate(fused).makespan == makespan > simulate(split).makespan
+    assert simulate(split).makespan == 3 * m + Fraction(p - 1, 2) == brute_force.makespan(split)
+    assert simulate(fused).makespan == brute_force.makespan(fused) > simulate(split).makespan
 
 
 @pytest.mark.parametrize("p, m", [(4, 5), (4, 7), (1, 1), (3, 5)])

@@ -49,7 +49,6 @@ def test_balanced_needs_a_matching_profile(tmp_path):
     assert partition(layers[:3], 2, f"balanced:{path}") in ([0, 1, 3], [0, 2, 3])
 
 
-@pytest.mark.slow
 def test_the_replica_sum_is_priced_per_cut_from_the_all_reduce_fit(tmp_path):
     """Chimera's rank i sums stages i and p-1-i with its partner: the slowest pair's
     latency + bytes / bandwidth; a profile written before these fields prices it at 0."""
@@ -75,6 +74,7 @@ def test_the_replica_sum_is_priced_per_cut_from_the_all_reduce_fit(tmp_path):
     assert Profile.load(unmeasurable.save(tmp_path / "inf.json")) == unmeasurable  # null in the file
 
 
+@pytest.mark.slow  # profiles on 2 spawned ranks and times the passes
 def test_profile_of_a_heavy_head_and_balanced_stages(tmp_path):
     options = BenchOptions(stages=2, micro_batches=4, hidden=128, heads=2, intermediate=352, vocab=16384,
                            blocks_per_rank=2, seq=64, micro_batch_size=2, cost_repeats=5)

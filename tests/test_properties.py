@@ -42,7 +42,7 @@ def closed_forms(name, p, m, v):
     if name in ("pipedream", "pipedream-2bw", "pipemare"):  # a stream of SHOWN_STEPS calls, one fill
         return {"bubble_ratio": Fr(p - 1, SHOWN_STEPS * m + p - 1), "peak_activations": min(p, SHOWN_STEPS * m),
                 "weight_copies": {"pipedream": p, "pipedream-2bw": 2, "pipemare": 1}[name]}
-    if name == "chimera":  # refuses odd p and m not a multiple of p; see chimera.py for the forms
+    if name == "chimera":  # refuses odd p and m not a multiple of p; chimera.py's forms, test_chimera.py's check
         return {"bubble_ratio": Fr((p - 2) * (m + p), (4 * p - 2) * m + p * (p - 2)), "peak_activations": p,
                 "weight_copies": 2}
     return {}
@@ -110,6 +110,7 @@ def test_zero_bubble_claims_in_steady_state(name, p, extra):
     assert steady_state(build(name, p, m)).bubble_ratio == 0
 
 
+@pytest.mark.slow  # starts a process: a fresh interpreter's modules
 def test_schedule_layer_imports_neither_torch_nor_deepspeed():
     code = ("import sys, pp_ext.schedules; bad = {'torch', 'deepspeed'} & set(sys.modules); "
             "sys.exit(f'imported {bad}' if bad else 0)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pp_ext.schedules import REGISTRY, ConstraintError, build, simulate  # noqa: F401 - registers all
+from pp_ext.schedules import REGISTRY, build, simulate
 from pp_ext.schedules.actions import Kind
 from pp_ext.schedules.costs import Costs
 from pp_ext.schedules.render import (
@@ -57,16 +57,11 @@ def test_svg_parses_with_one_box_per_compute_action(name, p, m, v):
 
 
 def test_every_registered_schedule_draws():
-    """Generic over the registry: whatever is registered draws at p=4, m=8 (default chunks)."""
-    drawn = 0
+    """Generic over the registry: every registered schedule accepts p=4, m=8 with its
+    default chunks (none refuses these sizes) and draws one box per compute action."""
     for spec in REGISTRY.values():
-        try:
-            sim = simulate(spec.build(4, 8))
-        except ConstraintError:
-            continue
+        sim = simulate(spec.build(4, 8))
         assert len(boxes(to_svg(sim))) == compute_actions(sim), spec.name
-        drawn += 1
-    assert drawn >= 4
 
 
 def test_title_names_schedule_sizes_and_metrics():
@@ -192,6 +187,7 @@ def test_save_png(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.png"]
 
 
+@pytest.mark.slow  # starts a process: a fresh interpreter's modules
 def test_render_imports_no_heavy_modules():
     code = ("import sys, pp_ext.schedules.render\n"
             "bad = [m for m in ('matplotlib', 'torch', 'deepspeed') if m in sys.modules]\n"

@@ -36,7 +36,9 @@ Figures (flushed step; per rank and micro-batch a stage costs F forward, B backw
   (p-2)(m+p) / ((4p-2)m + p(p-2)) (p=4, m=8: 1/5; 1F1B: 3/11); each unit
   of p micro-batches adds 4p-2 to the makespan for 3p of work, because the
   F = B order leaves a backward wave waiting on the other pipeline's longer one.
-  Measured by the simulator; ``tests/test_properties.py`` asserts it over its grid.
+  Not derived by hand: ``tests/test_chimera.py`` checks it against a second
+  simulation written in the tests (``tests/brute_force.py``, independent of the
+  simulator), and ``tests/test_properties.py`` asserts it over its grid.
   The paper's forward doubling and backward halving (its other ways to scale to
   m > p) attack exactly this; they are not implemented here.
 - Peak activations on rank r: p/2 + 1 + min(r, p-1-r) micro-batches, so between

@@ -17,14 +17,17 @@ micro-batches, loop placement, one chunk per rank.
   is 1 - 3m/(2m+2p-1), also optimal (the last rank's m F and m I end at 2m+p-1
   at best, then the last gradient crosses p-1 ranks and a W follows). With
   general costs the bubble per rank is (p-1)(F+I-W) when W <= min(F, I)
-  (measured: (p-1)max(F+I-W, F, I) flushed, (p-1)max(F+I-W, I) steady).
+  (found by simulation: (p-1)max(F+I-W, F, I) flushed, (p-1)max(F+I-W, I)
+  steady; tests/test_zero_bubble.py checks both against a second, independent
+  simulation, tests/brute_force.py).
 - ``zb-h2``: rank i runs 2p-1-2i warm-up forwards, filling the wait for the
   first gradient, then I-W-F rounds; in the cooldown it skips W for 2i rounds
   so the last gradients reach rank 0 quickly, and the 2i+1 deferred W's close
   the step. Every rank is then busy without a break from its first action to
   its last (a parallelogram), so steps repeated without a flush leave no
-  bubble: steady-state bubble (p-1)(F+I-2W) = 0 (measured for general costs:
-  (p-1)max(0, F+I-2W, I-F)). This needs m >= 2p-1; below it the same rules
+  bubble: steady-state bubble (p-1)(F+I-2W) = 0 (for general costs, found by
+  simulation and checked against tests/brute_force.py: (p-1)max(0, F+I-2W, I-F)).
+  This needs m >= 2p-1; below it the same rules
   give a valid schedule with a steady bubble. The flushed bubble is LB for
   m >= p and equals zb-h1's for m < p. Peak activations min(m, 2p-1), reached
   on every rank: rank 0 after its warm-up, rank i in the cooldown with 2i W's
