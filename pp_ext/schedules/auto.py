@@ -259,11 +259,17 @@ def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Seque
 
 
 def heuristic(placement: Placement, micro_batches: int, costs: Costs,
-              limits: Sequence[int]) -> tuple[list[list[Action]], Number]:
+              limits: Sequence[int]) -> tuple[tuple[tuple[Action, ...], ...], Number]:
     """The best of :func:`greedy` over :func:`policies` (the first on ties: the least
     memory-hungry), with its makespan. One chunk: every depth. Two chunks (twice the
     passes, and patience too): the depths are swept with the "fit" rule first, and
     the whole policy space is searched at the three best."""
+    return _heuristic(placement, micro_batches, costs, tuple(limits))
+
+
+@lru_cache(maxsize=64)  # a search asked again (auto_schedule after ranked, the ILP's start) is not run again
+def _heuristic(placement: Placement, micro_batches: int, costs: Costs,
+               limits: tuple[int, ...]) -> tuple[tuple[tuple[Action, ...], ...], Number]:
     def best_of(search: list[Policy]) -> list[tuple[Number, int, Policy, list[list[Action]]]]:
         runs = []
         for index, policy in enumerate(search):
@@ -274,11 +280,12 @@ def heuristic(placement: Placement, micro_batches: int, costs: Costs,
     depths = warmup_depths(limits, placement.chunks)
     if placement.chunks == 1:
         makespan, _, _, programs = best_of(policies(limits, depths))[0]
-        return programs, makespan
-    sweep = best_of([Policy("fit", depth, first) for depth in depths for first in (Kind.I, Kind.F)])
-    top = list(dict.fromkeys(run[2].depth for run in sweep))[:3]
-    makespan, _, _, programs = min(sweep[0], best_of(policies(limits, top, PATIENCE))[0], key=lambda run: run[:2])
-    return programs, makespan
+    else:
+        sweep = best_of([Policy("fit", depth, first) for depth in depths for first in (Kind.I, Kind.F)])
+        top = list(dict.fromkeys(run[2].depth for run in sweep))[:3]
+        makespan, _, _, programs = min(sweep[0], best_of(policies(limits, top, PATIENCE))[0],
+                                       key=lambda run: run[:2])
+    return tuple(map(tuple, programs)), makespan
 
 
 def layout_costs(placement: Placement, costs: Costs | Sequence[Costs] | Mapping[str, Costs]) -> Costs | None:
@@ -326,7 +333,7 @@ def candidates(placement: Placement, micro_batches: int, costs: Costs,
     m, found = micro_batches, []
     if placement.pipelines == 1:
         programs, makespan = heuristic(placement, m, costs, limits)
-        found.append((Schedule("auto", placement, m, tuple(map(tuple, programs))), makespan))
+        found.append((Schedule("auto", placement, m, programs), makespan))
     for _, schedule in fixed_schedules(placement, m):
         makespan = fits(schedule, costs, limits)
         if makespan is not None:
