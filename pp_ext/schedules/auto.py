@@ -154,6 +154,14 @@ def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Seque
     placement (``limits`` in chunk activations per rank): per-rank programs and their
     makespan (each action starts as soon as its rank and inputs allow, so this is the
     simulator's makespan of the same programs)."""
+    orders, makespan = _greedy(placement, micro_batches, costs, limits, policy)
+    return [[Action(*action) for action in order] for order in orders], makespan
+
+
+def _greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequence[int],
+            policy: Policy) -> tuple[list[list[tuple[Kind, int, int]]], Number]:
+    """:func:`greedy` with each action as (kind, micro-batch, chunk): a search builds
+    actions only for the program it keeps."""
     p, v, m, last = placement.ranks, placement.chunks, micro_batches, placement.stages - 1
     cost, comm, scale = scaled_costs(placement, costs)
     stage_of = [[placement.holds(r, c)[1] for c in range(v)] for r in range(p)]
@@ -168,60 +176,66 @@ def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Seque
         factor = math.lcm(*(w.denominator for w in wait))
         cost = [{kind: value * factor for kind, value in c.items()} for c in cost]
         comm, scale, wait = comm * factor, scale * factor, [int(w * factor) for w in wait]
+    F, I, W = Kind.F, Kind.I, Kind.W  # noqa: E741 - the paper's names; locals, for the inner loop
     order = [[(kind, c) for kind in (policy.first, other) for c in chunk_order[r]] for r in range(p)]
-    done = {Kind.F: [[None] * m for _ in range(placement.stages)], Kind.I: [[None] * m for _ in range(placement.stages)]}
-    issued = {Kind.F: [[0] * v for _ in range(p)], Kind.I: [[0] * v for _ in range(p)]}
+    done = {F: [[None] * m for _ in range(placement.stages)], I: [[None] * m for _ in range(placement.stages)]}
+    issued = {F: [[0] * v for _ in range(p)], I: [[0] * v for _ in range(p)]}
     ahead = [0] * p  # chunk forwards whose I has not run
     pending: list[deque[tuple[int, int]]] = [deque() for _ in range(p)]  # (chunk, micro-batch) of W's to run
     held, free, idle = [0] * p, [0] * p, [0] * p
-    programs: list[list[Action]] = [[] for _ in range(p)]
-
-    def arrival(kind: Kind, chunk: int, rank: int) -> Number | None:
-        """When the next ``kind`` of ``chunk`` on ``rank`` could start as far as its
-        inputs go; None while they are not scheduled yet (or the rank may not run it)."""
-        j = issued[kind][rank][chunk]
-        if j == m:
-            return None
-        stage = stage_of[rank][chunk]
-        if kind is Kind.F:
-            if chunk == 0:  # a micro-batch's first chunk here: within the depth, and room for all its chunks
-                if held[rank] + v > limits[rank] or ahead[rank] >= policy.depth[rank]:
-                    return None
-            elif held[rank] >= limits[rank]:
-                return None
-            if stage == 0:
-                return 0
-            source = stage - 1
-            end = done[Kind.F][source][j]
-        else:
-            if j >= issued[Kind.F][rank][chunk]:
-                return None
-            if stage == last:
-                return done[Kind.F][stage][j]
-            source = stage + 1
-            end = done[Kind.I][source][j]
-        return None if end is None else end + (comm if rank_of[source] != rank else 0)
+    programs: list[list[tuple[Kind, int, int]]] = [[] for _ in range(p)]
+    depth, w_rule = policy.depth, policy.w_rule
 
     def decide(rank: int) -> tuple[Number, tuple[Kind, int]] | None:
+        """The rank's next action and its start. For each kind in ``order`` its arrival:
+        when the next pass of that kind and chunk could start as far as its inputs go
+        (None while they are not scheduled yet, or the rank may not run it)."""
         now = free[rank]
         patient = now + wait[rank]
         upcoming = first = None  # the earliest arrival, and the first kind in ``order`` that arrives then
         for key in order[rank]:
-            ready = arrival(*key, rank)
-            if ready is None:
+            kind, chunk = key
+            j = issued[kind][rank][chunk]
+            if j == m:
                 continue
+            stage = stage_of[rank][chunk]
+            if kind is F:
+                if chunk == 0:  # a micro-batch's first chunk here: within the depth, and room for all its chunks
+                    if held[rank] + v > limits[rank] or ahead[rank] >= depth[rank]:
+                        continue
+                elif held[rank] >= limits[rank]:
+                    continue
+                if stage == 0:
+                    ready = 0
+                else:
+                    ready = done[F][stage - 1][j]
+                    if ready is None:
+                        continue
+                    if rank_of[stage - 1] != rank:
+                        ready += comm
+            else:
+                if j >= issued[F][rank][chunk]:
+                    continue
+                if stage == last:
+                    ready = done[F][stage][j]
+                else:
+                    ready = done[I][stage + 1][j]
+                    if ready is None:
+                        continue
+                    if rank_of[stage + 1] != rank:
+                        ready += comm
             if ready <= patient:
                 return max(now, ready), key
             if upcoming is None or ready < upcoming:
                 upcoming, first = ready, key
         if pending[rank]:
             gap = None if upcoming is None else upcoming - now
-            forwards_left = any(n < m for n in issued[Kind.F][rank])
+            forwards_left = any(n < m for n in issued[F][rank])
             memory_bound = forwards_left and held[rank] + v > limits[rank]
-            w_cost = cost[stage_of[rank][pending[rank][0][0]]][Kind.W]
-            if (gap is None or memory_bound or policy.w_rule == "eager" or gap >= w_cost
-                    or (policy.w_rule == "bubble" and idle[rank] + gap > max(idle))):
-                return now, (Kind.W, pending[rank][0][0])
+            w_cost = cost[stage_of[rank][pending[rank][0][0]]][W]
+            if (gap is None or memory_bound or w_rule == "eager" or gap >= w_cost
+                    or (w_rule == "bubble" and idle[rank] + gap > max(idle))):
+                return now, (W, pending[rank][0][0])
         return None if upcoming is None else (upcoming, first)
 
     # a rank's choice changes only when it or a neighbour (whose results it waits
@@ -235,23 +249,23 @@ def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Seque
         if rank is None:  # cannot happen with limits >= chunks: see the module doc
             raise AssertionError(f"auto heuristic stalled with policy {policy}")
         start, (kind, chunk) = decisions[rank]
-        j = pending[rank].popleft()[1] if kind is Kind.W else issued[kind][rank][chunk]
+        j = pending[rank].popleft()[1] if kind is W else issued[kind][rank][chunk]
         most_idle = max(idle)
         idle[rank] += start - free[rank]
         free[rank] = start + cost[stage_of[rank][chunk]][kind]
-        programs[rank].append(Action(kind, j, chunk))
-        if kind is Kind.W:
+        programs[rank].append((kind, j, chunk))
+        if kind is W:
             held[rank] -= 1
         else:
             done[kind][stage_of[rank][chunk]][j] = free[rank]
             issued[kind][rank][chunk] += 1
-            if kind is Kind.F:
+            if kind is F:
                 held[rank] += 1
                 ahead[rank] += 1
             else:
                 ahead[rank] -= 1
                 pending[rank].append((chunk, j))
-        stale = range(p) if policy.w_rule == "bubble" and idle[rank] > most_idle else (rank - 1, rank, rank + 1)
+        stale = range(p) if w_rule == "bubble" and idle[rank] > most_idle else (rank - 1, rank, rank + 1)
         for r in stale:
             if 0 <= r < p:
                 decisions[r] = decide(r)
@@ -270,10 +284,10 @@ def heuristic(placement: Placement, micro_batches: int, costs: Costs,
 @lru_cache(maxsize=64)  # a search asked again (auto_schedule after ranked, the ILP's start) is not run again
 def _heuristic(placement: Placement, micro_batches: int, costs: Costs,
                limits: tuple[int, ...]) -> tuple[tuple[tuple[Action, ...], ...], Number]:
-    def best_of(search: list[Policy]) -> list[tuple[Number, int, Policy, list[list[Action]]]]:
+    def best_of(search: list[Policy]) -> list[tuple[Number, int, Policy, list[list[tuple[Kind, int, int]]]]]:
         runs = []
         for index, policy in enumerate(search):
-            programs, makespan = greedy(placement, micro_batches, costs, limits, policy)
+            programs, makespan = _greedy(placement, micro_batches, costs, limits, policy)
             runs.append((makespan, index, policy, programs))
         return sorted(runs, key=lambda run: run[:2])
 
@@ -285,7 +299,7 @@ def _heuristic(placement: Placement, micro_batches: int, costs: Costs,
         top = list(dict.fromkeys(run[2].depth for run in sweep))[:3]
         makespan, _, _, programs = min(sweep[0], best_of(policies(limits, top, PATIENCE))[0],
                                        key=lambda run: run[:2])
-    return tuple(map(tuple, programs)), makespan
+    return tuple(tuple(Action(*action) for action in order) for order in programs), makespan
 
 
 def layout_costs(placement: Placement, costs: Costs | Sequence[Costs] | Mapping[str, Costs]) -> Costs | None:
