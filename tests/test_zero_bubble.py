@@ -181,7 +181,7 @@ def zb_h1_rule(p, m, rank):
 def test_zb_h1_orders_follow_the_rule():
     for p in range(1, 8):
         for m in range(1, 3 * p + 2):
-            sched = build("zb-h1", p, m)
+            sched = generate("zb-h1", p, m)
             assert [list(map(str, prog)) for prog in sched.programs] == [zb_h1_rule(p, m, r) for r in range(p)], (p, m)
 
 
@@ -214,9 +214,9 @@ def test_zb_h2_is_a_parallelogram_from_2p_minus_1():
     # r2   .  .  F0 I0 F1 I1 F2 I2 F3 I3 F4 I4 W0 W1 W2 W3 W4
     for p in range(2, 7):
         for m in (2 * p - 1, 2 * p, 3 * p):
-            sim = simulate(build("zb-h2", p, m))
+            sim = simulate(generate("zb-h2", p, m))
             assert [(row[0].start, row[-1].end) for row in sim.timeline] == [(r, r + 3 * m) for r in range(p)], (p, m)
-        last = build("zb-h2", p, 2 * p - 1).programs[p - 1]
+        last = generate("zb-h2", p, 2 * p - 1).programs[p - 1]
         assert list(map(str, last)) == [x for k in range(2 * p - 1) for x in (f"F{k}", f"I{k}")] + [
             f"W{k}" for k in range(2 * p - 1)]
 
@@ -240,7 +240,7 @@ def pytorch_zbv_orders(p, m):
 def test_zbv_orders_are_pytorchs():
     for p in range(1, 7):
         for m in range(1, 3 * p + 2):
-            assert [list(map(str, prog)) for prog in build("zbv", p, m).programs] == pytorch_zbv_orders(p, m), (p, m)
+            assert [list(map(str, prog)) for prog in generate("zbv", p, m).programs] == pytorch_zbv_orders(p, m), (p, m)
 
 
 def test_hand_checked_zbv_p2_m3():

@@ -24,6 +24,7 @@ step once the repetition is periodic; its bubble is the papers' "zero bubble".
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import NamedTuple
@@ -112,14 +113,32 @@ def _weight_versions(schedule: Schedule, program: tuple[Action, ...]) -> Number:
     return most
 
 
+def _scaled(costs: Costs, kinds: set[Kind], stages: int, ranks: int) -> tuple[dict, Number, Number]:
+    """Durations by (kind, stage) and the comm time, as integers in units of 1/scale where
+    every cost is exact (the loop then adds and compares integers, far faster than
+    Fractions), else as given (floats; scale None)."""
+    table = {(kind, stage): costs.duration(kind, stage, ranks, stages) for kind in kinds for stage in range(stages)}
+    values = [*table.values(), costs.comm]
+    if not all(isinstance(v, (int, Fraction)) for v in values):
+        return table, costs.comm, None
+    scale = math.lcm(*(Fraction(v).denominator for v in values))
+    return {key: int(v * scale) for key, v in table.items()}, int(costs.comm * scale), scale
+
+
 def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
     costs = costs or Costs()
     compute = schedule.compute_only()
     programs = compute.programs
     ranks = len(programs)
+    kinds = {a.kind for program in programs for a in program}
+    duration, comm, scale = _scaled(costs, kinds, compute.stages, ranks)
+
+    def reported(time: Number) -> Number:  # a time of the loop in the costs' units
+        return Fraction(time, scale) if scale else time
+
     finish: dict[tuple[int, Action], Number] = {}
-    timeline: list[list[Span]] = [[] for _ in range(ranks)]
-    free: list[Number] = [Fraction(0)] * ranks
+    times: list[list[tuple[Action, Number, Number]]] = [[] for _ in range(ranks)]
+    free: list[Number] = [0 if scale else Fraction(0)] * ranks
     pc = [0] * ranks
     progress = True
     while progress:
@@ -130,10 +149,10 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
                 deps = compute.dependencies(rank, action)
                 if any(dep not in finish for dep in deps):
                     break
-                start = max([free[rank]] + [finish[(r, a)] + (costs.comm if r != rank else 0) for r, a in deps])
-                end = start + costs.duration(action.kind, compute.stage(rank, action), ranks, compute.stages)
+                start = max([free[rank]] + [finish[(r, a)] + (comm if r != rank else 0) for r, a in deps])
+                end = start + duration[(action.kind, compute.stage(rank, action))]
                 finish[(rank, action)] = end
-                timeline[rank].append(Span(action, start, end))
+                times[rank].append((action, start, end))
                 free[rank] = end
                 pc[rank] += 1
                 progress = True
@@ -145,16 +164,18 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
                         if (d, dep) not in finish)
             for r, s in blocked)
         raise InvalidScheduleError(f"deadlock: no rank can go on ({waits})", step_grid(compute, blocked))
-    spans = [span for row in timeline for span in row]
-    makespan = (max(s.end for s in spans) - min(s.start for s in spans)) if spans else Fraction(0)
+    spans = [span for row in times for span in row]
+    makespan = reported(max(end for *_, end in spans) - min(start for _, start, _ in spans)) if spans else Fraction(0)
     if schedule.placement.pipelines > 1 and spans:
         makespan += costs.replica_reduce  # after the flush, before the step (Costs.replica_reduce)
     return Simulation(
         schedule=schedule,
         costs=costs,
-        timeline=tuple(tuple(row) for row in timeline),
+        timeline=tuple(tuple(Span(action, reported(start), reported(end)) for action, start, end in row)
+                       for row in times),
         makespan=makespan,
-        busy=tuple(sum((s.end - s.start for s in row), Fraction(0)) for row in timeline),
+        busy=tuple(reported(sum(end - start for _, start, end in row)) if scale
+                   else sum((end - start for _, start, end in row), Fraction(0)) for row in times),
         peak_activations_per_rank=tuple(_peak_activations(compute, r, p) for r, p in enumerate(programs)),
         weight_copies=schedule.placement.pipelines * max(
             (_weight_versions(compute, p) for p in programs), default=Fraction(1)),
