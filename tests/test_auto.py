@@ -3,7 +3,6 @@ placement against every fixed synchronous schedule that fits its memory, the han
 ZB-H1/H2 at their memory, and the exact ILP where HiGHS is installed."""
 import random
 from fractions import Fraction as Fr
-from functools import lru_cache
 
 import pytest
 
@@ -103,22 +102,14 @@ FIXED = [n for n in names(synchronous=True) if n != "auto"]
 MEASURED_SHORTER = {"equal-1:1:1": 14, "equal-paper": 14, "head-1:1:1": 7, "head-paper": 10}
 
 
-@lru_cache(maxsize=None)
-def fixed_schedule(name, p, m):
-    """``build(name, p, m)`` (validated) once for every shape and limit, or None where refused."""
-    try:
-        return build(name, p, m)
-    except ConstraintError:
-        return None
-
-
 def fixed_makespans(p, m, cuts, limit, replicas):
     """Makespan of every fixed synchronous schedule of the registry (default chunks) whose
     peak activations per rank fit ``limit`` and whose weight copies fit ``replicas``."""
     found = {}
     for name in FIXED:
-        schedule = fixed_schedule(name, p, m)
-        if schedule is None:
+        try:
+            schedule = build(name, p, m)
+        except ConstraintError:
             continue
         sim = simulate(schedule, cuts[schedule.placement.stages])
         if sim.peak_activations <= limit and sim.weight_copies <= replicas:

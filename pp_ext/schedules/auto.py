@@ -324,7 +324,6 @@ def fits(schedule: Schedule, costs: Costs, limits: Sequence[int]) -> Number | No
     return None
 
 
-@lru_cache(maxsize=64)  # built and validated once for every cost model and limit weighed at these sizes
 def fixed_schedules(placement: Placement, micro_batches: int) -> tuple[tuple[str, Schedule], ...]:
     """Each registered synchronous schedule (``auto`` aside) of ``placement`` that
     accepts its ranks and ``micro_batches``, by name, in registry order."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import ConstraintError, ScheduleError
 from .schedule import Schedule
@@ -42,12 +43,16 @@ class ScheduleSpec:
 
     def build(self, stages: int, micro_batches: int, chunks: int | None = None) -> Schedule:
         """Check the sizes, generate and validate; returns the compute program."""
-        chunks = self.resolve_chunks(chunks)
-        check_sizes(self.name, stages, micro_batches, chunks)
-        self.check(stages, micro_batches, chunks)
-        schedule = self.generate(stages, micro_batches, chunks)
-        validate(schedule)
-        return schedule
+        return _built(self, stages, micro_batches, self.resolve_chunks(chunks))
+
+
+@lru_cache(maxsize=256)  # a schedule is data: the same family and sizes are generated and validated once
+def _built(spec: ScheduleSpec, stages: int, micro_batches: int, chunks: int) -> Schedule:
+    check_sizes(spec.name, stages, micro_batches, chunks)
+    spec.check(stages, micro_batches, chunks)
+    schedule = spec.generate(stages, micro_batches, chunks)
+    validate(schedule)
+    return schedule
 
 
 REGISTRY: dict[str, ScheduleSpec] = {}
