@@ -14,6 +14,7 @@ into ``pytest -m "not slow"`` unmarked.
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing.process
 import os
 import subprocess
@@ -46,3 +47,10 @@ def starts_no_process_unless_slow(request, monkeypatch):
     yield
     if started:
         pytest.fail(f"starts a process but is not marked slow: {'; '.join(started)}", pytrace=False)
+
+
+def pytest_collection_finish(session):
+    """Freeze what collection imported (torch, deepspeed, transformers): a full
+    collection, which DeepSpeed's memory report runs at every bf16 optimizer's start
+    (``see_memory_usage`` with ``force=True``), then scans only what the tests made."""
+    gc.freeze()

@@ -2,8 +2,8 @@
 
 Pure: the dry run on small traces whose outcome is derived by hand; today's-style
 crossing lowering of 1f1b refused under both stream models while gloo's buffered model
-passes it; every lowered program one global order of transfers, checked by a second,
-independent computation (a cycle search). Slow: the engine's calls recorded while
+passes it; the second, independent check of the lowering's invariant (a cycle search
+for one global order of transfers) that tests/test_properties.py runs on its grids. Slow: the engine's calls recorded while
 training every schedule (p = 2 and 4, pipe 2 x data 2, pipe 2 x tensor 2, plain gloo)
 replay to the end under both stream models, as DeepSpeed's own engine's do, while a
 recorded crossing program does not; the emulation on gloo (PP_EXT_P2P=emulate-nccl)
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from pp_ext.schedules import REGISTRY, Action, ConstraintError, InvalidScheduleError, Kind, Placement, Schedule
+from pp_ext.schedules import REGISTRY, Action, InvalidScheduleError, Kind, Placement, Schedule
 from pp_ext.schedules import lower, validate
 from pp_ext.schedules.nccl import STREAMS, CrossedMessagesError, Op, Trace, run
 from pp_ext.schedules.validate import buffered_dry_run, nccl_dry_run
@@ -168,22 +168,11 @@ def one_global_order(lowered: Schedule) -> bool:
     return seen == len(edges)
 
 
-def test_every_lowered_program_is_one_global_order_of_transfers():
-    """The lowering's invariant, by a computation independent of the NCCL dry run; the
-    dry run (run by every build, tests/test_properties.py's grid) agrees with it."""
+def test_the_cycle_search_tells_one_global_order_from_crossing_orders():
+    """The second computation of the lowering's invariant (tests/test_properties.py runs it
+    on every program of its grids, next to the dry run that every build runs)."""
     assert not one_global_order(crossing_1f1b())
-    checked = 0
-    for name, spec in REGISTRY.items():
-        for p in range(2, 5):
-            for m in range(1, 4 * p + 1):
-                for v in (1, 2, 3):
-                    try:
-                        schedule = spec.build(p, m, v)
-                    except ConstraintError:
-                        continue
-                    assert one_global_order(lower(schedule)), (name, p, m, v)
-                    checked += 1
-    assert checked > 300
+    assert one_global_order(lower(REGISTRY["1f1b"].build(2, 4)))
 
 
 # ---------------------------------------------------------------------- the engine, recorded

@@ -221,14 +221,14 @@ def _stream(rank: int, op: Op, streams: Streams) -> str:
 
 # ---------------------------------------------------------------------- lowered programs
 
-def messages_by_receive(schedule: Schedule) -> dict[tuple[int, object], Message]:
-    """(receiving rank, its receive action) -> the message it receives."""
+def messages(schedule: Schedule) -> dict[tuple[int, object], Message]:
+    """(rank, its send or receive action) -> the message that action carries."""
     found = {}
     for rank, program in enumerate(schedule.programs):
         for action in program:
             if action.kind.is_compute:
                 for message in schedule.outgoing(rank, action):
-                    found[(message.dst, message.recv())] = message
+                    found[(rank, message.send())] = found[(message.dst, message.recv())] = message
     return found
 
 
@@ -238,38 +238,30 @@ def _label(message: Message) -> str:
     return f"{'B' if message.grad else 'F'}{message.micro_batch}{chunk} r{message.src}->r{message.dst}"
 
 
-def program_traces(schedule: Schedule, blocking_receives: bool = True) -> list[Trace]:
+def program_traces(schedule: Schedule) -> list[Trace]:
     """The traces the engine posts for a lowered, structurally valid program
     (:func:`pp_ext.schedules.validate.check_structure`, then the buffered dry run):
-    each ``sF``/``sB`` posts a send, each ``rF``/``rB`` a receive, each compute
-    action first waits for the receives of its inputs, and the end of the program
-    waits for every send. ``blocking_receives``: the host also waits right at each
-    receive, as it does for a shape header (the stricter model)."""
+    each ``sF``/``sB`` posts a send, each ``rF``/``rB`` a receive, and the end of the
+    program waits for every send. The host waits right at each receive, as it does for
+    a shape header: stricter than the engine, which waits for a tensor where it is used
+    (a program that finishes so finishes there too: deferring a wait only frees the host)."""
     group = tuple(range(schedule.ranks))
-    by_receive = messages_by_receive(schedule)
+    carried = messages(schedule)
     traces = []
     for rank, program in enumerate(schedule.programs):
         trace = Trace()
-        arriving: dict[Message, int] = {}
         sends = []
-        made: dict[object, Message] = {}  # send action -> the message its producer made
         for step, action in enumerate(program):
-            if action.kind.is_compute:
-                needed = [arriving.pop(m) for m in schedule.incoming(rank, action) if m in arriving]
-                trace.wait(needed, step, str(action))
-                made.update((message.send(), message) for message in schedule.outgoing(rank, action))
-            elif action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
-                message = made.pop(action)
-                sends += trace.post([Op("send", group, message.dst, _label(message), where=str(action))],
-                                    step, str(action))
-            else:
-                message = by_receive[(rank, action)]
-                ids = trace.post([Op("recv", group, message.src, _label(message), where=str(action))],
-                                 step, str(action))
-                if blocking_receives:
-                    trace.wait(ids, step, str(action))
+            if action.kind.is_comm:
+                message = carried[(rank, action)]
+                send = action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD)
+                op = Op("send" if send else "recv", group, message.dst if send else message.src, _label(message),
+                        where=str(action))
+                ids = trace.post([op], step, op.where)
+                if send:
+                    sends += ids
                 else:
-                    arriving[message] = ids[0]
-        trace.wait(sends + list(arriving.values()), len(program) - 1, "the end of the program")
+                    trace.wait(ids, step, op.where)
+        trace.wait(sends, len(program) - 1, "the end of the program")
         traces.append(trace)
     return traces

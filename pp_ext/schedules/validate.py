@@ -24,7 +24,7 @@ from .actions import Action, Kind
 from .errors import InvalidScheduleError
 from .grid import step_grid
 from .lower import lower
-from .nccl import STREAMS, Streams, program_traces, run
+from .nccl import STREAMS, Streams, Trace, program_traces, run
 from .schedule import Message, Schedule
 
 
@@ -89,14 +89,16 @@ def dry_run(schedule: Schedule, streams: tuple[Streams, ...] = STREAMS) -> None:
     """Rules 4 and 5: run a lowered program on all ranks at once, without tensors,
     buffered (gloo), then under NCCL's rules with each of ``streams``."""
     buffered_dry_run(schedule)
-    for model in streams:
-        nccl_dry_run(schedule, model)
-
-
-def nccl_dry_run(schedule: Schedule, streams: Streams) -> None:
-    """Rule 5 with one stream model; receives block the host where they are posted
-    (as the engine's shape headers do), the stricter case."""
     traces = program_traces(schedule)
+    for model in streams:
+        nccl_dry_run(schedule, model, traces)
+
+
+def nccl_dry_run(schedule: Schedule, streams: Streams, traces: list[Trace] | None = None) -> None:
+    """Rule 5 with one stream model; receives block the host where they are posted
+    (as the engine's shape headers do), the stricter case. ``traces``: the schedule's
+    :func:`program_traces`, where the caller has them already."""
+    traces = traces or program_traces(schedule)
     outcome = run(traces, streams)
     if outcome.finished:
         return
