@@ -88,7 +88,7 @@ def test_small_grid_exhaustively(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_large_grid_sampled(name, data):
     p = data.draw(st.integers(5, 8), label="stages")

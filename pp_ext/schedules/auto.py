@@ -181,6 +181,7 @@ def _greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequ
     done = {F: [[None] * m for _ in range(placement.stages)], I: [[None] * m for _ in range(placement.stages)]}
     issued = {F: [[0] * v for _ in range(p)], I: [[0] * v for _ in range(p)]}
     ahead = [0] * p  # chunk forwards whose I has not run
+    forwards = [0] * p  # chunk forwards run
     pending: list[deque[tuple[int, int]]] = [deque() for _ in range(p)]  # (chunk, micro-batch) of W's to run
     held, free, idle = [0] * p, [0] * p, [0] * p
     programs: list[list[tuple[Kind, int, int]]] = [[] for _ in range(p)]
@@ -225,13 +226,12 @@ def _greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequ
                     if rank_of[stage + 1] != rank:
                         ready += comm
             if ready <= patient:
-                return max(now, ready), key
+                return (ready if ready > now else now), key
             if upcoming is None or ready < upcoming:
                 upcoming, first = ready, key
         if pending[rank]:
             gap = None if upcoming is None else upcoming - now
-            forwards_left = any(n < m for n in issued[F][rank])
-            memory_bound = forwards_left and held[rank] + v > limits[rank]
+            memory_bound = forwards[rank] < v * m and held[rank] + v > limits[rank]
             w_cost = cost[stage_of[rank][pending[rank][0][0]]][W]
             if (gap is None or memory_bound or w_rule == "eager" or gap >= w_cost
                     or (w_rule == "bubble" and idle[rank] + gap > max(idle))):
@@ -262,6 +262,7 @@ def _greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequ
             if kind is F:
                 held[rank] += 1
                 ahead[rank] += 1
+                forwards[rank] += 1
             else:
                 ahead[rank] -= 1
                 pending[rank].append((chunk, j))

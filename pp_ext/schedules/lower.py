@@ -30,6 +30,7 @@ message.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 
 from .schedule import Message, Schedule
 from .simulate import simulate
@@ -39,6 +40,7 @@ def _order(message: Message) -> tuple:
     return (message.src, message.dst, message.micro_batch, message.grad, message.src_chunk)
 
 
+@lru_cache(maxsize=256)  # validation, the engine and the tools lower the same built schedule: once
 def lower(schedule: Schedule) -> Schedule:
     """Return ``schedule`` with communication actions inserted (idempotent)."""
     if schedule.lowered:
