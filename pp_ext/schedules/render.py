@@ -28,9 +28,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
+from html import escape
 from pathlib import Path
 from typing import NamedTuple
-from xml.sax.saxutils import escape, quoteattr
 
 from .actions import Kind
 from .simulate import Simulation, SteadyState, steady_state
@@ -316,7 +316,7 @@ def to_svg(simulation: "Simulation", steady: "SteadyState | None" = None) -> str
         '<?xml version="1.0" encoding="UTF-8"?>',
         f'<svg xmlns="http://www.w3.org/2000/svg" version="1.1" width="{_f(lay.width)}" '
         f'height="{_f(lay.height)}" viewBox="0 0 {_f(lay.width)} {_f(lay.height)}" '
-        f'font-family={quoteattr(FONT)}>',
+        f'font-family="{escape(FONT)}">',
         f"<title>{escape(lay.title)}</title>",
         f'<rect x="0" y="0" width="{_f(lay.width)}" height="{_f(lay.height)}" fill="#ffffff"/>',
     ]
@@ -327,7 +327,7 @@ def to_svg(simulation: "Simulation", steady: "SteadyState | None" = None) -> str
             if item.stroke != "none":
                 attrs += f' stroke="{item.stroke}" stroke-width="{_f(item.stroke_width)}"'
             if item.css:
-                attrs += f" class={quoteattr(item.css)}"
+                attrs += f' class="{escape(item.css)}"'
             if item.tooltip:
                 out.append(f"<rect {attrs}><title>{escape(item.tooltip)}</title></rect>")
             else:
