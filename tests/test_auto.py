@@ -206,7 +206,7 @@ def test_ilp_and_heuristic_agree_within_the_gap(name):
     costs = COSTS[name]
     # p=4, m=8 takes HiGHS 1.6-2.7 s per cost model (measured; every other size < 1 s):
     # the quick subset solves it at unit costs, where the optimum is known (below)
-    sizes = ((2, 3, 2), (2, 4, 1), (3, 4, 3), (3, 6, 3), (3, 6, 6), (4, 6, 4)) + (((4, 8, 4),) if name == "unit" else ())
+    sizes = [(2, 3, 2), (2, 4, 1), (3, 4, 3), (3, 6, 3), (3, 6, 6), (4, 6, 4)] + [(4, 8, 4)] * (name == "unit")
     for p, m, limit in sizes:
         result = solve_ilp(p, m, costs, limit, time_limit=30)
         assert result.optimal, (name, p, m, limit)

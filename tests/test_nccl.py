@@ -3,12 +3,12 @@
 Pure: the dry run on small traces whose outcome is derived by hand; today's-style
 crossing lowering of 1f1b refused under both stream models while gloo's buffered model
 passes it; the second, independent check of the lowering's invariant (a cycle search
-for one global order of transfers) that tests/test_properties.py runs on its grids. Slow: the engine's calls recorded while
-training every schedule (p = 2 and 4, pipe 2 x data 2, pipe 2 x tensor 2, plain gloo)
-replay to the end under both stream models, as DeepSpeed's own engine's do, while a
-recorded crossing program does not; the emulation on gloo (PP_EXT_P2P=emulate-nccl)
-stops the crossing program with the comm-timeout error within 30 s, which plain gloo
-runs.
+for one global order of transfers) that tests/test_properties.py runs on its grids.
+Slow: the engine's calls recorded while training every schedule (p = 2 and 4, pipe 2 x
+data 2, pipe 2 x tensor 2, plain gloo) replay to the end under both stream models, as
+DeepSpeed's own engine's do, while a recorded crossing program does not; the emulation
+on gloo (PP_EXT_P2P=emulate-nccl) stops the crossing program with the comm-timeout error
+within 30 s, which plain gloo runs.
 """
 from __future__ import annotations
 
@@ -279,8 +279,8 @@ def run_crossing(rank: int, world: int, mode: str) -> dict:
                                    loss_fn=lm_loss, partition_method="uniform", seed_layers=True, base_seed=1234)
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "train_batch_size": 8}
     deepspeed.init_distributed()
-    engine = ScheduleEngine(args=None, model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1), mpu=module.mpu(),
-                            config=config, config_class=DeepSpeedConfig(config, module.mpu()),
+    engine = ScheduleEngine(args=None, model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
+                            mpu=module.mpu(), config=config, config_class=DeepSpeedConfig(config, module.mpu()),
                             schedule=crossing_1f1b())
     start = time.monotonic()
     try:

@@ -1,7 +1,7 @@
 """Every registered schedule over a grid of sizes: it validates and dry-runs
 without deadlock (buffered, and under NCCL's rules with both stream models), its
-lowering is one global order of transfers, or it refuses with its stated constraint; metrics equal the
-closed forms of SCHEDULES.md wherever they are exact."""
+lowering is one global order of transfers, or it refuses with its stated constraint;
+metrics equal the closed forms of SCHEDULES.md wherever they are exact."""
 import subprocess
 import sys
 from fractions import Fraction as Fr
