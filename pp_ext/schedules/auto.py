@@ -139,13 +139,9 @@ def scaled_costs(placement: Placement, costs: Costs) -> tuple[list[dict[Kind, Nu
     """Per-stage F, I, W durations and the comm time, as integers times ``1/scale``
     where every cost is a fraction (exact, and far faster than Fraction arithmetic
     in the scheduler's inner loop); floats stay floats (``scale`` 1)."""
-    cost = [{kind: costs.duration(kind, stage, placement.ranks, placement.stages)
-             for kind in (Kind.F, Kind.I, Kind.W)} for stage in range(placement.stages)]
-    values = [v for c in cost for v in c.values()] + [costs.comm]
-    if not all(isinstance(v, (int, Fraction)) for v in values):
-        return cost, costs.comm, 1
-    scale = math.lcm(*(Fraction(v).denominator for v in values))
-    return ([{kind: int(v * scale) for kind, v in c.items()} for c in cost], int(costs.comm * scale), scale)
+    kinds = (Kind.F, Kind.I, Kind.W)
+    table, comm, scale = costs.scaled(kinds, placement.ranks, placement.stages)
+    return [{kind: table[(kind, stage)] for kind in kinds} for stage in range(placement.stages)], comm, scale or 1
 
 
 def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequence[int],

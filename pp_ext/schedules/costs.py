@@ -21,6 +21,8 @@ summing the two replicas' gradients per step, which only Chimera's two pipelines
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -70,6 +72,17 @@ class Costs:
             share = Fraction(ranks, stages)
         cost = {Kind.F: f, Kind.I: i, Kind.W: w, Kind.B: fused[0] if fused else i + w, Kind.U: self.update}[kind]
         return cost if kind is Kind.U else cost * share
+
+    def scaled(self, kinds: Iterable[Kind], ranks: int, stages: int) -> tuple[dict[tuple[Kind, int], Number], Number, int | None]:
+        """Durations of ``kinds`` by (kind, stage) and the comm time, as integers in units
+        of 1/scale where every cost is exact (a simulation loop then adds and compares
+        integers, far faster than Fractions), else as given (floats; scale None)."""
+        table = {(kind, stage): self.duration(kind, stage, ranks, stages) for kind in kinds for stage in range(stages)}
+        values = [*table.values(), self.comm]
+        if not all(isinstance(v, (int, Fraction)) for v in values):
+            return table, self.comm, None
+        scale = math.lcm(*(Fraction(v).denominator for v in values))
+        return {key: int(v * scale) for key, v in table.items()}, int(self.comm * scale), scale
 
     @classmethod
     def parse(cls, text: str) -> "Costs":

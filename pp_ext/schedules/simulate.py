@@ -24,7 +24,6 @@ step once the repetition is periodic; its bubble is the papers' "zero bubble".
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import NamedTuple
@@ -113,25 +112,13 @@ def _weight_versions(schedule: Schedule, program: tuple[Action, ...]) -> Number:
     return most
 
 
-def _scaled(costs: Costs, kinds: set[Kind], stages: int, ranks: int) -> tuple[dict, Number, Number]:
-    """Durations by (kind, stage) and the comm time, as integers in units of 1/scale where
-    every cost is exact (the loop then adds and compares integers, far faster than
-    Fractions), else as given (floats; scale None)."""
-    table = {(kind, stage): costs.duration(kind, stage, ranks, stages) for kind in kinds for stage in range(stages)}
-    values = [*table.values(), costs.comm]
-    if not all(isinstance(v, (int, Fraction)) for v in values):
-        return table, costs.comm, None
-    scale = math.lcm(*(Fraction(v).denominator for v in values))
-    return {key: int(v * scale) for key, v in table.items()}, int(costs.comm * scale), scale
-
-
 def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
     costs = costs or Costs()
     compute = schedule.compute_only()
     programs = compute.programs
     ranks = len(programs)
     kinds = {a.kind for program in programs for a in program}
-    duration, comm, scale = _scaled(costs, kinds, compute.stages, ranks)
+    duration, comm, scale = costs.scaled(kinds, ranks, compute.stages)
 
     def reported(time: Number) -> Number:  # a time of the loop in the costs' units
         return Fraction(time, scale) if scale else time
