@@ -1,5 +1,5 @@
 """Asynchronous schedules: the pure stream (calls and drains, weight versions) and, on the
-engine, each schedule equal to its own single-process rule (pp_ext.async_rules)
+engine, each schedule equal to its own single-process rule (pp_ext.schedules.async_rules)
 within 1e-5 over 10 calls and a flush, p = 2 and p = 4 (one launch each)."""
 from __future__ import annotations
 
@@ -99,10 +99,11 @@ def run_case(name: str, pipe: int, m: int, kind: str = "sgd") -> dict:
     from torch import nn
 
     import pp_ext
-    from pp_ext.async_rules import AsyncReference, PipeMareOptions
+    from pp_ext.schedules.async_rules import PipeMareOptions
+    from pp_ext.testing.async_reference import AsyncReference
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.reference import SequentialReference
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.testing.reference import SequentialReference
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     config = TinyConfig(blocks=pipe, tied=False)
     specs = layer_specs(config)
@@ -140,7 +141,7 @@ def run_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
 
 
 def launch(world: int, cases: list[tuple]) -> None:
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     failures = []
     for rank, results in enumerate(spawn(run_cases, world, cases)):
@@ -172,9 +173,10 @@ def test_the_rules_differ_so_the_engine_comparison_can_fail():
     import torch
     from torch import nn
 
-    from pp_ext.async_rules import AsyncReference, PipeMareOptions
-    from pp_ext.engine.reference import SequentialReference
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.schedules.async_rules import PipeMareOptions
+    from pp_ext.testing.async_reference import AsyncReference
+    from pp_ext.testing.reference import SequentialReference
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     config = TinyConfig(blocks=2, tied=False)
     finals = {}
@@ -202,10 +204,10 @@ def test_2bw_rule_without_its_delay_is_synchronous_training(monkeypatch):
     import torch
     from torch import nn
 
-    from pp_ext import async_rules
-    from pp_ext.async_rules import AsyncReference
-    from pp_ext.engine.reference import SequentialReference
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.schedules import async_rules
+    from pp_ext.testing.async_reference import AsyncReference
+    from pp_ext.testing.reference import SequentialReference
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     config, m = TinyConfig(blocks=2, tied=False), 3
     sync = SequentialReference(layer_specs(config), lm_loss, base_seed=1234)
@@ -245,7 +247,7 @@ def run_two_engines(rank: int, world: int) -> dict:
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     config = TinyConfig(blocks=world, tied=False)
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 4,
@@ -278,7 +280,7 @@ def test_another_engine_is_refused_while_an_asynchronous_one_is_in_flight():
     """Messages between two ranks match in posting order: a second engine's would meet
     the asynchronous engine's in-flight gradients and hang; it gets an error instead,
     on every rank, and runs once the stream is flushed."""
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     for result in spawn(run_two_engines, 2):
         assert len(result["refused"]) == 2, result

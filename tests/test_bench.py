@@ -47,7 +47,7 @@ def test_bench_times_autos_best_simulated_programs_and_keeps_the_fastest(capsys)
 
 
 def test_paired_ratios_are_taken_round_by_round_against_the_fastest_fixed_row():
-    from pp_ext.bench import paired_with_fastest_fixed
+    from pp_ext.bench.pipeline import paired_with_fastest_fixed
 
     def row(name, times, asynchronous=False):
         return {"schedule": name, "partition": "type:Block", "asynchronous": asynchronous, "step_times_s": times,
@@ -63,7 +63,7 @@ def test_paired_ratios_are_taken_round_by_round_against_the_fastest_fixed_row():
 
 
 def test_bench_plans_the_asynchronous_schedules_that_accept_the_sizes():
-    from pp_ext.bench import BenchOptions
+    from pp_ext.bench.pipeline import BenchOptions
 
     heard = []
     plan = BenchOptions(stages=3, micro_batches=2).plan(report=heard.append)

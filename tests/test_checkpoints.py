@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pp_ext import checkpoints
-from pp_ext.checkpoints import CheckpointError
+from pp_ext.checkpoint import tags as checkpoints
+from pp_ext.checkpoint.tags import CheckpointError
 
 
 def save(save_dir: Path, step: int, complete: bool = True) -> str:

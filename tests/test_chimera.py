@@ -80,8 +80,8 @@ def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.reference import SequentialReference
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.testing.reference import SequentialReference
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     config = TinyConfig(blocks=4, tied=True)  # embedding, 4 blocks, norm, head: 7 layers
     # the last stage holds the norm too: a rank whose weights are all second copies (here a
@@ -162,7 +162,7 @@ def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
 
 @pytest.mark.slow
 def test_replicas_train_as_one_model_with_clipping_and_checkpoints(tmp_path):
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     results = spawn(train_replicas, PIPE, str(tmp_path), timeout=300)
     for r in results:

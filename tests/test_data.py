@@ -1,4 +1,4 @@
-"""The data pipeline (pp_ext.data_io, pp_ext.data), the answer metric and the quickstart assets.
+"""The data pipeline (pp_ext.data.records, pp_ext.data.batches), the answer metric and the quickstart assets.
 
 References are Hugging Face's own: a LlamaForCausalLM run on each record alone gives
 the per-record losses a packed or padded sample must reproduce, and the shipped
@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-from pp_ext import data, data_io
-from pp_ext.data_io import DataError, load_records
-from pp_ext.metrics import answer_accuracy, answer_counts
-from pp_ext.recipe_schema import DataConfig
+from pp_ext.data import batches as data
+from pp_ext.data import records as data_io
+from pp_ext.data.records import DataError, load_records
+from pp_ext.training.accuracy import answer_accuracy, answer_counts
+from pp_ext.config.schema import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "models" / "quickstart"
@@ -243,7 +244,7 @@ def test_text_packing_equals_documents_run_alone(tok, model):
 
 def test_truncation_is_counted(tok, caplog):
     rows = [{"prompt": "reverse abcdefghij =", "completion": " jihgfedcba"}] + RECORDS
-    with caplog.at_level(logging.WARNING, logger="pp_ext.data"):
+    with caplog.at_level(logging.WARNING, logger="pp_ext.data.batches"):
         out = samples(tok, rows, seq_len=20, pack=False)
     assert "1 of 4 records are longer than data.seq_len=20" in caplog.text
     assert out[:]["input_ids"].shape == (4, 20)

@@ -76,8 +76,8 @@ def run_case(name: str, pipe: int, micro_batches: int, chunks: int, tied: bool) 
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.reference import SequentialReference
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.testing.reference import SequentialReference
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     world = dist.get_world_size()
     data = world // pipe
@@ -144,7 +144,7 @@ def check(results_by_rank: list[list[dict]]) -> None:
 
 
 def launch(world: int, pipe: int, cases: list[tuple]) -> None:
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     check(spawn(run_cases, world, pipe, cases))
 
@@ -192,7 +192,7 @@ def run_detached(rank: int, world: int) -> None:
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     specs = layer_specs(TinyConfig(blocks=2, tied=False))
     specs.insert(2, LayerSpec(Detach))
@@ -205,7 +205,7 @@ def run_detached(rank: int, world: int) -> None:
 
 @pytest.mark.slow
 def test_a_stage_that_cuts_the_gradient_fails_with_a_clear_error():
-    from pp_ext.engine.spawn import RankFailed, spawn
+    from pp_ext.testing.spawn import RankFailed, spawn
 
     with pytest.raises(RankFailed, match="stage 0 .* returns no tensor that needs a gradient"):
         spawn(run_detached, 2, timeout=120)
@@ -216,7 +216,7 @@ def run_frozen_first_stage(rank: int, world: int) -> list[float]:
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     # V placement: rank 0 holds the first stage (frozen, as when fine-tuning only the
     # upper layers) and the last stage (trainable)
@@ -237,7 +237,7 @@ def run_frozen_first_stage(rank: int, world: int) -> list[float]:
 
 @pytest.mark.slow
 def test_a_frozen_first_stage_trains_the_rest():
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     losses = spawn(run_frozen_first_stage, 2, timeout=120)
     assert losses[0] == losses[1] and losses[0][-1] < losses[0][0]

@@ -33,7 +33,7 @@ def build(name: str, *, micro_batches: int = 4, chunks: int | None = None, pipe:
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     data = dist.get_world_size() // pipe
     spec = REGISTRY.get(name)
@@ -51,7 +51,7 @@ def build(name: str, *, micro_batches: int = 4, chunks: int | None = None, pipe:
 
 
 def train(engine, steps, micro_batches: int = 4) -> list[float]:
-    from pp_ext.engine.tiny import TinyConfig
+    from pp_ext.testing.tiny import TinyConfig
 
     dp_rank = engine.grid.data_parallel_id
     return [float(engine.train_batch(iter(batches(step, dp_rank, micro_batches, TinyConfig.vocab))))
@@ -65,8 +65,8 @@ class Reference:
     def __init__(self, specs, clip: float = 0.0) -> None:
         import torch
 
-        from pp_ext.engine.reference import SequentialReference
-        from pp_ext.engine.tiny import lm_loss
+        from pp_ext.testing.reference import SequentialReference
+        from pp_ext.testing.tiny import lm_loss
 
         self.model = SequentialReference(specs, lm_loss, base_seed=1234)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
@@ -75,7 +75,7 @@ class Reference:
     def train(self, steps, micro_batches: int = 4, data: int = 1) -> list[float]:
         import torch
 
-        from pp_ext.engine.tiny import TinyConfig
+        from pp_ext.testing.tiny import TinyConfig
 
         losses = []
         for step in steps:
@@ -116,7 +116,7 @@ def check(results_by_rank: list[list[dict]], tolerance: float) -> None:
 
 
 def launch(fn, world: int, *args) -> list:
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     return spawn(fn, world, *args)
 
@@ -142,7 +142,7 @@ def test_forward_only_programs_run_to_the_end():
 def eval_cases(rank: int, world: int, cases: list[tuple[str, int | None]]) -> list[dict]:
     import torch
 
-    from pp_ext.engine.tiny import TinyConfig
+    from pp_ext.testing.tiny import TinyConfig
 
     results = []
     for name, chunks in cases:
@@ -188,7 +188,7 @@ def test_eval_batch_matches_reference_and_leaves_training_alone():
 # --------------------------------------------------------------------------- activation checkpointing
 
 def checkpointing_cases(rank: int, world: int, cases: list[tuple[str, bool]]) -> list[dict]:
-    from pp_ext.engine.tiny import Block
+    from pp_ext.testing.tiny import Block
 
     results = []
     for name, reentrant in cases:
@@ -378,7 +378,7 @@ def nonfinite_cases(rank: int, world: int, cases: list[tuple[str, dict]]) -> lis
     in ``skipped_steps``; training then goes on as if that step's data never came."""
     import torch
 
-    from pp_ext.engine.tiny import lm_loss
+    from pp_ext.testing.tiny import lm_loss
 
     results = []
     for name, config in cases:

@@ -15,7 +15,7 @@ from torch import nn
 
 from pp_ext.engine.module import (ChunkedPipelineModule, chunk_layout, layer_param_counts, layer_rank,
                                   partition)
-from pp_ext.engine.spawn import free_port, init_rank, spawn
+from pp_ext.testing.spawn import free_port, init_rank, spawn
 from pp_ext.schedules.placement import Placement
 
 VOCAB, HIDDEN = 16, 8

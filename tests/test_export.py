@@ -16,9 +16,10 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-import pp_ext.hf.export as export
+import pp_ext.checkpoint.export as export
 from pp_ext.cli import main
-from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
+from pp_ext.checkpoint.export import export_checkpoint, save_hf_metadata
+from pp_ext.hf import build_pipeline_module
 
 from hf_models import CONFIGS
 from test_engine_module import world  # noqa: F401 - the world-of-one-rank fixture
@@ -231,8 +232,8 @@ def train_and_save(rank: int, world: int, root, cases: list) -> dict:
 
 @pytest.mark.slow
 def test_trained_checkpoint_round_trip(tmp_path):
-    from pp_ext.engine.reference import SequentialReference
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.reference import SequentialReference
+    from pp_ext.testing.spawn import spawn
     from pp_ext.hf import copy_hf_weights, layer_specs
     from pp_ext.hf.loading import hf_initializer, layout_free_specs
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig
 
-from pp_ext.engine.reference import SequentialReference
+from pp_ext.testing.reference import SequentialReference
 from pp_ext.hf import copy_hf_weights, layer_specs, supported
 from pp_ext.hf.common import FinalNorm, HFDecoderLayer
 from pp_ext.hf.context import ChunkContext

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import pp_ext.hf.loading as loading
-from pp_ext.engine.reference import SequentialReference
+from pp_ext.testing.reference import SequentialReference
 from pp_ext.hf import build_pipeline_module, layer_specs, load_hf_weights
 from pp_ext.hf.weights import checkpoint_names
 

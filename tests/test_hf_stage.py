@@ -5,7 +5,7 @@ A host read (``.item()``, ``bool(tensor)``, ``.tolist()``, ``nonzero``...) waits
 every kernel queued before it, so the GPU idles while the CPU queues the next ones.
 Transformers' own model reads once per forward (packed documents, padding); a stage
 must read no more often than a constant per chunk and micro-batch, whatever its number
-of layers. Counted by :class:`pp_ext.model_bench.StepCounts` (a TorchDispatchMode for
+of layers. Counted by :class:`pp_ext.bench.model.StepCounts` (a TorchDispatchMode for
 ops whose result size or value needs the device's data, a TorchFunctionMode for Tensor
 methods that copy to the host and, on a CPU tensor, dispatch nothing).
 """
@@ -18,10 +18,10 @@ import torch
 from transformers.masking_utils import find_packed_sequence_indices
 
 from pp_ext.engine.module import ChunkedPipelineModule
-from pp_ext.engine.spawn import free_port, init_rank
+from pp_ext.testing.spawn import free_port, init_rank
 from pp_ext.hf import copy_hf_weights, layer_specs
 from pp_ext.hf.context import layout
-from pp_ext.model_bench import StepCounts
+from pp_ext.bench.model import StepCounts
 
 from hf_models import CONFIGS
 

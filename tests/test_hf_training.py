@@ -78,7 +78,7 @@ def run_cases(rank: int, world: int, cases: list) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_stage_training_equals_hf():
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     failures = []
     for rank, results in enumerate(spawn(run_cases, 2, CASES, timeout=300)):

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig
 
 from pp_ext.cli import main
-from pp_ext.engine.spawn import free_port, init_rank
+from pp_ext.testing.spawn import free_port, init_rank
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_a_one_stage_step_asks_no_more_of_the_host_than_deepspeeds_engine(world,
     forward to look for packed documents, as pp-ext does once per chunk), and
     dispatches at most 3 % more aten ops; zb-h1 runs 1f1b's work at one stage. The
     first step's losses agree within bf16's rounding."""
-    from pp_ext import model_bench
+    from pp_ext.bench import model as model_bench
 
     options = model_bench.ModelBenchOptions(model=tiny, device="cpu", micro_batch_size=2, seq=16, steps=1,
                                             warmup=0)

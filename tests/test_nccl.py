@@ -215,7 +215,7 @@ def replay(results_by_rank: list[list]) -> list[str]:
 
 
 def launch_recorded(world: int, kind: str, cases: list, *extra) -> list[list]:
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     results = spawn(run_recorded, world, kind, cases, *extra)
     assert not replay(results), "\n".join(replay(results))
@@ -272,7 +272,7 @@ def run_crossing(rank: int, world: int, mode: str) -> dict:
 
     from pp_ext.engine.engine import ScheduleEngine
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
     from test_engine import batch
 
     module = ChunkedPipelineModule(layers=layer_specs(TinyConfig(blocks=2, tied=False)), num_stages=2,
@@ -292,7 +292,7 @@ def run_crossing(rank: int, world: int, mode: str) -> dict:
 
 @pytest.mark.slow
 def test_the_emulation_stops_a_crossing_program_that_plain_gloo_runs():
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     plain = spawn(run_crossing, 2, "", comm_timeout_s=5)
     assert all("loss" in r for r in plain), plain  # gloo buffers the crossing sends

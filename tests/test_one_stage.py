@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pp_ext.engine.spawn import free_port, init_rank
+from pp_ext.testing.spawn import free_port, init_rank
 from pp_ext.schedules import lower
 
 STEPS, MICRO_BATCHES = 3, 4
@@ -28,7 +28,7 @@ def engine(name: str, tied: bool, fuse: bool = True):
     import pp_ext
     from pp_ext.engine import initialize as init_module
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
     from pp_ext.schedules import get
 
     spec = get(name)
@@ -56,7 +56,7 @@ def train(engine) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 
 def deferrable(engine) -> int:
-    from pp_ext.split_backward import Deferrable
+    from pp_ext.autograd.split_backward import Deferrable
 
     return sum(isinstance(m, Deferrable) for m in engine.module.modules())
 
@@ -80,7 +80,7 @@ def test_w_split_schedules_equal_1f1b_to_the_bit(world, name, tied):
 def test_a_w_pass_accumulates_only_the_weights_it_made(world):
     """bf16: after a W, only the deferred weights' bf16 gradients are added to the fp32
     accumulators (the others were dropped before the pass, so it skips them)."""
-    from pp_ext.split_backward import Deferrable
+    from pp_ext.autograd.split_backward import Deferrable
 
     run = engine("zb-h1", tied=False, fuse=False)
     deferred = {id(m.weight) for m in run.module.modules() if isinstance(m, Deferrable)}

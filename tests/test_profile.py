@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pp_ext.bench import BenchOptions, profile_tiny
+from pp_ext.bench.pipeline import BenchOptions, profile_tiny
 from pp_ext.engine.module import balanced_parts, partition
-from pp_ext.cost_model import LayerCost, Profile
+from pp_ext.schedules.cost_model import LayerCost, Profile
 from pp_ext.schedules import build, simulate
 from pp_ext.schedules.auto import auto_schedule
 
@@ -91,9 +91,9 @@ def test_profile_of_a_heavy_head_and_balanced_stages(tmp_path):
     saved = Profile.load(profile.save(tmp_path / "profile.json"))
     assert saved == profile
 
-    from pp_ext.bench import tiny_config
+    from pp_ext.bench.pipeline import tiny_config
     from pp_ext.engine.module import layer_param_counts
-    from pp_ext.engine.tiny import layer_specs
+    from pp_ext.testing.tiny import layer_specs
 
     layers = layer_specs(tiny_config(options))
     by_params = partition(layers, 2, "parameters")
@@ -145,7 +145,7 @@ def test_a_recipe_profile_takes_one_rank_where_one_gpu_is_visible(monkeypatch, a
     """NCCL takes one rank per GPU: with one GPU the profiler runs alone on it."""
     import torch
 
-    from pp_ext.profile import profile_ranks
+    from pp_ext.bench.profiler import profile_ranks
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
@@ -171,8 +171,8 @@ def test_a_one_rank_profile_measures_the_layers_and_prices_p2p_at_zero(tmp_path)
     p2p and the all-reduce, priced at 0 (the file keeps it through a save and load)."""
     from pathlib import Path
 
-    from pp_ext.profile import profile_recipe
-    from pp_ext.recipe import load
+    from pp_ext.bench.profiler import profile_recipe
+    from pp_ext.config.recipe import load
 
     recipe = load(Path(__file__).resolve().parent.parent / "recipes/quickstart.yaml", [])
     profile = profile_recipe(recipe, (2,), repeats=1, ranks=1)[2]

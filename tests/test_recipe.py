@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pp_ext.cli import main as cli
-from pp_ext.recipe import RecipeError, available, deepspeed_config, load, resolve_parallel
+from pp_ext.config.recipe import RecipeError, available, deepspeed_config, load, resolve_parallel
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_8B = str(ROOT / "configs/models/llama-3.1-8b")
@@ -70,7 +70,7 @@ def test_bad_recipes_name_the_key_and_the_fix(recipe_file, overrides, expected):
 def test_numbers_at_the_edges_of_their_ranges_load(recipe_file):
     """The range checks (the bad-input rows of tests/test_train.py) refuse only what
     torch, DeepSpeed and Python cannot take: the edges themselves load."""
-    from pp_ext.recipe import MAX_TIMEOUT_S
+    from pp_ext.config.recipe import MAX_TIMEOUT_S
 
     load(recipe_file, ["train.lr=0", "train.min_lr=0", "train.weight_decay=0", "train.grad_clip=0",
                        "train.betas=[0,0.999999]", "train.eps=1e-30", "train.seed=0",
@@ -171,7 +171,7 @@ def test_shipped_recipes_load():
 
 def test_attention_choices_are_the_adapters():
     from pp_ext.hf.common import ATTN_IMPLEMENTATIONS as ADAPTER
-    from pp_ext.recipe import ATTN_IMPLEMENTATIONS
+    from pp_ext.config.recipe import ATTN_IMPLEMENTATIONS
 
     assert set(ATTN_IMPLEMENTATIONS) == set(ADAPTER)
 
@@ -180,7 +180,7 @@ def test_attention_choices_are_the_adapters():
 def test_learning_rate_schedule(recipe_file, warmup):
     import torch
 
-    from pp_ext.train import warmup_cosine
+    from pp_ext.training.entry import warmup_cosine
 
     recipe = load(recipe_file, ["train.lr=1.0", "train.min_lr=0.1", f"train.warmup_steps={warmup}"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.train.lr)

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from pp_ext import split_backward
-from pp_ext.engine import tiny
-from pp_ext.split_backward import DeferrableLinear, WeightGradStore, enable_split_backward
+from pp_ext.autograd import split_backward
+from pp_ext.testing import tiny
+from pp_ext.autograd.split_backward import DeferrableLinear, WeightGradStore, enable_split_backward
 
 torch.set_num_threads(1)
 

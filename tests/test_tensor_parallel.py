@@ -104,8 +104,8 @@ def test_gpt2_plan_cuts_conv1d_on_transposed_dims():
 def test_a_tensor_size_change_is_a_layout_change_and_an_unreadable_checkpoint_one_line(tmp_path):
     """A change of parallel.tensor is resumed by re-cutting (tests/test_train.py, the
     reshape test); a folder without pp-ext's parameter names is refused in one line."""
-    from pp_ext import reshape
-    from pp_ext.checkpoints import CheckpointError
+    from pp_ext.checkpoint import reshape
+    from pp_ext.checkpoint.tags import CheckpointError
 
     changed = reshape.changes({**dict.fromkeys(reshape.LAYOUT_KEYS, 1), "tensor": 2},
                               dict.fromkeys(reshape.LAYOUT_KEYS, 1))
@@ -212,7 +212,8 @@ def run_case(tmp, case) -> dict:
     from transformers import AutoModelForCausalLM
 
     import pp_ext
-    from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
+    from pp_ext.checkpoint.export import export_checkpoint, save_hf_metadata
+    from pp_ext.hf import build_pipeline_module
     from pp_ext.schedules import get
 
     family, tied, (pipe, tensor, data), schedule, export, *rest = case
@@ -310,7 +311,7 @@ def main() -> None:
     import sys
     import tempfile
 
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     with tempfile.TemporaryDirectory() as tmp:
         for results in spawn(run_cases, 4, tmp, CASES, timeout=900)[:1]:
@@ -328,7 +329,7 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_pipe_tensor_data_training_equals_hf(tmp_path):
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     failures, exports = [], 0
     for rank, results in enumerate(spawn(run_cases, 4, str(tmp_path), CASES, timeout=900)):

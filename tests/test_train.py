@@ -33,7 +33,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def train_cases(rank: int, world: int, root: str, cases: list[tuple[str, list[str]]]) -> dict:
     """Each case is one training run of the quickstart recipe inside this process group."""
     os.chdir(ROOT)  # the recipe's paths are relative to the repository
-    from pp_ext.train import main
+    from pp_ext.training.entry import main
 
     results = {}
     for name, overrides in cases:
@@ -70,7 +70,7 @@ def schedule_cases() -> list[tuple[str, list[str], str]]:
 
 @pytest.mark.slow
 def test_every_schedule_and_layout_gives_the_same_losses(tmp_path):
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     cases = schedule_cases()
     results = spawn(train_cases, 2, str(tmp_path), [case[:2] for case in cases], timeout=900)[0]
@@ -100,7 +100,7 @@ def launch(out: Path, *overrides: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     steps = ["train.steps=30", "checkpoint.interval=10", "checkpoint.keep=1"]
     uninterrupted = spawn(train_cases, 2, str(tmp_path), [("whole", steps)], timeout=600)[0]["whole"][1]
@@ -240,7 +240,7 @@ def test_bad_input_is_one_line_before_any_rank_starts(tmp_path, capsys, monkeypa
                                                       expected):
     """Every rank stops with exit code 2 before the process group starts; rank 0 says
     one line, the others nothing, and nothing is written."""
-    from pp_ext.train import main
+    from pp_ext.training.entry import main
 
     for name, make in PLACEHOLDERS.items():
         if any(f"{{{name}}}" in o for o in overrides):
@@ -266,8 +266,8 @@ def test_bad_input_is_one_line_before_any_rank_starts(tmp_path, capsys, monkeypa
 def test_the_edges_pass_the_checks_before_launch(tmp_path):
     """A tokenizer whose highest id is the model's last row (the quickstart's, 103 and
     103), and a GPT-2 position table exactly data.seq_len long, are accepted."""
-    from pp_ext.recipe import load
-    from pp_ext.preflight import check_before_launch
+    from pp_ext.config.recipe import load
+    from pp_ext.training.preflight import check_before_launch
 
     for overrides in ([], [f"model.path={gpt2(tmp_path, 64)}", "model.tokenizer=configs/models/quickstart"]):
         check_before_launch(load(RECIPE, [f"output_dir={tmp_path / 'run'}", *overrides]), 2)
@@ -300,8 +300,8 @@ def test_bad_input_through_the_launcher_is_one_line(tmp_path, monkeypatch, case)
 def stop_together(rank: int, world: int) -> list:
     """Three meetings of every rank: rank 0 fails in the first, rank 1 in the second,
     none in the third; what each rank raised in each."""
-    from pp_ext.recipe import RecipeError
-    from pp_ext.train import _together
+    from pp_ext.config.recipe import RecipeError
+    from pp_ext.training.entry import _together
 
     raised = []
     for failing in (0, 1, None):
@@ -317,7 +317,7 @@ def stop_together(rank: int, world: int) -> list:
 
 @pytest.mark.slow
 def test_a_user_error_on_one_rank_stops_every_rank_with_it():
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     expected = ["rank 0's problem", "rank 1's problem", None]
     assert spawn(stop_together, 2, timeout=300) == [expected, expected]
@@ -332,7 +332,7 @@ def test_steps_0_converts_a_model_without_data(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from hf_models import CONFIGS
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     torch.manual_seed(0)
     source = tmp_path / "model"
@@ -357,7 +357,7 @@ def test_steps_0_converts_a_model_without_data(tmp_path):
 def test_nonfinite_steps_stop_or_are_skipped(tmp_path):
     """A learning rate of 1e20 makes step 2's loss and gradients non-finite: `stop`
     exits with code 1 before the weights change, `skip` logs the step as skipped."""
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     diverge = ["train.optimizer=sgd", "train.lr=1e20", "train.min_lr=1e20", "train.warmup_steps=0",
                "train.grad_clip=0.0"]
@@ -374,7 +374,7 @@ def test_nonfinite_steps_stop_or_are_skipped(tmp_path):
 
 @pytest.mark.slow
 def test_a_truncated_checkpoint_is_one_line_error(tmp_path, capfd):
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     steps = ["train.steps=2", "checkpoint.interval=1", "checkpoint.keep=0"]
     assert spawn(train_cases, 2, str(tmp_path), [("run", steps)], timeout=300)[0]["run"][0] == 0
@@ -436,7 +436,7 @@ def saved_states(tag_dir: Path) -> dict:
     """A checkpoint's optimizer state by (tensor rank, name), masters included (bf16 / ZeRO)."""
     import torch
 
-    from pp_ext.optimizer_state import saved
+    from pp_ext.checkpoint.optimizer_state import saved
 
     model_states = [torch.load(f, map_location="cpu", weights_only=False)
                     for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt"))]
@@ -471,8 +471,8 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     vocabulary of 103 cut 2 ways, are refused (exit code 2)."""
     import torch
 
-    from pp_ext.engine.spawn import spawn
-    from pp_ext.hf import export_checkpoint
+    from pp_ext.testing.spawn import spawn
+    from pp_ext.checkpoint.export import export_checkpoint
 
     steps = ["train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0"]
 
@@ -529,7 +529,7 @@ def test_killed_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path)
     """kill -9 while a checkpoint is being written (its folder exists, its marker does
     not yet): `latest` still names the previous one, resume takes it, and the run ends
     with the uninterrupted losses."""
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     steps = ["train.steps=40", "checkpoint.interval=2", "checkpoint.keep=2"]
     uninterrupted = spawn(train_cases, 2, str(tmp_path), [("whole", steps)], timeout=600)[0]["whole"][1]
@@ -575,7 +575,7 @@ def test_asynchronous_schedules_evaluate_checkpoint_and_resume_exactly(tmp_path)
     """pipedream / pipedream-2bw / pipemare in the training job: evaluation before and
     between steps (after a flush), and a checkpoint taken after a flush resumes to the
     same losses."""
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
 
     steps = ["train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0", "data.eval_split=validation",
              "train.eval_interval=3", "train.eval_batches=1"]

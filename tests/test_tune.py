@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pp_ext.cli import main
-from pp_ext.cost_model import LayerCost, Profile
-from pp_ext.recipe import RecipeError, load
+from pp_ext.schedules.cost_model import LayerCost, Profile
+from pp_ext.config.recipe import RecipeError, load
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes/quickstart.yaml"
@@ -57,7 +57,7 @@ def test_tune_ranks_candidates_and_writes_the_winner(tmp_path, capsys):
     method = rows[0][6].split("=")[0]
     assert written[4] == f"parallel.partition={f'balanced:{profile}' if method == 'balanced' else method}"
     # the file is recipe overrides that load and pass the launch checks
-    from pp_ext.preflight import check_before_launch
+    from pp_ext.training.preflight import check_before_launch
 
     recipe = load(RECIPE, written)
     assert check_before_launch(recipe, 2)[3] == int(rows[0][2])
@@ -94,7 +94,7 @@ def test_auto_under_a_memory_limit_writes_its_limit(tmp_path, capsys):
     # the written limit is, per rank, the most micro-batches whose activations fit beside the
     # rank's fp32 weights, gradients and AdamW's two moments (16 bytes per parameter)
     from pp_ext.engine.module import layer_param_counts, partition
-    from pp_ext.preflight import recipe_layer_specs, recipe_schedule
+    from pp_ext.training.preflight import recipe_layer_specs, recipe_schedule
     from pp_ext.schedules import simulate
 
     recipe = load(RECIPE, written)
@@ -127,7 +127,7 @@ def test_tune_errors_are_one_line_and_write_nothing(tmp_path, capsys, args, mess
 
 
 def test_recipe_keys_for_auto_from_a_profile(tmp_path):
-    from pp_ext.preflight import check_before_launch
+    from pp_ext.training.preflight import check_before_launch
 
     profile = heavy_head_profile(tmp_path / "profile.json")
     with pytest.raises(RecipeError, match="'parallel.memory_limit' is read by parallel.schedule=auto only"):
@@ -146,7 +146,7 @@ def test_recipe_keys_for_auto_from_a_profile(tmp_path):
 
 def test_auto_from_a_profile_differs_from_unit_costs(tmp_path):
     """The recipe's auto follows the measured costs (else the training test below proves little)."""
-    from pp_ext.preflight import recipe_schedule
+    from pp_ext.training.preflight import recipe_schedule
     from pp_ext.schedules import build
 
     profile = heavy_head_profile(tmp_path / "profile.json")
@@ -159,7 +159,7 @@ def test_auto_from_a_profile_differs_from_unit_costs(tmp_path):
 
 @pytest.mark.slow
 def test_tune_profiles_the_recipe_and_auto_trains_as_1f1b(tmp_path, capfd):
-    from pp_ext.engine.spawn import spawn
+    from pp_ext.testing.spawn import spawn
     from test_train import TOLERANCE, train_cases
 
     out = tmp_path / "tuned.txt"

@@ -1,6 +1,6 @@
 """``pp-ext bench``: every schedule's ``train_batch`` time next to DeepSpeed's own; with
 ``--model``, one device: an HF model's decoder layer and train step next to
-transformers' own under DeepSpeed's engine (:mod:`pp_ext.model_bench`)."""
+transformers' own under DeepSpeed's engine (:mod:`pp_ext.bench.model`)."""
 from __future__ import annotations
 
 import argparse
@@ -99,7 +99,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.model is not None:
         return run_model_bench(args)
     # torch, deepspeed: only when this command runs (pp_ext.commands)
-    from pp_ext.engine.spawn import select_accelerator
+    from pp_ext.engine.distributed import select_accelerator
 
     select_accelerator()  # before deepspeed is first imported (its auto-detection warns on stdout)
     import torch
@@ -108,7 +108,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise CommandError(f"--stages {args.stages} starts {args.stages} local ranks, one GPU each (NCCL takes no two "
                            f"ranks on one device), and {torch.cuda.device_count()} is visible: bench one GPU with "
                            f"--model DIR, or run the ranks on the CPU with CUDA_VISIBLE_DEVICES=")
-    from pp_ext.bench import BenchOptions, run
+    from pp_ext.bench.pipeline import BenchOptions, run
 
     names = tuple(n.strip() for n in args.schedules.split(",") if n.strip()) if args.schedules else ()
     options = BenchOptions(stages=args.stages, micro_batches=args.micro_batches, schedules=names,
@@ -151,12 +151,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_model_bench(args: argparse.Namespace) -> int:
     # torch, deepspeed: only when this command runs (pp_ext.commands)
-    from pp_ext.engine.spawn import select_accelerator
+    from pp_ext.engine.distributed import select_accelerator
 
     select_accelerator()  # before deepspeed is first imported (its auto-detection warns on stdout)
     import torch
 
-    from pp_ext.model_bench import ModelBenchOptions, format_report, run
+    from pp_ext.bench.model import ModelBenchOptions, format_report, run
 
     if args.device == "cuda":
         if not torch.cuda.is_available():

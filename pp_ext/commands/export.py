@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pp_ext.hf.export import ExportError, export_checkpoint  # torch: only when this command runs (pp_ext.commands)
+    from pp_ext.checkpoint.export import ExportError, export_checkpoint  # torch: only when this command runs (pp_ext.commands)
 
     try:
         out_dir = export_checkpoint(args.checkpoint, args.out_dir, tag=args.tag, dtype=args.dtype,

@@ -78,11 +78,11 @@ def _names(specs) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     # torch, deepspeed, omegaconf: only when this command runs (pp_ext.commands)
-    from pp_ext.engine.spawn import select_accelerator
-    from pp_ext.recipe import RecipeError, load
+    from pp_ext.engine.distributed import select_accelerator
+    from pp_ext.config.recipe import RecipeError, load
 
     select_accelerator()  # before deepspeed is first imported
-    from pp_ext.preflight import check_before_launch
+    from pp_ext.training.preflight import check_before_launch
 
     try:
         recipe = load(args.recipe, args.overrides)

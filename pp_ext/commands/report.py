@@ -110,7 +110,7 @@ def samples(run_dir: Path, count: int) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pp_ext.data_io import load_records
+    from pp_ext.data.records import load_records
 
     recipe = OmegaConf.load(recipe_path)
     records = load_records(recipe.data, "eval", seed=recipe.train.seed)

@@ -4,7 +4,7 @@ Qi et al. 2024 ("Zero Bubble Pipeline Parallelism", ICLR, Sec. 3) show that the
 best pipeline schedule depends on the measured F, I (their B), W and communication
 times and on the memory at hand, so a schedule is chosen from a profile rather than
 guessed. ``tune`` profiles the recipe's own model at its shapes
-(:func:`pp_ext.profile.profile_recipe`; or reads ``--profile``), then simulates
+(:func:`pp_ext.bench.profiler.profile_recipe`; or reads ``--profile``), then simulates
 every candidate on the measured per-stage costs:
 
 - schedule: every registered synchronous schedule that accepts the sizes, at each
@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pp_ext.cost_model import Profile
+from pp_ext.schedules.cost_model import Profile
 from pp_ext.schedules import REGISTRY, Placement, ScheduleError, simulate
 from pp_ext.schedules.auto import auto_schedule
 from pp_ext.schedules.render import write_atomic
@@ -100,7 +100,7 @@ def state_bytes_per_param(recipe, data: int) -> float:
     parameter's dtype (SGD, without momentum, none). With DeepSpeed's bf16 (a
     ``deepspeed.bases`` entry) the optimizer works on fp32 masters instead: a master
     copy and two fp32 moments, split over the data ranks by ZeRO stage >= 1."""
-    from pp_ext.recipe import deepspeed_config  # omegaconf: only when this command runs (pp_ext.commands)
+    from pp_ext.config.recipe import deepspeed_config  # omegaconf: only when this command runs (pp_ext.commands)
 
     width = 2 if recipe.model.dtype in ("bfloat16", "float16") else 4
     moments = 2 if recipe.train.optimizer == "adamw" else 0
@@ -115,7 +115,7 @@ def search(recipe, profiles: dict, pipe: int, data: int, memory_limit: float | N
     """Every candidate (see the module doc), fastest first, and the number dropped for memory."""
     # torch: only when this command runs (pp_ext.commands)
     from pp_ext.engine.module import balanced_parts, chunk_layout, layer_param_counts, partition
-    from pp_ext.preflight import recipe_layer_specs
+    from pp_ext.training.preflight import recipe_layer_specs
 
     specs = recipe_layer_specs(recipe)
     counts = layer_param_counts(specs)
@@ -211,12 +211,12 @@ def overrides(best: Candidate, profile_path: Path) -> list[str]:
 
 def run_tune(args: argparse.Namespace) -> int:
     # torch, deepspeed, omegaconf: only when this command runs (pp_ext.commands)
-    from pp_ext.engine.spawn import select_accelerator
-    from pp_ext.recipe import RecipeError, load
+    from pp_ext.engine.distributed import select_accelerator
+    from pp_ext.config.recipe import RecipeError, load
 
     select_accelerator()  # before deepspeed is first imported
-    from pp_ext.preflight import check_before_launch
-    from pp_ext.profile import profile_ranks, profile_recipe
+    from pp_ext.training.preflight import check_before_launch
+    from pp_ext.bench.profiler import profile_ranks, profile_recipe
 
     if args.memory_limit is not None and args.memory_limit <= 0:
         raise CommandError(f"--memory-limit must be > 0 GiB per rank, got {args.memory_limit}")

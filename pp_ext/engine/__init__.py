@@ -1,2 +1,2 @@
-"""DeepSpeed integration: chunked pipeline module, split backward, the engine that
-runs any lowered pp-ext program, and :func:`initialize`."""
+"""DeepSpeed integration: chunked pipeline module, the engine that
+runs any lowered pp-ext program, point-to-point, the process group, and :func:`initialize`."""

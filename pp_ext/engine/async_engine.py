@@ -12,10 +12,10 @@ at its backward weights, then back-propagates. With a stash (``pipedream``,
 ``pipedream-2bw``) the backward weights are its forward's version, so this is
 exactly ordinary backprop at that version (the forward is deterministic); older
 versions are kept as copies while a forward in flight or to come needs them.
-PipeMare's backward takes the latest weights, corrected (``pp_ext.async_rules``).
+PipeMare's backward takes the latest weights, corrected (``pp_ext.schedules.async_rules``).
 ``U`` reduces gradients over data parallelism and takes DeepSpeed's optimizer
 step (one DeepSpeed step per update) on the mean gradient of the micro-batches
-since the last update. :mod:`pp_ext.async_rules` is the single-process reference.
+since the last update. :mod:`pp_ext.testing.async_reference` is the single-process reference.
 
 fp32 only, no gradient clipping, no weights tied across ranks (each would need a
 collective inside the program at a different moment on each rank).
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from pp_ext.async_rules import PipeMareOptions, correction_decay, lr_factor
+from pp_ext.schedules.async_rules import PipeMareOptions, correction_decay, lr_factor
 from pp_ext.schedules import Kind, Schedule
 from pp_ext.schedules.asynchronous import calls
 

@@ -12,7 +12,7 @@ handed over from another chunk of this rank), ``_outputs`` (a chunk's outputs,
 or the loss on the last stage), ``_grads`` (output gradients received or handed
 over) and ``_input_grads`` (gradients waiting to be sent back). The split
 backward defers linear layers' weight GEMMs from I to W through a
-:class:`~pp_ext.split_backward.WeightGradStore`.
+:class:`~pp_ext.autograd.split_backward.WeightGradStore`.
 
 ``eval_batch`` is DeepSpeed's, running a forward-only program
 (:func:`forward_only`) under ``torch.no_grad()``; forward passes then keep
@@ -32,7 +32,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pp_ext.schedules import Action, Kind, Schedule, lower
-from pp_ext.split_backward import WeightGradStore, enable_split_backward
+from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
 
 from . import instructions as ins
 from . import p2p

@@ -7,7 +7,7 @@ import deepspeed
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 
-from pp_ext.async_rules import PipeMareOptions
+from pp_ext.schedules.async_rules import PipeMareOptions
 from pp_ext.schedules import Schedule, fuse_backward, get, validate
 
 from .async_engine import AsyncScheduleEngine

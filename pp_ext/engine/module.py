@@ -28,7 +28,7 @@ from deepspeed.utils import logger
 from torch import nn
 
 from pp_ext import tp
-from pp_ext.cost_model import Profile
+from pp_ext.schedules.cost_model import Profile
 from pp_ext.schedules.placement import Placement
 
 PLACEMENTS = ("loop", "v", "bidirectional")

@@ -1,8 +1,6 @@
 """Hugging Face causal LMs as pp-ext pipeline layers (see :mod:`pp_ext.hf.llama`)."""
-from pp_ext.hf.export import export_checkpoint, save_hf_metadata
 from pp_ext.hf.families import layer_specs, position_table, supported
 from pp_ext.hf.loading import build_pipeline_module, load_hf_weights
 from pp_ext.hf.weights import copy_hf_weights
 
-__all__ = ["build_pipeline_module", "copy_hf_weights", "export_checkpoint", "layer_specs", "load_hf_weights",
-           "position_table", "save_hf_metadata", "supported"]
+__all__ = ["build_pipeline_module", "copy_hf_weights", "layer_specs", "load_hf_weights", "position_table", "supported"]

@@ -26,7 +26,7 @@ F = B/2 = 1. Peak activations p (rank 0), as 1F1B.
   but no stash: one version; the backward runs on the weights of the moment,
   corrected for the discrepancy (the paper's Technique 2) and with the stage's
   learning rate rescheduled by its delay (Technique 1); both are the engine's
-  (:mod:`pp_ext.async_rules` states them).
+  (:mod:`pp_ext.schedules.async_rules` states them).
 
 ``Schedule.backward_weights`` tells the engine which weights a backward uses:
 ``"stashed"`` (its forward's version) or ``"corrected"`` (PipeMare).

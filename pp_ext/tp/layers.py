@@ -3,7 +3,7 @@ ordinary layers HF builds.
 
 A layer built at its local shard shape (HF's own class, from a config whose heads
 and intermediate size are divided by the tensor size) becomes parallel by swapping
-its class, as :mod:`pp_ext.split_backward` does: parameters stay the same
+its class, as :mod:`pp_ext.autograd.split_backward` does: parameters stay the same
 objects under the same ``state_dict`` names, so HF key mappings, loading and
 checkpoints keep working.
 
@@ -21,7 +21,7 @@ transformers' ``Conv1D`` (GPT-2's linear layer, weight stored transposed as
 its weight's dim 1, row-parallel along dim 0 (:class:`ColumnParallelConv1D`,
 :class:`RowParallelConv1D`).
 
-Both linear kinds subclass :class:`~pp_ext.split_backward.Deferrable`, so in a
+Both linear kinds subclass :class:`~pp_ext.autograd.split_backward.Deferrable`, so in a
 zero-bubble schedule their weight GEMM moves to the W pass, which needs no
 communication (the saved input and output gradient are local); the all-reduce of
 ``f`` stays in the input-gradient (I) pass, where autograd meets it.
@@ -39,7 +39,7 @@ from torch import nn
 
 from transformers.pytorch_utils import Conv1D
 
-from pp_ext.split_backward import Deferrable
+from pp_ext.autograd.split_backward import Deferrable
 from pp_ext.tp.axis import TensorAxis, copy_to_region, reduce_from_region
 from pp_ext.tp.split import Split
 

@@ -10,7 +10,7 @@ Why this task: a transformer learns reversal by attending to a position computed
 the prompt's length, which a tiny model picks up in a few CPU minutes, and whether it
 did is unambiguous (exact match). Chance level: a model that knows the format but
 guesses the letters gets a string of length L right with probability 26**-L, so
-exact-match accuracy at chance is below 0.2% (L >= 2); see :mod:`pp_ext.metrics`.
+exact-match accuracy at chance is below 0.2% (L >= 2); see :mod:`pp_ext.training.accuracy`.
 Eval strings never occur in the training file.
 """
 from __future__ import annotations

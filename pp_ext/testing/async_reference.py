@@ -1,65 +1,12 @@
-"""The update rules of the asynchronous schedules, once, as plain single-process training.
-
-Each stage s of p keeps its own weights W_s and optimizer; micro-batch g (global
-index; batch b = g // m) runs forward through every stage at the weights the rule
-names, then backward (the stage's forward recomputed from its input at the
-backward weights, then back-propagated: what the engine does, and for a stash
-exactly ordinary backprop). w_s = p - 1 - s is the stage's 1F1B delay in
-micro-batches (:mod:`pp_ext.schedules.asynchronous`).
-
-- ``pipedream`` (Narayanan et al. 2019, Sec. 3.3): one update per micro-batch on
-  its own gradient; forward and backward of g on stage s at version max(0, g - w_s).
-- ``pipedream-2bw`` (Narayanan et al. 2021, ICML, Sec. 3.1): one update per batch
-  on the mean gradient of its m micro-batches; batch b at version max(0, b - 1):
-  W(b+1) = W(b) - lr * grad f(W(b-1)).
-- ``pipemare`` (Yang et al. 2021, "PipeMare", MLSys): one update per micro-batch;
-  forward at version vF = max(0, g - w_s), backward at the latest version g
-  corrected for the discrepancy, W_s(g) - (g - vF) * delta_s, where delta_s is the
-  moving average of the stage's updates, delta <- gamma*delta + (1-gamma)*(W_new - W_old),
-  gamma_s = D**(1/w_s) (Technique 2, discrepancy correction); the stage's step size
-  at its k-th update is lr_k * w_s**-(1 - min(k/K, 1)) (Technique 1, learning-rate
-  rescheduling: a step inversely proportional to the delay at first, the plain
-  lr after K updates). The last stage (w_s = 0) is synchronous and unchanged.
-"""
+"""The asynchronous update rules (:mod:`pp_ext.schedules.async_rules`) as plain
+single-process training: the reference the asynchronous engine is tested against."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-NAMES = ("pipedream", "pipedream-2bw", "pipemare")
-
-
-@dataclass(frozen=True)
-class PipeMareOptions:
-    """PipeMare's two hyper-parameters: ``lr_warmup`` K (updates until the rescheduled
-    step size reaches the plain one; 0 turns Technique 1 off) and ``decay`` D of the
-    discrepancy correction's moving average (gamma_s = D**(1/w_s); 1 turns it off)."""
-
-    lr_warmup: int = 100
-    decay: float = 0.1
-
-
-def updates_per_group(name: str, micro_batches: int) -> int:
-    return micro_batches if name == "pipedream-2bw" else 1
-
-
-def forward_version(name: str, stages: int, stage: int, micro_batches: int, g: int) -> int:
-    if name == "pipedream-2bw":
-        return max(0, g // micro_batches - 1)
-    return max(0, g - (stages - 1 - stage))
-
-
-def lr_factor(update: int, delay: int, options: PipeMareOptions) -> float:
-    """Technique 1: tau**-(1 - min(k/K, 1)) for a stage of delay tau >= 1."""
-    if delay < 1 or options.lr_warmup <= 0:
-        return 1.0
-    return float(delay) ** -(1.0 - min(update / options.lr_warmup, 1.0))
-
-
-def correction_decay(delay: int, options: PipeMareOptions) -> float:
-    return options.decay ** (1.0 / delay)
+from pp_ext.schedules import async_rules
+from pp_ext.schedules.async_rules import PipeMareOptions
 
 
 class AsyncReference:
@@ -68,8 +15,8 @@ class AsyncReference:
 
     def __init__(self, name: str, stages: list[nn.Module], loss_fn, optimizers: list[torch.optim.Optimizer],
                  micro_batches: int, pipemare: PipeMareOptions = PipeMareOptions()) -> None:
-        if name not in NAMES:
-            raise ValueError(f"no asynchronous rule named {name!r}: choose one of {', '.join(NAMES)}")
+        if name not in async_rules.NAMES:
+            raise ValueError(f"no asynchronous rule named {name!r}: choose one of {', '.join(async_rules.NAMES)}")
         self.name, self.stages, self.loss_fn, self.optimizers = name, stages, loss_fn, optimizers
         self.m, self.options = micro_batches, pipemare
         self.params = [list(s.parameters()) for s in stages]
@@ -89,7 +36,7 @@ class AsyncReference:
     def micro_batch(self, inputs, labels) -> float:
         """Forward and backward of the next micro-batch; updates where the rule says."""
         p, g = len(self.stages), self.g
-        versions = [forward_version(self.name, p, s, self.m, g) for s in range(p)]
+        versions = [async_rules.forward_version(self.name, p, s, self.m, g) for s in range(p)]
         xs, x = [], inputs
         with torch.no_grad():
             for s, stage in enumerate(self.stages):
@@ -98,7 +45,7 @@ class AsyncReference:
                 x = stage(x)
             loss = self.loss_fn(x, labels).item()
         grad = None
-        scale = 1.0 / updates_per_group(self.name, self.m)
+        scale = 1.0 / async_rules.updates_per_group(self.name, self.m)
         for s in reversed(range(p)):
             weights = self._version(s, versions[s])
             if self.name == "pipemare":
@@ -117,7 +64,7 @@ class AsyncReference:
                 torch.autograd.backward(out, grad)
             grad = x.grad if s > 0 else None
         self.g += 1
-        if self.g % updates_per_group(self.name, self.m) == 0:
+        if self.g % async_rules.updates_per_group(self.name, self.m) == 0:
             for s in range(p):
                 self._update(s)
         return loss
@@ -126,7 +73,7 @@ class AsyncReference:
         latest = self.history[s][-1]
         self._weights(s, latest)
         delay = len(self.stages) - 1 - s
-        factor = lr_factor(self._latest(s), delay, self.options) if self.name == "pipemare" else 1.0
+        factor = async_rules.lr_factor(self._latest(s), delay, self.options) if self.name == "pipemare" else 1.0
         groups = self.optimizers[s].param_groups
         lrs = [group["lr"] for group in groups]
         for group in groups:
@@ -137,11 +84,11 @@ class AsyncReference:
         self.optimizers[s].zero_grad()
         new = [p.detach().clone() for p in self.params[s]]
         if self.name == "pipemare" and delay >= 1:
-            gamma = correction_decay(delay, self.options)
+            gamma = async_rules.correction_decay(delay, self.options)
             self.delta[s] = [gamma * d + (1 - gamma) * (n - o) for d, n, o in zip(self.delta[s], new, latest)]
         self.history[s].append(new)
         # micro-batch g runs at versions that never decrease with g: keep from the next one's
-        keep = forward_version(self.name, len(self.stages), s, self.m, self.g)
+        keep = async_rules.forward_version(self.name, len(self.stages), s, self.m, self.g)
         del self.history[s][:keep - self.first[s]]
         self.first[s] = keep
 

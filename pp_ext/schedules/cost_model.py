@@ -4,7 +4,7 @@ any cut of the model into stages (:meth:`Profile.stage_costs`, the simulator's
 :class:`~pp_ext.schedules.costs.Costs`), and the profile file that carries them.
 
 Pure Python, as :mod:`pp_ext.schedules`: what measures a profile is
-:mod:`pp_ext.engine.measure` (the timing) and :mod:`pp_ext.profile` (a recipe's
+:mod:`pp_ext.bench.measure` (the timing) and :mod:`pp_ext.bench.profiler` (a recipe's
 model); ``parallel.partition: balanced:FILE``, ``auto`` and ``pp-ext tune`` read it.
 
 Qi et al. 2024 ("Zero Bubble Pipeline Parallelism", ICLR, Sec. 3) compute their

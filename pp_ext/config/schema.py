@@ -1,7 +1,7 @@
 """The recipe schema: one dataclass per recipe section (OmegaConf structured config).
 
 Pure data, no torch: ``pp-ext plan`` and the error paths import it in milliseconds.
-Loading, merging and checking a recipe is :mod:`pp_ext.recipe`; this module only
+Loading, merging and checking a recipe is :mod:`pp_ext.config.recipe`; this module only
 says which keys exist, their types and their defaults.
 """
 from __future__ import annotations

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from pp_ext import tp
-from pp_ext.metrics import IGNORE_INDEX, answer_counts
+from pp_ext.data import IGNORE_INDEX
+from pp_ext.training.accuracy import answer_counts
 
 
 class LanguageModelLoss:
@@ -10,7 +11,7 @@ class LanguageModelLoss:
     shifted; -100 ignored), as HF's causal-LM loss, on logits sharded by vocabulary over
     ``tensor_axis`` (the module's; whole logits with one tensor rank) without gathering
     them (:func:`pp_ext.tp.vocab_parallel_cross_entropy`). While ``collect`` is on it
-    also counts answers right (:func:`pp_ext.metrics.answer_counts`) for evaluation."""
+    also counts answers right (:func:`pp_ext.training.accuracy.answer_counts`) for evaluation."""
 
     def __init__(self) -> None:
         self.collect = False

@@ -7,7 +7,7 @@ Run by the ``deepspeed`` launcher, one process per rank::
 (``launch/train.py`` chooses DeepSpeed's accelerator before this module imports deepspeed.)
 
 Every user error (recipe, world size, schedule constraints, missing files, model
-against tokenizer and data: :mod:`pp_ext.preflight`) is found before the process
+against tokenizer and data: :mod:`pp_ext.training.preflight`) is found before the process
 group starts where it can be, and is one line on stderr from rank 0 with exit code 2
 on every rank; one found later by some ranks stops every rank the same way.
 """
@@ -29,15 +29,18 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from pp_ext import checkpoints, data, reshape
+from pp_ext.checkpoint import reshape
+from pp_ext.checkpoint import tags as checkpoints
+from pp_ext.data import batches as data
 from pp_ext.engine.engine import PipelineError
 from pp_ext.engine.initialize import initialize
-from pp_ext.engine.spawn import init_distributed
-from pp_ext.hf import build_pipeline_module, export_checkpoint, save_hf_metadata
-from pp_ext.hf.export import ExportError
-from pp_ext.loss import LanguageModelLoss
-from pp_ext.preflight import check_before_launch, check_data
-from pp_ext.recipe import RecipeError, deepspeed_config, load
+from pp_ext.engine.distributed import init_distributed
+from pp_ext.checkpoint.export import export_checkpoint, save_hf_metadata
+from pp_ext.hf import build_pipeline_module
+from pp_ext.checkpoint.export import ExportError
+from pp_ext.training.loss import LanguageModelLoss
+from pp_ext.training.preflight import check_before_launch, check_data
+from pp_ext.config.recipe import RecipeError, deepspeed_config, load
 from pp_ext.schedules import Kind, get
 from pp_ext.schedules.render import write_atomic
 
@@ -165,7 +168,7 @@ def evaluate(engine, loss: LanguageModelLoss, batches_fn, eval_batches: int) -> 
 
 
 def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chunks: int, prebuilt=None) -> int:
-    """Train ``recipe`` on the layout :func:`~pp_ext.preflight.check_before_launch` returned for it
+    """Train ``recipe`` on the layout :func:`~pp_ext.training.preflight.check_before_launch` returned for it
     (``prebuilt``: its ``auto`` schedule from the profile, the same on every rank)."""
     output_dir, save_dir = Path(recipe.output_dir), checkpoints.save_dir(recipe)
     _threads()
@@ -206,7 +209,7 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
                             config=deepspeed_config(recipe, data_parallel, str(output_dir)),
                             schedule=prebuilt or schedule)
 
-    # what a checkpoint's layout is compared on (pp_ext.reshape.LAYOUT_KEYS)
+    # what a checkpoint's layout is compared on (pp_ext.checkpoint.reshape.LAYOUT_KEYS)
     layout = {"pipeline": pipe, "tensor": tensor, "data": data_parallel, "chunks": chunks,
               "placement": placement,
               "partition": OmegaConf.to_container(recipe.parallel.partition)

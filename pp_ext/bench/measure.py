@@ -1,12 +1,12 @@
 """Measuring what the simulator prices: F, I, W and fused B of a chunk, the p2p
 latency of one activation, and all-reduce latency and bandwidth.
 
-One module for ``pp-ext bench`` (:mod:`pp_ext.bench`, per-stage costs of its
-engines) and the profiler (:mod:`pp_ext.profile`, per-layer costs of a recipe's
+One module for ``pp-ext bench`` (:mod:`pp_ext.bench.pipeline`, per-stage costs of its
+engines) and the profiler (:mod:`pp_ext.bench.profiler`, per-layer costs of a recipe's
 model), so that both time the same way. Medians over repeats, the first calls left
 out (they allocate, select kernels and set up channels); on a GPU each timed call
 waits for the device. The all-reduce is kept as latency + bytes / bandwidth (the
-alpha-beta model of Hockney 1994, :mod:`pp_ext.cost_model`).
+alpha-beta model of Hockney 1994, :mod:`pp_ext.schedules.cost_model`).
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import time
 import torch
 from deepspeed import comm as dist
 
-from pp_ext.cost_model import LayerCost
-from pp_ext.split_backward import WeightGradStore, enable_split_backward
+from pp_ext.schedules.cost_model import LayerCost
+from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
 
-from .module import layer_name
+from pp_ext.engine.module import layer_name
 
 
 def median_time(fn, repeats: int) -> float:

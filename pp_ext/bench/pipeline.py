@@ -1,7 +1,7 @@
 """``pp-ext bench``: time ``train_batch`` for every schedule on one model, side by side.
 
 One launch of ``stages`` local ranks (one thread each on CPU) times each schedule
-on the same small Llama-shaped model (:mod:`pp_ext.engine.tiny`) and data:
+on the same small Llama-shaped model (:mod:`pp_ext.testing.tiny`) and data:
 DeepSpeed's own ``TrainSchedule`` on its stock engine (the baseline) and every
 registered schedule that accepts the sizes. All engines are built first, then
 timed round-robin, in a new order each round (``warmup`` untimed rounds,
@@ -74,19 +74,19 @@ import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-from pp_ext.cost_model import Profile
+from pp_ext.schedules.cost_model import Profile
 from pp_ext.engine.async_engine import AsyncScheduleEngine
 from pp_ext.engine.initialize import initialize
-from pp_ext.engine.measure import (allreduce_model, allreduce_seconds, comm_latency, measure_layers, median_time,
+from pp_ext.bench.measure import (allreduce_model, allreduce_seconds, comm_latency, measure_layers, median_time,
                                    time_passes)
 from pp_ext.engine.module import ChunkedPipelineModule, partition
-from pp_ext.engine.spawn import spawn
-from pp_ext.engine.tiny import TinyConfig, layer_specs, lm_loss
+from pp_ext.testing.spawn import spawn
+from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 from pp_ext.schedules import REGISTRY, ConstraintError, Costs, build, get, simulate
 from pp_ext.schedules.asynchronous import steady_call
 from pp_ext.schedules.auto import layouts as auto_layouts
 from pp_ext.schedules.auto import origin, ranked
-from pp_ext.split_backward import WeightGradStore, enable_split_backward
+from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
 
 BASELINE = "deepspeed-1f1b"
 
@@ -336,7 +336,7 @@ def paired_with_fastest_fixed(rows: list[dict]) -> None:
 
 
 def tiny_config(options: BenchOptions) -> TinyConfig:
-    """The bench's Llama-shaped model (:mod:`pp_ext.engine.tiny`) at ``options``' sizes."""
+    """The bench's Llama-shaped model (:mod:`pp_ext.testing.tiny`) at ``options``' sizes."""
     return TinyConfig(vocab=options.vocab, hidden=options.hidden, heads=options.heads,
                       intermediate=options.intermediate, blocks=options.blocks_per_rank * options.stages, tied=False)
 
@@ -361,7 +361,7 @@ def _profile_worker(rank: int, world: int, options: BenchOptions) -> Profile | N
 
 def profile_tiny(options: BenchOptions) -> Profile:
     """Profile the bench model of ``options`` layer by layer on this machine (one launch
-    of 2 local ranks, as :func:`pp_ext.profile.profile_recipe` does for a recipe's model):
+    of 2 local ranks, as :func:`pp_ext.bench.profiler.profile_recipe` does for a recipe's model):
     the costs of the ``balanced`` partition."""
     return spawn(_profile_worker, 2, options)[0]
 

@@ -1,6 +1,6 @@
 """Loading and checking a recipe: YAML file + ``key=value`` overrides -> typed config.
 
-OmegaConf does the merging and the type checks against :mod:`pp_ext.recipe_schema`;
+OmegaConf does the merging and the type checks against :mod:`pp_ext.config.schema`;
 this module turns its exceptions into one line that names the recipe key and the
 nearest valid one, and adds the checks a type cannot express (choices, ranges, the
 world size). Every user error is a :class:`RecipeError`.
@@ -21,10 +21,10 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from pp_ext.recipe_schema import Recipe
+from pp_ext.config.schema import Recipe
 from pp_ext.schedules import names as schedule_names
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEEPSPEED_BASES = CONFIGS / "deepspeed"
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -246,7 +246,7 @@ def deepspeed_config(recipe: DictConfig, data_parallel: int, output_dir: str | N
     """DeepSpeed's config: ``deepspeed.bases`` merged in order, ``deepspeed.overrides`` on
     top, and the keys pp-ext derives from the recipe (batch sizes, clipping, the
     monitors). The optimizer and the learning-rate schedule are passed to
-    ``initialize`` as objects (:mod:`pp_ext.train`)."""
+    ``initialize`` as objects (:mod:`pp_ext.training.entry`)."""
     config: dict = {}
     for name in recipe.deepspeed.get("bases", []):
         path = DEEPSPEED_BASES / f"{name}.json"

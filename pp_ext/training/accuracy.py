@@ -3,7 +3,7 @@
 An *answer* is a maximal run of labelled positions (labels != -100) in a row: one
 completion (plus its EOS) of a prompt/completion record, or one assistant turn of a
 chat. Runs never touch across records, because the last token of a record has no
-label (:mod:`pp_ext.data`), so packed rows hold several answers.
+label (:mod:`pp_ext.data.batches`), so packed rows hold several answers.
 
 An answer counts as right when the argmax of the logits is its label at every one of
 its positions. With teacher forcing each position sees the true previous tokens, so
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+from pp_ext.data import IGNORE_INDEX
 
 
 def answer_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

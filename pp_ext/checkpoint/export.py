@@ -5,7 +5,7 @@ DeepSpeed's ``PipelineModule.save_state_dict`` writes one file per layer spec,
 model-parallel axis the name carries ``-model_YY``: one file per tensor rank YY),
 and no file for a tied head called through ``forward_fn``. Tensor-parallel parts are
 merged back (:meth:`pp_ext.tp.Split.merge`, the inverse of the cut loading made;
-:func:`layer_tensors`, which :mod:`pp_ext.reshape` reads layers with too);
+:func:`layer_tensors`, which :mod:`pp_ext.checkpoint.reshape` reads layers with too);
 replicated tensors are taken from tensor rank 0. The layers' ``hf_keys()`` (built on the meta device
 from ``layer_specs(config)``, the order training used) name every tensor as the HF
 model does; the config and tokenizer come from ``<tag>/hf_meta/``, which

@@ -12,7 +12,7 @@ fill? One process on one device answers both, in one run:
   table built beforehand, once). pp-ext's F is timed as a chunk's later layers run
   (the chunk's context built), and once more as its first decoder layer runs (building
   the masks and rotary tables, with the one host read of the batch's layout); I and W
-  on a copy whose linear layers defer their weight GEMMs (:mod:`pp_ext.split_backward`);
+  on a copy whose linear layers defer their weight GEMMs (:mod:`pp_ext.autograd.split_backward`);
 * per train step, tokens per second of DeepSpeed's ordinary engine
   (``deepspeed.initialize``) on transformers' ``AutoModelForCausalLM`` and of pp-ext's
   engine at pipeline 1 for each schedule, from the same weights, data, DeepSpeed
@@ -48,17 +48,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from pp_ext.engine.initialize import initialize
-from pp_ext.engine.measure import median_time, time_passes
-from pp_ext.engine.spawn import spawn
+from pp_ext.bench.measure import median_time, time_passes
+from pp_ext.testing.spawn import spawn
 from pp_ext.hf import build_pipeline_module, copy_hf_weights, layer_specs
 from pp_ext.hf.common import HFDecoderLayer
 from pp_ext.hf.context import ChunkContext
 from pp_ext.hf.loading import default_dtype, load_config, local_layers
-from pp_ext.loss import LanguageModelLoss
-from pp_ext.metrics import IGNORE_INDEX
-from pp_ext.recipe import DEEPSPEED_BASES
+from pp_ext.training.loss import LanguageModelLoss
+from pp_ext.data import IGNORE_INDEX
+from pp_ext.config.recipe import DEEPSPEED_BASES
 from pp_ext.schedules import get
-from pp_ext.split_backward import WeightGradStore, enable_split_backward
+from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
 
 BASELINE = "deepspeed (HF model)"
 

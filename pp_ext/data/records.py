@@ -24,8 +24,8 @@ from contextlib import contextmanager
 import datasets
 from datasets.exceptions import DatasetsError
 
-from pp_ext.recipe import RecipeError
-from pp_ext.recipe_schema import DataConfig
+from pp_ext.config.recipe import RecipeError
+from pp_ext.config.schema import DataConfig
 
 # file extension -> datasets packaged builder
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}

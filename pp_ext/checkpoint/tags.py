@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pp_ext.recipe import RecipeError
+from pp_ext.config.recipe import RecipeError
 from pp_ext.schedules.render import write_atomic
 
 MARKER = "pp_ext.json"

@@ -1,11 +1,11 @@
 """A checkpoint's optimizer state by parameter name, and the same written into a live
-engine's optimizer: what :mod:`pp_ext.reshape` moves between layouts.
+engine's optimizer: what :mod:`pp_ext.checkpoint.reshape` moves between layouts.
 
 Two kinds of optimizer hold it:
 
 * fp32 without ZeRO: the torch optimizer itself, saved in ``mp_rank_XX_model_states.pt``
   keyed by each parameter's position; pp-ext saves the names in that order beside it
-  (``client_state["param_names"]``, :func:`pp_ext.reshape.param_names`).
+  (``client_state["param_names"]``, :func:`pp_ext.checkpoint.reshape.param_names`).
 * bf16 (DeepSpeed's BF16_Optimizer) and ZeRO stage 1/2: one flat fp32 partition per
   parameter group and data rank (the master weights, and the torch optimizer's state
   of that flat tensor), saved in ``*zero_pp_rank_D_mp_rank_XX_optim_states.pt`` with

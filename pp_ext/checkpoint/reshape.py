@@ -5,7 +5,7 @@ tensor 2 -> pipe 2 x tensor 1, in fp32, bf16 or with ZeRO-1.
 Every tensor is found by name, which no layout changes: DeepSpeed's pipeline checkpoints
 hold one file per layer (per tensor rank), named by the layer's global index, and a
 ChunkedPipelineModule names parameters by global layer index too. The optimizer state
-is read by (tensor rank, parameter name) (:mod:`pp_ext.optimizer_state`: the torch
+is read by (tensor rank, parameter name) (:mod:`pp_ext.checkpoint.optimizer_state`: the torch
 optimizer's state in fp32, the flat fp32 partitions of bf16 and ZeRO with their
 master weights), so each rank gives each of its parameters the state its name had on
 whichever rank held it, then the learning-rate schedule and the step counters.
@@ -15,7 +15,7 @@ holds its own part of a sharded parameter under the same name. A weight and its
 elementwise optimizer state (AdamW's ``exp_avg``, ``exp_avg_sq``; ``step`` is copied)
 are cut alike, so each is merged from the saved tensor ranks' parts by the cut of the
 saved size (:meth:`pp_ext.tp.Split.merge`, the layer built on the meta device for that
-size, as export does: :func:`pp_ext.hf.export.layer_tensors`) and this rank's part of
+size, as export does: :func:`pp_ext.checkpoint.export.layer_tensors`) and this rank's part of
 the new size is taken (:meth:`pp_ext.tp.Split.take`); a replicated one (a norm) is
 tensor rank 0's. Merging then cutting at the saved size gives back the same parts, so
 an unchanged tensor size goes the same way.
@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from deepspeed.pipe import TiedLayerSpec
 
-from pp_ext import optimizer_state, tp
-from pp_ext.checkpoints import CheckpointError
-from pp_ext.hf.export import layer_tensors, load_layer, saved_layers
+from pp_ext import tp
+from pp_ext.checkpoint import optimizer_state
+from pp_ext.checkpoint.tags import CheckpointError
+from pp_ext.checkpoint.export import layer_tensors, load_layer, saved_layers
 
 LAYOUT_KEYS = ("pipeline", "tensor", "data", "chunks", "placement", "partition")
 
@@ -63,7 +64,7 @@ def changes(saved: dict, current: dict) -> list[str]:
 def held_layers(module) -> list[tuple[int, str, torch.nn.Module]]:
     """``(index of its layer file, parameter name prefix, module)`` of every layer this
     rank holds, a tied module once (its file: the first use that has one, as export's
-    :func:`pp_ext.hf.export.saved_layers`)."""
+    :func:`pp_ext.checkpoint.export.saved_layers`)."""
     specs = module._layer_specs
     first = {spec.key: idx for idx, spec in saved_layers(specs) if isinstance(spec, TiedLayerSpec)}
     held = {}

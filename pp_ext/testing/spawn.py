@@ -7,7 +7,6 @@ nothing waits forever.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import queue as queue_errors
 import socket
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+from pp_ext.engine.distributed import init_distributed
 
 
 class RankFailed(RuntimeError):
@@ -36,29 +37,6 @@ def init_rank(rank: int, world_size: int, port: int, threads: int = 1, comm_time
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size))
     torch.set_num_threads(threads)
     init_distributed(rank, comm_timeout_s)
-
-
-def select_accelerator() -> None:
-    """Without a GPU, DeepSpeed's CPU accelerator, chosen before deepspeed is imported
-    (its auto-detection says the same with a warning on stdout)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def init_distributed(local_rank: int, timeout_s: float | None = None) -> None:
-    """DeepSpeed's process group from the environment (RANK, WORLD_SIZE, MASTER_*):
-    NCCL on GPUs (this rank's device), gloo on CPU. ``timeout_s`` bounds every wait
-    for a peer (gloo raises, NCCL's watchdog aborts); None keeps torch's default."""
-    select_accelerator()
-    import deepspeed  # here, not at the top: the accelerator is chosen first
-
-    # the shm comm op is JIT-built (~80 s) on first init and never used by training
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
-                               **timeout)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, results, args: tuple,

@@ -25,12 +25,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoTokenizer
 
-from pp_ext import checkpoints, tp
-from pp_ext.cost_model import Profile
+from pp_ext import tp
+from pp_ext.checkpoint import tags as checkpoints
+from pp_ext.schedules.cost_model import Profile
 from pp_ext.engine.module import partition
 from pp_ext.hf import layer_specs, position_table, supported
 from pp_ext.hf.loading import load_config
-from pp_ext.recipe import RecipeError, resolve_parallel
+from pp_ext.config.recipe import RecipeError, resolve_parallel
 from pp_ext.schedules import ScheduleError, get
 from pp_ext.schedules.auto import auto_schedule
 
@@ -160,7 +161,7 @@ def check_folders(recipe, save_dir: Path) -> None:
 def check_data(recipe) -> None:
     """The data is there, readable, of the kind the recipe says, with a tokenizer it
     needs (:func:`pp_ext.data.check`)."""
-    from pp_ext import data  # here, not at the top: it imports datasets, which plan and tune never need
+    from pp_ext.data import batches as data  # here, not at the top: it imports datasets, which plan and tune never need
 
     folder = tokenizer_folder(recipe)
     if not has_tokenizer(folder):

@@ -1,6 +1,6 @@
 """Profiler: a recipe's model measured layer by layer, the profile that the
 simulator, ``auto``, ``pp-ext tune`` and ``parallel.partition: balanced:FILE`` read
-(:class:`~pp_ext.cost_model.Profile`).
+(:class:`~pp_ext.schedules.cost_model.Profile`).
 
 :func:`profile_recipe` profiles a recipe's own Hugging Face model (the layers of
 :func:`pp_ext.hf.layer_specs`, embedding and head included, built in the recipe's
@@ -10,9 +10,9 @@ ranks (the second is the p2p peer; 1 where one GPU is visible, :func:`profile_ra
 :class:`~pp_ext.engine.module.ChunkedPipelineModule` on one pipeline rank; its input
 is the previous layer's real output (detached), and F, I, W, B, the p2p latency of
 one activation and the all-reduce are timed with the same code as ``pp-ext bench``
-(:mod:`pp_ext.engine.measure`). The all-reduce between the two ranks is timed at two
+(:mod:`pp_ext.bench.measure`). The all-reduce between the two ranks is timed at two
 sizes (a few bytes, and the model's parameters): the replica sum of Chimera's two
-pipelines is priced from it (:meth:`~pp_ext.cost_model.Profile.stage_costs`).
+pipelines is priced from it (:meth:`~pp_ext.schedules.cost_model.Profile.stage_costs`).
 """
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ import sys
 import torch
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-from pp_ext.cost_model import Profile
-from pp_ext.engine.measure import allreduce_model, comm_latency, measure_layers
-from pp_ext.engine.spawn import spawn
+from pp_ext.schedules.cost_model import Profile
+from pp_ext.bench.measure import allreduce_model, comm_latency, measure_layers
+from pp_ext.testing.spawn import spawn
 from pp_ext.hf import build_pipeline_module
 from pp_ext.hf.loading import load_config
-from pp_ext.loss import LanguageModelLoss
-from pp_ext.preflight import recipe_layer_specs
+from pp_ext.training.loss import LanguageModelLoss
+from pp_ext.training.preflight import recipe_layer_specs
 
 
 def _recipe_worker(rank: int, world: int, recipe, sizes: tuple[int, ...], repeats: int) -> dict | None:

@@ -40,9 +40,9 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from pp_ext.data_io import DataError, load_records, split_columns
-from pp_ext.metrics import IGNORE_INDEX
-from pp_ext.recipe_schema import DataConfig
+from pp_ext.data.records import DataError, load_records, split_columns
+from pp_ext.data import IGNORE_INDEX
+from pp_ext.config.schema import DataConfig
 
 KINDS = ("text", "prompt_completion", "chat")
 COLUMNS = ("input_ids", "attention_mask", "position_ids", "labels")
@@ -82,7 +82,7 @@ def _check_tokenizer(kind: str, tokenizer: PreTrainedTokenizerBase) -> None:
 
 def check(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """What :func:`tokenize` would refuse, found before any rank starts from the first
-    record of each split (:func:`pp_ext.data_io.split_columns`): missing splits,
+    record of each split (:func:`pp_ext.data.records.split_columns`): missing splits,
     unreadable files, the kind's columns, what the kind needs of the tokenizer. A hub
     dataset, read only when loaded, is checked against ``data.kind`` alone."""
     splits = split_columns(cfg)
@@ -222,7 +222,7 @@ def tokenize(records: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg:
 
 
 def load(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str, seed: int = 0) -> datasets.Dataset | None:
-    """:func:`pp_ext.data_io.load_records` then :func:`tokenize`; None when there is no eval data."""
+    """:func:`pp_ext.data.records.load_records` then :func:`tokenize`; None when there is no eval data."""
     records = load_records(cfg, split, seed)
     return None if records is None else tokenize(records, tokenizer, cfg)
 

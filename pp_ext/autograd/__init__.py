@@ -1,0 +1,2 @@
+"""Autograd functions: the split backward's input gradients now (I), weight gradients
+later (W) (:mod:`.split_backward`)."""

@@ -1,0 +1,31 @@
+"""The process group of a rank: the accelerator chosen before DeepSpeed is imported,
+then DeepSpeed's distributed init (NCCL on GPUs, gloo on CPU)."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+
+
+def select_accelerator() -> None:
+    """Without a GPU, DeepSpeed's CPU accelerator, chosen before deepspeed is imported
+    (its auto-detection says the same with a warning on stdout)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed(local_rank: int, timeout_s: float | None = None) -> None:
+    """DeepSpeed's process group from the environment (RANK, WORLD_SIZE, MASTER_*):
+    NCCL on GPUs (this rank's device), gloo on CPU. ``timeout_s`` bounds every wait
+    for a peer (gloo raises, NCCL's watchdog aborts); None keeps torch's default."""
+    select_accelerator()
+    import deepspeed  # here, not at the top: the accelerator is chosen first
+
+    # the shm comm op is JIT-built (~80 s) on first init and never used by training
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
+                               **timeout)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
