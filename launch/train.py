@@ -5,6 +5,7 @@
 
 See :mod:`pp_ext.training.entry`.
 """
+
 import sys
 
 from pp_ext.engine.distributed import select_accelerator

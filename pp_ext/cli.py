@@ -4,6 +4,7 @@
 Exit codes: 0 success, 2 a usage error (one line ``pp-ext: error: ...`` on
 stderr), 1 an internal failure reported by a command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,16 +21,21 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line: ``pp-ext: error: ...``."""
 
     def error(self, message: str):  # type: ignore[override]
-        where = self.prog[len("pp-ext"):].strip() if self.prog.startswith("pp-ext") else self.prog
+        where = self.prog[len("pp-ext") :].strip() if self.prog.startswith("pp-ext") else self.prog
         prefix = f"{where}: " if where else ""
         self.exit(2, f"pp-ext: error: {prefix}{message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="pp-ext", description="Pipeline-parallel schedules for DeepSpeed: list, show, "
-                                                "compare and draw every schedule before running it.")
+    parser = Parser(
+        prog="pp-ext",
+        description="Pipeline-parallel schedules for DeepSpeed: list, show, "
+        "compare and draw every schedule before running it.",
+    )
     parser.add_argument("--version", action="version", version=f"pp-ext {__version__}")
-    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", required=True
+    )
     for group in GROUPS:
         importlib.import_module(f"pp_ext.commands.{group}").add_parser(subparsers)
     return parser

@@ -18,6 +18,7 @@ input gradient of stage s+1 (made by I where that stage splits its backward, els
 B); W needs I. A result crossing ranks arrives ``comm`` after it ends. Uniform costs
 are per rank and micro-batch, a chunk costing ranks/stages of them; B = I + W.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,19 +37,37 @@ def _durations(schedule: Schedule, costs: Costs) -> dict[tuple[str, int], Fracti
         if costs.per_stage is not None:  # measured per stage: used as they are
             f, i, w, *fused = (Fraction(x) for x in costs.per_stage[stage])
         else:
-            (f, i, w), fused = (Fraction(x) * share for x in (costs.forward, costs.input_grad, costs.weight_grad)), []
-        table.update({("F", stage): f, ("I", stage): i, ("W", stage): w, ("B", stage): fused[0] if fused else i + w,
-                      ("U", stage): Fraction(costs.update)})
+            (f, i, w), fused = (
+                (Fraction(x) * share for x in (costs.forward, costs.input_grad, costs.weight_grad)),
+                [],
+            )
+        table.update(
+            {
+                ("F", stage): f,
+                ("I", stage): i,
+                ("W", stage): w,
+                ("B", stage): fused[0] if fused else i + w,
+                ("U", stage): Fraction(costs.update),
+            }
+        )
     return table
 
 
-def run(schedule: Schedule, costs: Costs | None = None) -> dict[tuple[int, str, int, int], tuple[Fraction, Fraction]]:
+def run(
+    schedule: Schedule, costs: Costs | None = None
+) -> dict[tuple[int, str, int, int], tuple[Fraction, Fraction]]:
     """(rank, kind, micro_batch, chunk) -> (start, end) of every compute action."""
     costs = costs or Costs()
     routes = schedule.placement.routes
-    stage_of = {slot: (pipeline, stage) for pipeline, route in enumerate(routes) for stage, slot in enumerate(route)}
-    programs = [[(a.kind.value, a.micro_batch, a.chunk) for a in program if a.kind.is_compute]
-                for program in schedule.programs]
+    stage_of = {
+        slot: (pipeline, stage)
+        for pipeline, route in enumerate(routes)
+        for stage, slot in enumerate(route)
+    }
+    programs = [
+        [(a.kind.value, a.micro_batch, a.chunk) for a in program if a.kind.is_compute]
+        for program in schedule.programs
+    ]
     present = {(rank, *action) for rank, program in enumerate(programs) for action in program}
     durations = _durations(schedule, costs)
     comm = Fraction(costs.comm)
@@ -89,7 +108,10 @@ def run(schedule: Schedule, costs: Costs | None = None) -> dict[tuple[int, str, 
                     continue
                 kind, mb, chunk = program[position[rank]]
                 needs = inputs(rank, kind, mb, chunk)
-                if all(n in spans and spans[n][1] + (delay if n[0] != rank else 0) <= clock for n in needs):
+                if all(
+                    n in spans and spans[n][1] + (delay if n[0] != rank else 0) <= clock
+                    for n in needs
+                ):
                     end = clock + ticks[(kind, stage_of[(rank, chunk)][1])]
                     spans[(rank, kind, mb, chunk)] = (clock, end)
                     busy_until[rank] = end
@@ -100,8 +122,11 @@ def run(schedule: Schedule, costs: Costs | None = None) -> dict[tuple[int, str, 
             upcoming = [t for t in busy_until if t > clock]
             upcoming += [end + delay for _, end in spans.values() if end + delay > clock]
             if not upcoming:
-                stuck = {rank: program[position[rank]] for rank, program in enumerate(programs)
-                         if position[rank] < len(program)}
+                stuck = {
+                    rank: program[position[rank]]
+                    for rank, program in enumerate(programs)
+                    if position[rank] < len(program)
+                }
                 raise AssertionError(f"brute force: deadlock, waiting ranks {stuck}")
             clock = min(upcoming)  # nothing changes before the next end or arrival
     return {key: (Fraction(s, scale), Fraction(e, scale)) for key, (s, e) in spans.items()}
@@ -116,9 +141,18 @@ def makespan(schedule: Schedule, costs: Costs | None = None) -> Fraction:
 def repeated(schedule: Schedule, steps: int) -> Schedule:
     """``steps`` steps back to back with no flush: micro-batch k of step n is k + n*m."""
     m = schedule.micro_batches
-    programs = tuple(tuple(Action(a.kind, a.micro_batch + n * m, a.chunk) for n in range(steps) for a in program
-                           if a.kind.is_compute) for program in schedule.programs)
-    return Schedule(schedule.name, schedule.placement, m * steps, programs, schedule.pipeline_of * steps)
+    programs = tuple(
+        tuple(
+            Action(a.kind, a.micro_batch + n * m, a.chunk)
+            for n in range(steps)
+            for a in program
+            if a.kind.is_compute
+        )
+        for program in schedule.programs
+    )
+    return Schedule(
+        schedule.name, schedule.placement, m * steps, programs, schedule.pipeline_of * steps
+    )
 
 
 def period(schedule: Schedule, costs: Costs | None = None, steps: int = 8) -> Fraction:

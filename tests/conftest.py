@@ -12,6 +12,7 @@ and so ``torch.multiprocessing``, ``os.fork``/``os.posix_spawn``); one that star
 process fails at teardown naming what it started, so a process launch cannot slip
 into ``pytest -m "not slow"`` unmarked.
 """
+
 from __future__ import annotations
 
 import gc
@@ -42,7 +43,9 @@ def starts_no_process_unless_slow(request, monkeypatch):
         monkeypatch.setattr(owner, name, watched)
 
     watch(subprocess.Popen, "_execute_child", lambda popen, args, *_: f"subprocess {args!r:.120}")
-    watch(multiprocessing.process.BaseProcess, "start", lambda process: f"multiprocessing {process!r}")
+    watch(
+        multiprocessing.process.BaseProcess, "start", lambda process: f"multiprocessing {process!r}"
+    )
     watch(os, "fork", lambda: "os.fork()")
     watch(os, "posix_spawn", lambda path, *_: f"os.posix_spawn({path!r})")
     yield

@@ -3,15 +3,39 @@
 One entry per ``model_type``: ``CONFIGS[model_type](tied)`` gives a config small
 enough for CPU tests, with tied or untied input/output embeddings.
 """
+
 from __future__ import annotations
 
-from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                          MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
-SIZES = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-GEMMA2_3 = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4, final_logit_softcapping=2.0,
-                initializer_range=0.2, layer_types=["sliding_attention", "full_attention"])
+SIZES = dict(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+GEMMA2_3 = dict(
+    head_dim=8,
+    query_pre_attn_scalar=8,
+    sliding_window=4,
+    final_logit_softcapping=2.0,
+    initializer_range=0.2,
+    layer_types=["sliding_attention", "full_attention"],
+)
 CONFIGS = {
     "llama": lambda tied: LlamaConfig(**SIZES, tie_word_embeddings=tied),
     "mistral": lambda tied: MistralConfig(**SIZES, sliding_window=4, tie_word_embeddings=tied),
@@ -20,23 +44,60 @@ CONFIGS = {
     "gemma": lambda tied: GemmaConfig(**SIZES, head_dim=8, tie_word_embeddings=tied),
     # Gemma2/3: a window of 4 on 10 tokens, caps and a larger init that make the soft-capping
     # bite; Gemma3 with local rope (base 100) apart from global rope (base 10000, linear x2).
-    "gemma2": lambda tied: Gemma2Config(**SIZES, **GEMMA2_3, attn_logit_softcapping=2.0, tie_word_embeddings=tied),
+    "gemma2": lambda tied: Gemma2Config(
+        **SIZES, **GEMMA2_3, attn_logit_softcapping=2.0, tie_word_embeddings=tied
+    ),
     "gemma3_text": lambda tied: Gemma3TextConfig(
-        **SIZES, **GEMMA2_3, rope_theta=10000.0, rope_local_base_freq=100.0,
-        rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=tied),
+        **SIZES,
+        **GEMMA2_3,
+        rope_theta=10000.0,
+        rope_local_base_freq=100.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        tie_word_embeddings=tied,
+    ),
     # Phi3 with partial rotary and longrope past 8 positions (10-token inputs use the long factors).
     "phi3": lambda tied: Phi3Config(
-        **SIZES, pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=8,
-        rope_parameters={"rope_type": "longrope", "factor": 8.0, "partial_rotary_factor": 0.5,
-                         "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]}, tie_word_embeddings=tied),
+        **SIZES,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        original_max_position_embeddings=8,
+        rope_parameters={
+            "rope_type": "longrope",
+            "factor": 8.0,
+            "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.5],
+            "long_factor": [2.0, 4.0],
+        },
+        tie_word_embeddings=tied,
+    ),
     # GPT-2: Conv1D blocks and learned positions; dropout off (on by default) so that
     # training matches HF's exactly.
     "gpt2": lambda tied: GPT2Config(
-        vocab_size=100, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
-        embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied),
+        vocab_size=100,
+        n_embd=32,
+        n_inner=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=tied,
+    ),
     # GPT-NeoX: rotary on half of each head; the tied config has the parallel residual
     # (attention and MLP both read the layer input), the untied one the sequential one.
     "gpt_neox": lambda tied: GPTNeoXConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, rotary_pct=0.5, use_parallel_residual=tied, tie_word_embeddings=tied),
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rotary_pct=0.5,
+        use_parallel_residual=tied,
+        tie_word_embeddings=tied,
+    ),
 }

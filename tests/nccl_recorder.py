@@ -10,22 +10,34 @@ returned a wait. A call made inside a recorded one (deepspeed.comm calling torch
 recorded again. The label of a point-to-point op is its dtype and shape, which the two
 sides of a transfer must agree on.
 """
+
 from __future__ import annotations
 
 import contextlib
 import inspect
 import threading
 
+import deepspeed.comm as ds_comm
+import deepspeed.comm.comm as ds_comm_module
 import torch
 import torch.distributed as torch_dist
 
-import deepspeed.comm as ds_comm
-import deepspeed.comm.comm as ds_comm_module
 from pp_ext.schedules.nccl import Op, Trace
 
 P2P = ("send", "recv", "isend", "irecv")
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-               "reduce_scatter_tensor", "all_to_all_single", "barrier", "reduce", "gather", "scatter")
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+    "barrier",
+    "reduce",
+    "gather",
+    "scatter",
+)
 
 
 def _group(group) -> tuple[tuple[int, ...], str]:
@@ -37,7 +49,11 @@ def _group(group) -> tuple[tuple[int, ...], str]:
 def _label(tensor) -> str:
     if isinstance(tensor, (list, tuple)):
         return "+".join(_label(t) for t in tensor)
-    return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}" if torch.is_tensor(tensor) else ""
+    return (
+        f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"
+        if torch.is_tensor(tensor)
+        else ""
+    )
 
 
 class _Recorder:
@@ -79,15 +95,20 @@ class _Work:
 
 
 # taken before anything is patched
-SIGNATURES = {name: inspect.signature(getattr(torch_dist, name)) for name in P2P + COLLECTIVES
-              if hasattr(torch_dist, name)}
+SIGNATURES = {
+    name: inspect.signature(getattr(torch_dist, name))
+    for name in P2P + COLLECTIVES
+    if hasattr(torch_dist, name)
+}
 
 
 def _arguments(name: str, args, kwargs) -> dict:
     """The call's arguments by name: deepspeed.comm's functions take torch.distributed's
     parameters in torch's order (plus logging keywords), behind a signature-less wrapper."""
     signature = SIGNATURES[name]
-    return signature.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in signature.parameters}).arguments
+    return signature.bind_partial(
+        *args, **{k: v for k, v in kwargs.items() if k in signature.parameters}
+    ).arguments
 
 
 def _p2p_wrapper(recorder: _Recorder, name: str, original):
@@ -100,14 +121,17 @@ def _p2p_wrapper(recorder: _Recorder, name: str, original):
         given = _arguments(name, args, kwargs)
         peer = given.get("dst", given.get("src"))
         ranks, group_name = _group(given.get("group"))
-        ids = recorder.trace.post([Op(kind, ranks, peer, _label(given["tensor"]), name=group_name, where=name)],
-                                  where=name)
+        ids = recorder.trace.post(
+            [Op(kind, ranks, peer, _label(given["tensor"]), name=group_name, where=name)],
+            where=name,
+        )
         with recorder.call():
             result = original(*args, **kwargs)
         if blocking:
             recorder.trace.wait(ids, where=name)
             return result
         return recorder.works(result, ids, name)
+
     return wrapper
 
 
@@ -118,13 +142,23 @@ def _batch_wrapper(recorder: _Recorder, original):
         posted = []
         for op in ops:
             ranks, group_name = _group(op.group)
-            posted.append(Op("send" if op.op == "isend" else "recv", ranks, op.peer, _label(op.tensor),
-                             batched=True, name=group_name, where="batch_isend_irecv"))
+            posted.append(
+                Op(
+                    "send" if op.op == "isend" else "recv",
+                    ranks,
+                    op.peer,
+                    _label(op.tensor),
+                    batched=True,
+                    name=group_name,
+                    where="batch_isend_irecv",
+                )
+            )
         ids = recorder.trace.post(posted, where="batch_isend_irecv")
         with recorder.call():
             works = original(ops, *args, **kwargs)
         # gloo gives a work per op, NCCL one for the batch: each wait stands for the batch
         return recorder.works(list(works), ids, "batch_isend_irecv")
+
     return wrapper
 
 
@@ -135,14 +169,25 @@ def _collective_wrapper(recorder: _Recorder, name: str, original):
         given = _arguments(name, args, kwargs)
         ranks, group_name = _group(given.get("group"))
         tensors = args[:1] if name != "barrier" else ()
-        ids = recorder.trace.post([Op("collective", ranks, label=f"{name} {_label(list(tensors))}",
-                                      name=group_name, where=name)], where=name)
+        ids = recorder.trace.post(
+            [
+                Op(
+                    "collective",
+                    ranks,
+                    label=f"{name} {_label(list(tensors))}",
+                    name=group_name,
+                    where=name,
+                )
+            ],
+            where=name,
+        )
         with recorder.call():
             result = original(*args, **kwargs)
         if given.get("async_op"):
             return recorder.works(result, ids, name)
         recorder.trace.wait(ids, where=name)
         return result
+
     return wrapper
 
 
@@ -155,11 +200,15 @@ def recording():
         wrapper = _p2p_wrapper(recorder, name, getattr(ds_comm, name))
         # P2POp asserts its op is comm.py's own isend/irecv: patch both names alike
         patches += [(ds_comm, name, wrapper), (ds_comm_module, name, wrapper)]
-    patches.append((ds_comm, "batch_isend_irecv", _batch_wrapper(recorder, ds_comm.batch_isend_irecv)))
+    patches.append(
+        (ds_comm, "batch_isend_irecv", _batch_wrapper(recorder, ds_comm.batch_isend_irecv))
+    )
     for name in COLLECTIVES:
         for module in (ds_comm, torch_dist):
             if hasattr(module, name):
-                patches.append((module, name, _collective_wrapper(recorder, name, getattr(module, name))))
+                patches.append(
+                    (module, name, _collective_wrapper(recorder, name, getattr(module, name)))
+                )
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     try:
         for module, name, wrapper in patches:

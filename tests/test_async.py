@@ -1,6 +1,7 @@
 """Asynchronous schedules: the pure stream (calls and drains, weight versions) and, on the
 engine, each schedule equal to its own single-process rule (pp_ext.schedules.async_rules)
 within 1e-5 over 10 calls and a flush, p = 2 and p = 4 (one launch each)."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,14 @@ from fractions import Fraction
 import pytest
 
 from pp_ext.schedules import Costs, simulate
-from pp_ext.schedules.asynchronous import CALLS_SEARCHED, SHOWN_STEPS, calls, lowered_stream, steady_call, stream
+from pp_ext.schedules.asynchronous import (
+    CALLS_SEARCHED,
+    SHOWN_STEPS,
+    calls,
+    lowered_stream,
+    steady_call,
+    stream,
+)
 
 NAMES = ("pipedream", "pipedream-2bw", "pipemare")
 STEPS = 10
@@ -41,8 +49,10 @@ def test_the_calls_and_the_drain_run_exactly_the_lowered_stream_of_that_many_cal
                 assert ran == want.programs[rank], (name, p, m, rank, c)
 
 
-@pytest.mark.parametrize("name,versions", [("pipedream", lambda p: p), ("pipedream-2bw", lambda p: 2),
-                                           ("pipemare", lambda p: 1)])
+@pytest.mark.parametrize(
+    "name,versions",
+    [("pipedream", lambda p: p), ("pipedream-2bw", lambda p: 2), ("pipemare", lambda p: 1)],
+)
 def test_weight_versions_held(name, versions):
     for p in range(2, 7):
         sim = simulate(stream(name, p, p, SHOWN_STEPS))
@@ -56,7 +66,9 @@ def test_a_steady_call_is_the_streams_time_per_call(name):
     # (S*m + p-1) * (F + B) without updates (the 1F1B bubble (p-1)/(S*m+p-1))
     for p, m in sizes(name):
         updates = 1 if name == "pipedream-2bw" else m
-        assert steady_call(name, p, m, Costs(update=Fraction(1, 3))) == 3 * m + Fraction(updates, 3), (p, m)
+        assert steady_call(name, p, m, Costs(update=Fraction(1, 3))) == 3 * m + Fraction(
+            updates, 3
+        ), (p, m)
         assert simulate(stream(name, p, m, 2)).makespan == (2 * m + p - 1) * 3
     # unequal stages, comm and updates: the growth per call of a much longer stream; on
     # the last costs pipedream and pipemare settle only after 6 calls
@@ -65,12 +77,38 @@ def test_a_steady_call_is_the_streams_time_per_call(name):
     def third(top: int) -> Fraction:
         return Fraction(rng.randint(1, top), 3)
 
-    cases = [(p, m, Costs(comm=Fraction(rng.randint(0, 5), 10), update=third(4),
-                          per_stage=tuple((third(9), third(9), third(9), third(19)) for _ in range(p))))
-             for p, m in ((2, 4), (3, 3), (4, 4), (5, 7))]
-    cases.append((5, 4, Costs(comm=Fraction(1, 10), update=1, per_stage=tuple(
-        tuple(map(Fraction, stage.split())) for stage in ("1 1 1/3 2", "3 4/3 5/3 16/3", "5/3 8/3 8/3 5",
-                                                           "1/3 2/3 4/3 14/3", "7/3 4/3 2 17/3")))))
+    cases = [
+        (
+            p,
+            m,
+            Costs(
+                comm=Fraction(rng.randint(0, 5), 10),
+                update=third(4),
+                per_stage=tuple((third(9), third(9), third(9), third(19)) for _ in range(p)),
+            ),
+        )
+        for p, m in ((2, 4), (3, 3), (4, 4), (5, 7))
+    ]
+    cases.append(
+        (
+            5,
+            4,
+            Costs(
+                comm=Fraction(1, 10),
+                update=1,
+                per_stage=tuple(
+                    tuple(map(Fraction, stage.split()))
+                    for stage in (
+                        "1 1 1/3 2",
+                        "3 4/3 5/3 16/3",
+                        "5/3 8/3 8/3 5",
+                        "1/3 2/3 4/3 14/3",
+                        "7/3 4/3 2 17/3",
+                    )
+                ),
+            ),
+        )
+    )
     for p, m, costs in cases:
         long = [simulate(stream(name, p, m, calls), costs).makespan for calls in (24, 28)]
         assert steady_call(name, p, m, costs) == (long[1] - long[0]) / 4, (p, m)
@@ -95,28 +133,41 @@ def optimizer_for(kind: str, params):
 
 
 def run_case(name: str, pipe: int, m: int, kind: str = "sgd") -> dict:
-    import torch
     from torch import nn
 
     import pp_ext
+    from pp_ext.engine.module import ChunkedPipelineModule
     from pp_ext.schedules.async_rules import PipeMareOptions
     from pp_ext.testing.async_reference import AsyncReference
-    from pp_ext.engine.module import ChunkedPipelineModule
     from pp_ext.testing.reference import SequentialReference
     from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     config = TinyConfig(blocks=pipe, tied=False)
     specs = layer_specs(config)
     options = PipeMareOptions(lr_warmup=5, decay=0.1)
-    module = ChunkedPipelineModule(layers=specs, num_stages=pipe, loss_fn=lm_loss, partition_method="uniform",
-                                   seed_layers=True, base_seed=1234)
+    module = ChunkedPipelineModule(
+        layers=specs,
+        num_stages=pipe,
+        loss_fn=lm_loss,
+        partition_method="uniform",
+        seed_layers=True,
+        base_seed=1234,
+    )
     optimizer = optimizer_for(kind, module.parameters())
-    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": m,
-                 "train_batch_size": 2 * m, "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
-    engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config, schedule=name,
-                                   pipemare=options)
-    losses = [float(engine.train_batch(iter([batch(n * m + k, config.vocab) for k in range(m)])))
-              for n in range(STEPS)]
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": m,
+        "train_batch_size": 2 * m,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,
+    }
+    engine, *_ = pp_ext.initialize(
+        model=module, optimizer=optimizer, config=ds_config, schedule=name, pipemare=options
+    )
+    losses = [
+        float(engine.train_batch(iter([batch(n * m + k, config.vocab) for k in range(m)])))
+        for n in range(STEPS)
+    ]
     try:
         engine.save_checkpoint("/nonexistent")
         refused = ""
@@ -126,14 +177,26 @@ def run_case(name: str, pipe: int, m: int, kind: str = "sgd") -> dict:
 
     reference = SequentialReference(specs, lm_loss, base_seed=1234)
     stages = [nn.Sequential(*reference.layers[a:b]) for a, b in zip(module.parts, module.parts[1:])]
-    rule = AsyncReference(name, stages, lm_loss, [optimizer_for(kind, s.parameters()) for s in stages], m, options)
-    ref_losses = [sum(rule.micro_batch(*batch(n * m + k, config.vocab)) for k in range(m)) / m
-                  for n in range(STEPS)]
+    rule = AsyncReference(
+        name, stages, lm_loss, [optimizer_for(kind, s.parameters()) for s in stages], m, options
+    )
+    ref_losses = [
+        sum(rule.micro_batch(*batch(n * m + k, config.vocab)) for k in range(m)) / m
+        for n in range(STEPS)
+    ]
     ref_params = dict(reference.named_parameters())
     mine = dict(module.named_parameters())
-    param_diff = max(float((p.detach() - ref_params[n].detach()).abs().max()) for n, p in mine.items())
-    return {"case": (name, pipe, m, kind), "losses": losses, "ref_losses": ref_losses, "param_diff": param_diff,
-            "missing": sorted(set(mine) - set(ref_params)), "refused": refused}
+    param_diff = max(
+        float((p.detach() - ref_params[n].detach()).abs().max()) for n, p in mine.items()
+    )
+    return {
+        "case": (name, pipe, m, kind),
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "param_diff": param_diff,
+        "missing": sorted(set(mine) - set(ref_params)),
+        "refused": refused,
+    }
 
 
 def run_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
@@ -147,11 +210,17 @@ def launch(world: int, cases: list[tuple]) -> None:
     for rank, results in enumerate(spawn(run_cases, world, cases)):
         for r in results:
             loss_diff = max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"]))
-            print(rank, r["case"], f"loss diff {loss_diff:.2e} param diff {r['param_diff']:.2e}",
-                  f"losses {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}")
+            print(
+                rank,
+                r["case"],
+                f"loss diff {loss_diff:.2e} param diff {r['param_diff']:.2e}",
+                f"losses {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}",
+            )
             if r["missing"] or loss_diff > TOLERANCE or r["param_diff"] > TOLERANCE:
-                failures.append(f"rank {rank} {r['case']}: loss diff {loss_diff:.2e}, param diff "
-                                f"{r['param_diff']:.2e}, unnamed {r['missing'][:3]}")
+                failures.append(
+                    f"rank {rank} {r['case']}: loss diff {loss_diff:.2e}, param diff "
+                    f"{r['param_diff']:.2e}, unnamed {r['missing'][:3]}"
+                )
             if "engine.flush()" not in r["refused"]:
                 failures.append(f"rank {rank} {r['case']}: save_checkpoint in flight not refused")
     assert not failures, "\n".join(failures)
@@ -159,7 +228,9 @@ def launch(world: int, cases: list[tuple]) -> None:
 
 @pytest.mark.slow
 def test_pipeline_2_each_async_schedule_equals_its_rule():
-    launch(2, [(name, m) for name in NAMES for m in (2, 3)] + [(name, 2, "adamw") for name in NAMES])
+    launch(
+        2, [(name, m) for name in NAMES for m in (2, 3)] + [(name, 2, "adamw") for name in NAMES]
+    )
 
 
 @pytest.mark.slow
@@ -183,9 +254,19 @@ def test_the_rules_differ_so_the_engine_comparison_can_fail():
     for name in NAMES:
         reference = SequentialReference(layer_specs(config), lm_loss, base_seed=1234)
         layers = reference.layers
-        stages = [nn.Sequential(*layers[:2]), nn.Sequential(*layers[2:3]), nn.Sequential(*layers[3:])]
-        rule = AsyncReference(name, stages, lm_loss, [torch.optim.SGD(s.parameters(), lr=0.05) for s in stages],
-                              3, PipeMareOptions(lr_warmup=5))
+        stages = [
+            nn.Sequential(*layers[:2]),
+            nn.Sequential(*layers[2:3]),
+            nn.Sequential(*layers[3:]),
+        ]
+        rule = AsyncReference(
+            name,
+            stages,
+            lm_loss,
+            [torch.optim.SGD(s.parameters(), lr=0.05) for s in stages],
+            3,
+            PipeMareOptions(lr_warmup=5),
+        )
         for g in range(12):
             rule.micro_batch(*batch(g, config.vocab))
         finals[name] = torch.cat([p.detach().flatten() for p in reference.parameters()])
@@ -228,14 +309,25 @@ def test_2bw_rule_without_its_delay_is_synchronous_training(monkeypatch):
             monkeypatch.setattr(async_rules, "forward_version", lambda name, p, s, m, g: g // m)
         reference = SequentialReference(layer_specs(config), lm_loss, base_seed=1234)
         stages = [nn.Sequential(*reference.layers[:3]), nn.Sequential(*reference.layers[3:])]
-        rule = AsyncReference("pipedream-2bw", stages, lm_loss,
-                              [torch.optim.AdamW(s.parameters(), lr=0.01) for s in stages], m)
-        out = [sum(rule.micro_batch(*batch(n * m + k, config.vocab)) for k in range(m)) / m for n in range(4)]
+        rule = AsyncReference(
+            "pipedream-2bw",
+            stages,
+            lm_loss,
+            [torch.optim.AdamW(s.parameters(), lr=0.01) for s in stages],
+            m,
+        )
+        out = [
+            sum(rule.micro_batch(*batch(n * m + k, config.vocab)) for k in range(m)) / m
+            for n in range(4)
+        ]
         return out, torch.cat([p.detach().flatten() for p in reference.parameters()])
 
     undelayed, weights = losses(delayed=False)
     assert max(abs(a - b) for a, b in zip(undelayed, expected)) < 1e-5
-    assert float((weights - torch.cat([p.detach().flatten() for p in sync.parameters()])).abs().max()) < 1e-5
+    assert (
+        float((weights - torch.cat([p.detach().flatten() for p in sync.parameters()])).abs().max())
+        < 1e-5
+    )
     monkeypatch.undo()
     delayed, _ = losses(delayed=True)
     assert abs(delayed[-1] - expected[-1]) > 1e-4  # the delay does change training
@@ -250,14 +342,29 @@ def run_two_engines(rank: int, world: int) -> dict:
     from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     config = TinyConfig(blocks=world, tied=False)
-    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 4,
-                 "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 4,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,
+    }
 
     def engine(name):
-        module = ChunkedPipelineModule(layers=layer_specs(config), num_stages=world, loss_fn=lm_loss,
-                                       partition_method="uniform", seed_layers=True, base_seed=1234)
-        return pp_ext.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.05),
-                                 config=ds_config, schedule=name)[0]
+        module = ChunkedPipelineModule(
+            layers=layer_specs(config),
+            num_stages=world,
+            loss_fn=lm_loss,
+            partition_method="uniform",
+            seed_layers=True,
+            base_seed=1234,
+        )
+        return pp_ext.initialize(
+            model=module,
+            optimizer=torch.optim.SGD(module.parameters(), lr=0.05),
+            config=ds_config,
+            schedule=name,
+        )[0]
 
     data = [batch(k, config.vocab) for k in range(2)]
     stream, other = engine("pipedream"), engine("1f1b")
@@ -285,7 +392,10 @@ def test_another_engine_is_refused_while_an_asynchronous_one_is_in_flight():
     for result in spawn(run_two_engines, 2):
         assert len(result["refused"]) == 2, result
         for message in result["refused"]:
-            assert message.startswith("schedule pipedream still has micro-batches in flight") and "flush()" in message
+            assert (
+                message.startswith("schedule pipedream still has micro-batches in flight")
+                and "flush()" in message
+            )
         assert math.isfinite(result["after_flush"])
 
 
@@ -298,16 +408,35 @@ def test_the_delay_study_trains_the_recipe_by_the_2bw_rule_and_ordinarily():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    command = [sys.executable, "launch/delay_study.py", "--recipe", "recipes/quickstart.yaml",
-               "model.path=configs/models/quickstart-untied", "model.tokenizer=configs/models/quickstart",
-               "train.steps=3", "train.grad_clip=0"]
+    command = [
+        sys.executable,
+        "launch/delay_study.py",
+        "--recipe",
+        "recipes/quickstart.yaml",
+        "model.path=configs/models/quickstart-untied",
+        "model.tokenizer=configs/models/quickstart",
+        "train.steps=3",
+        "train.grad_clip=0",
+    ]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    first = {line.split(" step 1:")[0]: line.split("loss ")[1] for line in done.stdout.splitlines()
-             if " step 1:" in line}
+    first = {
+        line.split(" step 1:")[0]: line.split("loss ")[1]
+        for line in done.stdout.splitlines()
+        if " step 1:" in line
+    }
     assert set(first) == {"ordinary", "2bw rule"} and first["ordinary"] == first["2bw rule"]
-    assert [line.split(":")[0] for line in done.stdout.splitlines() if "last-10" in line] == ["ordinary", "2bw rule"]
-    for override, message in (("train.stepz=1", "'train.stepz' does not exist"),
-                              ("train.grad_clip=1.0", "set train.grad_clip=0")):
-        bad = subprocess.run([*command, override], cwd=root, capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 2 and message in bad.stderr.strip().splitlines()[-1], bad.stderr[-500:]
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if "last-10" in line] == [
+        "ordinary",
+        "2bw rule",
+    ]
+    for override, message in (
+        ("train.stepz=1", "'train.stepz' does not exist"),
+        ("train.grad_clip=1.0", "set train.grad_clip=0"),
+    ):
+        bad = subprocess.run(
+            [*command, override], cwd=root, capture_output=True, text=True, timeout=300
+        )
+        assert bad.returncode == 2 and message in bad.stderr.strip().splitlines()[-1], bad.stderr[
+            -500:
+        ]

@@ -1,4 +1,5 @@
 """Checkpoint bookkeeping: completeness markers, `latest`, integrity, pruning (no processes)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,10 @@ def test_latest_and_complete_tags_ignore_interrupted_saves(tmp_path):
     save(tmp_path, 30, complete=False)  # a crash mid-save: no marker
     assert checkpoints.complete_tags(tmp_path) == [(10, "step-00000010"), (20, "step-00000020")]
     assert (tmp_path / "latest").read_text() == "step-00000020"
-    assert checkpoints.info(tmp_path, "step-00000020")["files"] == {"hf_meta/config.json": 2,
-                                                                    "layer_00-model_states.pt": 120}
+    assert checkpoints.info(tmp_path, "step-00000020")["files"] == {
+        "hf_meta/config.json": 2,
+        "layer_00-model_states.pt": 120,
+    }
 
 
 def test_verify_names_a_truncated_or_missing_file_and_the_fix(tmp_path):
@@ -40,7 +43,9 @@ def test_verify_names_a_truncated_or_missing_file_and_the_fix(tmp_path):
         checkpoints.verify(tmp_path, tag)
     message = str(error.value)
     assert "\n" not in message
-    assert "layer_00-model_states.pt has 50 bytes, 120 when saved (truncated or replaced)" in message
+    assert (
+        "layer_00-model_states.pt has 50 bytes, 120 when saved (truncated or replaced)" in message
+    )
     assert f"checkpoint.resume={tmp_path / 'step-00000010'}" in message
     layer.unlink()
     with pytest.raises(CheckpointError, match="layer_00-model_states.pt is missing"):
@@ -57,5 +62,8 @@ def test_prune_keeps_the_newest_and_drops_older_interrupted_saves(tmp_path):
     save(tmp_path, 30)
     removed = checkpoints.prune(tmp_path, keep=2)
     assert sorted(removed) == ["step-00000010", "step-00000015"]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-00000020", "step-00000030"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "step-00000020",
+        "step-00000030",
+    ]
     assert checkpoints.prune(tmp_path, keep=0) == []

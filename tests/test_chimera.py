@@ -1,11 +1,12 @@
 """Chimera (Li & Hoefler 2021): the schedule's figures, its refusals, and (slow) the
 engine's replica handling: identical replicas from different random starts,
 gradient clipping over both replicas, checkpoint round trips."""
+
 from fractions import Fraction as Fr
 
+import brute_force
 import pytest
 
-import brute_force
 from pp_ext.schedules import ConstraintError, Costs, build, simulate
 
 
@@ -15,7 +16,10 @@ def test_paper_bubble_at_equal_forward_and_backward(p, units):
     # the paper's Table 2 counts F = B: bubble (p-2)/(2m+p-2) with direct concatenation
     # (derived by hand in chimera.py from the slots of its order)
     m = units * p
-    sched, costs = build("chimera", p, m), Costs(forward=1, input_grad=Fr(1, 2), weight_grad=Fr(1, 2))
+    sched, costs = (
+        build("chimera", p, m),
+        Costs(forward=1, input_grad=Fr(1, 2), weight_grad=Fr(1, 2)),
+    )
     sim = simulate(sched, costs)
     assert sim.makespan == 2 * m + p - 2 == brute_force.makespan(sched, costs)
     assert sim.bubble_ratio == Fr(p - 2, 2 * m + p - 2)
@@ -32,7 +36,9 @@ def test_bubble_at_unit_costs_agrees_with_a_second_simulation(p, units):
     sched = build("chimera", p, m)
     makespan = Fr(4 * p - 2, p) * m + p - 2
     assert brute_force.makespan(sched) == makespan == simulate(sched).makespan
-    bubble = Fr((p - 2) * (m + p), (4 * p - 2) * m + p * (p - 2))  # 1 - 3m / makespan, the form of chimera.py
+    bubble = Fr(
+        (p - 2) * (m + p), (4 * p - 2) * m + p * (p - 2)
+    )  # 1 - 3m / makespan, the form of chimera.py
     assert simulate(sched).bubble_ratio == 1 - Fr(3 * m, makespan) == bubble
 
 
@@ -51,11 +57,14 @@ def test_each_rank_runs_both_pipelines_and_peaks_in_the_papers_range(p):
             assert forwards == sorted(forwards) and len(forwards) == p
 
 
-@pytest.mark.parametrize("sizes, problem", [
-    ((3, 6, 2), "even number of pipeline stages, got stages=3"),
-    ((4, 6, 2), "multiple of stages=4 .* got micro_batches=6: use e.g. micro_batches=8"),
-    ((4, 8, 1), "exactly 2 chunks per rank .* got chunks=1: use chunks=2"),
-])
+@pytest.mark.parametrize(
+    "sizes, problem",
+    [
+        ((3, 6, 2), "even number of pipeline stages, got stages=3"),
+        ((4, 6, 2), "multiple of stages=4 .* got micro_batches=6: use e.g. micro_batches=8"),
+        ((4, 8, 1), "exactly 2 chunks per rank .* got chunks=1: use chunks=2"),
+    ],
+)
 def test_refuses_with_one_clear_line(sizes, problem):
     with pytest.raises(ConstraintError, match=problem) as err:
         build("chimera", *sizes)
@@ -87,24 +96,42 @@ def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
     # the last stage holds the norm too: a rank whose weights are all second copies (here a
     # lone tied head) gets no norm from DeepSpeed's bf16 optimizer (it stacks an empty list)
     specs = layer_specs(config)
-    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES,
-                 "train_batch_size": 2 * MICRO_BATCHES, "steps_per_print": 10 ** 9, "gradient_clipping": CLIP}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": MICRO_BATCHES,
+        "train_batch_size": 2 * MICRO_BATCHES,
+        "steps_per_print": 10**9,
+        "gradient_clipping": CLIP,
+    }
 
     def engine(seed: int, **extra):
-        torch.manual_seed(seed + rank)  # no per-layer seeds: each rank draws its replicas differently
-        module = ChunkedPipelineModule(layers=specs, num_stages=PIPE, loss_fn=lm_loss, chunks=2,
-                                       placement="bidirectional", partition_method=[0, 2, 3, 5, 7])
+        torch.manual_seed(
+            seed + rank
+        )  # no per-layer seeds: each rank draws its replicas differently
+        module = ChunkedPipelineModule(
+            layers=specs,
+            num_stages=PIPE,
+            loss_fn=lm_loss,
+            chunks=2,
+            placement="bidirectional",
+            partition_method=[0, 2, 3, 5, 7],
+        )
         optimizer = torch.optim.SGD(module.parameters(), lr=LR, momentum=0.9)
-        return module, pp_ext.initialize(model=module, optimizer=optimizer, config={**ds_config, **extra},
-                                         schedule="chimera")[0]
+        return module, pp_ext.initialize(
+            model=module, optimizer=optimizer, config={**ds_config, **extra}, schedule="chimera"
+        )[0]
 
     def step(eng, n: int) -> float:
-        return float(eng.train_batch(iter([batch(n, 0, k, config.vocab) for k in range(MICRO_BATCHES)])))
+        return float(
+            eng.train_batch(iter([batch(n, 0, k, config.vocab) for k in range(MICRO_BATCHES)]))
+        )
 
     module, eng = engine(0)
     starts = [None] * world
     dist.all_gather_object(starts, {name: t.clone() for name, t in module.state_dict().items()})
-    start = {name: t for held in starts for name, t in held.items()}  # each stage from one of its replicas
+    start = {
+        name: t for held in starts for name, t in held.items()
+    }  # each stage from one of its replicas
 
     reference = SequentialReference(specs, lm_loss)
     reference.load_state_dict(start)
@@ -112,7 +139,10 @@ def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
     ref_losses, norms = [], []
     for n in range(STEPS):
         ref_optimizer.zero_grad()
-        losses = [reference.loss(*batch(n, 0, k, config.vocab)) / MICRO_BATCHES for k in range(MICRO_BATCHES)]
+        losses = [
+            reference.loss(*batch(n, 0, k, config.vocab)) / MICRO_BATCHES
+            for k in range(MICRO_BATCHES)
+        ]
         sum(losses).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)))
         ref_optimizer.step()
@@ -124,13 +154,17 @@ def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
         if n == 0:
             eng.save_checkpoint(ckpt_dir, tag="one")
     ref_params = dict(reference.named_parameters())
-    param_diff = max(float((p - ref_params[name]).abs().max()) for name, p in module.named_parameters())
+    param_diff = max(
+        float((p - ref_params[name]).abs().max()) for name, p in module.named_parameters()
+    )
 
     resumed, eng2 = engine(7)
     eng2.load_checkpoint(ckpt_dir, tag="one")
     resumed_losses = [step(eng2, n) for n in range(1, STEPS)]
-    resumed_diff = max(float((p - dict(module.named_parameters())[name]).abs().max())
-                       for name, p in resumed.named_parameters())
+    resumed_diff = max(
+        float((p - dict(module.named_parameters())[name]).abs().max())
+        for name, p in resumed.named_parameters()
+    )
 
     # eval_batch runs every micro-batch down the down pipeline: the mean loss of the trained model
     data = [batch(STEPS, 0, k, config.vocab) for k in range(MICRO_BATCHES)]
@@ -142,22 +176,36 @@ def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
     low, eng3 = engine(0, bf16={"enabled": True})
 
     def masters() -> dict:  # the optimizer's fp32 weights (bf16 ones cannot show a step this small)
-        return {name: safe_get_full_fp32_param(p).detach().clone() for name, p in low.named_parameters()}
+        return {
+            name: safe_get_full_fp32_param(p).detach().clone() for name, p in low.named_parameters()
+        }
 
     before = masters()
     bf16_losses = [step(eng3, n) for n in range(STEPS)]
     after = masters()
     # the bf16 run's update against the fp32 reference's, relative to the reference's
-    wrong = sum(float((after[n] - before[n] - (ref_params[n] - start[n])).pow(2).sum()) for n in after)
+    wrong = sum(
+        float((after[n] - before[n] - (ref_params[n] - start[n])).pow(2).sum()) for n in after
+    )
     update = sum(float((ref_params[n] - start[n]).pow(2).sum()) for n in after)
     ends = [None] * world
     dist.all_gather_object(ends, {name: t.float().clone() for name, t in low.state_dict().items()})
     end = {name: t for held in ends for name, t in held.items()}
-    return {"replicas_equal": all(torch.equal(t, start[k]) for held in starts for k, t in held.items()),
-            "losses": losses, "ref_losses": ref_losses, "norms": norms, "param_diff": param_diff,
-            "resumed_losses": resumed_losses, "resumed_diff": resumed_diff, "eval": (eval_loss, ref_eval),
-            "bf16_losses": bf16_losses, "bf16_update_error": (wrong / update) ** 0.5, "bf16_replicas_equal": all(
-                torch.equal(t, end[k]) for held in ends for k, t in held.items())}
+    return {
+        "replicas_equal": all(torch.equal(t, start[k]) for held in starts for k, t in held.items()),
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "norms": norms,
+        "param_diff": param_diff,
+        "resumed_losses": resumed_losses,
+        "resumed_diff": resumed_diff,
+        "eval": (eval_loss, ref_eval),
+        "bf16_losses": bf16_losses,
+        "bf16_update_error": (wrong / update) ** 0.5,
+        "bf16_replicas_equal": all(
+            torch.equal(t, end[k]) for held in ends for k, t in held.items()
+        ),
+    }
 
 
 @pytest.mark.slow
@@ -178,4 +226,6 @@ def test_replicas_train_as_one_model_with_clipping_and_checkpoints(tmp_path):
         assert r["bf16_update_error"] <= BF16_UPDATE, r
     # one file per stateful layer: each stage saved once, from its down replica
     layers = sorted(f.name for f in (tmp_path / "one").iterdir() if f.name.startswith("layer_"))
-    assert layers == [f"layer_{i:02d}-model_states.pt" for i in range(6)], layers  # the tied head has none
+    assert layers == [f"layer_{i:02d}-model_states.pt" for i in range(6)], (
+        layers
+    )  # the tied head has none

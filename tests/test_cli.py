@@ -1,4 +1,5 @@
 """`pp-ext schedule list|show|compare`, in process through main() and once as a subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,18 @@ from pp_ext.schedules.registry import REGISTRY, ScheduleSpec
 from pp_ext.schedules.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"schedule", "stages", "micro_batches", "chunks", "bubble_ratio", "peak_activations", "weight_copies",
-        "steady_bubble_ratio", "messages", "makespan"}
+KEYS = {
+    "schedule",
+    "stages",
+    "micro_batches",
+    "chunks",
+    "bubble_ratio",
+    "peak_activations",
+    "weight_copies",
+    "steady_bubble_ratio",
+    "messages",
+    "makespan",
+}
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -41,11 +52,17 @@ def assert_one_line_error(code: int, out: str, err: str, *needles: str) -> None:
 
 # ---------------------------------------------------------------- list
 
+
 def test_list_names_every_registered_schedule(capsys):
     code, out, _ = run(capsys, "schedule", "list")
     assert code == 0
     for spec in REGISTRY.values():
-        assert spec.name in out and spec.summary in out and spec.constraints in out and spec.source in out
+        assert (
+            spec.name in out
+            and spec.summary in out
+            and spec.constraints in out
+            and spec.source in out
+        )
 
 
 def test_list_json(capsys):
@@ -58,8 +75,11 @@ def test_list_json(capsys):
 
 # ---------------------------------------------------------------- show
 
+
 def test_show_prints_time_grid_and_metrics(capsys):
-    code, out, err = run(capsys, "schedule", "show", "interleaved-1f1b", "--stages", "4", "--micro-batches", "8")
+    code, out, err = run(
+        capsys, "schedule", "show", "interleaved-1f1b", "--stages", "4", "--micro-batches", "8"
+    )
     assert code == 0, err
     assert "r0   F0" in out and "r3" in out and "F0.c1" in out and "B7" in out
     assert "0.1579" in out  # bubble (p-1)/(v*m+p-1) = 3/19 at the default v = 2
@@ -75,28 +95,44 @@ def test_show_steps_prints_lowered_program(capsys):
 
 
 def test_show_costs_string_and_file(capsys, tmp_path):
-    code, out, _ = run(capsys, "schedule", "show", "gpipe", "-p", "2", "-m", "2", "--costs", "1,1,1,1/2")
+    code, out, _ = run(
+        capsys, "schedule", "show", "gpipe", "-p", "2", "-m", "2", "--costs", "1,1,1,1/2"
+    )
     assert code == 0 and "comm=0.5" in out
     costs = tmp_path / "costs.json"
-    costs.write_text(json.dumps({"comm": 0, "stages": [{"forward": 1, "input_grad": 2, "weight_grad": 0}] * 2}))
-    code, out, _ = run(capsys, "schedule", "show", "gpipe", "-p", "2", "-m", "2", "--costs", str(costs))
+    costs.write_text(
+        json.dumps({"comm": 0, "stages": [{"forward": 1, "input_grad": 2, "weight_grad": 0}] * 2})
+    )
+    code, out, _ = run(
+        capsys, "schedule", "show", "gpipe", "-p", "2", "-m", "2", "--costs", str(costs)
+    )
     assert code == 0 and "per-stage file" in out
 
 
 def test_show_writes_svg(capsys, tmp_path):
     target = tmp_path / "pic.svg"
-    code, out, _ = run(capsys, "schedule", "show", "looped-bfs", "-p", "4", "-m", "8", "--svg", str(target))
+    code, out, _ = run(
+        capsys, "schedule", "show", "looped-bfs", "-p", "4", "-m", "8", "--svg", str(target)
+    )
     assert code == 0
     assert f"wrote {target}" in out
     root = ET.parse(target).getroot()
-    actions = [r for r in root.iter("{http://www.w3.org/2000/svg}rect") if "action" in (r.get("class") or "")]
+    actions = [
+        r
+        for r in root.iter("{http://www.w3.org/2000/svg}rect")
+        if "action" in (r.get("class") or "")
+    ]
     assert len(actions) == 4 * 8 * 2 * 2  # p ranks x m micro-batches x v chunks x (F, B)
 
 
 def test_show_writes_png(capsys, tmp_path):
-    pytest.importorskip("matplotlib", reason="PNG output needs matplotlib: pip install 'pp-ext[plot]'")
+    pytest.importorskip(
+        "matplotlib", reason="PNG output needs matplotlib: pip install 'pp-ext[plot]'"
+    )
     target = tmp_path / "pic.png"
-    code, _, err = run(capsys, "schedule", "show", "1f1b", "-p", "2", "-m", "4", "--png", str(target))
+    code, _, err = run(
+        capsys, "schedule", "show", "1f1b", "-p", "2", "-m", "4", "--png", str(target)
+    )
     assert code == 0, err
     assert target.read_bytes()[:4] == b"\x89PNG"
 
@@ -104,13 +140,26 @@ def test_show_writes_png(capsys, tmp_path):
 def test_png_without_matplotlib_writes_nothing(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    code, out, err = run(capsys, "schedule", "show", "1f1b", "-p", "2", "-m", "4",
-                         "--svg", str(tmp_path / "a.svg"), "--png", str(tmp_path / "a.png"))
+    code, out, err = run(
+        capsys,
+        "schedule",
+        "show",
+        "1f1b",
+        "-p",
+        "2",
+        "-m",
+        "4",
+        "--svg",
+        str(tmp_path / "a.svg"),
+        "--png",
+        str(tmp_path / "a.png"),
+    )
     assert_one_line_error(code, out, err, "pip install 'pp-ext[plot]'")
     assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- compare
+
 
 def test_compare_json_rows(capsys):
     code, out, _ = run(capsys, "schedule", "compare", "-p", "4", "-m", "8", "--json")
@@ -130,7 +179,9 @@ def test_compare_json_rows(capsys):
 
 
 def test_compare_refusals_are_error_rows(capsys):
-    code, out, _ = run(capsys, "schedule", "compare", "-p", "4", "-m", "8", "--chunks", "1", "--json")
+    code, out, _ = run(
+        capsys, "schedule", "compare", "-p", "4", "-m", "8", "--chunks", "1", "--json"
+    )
     assert code == 0
     rows = {row["schedule"]: row for row in json.loads(out)}
     refused = rows["interleaved-1f1b"]
@@ -149,9 +200,14 @@ def test_compare_refusals_are_error_rows(capsys):
 
 def test_compare_is_generic_over_the_registry(capsys, monkeypatch):
     """A newly registered schedule appears in compare; a broken one is reported, not crashed on."""
+
     def broken(p: int, m: int, v: int) -> Schedule:  # forgets every backward
-        return Schedule("broken", Placement.loop(p), m, tuple(tuple(Action(Kind.F, k) for k in range(m))
-                                                              for _ in range(p)))
+        return Schedule(
+            "broken",
+            Placement.loop(p),
+            m,
+            tuple(tuple(Action(Kind.F, k) for k in range(m)) for _ in range(p)),
+        )
 
     spec = ScheduleSpec("broken", "test only", "-", "-", "loop", 1, broken, lambda p, m, v: None)
     monkeypatch.setitem(REGISTRY, "broken", spec)
@@ -168,51 +224,82 @@ def test_compare_is_generic_over_the_registry(capsys, monkeypatch):
 
 # ---------------------------------------------------------------- errors
 
+
 def test_unknown_schedule(capsys):
     code, out, err = run(capsys, "schedule", "show", "interleaved", "-p", "4", "-m", "8")
-    assert_one_line_error(code, out, err, "unknown schedule 'interleaved'", "did you mean 'interleaved-1f1b'")
+    assert_one_line_error(
+        code, out, err, "unknown schedule 'interleaved'", "did you mean 'interleaved-1f1b'"
+    )
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["schedule", "show", "interleaved-1f1b", "-p", "4", "-m", "8", "-v", "1"], "chunks >= 2"),
-    (["schedule", "show", "gpipe", "-p", "0", "-m", "8"], "--stages"),
-    (["schedule", "show", "gpipe", "-p", "4", "-m", "x"], "--micro-batches"),
-    (["schedule", "compare", "-p", "4", "-m", "-1"], "--micro-batches"),
-    (["schedule", "show", "gpipe", "-p", "4"], "--micro-batches"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["schedule", "show", "interleaved-1f1b", "-p", "4", "-m", "8", "-v", "1"], "chunks >= 2"),
+        (["schedule", "show", "gpipe", "-p", "0", "-m", "8"], "--stages"),
+        (["schedule", "show", "gpipe", "-p", "4", "-m", "x"], "--micro-batches"),
+        (["schedule", "compare", "-p", "4", "-m", "-1"], "--micro-batches"),
+        (["schedule", "show", "gpipe", "-p", "4"], "--micro-batches"),
+    ],
+)
 def test_bad_sizes(capsys, argv, needle):
     assert_one_line_error(*run(capsys, *argv), needle)
 
 
-@pytest.mark.parametrize("costs,needle", [
-    ("1,2", "F,I,W"),
-    ("a,b,c", "F,I,W"),
-    ("1,-1,1", ">= 0"),
-    ("missing.json", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "costs,needle",
+    [
+        ("1,2", "F,I,W"),
+        ("a,b,c", "F,I,W"),
+        ("1,-1,1", ">= 0"),
+        ("missing.json", "does not exist"),
+    ],
+)
 @pytest.mark.parametrize("command", ["show", "compare"])
 def test_bad_costs(capsys, command, costs, needle):
-    argv = ["schedule", command] + (["gpipe"] if command == "show" else []) + ["-p", "2", "-m", "2", "--costs", costs]
+    argv = (
+        ["schedule", command]
+        + (["gpipe"] if command == "show" else [])
+        + ["-p", "2", "-m", "2", "--costs", costs]
+    )
     assert_one_line_error(*run(capsys, *argv), needle)
 
 
 def test_invalid_cost_file(capsys, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    assert_one_line_error(*run(capsys, "schedule", "show", "gpipe", "-p", "2", "-m", "2", "--costs", str(bad)),
-                          "not valid")
+    assert_one_line_error(
+        *run(capsys, "schedule", "show", "gpipe", "-p", "2", "-m", "2", "--costs", str(bad)),
+        "not valid",
+    )
 
 
 def test_cost_file_with_wrong_stage_count(capsys, tmp_path):
     costs = tmp_path / "c.json"
-    costs.write_text(json.dumps({"stages": [{"forward": 1, "input_grad": 1, "weight_grad": 1}] * 3}))
-    assert_one_line_error(*run(capsys, "schedule", "show", "gpipe", "-p", "2", "-m", "2", "--costs", str(costs)),
-                          "3 stages")
+    costs.write_text(
+        json.dumps({"stages": [{"forward": 1, "input_grad": 1, "weight_grad": 1}] * 3})
+    )
+    assert_one_line_error(
+        *run(capsys, "schedule", "show", "gpipe", "-p", "2", "-m", "2", "--costs", str(costs)),
+        "3 stages",
+    )
 
 
 def test_missing_output_directory_writes_nothing(capsys, tmp_path):
-    code, out, err = run(capsys, "schedule", "show", "gpipe", "-p", "2", "-m", "2",
-                         "--svg", str(tmp_path / "ok.svg"), "--png", str(tmp_path / "no" / "x.png"))
+    code, out, err = run(
+        capsys,
+        "schedule",
+        "show",
+        "gpipe",
+        "-p",
+        "2",
+        "-m",
+        "2",
+        "--svg",
+        str(tmp_path / "ok.svg"),
+        "--png",
+        str(tmp_path / "no" / "x.png"),
+    )
     assert_one_line_error(code, out, err, "does not exist")
     assert list(tmp_path.iterdir()) == []
 
@@ -228,18 +315,33 @@ def test_usage(capsys):
 
 # ---------------------------------------------------------------- as a program
 
+
 @pytest.mark.slow  # starts a process
 def test_python_dash_m_runs_the_cli():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "pp_ext.cli", "schedule", "compare", "-p", "2", "-m", "4",
-                           "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pp_ext.cli", "schedule", "compare", "-p", "2", "-m", "4", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert {row["schedule"] for row in json.loads(done.stdout)} == set(REGISTRY)
 
-    done = subprocess.run([sys.executable, "-m", "pp_ext.cli", "schedule", "show", "nope", "-p", "2", "-m", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pp_ext.cli", "schedule", "show", "nope", "-p", "2", "-m", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.count("\n") == 1 and done.stderr.startswith("pp-ext: error: unknown schedule 'nope'")
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(
+        "pp-ext: error: unknown schedule 'nope'"
+    )
 
 
 @pytest.mark.slow  # starts a process

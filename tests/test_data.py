@@ -4,6 +4,7 @@ References are Hugging Face's own: a LlamaForCausalLM run on each record alone g
 the per-record losses a packed or padded sample must reproduce, and the shipped
 tokenizer's chat template marks the assistant tokens.
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -18,21 +19,30 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
+from pp_ext.config.schema import DataConfig
 from pp_ext.data import batches as data
 from pp_ext.data import records as data_io
 from pp_ext.data.records import DataError, load_records
 from pp_ext.training.accuracy import answer_accuracy, answer_counts
-from pp_ext.config.schema import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "models" / "quickstart"
 REVERSE = ROOT / "recipes" / "data" / "reverse"
-RECORDS = [{"prompt": "reverse ab =", "completion": " ba"}, {"prompt": "reverse xyz =", "completion": " zyx"},
-           {"prompt": "reverse q =", "completion": " q"}]
-CHATS = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-          {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2?"},
-          {"role": "assistant", "content": "4"}],
-         [{"role": "user", "content": "reverse abc"}, {"role": "assistant", "content": "cba"}]]
+RECORDS = [
+    {"prompt": "reverse ab =", "completion": " ba"},
+    {"prompt": "reverse xyz =", "completion": " zyx"},
+    {"prompt": "reverse q =", "completion": " q"},
+]
+CHATS = [
+    [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ],
+    [{"role": "user", "content": "reverse abc"}, {"role": "assistant", "content": "cba"}],
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +93,17 @@ def test_every_local_format_loads_the_same_records(tmp_path):
     texts.mkdir()
     (texts / "a.txt").write_text("one\ntwo lines\n")
     (texts / "b.txt").write_text("three")
-    assert sorted(load_records(cfg(texts), "train")["text"]) == ["one\ntwo lines\n", "three"]  # file = document
+    assert sorted(load_records(cfg(texts), "train")["text"]) == [
+        "one\ntwo lines\n",
+        "three",
+    ]  # file = document
 
 
 def test_eval_split_from_file_names_and_eval_fraction(tmp_path):
-    train, evals = load_records(cfg(REVERSE, eval_split="validation"), "train"), \
-        load_records(cfg(REVERSE, eval_split="validation"), "eval")
+    train, evals = (
+        load_records(cfg(REVERSE, eval_split="validation"), "train"),
+        load_records(cfg(REVERSE, eval_split="validation"), "eval"),
+    )
     assert (len(train), len(evals)) == (6000, 300)
     assert load_records(cfg(REVERSE), "eval") is None
     part = cfg(REVERSE / "train.jsonl", eval_fraction=0.1)
@@ -100,13 +115,24 @@ def test_eval_split_from_file_names_and_eval_fraction(tmp_path):
     assert load_records(part, "eval", seed=4)["prompt"] != b["prompt"]  # but the seed's
 
 
-@pytest.mark.parametrize("config, split, message", [
-    (dict(path="nowhere/x.jsonl"), "train", "data.path nowhere/x.jsonl does not exist"),
-    (dict(path=str(REVERSE), format="xml"), "train", "data.format 'xml' is unknown"),
-    (dict(path=str(REVERSE), split="dev"), "train", "data.split 'dev' is not a split of"),
-    (dict(path=str(REVERSE), eval_split="test"), "eval", "data.eval_split 'test' is not a split"),
-    (dict(path=str(REVERSE), eval_split="validation", eval_fraction=0.1), "train", "set one of data.eval_split"),
-])
+@pytest.mark.parametrize(
+    "config, split, message",
+    [
+        (dict(path="nowhere/x.jsonl"), "train", "data.path nowhere/x.jsonl does not exist"),
+        (dict(path=str(REVERSE), format="xml"), "train", "data.format 'xml' is unknown"),
+        (dict(path=str(REVERSE), split="dev"), "train", "data.split 'dev' is not a split of"),
+        (
+            dict(path=str(REVERSE), eval_split="test"),
+            "eval",
+            "data.eval_split 'test' is not a split",
+        ),
+        (
+            dict(path=str(REVERSE), eval_split="validation", eval_fraction=0.1),
+            "train",
+            "set one of data.eval_split",
+        ),
+    ],
+)
 def test_load_errors_name_the_recipe_key(config, split, message):
     with pytest.raises(DataError, match=message) as err:
         load_records(DataConfig(**config), split)
@@ -117,11 +143,15 @@ def test_split_columns_before_loading(tmp_path):
     """The columns the launcher checks before any rank starts: each split's, read from
     its first record, and plain text's one column; an empty split is refused."""
     assert data_io.split_columns(cfg(REVERSE, eval_split="validation")) == {
-        "data.split": ["prompt", "completion"], "data.eval_split": ["prompt", "completion"]}
+        "data.split": ["prompt", "completion"],
+        "data.eval_split": ["prompt", "completion"],
+    }
     (tmp_path / "doc.txt").write_text("a whole document\n")
     assert data_io.split_columns(cfg(tmp_path / "doc.txt")) == {"data.split": ["text"]}
     (tmp_path / "empty.csv").write_text("prompt,completion\n")
-    with pytest.raises(DataError, match="data.split 'train' of data.path .*empty.csv has no records"):
+    with pytest.raises(
+        DataError, match="data.split 'train' of data.path .*empty.csv has no records"
+    ):
         data_io.split_columns(cfg(tmp_path / "empty.csv"))
 
 
@@ -135,7 +165,10 @@ def test_unreadable_data_is_one_line(tmp_path, monkeypatch, caplog):
     for read in (lambda c: load_records(c, "train"), data_io.split_columns):
         with caplog.at_level(logging.ERROR), pytest.raises(DataError) as err:
             read(cfg(broken))
-        assert str(err.value).startswith(expected) and not caplog.records, (str(err.value), caplog.records)
+        assert str(err.value).startswith(expected) and not caplog.records, (
+            str(err.value),
+            caplog.records,
+        )
     # offline as HF_HUB_OFFLINE=1 makes it (both libraries read it once, when imported)
     import huggingface_hub
 
@@ -143,14 +176,21 @@ def test_unreadable_data_is_one_line(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError) as err:
         load_records(DataConfig(path="pp-ext-tests/no-such-dataset", format="hub"), "train")
-    assert str(err.value).startswith("data.path pp-ext-tests/no-such-dataset (data.format=hub) cannot be loaded: "
-                                     "Couldn't reach 'pp-ext-tests/no-such-dataset' on the Hub"), str(err.value)
-    assert data_io.split_columns(DataConfig(path="pp-ext-tests/no-such-dataset", format="hub")) == {}
+    assert str(err.value).startswith(
+        "data.path pp-ext-tests/no-such-dataset (data.format=hub) cannot be loaded: "
+        "Couldn't reach 'pp-ext-tests/no-such-dataset' on the Hub"
+    ), str(err.value)
+    assert (
+        data_io.split_columns(DataConfig(path="pp-ext-tests/no-such-dataset", format="hub")) == {}
+    )
 
 
 def test_mixed_extensions_need_a_format(tmp_path):
     write_all_formats(tmp_path / "f")
-    with pytest.raises(DataError, match=r"cannot tell the format .*\(.csv, .json, .jsonl, .parquet\): set data.format"):
+    with pytest.raises(
+        DataError,
+        match=r"cannot tell the format .*\(.csv, .json, .jsonl, .parquet\): set data.format",
+    ):
         load_records(cfg(tmp_path / "f"), "train")
 
 
@@ -158,12 +198,18 @@ def test_column_errors_name_the_columns_and_the_key(tok):
     rows = [{"body": "x"}]
     with pytest.raises(DataError, match=r"columns: body\): set data.text_field"):
         samples(tok, rows)
-    with pytest.raises(DataError, match=r"data.prompt_field 'prompt' is not a column .*columns: body"):
+    with pytest.raises(
+        DataError, match=r"data.prompt_field 'prompt' is not a column .*columns: body"
+    ):
         samples(tok, rows, kind="prompt_completion")
     with pytest.raises(DataError, match="data.kind 'qa' is unknown"):
         samples(tok, rows, kind="qa")
-    assert data.detect_kind(["question", "answer"], cfg("x", prompt_field="question", completion_field="answer")) \
+    assert (
+        data.detect_kind(
+            ["question", "answer"], cfg("x", prompt_field="question", completion_field="answer")
+        )
         == "prompt_completion"
+    )
     plain = AutoTokenizer.from_pretrained(QUICKSTART)
     plain.chat_template = None
     with pytest.raises(DataError, match="the tokenizer has no chat template: set model.tokenizer"):
@@ -201,8 +247,12 @@ def record_losses(model, tok, rows) -> list[torch.Tensor]:
 
 def sample_loss(model, batch) -> torch.Tensor:
     # HF detects packed documents from position ids only without a mask and a KV cache
-    logits = model(input_ids=batch["input_ids"], attention_mask=None if batch["attention_mask"].all()
-                   else batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=None if batch["attention_mask"].all() else batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
 
 
@@ -226,19 +276,23 @@ def test_text_packing_equals_documents_run_alone(tok, model):
     with torch.no_grad():
         ours = sample_loss(model, out[:])
         stream = [t for text in texts for t in tok(text)["input_ids"] + [tok.eos_token_id]]
-        kept = stream[:len(out) * 16 + 1]  # the packed tokens and the next one (last label)
+        kept = stream[: len(out) * 16 + 1]  # the packed tokens and the next one (last label)
         reference = torch.tensor(0.0)
         for block in range(len(out)):  # each block's document pieces as separate sequences
             row = out[block]
             starts = (row["position_ids"] == 0).nonzero().flatten().tolist() + [16]
             for s, e in zip(starts, starts[1:]):
-                piece = kept[block * 16 + s: block * 16 + e + 1]
-                logits = model(input_ids=torch.tensor([piece[:e - s]])).logits[0]
+                piece = kept[block * 16 + s : block * 16 + e + 1]
+                logits = model(input_ids=torch.tensor([piece[: e - s]])).logits[0]
                 targets = torch.tensor(piece[1:])
                 if len(targets) < e - s:
-                    logits = logits[:len(targets)]
-                crosses = (torch.tensor(piece[:len(targets)]) == tok.eos_token_id)  # </s> predicts nothing
-                reference = reference + F.cross_entropy(logits[~crosses], targets[~crosses], reduction="sum")
+                    logits = logits[: len(targets)]
+                crosses = (
+                    torch.tensor(piece[: len(targets)]) == tok.eos_token_id
+                )  # </s> predicts nothing
+                reference = reference + F.cross_entropy(
+                    logits[~crosses], targets[~crosses], reduction="sum"
+                )
     assert abs(ours - reference) <= 1e-5 * reference
 
 
@@ -274,7 +328,9 @@ def test_chat_labels_only_assistant_turns(tok):
     # a template without {% generation %} markers (prefix rendering): the same tokens, and the
     # turns' labels now also take what the template writes after a turn (here a newline)
     plain = AutoTokenizer.from_pretrained(QUICKSTART)
-    plain.chat_template = plain.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    plain.chat_template = plain.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
+    )
     again = samples(plain, [{"messages": m} for m in CHATS], seq_len=64, pack=False)
     assert torch.equal(again[:]["input_ids"], out[:]["input_ids"])
     assert chat_labels(tok, again) == ["yo</s>\n|4</s>\n", "cba</s>\n"]
@@ -304,7 +360,11 @@ def test_shipped_assets_are_what_their_scripts_make(tmp_path):
         names = sorted(p.name for p in made.iterdir())
         # HF stamps its own version into the configs it writes: a newer transformers
         # makes the same model, so that one field is left out of the comparison
-        configs = [n for n in names if n.endswith(".json") and "transformers_version" in json.loads((made / n).read_text())]
+        configs = [
+            n
+            for n in names
+            if n.endswith(".json") and "transformers_version" in json.loads((made / n).read_text())
+        ]
         for name in configs:
             shipped, remade = (json.loads((root / name).read_text()) for root in (folder, made))
             shipped.pop("transformers_version"), remade.pop("transformers_version")
@@ -312,9 +372,13 @@ def test_shipped_assets_are_what_their_scripts_make(tmp_path):
         others = [n for n in names if n not in configs]
         assert filecmp.cmpfiles(folder, made, others, shallow=False)[0] == others
     config = AutoConfig.from_pretrained(QUICKSTART)
-    assert config.model_type == "llama" and config.vocab_size == len(AutoTokenizer.from_pretrained(QUICKSTART))
-    train, held_out = (set(load_records(cfg(REVERSE / f), "train")["prompt"]) for f in ("train.jsonl",
-                                                                                       "validation.jsonl"))
+    assert config.model_type == "llama" and config.vocab_size == len(
+        AutoTokenizer.from_pretrained(QUICKSTART)
+    )
+    train, held_out = (
+        set(load_records(cfg(REVERSE / f), "train")["prompt"])
+        for f in ("train.jsonl", "validation.jsonl")
+    )
     assert not train & held_out
 
 
@@ -323,8 +387,15 @@ def test_shipped_assets_are_what_their_scripts_make(tmp_path):
 
 def numbered(n: int, seq_len: int = 3) -> datasets.Dataset:
     """Samples whose input_ids are all their index, so a batch tells which samples it holds."""
-    rows = [{"input_ids": [i] * seq_len, "attention_mask": [1] * seq_len, "position_ids": list(range(seq_len)),
-             "labels": [i] * seq_len} for i in range(n)]
+    rows = [
+        {
+            "input_ids": [i] * seq_len,
+            "attention_mask": [1] * seq_len,
+            "position_ids": list(range(seq_len)),
+            "labels": [i] * seq_len,
+        }
+        for i in range(n)
+    ]
     return datasets.Dataset.from_list(rows).with_format("torch")
 
 
@@ -349,12 +420,14 @@ def test_micro_batches_shard_and_do_not_depend_on_the_data_degree():
     one = take(4 * steps, **base, micro_batches=4, dp_rank=0, dp_size=1)
     two = [take(2 * steps, **base, micro_batches=2, dp_rank=d, dp_size=2) for d in range(2)]
     for s in range(steps):
-        ranks = [two[d][2 * s:2 * s + 2] for d in range(2)]
-        assert sorted(ranks[0] + ranks[1]) == sorted(one[4 * s:4 * s + 4])  # same step, any degree
+        ranks = [two[d][2 * s : 2 * s + 2] for d in range(2)]
+        assert sorted(ranks[0] + ranks[1]) == sorted(
+            one[4 * s : 4 * s + 4]
+        )  # same step, any degree
         # rank d's k-th micro-batch is global micro-batch k * dp + d
-        assert [ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]] == one[4 * s:4 * s + 4]
+        assert [ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]] == one[4 * s : 4 * s + 4]
     for epoch in range(2):
-        seen = [i for mb in one[epoch * 24:(epoch + 1) * 24] for i in mb]
+        seen = [i for mb in one[epoch * 24 : (epoch + 1) * 24] for i in mb]
         assert len(seen) == len(set(seen)) == 48  # an epoch never repeats a sample
     assert one[:24] != one[24:48]  # each epoch its own order
 
@@ -364,20 +437,30 @@ def test_micro_batches_resume_exactly():
     for rank in range(2):
         full = take(2 * 20, **base, dp_rank=rank)
         for start in (1, 6, 13):  # 6 steps per epoch: 6 and 13 resume inside a later epoch
-            assert take(2 * (20 - start), **base, dp_rank=rank, start_step=start) == full[2 * start:]
+            assert (
+                take(2 * (20 - start), **base, dp_rank=rank, start_step=start) == full[2 * start :]
+            )
 
 
 def test_micro_batches_need_one_global_batch():
     with pytest.raises(DataError, match="the data has 5 samples, fewer than one global batch of 8"):
-        next(data.micro_batches(numbered(5), micro_batch_size=2, micro_batches=2, dp_rank=0, dp_size=2, seed=0))
+        next(
+            data.micro_batches(
+                numbered(5), micro_batch_size=2, micro_batches=2, dp_rank=0, dp_size=2, seed=0
+            )
+        )
 
 
 # ---------------------------------------------------------------- metric
 
 
 def test_answer_accuracy_counts_whole_answers():
-    labels = torch.tensor([[-100, 3, 4, -100, -100, 5, -100],  # two packed answers
-                           [-100, -100, 1, 2, 2, -100, -100]])
+    labels = torch.tensor(
+        [
+            [-100, 3, 4, -100, -100, 5, -100],  # two packed answers
+            [-100, -100, 1, 2, 2, -100, -100],
+        ]
+    )
     logits = F.one_hot(labels.clamp(min=0), 8).float()
     assert answer_counts(logits, labels).tolist() == [3, 3]
     logits[0, 2] = F.one_hot(torch.tensor(6), 8).float()  # one token of the first answer wrong
@@ -385,5 +468,6 @@ def test_answer_accuracy_counts_whole_answers():
     assert answer_counts(logits, labels).tolist() == [2, 3]
     assert answer_accuracy(logits, labels) == pytest.approx(2 / 3)
     # a run continuing across a row end is two answers (rows are separate sequences)
-    assert answer_counts(F.one_hot(torch.ones(2, 2, dtype=torch.long), 3).float(),
-                         torch.ones(2, 2, dtype=torch.long)).tolist() == [2, 2]
+    assert answer_counts(
+        F.one_hot(torch.ones(2, 2, dtype=torch.long), 3).float(), torch.ones(2, 2, dtype=torch.long)
+    ).tolist() == [2, 2]

@@ -1,10 +1,11 @@
 """dualpipev: DeepSeek's DualPipeV with the backward split into I and W."""
+
 from dataclasses import replace
 from fractions import Fraction
 
+import brute_force
 import pytest
 
-import brute_force
 from pp_ext.schedules import ConstraintError, Kind, Placement, Schedule, build, get, simulate
 from pp_ext.schedules.dualpipev import dualpipev_program
 from pp_ext.schedules.simulate import steady_state
@@ -37,9 +38,13 @@ def test_p2_m4_order_by_hand():
         "I2.c1 I2 I3.c1 I3 W2.c1 W2 W3.c1 W3",
     ]
     # DualPipeV's own drain defers W from the middle of phase 6 on only
-    assert " ".join(map(str, dualpipev_program(2, 4, 0, original_drain=True)[-6:])) == "I3.c1 W3.c1 I2 W2 I3 W3"
+    assert (
+        " ".join(map(str, dualpipev_program(2, 4, 0, original_drain=True)[-6:]))
+        == "I3.c1 W3.c1 I2 W2 I3 W3"
+    )
     assert " ".join(map(str, dualpipev_program(2, 4, 1, original_drain=True)[-8:])) == (
-        "I2.c1 W2.c1 I2 W2 I3.c1 I3 W3.c1 W3")
+        "I2.c1 W2.c1 I2 W2 I3.c1 I3 W3.c1 W3"
+    )
 
 
 @pytest.mark.parametrize("p, m", GRID)
@@ -82,8 +87,12 @@ def test_phase_structure(p, m):
         # each chunk runs its micro-batches in order, W's in the order of their I's
         for kind in (Kind.F, Kind.I, Kind.W):
             for chunk in (0, 1):
-                assert [a.micro_batch for a in program if a.kind is kind and a.chunk == chunk] == list(range(m))
-        assert [a.key() for a in program if a.kind is Kind.W] == [a.key() for a in program if a.kind is Kind.I]
+                assert [
+                    a.micro_batch for a in program if a.kind is kind and a.chunk == chunk
+                ] == list(range(m))
+        assert [a.key() for a in program if a.kind is Kind.W] == [
+            a.key() for a in program if a.kind is Kind.I
+        ]
         # the 2(r+1) deferred W's close the program: two on rank 0, 2p on the last rank
         last_input_grad = max(i for i, a in enumerate(program) if a.kind is not Kind.W)
         assert len(program) - last_input_grad - 1 == 2 * (r + 1)
@@ -96,9 +105,17 @@ def test_w_inside_every_b_misses_the_bound(p, m):
     unit per rank), the fused one does not. Its makespan has no closed form here: the
     simulator's is checked against the independent tests/brute_force.py."""
     split = build("dualpipev", p, m)
-    fused = replace(split, programs=tuple(
-        tuple(replace(a, kind=Kind.B) if a.kind is Kind.I else a for a in program if a.kind is not Kind.W)
-        for program in split.programs))
+    fused = replace(
+        split,
+        programs=tuple(
+            tuple(
+                replace(a, kind=Kind.B) if a.kind is Kind.I else a
+                for a in program
+                if a.kind is not Kind.W
+            )
+            for program in split.programs
+        ),
+    )
     validate(fused)
     assert simulate(split).makespan == 3 * m + Fraction(p - 1, 2) == brute_force.makespan(split)
     assert simulate(fused).makespan == brute_force.makespan(fused) > simulate(split).makespan
@@ -108,11 +125,14 @@ def test_w_inside_every_b_misses_the_bound(p, m):
 def test_too_few_micro_batches_are_refused(p, m):
     with pytest.raises(ConstraintError) as info:
         build("dualpipev", p, m)
-    assert str(info.value) == (f"dualpipev needs micro_batches >= 2*stages (got m={m}, p={p}): "
-                               f"use micro_batches={2 * p}")
+    assert str(info.value) == (
+        f"dualpipev needs micro_batches >= 2*stages (got m={m}, p={p}): use micro_batches={2 * p}"
+    )
 
 
 @pytest.mark.parametrize("chunks", [1, 3, 4])
 def test_chunks_must_be_two(chunks):
-    with pytest.raises(ConstraintError, match=f"exactly 2 chunks per rank \\(got chunks={chunks}\\): use chunks=2"):
+    with pytest.raises(
+        ConstraintError, match=f"exactly 2 chunks per rank \\(got chunks={chunks}\\): use chunks=2"
+    ):
         build("dualpipev", 4, 8, chunks)

@@ -1,6 +1,7 @@
 """The engine runs every registered schedule exactly: per-step losses and final
 parameters after 3 optimizer steps equal a single-process reference on the same
 data (fp32, CPU, gloo), tied and untied heads, pipeline 2 and 4, data parallel 2."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,9 @@ TOLERANCE = 1e-5
 BASELINE = "deepspeed-1f1b"
 
 
-def cases_for(pipe: int, sizes: list[int], chunk_choices: dict[str, list[int]] | None = None) -> list[tuple]:
+def cases_for(
+    pipe: int, sizes: list[int], chunk_choices: dict[str, list[int]] | None = None
+) -> list[tuple]:
     """(schedule, micro_batches, chunks, tied) for every synchronous schedule that accepts
     the sizes (the asynchronous ones have their own references: tests/test_async.py)."""
     cases = [(BASELINE, sizes[-1], 1, True), (BASELINE, sizes[0], 1, False)]
@@ -43,8 +46,11 @@ def carrying_ids(specs: list) -> list:
     integer tensor crosses each boundary (batched p2p, no gradient for the ids)."""
     from deepspeed.pipe import LayerSpec
 
-    return [LayerSpec(KeepIds, specs[0]), *[LayerSpec(WithIds, spec) for spec in specs[1:-1]],
-            LayerSpec(DropIds, specs[-1])]
+    return [
+        LayerSpec(KeepIds, specs[0]),
+        *[LayerSpec(WithIds, spec) for spec in specs[1:-1]],
+        LayerSpec(DropIds, specs[-1]),
+    ]
 
 
 class _Wrapper(nn.Module):
@@ -71,8 +77,8 @@ class DropIds(_Wrapper):
 
 def run_case(name: str, pipe: int, micro_batches: int, chunks: int, tied: bool) -> dict:
     import torch
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     from deepspeed import comm as dist
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
@@ -85,14 +91,27 @@ def run_case(name: str, pipe: int, micro_batches: int, chunks: int, tied: bool) 
     # the untied variant also passes the token ids along with the hidden states
     specs = layer_specs(config) if tied else carrying_ids(layer_specs(config))
     placement = "loop" if name == BASELINE else REGISTRY[name].placement
-    module = ChunkedPipelineModule(layers=specs, topology=PipeDataParallelTopology(num_pp=pipe, num_dp=data),
-                                   loss_fn=lm_loss, chunks=chunks, placement=placement,
-                                   partition_method="uniform", seed_layers=True, base_seed=1234)
+    module = ChunkedPipelineModule(
+        layers=specs,
+        topology=PipeDataParallelTopology(num_pp=pipe, num_dp=data),
+        loss_fn=lm_loss,
+        chunks=chunks,
+        placement=placement,
+        partition_method="uniform",
+        seed_layers=True,
+        base_seed=1234,
+    )
     optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
-    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
-                 "train_batch_size": 2 * micro_batches * data, "steps_per_print": 10 ** 9,
-                 "gradient_clipping": 0.0}
-    engine, *_ = pp_ext.initialize(model=module, optimizer=optimizer, config=ds_config, schedule=name)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": micro_batches,
+        "train_batch_size": 2 * micro_batches * data,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,
+    }
+    engine, *_ = pp_ext.initialize(
+        model=module, optimizer=optimizer, config=ds_config, schedule=name
+    )
     dp_rank = engine.grid.data_parallel_id
     losses = []
     for step in range(STEPS):
@@ -116,11 +135,23 @@ def run_case(name: str, pipe: int, micro_batches: int, chunks: int, tied: bool) 
     ref_params = dict(reference.named_parameters())
     mine = dict(module.named_parameters())
     missing = sorted(set(mine) - set(ref_params))
-    param_diff = max((float((p.detach() - ref_params[n].detach()).abs().max()) for n, p in mine.items()
-                      if n in ref_params), default=0.0)
-    return {"case": (name, pipe, micro_batches, chunks, tied), "losses": losses, "ref_losses": ref_losses,
-            "param_diff": param_diff, "params": sorted(mine), "missing": missing,
-            "ref_params": sorted(ref_params)}
+    param_diff = max(
+        (
+            float((p.detach() - ref_params[n].detach()).abs().max())
+            for n, p in mine.items()
+            if n in ref_params
+        ),
+        default=0.0,
+    )
+    return {
+        "case": (name, pipe, micro_batches, chunks, tied),
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "param_diff": param_diff,
+        "params": sorted(mine),
+        "missing": missing,
+        "ref_params": sorted(ref_params),
+    }
 
 
 def run_cases(rank: int, world: int, pipe: int, cases: list[tuple]) -> list[dict]:
@@ -133,13 +164,17 @@ def check(results_by_rank: list[list[dict]]) -> None:
         for r in results:
             loss_diff = max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"]))
             if r["missing"] or loss_diff > TOLERANCE or r["param_diff"] > TOLERANCE:
-                failures.append(f"rank {rank} {r['case']}: loss diff {loss_diff:.2e}, param diff "
-                                f"{r['param_diff']:.2e}, unnamed params {r['missing'][:3]}")
+                failures.append(
+                    f"rank {rank} {r['case']}: loss diff {loss_diff:.2e}, param diff "
+                    f"{r['param_diff']:.2e}, unnamed params {r['missing'][:3]}"
+                )
     for i, first in enumerate(results_by_rank[0]):
         held = set().union(*(set(results[i]["params"]) for results in results_by_rank))
         if held != set(first["ref_params"]):
-            failures.append(f"{first['case']}: ranks together hold {sorted(held)}, the model has "
-                            f"{first['ref_params']}")
+            failures.append(
+                f"{first['case']}: ranks together hold {sorted(held)}, the model has "
+                f"{first['ref_params']}"
+            )
     assert not failures, "\n".join(failures)
 
 
@@ -174,10 +209,15 @@ def test_engine_knows_actions_not_schedule_names():
 
     names = set(REGISTRY) | {BASELINE}
     for path in Path(pp_ext.engine.__file__).parent.glob("*.py"):
-        if path.name in ("initialize.py",):  # initialize picks DeepSpeed's engine for the baseline by name
+        if path.name in (
+            "initialize.py",
+        ):  # initialize picks DeepSpeed's engine for the baseline by name
             continue
-        literals = {node.value for node in ast.walk(ast.parse(path.read_text()))
-                    if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        literals = {
+            node.value
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        }
         assert not names & literals, f"{path.name} names schedules {names & literals}"
 
 
@@ -196,10 +236,19 @@ def run_detached(rank: int, world: int) -> None:
 
     specs = layer_specs(TinyConfig(blocks=2, tied=False))
     specs.insert(2, LayerSpec(Detach))
-    module = ChunkedPipelineModule(layers=specs, num_stages=2, loss_fn=lm_loss, partition_method=[0, 3, 6])
-    engine, *_ = pp_ext.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
-                                   config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-                                           "train_batch_size": 4}, schedule="1f1b")
+    module = ChunkedPipelineModule(
+        layers=specs, num_stages=2, loss_fn=lm_loss, partition_method=[0, 3, 6]
+    )
+    engine, *_ = pp_ext.initialize(
+        model=module,
+        optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
+        config={
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 2,
+            "train_batch_size": 4,
+        },
+        schedule="1f1b",
+    )
     engine.train_batch(iter([batch(0, 0, k, 64) for k in range(2)]))
 
 
@@ -220,18 +269,38 @@ def run_frozen_first_stage(rank: int, world: int) -> list[float]:
 
     # V placement: rank 0 holds the first stage (frozen, as when fine-tuning only the
     # upper layers) and the last stage (trainable)
-    module = ChunkedPipelineModule(layers=layer_specs(TinyConfig(blocks=2, tied=False)), num_stages=2,
-                                   loss_fn=lm_loss, chunks=2, placement="v", partition_method=[0, 2, 3, 4, 5])
+    module = ChunkedPipelineModule(
+        layers=layer_specs(TinyConfig(blocks=2, tied=False)),
+        num_stages=2,
+        loss_fn=lm_loss,
+        chunks=2,
+        placement="v",
+        partition_method=[0, 2, 3, 4, 5],
+    )
     frozen = {id(p) for p in module.chunk_parameters(0)} if rank == 0 else set()
     for param in module.parameters():
         param.requires_grad_(id(param) not in frozen)
     before = [p.detach().clone() for p in module.parameters() if id(p) in frozen]
     trainable = [p for p in module.parameters() if p.requires_grad]
-    engine, *_ = pp_ext.initialize(model=module, optimizer=torch.optim.SGD(trainable, lr=0.1),
-                                   config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
-                                           "train_batch_size": 8, "gradient_clipping": 0.0}, schedule="zbv")
-    losses = [float(engine.train_batch(iter([batch(0, 0, k, 64) for k in range(4)]))) for _ in range(3)]
-    assert before and all(torch.equal(a, b) for a, b in zip(before, module.chunk_parameters(0))) or rank != 0
+    engine, *_ = pp_ext.initialize(
+        model=module,
+        optimizer=torch.optim.SGD(trainable, lr=0.1),
+        config={
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 4,
+            "train_batch_size": 8,
+            "gradient_clipping": 0.0,
+        },
+        schedule="zbv",
+    )
+    losses = [
+        float(engine.train_batch(iter([batch(0, 0, k, 64) for k in range(4)]))) for _ in range(3)
+    ]
+    assert (
+        before
+        and all(torch.equal(a, b) for a, b in zip(before, module.chunk_parameters(0)))
+        or rank != 0
+    )
     return losses
 
 

@@ -4,6 +4,7 @@ Layouts for any number of ranks are checked through the pure helpers; the module
 itself runs in this process as a world of one rank (p = 1, one or two chunks), and
 one slow test spawns 2 ranks to check what each rank builds and how ties are joined.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -13,10 +14,15 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
-from pp_ext.engine.module import (ChunkedPipelineModule, chunk_layout, layer_param_counts, layer_rank,
-                                  partition)
-from pp_ext.testing.spawn import free_port, init_rank, spawn
+from pp_ext.engine.module import (
+    ChunkedPipelineModule,
+    chunk_layout,
+    layer_param_counts,
+    layer_rank,
+    partition,
+)
 from pp_ext.schedules.placement import Placement
+from pp_ext.testing.spawn import free_port, init_rank, spawn
 
 VOCAB, HIDDEN = 16, 8
 
@@ -28,12 +34,17 @@ def head(embedding: nn.Embedding, hidden: torch.Tensor) -> torch.Tensor:
 
 def float_layers(blocks: int) -> list:
     """Linear, tanh, Linear, tanh, ...: float in, float out, a callable among modules."""
-    return [LayerSpec(nn.Linear, HIDDEN, HIDDEN) if i % 2 == 0 else torch.tanh for i in range(blocks)]
+    return [
+        LayerSpec(nn.Linear, HIDDEN, HIDDEN) if i % 2 == 0 else torch.tanh for i in range(blocks)
+    ]
 
 
 def tied_layers(blocks: int) -> list:
-    return [TiedLayerSpec("embed", nn.Embedding, VOCAB, HIDDEN), *float_layers(blocks),
-            TiedLayerSpec("embed", nn.Embedding, VOCAB, HIDDEN, forward_fn=head)]
+    return [
+        TiedLayerSpec("embed", nn.Embedding, VOCAB, HIDDEN),
+        *float_layers(blocks),
+        TiedLayerSpec("embed", nn.Embedding, VOCAB, HIDDEN, forward_fn=head),
+    ]
 
 
 class NeedsRealData(nn.Module):
@@ -57,7 +68,7 @@ def test_parameter_counts_match_deepspeed_without_allocating():
     assert layer_param_counts(layers) == deepspeed_counts(layers)
     assert layer_param_counts([NeedsRealData()]) == [3]  # built for real when meta cannot
     # 40 G parameters: 160 GB if DeepSpeed's way built it
-    assert layer_param_counts([LayerSpec(nn.Linear, 200_000, 200_000)]) == [200_000 ** 2 + 200_000]
+    assert layer_param_counts([LayerSpec(nn.Linear, 200_000, 200_000)]) == [200_000**2 + 200_000]
 
 
 def test_partition_methods_agree_with_deepspeed():
@@ -66,27 +77,34 @@ def test_partition_methods_agree_with_deepspeed():
     layers = tied_layers(6)
     assert partition(layers, 4, "uniform") == partition_uniform(len(layers), 4)
     assert partition(layers, 4, "parameters") == partition_balanced(deepspeed_counts(layers), 4)
-    linear = [int(i in PipelineModule._find_layer_type(SimpleNamespace(_layer_specs=layers), "linear"))
-              for i in range(len(layers))]
+    linear = [
+        int(i in PipelineModule._find_layer_type(SimpleNamespace(_layer_specs=layers), "linear"))
+        for i in range(len(layers))
+    ]
     assert partition(layers, 3, "type:LINEAR") == partition_balanced(linear, 3)
     assert partition(layers, 2, [0, 1, 8]) == [0, 1, 8]
 
 
-@pytest.mark.parametrize("method, message", [
-    ([0, 3, 8], "has 3 boundaries, 3 stages need 4"),
-    ([1, 3, 5, 8], "must start at 0 and end at the number of layers"),
-    ([0, 3, 5, 7], "must start at 0 and end at the number of layers"),
-    ([0, 5, 5, 8], "must be strictly increasing"),
-    ("profile", "partition_method must be 'parameters', 'uniform', 'type:REGEX' or a list"),
-    ("type:conv", "matches no layer: layer types are"),
-])
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ([0, 3, 8], "has 3 boundaries, 3 stages need 4"),
+        ([1, 3, 5, 8], "must start at 0 and end at the number of layers"),
+        ([0, 3, 5, 7], "must start at 0 and end at the number of layers"),
+        ([0, 5, 5, 8], "must be strictly increasing"),
+        ("profile", "partition_method must be 'parameters', 'uniform', 'type:REGEX' or a list"),
+        ("type:conv", "matches no layer: layer types are"),
+    ],
+)
 def test_partition_rejects_bad_methods(method, message):
     with pytest.raises(ValueError, match=message):
         partition(tied_layers(6), 3, method)
 
 
 def test_too_few_layers_names_the_fix():
-    with pytest.raises(ValueError, match="3 layers cannot fill 4 pipeline stages.*use fewer chunks or fewer"):
+    with pytest.raises(
+        ValueError, match="3 layers cannot fill 4 pipeline stages.*use fewer chunks or fewer"
+    ):
         partition(float_layers(3), 4, "uniform")
 
 
@@ -98,14 +116,22 @@ def test_chunk_layout_loop_and_v():
     assert chunk_layout(Placement.v(2, 2), parts, 1) == [(2, 4), (4, 6)]
     for placement in (Placement.loop(4, 3), Placement.v(4, 2), Placement.v(3, 4)):
         parts = list(range(placement.stages + 1))
-        held = sorted(b for rank in range(placement.ranks) for b in chunk_layout(placement, parts, rank))
+        held = sorted(
+            b for rank in range(placement.ranks) for b in chunk_layout(placement, parts, rank)
+        )
         assert held == [(s, s + 1) for s in range(placement.stages)]
 
 
-@pytest.mark.parametrize("placement, ranks", [
-    (Placement.loop(2, 2), {0, 1}), (Placement.loop(4, 2), {0, 3}),
-    (Placement.v(2, 2), {0}), (Placement.v(4, 2), {0}), (Placement.loop(1, 2), {0}),
-])
+@pytest.mark.parametrize(
+    "placement, ranks",
+    [
+        (Placement.loop(2, 2), {0, 1}),
+        (Placement.loop(4, 2), {0, 3}),
+        (Placement.v(2, 2), {0}),
+        (Placement.v(4, 2), {0}),
+        (Placement.loop(1, 2), {0}),
+    ],
+)
 def test_tied_embedding_and_head_ranks(placement, ranks):
     """DeepSpeed joins the ranks that hold the tied layers: with V both ends are on rank 0."""
     layers = tied_layers(2 * placement.stages)
@@ -167,7 +193,9 @@ def test_two_chunks_loop_one_rank(world):
 
 def test_checkpointed_chunk_recomputes_its_own_layers(world):
     """Chunk 1's backward runs while chunk 0 is active: recomputation must still run chunk 1."""
-    plain, checkpointed = (build(float_layers(6), chunks=2, activation_checkpoint_interval=k) for k in (0, 1))
+    plain, checkpointed = (
+        build(float_layers(6), chunks=2, activation_checkpoint_interval=k) for k in (0, 1)
+    )
     for module in (plain, checkpointed):
         x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(0), requires_grad=True)
         module.chunk_forward(1, module.chunk_forward(0, x)).pow(2).sum().backward()
@@ -188,7 +216,9 @@ def test_v_tied_embedding_and_head_share_one_module(world):
     weight = embedding.weight.detach().requires_grad_()
     h = torch.tanh(module._modules["3"](torch.tanh(module._modules["1"](weight[ids]))))
     (h @ weight.t()).sum().backward()
-    assert torch.equal(logits, h @ weight.t()) and torch.allclose(embedding.weight.grad, weight.grad)
+    assert torch.equal(logits, h @ weight.t()) and torch.allclose(
+        embedding.weight.grad, weight.grad
+    )
 
 
 @pytest.mark.parametrize("placement", ["loop", "v"])
@@ -199,7 +229,9 @@ def test_checkpoint_round_trip(world, tmp_path, placement):
     saved.checkpoint_parallel_write_pipeline = False  # set by DeepSpeed's engine
     saved.save_state_dict(str(tmp_path), TorchCheckpointEngine())
     # layer 2 and 4 are tanh, the head (5) is a forward_fn: no state
-    assert sorted(f.name for f in tmp_path.iterdir()) == [f"layer_{i:02d}-model_states.pt" for i in (0, 1, 3)]
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        f"layer_{i:02d}-model_states.pt" for i in (0, 1, 3)
+    ]
     loaded = build(tied_layers(4), chunks=2, placement=placement, seed=99)
     assert not torch.equal(loaded.tied_modules["embed"].weight, saved.tied_modules["embed"].weight)
     loaded.load_state_dir(str(tmp_path), TorchCheckpointEngine())
@@ -207,7 +239,9 @@ def test_checkpoint_round_trip(world, tmp_path, placement):
 
 
 def test_bad_arguments(world):
-    with pytest.raises(ValueError, match="placement must be one of loop, v, bidirectional, got 'ring'"):
+    with pytest.raises(
+        ValueError, match="placement must be one of loop, v, bidirectional, got 'ring'"
+    ):
         build(float_layers(4), chunks=2, placement="ring")
     with pytest.raises(ValueError, match="even number of pipeline stages, got 1"):
         build(float_layers(4), chunks=2, placement="bidirectional")
@@ -226,7 +260,8 @@ def layout(module: ChunkedPipelineModule) -> dict:
     return {
         "bounds": [module.chunk_bounds(c) for c in range(module.chunks)],
         "layers": sorted(int(name) for name in module._modules if name.isdigit()),
-        "tied": list(module.tied_modules), "comms": {k: c["ranks"] for k, c in module.tied_comms.items()},
+        "tied": list(module.tied_modules),
+        "comms": {k: c["ranks"] for k, c in module.tied_comms.items()},
         "head_is_embedding": embed is not None and module.chunk_modules(1)[-1] is embed,
     }
 
@@ -234,8 +269,12 @@ def layout(module: ChunkedPipelineModule) -> dict:
 def two_rank_layouts(rank: int, world_size: int) -> dict:
     from deepspeed import comm as dist
 
-    v, loop = (ChunkedPipelineModule(tied_layers(6), num_stages=2, chunks=2, placement=placement,
-                                     partition_method="uniform") for placement in ("v", "loop"))
+    v, loop = (
+        ChunkedPipelineModule(
+            tied_layers(6), num_stages=2, chunks=2, placement=placement, partition_method="uniform"
+        )
+        for placement in ("v", "loop")
+    )
     # loop: both ranks hold the tie (embedding on 0, head on 1), so these collectives run on both
     weight = loop.tied_modules["embed"].weight
     gathered = [torch.empty_like(weight) for _ in range(world_size)]
@@ -249,12 +288,24 @@ def two_rank_layouts(rank: int, world_size: int) -> dict:
 @pytest.mark.slow
 def test_two_ranks_build_their_own_layers_and_ties():
     """8 layers in 4 stages of 2: embed 0, linears 1 3 5, tanh 2 4 6, head 7."""
-    (v0, v1), (loop0, loop1) = zip(*((r["v"], r["loop"]) for r in spawn(two_rank_layouts, 2, timeout=120)))
+    (v0, v1), (loop0, loop1) = zip(
+        *((r["v"], r["loop"]) for r in spawn(two_rank_layouts, 2, timeout=120))
+    )
     # V: rank 0 holds stages 0 and 3 (embedding and head: one module, no exchange)
-    assert v0 == {"bounds": [(0, 2), (6, 8)], "layers": [1], "tied": ["embed"], "comms": {},
-                  "head_is_embedding": True}
-    assert v1 == {"bounds": [(2, 4), (4, 6)], "layers": [3, 5], "tied": [], "comms": {},
-                  "head_is_embedding": False}
+    assert v0 == {
+        "bounds": [(0, 2), (6, 8)],
+        "layers": [1],
+        "tied": ["embed"],
+        "comms": {},
+        "head_is_embedding": True,
+    }
+    assert v1 == {
+        "bounds": [(2, 4), (4, 6)],
+        "layers": [3, 5],
+        "tied": [],
+        "comms": {},
+        "head_is_embedding": False,
+    }
     # loop: the head is on rank 1, so the tie spans both ranks: weights synchronised, grads summed
     assert loop0["bounds"] == [(0, 2), (4, 6)] and loop1["bounds"] == [(2, 4), (6, 8)]
     assert loop0["layers"] == [1, 5] and loop1["layers"] == [3]

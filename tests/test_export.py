@@ -5,6 +5,7 @@ one rank, two chunks) or, in the slow test, from ``engine.save_checkpoint`` afte
 2-rank training; ``from_pretrained`` must load the export with no missing or
 unexpected key, and give the trained model's logits.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,18 +14,17 @@ import re
 import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-
-import pp_ext.checkpoint.export as export
-from pp_ext.cli import main
-from pp_ext.checkpoint.export import export_checkpoint, save_hf_metadata
-from pp_ext.hf import build_pipeline_module
-
 from hf_models import CONFIGS
+from safetensors.torch import load_file
 from test_engine_module import world  # noqa: F401 - the world-of-one-rank fixture
 from test_hf_llama import TOL, ids, max_diff
 from test_hf_loading import by_hf_key
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+import pp_ext.checkpoint.export as export
+from pp_ext.checkpoint.export import export_checkpoint, save_hf_metadata
+from pp_ext.cli import main
+from pp_ext.hf import build_pipeline_module
 
 TAG = "global_step3"
 
@@ -51,8 +51,9 @@ def checkpoint(tmp_path, family: str, tied: bool):
     """A DeepSpeed save dir (``latest`` -> TAG) of the model loaded into a 2-chunk
     pipeline module, with hf_meta; returns (save dir, HF model, module)."""
     model = hf_folder(tmp_path / "hf", family, tied)
-    module = build_pipeline_module(tmp_path / "hf", num_stages=1, chunks=2, placement="v",
-                                   partition_method="uniform")
+    module = build_pipeline_module(
+        tmp_path / "hf", num_stages=1, chunks=2, placement="v", partition_method="uniform"
+    )
     save_dir = tmp_path / "ckpt"
     module.checkpoint_parallel_write_pipeline = False  # the engine's default, set from its config
     module.save_state_dict(str(save_dir / TAG), TorchCheckpointEngine())
@@ -81,7 +82,10 @@ def test_export_loads_in_hf(world, tmp_path, family, tied):
     with torch.no_grad():
         assert max_diff(loaded.eval()(x).logits, model(x).logits) <= TOL
     text = "w5 w7 w99"
-    assert AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(tmp_path / "hf")(text).input_ids
+    assert (
+        AutoTokenizer.from_pretrained(out)(text).input_ids
+        == AutoTokenizer.from_pretrained(tmp_path / "hf")(text).input_ids
+    )
 
 
 def test_export_in_bfloat16_one_file(world, tmp_path):
@@ -92,7 +96,10 @@ def test_export_in_bfloat16_one_file(world, tmp_path):
     tensors = load_file(out / "model.safetensors")
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert tensors.keys() == expected.keys()
-    assert all(t.dtype == torch.bfloat16 and torch.equal(t, expected[k].bfloat16()) for k, t in tensors.items())
+    assert all(
+        t.dtype == torch.bfloat16 and torch.equal(t, expected[k].bfloat16())
+        for k, t in tensors.items()
+    )
 
 
 def run(capsys, *argv) -> tuple[int, str]:
@@ -108,10 +115,12 @@ def test_cli_errors(world, tmp_path, capsys):
     save_dir, _, _ = checkpoint(tmp_path, "llama", False)
     capsys.readouterr()  # save_pretrained's progress bars
     out = tmp_path / "out"
-    cases = [((tmp_path / "nowhere", out), "checkpoint folder .*nowhere does not exist"),
-             ((tmp_path / "hf", out), "has no 'latest' file and no hf_meta/: pass --tag"),
-             ((save_dir, out, "--tag", "step9"), f"has no tag 'step9': its tags are {TAG}"),
-             ((save_dir, out, "--max-shard-size", "lots"), "max shard size 'lots'")]
+    cases = [
+        ((tmp_path / "nowhere", out), "checkpoint folder .*nowhere does not exist"),
+        ((tmp_path / "hf", out), "has no 'latest' file and no hf_meta/: pass --tag"),
+        ((save_dir, out, "--tag", "step9"), f"has no tag 'step9': its tags are {TAG}"),
+        ((save_dir, out, "--max-shard-size", "lots"), "max shard size 'lots'"),
+    ]
     for argv, message in cases:
         code, err = run(capsys, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -125,7 +134,9 @@ def test_cli_errors(world, tmp_path, capsys):
     assert code == 2 and "already exists and is not empty: pass overwrite (--overwrite)" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert run(capsys, save_dir, out, "--overwrite")[0] == 0
-    assert (out / "config.json").exists() and not (out / "keep.txt").exists() and siblings(out) == []
+    assert (
+        (out / "config.json").exists() and not (out / "keep.txt").exists() and siblings(out) == []
+    )
 
     layer = save_dir / TAG / "layer_01-model_states.pt"
     (save_dir / TAG / "layer_01-model_01-model_states.pt").write_bytes(layer.read_bytes())
@@ -137,7 +148,11 @@ def test_cli_errors(world, tmp_path, capsys):
     assert code == 2 and "has no layer_01-model_states.pt: the checkpoint is incomplete" in err
     (save_dir / TAG / "hf_meta" / "config.json").unlink()
     code, err = run(capsys, save_dir, tmp_path / "meta")
-    assert code == 2 and "has no hf_meta/config.json: the training job writes it with pp_ext.hf.save_hf_metadata" in err
+    assert (
+        code == 2
+        and "has no hf_meta/config.json: the training job writes it with pp_ext.hf.save_hf_metadata"
+        in err
+    )
 
 
 def test_key_set_is_checked(world, tmp_path, monkeypatch):
@@ -151,7 +166,10 @@ def test_key_set_is_checked(world, tmp_path, monkeypatch):
         return tensors
 
     monkeypatch.setattr(export, "checkpoint_tensors", renamed)
-    with pytest.raises(export.ExportError, match=r"missing \['model.norm.weight'\], unexpected \['model.extra.weight'\]"):
+    with pytest.raises(
+        export.ExportError,
+        match=r"missing \['model.norm.weight'\], unexpected \['model.extra.weight'\]",
+    ):
         export_checkpoint(save_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists() and siblings(tmp_path / "out") == []
 
@@ -185,8 +203,13 @@ def test_metadata_files(tmp_path):
     (tmp_path / "tok" / "chat_template.jinja").write_text("{{ messages }}")
     (tmp_path / "tok" / "config.json").write_text("{}")  # not the model's: ignored
     meta = save_hf_metadata(tmp_path / "tag", tmp_path / "hf", tmp_path / "tok")
-    assert sorted(p.name for p in meta.iterdir()) == ["chat_template.jinja", "config.json", "generation_config.json",
-                                                      "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in meta.iterdir()) == [
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert (meta / "config.json").read_text() == (tmp_path / "hf" / "config.json").read_text()
     meta = save_hf_metadata(tmp_path / "tag2", CONFIGS["qwen2"](False))
     assert [p.name for p in meta.iterdir()] == ["config.json"]
@@ -196,7 +219,11 @@ def test_metadata_files(tmp_path):
 
 # --- round trip: 2-rank training, engine.save_checkpoint, export, from_pretrained -------
 
-ROUND_TRIP = [("llama", "zbv", True), ("qwen2", "1f1b", False), ("gpt_neox", "interleaved-1f1b", False)]
+ROUND_TRIP = [
+    ("llama", "zbv", True),
+    ("qwen2", "1f1b", False),
+    ("gpt_neox", "interleaved-1f1b", False),
+]
 
 
 def train_and_save(rank: int, world: int, root, cases: list) -> dict:
@@ -205,19 +232,32 @@ def train_and_save(rank: int, world: int, root, cases: list) -> dict:
     Returns this rank's tensors by HF name, as numpy arrays (sent by value: torch
     tensors would go through shared memory that dies with the rank)."""
     from deepspeed import comm as dist
+    from test_hf_training import batch, shifted_loss
 
     import pp_ext
     from pp_ext.schedules import get
-    from test_hf_training import batch, shifted_loss
 
     out = {}
     for family, schedule, tied in cases:
         spec = get(schedule)
-        module = build_pipeline_module(root / family, num_stages=2, chunks=spec.default_chunks,
-                                       placement=spec.placement, partition_method="uniform", loss_fn=shifted_loss)
-        engine, *_ = pp_ext.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
-                                       config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
-                                               "train_batch_size": 8}, schedule=schedule)
+        module = build_pipeline_module(
+            root / family,
+            num_stages=2,
+            chunks=spec.default_chunks,
+            placement=spec.placement,
+            partition_method="uniform",
+            loss_fn=shifted_loss,
+        )
+        engine, *_ = pp_ext.initialize(
+            model=module,
+            optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
+            config={
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": 4,
+                "train_batch_size": 8,
+            },
+            schedule=schedule,
+        )
         for step in range(2):
             engine.train_batch(iter([batch(step, k) for k in range(4)]))
         engine.save_checkpoint(str(root / f"{family}-ckpt"), tag="final")
@@ -232,26 +272,40 @@ def train_and_save(rank: int, world: int, root, cases: list) -> dict:
 
 @pytest.mark.slow
 def test_trained_checkpoint_round_trip(tmp_path):
-    from pp_ext.testing.reference import SequentialReference
-    from pp_ext.testing.spawn import spawn
     from pp_ext.hf import copy_hf_weights, layer_specs
     from pp_ext.hf.loading import hf_initializer, layout_free_specs
+    from pp_ext.testing.reference import SequentialReference
+    from pp_ext.testing.spawn import spawn
 
     initial = {family: hf_folder(tmp_path / family, family, tied) for family, _, tied in ROUND_TRIP}
     config = CONFIGS["qwen3"](True)
     config.save_pretrained(tmp_path / "config-only")
-    ranks = [{case: {k: torch.from_numpy(a) for k, a in tensors.items()} for case, tensors in rank.items()}
-             for rank in spawn(train_and_save, 2, tmp_path, ROUND_TRIP, timeout=600)]
+    ranks = [
+        {
+            case: {k: torch.from_numpy(a) for k, a in tensors.items()}
+            for case, tensors in rank.items()
+        }
+        for rank in spawn(train_and_save, 2, tmp_path, ROUND_TRIP, timeout=600)
+    ]
 
     failures = []
     for family, schedule, _ in ROUND_TRIP:
         trained = {**ranks[0][family], **ranks[1][family]}
-        assert main(["export", str(tmp_path / f"{family}-ckpt"), str(tmp_path / f"{family}-out")]) == 0
-        loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / f"{family}-out", output_loading_info=True)
-        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (family, info)
+        assert (
+            main(["export", str(tmp_path / f"{family}-ckpt"), str(tmp_path / f"{family}-out")]) == 0
+        )
+        loaded, info = AutoModelForCausalLM.from_pretrained(
+            tmp_path / f"{family}-out", output_loading_info=True
+        )
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (
+            family,
+            info,
+        )
         theirs = loaded.eval().state_dict()
         assert all(torch.equal(t, theirs[k]) for k, t in trained.items()), family
-        assert max(max_diff(t, initial[family].state_dict()[k]) for k, t in trained.items()) > 1e-3  # it trained
+        assert (
+            max(max_diff(t, initial[family].state_dict()[k]) for k, t in trained.items()) > 1e-3
+        )  # it trained
         chain = SequentialReference(layer_specs(loaded.config), loss_fn=None)
         copy_hf_weights(chain.layers, trained)
         x = ids()
@@ -262,8 +316,18 @@ def test_trained_checkpoint_round_trip(tmp_path):
     assert not failures, "\n".join(failures)
 
     # a config-only model: the same weights on 2 ranks (zbv) as built in one process
-    reference = SequentialReference(layout_free_specs(layer_specs(config), dtype=torch.float32, seed=1234,
-                                                      initialize=hf_initializer(config)), loss_fn=None)
+    reference = SequentialReference(
+        layout_free_specs(
+            layer_specs(config), dtype=torch.float32, seed=1234, initialize=hf_initializer(config)
+        ),
+        loss_fn=None,
+    )
     built = {**ranks[0]["config-only"], **ranks[1]["config-only"]}
-    expected = {hf: layer.state_dict()[local] for layer in reference.layers for local, hf in layer.hf_keys().items()}
-    assert built.keys() == expected.keys() and all(torch.equal(built[k], expected[k]) for k in built)
+    expected = {
+        hf: layer.state_dict()[local]
+        for layer in reference.layers
+        for local, hf in layer.hf_keys().items()
+    }
+    assert built.keys() == expected.keys() and all(
+        torch.equal(built[k], expected[k]) for k in built
+    )

@@ -1,10 +1,21 @@
 """fuse_backward: an I right before its own W becomes one B; nothing else changes."""
+
 from __future__ import annotations
 
 import pytest
 
-from pp_ext.schedules import REGISTRY, Action, Kind, build, dry_run, fuse_backward, get, lower, simulate, \
-    validate
+from pp_ext.schedules import (
+    REGISTRY,
+    Action,
+    Kind,
+    build,
+    dry_run,
+    fuse_backward,
+    get,
+    lower,
+    simulate,
+    validate,
+)
 from pp_ext.schedules.actions import B, F
 
 
@@ -27,8 +38,9 @@ def test_one_stage_w_split_schedules_keep_no_split(name):
     spec = get(name)
     fused = fuse_backward(build(name, 1, 4, spec.default_chunks))
     assert not any(a.kind in (Kind.I, Kind.W) for a in fused.programs[0])
-    assert sorted(a.key() for a in fused.programs[0] if a.kind is Kind.B) == \
-        sorted((c, mb) for c in range(spec.default_chunks) for mb in range(4))
+    assert sorted(a.key() for a in fused.programs[0] if a.kind is Kind.B) == sorted(
+        (c, mb) for c in range(spec.default_chunks) for mb in range(4)
+    )
 
 
 def test_zb_h1_two_stages_fuses_the_first_stage_only():
@@ -36,7 +48,16 @@ def test_zb_h1_two_stages_fuses_the_first_stage_only():
     between them, so the previous stage gets it before W runs: kept apart."""
     fused = fuse_backward(build("zb-h1", 2, 4))
     first, last = fused.programs
-    assert [str(a) for a in first if a.kind.is_compute] == ["F0", "F1", "B0", "F2", "B1", "F3", "B2", "B3"]
+    assert [str(a) for a in first if a.kind.is_compute] == [
+        "F0",
+        "F1",
+        "B0",
+        "F2",
+        "B1",
+        "F3",
+        "B2",
+        "B3",
+    ]
     assert last == lower(build("zb-h1", 2, 4)).programs[1]
 
 
@@ -45,7 +66,14 @@ def test_a_pair_with_communication_between_stays_split():
     schedule = lower(build("zb-h1", 2, 4))
     last = fuse_backward(schedule).programs[1]
     assert last == schedule.programs[1] and sum(a.kind is Kind.I for a in last) == 4
-    program = (F(0), Action(Kind.I, 0), Action(Kind.RECV_ACT, 1, peer=0), F(1), Action(Kind.W, 0), B(1))
+    program = (
+        F(0),
+        Action(Kind.I, 0),
+        Action(Kind.RECV_ACT, 1, peer=0),
+        F(1),
+        Action(Kind.W, 0),
+        B(1),
+    )
     split = type(schedule)("x", schedule.placement, 2, (program, ()))
     assert fuse_backward(split).programs[0] == program
 
@@ -67,8 +95,9 @@ def test_every_fused_schedule_is_valid_and_no_slower(name):
             for before, after in zip(lower(schedule).programs, fused.programs):
                 gone = [a for a in before if a.kind in (Kind.I, Kind.W) and a not in after]
                 new = [a for a in after if a not in before]
-                assert sorted((a.micro_batch, a.chunk) for a in new) == \
-                    sorted({(a.micro_batch, a.chunk) for a in gone}) and len(gone) == 2 * len(new)
+                assert sorted((a.micro_batch, a.chunk) for a in new) == sorted(
+                    {(a.micro_batch, a.chunk) for a in gone}
+                ) and len(gone) == 2 * len(new)
                 assert all(a.kind is Kind.B for a in new)
             if not schedule.backward_weights:  # unit costs: B = I + W
                 assert simulate(fused).makespan == simulate(schedule).makespan

@@ -1,16 +1,16 @@
 """GPT-2 and GPT-NeoX details the shared HF tests (test_hf_llama.py, which also runs
 both families) cannot see: each check fails if the pipeline dropped the detail."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-from transformers.pytorch_utils import Conv1D
-
 from hf_models import CONFIGS
 from test_hf_llama import EFFECT, TOL, ids, max_diff, pipeline
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 
 def hf_and_pipeline(family: str, tied: bool, attn_implementation: str | None = None, **changes):
@@ -18,7 +18,9 @@ def hf_and_pipeline(family: str, tied: bool, attn_implementation: str | None = N
     config = CONFIGS[family](tied)
     for field, value in changes.items():
         setattr(config, field, value)
-    hf_model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+    hf_model = AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn_implementation
+    ).eval()
     return hf_model, pipeline(hf_model, config, attn_implementation)
 
 
@@ -50,15 +52,23 @@ def test_gpt2_attention_options(attn_implementation):
     """Per-layer attention scaling (by 1/(layer_idx+1)) and the upcast, reordered eager
     path run inside HF's GPT2Attention: each block must know its own layer index. (A
     larger init makes attention scores, and so their scaling, matter.)"""
-    hf_model, run = hf_and_pipeline("gpt2", False, attn_implementation, scale_attn_by_inverse_layer_idx=True,
-                                    reorder_and_upcast_attn=True, initializer_range=0.5)
+    hf_model, run = hf_and_pipeline(
+        "gpt2",
+        False,
+        attn_implementation,
+        scale_attn_by_inverse_layer_idx=True,
+        reorder_and_upcast_attn=True,
+        initializer_range=0.5,
+    )
     x, mask = ids(), torch.ones(2, 10, dtype=torch.long)
     mask[0, 7:] = 0
     real = mask.bool()
     assert max_diff(run((x, mask))[real], hf_model(x, attention_mask=mask).logits[real]) <= TOL
     unscaled = copy.deepcopy(hf_model.config)
     unscaled.scale_attn_by_inverse_layer_idx = False
-    assert max_diff(pipeline(hf_model, unscaled, attn_implementation)(x), hf_model(x).logits) > EFFECT
+    assert (
+        max_diff(pipeline(hf_model, unscaled, attn_implementation)(x), hf_model(x).logits) > EFFECT
+    )
 
 
 @torch.no_grad()

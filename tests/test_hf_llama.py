@@ -5,20 +5,20 @@ Single process, no DeepSpeed group: each spec is built and the modules are calle
 in order, as one pipeline stage after another would; a TiedLayerSpec builds one
 module used by the embedding and the head.
 """
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from hf_models import CONFIGS
 from transformers import AutoModelForCausalLM, BertConfig
 
-from pp_ext.testing.reference import SequentialReference
 from pp_ext.hf import copy_hf_weights, layer_specs, supported
 from pp_ext.hf.common import FinalNorm, HFDecoderLayer
 from pp_ext.hf.context import ChunkContext
-
-from hf_models import CONFIGS
+from pp_ext.testing.reference import SequentialReference
 
 TOL = 1e-5
 EFFECT = 1e-3  # how far HF's logits must move when a family detail is dropped
@@ -36,14 +36,19 @@ def pipeline(hf_model, config, attn_implementation: str | None = None):
     return chain
 
 
-@pytest.fixture(scope="module", params=[(f, tied) for f in CONFIGS for tied in (True, False)],
-                ids=lambda p: f"{p[0]}-{'tied' if p[1] else 'untied'}")
+@pytest.fixture(
+    scope="module",
+    params=[(f, tied) for f in CONFIGS for tied in (True, False)],
+    ids=lambda p: f"{p[0]}-{'tied' if p[1] else 'untied'}",
+)
 def models(request):
     family, tied = request.param
     torch.manual_seed(0)
     config = CONFIGS[family](tied)
     hf_model = AutoModelForCausalLM.from_config(config).float().eval()  # HF's default attention
-    assert (hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight) == tied
+    assert (
+        hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight
+    ) == tied
     if hasattr(hf_model, "model"):  # Llama-like (GPT-2 and GPT-NeoX details: test_hf_gpt.py)
         attn = hf_model.model.layers[0].self_attn
         if family == "qwen2":
@@ -51,7 +56,9 @@ def models(request):
         if family in ("qwen3", "gemma3_text"):
             assert hasattr(attn, "q_norm")
         if family == "phi3":  # fused projections, rotary on half of each head
-            assert hasattr(attn, "qkv_proj") and hasattr(hf_model.model.layers[0].mlp, "gate_up_proj")
+            assert hasattr(attn, "qkv_proj") and hasattr(
+                hf_model.model.layers[0].mlp, "gate_up_proj"
+            )
             assert 2 * hf_model.model.rotary_emb.inv_freq.numel() == attn.head_dim // 2
     run = pipeline(hf_model, config)
     # same attention as HF's default for the family (Gemma2: eager, sdpa cannot soft-cap)
@@ -106,7 +113,9 @@ def test_hf_keys_cover_the_model(models):
     config = hf_model.config
     chain = build(layer_specs(config))
     keys = {k for m in chain.layers for k in m.hf_keys().values()}
-    expected = set(hf_model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    expected = set(hf_model.state_dict()) - (
+        {"lm_head.weight"} if config.tie_word_embeddings else set()
+    )
     assert keys == expected
 
 
@@ -125,8 +134,11 @@ ABLATIONS = {
     "gemma3 sliding layers": ("gemma3_text", "layer_types", _full(2)),
     "gemma3 global rope on local layers": ("gemma3_text", "rope_parameters", "full_attention"),
     "gemma3 local rope on global layers": ("gemma3_text", "rope_parameters", "sliding_attention"),
-    "phi3 longrope": ("phi3", "rope_parameters", {"rope_type": "default", "rope_theta": 10000.0,
-                                                  "partial_rotary_factor": 0.5}),
+    "phi3 longrope": (
+        "phi3",
+        "rope_parameters",
+        {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    ),
 }
 
 
@@ -140,7 +152,10 @@ def test_family_details_are_exercised(name, tied):
     hf_model = AutoModelForCausalLM.from_config(config).eval()
     ablated = copy.deepcopy(config)
     if field == "rope_parameters" and family == "gemma3_text":  # one layer type's rope for both
-        value = {layer_type: copy.deepcopy(config.rope_parameters[value]) for layer_type in config.rope_parameters}
+        value = {
+            layer_type: copy.deepcopy(config.rope_parameters[value])
+            for layer_type in config.rope_parameters
+        }
     setattr(ablated, field, value)
     x = ids()
     assert max_diff(pipeline(hf_model, ablated)(x), hf_model(x).logits) > EFFECT
@@ -165,7 +180,9 @@ def test_gemma_embedding_is_scaled(family):
 def test_attention_implementation_hf_refuses():
     """Gemma2 has no sdpa in HF (sdpa cannot soft-cap attention logits): asking for it is
     an error naming the fix, not silently different attention."""
-    with pytest.raises(ValueError, match="gemma2 models do not support attn_implementation 'sdpa'.*use 'eager'"):
+    with pytest.raises(
+        ValueError, match="gemma2 models do not support attn_implementation 'sdpa'.*use 'eager'"
+    ):
         layer_specs(CONFIGS["gemma2"](True), "sdpa")
     with pytest.raises(ValueError, match="attn_implementation must be one of"):
         layer_specs(CONFIGS["llama"](True), "flex")
@@ -202,7 +219,9 @@ def test_eager_matches_hf():
     mask[1, :3] = 0
     with torch.no_grad():
         out = run((x, mask))
-        assert max_diff(out[mask.bool()], hf_model(x, attention_mask=mask).logits[mask.bool()]) <= TOL
+        assert (
+            max_diff(out[mask.bool()], hf_model(x, attention_mask=mask).logits[mask.bool()]) <= TOL
+        )
 
 
 def test_ints_stay_int_and_the_context_is_handed_on():

@@ -6,22 +6,22 @@ the layers of each stage load only their own tensors from the folder, and chaine
 logit checks are test_hf_llama's own test functions, run here on a ``models`` fixture
 whose layers come from disk. ``build_pipeline_module`` runs in a world of one rank.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from hf_models import CONFIGS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_engine_module import world  # noqa: F401 - the world-of-one-rank fixture
+from test_hf_llama import TOL, ids, max_diff, test_no_padding, test_packed_sequences, test_padding  # noqa: F401
 from transformers import AutoModelForCausalLM
 
 import pp_ext.hf.loading as loading
-from pp_ext.testing.reference import SequentialReference
 from pp_ext.hf import build_pipeline_module, layer_specs, load_hf_weights
 from pp_ext.hf.weights import checkpoint_names
-
-from hf_models import CONFIGS
-from test_engine_module import world  # noqa: F401 - the world-of-one-rank fixture
-from test_hf_llama import TOL, ids, max_diff, test_no_padding, test_packed_sequences, test_padding  # noqa: F401
+from pp_ext.testing.reference import SequentialReference
 
 SHARD = "20KB"  # a tiny model is ~90 KB: several shards
 FAMILIES = [(f, tied) for f in CONFIGS for tied in (True, False)]
@@ -33,7 +33,9 @@ def family_id(param) -> str:
 
 def hf_model(family: str, tied: bool, seed: int = 0):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(CONFIGS[family](tied)).float().eval()  # HF's default attention
+    return (
+        AutoModelForCausalLM.from_config(CONFIGS[family](tied)).float().eval()
+    )  # HF's default attention
 
 
 def stages(chain: SequentialReference, count: int = 2) -> list[list]:
@@ -92,7 +94,10 @@ def models(saved):
 
 def test_folder_is_sharded(saved):
     _, folder = saved
-    assert len(list(folder.glob("model-*.safetensors"))) >= 3 and (folder / "model.safetensors.index.json").exists()
+    assert (
+        len(list(folder.glob("model-*.safetensors"))) >= 3
+        and (folder / "model.safetensors.index.json").exists()
+    )
 
 
 def test_a_stage_reads_only_its_tensors(saved, monkeypatch):
@@ -104,7 +109,11 @@ def test_a_stage_reads_only_its_tensors(saved, monkeypatch):
         monkeypatch.setattr(loading, "safe_open", reads)
         load_hf_weights(stage, folder)
         # as stored: GPT-NeoX's lm_head is embed_out on disk
-        needed = set(checkpoint_names({k for layer in stage for k in layer.hf_keys().values()}, model).values())
+        needed = set(
+            checkpoint_names(
+                {k for layer in stage for k in layer.hf_keys().values()}, model
+            ).values()
+        )
         assert sorted(reads.tensors) == sorted(needed)  # each needed tensor once, nothing else
         assert reads.files == {str(files[key]) for key in needed}
         assert len(reads.files) < len(set(files.values()))
@@ -128,11 +137,19 @@ def test_loading_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_hf_weights(chain.layers, tmp_path / "nowhere")
     model.config.save_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="has no model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(
+        FileNotFoundError, match="has no model.safetensors or model.safetensors.index.json"
+    ):
         load_hf_weights(chain.layers, tmp_path)
-    state = {k: v.clone() for k, v in model.state_dict().items() if k not in ("lm_head.weight", "model.norm.weight")}
+    state = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if k not in ("lm_head.weight", "model.norm.weight")
+    }
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=r"model.safetensors has no tensor 'model.norm.weight', needed by FinalNorm"):
+    with pytest.raises(
+        KeyError, match=r"model.safetensors has no tensor 'model.norm.weight', needed by FinalNorm"
+    ):
         load_hf_weights(chain.layers, tmp_path)
 
 
@@ -141,8 +158,11 @@ def test_loading_errors(tmp_path):
 
 def by_hf_key(module) -> dict[str, torch.Tensor]:
     """The module's tensors under their HF names."""
-    return {hf: layer.state_dict()[local] for layer in loading.local_layers(module)
-            for local, hf in layer.hf_keys().items()}
+    return {
+        hf: layer.state_dict()[local]
+        for layer in loading.local_layers(module)
+        for local, hf in layer.hf_keys().items()
+    }
 
 
 def test_build_loads_every_weight_in_dtype(world, tmp_path):
@@ -150,7 +170,9 @@ def test_build_loads_every_weight_in_dtype(world, tmp_path):
     tables still float32 as in HF, and logits equal to HF's ``from_pretrained``."""
     model = hf_model("qwen3", True).to(torch.bfloat16)
     model.save_pretrained(tmp_path, max_shard_size=SHARD)
-    module = build_pipeline_module(tmp_path, num_stages=1, chunks=2, partition_method="uniform", dtype="bfloat16")
+    module = build_pipeline_module(
+        tmp_path, num_stages=1, chunks=2, partition_method="uniform", dtype="bfloat16"
+    )
     on_disk = {k: v for f in tmp_path.glob("*.safetensors") for k, v in load_file(f).items()}
     ours = by_hf_key(module)
     assert ours.keys() == on_disk.keys()
@@ -170,11 +192,18 @@ def test_random_init_is_hfs_and_layout_free(world, tmp_path, family, tied):
     with HF's spread); and the HF model given these weights computes the same logits."""
     config = CONFIGS[family](tied)
     config.save_pretrained(tmp_path)
-    layouts = [dict(model=tmp_path), dict(model=config, chunks=2, partition_method="uniform"),
-               dict(model=config, chunks=2, placement="v", partition_method=[0, 3, len(layer_specs(config))])]
+    layouts = [
+        dict(model=tmp_path),
+        dict(model=config, chunks=2, partition_method="uniform"),
+        dict(
+            model=config, chunks=2, placement="v", partition_method=[0, 3, len(layer_specs(config))]
+        ),
+    ]
     modules = [build_pipeline_module(num_stages=1, **layout) for layout in layouts]
     first, *others = map(by_hf_key, modules)
-    assert all(first.keys() == o.keys() and all(torch.equal(first[k], o[k]) for k in first) for o in others)
+    assert all(
+        first.keys() == o.keys() and all(torch.equal(first[k], o[k]) for k in first) for o in others
+    )
 
     reference = hf_model(family, tied, seed=1)
     theirs = reference.state_dict()
@@ -195,5 +224,7 @@ def test_build_errors(world, tmp_path):
         build_pipeline_module(tmp_path / "nowhere", num_stages=1)
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         build_pipeline_module(tmp_path, num_stages=1)
-    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'fp8'"):
+    with pytest.raises(
+        ValueError, match="dtype must be one of float32, bfloat16, float16, got 'fp8'"
+    ):
         build_pipeline_module(CONFIGS["llama"](True), num_stages=1, dtype="fp8")

@@ -9,21 +9,21 @@ of layers. Counted by :class:`pp_ext.bench.model.StepCounts` (a TorchDispatchMod
 ops whose result size or value needs the device's data, a TorchFunctionMode for Tensor
 methods that copy to the host and, on a CPU tensor, dispatch nothing).
 """
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from hf_models import CONFIGS
 from transformers.masking_utils import find_packed_sequence_indices
 
+from pp_ext.bench.model import StepCounts
 from pp_ext.engine.module import ChunkedPipelineModule
-from pp_ext.testing.spawn import free_port, init_rank
 from pp_ext.hf import copy_hf_weights, layer_specs
 from pp_ext.hf.context import layout
-from pp_ext.bench.model import StepCounts
-
-from hf_models import CONFIGS
+from pp_ext.testing.spawn import free_port, init_rank
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,9 @@ def two_chunks(config) -> ChunkedPipelineModule:
     specs = layer_specs(config)
     before = 2 if config.model_type == "gpt2" else 1  # layers before the first decoder layer
     middle = before + config.num_hidden_layers // 2
-    return ChunkedPipelineModule(specs, num_stages=1, chunks=2, partition_method=[0, middle, len(specs)])
+    return ChunkedPipelineModule(
+        specs, num_stages=1, chunks=2, partition_method=[0, middle, len(specs)]
+    )
 
 
 INPUTS = {
@@ -78,8 +80,10 @@ def test_host_reads_do_not_grow_with_layers(world, family, kind):
     HF's mask function reads once more per mask kind (causal, sliding). So at most
     3 per chunk, and the same for 2 or 8 decoder layers per chunk."""
     x = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(0))
-    counts = [reads_of_a_step(two_chunks(config_with(family, 2 * per_chunk)), INPUTS[kind](x))
-              for per_chunk in (2, 8)]
+    counts = [
+        reads_of_a_step(two_chunks(config_with(family, 2 * per_chunk)), INPUTS[kind](x))
+        for per_chunk in (2, 8)
+    ]
     assert counts[0] == counts[1] <= 2 * 3, counts
     if kind == "plain":
         assert counts[0] == 2  # one per chunk
@@ -99,8 +103,18 @@ def test_a_chunk_hands_on_tensors_only(world):
     assert len(chained) == 4 and all(torch.equal(a, b) for a, b in zip(out, chained))
 
 
-@pytest.mark.parametrize("positions", [[[0, 1, 2, 3]], [[3, 4, 5, 6]], [[0, 1, 0, 1]], [[0, 1, 2, 3], [0, 1, 2, 0]],
-                                       [[5]], [[0, 2, 3, 4]], [[1, 1, 2, 3]]])
+@pytest.mark.parametrize(
+    "positions",
+    [
+        [[0, 1, 2, 3]],
+        [[3, 4, 5, 6]],
+        [[0, 1, 0, 1]],
+        [[0, 1, 2, 3], [0, 1, 2, 0]],
+        [[5]],
+        [[0, 2, 3, 4]],
+        [[1, 1, 2, 3]],
+    ],
+)
 @pytest.mark.parametrize("padded", [False, True])
 def test_layout_agrees_with_transformers(positions, padded):
     """The one-read layout says 'packed' exactly where transformers' own detection finds
@@ -153,19 +167,29 @@ def test_checkpointed_segments_share_the_chunks_context(world, interval, reentra
     from deepspeed.runtime.activation_checkpointing import checkpointing
 
     x = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(0))
-    function = {} if reentrant else {"activation_checkpoint_func": checkpointing.non_reentrant_checkpoint}
+    function = (
+        {} if reentrant else {"activation_checkpoint_func": checkpointing.non_reentrant_checkpoint}
+    )
     counts = []
     for blocks in (2, 8):
         specs = layer_specs(config_with("llama", blocks))
         runs = {}
         for every in (0, interval):
-            module = ChunkedPipelineModule(specs, num_stages=1, partition_method="uniform", seed_layers=True,
-                                           activation_checkpoint_interval=every, **function)
+            module = ChunkedPipelineModule(
+                specs,
+                num_stages=1,
+                partition_method="uniform",
+                seed_layers=True,
+                activation_checkpoint_interval=every,
+                **function,
+            )
             with StepCounts() as step:
                 logits = module(x)
                 logits.float().pow(2).mean().backward()
             runs[every] = logits, {n: p.grad for n, p in module.named_parameters()}, step.reads
         (plain, plain_grads, _), (ours, grads, count) = runs[0], runs[interval]
-        assert torch.equal(plain, ours) and all(torch.equal(g, plain_grads[n]) for n, g in grads.items())
+        assert torch.equal(plain, ours) and all(
+            torch.equal(g, plain_grads[n]) for n, g in grads.items()
+        )
         counts.append(count)
     assert counts[0] == counts[1] <= 2, counts

@@ -1,29 +1,42 @@
 """2-stage training (CPU, gloo) of HF families (Llama-like, GPT-2, GPT-NeoX) through
 pp-ext's engine equals single-process HF training on the same micro-batches (3 steps,
 fp32). Zero-bubble schedules split each backward, GPT-2's Conv1D weights included."""
+
 from __future__ import annotations
 
 import pytest
 
 TOLERANCE = 1e-5
-CASES = [("llama", "zbv", True), ("qwen2", "1f1b", False), ("mistral", "zb-h1", True),
-         ("qwen3", "interleaved-1f1b", False),
-         ("gemma2", "zb-h1", True), ("gemma3_text", "1f1b", False), ("phi3", "zbv", False),
-         ("gemma", "interleaved-1f1b", True),
-         ("gpt2", "zb-h1", True), ("gpt2", "zbv", False), ("gpt_neox", "1f1b", False),
-         ("gpt_neox", "zb-h1", True)]
+CASES = [
+    ("llama", "zbv", True),
+    ("qwen2", "1f1b", False),
+    ("mistral", "zb-h1", True),
+    ("qwen3", "interleaved-1f1b", False),
+    ("gemma2", "zb-h1", True),
+    ("gemma3_text", "1f1b", False),
+    ("phi3", "zbv", False),
+    ("gemma", "interleaved-1f1b", True),
+    ("gpt2", "zb-h1", True),
+    ("gpt2", "zbv", False),
+    ("gpt_neox", "1f1b", False),
+    ("gpt_neox", "zb-h1", True),
+]
 
 
 def shifted_loss(logits, labels):
     import torch.nn.functional as F
 
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100
+    )
 
 
 def batch(step: int, micro_batch: int):
     import torch
 
-    ids = torch.randint(100, (2, 10), generator=torch.Generator().manual_seed(100 * step + micro_batch))
+    ids = torch.randint(
+        100, (2, 10), generator=torch.Generator().manual_seed(100 * step + micro_batch)
+    )
     # HF shifts labels inside the model; a pipeline's last stage gets them shifted
     labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
     return ids, labels
@@ -31,8 +44,8 @@ def batch(step: int, micro_batch: int):
 
 def run_family(family: str, schedule: str, tied: bool) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
     from hf_models import CONFIGS
+    from transformers import AutoModelForCausalLM
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
@@ -43,16 +56,32 @@ def run_family(family: str, schedule: str, tied: bool) -> dict:
     config = CONFIGS[family](tied)
     hf = AutoModelForCausalLM.from_config(config).float()  # HF's default attention, as layer_specs'
     spec = get(schedule)
-    module = ChunkedPipelineModule(layers=layer_specs(config), num_stages=2, loss_fn=shifted_loss,
-                                   chunks=spec.default_chunks, placement=spec.placement, partition_method="uniform")
+    module = ChunkedPipelineModule(
+        layers=layer_specs(config),
+        num_stages=2,
+        loss_fn=shifted_loss,
+        chunks=spec.default_chunks,
+        placement=spec.placement,
+        partition_method="uniform",
+    )
     layers = {id(m): m for c in range(module.chunks) for m in module.chunk_modules(c)}.values()
     copy_hf_weights(layers, hf.state_dict())
     micro_batches = 4
-    engine, *_ = pp_ext.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
-                                   config={"train_micro_batch_size_per_gpu": 2,
-                                           "gradient_accumulation_steps": micro_batches, "train_batch_size": 8,
-                                           "gradient_clipping": 0.0}, schedule=schedule)
-    losses = [float(engine.train_batch(iter([batch(s, k) for k in range(micro_batches)]))) for s in range(3)]
+    engine, *_ = pp_ext.initialize(
+        model=module,
+        optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
+        config={
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": micro_batches,
+            "train_batch_size": 8,
+            "gradient_clipping": 0.0,
+        },
+        schedule=schedule,
+    )
+    losses = [
+        float(engine.train_batch(iter([batch(s, k) for k in range(micro_batches)])))
+        for s in range(3)
+    ]
 
     optimizer = torch.optim.SGD(hf.parameters(), lr=0.1)
     ref_losses = []
@@ -67,9 +96,17 @@ def run_family(family: str, schedule: str, tied: bool) -> dict:
         optimizer.step()
         ref_losses.append(total)
     reference = hf.state_dict()
-    param_diff = max(float((layer.state_dict()[local] - reference[key]).abs().max())
-                     for layer in layers for local, key in layer.hf_keys().items())
-    return {"case": (family, schedule, tied), "losses": losses, "ref_losses": ref_losses, "param_diff": param_diff}
+    param_diff = max(
+        float((layer.state_dict()[local] - reference[key]).abs().max())
+        for layer in layers
+        for local, key in layer.hf_keys().items()
+    )
+    return {
+        "case": (family, schedule, tied),
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "param_diff": param_diff,
+    }
 
 
 def run_cases(rank: int, world: int, cases: list) -> list[dict]:
@@ -85,5 +122,7 @@ def test_two_stage_training_equals_hf():
         for r in results:
             loss_diff = max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"]))
             if loss_diff > TOLERANCE or r["param_diff"] > TOLERANCE:
-                failures.append(f"rank {rank} {r['case']}: loss diff {loss_diff:.2e}, param diff {r['param_diff']:.2e}")
+                failures.append(
+                    f"rank {rank} {r['case']}: loss diff {loss_diff:.2e}, param diff {r['param_diff']:.2e}"
+                )
     assert not failures, "\n".join(failures)

@@ -1,11 +1,14 @@
 """The IR: actions, placements, schedules, dependencies."""
+
 import pytest
 
 from pp_ext.schedules import Action, Kind, Placement, Schedule
 from pp_ext.schedules.actions import B, F, I, W
 
 
-@pytest.mark.parametrize("text", ["F3", "I2.c1", "W0", "B12.c3", "U1", "sF3.c1>r2", "rB0<r1", "sB4>r0", "rF7.c1<r3"])
+@pytest.mark.parametrize(
+    "text", ["F3", "I2.c1", "W0", "B12.c3", "U1", "sF3.c1>r2", "rB0<r1", "sB4>r0", "rF7.c1<r3"]
+)
 def test_short_form_round_trips(text):
     assert str(Action.parse(text)) == text
 
@@ -32,13 +35,31 @@ def test_comm_actions_need_a_peer_and_compute_actions_refuse_one():
 def test_loop_placement():
     place = Placement.loop(4, 2)
     assert place.stages == 8
-    assert [place.locate(0, s) for s in range(8)] == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 1)]
+    assert [place.locate(0, s) for s in range(8)] == [
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (3, 0),
+        (0, 1),
+        (1, 1),
+        (2, 1),
+        (3, 1),
+    ]
     assert place.holds(2, 1) == (0, 6)
 
 
 def test_v_placement_turns_on_the_last_rank():
     place = Placement.v(4, 2)
-    assert [place.locate(0, s) for s in range(8)] == [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1), (2, 1), (1, 1), (0, 1)]
+    assert [place.locate(0, s) for s in range(8)] == [
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (3, 0),
+        (3, 1),
+        (2, 1),
+        (1, 1),
+        (0, 1),
+    ]
     assert place.holds(0, 1) == (0, 7)
 
 
@@ -58,8 +79,15 @@ def test_placement_by_name_and_unknown_name():
 
 def test_dependencies_follow_the_route():
     place = Placement.v(2, 2)  # stages: 0 r0c0, 1 r1c0, 2 r1c1, 3 r0c1
-    sched = Schedule("t", place, 1, ((F(0), F(0, 1), I(0, 1), W(0, 1), I(0), W(0)),
-                                     (F(0), F(0, 1), I(0, 1), W(0, 1), I(0), W(0))))
+    sched = Schedule(
+        "t",
+        place,
+        1,
+        (
+            (F(0), F(0, 1), I(0, 1), W(0, 1), I(0), W(0)),
+            (F(0), F(0, 1), I(0, 1), W(0, 1), I(0), W(0)),
+        ),
+    )
     assert sched.dependencies(1, F(0, 1)) == [(1, F(0))]  # the turn: local hand-over
     assert sched.dependencies(0, F(0, 1)) == [(1, F(0, 1))]
     assert sched.dependencies(0, I(0, 1)) == [(0, F(0, 1))]  # last stage: from the loss

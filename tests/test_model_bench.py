@@ -2,6 +2,7 @@
 and DeepSpeed's own. Counts are device-independent, so the CPU checks what a GPU pays:
 at pipeline 1 pp-ext's step asks no more of the host than DeepSpeed's engine on the
 HF model. Timings are reported, not asserted."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ from pp_ext.testing.spawn import free_port, init_rank
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("tiny")
-    LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False).save_pretrained(folder)
+    LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ).save_pretrained(folder)
     return str(folder)
 
 
@@ -38,55 +47,107 @@ def test_a_one_stage_step_asks_no_more_of_the_host_than_deepspeeds_engine(world,
     first step's losses agree within bf16's rounding."""
     from pp_ext.bench import model as model_bench
 
-    options = model_bench.ModelBenchOptions(model=tiny, device="cpu", micro_batch_size=2, seq=16, steps=1,
-                                            warmup=0)
+    options = model_bench.ModelBenchOptions(
+        model=tiny, device="cpu", micro_batch_size=2, seq=16, steps=1, warmup=0
+    )
     config = model_bench.bench_config(options)
     engines = model_bench.build_engines(config, options, torch.device("cpu"))
     data = model_bench.batches(options, config.vocab_size)
     losses = {name: float(step(data)) for name, (_, step) in engines.items()}
     counts = {name: model_bench.count_step(step, data) for name, (_, step) in engines.items()}
     theirs, ours = counts[model_bench.BASELINE], counts["pp-ext 1f1b"]
-    assert ours["host_reads"] <= theirs["host_reads"] and ours["synchronizations"] <= theirs["synchronizations"]
+    assert (
+        ours["host_reads"] <= theirs["host_reads"]
+        and ours["synchronizations"] <= theirs["synchronizations"]
+    )
     assert ours["aten_ops"] <= 1.03 * theirs["aten_ops"], counts
     assert counts["pp-ext zb-h1"] == ours
     assert losses["pp-ext 1f1b"] == pytest.approx(losses[model_bench.BASELINE], rel=1e-2)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "M", "--stages", "2"], "--stages is read by the schedule bench (without --model)"),
-    (["--layers", "2"], "--layers is read by the one-device bench: add --model DIR"),
-    (["--model", "{tiny}", "--steps", "3", "--warmup", "3"], "--steps 3 leaves nothing to time after --warmup 3"),
-    (["--model", "/no/such/model"], "model folder /no/such/model does not exist"),
-    (["--model", "{tiny}", "--schedules", "zbw"], "unknown schedule 'zbw'"),
-    (["--model", "{tiny}", "--device", "cuda"], "--device cuda: no CUDA device is visible here"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--model", "M", "--stages", "2"],
+            "--stages is read by the schedule bench (without --model)",
+        ),
+        (["--layers", "2"], "--layers is read by the one-device bench: add --model DIR"),
+        (
+            ["--model", "{tiny}", "--steps", "3", "--warmup", "3"],
+            "--steps 3 leaves nothing to time after --warmup 3",
+        ),
+        (["--model", "/no/such/model"], "model folder /no/such/model does not exist"),
+        (["--model", "{tiny}", "--schedules", "zbw"], "unknown schedule 'zbw'"),
+        (
+            ["--model", "{tiny}", "--device", "cuda"],
+            "--device cuda: no CUDA device is visible here",
+        ),
+    ],
+)
 def test_bench_model_refuses_bad_input_before_launching(capsys, tiny, args, message):
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
     assert main(["bench", *(a.format(tiny=tiny) for a in args)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("pp-ext: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert (
+        err.startswith("pp-ext: error: ") and message in err and len(err.strip().splitlines()) == 1
+    )
 
 
 @pytest.mark.slow
 def test_bench_model_reports_layer_and_steps_side_by_side(capsys, tiny, tmp_path):
     saved = tmp_path / "bench.json"
-    code = main(["bench", "--model", tiny, "--device", "cpu", "--layers", "2", "--seq", "16", "--micro-batch-size",
-                 "2", "--steps", "3", "--warmup", "1", "--repeats", "2", "--save", str(saved)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            tiny,
+            "--device",
+            "cpu",
+            "--layers",
+            "2",
+            "--seq",
+            "16",
+            "--micro-batch-size",
+            "2",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--save",
+            str(saved),
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     report = json.loads(saved.read_text())
     assert report["decoder_layers"] == 2 and report["device"].startswith("cpu")
     layer = report["layer"]
     assert layer["layer"] == "LlamaDecoderLayer" and layer["tokens"] == 32
-    assert set(layer["pp_ext"]) == {"forward", "forward_first_in_chunk", "context_build", "forward_split",
-                                    "input_grad", "weight_grad", "backward"}
+    assert set(layer["pp_ext"]) == {
+        "forward",
+        "forward_first_in_chunk",
+        "context_build",
+        "forward_split",
+        "input_grad",
+        "weight_grad",
+        "backward",
+    }
     assert all(value > 0 for value in [*layer["pp_ext"].values(), *layer["transformers"].values()])
     rows = report["steps"]
-    assert [row["engine"] for row in rows] == ["deepspeed (HF model)", "pp-ext 1f1b", "pp-ext zb-h1"]
+    assert [row["engine"] for row in rows] == [
+        "deepspeed (HF model)",
+        "pp-ext 1f1b",
+        "pp-ext zb-h1",
+    ]
     assert rows[0]["vs_deepspeed"] == 1.0 and rows[1]["vs_1f1b"] == 1.0 and "vs_1f1b" not in rows[0]
     for row in rows:
-        assert len(row["step_times_s"]) == 3 and row["tokens_per_s"] == pytest.approx(4 * 32 / row["step_time_s"])
+        assert len(row["step_times_s"]) == 3 and row["tokens_per_s"] == pytest.approx(
+            4 * 32 / row["step_time_s"]
+        )
         assert row["host_reads"] >= 0 and row["aten_ops"] > 0
     for row in rows:
         assert row["engine"] in table

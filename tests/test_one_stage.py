@@ -3,17 +3,21 @@
 In this process as a world of one rank (gloo), bf16 with BF16_Optimizer accumulating
 in fp32 (ZeRO-1), torch AdamW, as the training job's ``zero1-bf16`` base.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pp_ext.testing.spawn import free_port, init_rank
 from pp_ext.schedules import lower
+from pp_ext.testing.spawn import free_port, init_rank
 
 STEPS, MICRO_BATCHES = 3, 4
-BF16 = {"bf16": {"enabled": True, "immediate_grad_update": False}, "data_types": {"grad_accum_dtype": "fp32"},
-        "zero_optimization": {"stage": 1}}
+BF16 = {
+    "bf16": {"enabled": True, "immediate_grad_update": False},
+    "data_types": {"grad_accum_dtype": "fp32"},
+    "zero_optimization": {"stage": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +32,29 @@ def engine(name: str, tied: bool, fuse: bool = True):
     import pp_ext
     from pp_ext.engine import initialize as init_module
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
     from pp_ext.schedules import get
+    from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
     spec = get(name)
-    module = ChunkedPipelineModule(layers=layer_specs(TinyConfig(blocks=4, tied=tied)), num_stages=1,
-                                   loss_fn=lm_loss, chunks=spec.default_chunks, placement=spec.placement,
-                                   partition_method="uniform", seed_layers=True, base_seed=1234)
+    module = ChunkedPipelineModule(
+        layers=layer_specs(TinyConfig(blocks=4, tied=tied)),
+        num_stages=1,
+        loss_fn=lm_loss,
+        chunks=spec.default_chunks,
+        placement=spec.placement,
+        partition_method="uniform",
+        seed_layers=True,
+        base_seed=1234,
+    )
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES,
-              "train_batch_size": 2 * MICRO_BATCHES, "steps_per_print": 10 ** 9, "gradient_clipping": 1.0, **BF16}
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": MICRO_BATCHES,
+        "train_batch_size": 2 * MICRO_BATCHES,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 1.0,
+        **BF16,
+    }
     with pytest.MonkeyPatch.context() as patch:
         if not fuse:  # the program as built, every I and W apart
             patch.setattr(init_module, "fuse_backward", lower)
@@ -93,7 +110,9 @@ def test_a_w_pass_accumulates_only_the_weights_it_made(world):
 
     def accumulate_and_record():
         if in_w[0]:
-            added.append({id(p) for group in run.optimizer.bf16_groups for p in group if p.grad is not None})
+            added.append(
+                {id(p) for group in run.optimizer.bf16_groups for p in group if p.grad is not None}
+            )
             in_w[0] = False
         accumulate()
 

@@ -1,5 +1,6 @@
 """Balanced partitioning (pure) and the profiler (one 2-rank launch on the bench model
 with a heavy head: balanced beats 'parameters' in simulation on the measured costs)."""
+
 import dataclasses
 import itertools
 import json
@@ -8,9 +9,9 @@ import pytest
 
 from pp_ext.bench.pipeline import BenchOptions, profile_tiny
 from pp_ext.engine.module import balanced_parts, partition
-from pp_ext.schedules.cost_model import LayerCost, Profile
 from pp_ext.schedules import build, simulate
 from pp_ext.schedules.auto import auto_schedule
+from pp_ext.schedules.cost_model import LayerCost, Profile
 
 
 def brute_force_max(costs, stages):
@@ -24,20 +25,30 @@ def brute_force_max(costs, stages):
 
 
 def test_balanced_parts_minimises_the_slowest_stage():
-    cases = [([1, 1, 1, 1], 2), ([1, 4, 4, 4, 4, 9], 2), ([5, 1, 1, 1, 1, 1, 1, 8], 3), ([3, 2, 2, 2, 2, 7], 4),
-             ([1] * 7, 7), ([2.5, 0.1, 0.1, 3.0, 0.2], 2)]
+    cases = [
+        ([1, 1, 1, 1], 2),
+        ([1, 4, 4, 4, 4, 9], 2),
+        ([5, 1, 1, 1, 1, 1, 1, 8], 3),
+        ([3, 2, 2, 2, 2, 7], 4),
+        ([1] * 7, 7),
+        ([2.5, 0.1, 0.1, 3.0, 0.2], 2),
+    ]
     for costs, stages in cases:
         parts = balanced_parts(costs, stages)
         assert parts[0] == 0 and parts[-1] == len(costs) and len(parts) == stages + 1
         assert all(b > a for a, b in zip(parts, parts[1:]))
-        assert max(sum(costs[a:b]) for a, b in zip(parts, parts[1:])) == brute_force_max(costs, stages)
+        assert max(sum(costs[a:b]) for a, b in zip(parts, parts[1:])) == brute_force_max(
+            costs, stages
+        )
     # a heavy head gets a stage of few layers: uneven first and last stages
     assert balanced_parts([1, 2, 2, 2, 2, 2, 2, 5], 2) == [0, 5, 8]
 
 
 def test_balanced_needs_a_matching_profile(tmp_path):
     layers = [None] * 4
-    with pytest.raises(ValueError, match="needs measured layer costs: give 'balanced:PROFILE.json'"):
+    with pytest.raises(
+        ValueError, match="needs measured layer costs: give 'balanced:PROFILE.json'"
+    ):
         partition(layers, 2, "balanced")
     with pytest.raises(ValueError, match="does not exist: write one with pp-ext tune"):
         partition(layers, 2, f"balanced:{tmp_path / 'none.json'}")
@@ -59,9 +70,15 @@ def test_the_replica_sum_is_priced_per_cut_from_the_all_reduce_fit(tmp_path):
     assert two.replica_reduce == pytest.approx(0.002 + 3.6)
     four = profile.stage_costs([0, 1, 2, 4, 6])  # 100, 300, 1200, 2000: pairs (0, 3) and (1, 2)
     assert four.replica_reduce == pytest.approx(0.002 + 2.1)
-    sim = {name: simulate(build(name, 4, 8, 2 if name == "chimera" else 1), four) for name in ("chimera", "1f1b")}
+    sim = {
+        name: simulate(build(name, 4, 8, 2 if name == "chimera" else 1), four)
+        for name in ("chimera", "1f1b")
+    }
     unpriced = dataclasses.replace(four, replica_reduce=0)
-    assert sim["chimera"].makespan == simulate(build("chimera", 4, 8, 2), unpriced).makespan + four.replica_reduce
+    assert (
+        sim["chimera"].makespan
+        == simulate(build("chimera", 4, 8, 2), unpriced).makespan + four.replica_reduce
+    )
     assert sim["1f1b"].makespan == simulate(build("1f1b", 4, 8), unpriced).makespan
     old = json.loads(profile.save(tmp_path / "p.json").read_text())
     for key in ("allreduce_latency", "allreduce_bandwidth"):
@@ -71,23 +88,41 @@ def test_the_replica_sum_is_priced_per_cut_from_the_all_reduce_fit(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert Profile.load(tmp_path / "old.json").stage_costs([0, 3, 6]).replica_reduce == 0
     unmeasurable = dataclasses.replace(profile, allreduce_bandwidth=float("inf"))
-    assert Profile.load(unmeasurable.save(tmp_path / "inf.json")) == unmeasurable  # null in the file
+    assert (
+        Profile.load(unmeasurable.save(tmp_path / "inf.json")) == unmeasurable
+    )  # null in the file
 
 
 @pytest.mark.slow  # profiles on 2 spawned ranks and times the passes
 def test_profile_of_a_heavy_head_and_balanced_stages(tmp_path):
-    options = BenchOptions(stages=2, micro_batches=4, hidden=128, heads=2, intermediate=352, vocab=16384,
-                           blocks_per_rank=2, seq=64, micro_batch_size=2, cost_repeats=5)
+    options = BenchOptions(
+        stages=2,
+        micro_batches=4,
+        hidden=128,
+        heads=2,
+        intermediate=352,
+        vocab=16384,
+        blocks_per_rank=2,
+        seq=64,
+        micro_batch_size=2,
+        cost_repeats=5,
+    )
     profile = profile_tiny(options)
     names = [layer.name for layer in profile.layers]
     assert names[0] == "Embedding" and names[-1] != "Block" and names.count("Block") == 4
-    assert all(layer.forward > 0 and layer.input_grad > 0 and layer.backward > 0 for layer in profile.layers)
+    assert all(
+        layer.forward > 0 and layer.input_grad > 0 and layer.backward > 0
+        for layer in profile.layers
+    )
     assert all(layer.activation_bytes > 0 for layer in profile.layers[1:]) and profile.comm > 0
     head = profile.layers[-1]
-    assert head.forward + head.backward > max(l.forward + l.backward for l in profile.layers[1:-2])
+    assert head.forward + head.backward > max(x.forward + x.backward for x in profile.layers[1:-2])
     assert profile.allreduce_latency > 0 and profile.allreduce_bandwidth > 0
     # the embedding and head hold vocab x hidden floats each, a norm hidden of them
-    assert profile.layers[0].parameter_bytes == 16384 * 128 * 4 and profile.layers[-1].parameter_bytes > 0
+    assert (
+        profile.layers[0].parameter_bytes == 16384 * 128 * 4
+        and profile.layers[-1].parameter_bytes > 0
+    )
     saved = Profile.load(profile.save(tmp_path / "profile.json"))
     assert saved == profile
 
@@ -114,7 +149,9 @@ def test_bench_refuses_an_unknown_partition_before_launching(capsys):
 
     assert main(["bench", "--schedules", "1f1b", "--partitions", "balanced,sizes"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("pp-ext: error: partition_method must be") and "got 'sizes'" in err[-1]
+    assert (
+        err[-1].startswith("pp-ext: error: partition_method must be") and "got 'sizes'" in err[-1]
+    )
 
 
 @pytest.mark.slow
@@ -123,25 +160,53 @@ def test_bench_times_auto_from_measured_costs_on_each_partition(capsys):
 
     from pp_ext.cli import main
 
-    code = main(["bench", "--schedules", "zb-h1,auto", "--partitions", "parameters,balanced", "--repeats", "1",
-                 "--warmup", "0", "--auto-trials", "0", "--hidden", "64", "--seq", "16", "--micro-batch-size", "2",
-                 "--vocab", "4096", "--json"])
+    code = main(
+        [
+            "bench",
+            "--schedules",
+            "zb-h1,auto",
+            "--partitions",
+            "parameters,balanced",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--auto-trials",
+            "0",
+            "--hidden",
+            "64",
+            "--seq",
+            "16",
+            "--micro-batch-size",
+            "2",
+            "--vocab",
+            "4096",
+            "--json",
+        ]
+    )
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["schedule"], r["partition"]) for r in rows] == [
-        (s, cut) for cut in ("parameters", "balanced") for s in ("deepspeed-1f1b", "zb-h1", "auto")]
+        (s, cut) for cut in ("parameters", "balanced") for s in ("deepspeed-1f1b", "zb-h1", "auto")
+    ]
     # each row's costs are those of its own cut and layout, and auto is built from them (its loop
     # candidate from zb-h1's own costs): never longer than zb-h1 there (no trials: the simulated best)
     for cut in ("parameters", "balanced"):
         by_name = {r["schedule"]: r for r in rows if r["partition"] == cut}
         assert (by_name["auto"]["chunks"], by_name["auto"]["placement"]) in ((1, "loop"), (2, "v"))
-        assert (by_name["auto"]["costs"] == by_name["zb-h1"]["costs"]) == (by_name["auto"]["chunks"] == 1)
+        assert (by_name["auto"]["costs"] == by_name["zb-h1"]["costs"]) == (
+            by_name["auto"]["chunks"] == 1
+        )
         assert by_name["auto"]["predicted_step_s"] <= by_name["zb-h1"]["predicted_step_s"]
     assert rows[0]["costs"] != rows[3]["costs"]
 
 
-@pytest.mark.parametrize("available,count,ranks", [(False, 0, 2), (True, 1, 1), (True, 2, 2), (True, 8, 2)])
-def test_a_recipe_profile_takes_one_rank_where_one_gpu_is_visible(monkeypatch, available, count, ranks):
+@pytest.mark.parametrize(
+    "available,count,ranks", [(False, 0, 2), (True, 1, 1), (True, 2, 2), (True, 8, 2)]
+)
+def test_a_recipe_profile_takes_one_rank_where_one_gpu_is_visible(
+    monkeypatch, available, count, ranks
+):
     """NCCL takes one rank per GPU: with one GPU the profiler runs alone on it."""
     import torch
 
@@ -176,7 +241,13 @@ def test_a_one_rank_profile_measures_the_layers_and_prices_p2p_at_zero(tmp_path)
 
     recipe = load(Path(__file__).resolve().parent.parent / "recipes/quickstart.yaml", [])
     profile = profile_recipe(recipe, (2,), repeats=1, ranks=1)[2]
-    assert len(profile.layers) == 7 and all(layer.forward > 0 and layer.backward > 0 for layer in profile.layers)
-    assert (profile.comm, profile.allreduce_latency, profile.allreduce_bandwidth) == (0.0, 0.0, float("inf"))
+    assert len(profile.layers) == 7 and all(
+        layer.forward > 0 and layer.backward > 0 for layer in profile.layers
+    )
+    assert (profile.comm, profile.allreduce_latency, profile.allreduce_bandwidth) == (
+        0.0,
+        0.0,
+        float("inf"),
+    )
     again = Profile.load(profile.save(tmp_path / "profile.json"))
     assert again == profile

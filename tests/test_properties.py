@@ -2,6 +2,7 @@
 without deadlock (buffered, and under NCCL's rules with both stream models), its
 lowering is one global order of transfers, or it refuses with its stated constraint;
 metrics equal the closed forms of SCHEDULES.md wherever they are exact."""
+
 import subprocess
 import sys
 from fractions import Fraction as Fr
@@ -9,11 +10,11 @@ from fractions import Fraction as Fr
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_nccl import one_global_order
 
 from pp_ext.schedules import REGISTRY, ConstraintError, build, lower, simulate
 from pp_ext.schedules.asynchronous import SHOWN_STEPS
 from pp_ext.schedules.simulate import steady_state
-from test_nccl import one_global_order
 
 
 def lower_bound(p, m, v):
@@ -24,34 +25,59 @@ def lower_bound(p, m, v):
 def closed_forms(name, p, m, v):
     """Exact (flushed) metrics from the literature, where a closed form exists."""
     if name in ("gpipe", "1f1b"):
-        return {"bubble_ratio": Fr(p - 1, m + p - 1), "peak_activations": m if name == "gpipe" else min(p, m)}
+        return {
+            "bubble_ratio": Fr(p - 1, m + p - 1),
+            "peak_activations": m if name == "gpipe" else min(p, m),
+        }
     if name == "interleaved-1f1b" and m % p == 0:
-        return {"bubble_ratio": Fr(p - 1, v * m + p - 1), "peak_activations": min(m, p + Fr(p - 1, v))}
+        return {
+            "bubble_ratio": Fr(p - 1, v * m + p - 1),
+            "peak_activations": min(m, p + Fr(p - 1, v)),
+        }
     if name == "looped-bfs" and m >= p:
         return {"bubble_ratio": Fr(p - 1, v * m + p - 1), "peak_activations": m}
     if name == "zb-h1":
         bubble = lower_bound(p, m, 1) if m >= p else 1 - Fr(3 * m, 2 * m + 2 * p - 1)
         return {"bubble_ratio": bubble, "peak_activations": min(m, p)}
-    if name == "auto" and v == 1:  # unit costs, 1F1B's memory (p): zb-h1's bubble, optimal for these costs
+    if (
+        name == "auto" and v == 1
+    ):  # unit costs, 1F1B's memory (p): zb-h1's bubble, optimal for these costs
         return {"bubble_ratio": closed_forms("zb-h1", p, m, v)["bubble_ratio"]}
     if name == "zb-h2" and m >= p:
         return {"bubble_ratio": lower_bound(p, m, 1), "peak_activations": min(m, 2 * p - 1)}
     if name == "zbv":
         return {"peak_activations": min(m, p)} | (
-            {"bubble_ratio": lower_bound(p, m, 2)} if m >= 3 * p // 2 else {})
+            {"bubble_ratio": lower_bound(p, m, 2)} if m >= 3 * p // 2 else {}
+        )
     if name == "dualpipev":  # refuses m < 2p
         return {"bubble_ratio": lower_bound(p, m, 2), "peak_activations": p + Fr(1, 2)}
-    if name in ("pipedream", "pipedream-2bw", "pipemare"):  # a stream of SHOWN_STEPS calls, one fill
-        return {"bubble_ratio": Fr(p - 1, SHOWN_STEPS * m + p - 1), "peak_activations": min(p, SHOWN_STEPS * m),
-                "weight_copies": {"pipedream": p, "pipedream-2bw": 2, "pipemare": 1}[name]}
-    if name == "chimera":  # refuses odd p and m not a multiple of p; chimera.py's forms, test_chimera.py's check
-        return {"bubble_ratio": Fr((p - 2) * (m + p), (4 * p - 2) * m + p * (p - 2)), "peak_activations": p,
-                "weight_copies": 2}
+    if name in (
+        "pipedream",
+        "pipedream-2bw",
+        "pipemare",
+    ):  # a stream of SHOWN_STEPS calls, one fill
+        return {
+            "bubble_ratio": Fr(p - 1, SHOWN_STEPS * m + p - 1),
+            "peak_activations": min(p, SHOWN_STEPS * m),
+            "weight_copies": {"pipedream": p, "pipedream-2bw": 2, "pipemare": 1}[name],
+        }
+    if (
+        name == "chimera"
+    ):  # refuses odd p and m not a multiple of p; chimera.py's forms, test_chimera.py's check
+        return {
+            "bubble_ratio": Fr((p - 2) * (m + p), (4 * p - 2) * m + p * (p - 2)),
+            "peak_activations": p,
+            "weight_copies": 2,
+        }
     return {}
 
 
 # (name, smallest m as a function of p) where back-to-back steps leave no bubble
-STEADY_ZERO = {"zb-h2": lambda p: 2 * p - 1, "zbv": lambda p: 2 * p - 1, "dualpipev": lambda p: 2 * p}
+STEADY_ZERO = {
+    "zb-h2": lambda p: 2 * p - 1,
+    "zbv": lambda p: 2 * p - 1,
+    "dualpipev": lambda p: 2 * p,
+}
 
 
 def check(name, p, m, v):
@@ -59,7 +85,9 @@ def check(name, p, m, v):
     try:
         sched = spec.build(p, m, v)  # validates: counts, order, lowering, dry run
     except ConstraintError as err:
-        assert name in str(err) and "got" in str(err), f"constraint message must name the schedule and value: {err}"
+        assert name in str(err) and "got" in str(err), (
+            f"constraint message must name the schedule and value: {err}"
+        )
         return None
     assert sched.ranks == p and sched.chunks == v
     assert sched.micro_batches == m * (SHOWN_STEPS if sched.backward_weights else 1)
@@ -103,7 +131,10 @@ def test_default_chunks_build_at_the_issue_sizes(name):
     sched = spec.build(4, 8)
     assert sched.chunks == spec.default_chunks
     lowered = lower(sched)
-    assert sum(a.kind.is_comm for prog in lowered.programs for a in prog) == 2 * simulate(sched).messages
+    assert (
+        sum(a.kind.is_comm for prog in lowered.programs for a in prog)
+        == 2 * simulate(sched).messages
+    )
 
 
 @pytest.mark.parametrize("name", sorted(STEADY_ZERO))
@@ -116,6 +147,8 @@ def test_zero_bubble_claims_in_steady_state(name, p, extra):
 
 @pytest.mark.slow  # starts a process: a fresh interpreter's modules
 def test_schedule_layer_imports_neither_torch_nor_deepspeed():
-    code = ("import sys, pp_ext.schedules; bad = {'torch', 'deepspeed'} & set(sys.modules); "
-            "sys.exit(f'imported {bad}' if bad else 0)")
+    code = (
+        "import sys, pp_ext.schedules; bad = {'torch', 'deepspeed'} & set(sys.modules); "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

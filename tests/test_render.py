@@ -1,4 +1,5 @@
 """Timeline pictures: SVG by hand (always), PNG through matplotlib (when installed)."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,16 @@ def texts(svg: str) -> list[str]:
     return [t.text or "" for t in ET.fromstring(svg).iter(f"{SVG}text")]
 
 
-@pytest.mark.parametrize("name,p,m,v", [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved-1f1b", 4, 8, 2),
-                                        ("interleaved-1f1b", 3, 7, 3), ("looped-bfs", 4, 8, 2)])
+@pytest.mark.parametrize(
+    "name,p,m,v",
+    [
+        ("gpipe", 4, 8, 1),
+        ("1f1b", 4, 8, 1),
+        ("interleaved-1f1b", 4, 8, 2),
+        ("interleaved-1f1b", 3, 7, 3),
+        ("looped-bfs", 4, 8, 2),
+    ],
+)
 def test_svg_parses_with_one_box_per_compute_action(name, p, m, v):
     sim = simulate(build(name, p, m, v))
     svg = to_svg(sim)
@@ -51,8 +60,15 @@ def test_svg_parses_with_one_box_per_compute_action(name, p, m, v):
     for rect in rects:
         assert rect.find(f"{SVG}title") is not None
         classes = rect.get("class").split()
-        assert any(c.startswith("kind-") for c in classes) and any(c.startswith("chunk-") for c in classes)
-    chunks = {int(c[len("chunk-"):]) for r in rects for c in r.get("class").split() if c.startswith("chunk-")}
+        assert any(c.startswith("kind-") for c in classes) and any(
+            c.startswith("chunk-") for c in classes
+        )
+    chunks = {
+        int(c[len("chunk-") :])
+        for r in rects
+        for c in r.get("class").split()
+        if c.startswith("chunk-")
+    }
     assert chunks == set(range(v))
 
 
@@ -177,7 +193,9 @@ def test_save_png_without_matplotlib_names_the_fix(tmp_path, monkeypatch):
 
 
 def test_save_png(tmp_path):
-    pytest.importorskip("matplotlib", reason="PNG output needs matplotlib: pip install 'pp-ext[plot]'")
+    pytest.importorskip(
+        "matplotlib", reason="PNG output needs matplotlib: pip install 'pp-ext[plot]'"
+    )
     sim = simulate(build("interleaved-1f1b", 4, 8, 2))
     target = tmp_path / "t.png"
     save_png(sim, target)
@@ -189,8 +207,10 @@ def test_save_png(tmp_path):
 
 @pytest.mark.slow  # starts a process: a fresh interpreter's modules
 def test_render_imports_no_heavy_modules():
-    code = ("import sys, pp_ext.schedules.render\n"
-            "bad = [m for m in ('matplotlib', 'torch', 'deepspeed') if m in sys.modules]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, pp_ext.schedules.render\n"
+        "bad = [m for m in ('matplotlib', 'torch', 'deepspeed') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env, timeout=60)

@@ -1,5 +1,6 @@
 """`pp-ext report`: the summary of a run's metrics.jsonl, its curves, and the comparison
 of several runs (no model needed: samples need a run's export and are skipped here)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,16 @@ from pp_ext.cli import main as cli
 def fake_run(folder: Path, final_loss: float) -> Path:
     folder.mkdir()
     entries = [{"step": 0, "eval_loss": 4.5, "eval_accuracy": 0.0}]
-    entries += [{"step": s, "loss": 4.5 - (4.5 - final_loss) * s / 20, "lr": 1e-3, "tokens_per_s": 1000.0 + s,
-                 "step_time_s": 0.1} for s in range(1, 21)]
+    entries += [
+        {
+            "step": s,
+            "loss": 4.5 - (4.5 - final_loss) * s / 20,
+            "lr": 1e-3,
+            "tokens_per_s": 1000.0 + s,
+            "step_time_s": 0.1,
+        }
+        for s in range(1, 21)
+    ]
     entries.append({"step": 20, "eval_loss": final_loss, "eval_accuracy": 0.75})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     return folder
@@ -37,7 +46,10 @@ def test_several_runs_are_compared(tmp_path, capsys):
     assert cli(["report", *map(str, runs)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:2] == ["run", "steps"]
-    assert out[1].split()[1:3] == ["20", f"{sum(4.5 - 4.0 * s / 20 for s in range(11, 21)) / 10:.4f}"]
+    assert out[1].split()[1:3] == [
+        "20",
+        f"{sum(4.5 - 4.0 * s / 20 for s in range(11, 21)) / 10:.4f}",
+    ]
     assert out[2].split()[3:5] == ["0.5500", "0.7500"]
     pytest.importorskip("matplotlib")
     assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
@@ -46,4 +58,7 @@ def test_several_runs_are_compared(tmp_path, capsys):
 def test_missing_metrics_is_one_line(tmp_path, capsys):
     assert cli(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "metrics.jsonl does not exist: give the output_dir of a training run" in err
+    assert (
+        err.count("\n") == 1
+        and "metrics.jsonl does not exist: give the output_dir of a training run" in err
+    )

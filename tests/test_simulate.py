@@ -1,4 +1,5 @@
 """Simulator: closed forms of SCHEDULES.md, costs, steady state, grids."""
+
 import json
 from fractions import Fraction as Fr
 
@@ -56,9 +57,17 @@ def test_gpipe_with_unequal_f_and_b():
 
 def test_per_stage_costs_from_a_file(tmp_path):
     path = tmp_path / "costs.json"
-    path.write_text(json.dumps({"comm": 0, "stages": [
-        {"forward": 1, "input_grad": 1, "weight_grad": 1},
-        {"forward": 2, "input_grad": 2, "weight_grad": 2}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "comm": 0,
+                "stages": [
+                    {"forward": 1, "input_grad": 1, "weight_grad": 1},
+                    {"forward": 2, "input_grad": 2, "weight_grad": 2},
+                ],
+            }
+        )
+    )
     costs = Costs.from_option(str(path))
     sim = simulate(build("gpipe", 2, 2), costs)
     # the slow stage 1 sets the pace: F 1 + 2 + 2, B 4 + 4 + 2
@@ -67,8 +76,15 @@ def test_per_stage_costs_from_a_file(tmp_path):
         simulate(build("gpipe", 4, 2), costs)
 
 
-@pytest.mark.parametrize("text,error", [
-    ("1,1", "F,I,W"), ("a,b,c", "numbers"), ("1,1,-1", ">= 0"), ("missing.json", "does not exist")])
+@pytest.mark.parametrize(
+    "text,error",
+    [
+        ("1,1", "F,I,W"),
+        ("a,b,c", "numbers"),
+        ("1,1,-1", ">= 0"),
+        ("missing.json", "does not exist"),
+    ],
+)
 def test_bad_costs_are_refused(text, error):
     with pytest.raises(ValueError, match=error):
         Costs.from_option(text)
@@ -100,15 +116,24 @@ def test_steady_state_equals_flushed_where_rank_0_keeps_its_own_bubble(name, p, 
 def test_weight_versions_are_counted_from_updates():
     # an asynchronous-style program: rank 0 updates after each backward while a
     # second micro-batch is still in flight, so two versions are alive at once
-    programs = tuple(tuple(Action.parse(a) for a in p.split()) for p in ("F0 F1 B0 U0 F2 B1 U0 B2 U0", "F0 B0 F1 B1 F2 B2"))
+    programs = tuple(
+        tuple(Action.parse(a) for a in p.split())
+        for p in ("F0 F1 B0 U0 F2 B1 U0 B2 U0", "F0 B0 F1 B1 F2 B2")
+    )
     sched = Schedule("async-like", Placement.loop(2), 3, programs)
     assert simulate(sched).weight_copies == 2
 
 
 def test_bidirectional_placement_counts_two_weight_copies():
     from pp_ext.schedules.actions import B, F
-    sched = Schedule("bidir", Placement.bidirectional(2), 2, (
-        (F(0), F(1, 1), B(1, 1), B(0)), (F(1, 1), F(0), B(0), B(1, 1))), pipeline_of=(0, 1))
+
+    sched = Schedule(
+        "bidir",
+        Placement.bidirectional(2),
+        2,
+        ((F(0), F(1, 1), B(1, 1), B(0)), (F(1, 1), F(0), B(0), B(1, 1))),
+        pipeline_of=(0, 1),
+    )
     sim = simulate(sched)
     assert sim.weight_copies == 2
     # each chunk is a whole stage of the model here: 2 micro-batches of 1 unit

@@ -2,6 +2,7 @@
 the weight GEMMs of linear layers, W does them, and the gradients are those of the
 ordinary backward. fp32 comparisons are bit-exact: the deferred GEMM uses the same
 operands in the same order as autograd's backward of F.linear / addmm."""
+
 import copy
 import pickle
 
@@ -13,8 +14,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from pp_ext.autograd import split_backward
-from pp_ext.testing import tiny
 from pp_ext.autograd.split_backward import DeferrableLinear, WeightGradStore, enable_split_backward
+from pp_ext.testing import tiny
 
 torch.set_num_threads(1)
 
@@ -44,7 +45,11 @@ class LM(nn.Module):
 
     def forward(self, ids):
         h = self.embed(ids)
-        h = self.block(h) if self.ckpt is None else checkpoint(self.block, h, use_reentrant=self.ckpt)
+        h = (
+            self.block(h)
+            if self.ckpt is None
+            else checkpoint(self.block, h, use_reentrant=self.ckpt)
+        )
         return self.head(self.norm(h))
 
 
@@ -102,7 +107,9 @@ def test_patch_keeps_parameters_and_state_dict():
 
 
 def test_linear_subclasses_are_left_alone():
-    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1))  # out_proj subclasses Linear
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.MultiheadAttention(4, 1)
+    )  # out_proj subclasses Linear
     assert enable_split_backward(model, WeightGradStore()) == 1
     assert type(model[1].out_proj) is not DeferrableLinear
 
@@ -154,7 +161,13 @@ def test_fallback_parameters_get_gradients_in_i():
     with store.defer(0):
         loss_of(model).backward()
     early = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert early == {"embed.weight", "block.attn_norm.weight", "block.mlp_norm.weight", "norm.weight", "head.bias"}
+    assert early == {
+        "embed.weight",
+        "block.attn_norm.weight",
+        "block.mlp_norm.weight",
+        "norm.weight",
+        "head.bias",
+    }
     store.run(0)
     assert_same_grads(ref, model)
 
@@ -197,7 +210,12 @@ def test_bf16_and_frozen_parameters_get_no_grad():
     with store.defer(0):
         loss_of(model).backward()
     store.run(0)
-    for p in (model.block.q.weight, model.head.bias, model.block.mlp_norm.weight, model.embed.weight):
+    for p in (
+        model.block.q.weight,
+        model.head.bias,
+        model.block.mlp_norm.weight,
+        model.embed.weight,
+    ):
         assert p.grad is None
     for (name, a), b in zip(ref.named_parameters(), model.parameters()):
         if a.requires_grad:
@@ -221,7 +239,11 @@ def test_activation_checkpointing_recomputed_inside_defer(reentrant):
 
 
 def weight_gemm_flops(model, tokens):
-    return sum(2 * tokens * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    return sum(
+        2 * tokens * m.in_features * m.out_features
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    )
 
 
 @pytest.mark.parametrize("factory", [mlp, LM])
@@ -308,8 +330,14 @@ def test_transformers_llama_decoder_layer():
     modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=1, vocab_size=50)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=1,
+        vocab_size=50,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     ref = modeling.LlamaDecoderLayer(config, layer_idx=0)
@@ -322,7 +350,9 @@ def test_transformers_llama_decoder_layer():
     dy = torch.randn(2, 16, 64)
     torch.autograd.backward([ref(x, position_ids=positions, position_embeddings=rotary)], [dy])
     with store.defer(0):
-        torch.autograd.backward([model(x, position_ids=positions, position_embeddings=rotary)], [dy])
+        torch.autograd.backward(
+            [model(x, position_ids=positions, position_embeddings=rotary)], [dy]
+        )
     assert model.mlp.down_proj.weight.grad is None
     store.run(0)
     assert_same_grads(ref, model)

@@ -2,6 +2,7 @@
 schedule, and with pipeline 1 x data 2, gives the same per-step losses in
 metrics.jsonl; a run killed after a checkpoint resumes to the losses of an
 uninterrupted run; bad input is one line and exit code 2, before any rank starts."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,12 @@ TOLERANCE = 1e-5
 # loss 20-40x further (an untrained run: 4.56 and 4.57 at steps 2 and 3, trained 4.34 and 4.17)
 BF16_VS_FP32 = 1e-2
 # small and quick: 3 steps, no evaluation, data as the quickstart's
-QUICK = ["train.steps=3", "data.eval_split=null", "logging.progress=false", "train.micro_batch_size=4"]
+QUICK = [
+    "train.steps=3",
+    "data.eval_split=null",
+    "logging.progress=false",
+    "train.micro_batch_size=4",
+]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -39,11 +45,17 @@ def train_cases(rank: int, world: int, root: str, cases: list[tuple[str, list[st
     for name, overrides in cases:
         out = Path(root) / name.split(":")[0]  # "dir:label" runs again in dir
         code = main(["--recipe", str(RECIPE), *QUICK, *overrides, f"output_dir={out}"])
-        results[name] = (code, losses(out) if rank == 0 and (out / "metrics.jsonl").exists() else None)
+        results[name] = (
+            code,
+            losses(out) if rank == 0 and (out / "metrics.jsonl").exists() else None,
+        )
     return results
 
 
-SMOKE_MODEL = ["model.path=configs/models/smoke", "model.tokenizer=configs/models/quickstart"]  # vocab 104
+SMOKE_MODEL = [
+    "model.path=configs/models/smoke",
+    "model.tokenizer=configs/models/quickstart",
+]  # vocab 104
 
 
 def schedule_cases() -> list[tuple[str, list[str], str]]:
@@ -57,12 +69,23 @@ def schedule_cases() -> list[tuple[str, list[str], str]]:
     # DeepSpeed's own engine clips fp32 gradients by a norm that counts only pipeline
     # rank 0's parameters (its clip_grad_norm_ skips those of model-parallel rank > 0),
     # so it is compared without clipping, against 1f1b without clipping
-    cases += [("1f1b-no-clipping", ["train.grad_clip=0.0"], "1f1b-no-clipping"),
-              ("deepspeed-1f1b-no-clipping", ["parallel.schedule=deepspeed-1f1b", "train.grad_clip=0.0"],
-               "1f1b-no-clipping")]
+    cases += [
+        ("1f1b-no-clipping", ["train.grad_clip=0.0"], "1f1b-no-clipping"),
+        (
+            "deepspeed-1f1b-no-clipping",
+            ["parallel.schedule=deepspeed-1f1b", "train.grad_clip=0.0"],
+            "1f1b-no-clipping",
+        ),
+    ]
     # tensor parallelism through the training job (a vocabulary that divides by 2)
-    cases += [("smoke-pipeline-2", SMOKE_MODEL, "smoke-pipeline-2"),
-              ("smoke-tensor-2", [*SMOKE_MODEL, "parallel.pipeline=1", "parallel.tensor=2"], "smoke-pipeline-2")]
+    cases += [
+        ("smoke-pipeline-2", SMOKE_MODEL, "smoke-pipeline-2"),
+        (
+            "smoke-tensor-2",
+            [*SMOKE_MODEL, "parallel.pipeline=1", "parallel.tensor=2"],
+            "smoke-pipeline-2",
+        ),
+    ]
     # bf16 with ZeRO-1 runs, checkpoints and exports, and follows fp32 to BF16_VS_FP32
     cases.append(("bf16-zero1", ["deepspeed.bases=[zero1-bf16]", "checkpoint.interval=1"], "1f1b"))
     return cases
@@ -79,9 +102,14 @@ def test_every_schedule_and_layout_gives_the_same_losses(tmp_path):
     for name, _, reference in cases:
         code, run_losses = results[name]
         expected = results[reference][1]
-        diff = max(abs(run_losses[s] - expected[s]) for s in expected) if run_losses else float("inf")
-        if code != 0 or sorted(run_losses) != [1, 2, 3] or not diff <= (
-                BF16_VS_FP32 if name.startswith("bf16") else TOLERANCE):
+        diff = (
+            max(abs(run_losses[s] - expected[s]) for s in expected) if run_losses else float("inf")
+        )
+        if (
+            code != 0
+            or sorted(run_losses) != [1, 2, 3]
+            or not diff <= (BF16_VS_FP32 if name.startswith("bf16") else TOLERANCE)
+        ):
             failures.append(f"{name}: exit {code}, losses {run_losses}, max diff {diff:.2e}")
     assert not failures, "\n".join(failures)
     # training moves the loss far more than bf16's tolerance: a bf16 run without its updates fails
@@ -92,10 +120,26 @@ def test_every_schedule_and_layout_gives_the_same_losses(tmp_path):
 
 def launch(out: Path, *overrides: str) -> subprocess.Popen:
     """The README's way: the `deepspeed` launcher, 2 ranks, in its own process group."""
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "launch/train.py",
-               "--recipe", str(RECIPE), *QUICK, f"output_dir={out}", *overrides]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "launch/train.py",
+        "--recipe",
+        str(RECIPE),
+        *QUICK,
+        f"output_dir={out}",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.mark.slow
@@ -103,7 +147,9 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     from pp_ext.testing.spawn import spawn
 
     steps = ["train.steps=30", "checkpoint.interval=10", "checkpoint.keep=1"]
-    uninterrupted = spawn(train_cases, 2, str(tmp_path), [("whole", steps)], timeout=600)[0]["whole"][1]
+    uninterrupted = spawn(train_cases, 2, str(tmp_path), [("whole", steps)], timeout=600)[0][
+        "whole"
+    ][1]
 
     out = tmp_path / "killed"
     process = launch(out, *steps)
@@ -126,7 +172,9 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     diff = max(abs(after[s] - uninterrupted[s]) for s in after)
     assert diff <= TOLERANCE, f"resumed losses differ from the uninterrupted run's by {diff:.2e}"
     assert (out / "checkpoints/latest").read_text() == "step-00000030"
-    assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == ["step-00000030"]  # keep: 1
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == [
+        "step-00000030"
+    ]  # keep: 1
 
 
 def fake_model(tmp_path: Path, model_type: str, **config) -> Path:
@@ -155,8 +203,17 @@ def added_token(tmp_path: Path) -> Path:
 
 def gpt2(tmp_path: Path, positions: int) -> Path:
     """A GPT-2 config whose learned position table has ``positions`` rows."""
-    return fake_model(tmp_path, "gpt2", n_positions=positions, vocab_size=128, n_embd=32, n_layer=2, n_head=2,
-                      bos_token_id=1, eos_token_id=2)
+    return fake_model(
+        tmp_path,
+        "gpt2",
+        n_positions=positions,
+        vocab_size=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 # what a row's "{name}" stands for: something made in tmp_path before the run
@@ -169,46 +226,90 @@ PLACEHOLDERS = {
     "broken": lambda tmp: tmp / "broken.jsonl",
     "yaml": lambda tmp: tmp / "broken.yaml",
 }
-FILES = {"a-file.txt": "not a folder\n", "broken.jsonl": '{"prompt": "a", "completion": "b"}\n{"prompt": no\n',
-         "broken.yaml": "model: [unclosed\n"}
+FILES = {
+    "a-file.txt": "not a folder\n",
+    "broken.jsonl": '{"prompt": "a", "completion": "b"}\n{"prompt": no\n',
+    "broken.yaml": "model: [unclosed\n",
+}
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+    }
 
 
 # (overrides, world size, the line's expected text)
 BAD_INPUT = [
-    (["model.pth=x"], 2, "recipe key 'model.pth' does not exist in section 'model'; did you mean 'path'?"),
+    (
+        ["model.pth=x"],
+        2,
+        "recipe key 'model.pth' does not exist in section 'model'; did you mean 'path'?",
+    ),
     ([], 3, "world size 3 is not a multiple of parallel.pipeline x parallel.tensor = 2 x 1"),
     (["parallel.data=2"], 2, "world size 2 != parallel.pipeline x tensor x data = 2 x 1 x 2 = 4"),
-    (["parallel.schedule=dualpipev", "parallel.micro_batches=2"], 2,
-     "parallel.schedule=dualpipev with pipeline=2, micro_batches=2, chunks=2"),
+    (
+        ["parallel.schedule=dualpipev", "parallel.micro_batches=2"],
+        2,
+        "parallel.schedule=dualpipev with pipeline=2, micro_batches=2, chunks=2",
+    ),
     (["model.path=/nonexistent/model"], 2, "model.path /nonexistent/model has no config.json"),
     (["data.path=/nonexistent/data.jsonl"], 2, "data.path /nonexistent/data.jsonl does not exist"),
-    (["model.path=configs/models/quickstart-untied"], 2,
-     "configs/models/quickstart-untied has no tokenizer files (tokenizer.json"),
-    (["model.path={bert}"], 2, "is a 'bert' model, which pp-ext cannot split into pipeline stages: "
-                                "supported model types are"),
+    (
+        ["model.path=configs/models/quickstart-untied"],
+        2,
+        "configs/models/quickstart-untied has no tokenizer files (tokenizer.json",
+    ),
+    (
+        ["model.path={bert}"],
+        2,
+        "is a 'bert' model, which pp-ext cannot split into pipeline stages: "
+        "supported model types are",
+    ),
     (["train.steps=abc"], 2, "recipe key 'train.steps' has the wrong type"),
     (["--recipe", "{yaml}"], 2, "{yaml}: not a valid YAML recipe"),
-    (["--recipe", "recipes/quickstrat.yaml"], 2, "recipe file recipes/quickstrat.yaml does not exist: pass --recipe "
-                                                 "recipes/NAME.yaml (available: "),
-    (["data.prompt_field=question"], 2, "data.prompt_field 'question' is not a column of data.path (columns: "
-                                        "prompt, completion)"),
+    (
+        ["--recipe", "recipes/quickstrat.yaml"],
+        2,
+        "recipe file recipes/quickstrat.yaml does not exist: pass --recipe "
+        "recipes/NAME.yaml (available: ",
+    ),
+    (
+        ["data.prompt_field=question"],
+        2,
+        "data.prompt_field 'question' is not a column of data.path (columns: prompt, completion)",
+    ),
     # issue 19: tokenizer against model, data kind, numbers, folders, positions
-    (["model.path={vocab50}", "model.tokenizer=configs/models/quickstart"], 2,
-     "the tokenizer in configs/models/quickstart has token ids up to 102 (103 tokens), but model.path {vocab50} "
-     "has vocab_size 50: use the model's own tokenizer (model.tokenizer), or a model whose embedding has at "
-     "least 103 rows"),
-    (["model.tokenizer={added}"], 2, "the tokenizer in {added} has token ids up to 103 (104 tokens), but "
-                                     "model.path configs/models/quickstart has vocab_size 103"),
-    (["data.kind=chat"], 2, "data.messages_field 'messages' is not a column of data.path (columns: prompt, "
-                            "completion): set data.messages_field to one of them, or data.kind=auto"),
-    (["data.eval_split=test"], 2, "data.eval_split 'test' is not a split of recipes/data/reverse (splits: train, "
-                                  "validation)"),
-    (["data.path={broken}"], 2, "data.path {broken} cannot be read as json data: JSON parse error: Invalid value. "
-                                "in row 1: fix the file"),
+    (
+        ["model.path={vocab50}", "model.tokenizer=configs/models/quickstart"],
+        2,
+        "the tokenizer in configs/models/quickstart has token ids up to 102 (103 tokens), but model.path {vocab50} "
+        "has vocab_size 50: use the model's own tokenizer (model.tokenizer), or a model whose embedding has at "
+        "least 103 rows",
+    ),
+    (
+        ["model.tokenizer={added}"],
+        2,
+        "the tokenizer in {added} has token ids up to 103 (104 tokens), but "
+        "model.path configs/models/quickstart has vocab_size 103",
+    ),
+    (
+        ["data.kind=chat"],
+        2,
+        "data.messages_field 'messages' is not a column of data.path (columns: prompt, "
+        "completion): set data.messages_field to one of them, or data.kind=auto",
+    ),
+    (
+        ["data.eval_split=test"],
+        2,
+        "data.eval_split 'test' is not a split of recipes/data/reverse (splits: train, validation)",
+    ),
+    (
+        ["data.path={broken}"],
+        2,
+        "data.path {broken} cannot be read as json data: JSON parse error: Invalid value. "
+        "in row 1: fix the file",
+    ),
     (["train.lr=nan"], 2, "recipe key 'train.lr' must be a finite number >= 0, got nan"),
     (["train.lr=inf"], 2, "recipe key 'train.lr' must be a finite number >= 0, got inf"),
     (["train.lr=-1e-3"], 2, "recipe key 'train.lr' must be a finite number >= 0, got -0.001"),
@@ -217,27 +318,53 @@ BAD_INPUT = [
     (["train.warmup_steps=-1"], 2, "recipe key 'train.warmup_steps' must be >= 0, got -1"),
     (["train.eps=0"], 2, "recipe key 'train.eps' must be a finite number > 0, got 0.0"),
     (["train.betas=[0.9,1.0]"], 2, "recipe key 'train.betas' must be two numbers in [0, 1)"),
-    (["train.weight_decay=-0.1"], 2, "recipe key 'train.weight_decay' must be a finite number >= 0, got -0.1"),
-    (["train.grad_clip=nan"], 2, "recipe key 'train.grad_clip' must be a finite number >= 0, got nan"),
-    (["train.steps=null", "train.epochs=inf"], 2, "'train.epochs' a finite number > 0 (got steps=None, epochs=inf)"),
+    (
+        ["train.weight_decay=-0.1"],
+        2,
+        "recipe key 'train.weight_decay' must be a finite number >= 0, got -0.1",
+    ),
+    (
+        ["train.grad_clip=nan"],
+        2,
+        "recipe key 'train.grad_clip' must be a finite number >= 0, got nan",
+    ),
+    (
+        ["train.steps=null", "train.epochs=inf"],
+        2,
+        "'train.epochs' a finite number > 0 (got steps=None, epochs=inf)",
+    ),
     (["train.seed=-1"], 2, "recipe key 'train.seed' must be in [0, 2**31), got -1"),
     (["parallel.comm_timeout_s=0"], 2, "recipe key 'parallel.comm_timeout_s' must be >= 1, got 0"),
-    (["parallel.comm_timeout_s=100000000000000"], 2, "recipe key 'parallel.comm_timeout_s' must be <= "
-                                                    "86400000000000"),
+    (
+        ["parallel.comm_timeout_s=100000000000000"],
+        2,
+        "recipe key 'parallel.comm_timeout_s' must be <= 86400000000000",
+    ),
     (["output_dir={file}"], 2, "output_dir {file} is a file: give a folder"),
     (["output_dir={file}/run"], 2, "output_dir {file}/run cannot be made: {file} is a file"),
     (["checkpoint.dir={file}"], 2, "checkpoint.dir {file} is a file: give a folder"),
-    (["checkpoint.resume={file}"], 2, "checkpoint.resume={file}: no complete pp-ext checkpoint there"),
-    (["model.path={gpt2}", "model.tokenizer=configs/models/quickstart"], 2,
-     "data.seq_len=64 is longer than the learned position table of model.path {gpt2} (gpt2: 32 positions): set "
-     "data.seq_len <= 32"),
+    (
+        ["checkpoint.resume={file}"],
+        2,
+        "checkpoint.resume={file}: no complete pp-ext checkpoint there",
+    ),
+    (
+        ["model.path={gpt2}", "model.tokenizer=configs/models/quickstart"],
+        2,
+        "data.seq_len=64 is longer than the learned position table of model.path {gpt2} (gpt2: 32 positions): set "
+        "data.seq_len <= 32",
+    ),
 ]
 
 
-@pytest.mark.parametrize("overrides, world, expected", BAD_INPUT,
-                         ids=[" ".join(overrides) or f"world-{world}" for overrides, world, _ in BAD_INPUT])
-def test_bad_input_is_one_line_before_any_rank_starts(tmp_path, capsys, monkeypatch, overrides, world,
-                                                      expected):
+@pytest.mark.parametrize(
+    "overrides, world, expected",
+    BAD_INPUT,
+    ids=[" ".join(overrides) or f"world-{world}" for overrides, world, _ in BAD_INPUT],
+)
+def test_bad_input_is_one_line_before_any_rank_starts(
+    tmp_path, capsys, monkeypatch, overrides, world, expected
+):
     """Every rank stops with exit code 2 before the process group starts; rank 0 says
     one line, the others nothing, and nothing is written."""
     from pp_ext.training.entry import main
@@ -257,7 +384,9 @@ def test_bad_input_is_one_line_before_any_rank_starts(tmp_path, capsys, monkeypa
         err = capsys.readouterr().err
         assert code == 2
         if rank == 0:
-            assert err.count("\n") == 1 and err.startswith("pp-ext: error: ") and expected in err, err
+            assert err.count("\n") == 1 and err.startswith("pp-ext: error: ") and expected in err, (
+                err
+            )
         else:
             assert err == ""
     assert tree(tmp_path) == before  # nothing written
@@ -269,7 +398,10 @@ def test_the_edges_pass_the_checks_before_launch(tmp_path):
     from pp_ext.config.recipe import load
     from pp_ext.training.preflight import check_before_launch
 
-    for overrides in ([], [f"model.path={gpt2(tmp_path, 64)}", "model.tokenizer=configs/models/quickstart"]):
+    for overrides in (
+        [],
+        [f"model.path={gpt2(tmp_path, 64)}", "model.tokenizer=configs/models/quickstart"],
+    ):
         check_before_launch(load(RECIPE, [f"output_dir={tmp_path / 'run'}", *overrides]), 2)
 
 
@@ -282,7 +414,10 @@ def test_bad_input_through_the_launcher_is_one_line(tmp_path, monkeypatch, case)
     the data, rank 1 waiting for it): one line on stderr, exit code 2, no traceback
     from either rank, nothing written."""
     if case == "vocabulary":
-        overrides = [f"model.path={vocab_50(tmp_path)}", "model.tokenizer=configs/models/quickstart"]
+        overrides = [
+            f"model.path={vocab_50(tmp_path)}",
+            "model.tokenizer=configs/models/quickstart",
+        ]
         expected = "has vocab_size 50: use the model's own tokenizer"
     else:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -328,10 +463,10 @@ def test_steps_0_converts_a_model_without_data(tmp_path):
     """train.steps=0 loads the model into pipeline stages, checkpoints and exports it:
     the exported folder holds exactly the original tensors (2 ranks, zbv's V layout)."""
     import torch
+    from hf_models import CONFIGS
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hf_models import CONFIGS
     from pp_ext.testing.spawn import spawn
 
     torch.manual_seed(0)
@@ -339,9 +474,16 @@ def test_steps_0_converts_a_model_without_data(tmp_path):
     config = CONFIGS["qwen2"](False)
     config.vocab_size = 104  # the quickstart tokenizer's 103 ids fit (checked before launch)
     AutoModelForCausalLM.from_config(config).save_pretrained(source, max_shard_size="20KB")
-    overrides = [f"model.path={source}", f"model.tokenizer={ROOT / 'configs/models/quickstart'}",
-                 "data.path=null", "train.steps=0", "parallel.schedule=zbv"]
-    code, _ = spawn(train_cases, 2, str(tmp_path), [("converted", overrides)], timeout=300)[0]["converted"]
+    overrides = [
+        f"model.path={source}",
+        f"model.tokenizer={ROOT / 'configs/models/quickstart'}",
+        "data.path=null",
+        "train.steps=0",
+        "parallel.schedule=zbv",
+    ]
+    code, _ = spawn(train_cases, 2, str(tmp_path), [("converted", overrides)], timeout=300)[0][
+        "converted"
+    ]
     assert code == 0
 
     def tensors(folder: Path) -> dict:
@@ -359,16 +501,30 @@ def test_nonfinite_steps_stop_or_are_skipped(tmp_path):
     exits with code 1 before the weights change, `skip` logs the step as skipped."""
     from pp_ext.testing.spawn import spawn
 
-    diverge = ["train.optimizer=sgd", "train.lr=1e20", "train.min_lr=1e20", "train.warmup_steps=0",
-               "train.grad_clip=0.0"]
-    results = spawn(train_cases, 2, str(tmp_path), [("stop", diverge), ("skip", [*diverge, "train.nonfinite=skip"])],
-                    timeout=300)[0]
+    diverge = [
+        "train.optimizer=sgd",
+        "train.lr=1e20",
+        "train.min_lr=1e20",
+        "train.warmup_steps=0",
+        "train.grad_clip=0.0",
+    ]
+    results = spawn(
+        train_cases,
+        2,
+        str(tmp_path),
+        [("stop", diverge), ("skip", [*diverge, "train.nonfinite=skip"])],
+        timeout=300,
+    )[0]
     code, steps = results["stop"]
-    assert code == 1 and sorted(steps) == [1, 2] and not steps[2] == steps[2]  # NaN: stopped at step 2
+    assert (
+        code == 1 and sorted(steps) == [1, 2] and not steps[2] == steps[2]
+    )  # NaN: stopped at step 2
     assert not (tmp_path / "stop/hf").exists()
     code, steps = results["skip"]
     assert code == 0 and sorted(steps) == [1, 2, 3]
-    entries = [json.loads(line) for line in (tmp_path / "skip/metrics.jsonl").read_text().splitlines()]
+    entries = [
+        json.loads(line) for line in (tmp_path / "skip/metrics.jsonl").read_text().splitlines()
+    ]
     assert [e.get("skipped", False) for e in entries] == [False, True, True]
 
 
@@ -382,13 +538,20 @@ def test_a_truncated_checkpoint_is_one_line_error(tmp_path, capfd):
     saved = json.loads((layer.parent / "pp_ext.json").read_text())["files"][layer.name]
     layer.write_bytes(layer.read_bytes()[:100])
     capfd.readouterr()
-    code = spawn(train_cases, 2, str(tmp_path), [("run:resumed", ["train.steps=3", "checkpoint.resume=auto"])],
-                 timeout=300)[0]["run:resumed"][0]
+    code = spawn(
+        train_cases,
+        2,
+        str(tmp_path),
+        [("run:resumed", ["train.steps=3", "checkpoint.resume=auto"])],
+        timeout=300,
+    )[0]["run:resumed"][0]
     err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("pp-ext: error")]
     assert code == 2
-    assert err == [f"pp-ext: error: checkpoint {layer.parent} is damaged: {layer.name} has 100 bytes, "
-                   f"{saved} when saved (truncated or replaced): delete {layer.parent} or resume from an older "
-                   f"one (checkpoint.resume={layer.parent.parent / 'step-00000001'})"]
+    assert err == [
+        f"pp-ext: error: checkpoint {layer.parent} is damaged: {layer.name} has 100 bytes, "
+        f"{saved} when saved (truncated or replaced): delete {layer.parent} or resume from an older "
+        f"one (checkpoint.resume={layer.parent.parent / 'step-00000001'})"
+    ]
 
 
 def rank_pid(out: Path, local_rank: int) -> int:
@@ -438,8 +601,10 @@ def saved_states(tag_dir: Path) -> dict:
 
     from pp_ext.checkpoint.optimizer_state import saved
 
-    model_states = [torch.load(f, map_location="cpu", weights_only=False)
-                    for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt"))]
+    model_states = [
+        torch.load(f, map_location="cpu", weights_only=False)
+        for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    ]
     return saved(tag_dir, model_states)[0]
 
 
@@ -471,8 +636,8 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     vocabulary of 103 cut 2 ways, are refused (exit code 2)."""
     import torch
 
-    from pp_ext.testing.spawn import spawn
     from pp_ext.checkpoint.export import export_checkpoint
+    from pp_ext.testing.spawn import spawn
 
     steps = ["train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0"]
 
@@ -484,43 +649,67 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     tensor_1 = [*steps, *SMOKE_MODEL]  # pipeline 2 x tensor 1
     tensor_2 = [*tensor_1, "parallel.pipeline=1", "parallel.tensor=2"]
     bf16 = [*steps, "deepspeed.bases=[zero1-bf16]"]
-    cases = [("source", [*steps, "parallel.schedule=1f1b"]),
-             ("pipeline-1", [*steps, resume("source"), *data_2]),
-             ("zbv", [*steps, resume("source"), "parallel.schedule=zbv"]),
-             ("tensor-2", tensor_2), ("tensor-2-resumed", [*tensor_2, resume("tensor-2")]),
-             ("tensor-2-zbv", [*tensor_2, resume("tensor-2"), "parallel.schedule=zbv"]),
-             ("tensor-1", [*tensor_1, resume("tensor-2")]),  # tensor 2 -> 1
-             ("tensor-1-at-3", [*tensor_1, resume("tensor-2"), as_loaded]),
-             ("tensor-2-again", [*tensor_2, resume("tensor-1-at-3")]),  # tensor 1 -> 2
-             ("bf16", bf16), ("bf16-pipeline-1", [*bf16, resume("bf16"), *data_2]),
-             ("bf16-at-3", [*bf16, resume("bf16"), *data_2, as_loaded]),
-             ("bf16-as-fp32", [*steps, resume("bf16"), *data_2]),  # refused
-             ("vocab-103-tensor-2", [*steps, resume("source"), "parallel.pipeline=1", "parallel.tensor=2"])]
+    cases = [
+        ("source", [*steps, "parallel.schedule=1f1b"]),
+        ("pipeline-1", [*steps, resume("source"), *data_2]),
+        ("zbv", [*steps, resume("source"), "parallel.schedule=zbv"]),
+        ("tensor-2", tensor_2),
+        ("tensor-2-resumed", [*tensor_2, resume("tensor-2")]),
+        ("tensor-2-zbv", [*tensor_2, resume("tensor-2"), "parallel.schedule=zbv"]),
+        ("tensor-1", [*tensor_1, resume("tensor-2")]),  # tensor 2 -> 1
+        ("tensor-1-at-3", [*tensor_1, resume("tensor-2"), as_loaded]),
+        ("tensor-2-again", [*tensor_2, resume("tensor-1-at-3")]),  # tensor 1 -> 2
+        ("bf16", bf16),
+        ("bf16-pipeline-1", [*bf16, resume("bf16"), *data_2]),
+        ("bf16-at-3", [*bf16, resume("bf16"), *data_2, as_loaded]),
+        ("bf16-as-fp32", [*steps, resume("bf16"), *data_2]),  # refused
+        (
+            "vocab-103-tensor-2",
+            [*steps, resume("source"), "parallel.pipeline=1", "parallel.tensor=2"],
+        ),
+    ]
     results = spawn(train_cases, 2, str(tmp_path), cases, timeout=900)[0]
     diffs = {}
-    for source, resumed_runs, tolerance in (("source", ("pipeline-1", "zbv"), TOLERANCE),
-                                            ("tensor-2", ("tensor-2-resumed", "tensor-2-zbv", "tensor-1",
-                                                          "tensor-2-again"), TOLERANCE),
-                                            ("bf16", ("bf16-pipeline-1",), BF16_TOLERANCE)):
+    for source, resumed_runs, tolerance in (
+        ("source", ("pipeline-1", "zbv"), TOLERANCE),
+        ("tensor-2", ("tensor-2-resumed", "tensor-2-zbv", "tensor-1", "tensor-2-again"), TOLERANCE),
+        ("bf16", ("bf16-pipeline-1",), BF16_TOLERANCE),
+    ):
         reference = results[source][1]
-        assert results[source][0] == 0 and sorted(reference) == list(range(1, 7)), (source, results[source])
+        assert results[source][0] == 0 and sorted(reference) == list(range(1, 7)), (
+            source,
+            results[source],
+        )
         for name in resumed_runs:
             code, resumed = results[name]
             assert code == 0 and sorted(resumed) == [4, 5, 6], (name, code, resumed)
             diffs[name] = max(abs(resumed[s] - reference[s]) for s in resumed)
     print("max loss diffs:", {k: f"{v:.2e}" for k, v in diffs.items()})
-    assert all(diffs[name] <= (BF16_TOLERANCE if name.startswith("bf16") else TOLERANCE) for name in diffs), diffs
+    assert all(
+        diffs[name] <= (BF16_TOLERANCE if name.startswith("bf16") else TOLERANCE) for name in diffs
+    ), diffs
     assert results["tensor-1-at-3"][0] == results["bf16-at-3"][0] == 0
-    for source, converted in (("tensor-2", "tensor-1-at-3"), ("bf16", "bf16-at-3")):  # weights bitwise
-        export_checkpoint(tmp_path / source / "checkpoints", tmp_path / f"{source}-hf-3", tag="step-00000003")
-        expected, got = exported_tensors(tmp_path / f"{source}-hf-3"), exported_tensors(tmp_path / converted / "hf")
-        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), converted
+    for source, converted in (
+        ("tensor-2", "tensor-1-at-3"),
+        ("bf16", "bf16-at-3"),
+    ):  # weights bitwise
+        export_checkpoint(
+            tmp_path / source / "checkpoints", tmp_path / f"{source}-hf-3", tag="step-00000003"
+        )
+        expected, got = (
+            exported_tensors(tmp_path / f"{source}-hf-3"),
+            exported_tensors(tmp_path / converted / "hf"),
+        )
+        assert expected.keys() == got.keys() and all(
+            torch.equal(expected[k], got[k]) for k in expected
+        ), converted
     expected = saved_states(tmp_path / "bf16/checkpoints/step-00000003")
     got = saved_states(tmp_path / "bf16-at-3/checkpoints/step-00000003")
     assert expected.keys() == got.keys()
     for key, state in expected.items():  # fp32 masters, exp_avg, exp_avg_sq, step: bitwise
-        assert state.keys() == got[key].keys() and all(torch.equal(torch.as_tensor(v), torch.as_tensor(got[key][k]))
-                                                       for k, v in state.items()), key
+        assert state.keys() == got[key].keys() and all(
+            torch.equal(torch.as_tensor(v), torch.as_tensor(got[key][k])) for k, v in state.items()
+        ), key
     assert results["bf16-as-fp32"] == (2, None) and results["vocab-103-tensor-2"] == (2, None)
 
 
@@ -532,7 +721,9 @@ def test_killed_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path)
     from pp_ext.testing.spawn import spawn
 
     steps = ["train.steps=40", "checkpoint.interval=2", "checkpoint.keep=2"]
-    uninterrupted = spawn(train_cases, 2, str(tmp_path), [("whole", steps)], timeout=600)[0]["whole"][1]
+    uninterrupted = spawn(train_cases, 2, str(tmp_path), [("whole", steps)], timeout=600)[0][
+        "whole"
+    ][1]
 
     out = tmp_path / "killed"
     saves = out / "checkpoints"
@@ -566,8 +757,11 @@ def test_killed_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path)
     assert diff <= TOLERANCE, f"resumed losses differ from the uninterrupted run's by {diff:.2e}"
 
 
-UNTIED = ["model.path=configs/models/quickstart-untied", "model.tokenizer=configs/models/quickstart",
-          "train.grad_clip=0.0"]  # what the asynchronous schedules accept
+UNTIED = [
+    "model.path=configs/models/quickstart-untied",
+    "model.tokenizer=configs/models/quickstart",
+    "train.grad_clip=0.0",
+]  # what the asynchronous schedules accept
 
 
 @pytest.mark.slow
@@ -577,19 +771,35 @@ def test_asynchronous_schedules_evaluate_checkpoint_and_resume_exactly(tmp_path)
     same losses."""
     from pp_ext.testing.spawn import spawn
 
-    steps = ["train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0", "data.eval_split=validation",
-             "train.eval_interval=3", "train.eval_batches=1"]
+    steps = [
+        "train.steps=6",
+        "checkpoint.interval=3",
+        "checkpoint.keep=0",
+        "data.eval_split=validation",
+        "train.eval_interval=3",
+        "train.eval_batches=1",
+    ]
     cases = []
     for name in ("pipedream", "pipedream-2bw", "pipemare"):
         resume = f"checkpoint.resume={tmp_path / name / 'checkpoints/step-00000003'}"
-        cases += [(name, [*UNTIED, *steps, f"parallel.schedule={name}"]),
-                  (f"{name}-resumed", [*UNTIED, *steps, f"parallel.schedule={name}", resume])]
+        cases += [
+            (name, [*UNTIED, *steps, f"parallel.schedule={name}"]),
+            (f"{name}-resumed", [*UNTIED, *steps, f"parallel.schedule={name}", resume]),
+        ]
     results = spawn(train_cases, 2, str(tmp_path), cases, timeout=600)[0]
     for name in ("pipedream", "pipedream-2bw", "pipemare"):
         (code, whole), (resumed_code, resumed) = results[name], results[f"{name}-resumed"]
-        assert code == 0 and resumed_code == 0 and sorted(whole) == list(range(1, 7)) and sorted(resumed) == [4, 5, 6]
+        assert (
+            code == 0
+            and resumed_code == 0
+            and sorted(whole) == list(range(1, 7))
+            and sorted(resumed) == [4, 5, 6]
+        )
         diff = max(abs(resumed[s] - whole[s]) for s in resumed)
         assert diff <= TOLERANCE, f"{name}: resumed losses differ by {diff:.2e}"
-        evals = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-                 if "eval_loss" in line]
+        evals = [
+            json.loads(line)
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+            if "eval_loss" in line
+        ]
         assert [e["step"] for e in evals] == [0, 3, 6]

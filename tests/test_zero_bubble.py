@@ -1,10 +1,11 @@
 """ZB-H1, ZB-H2 (Qi et al. 2024, ICLR) and ZB-V (Qi et al. 2024, controllable memory):
 exact bubbles, peak activations and the thresholds where they reach the lower bound."""
+
 from fractions import Fraction as Fr
 
+import brute_force
 import pytest
 
-import brute_force
 from pp_ext.schedules import REGISTRY, ConstraintError, Costs, build, get, lower, simulate
 from pp_ext.schedules.simulate import steady_state
 
@@ -24,8 +25,13 @@ def generate(name, p, m):
 
 def sizes(p):
     """Micro-batch counts around every threshold, within 1..4p."""
-    return sorted({m for m in (1, p - 1, p, 3 * p // 2 - 1, 3 * p // 2, 2 * p - 2, 2 * p - 1, 2 * p + 3)
-                   if 1 <= m <= 4 * p})
+    return sorted(
+        {
+            m
+            for m in (1, p - 1, p, 3 * p // 2 - 1, 3 * p // 2, 2 * p - 2, 2 * p - 1, 2 * p + 3)
+            if 1 <= m <= 4 * p
+        }
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -43,8 +49,15 @@ def test_registered_with_their_placements():
     assert build("zbv", 3, 6).placement.name == "v"
 
 
-@pytest.mark.parametrize("name,chunks,fix", [("zb-h1", 2, "use chunks=1"), ("zb-h2", 3, "use chunks=1"),
-                                             ("zbv", 1, "use chunks=2"), ("zbv", 4, "use chunks=2")])
+@pytest.mark.parametrize(
+    "name,chunks,fix",
+    [
+        ("zb-h1", 2, "use chunks=1"),
+        ("zb-h2", 3, "use chunks=1"),
+        ("zbv", 1, "use chunks=2"),
+        ("zbv", 4, "use chunks=2"),
+    ],
+)
 def test_chunk_constraint_names_the_valid_value(name, chunks, fix):
     with pytest.raises(ConstraintError, match=f"{name} holds exactly .*got chunks={chunks}.*{fix}"):
         build(name, 4, 8, chunks)
@@ -71,7 +84,9 @@ def test_below_p_the_makespan_is_the_chain_bound(name):
             assert sim.peak_activations == m
 
 
-@pytest.mark.parametrize("f,i,w", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (3, 2, 1), (2, 2, Fr(1, 2)), (Fr(3, 2), 1, 1)])
+@pytest.mark.parametrize(
+    "f,i,w", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (3, 2, 1), (2, 2, Fr(1, 2)), (Fr(3, 2), 1, 1)]
+)
 def test_zb_h1_bubble_time_is_p_minus_1_times_f_plus_i_minus_w(f, i, w):
     # the paper's (p-1)(F+I-W), which needs W <= min(F, I)
     costs = Costs(Fr(f), Fr(i), Fr(w))
@@ -112,7 +127,9 @@ def test_zb_h2_flushed_reaches_the_lower_bound_for_m_at_least_p():
 def test_zb_h2_is_zero_bubble_in_steady_state_from_2p_minus_1():
     for p in (2, 3, 5, 8):
         assert steady_state(generate("zb-h2", p, 2 * p - 1)).bubble_ratio == 0, p
-        assert steady_state(generate("zb-h2", p, 2 * p - 2)).bubble_ratio > 0, p  # the threshold is tight
+        assert steady_state(generate("zb-h2", p, 2 * p - 2)).bubble_ratio > 0, (
+            p
+        )  # the threshold is tight
     assert steady_state(generate("zb-h2", 4, 13)).period == 3 * 13
 
 
@@ -182,7 +199,9 @@ def test_zb_h1_orders_follow_the_rule():
     for p in range(1, 8):
         for m in range(1, 3 * p + 2):
             sched = generate("zb-h1", p, m)
-            assert [list(map(str, prog)) for prog in sched.programs] == [zb_h1_rule(p, m, r) for r in range(p)], (p, m)
+            assert [list(map(str, prog)) for prog in sched.programs] == [
+                zb_h1_rule(p, m, r) for r in range(p)
+            ], (p, m)
 
 
 def test_hand_checked_zb_h1_p3_m4():
@@ -215,10 +234,13 @@ def test_zb_h2_is_a_parallelogram_from_2p_minus_1():
     for p in range(2, 7):
         for m in (2 * p - 1, 2 * p, 3 * p):
             sim = simulate(generate("zb-h2", p, m))
-            assert [(row[0].start, row[-1].end) for row in sim.timeline] == [(r, r + 3 * m) for r in range(p)], (p, m)
+            assert [(row[0].start, row[-1].end) for row in sim.timeline] == [
+                (r, r + 3 * m) for r in range(p)
+            ], (p, m)
         last = generate("zb-h2", p, 2 * p - 1).programs[p - 1]
         assert list(map(str, last)) == [x for k in range(2 * p - 1) for x in (f"F{k}", f"I{k}")] + [
-            f"W{k}" for k in range(2 * p - 1)]
+            f"W{k}" for k in range(2 * p - 1)
+        ]
 
 
 def pytorch_zbv_orders(p, m):
@@ -226,21 +248,29 @@ def pytorch_zbv_orders(p, m):
     implementation of the same paper independent of pp-ext's, in pp-ext's short form."""
     from torch.distributed.pipelining.schedules import ScheduleZBVZeroBubble
 
-    reference = ScheduleZBVZeroBubble.__new__(ScheduleZBVZeroBubble)  # its order needs only the sizes
+    reference = ScheduleZBVZeroBubble.__new__(
+        ScheduleZBVZeroBubble
+    )  # its order needs only the sizes
     reference.pp_group_size, reference._n_microbatches, reference.num_stages = p, m, 2 * p
     orders = []
     for rank in range(p):
         actions = [a for a in reference._calculate_single_rank_operations(rank) if a is not None]
         assert all(a.stage_index in (rank, 2 * p - 1 - rank) for a in actions)
-        orders.append([f"{a.computation_type.value}{a.microbatch_index}{'.c1' if a.stage_index != rank else ''}"
-                       for a in actions])
+        orders.append(
+            [
+                f"{a.computation_type.value}{a.microbatch_index}{'.c1' if a.stage_index != rank else ''}"
+                for a in actions
+            ]
+        )
     return orders
 
 
 def test_zbv_orders_are_pytorchs():
     for p in range(1, 7):
         for m in range(1, 3 * p + 2):
-            assert [list(map(str, prog)) for prog in generate("zbv", p, m).programs] == pytorch_zbv_orders(p, m), (p, m)
+            assert [
+                list(map(str, prog)) for prog in generate("zbv", p, m).programs
+            ] == pytorch_zbv_orders(p, m), (p, m)
 
 
 def test_hand_checked_zbv_p2_m3():

@@ -49,6 +49,7 @@ Contracts:
 - A patched model is bound to its store; a deep copy gets a copy of the store, so
   call :func:`enable_split_backward` on the copy to bind it to the store you run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,7 +74,9 @@ class _Work(NamedTuple):
     versions: tuple[int, int]
 
 
-def _weight_grad(input: torch.Tensor, grad_output: torch.Tensor, weight_in_out: bool) -> torch.Tensor:
+def _weight_grad(
+    input: torch.Tensor, grad_output: torch.Tensor, weight_in_out: bool
+) -> torch.Tensor:
     """The weight GEMM, leading dims flattened; the same products, in the same operand
     order, as autograd's backward of ``F.linear`` / ``torch.addmm``, so bit-exact."""
     x = input.reshape(-1, input.size(-1))
@@ -104,10 +107,16 @@ class WeightGradStore:
         finally:
             self._deferring, self._key = previous
 
-    def _queue(self, weight: nn.Parameter, input: torch.Tensor, grad_output: torch.Tensor,
-               weight_in_out: bool) -> None:
+    def _queue(
+        self,
+        weight: nn.Parameter,
+        input: torch.Tensor,
+        grad_output: torch.Tensor,
+        weight_in_out: bool,
+    ) -> None:
         self._queues.setdefault(self._key, []).append(
-            _Work(weight, input, grad_output, weight_in_out, (input._version, grad_output._version)))
+            _Work(weight, input, grad_output, weight_in_out, (input._version, grad_output._version))
+        )
 
     def run(self, key: Hashable) -> None:
         """The W pass: compute and accumulate all work queued under ``key``, in queue
@@ -119,7 +128,8 @@ class WeightGradStore:
                 raise RuntimeError(
                     f"split backward: a tensor saved for the W pass of {key!r} was modified in "
                     "place after the I pass (a reused activation or gradient buffer?); keep it "
-                    "unchanged until run() or use the fused backward")
+                    "unchanged until run() or use the fused backward"
+                )
             with torch.no_grad():
                 grad = _weight_grad(item.input, item.grad_output, item.weight_in_out)
                 if item.weight.grad is None:
@@ -166,7 +176,9 @@ class _SplitLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
-def dense(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_in_out: bool) -> torch.Tensor:
+def dense(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_in_out: bool
+) -> torch.Tensor:
     """y = x W^T + b (``nn.Linear``) or x W + b (``Conv1D``, weight stored (in, out)),
     as those layers compute it; ``bias`` None adds nothing."""
     if not weight_in_out:
@@ -202,9 +214,16 @@ class DeferrableLinear(Deferrable, nn.Linear):
 
 @functools.cache
 def _deferrable_conv1d(conv1d: type) -> type:
-    return type("DeferrableConv1D", (Deferrable, conv1d), {
-        "__module__": __name__, "__qualname__": "DeferrableConv1D", "_weight_in_out": True,
-        "__doc__": "transformers' ``Conv1D`` (weight stored (in, out)) with a deferrable weight GEMM."})
+    return type(
+        "DeferrableConv1D",
+        (Deferrable, conv1d),
+        {
+            "__module__": __name__,
+            "__qualname__": "DeferrableConv1D",
+            "_weight_in_out": True,
+            "__doc__": "transformers' ``Conv1D`` (weight stored (in, out)) with a deferrable weight GEMM.",
+        },
+    )
 
 
 def __getattr__(name: str):
@@ -212,6 +231,7 @@ def __getattr__(name: str):
     # import transformers; resolving it here keeps patched GPT-2 models picklable
     if name == "DeferrableConv1D":
         from transformers.pytorch_utils import Conv1D
+
         return _deferrable_conv1d(Conv1D)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -8,6 +8,7 @@ out (they allocate, select kernels and set up channels); on a GPU each timed cal
 waits for the device. The all-reduce is kept as latency + bytes / bandwidth (the
 alpha-beta model of Hockney 1994, :mod:`pp_ext.schedules.cost_model`).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -16,10 +17,9 @@ import time
 import torch
 from deepspeed import comm as dist
 
-from pp_ext.schedules.cost_model import LayerCost
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
-
 from pp_ext.engine.module import layer_name
+from pp_ext.schedules.cost_model import LayerCost
 
 
 def median_time(fn, repeats: int) -> float:
@@ -31,7 +31,9 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_passes(forward, backward, store, repeats: int, sync=lambda: None) -> tuple[float, float, float, float]:
+def time_passes(
+    forward, backward, store, repeats: int, sync=lambda: None
+) -> tuple[float, float, float, float]:
     """Median seconds of F, I, W and fused B of one stage: ``forward()`` returns what
     ``backward(out)`` differentiates; ``store`` is the split-backward store the
     stage's layers defer their weight gradients to; ``sync()`` waits for the device
@@ -100,9 +102,17 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
             out = forward()
         f, i, w, b = time_passes(forward, backward, store, repeats, sync)
         start = module.chunk_bounds(chunk)[0]
-        costs.append(LayerCost(layer_name(module._layer_specs[start]) or f"layer {start}", f, i, w, b,
-                               sum(saved.values()), sum(p.numel() * p.element_size()
-                                                        for p in module.chunk_parameters(chunk))))
+        costs.append(
+            LayerCost(
+                layer_name(module._layer_specs[start]) or f"layer {start}",
+                f,
+                i,
+                w,
+                b,
+                sum(saved.values()),
+                sum(p.numel() * p.element_size() for p in module.chunk_parameters(chunk)),
+            )
+        )
         x = None if last else _detached(out)
     module.zero_grad(set_to_none=True)
     return costs
@@ -143,7 +153,7 @@ def allreduce_seconds(flat, repeats: int, group=None) -> float:
     return statistics.median(times[1:])
 
 
-LARGEST_ALLREDUCE = 2 ** 26  # elements: 256 MiB in fp32, long enough to see the bandwidth
+LARGEST_ALLREDUCE = 2**26  # elements: 256 MiB in fp32, long enough to see the bandwidth
 
 
 def allreduce_model(module, repeats: int) -> tuple[float, float]:
@@ -155,8 +165,10 @@ def allreduce_model(module, repeats: int) -> tuple[float, float]:
     rank gets the slowest rank's figures."""
     first = next(module.parameters())
     numel = min(sum(p.numel() for p in module.parameters()), LARGEST_ALLREDUCE)
-    small, large = (allreduce_seconds(torch.zeros(n, device=first.device, dtype=first.dtype), repeats)
-                    for n in (1, numel))
+    small, large = (
+        allreduce_seconds(torch.zeros(n, device=first.device, dtype=first.dtype), repeats)
+        for n in (1, numel)
+    )
     result = torch.tensor([small, large], dtype=torch.float64, device=first.device)
     dist.all_reduce(result, op=dist.ReduceOp.MAX)
     small, large = (float(t) for t in result)

@@ -31,6 +31,7 @@ fill? One process on one device answers both, in one run:
 Ratios are pp-ext / transformers for the layer (time) and pp-ext / DeepSpeed's engine
 for the step (tokens/s), both medians of the same run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,18 +48,18 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from pp_ext.engine.initialize import initialize
+from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
 from pp_ext.bench.measure import median_time, time_passes
-from pp_ext.testing.spawn import spawn
+from pp_ext.config.recipe import DEEPSPEED_BASES
+from pp_ext.data import IGNORE_INDEX
+from pp_ext.engine.initialize import initialize
 from pp_ext.hf import build_pipeline_module, copy_hf_weights, layer_specs
 from pp_ext.hf.common import HFDecoderLayer
 from pp_ext.hf.context import ChunkContext
 from pp_ext.hf.loading import default_dtype, load_config, local_layers
-from pp_ext.training.loss import LanguageModelLoss
-from pp_ext.data import IGNORE_INDEX
-from pp_ext.config.recipe import DEEPSPEED_BASES
 from pp_ext.schedules import get
-from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
+from pp_ext.testing.spawn import spawn
+from pp_ext.training.loss import LanguageModelLoss
 
 BASELINE = "deepspeed (HF model)"
 
@@ -84,8 +85,10 @@ class ModelBenchOptions:
     def check(self) -> None:
         """One ValueError line for what cannot run (before any process starts)."""
         if self.steps and self.steps <= self.warmup:
-            raise ValueError(f"--steps {self.steps} leaves nothing to time after --warmup {self.warmup}: "
-                             f"give more steps than warm-up rounds (or --steps 0 for the per-layer timings only)")
+            raise ValueError(
+                f"--steps {self.steps} leaves nothing to time after --warmup {self.warmup}: "
+                f"give more steps than warm-up rounds (or --steps 0 for the per-layer timings only)"
+            )
         for name in self.schedules:
             get(name)
 
@@ -97,7 +100,7 @@ def bench_config(options: ModelBenchOptions):
     if options.layers:
         config.num_hidden_layers = options.layers
         if getattr(config, "layer_types", None):
-            config.layer_types = list(config.layer_types[:options.layers])
+            config.layer_types = list(config.layer_types[: options.layers])
     return config
 
 
@@ -107,8 +110,17 @@ def bench_config(options: ModelBenchOptions):
 class StepCounts:
     """Counts host reads, aten ops and device synchronisations while active."""
 
-    READS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "unique_consecutive",
-             "_unique2", "unique_dim", "repeat_interleave"}
+    READS = {
+        "_local_scalar_dense",
+        "nonzero",
+        "masked_select",
+        "equal",
+        "is_nonzero",
+        "unique_consecutive",
+        "_unique2",
+        "unique_dim",
+        "repeat_interleave",
+    }
     COPIES = {"tolist", "numpy", "cpu"}  # on a CPU tensor these read the host with no aten op
 
     def __init__(self) -> None:
@@ -129,8 +141,10 @@ class StepCounts:
                 return func(*args, **(kwargs or {}))
 
         accelerator = get_accelerator()
-        self._restore = [(accelerator, "synchronize", accelerator.synchronize),
-                         (torch.cuda, "synchronize", torch.cuda.synchronize)]
+        self._restore = [
+            (accelerator, "synchronize", accelerator.synchronize),
+            (torch.cuda, "synchronize", torch.cuda.synchronize),
+        ]
         for owner, name, function in self._restore:
             setattr(owner, name, self._counting(function))
         self._modes = [Function(), Dispatch()]
@@ -147,6 +161,7 @@ class StepCounts:
                 return function(*args, **kwargs)
             finally:
                 self._depth -= 1
+
         return synchronize
 
     def __exit__(self, *exc) -> None:
@@ -166,10 +181,13 @@ def deepspeed_config(options: ModelBenchOptions) -> dict:
     """The training job's ``zero1-bf16`` base (fp32 ones for ``float32``) with the bench's sizes."""
     base = "zero1-bf16" if options.dtype == "bfloat16" else "zero1-fp32"
     config = json.loads((DEEPSPEED_BASES / f"{base}.json").read_text())
-    config.update(train_micro_batch_size_per_gpu=options.micro_batch_size,
-                  gradient_accumulation_steps=options.micro_batches,
-                  train_batch_size=options.micro_batch_size * options.micro_batches,
-                  gradient_clipping=options.grad_clip, steps_per_print=10 ** 9)
+    config.update(
+        train_micro_batch_size_per_gpu=options.micro_batch_size,
+        gradient_accumulation_steps=options.micro_batches,
+        train_batch_size=options.micro_batch_size * options.micro_batches,
+        gradient_clipping=options.grad_clip,
+        steps_per_print=10**9,
+    )
     return config
 
 
@@ -190,7 +208,9 @@ def batches(options: ModelBenchOptions, vocab: int):
 def hf_model(config, options: ModelBenchOptions, device):
     """Transformers' model of ``config``, initialised as HF does under ``options.seed``."""
     torch.manual_seed(options.seed)
-    kwargs = {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
+    kwargs = (
+        {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, options.dtype), **kwargs)
     return model.to(device).train()
 
@@ -198,7 +218,9 @@ def hf_model(config, options: ModelBenchOptions, device):
 def deepspeed_engine(model, options: ModelBenchOptions):
     """DeepSpeed's ordinary engine on the HF model and a step function."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(options))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(options)
+    )
     device = engine.device
 
     def step(data):
@@ -222,12 +244,22 @@ def pp_ext_engine(config, state_dict, schedule: str, options: ModelBenchOptions)
     HF model's weights), and a step function."""
     spec = get(schedule)
     loss = LanguageModelLoss()
-    module = build_pipeline_module(config, num_stages=1, chunks=spec.default_chunks, placement=spec.placement,
-                                   partition_method="uniform", loss_fn=loss, dtype=options.dtype,
-                                   attn_implementation=options.attn_implementation, seed=options.seed)
+    module = build_pipeline_module(
+        config,
+        num_stages=1,
+        chunks=spec.default_chunks,
+        placement=spec.placement,
+        partition_method="uniform",
+        loss_fn=loss,
+        dtype=options.dtype,
+        attn_implementation=options.attn_implementation,
+        seed=options.seed,
+    )
     copy_hf_weights(local_layers(module), state_dict)
     optimizer = torch.optim.AdamW(module.parameters(), lr=options.lr)
-    engine, *_ = initialize(model=module, optimizer=optimizer, config=deepspeed_config(options), schedule=schedule)
+    engine, *_ = initialize(
+        model=module, optimizer=optimizer, config=deepspeed_config(options), schedule=schedule
+    )
     return engine, lambda data: engine.train_batch(iter(data))
 
 
@@ -271,12 +303,21 @@ def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
     tokens = options.micro_batch_size * options.seq * options.micro_batches
     rows = []
     for name, (engine, step) in engines.items():
-        timed = times[name][options.warmup:]
-        rows.append({"engine": name, "tokens_per_s": tokens / statistics.median(timed),
-                     "step_time_s": statistics.median(timed), "step_times_s": times[name],
-                     "first_loss": first[name], **count_step(step, data)})
+        timed = times[name][options.warmup :]
+        rows.append(
+            {
+                "engine": name,
+                "tokens_per_s": tokens / statistics.median(timed),
+                "step_time_s": statistics.median(timed),
+                "step_times_s": times[name],
+                "first_loss": first[name],
+                **count_step(step, data),
+            }
+        )
     base = rows[0]["tokens_per_s"]
-    one_f_one_b = next((row["tokens_per_s"] for row in rows if row["engine"] == "pp-ext 1f1b"), None)
+    one_f_one_b = next(
+        (row["tokens_per_s"] for row in rows if row["engine"] == "pp-ext 1f1b"), None
+    )
     for row in rows:
         row["vs_deepspeed"] = row["tokens_per_s"] / base
         if one_f_one_b is not None and row["engine"].startswith("pp-ext"):
@@ -290,10 +331,15 @@ def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
 def layer_timings(config, options: ModelBenchOptions, device) -> dict:
     """Median seconds of one decoder layer's passes, pp-ext's next to transformers'."""
     dtype = getattr(torch, options.dtype)
-    spec = next(s for s in layer_specs(config, options.attn_implementation)
-                if isinstance(s.typename, type) and issubclass(s.typename, HFDecoderLayer))
+    spec = next(
+        s
+        for s in layer_specs(config, options.attn_implementation)
+        if isinstance(s.typename, type) and issubclass(s.typename, HFDecoderLayer)
+    )
     torch.manual_seed(options.seed)
-    with default_dtype(dtype):  # as the engine builds layers: HF's float32 buffers (rotary inv_freq) stay so
+    with default_dtype(
+        dtype
+    ):  # as the engine builds layers: HF's float32 buffers (rotary inv_freq) stay so
         ours = spec.build().to(device)
     theirs = copy.deepcopy(ours.layer)  # transformers' own decoder layer, the same weights
     split, store = copy.deepcopy(ours), WeightGradStore()
@@ -304,7 +350,10 @@ def layer_timings(config, options: ModelBenchOptions, device) -> dict:
     padding = torch.ones(shape, dtype=torch.long, device=device)
     context = ChunkContext(positions, padding)
     # what transformers' model passes its layers: the mask and the rotary table, built once
-    kwargs = {"attention_mask": context.mask(ours.make_mask, ours.config, x), "position_ids": positions}
+    kwargs = {
+        "attention_mask": context.mask(ours.make_mask, ours.config, x),
+        "position_ids": positions,
+    }
     if ours.rotary_emb is not None:
         kwargs["position_embeddings"] = context.rotary(ours.rotary_emb, x, ours.rope_kwargs)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -314,6 +363,7 @@ def layer_timings(config, options: ModelBenchOptions, device) -> dict:
             out = forward()
             sync()
             return out
+
         return run
 
     def backward(out):
@@ -321,23 +371,45 @@ def layer_timings(config, options: ModelBenchOptions, device) -> dict:
         sync()
 
     repeats = options.layer_repeats
-    hf_f, _, _, hf_b = time_passes(timed(lambda: theirs(x, **kwargs)), backward, WeightGradStore(), repeats, sync)
-    f, _, _, b = time_passes(timed(lambda: ours((x, positions, padding, context))[0]), backward,
-                             WeightGradStore(), repeats, sync)
-    split_f, i, w, _ = time_passes(timed(lambda: split((x, positions, padding, context))[0]), backward, store,
-                                   repeats, sync)
+    hf_f, _, _, hf_b = time_passes(
+        timed(lambda: theirs(x, **kwargs)), backward, WeightGradStore(), repeats, sync
+    )
+    f, _, _, b = time_passes(
+        timed(lambda: ours((x, positions, padding, context))[0]),
+        backward,
+        WeightGradStore(),
+        repeats,
+        sync,
+    )
+    split_f, i, w, _ = time_passes(
+        timed(lambda: split((x, positions, padding, context))[0]), backward, store, repeats, sync
+    )
     first = median_time(timed(lambda: ours((x, positions, padding))[0]), repeats)
     build = median_time(timed(lambda: _build(ChunkContext(positions, padding), ours, x)), repeats)
-    return {"layer": type(theirs).__name__, "tokens": options.micro_batch_size * options.seq,
-            "transformers": {"forward": hf_f, "backward": hf_b},
-            "pp_ext": {"forward": f, "forward_first_in_chunk": first, "context_build": build,
-                       "forward_split": split_f, "input_grad": i, "weight_grad": w, "backward": b},
-            "forward_ratio": f / hf_f, "backward_ratio": b / hf_b, "split_ratio": (i + w) / b}
+    return {
+        "layer": type(theirs).__name__,
+        "tokens": options.micro_batch_size * options.seq,
+        "transformers": {"forward": hf_f, "backward": hf_b},
+        "pp_ext": {
+            "forward": f,
+            "forward_first_in_chunk": first,
+            "context_build": build,
+            "forward_split": split_f,
+            "input_grad": i,
+            "weight_grad": w,
+            "backward": b,
+        },
+        "forward_ratio": f / hf_f,
+        "backward_ratio": b / hf_b,
+        "split_ratio": (i + w) / b,
+    }
 
 
 def _build(context, layer, hidden):
     mask = context.mask(layer.make_mask, layer.config, hidden)
-    return mask, None if layer.rotary_emb is None else context.rotary(layer.rotary_emb, hidden, layer.rope_kwargs)
+    return mask, None if layer.rotary_emb is None else context.rotary(
+        layer.rotary_emb, hidden, layer.rope_kwargs
+    )
 
 
 # --------------------------------------------------------------------------- run
@@ -352,10 +424,15 @@ def describe(device) -> str:
 def worker(rank: int, world: int, options: ModelBenchOptions) -> dict:
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = bench_config(options)
-    report = {"options": {**asdict(options), "schedules": list(options.schedules)}, "device": describe(device),
-              "model_type": config.model_type, "decoder_layers": config.num_hidden_layers,
-              "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
-              "torch": torch.__version__}
+    report = {
+        "options": {**asdict(options), "schedules": list(options.schedules)},
+        "device": describe(device),
+        "model_type": config.model_type,
+        "decoder_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "torch": torch.__version__,
+    }
     report["layer"] = layer_timings(config, options, device)
     if options.steps:
         report["steps"] = train_steps(config, options, device)
@@ -373,31 +450,39 @@ def format_report(report: dict) -> str:
     """The report as plain-text tables."""
     opts, layer = report["options"], report["layer"]
     ms = 1e3
-    lines = [f"{report['model_type']}: {report['decoder_layers']} decoder layers, hidden {report['hidden_size']}, "
-             f"vocabulary {report['vocab_size']}, {opts['dtype']} on {report['device']}",
-             "",
-             f"one decoder layer ({layer['layer']}), {layer['tokens']} tokens, median of {opts['layer_repeats']} (ms)",
-             f"{'':<28}{'F':>9}{'I':>9}{'W':>9}{'B':>9}",
-             f"{'transformers':<28}{layer['transformers']['forward'] * ms:>9.3f}{'-':>9}{'-':>9}"
-             f"{layer['transformers']['backward'] * ms:>9.3f}"]
+    lines = [
+        f"{report['model_type']}: {report['decoder_layers']} decoder layers, hidden {report['hidden_size']}, "
+        f"vocabulary {report['vocab_size']}, {opts['dtype']} on {report['device']}",
+        "",
+        f"one decoder layer ({layer['layer']}), {layer['tokens']} tokens, median of {opts['layer_repeats']} (ms)",
+        f"{'':<28}{'F':>9}{'I':>9}{'W':>9}{'B':>9}",
+        f"{'transformers':<28}{layer['transformers']['forward'] * ms:>9.3f}{'-':>9}{'-':>9}"
+        f"{layer['transformers']['backward'] * ms:>9.3f}",
+    ]
     ours = layer["pp_ext"]
-    lines += [f"{'pp-ext':<28}{ours['forward'] * ms:>9.3f}{ours['input_grad'] * ms:>9.3f}"
-              f"{ours['weight_grad'] * ms:>9.3f}{ours['backward'] * ms:>9.3f}",
-              f"{'pp-ext / transformers':<28}{layer['forward_ratio']:>9.3f}{'':>18}{layer['backward_ratio']:>9.3f}",
-              f"pp-ext's first decoder layer of a chunk: F {ours['forward_first_in_chunk'] * ms:.3f} ms "
-              f"(masks and rotary tables {ours['context_build'] * ms:.3f} ms, once per chunk and micro-batch); "
-              f"I + W = {layer['split_ratio']:.3f} B"]
+    lines += [
+        f"{'pp-ext':<28}{ours['forward'] * ms:>9.3f}{ours['input_grad'] * ms:>9.3f}"
+        f"{ours['weight_grad'] * ms:>9.3f}{ours['backward'] * ms:>9.3f}",
+        f"{'pp-ext / transformers':<28}{layer['forward_ratio']:>9.3f}{'':>18}{layer['backward_ratio']:>9.3f}",
+        f"pp-ext's first decoder layer of a chunk: F {ours['forward_first_in_chunk'] * ms:.3f} ms "
+        f"(masks and rotary tables {ours['context_build'] * ms:.3f} ms, once per chunk and micro-batch); "
+        f"I + W = {layer['split_ratio']:.3f} B",
+    ]
     if "steps" in report:
         tokens = opts["micro_batch_size"] * opts["seq"] * opts["micro_batches"]
-        lines += ["",
-                  f"train step: {opts['micro_batches']} micro-batches of {opts['micro_batch_size']} x {opts['seq']} "
-                  f"tokens ({tokens} per step), median of steps {opts['warmup'] + 1}-{opts['steps']}; "
-                  f"counts of one more step",
-                  f"{'engine':<22}{'tokens/s':>12}{'vs DS':>8}{'vs 1f1b':>9}{'step s':>9}{'1st loss':>10}"
-                  f"{'reads':>7}{'syncs':>7}{'aten ops':>10}"]
+        lines += [
+            "",
+            f"train step: {opts['micro_batches']} micro-batches of {opts['micro_batch_size']} x {opts['seq']} "
+            f"tokens ({tokens} per step), median of steps {opts['warmup'] + 1}-{opts['steps']}; "
+            f"counts of one more step",
+            f"{'engine':<22}{'tokens/s':>12}{'vs DS':>8}{'vs 1f1b':>9}{'step s':>9}{'1st loss':>10}"
+            f"{'reads':>7}{'syncs':>7}{'aten ops':>10}",
+        ]
         for row in report["steps"]:
             vs = f"{row['vs_1f1b']:.3f}" if "vs_1f1b" in row else "-"
-            lines.append(f"{row['engine']:<22}{row['tokens_per_s']:>12.1f}{row['vs_deepspeed']:>8.3f}{vs:>9}"
-                         f"{row['step_time_s']:>9.4f}{row['first_loss']:>10.4f}{row['host_reads']:>7}"
-                         f"{row['synchronizations']:>7}{row['aten_ops']:>10}")
+            lines.append(
+                f"{row['engine']:<22}{row['tokens_per_s']:>12.1f}{row['vs_deepspeed']:>8.3f}{vs:>9}"
+                f"{row['step_time_s']:>9.4f}{row['first_loss']:>10.4f}{row['host_reads']:>7}"
+                f"{row['synchronizations']:>7}{row['aten_ops']:>10}"
+            )
     return "\n".join(lines)

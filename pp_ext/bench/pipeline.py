@@ -60,6 +60,7 @@ first waits p-1 forward hops, which the prediction leaves out. A call is the wor
 of a synchronous step (m micro-batches), on the same model: the bench model ties no
 weights across ranks, which the asynchronous engine refuses.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,19 +75,25 @@ import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-from pp_ext.schedules.cost_model import Profile
+from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
+from pp_ext.bench.measure import (
+    allreduce_model,
+    allreduce_seconds,
+    comm_latency,
+    measure_layers,
+    median_time,
+    time_passes,
+)
 from pp_ext.engine.async_engine import AsyncScheduleEngine
 from pp_ext.engine.initialize import initialize
-from pp_ext.bench.measure import (allreduce_model, allreduce_seconds, comm_latency, measure_layers, median_time,
-                                   time_passes)
 from pp_ext.engine.module import ChunkedPipelineModule, partition
-from pp_ext.testing.spawn import spawn
-from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 from pp_ext.schedules import REGISTRY, ConstraintError, Costs, build, get, simulate
 from pp_ext.schedules.asynchronous import steady_call
 from pp_ext.schedules.auto import layouts as auto_layouts
 from pp_ext.schedules.auto import origin, ranked
-from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
+from pp_ext.schedules.cost_model import Profile
+from pp_ext.testing.spawn import spawn
+from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
 
 BASELINE = "deepspeed-1f1b"
 
@@ -140,19 +147,30 @@ def _progress(rank: int, message: str) -> None:
 
 def _model(options: BenchOptions, chunks: int, placement: str, cut: str):
     config = tiny_config(options)
-    return ChunkedPipelineModule(layers=layer_specs(config), topology=PipeDataParallelTopology(options.stages, 1),
-                                 loss_fn=lm_loss, chunks=chunks, placement=placement,
-                                 partition_method=cut, seed_layers=True, base_seed=1234)
+    return ChunkedPipelineModule(
+        layers=layer_specs(config),
+        topology=PipeDataParallelTopology(options.stages, 1),
+        loss_fn=lm_loss,
+        chunks=chunks,
+        placement=placement,
+        partition_method=cut,
+        seed_layers=True,
+        base_seed=1234,
+    )
 
 
 def batches(options: BenchOptions):
     gen = torch.Generator().manual_seed(0)
-    ids = [torch.randint(options.vocab, (options.micro_batch_size, options.seq), generator=gen)
-           for _ in range(options.micro_batches)]
+    ids = [
+        torch.randint(options.vocab, (options.micro_batch_size, options.seq), generator=gen)
+        for _ in range(options.micro_batches)
+    ]
     return [(x, torch.roll(x, -1, dims=1)) for x in ids]
 
 
-def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[float, float, float, float]]:
+def _stage_costs(
+    module, options: BenchOptions, rank: int
+) -> dict[int, tuple[float, float, float, float]]:
     """Median F, I, W, B seconds of each chunk of this rank, keyed by global stage."""
     store = WeightGradStore()
     enable_split_backward(module, store)
@@ -162,15 +180,22 @@ def _stage_costs(module, options: BenchOptions, rank: int) -> dict[int, tuple[fl
         first, last = module.is_first_stage_chunk(chunk), module.is_last_stage_chunk(chunk)
 
         def forward():
-            x = ids if first else torch.randn(options.micro_batch_size, options.seq, options.hidden,
-                                              requires_grad=True)
+            x = (
+                ids
+                if first
+                else torch.randn(
+                    options.micro_batch_size, options.seq, options.hidden, requires_grad=True
+                )
+            )
             out = module.chunk_forward(chunk, x)
             return module.loss_fn(out, labels) if last else out
 
         def backward(out):
             torch.autograd.backward(out, None if last else torch.ones_like(out))
 
-        costs[module.stage_of_chunk(chunk)] = time_passes(forward, backward, store, options.cost_repeats)
+        costs[module.stage_of_chunk(chunk)] = time_passes(
+            forward, backward, store, options.cost_repeats
+        )
     module.zero_grad(set_to_none=True)
     return costs
 
@@ -191,53 +216,93 @@ def activation_latency(options: BenchOptions, rank: int) -> float:
     """Half a ping-pong of one activation of the bench model between pipeline ranks 0 and 1."""
     if options.stages < 2:
         return 0.0
-    return comm_latency((options.micro_batch_size, options.seq, options.hidden), options.cost_repeats, rank)
+    return comm_latency(
+        (options.micro_batch_size, options.seq, options.hidden), options.cost_repeats, rank
+    )
 
 
 def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     plan = options.plan()
     step_batches = batches(options)
-    ds_config = {"train_micro_batch_size_per_gpu": options.micro_batch_size,
-                 "gradient_accumulation_steps": options.micro_batches,
-                 "train_batch_size": options.micro_batch_size * options.micro_batches,
-                 "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
-    schedules = [None if name == "auto"
-                 else build("1f1b" if name == BASELINE else name, options.stages, options.micro_batches, layout[0])
-                 for name, layout in ((row[0], row[1:]) for row in plan)]
+    ds_config = {
+        "train_micro_batch_size_per_gpu": options.micro_batch_size,
+        "gradient_accumulation_steps": options.micro_batches,
+        "train_batch_size": options.micro_batch_size * options.micro_batches,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,
+    }
+    schedules = [
+        None
+        if name == "auto"
+        else build(
+            "1f1b" if name == BASELINE else name, options.stages, options.micro_batches, layout[0]
+        )
+        for name, layout in ((row[0], row[1:]) for row in plan)
+    ]
     # auto: the same memory as the hungriest fixed synchronous schedule (activations, replicas)
-    fixed = [simulate(schedule) for schedule in schedules if schedule is not None and not schedule.backward_weights]
+    fixed = [
+        simulate(schedule)
+        for schedule in schedules
+        if schedule is not None and not schedule.backward_weights
+    ]
     memory = max((sim.peak_activations for sim in fixed), default=None)
     replicas = int(max((sim.weight_copies for sim in fixed), default=1))
     # cost models are measured on modules of their own, with the same weights, before
     # the engines are built: auto is computed from them, in the layout it chooses
     # (each of its candidate layouts is measured, and each candidate placement is
     # weighed on its own layout's costs)
-    candidates = [(placement.chunks, placement.name) for placement in auto_layouts(options.stages, replicas)]
-    probes = {layout: _model(options, *layout) for layout in dict.fromkeys(
-        [row[1:] for row in plan] + [(*c, row[3]) for row in plan if row[0] == "auto" for c in candidates])}
+    candidates = [
+        (placement.chunks, placement.name) for placement in auto_layouts(options.stages, replicas)
+    ]
+    probes = {
+        layout: _model(options, *layout)
+        for layout in dict.fromkeys(
+            [row[1:] for row in plan]
+            + [(*c, row[3]) for row in plan if row[0] == "auto" for c in candidates]
+        )
+    }
     comm = activation_latency(options, rank)
     layouts: dict[tuple[int, str, str], Costs] = {}
     for layout, probe in probes.items():
-        _progress(rank, f"measuring F/I/W/B per stage for {layout[0]} chunk(s) in {layout[1]} placement, "
-                        f"partition {layout[2]}")
+        _progress(
+            rank,
+            f"measuring F/I/W/B per stage for {layout[0]} chunk(s) in {layout[1]} placement, "
+            f"partition {layout[2]}",
+        )
         gathered: list = [None] * world
         dist.all_gather_object(gathered, _stage_costs(probe, options, rank))
         stages = {s: c for part in gathered for s, c in part.items()}
-        layouts[layout] = Costs(comm=comm, per_stage=tuple(stages[s] for s in sorted(stages)),
-                                replica_reduce=replica_reduce_time(probe, options))
+        layouts[layout] = Costs(
+            comm=comm,
+            per_stage=tuple(stages[s] for s in sorted(stages)),
+            replica_reduce=replica_reduce_time(probe, options),
+        )
 
     def engine(name: str, schedule, layout):
         module = _model(options, *layout)
         optimizer = torch.optim.SGD(module.parameters(), lr=1e-4)
-        return initialize(model=module, optimizer=optimizer, config=ds_config,
-                          schedule=name if schedule is None else schedule)[0]
+        return initialize(
+            model=module,
+            optimizer=optimizer,
+            config=ds_config,
+            schedule=name if schedule is None else schedule,
+        )[0]
 
     # auto's candidates: its simulated best programs, each built in its own layout
-    trials = {index: [(schedule, engine("auto", schedule, (schedule.chunks, schedule.placement.name, cut)))
-                      for schedule, _ in ranked(options.stages, options.micro_batches,
-                                                {c[1]: layouts[(*c, cut)] for c in candidates}, memory,
-                                                replicas=replicas)[:options.auto_candidates]]
-              for index, (name, *_, cut) in enumerate(plan) if name == "auto"}
+    trials = {
+        index: [
+            (schedule, engine("auto", schedule, (schedule.chunks, schedule.placement.name, cut)))
+            for schedule, _ in ranked(
+                options.stages,
+                options.micro_batches,
+                {c[1]: layouts[(*c, cut)] for c in candidates},
+                memory,
+                replicas=replicas,
+            )[: options.auto_candidates]
+        ]
+        for index, (name, *_, cut) in enumerate(plan)
+        if name == "auto"
+    }
     engines = [None if name == "auto" else engine(name, None, layout) for name, *layout in plan]
 
     def step(engine) -> float:
@@ -269,7 +334,9 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
 
     shuffle = random.Random(0).shuffle
     timed = {index: e for index, e in enumerate(engines) if e is not None}
-    timed |= {(index, k): e for index, programs in trials.items() for k, (_, e) in enumerate(programs)}
+    timed |= {
+        (index, k): e for index, programs in trials.items() for k, (_, e) in enumerate(programs)
+    }
     rounds(list(timed), options.warmup, "warm-up", {})
     optimizer_time = median_time(timed[0].optimizer.step, options.cost_repeats)
     # the trials run among all engines, as the timed rounds do: a schedule's time
@@ -279,17 +346,30 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     rounds(list(timed), options.auto_trials if trials else 0, "auto's trial", trial_times)
     choices = {}
     for index, programs in trials.items():
-        medians = [statistics.median(trial_times[(index, k)]) if options.auto_trials else 0.0
-                   for k in range(len(programs))]
-        chosen = min(range(len(programs)), key=lambda k: (medians[k], k))  # ties: the simulated best
+        medians = [
+            statistics.median(trial_times[(index, k)]) if options.auto_trials else 0.0
+            for k in range(len(programs))
+        ]
+        chosen = min(
+            range(len(programs)), key=lambda k: (medians[k], k)
+        )  # ties: the simulated best
         schedules[index], timed[index] = programs[chosen]
         cut = plan[index][3]
         plan[index] = ("auto", schedules[index].chunks, schedules[index].placement.name, cut)
-        choices[index] = [{"origin": origin(schedule) or f"auto ({schedule.placement.name})",
-                           "predicted_step_s": float(simulate(schedule, layouts[(schedule.chunks,
-                                                     schedule.placement.name, cut)]).makespan) + optimizer_time,
-                           "trial_s": median, "chosen": k == chosen}
-                          for k, ((schedule, _), median) in enumerate(zip(programs, medians))]
+        choices[index] = [
+            {
+                "origin": origin(schedule) or f"auto ({schedule.placement.name})",
+                "predicted_step_s": float(
+                    simulate(
+                        schedule, layouts[(schedule.chunks, schedule.placement.name, cut)]
+                    ).makespan
+                )
+                + optimizer_time,
+                "trial_s": median,
+                "chosen": k == chosen,
+            }
+            for k, ((schedule, _), median) in enumerate(zip(programs, medians))
+        ]
     times: dict = {}
     rounds(list(range(len(plan))), options.repeats, "timed", times)
     rows = []
@@ -299,16 +379,33 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         costs = layouts[(chunks, placement, cut)]
         if steady:  # the stream's growth per call on the asynchronous engine's costs: its
             # backward first recomputes the forward (it keeps only a chunk's input), U is an optimizer step
-            engine_costs = dataclasses.replace(costs, update=optimizer_time, per_stage=tuple(
-                (f, i + f, w, *(b + f for b in fused)) for f, i, w, *fused in costs.per_stage))
-            predicted = float(steady_call(name, options.stages, options.micro_batches, engine_costs))
+            engine_costs = dataclasses.replace(
+                costs,
+                update=optimizer_time,
+                per_stage=tuple(
+                    (f, i + f, w, *(b + f for b in fused)) for f, i, w, *fused in costs.per_stage
+                ),
+            )
+            predicted = float(
+                steady_call(name, options.stages, options.micro_batches, engine_costs)
+            )
         else:
             predicted = float(simulate(schedule, costs).makespan) + optimizer_time
-        rows.append({"schedule": name, "stages": options.stages, "micro_batches": options.micro_batches,
-                     "chunks": chunks, "placement": placement, "partition": cut.split(":")[0] if
-                     cut.startswith("balanced:") else cut, "asynchronous": steady,
-                     "step_time_s": statistics.median(column), "step_times_s": column,
-                     "predicted_step_s": predicted, "costs": costs.to_json()})
+        rows.append(
+            {
+                "schedule": name,
+                "stages": options.stages,
+                "micro_batches": options.micro_batches,
+                "chunks": chunks,
+                "placement": placement,
+                "partition": cut.split(":")[0] if cut.startswith("balanced:") else cut,
+                "asynchronous": steady,
+                "step_time_s": statistics.median(column),
+                "step_times_s": column,
+                "predicted_step_s": predicted,
+                "costs": costs.to_json(),
+            }
+        )
         if index in choices:
             rows[-1]["auto_trials"] = choices[index]
     base, base_predicted = rows[0]["step_time_s"], rows[0]["predicted_step_s"]
@@ -330,15 +427,25 @@ def paired_with_fastest_fixed(rows: list[dict]) -> None:
     fastest = min(fixed, key=lambda row: row["step_time_s"])
     for row in rows:
         ratios = [t / b for t, b in zip(row["step_times_s"], fastest["step_times_s"])]
-        row["vs_fastest_fixed"] = {"schedule": fastest["schedule"], "partition": fastest["partition"],
-                                   "median_ratio": statistics.median(ratios),
-                                   "faster_rounds": sum(r < 1 for r in ratios), "rounds": len(ratios)}
+        row["vs_fastest_fixed"] = {
+            "schedule": fastest["schedule"],
+            "partition": fastest["partition"],
+            "median_ratio": statistics.median(ratios),
+            "faster_rounds": sum(r < 1 for r in ratios),
+            "rounds": len(ratios),
+        }
 
 
 def tiny_config(options: BenchOptions) -> TinyConfig:
     """The bench's Llama-shaped model (:mod:`pp_ext.testing.tiny`) at ``options``' sizes."""
-    return TinyConfig(vocab=options.vocab, hidden=options.hidden, heads=options.heads,
-                      intermediate=options.intermediate, blocks=options.blocks_per_rank * options.stages, tied=False)
+    return TinyConfig(
+        vocab=options.vocab,
+        hidden=options.hidden,
+        heads=options.heads,
+        intermediate=options.intermediate,
+        blocks=options.blocks_per_rank * options.stages,
+        tied=False,
+    )
 
 
 def _profile_worker(rank: int, world: int, options: BenchOptions) -> Profile | None:
@@ -346,17 +453,29 @@ def _profile_worker(rank: int, world: int, options: BenchOptions) -> Profile | N
     layers = layer_specs(config)
     # pipeline 1 x data 2: each rank holds every layer, one chunk each; the second
     # rank is the peer of the p2p measurement
-    module = ChunkedPipelineModule(layers=layers, topology=PipeDataParallelTopology(1, world), loss_fn=lm_loss,
-                                   chunks=len(layers), partition_method="uniform", seed_layers=True,
-                                   base_seed=1234)
+    module = ChunkedPipelineModule(
+        layers=layers,
+        topology=PipeDataParallelTopology(1, world),
+        loss_fn=lm_loss,
+        chunks=len(layers),
+        partition_method="uniform",
+        seed_layers=True,
+        base_seed=1234,
+    )
     torch.set_num_threads(1)
     comm = activation_latency(options, rank)
     latency, bandwidth = allreduce_model(module, options.cost_repeats)
     if rank != 0:
         return None
     ids, labels = batches(options)[0]
-    return Profile(tuple(measure_layers(module, ids, labels, options.cost_repeats)), comm,
-                   options.micro_batch_size, options.seq, allreduce_latency=latency, allreduce_bandwidth=bandwidth)
+    return Profile(
+        tuple(measure_layers(module, ids, labels, options.cost_repeats)),
+        comm,
+        options.micro_batch_size,
+        options.seq,
+        allreduce_latency=latency,
+        allreduce_bandwidth=bandwidth,
+    )
 
 
 def profile_tiny(options: BenchOptions) -> Profile:
@@ -375,6 +494,10 @@ def run(options: BenchOptions) -> list[dict]:
         if "balanced" in options.partitions:
             _progress(0, "profiling the model layer by layer for the balanced partition")
             path = profile_tiny(options).save(f"{folder}/profile.json")
-            options = dataclasses.replace(options, partitions=tuple(
-                f"balanced:{path}" if cut == "balanced" else cut for cut in options.partitions))
+            options = dataclasses.replace(
+                options,
+                partitions=tuple(
+                    f"balanced:{path}" if cut == "balanced" else cut for cut in options.partitions
+                ),
+            )
         return spawn(worker, options.stages, options)[0]

@@ -14,6 +14,7 @@ one activation and the all-reduce are timed with the same code as ``pp-ext bench
 sizes (a few bytes, and the model's parameters): the replica sum of Chimera's two
 pipelines is priced from it (:meth:`~pp_ext.schedules.cost_model.Profile.stage_costs`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,42 +22,66 @@ import sys
 import torch
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-from pp_ext.schedules.cost_model import Profile
 from pp_ext.bench.measure import allreduce_model, comm_latency, measure_layers
-from pp_ext.testing.spawn import spawn
 from pp_ext.hf import build_pipeline_module
 from pp_ext.hf.loading import load_config
+from pp_ext.schedules.cost_model import Profile
+from pp_ext.testing.spawn import spawn
 from pp_ext.training.loss import LanguageModelLoss
 from pp_ext.training.preflight import recipe_layer_specs
 
 
-def _recipe_worker(rank: int, world: int, recipe, sizes: tuple[int, ...], repeats: int) -> dict | None:
+def _recipe_worker(
+    rank: int, world: int, recipe, sizes: tuple[int, ...], repeats: int
+) -> dict | None:
     config = load_config(recipe.model.path)
     loss = LanguageModelLoss()
     chunks = len(recipe_layer_specs(recipe))
     # every layer its own chunk on each rank of pipeline 1 x data 2 (the second rank is the p2p peer)
-    module = build_pipeline_module(recipe.model.path, topology=PipeDataParallelTopology(1, world), chunks=chunks,
-                                   partition_method="uniform", loss_fn=loss, dtype=recipe.model.dtype,
-                                   attn_implementation=recipe.model.attn_implementation, seed=recipe.train.seed)
+    module = build_pipeline_module(
+        recipe.model.path,
+        topology=PipeDataParallelTopology(1, world),
+        chunks=chunks,
+        partition_method="uniform",
+        loss_fn=loss,
+        dtype=recipe.model.dtype,
+        attn_implementation=recipe.model.attn_implementation,
+        seed=recipe.train.seed,
+    )
     loss.tensor_axis = module.tensor_axis
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     module.to(device)
     # one rank (one GPU): no peer, so p2p and the all-reduce are priced at 0 (profile_ranks)
     latency, bandwidth = allreduce_model(module, repeats) if world > 1 else (0.0, float("inf"))
     profiles = {}
     for index, size in enumerate(sizes):
         if rank == 0:
-            print(f"pp-ext tune: measuring {chunks} layers at micro-batch size {size} x {recipe.data.seq_len} "
-                  f"tokens ({index + 1} of {len(sizes)}, {device.type})", file=sys.stderr, flush=True)
+            print(
+                f"pp-ext tune: measuring {chunks} layers at micro-batch size {size} x {recipe.data.seq_len} "
+                f"tokens ({index + 1} of {len(sizes)}, {device.type})",
+                file=sys.stderr,
+                flush=True,
+            )
         # p2p of one activation of the hidden width (float32, as bench sends it)
-        comm = comm_latency((size, recipe.data.seq_len, config.hidden_size), repeats, rank) if world > 1 else 0.0
+        comm = (
+            comm_latency((size, recipe.data.seq_len, config.hidden_size), repeats, rank)
+            if world > 1
+            else 0.0
+        )
         if rank != 0:
             continue
         gen = torch.Generator().manual_seed(recipe.train.seed)
-        ids = torch.randint(config.vocab_size, (size, recipe.data.seq_len), generator=gen).to(device)
+        ids = torch.randint(config.vocab_size, (size, recipe.data.seq_len), generator=gen).to(
+            device
+        )
         layers = measure_layers(module, ids, torch.roll(ids, -1, dims=1), repeats)
-        profiles[size] = Profile(tuple(layers), comm, size, recipe.data.seq_len, recipe.model.dtype,
-                                 latency, bandwidth)
+        profiles[size] = Profile(
+            tuple(layers), comm, size, recipe.data.seq_len, recipe.model.dtype, latency, bandwidth
+        )
     return profiles if rank == 0 else None
 
 
@@ -67,7 +92,9 @@ def profile_ranks() -> int:
     return 1 if torch.cuda.is_available() and torch.cuda.device_count() < 2 else 2
 
 
-def profile_recipe(recipe, sizes: tuple[int, ...], repeats: int = 5, ranks: int | None = None) -> dict[int, Profile]:
+def profile_recipe(
+    recipe, sizes: tuple[int, ...], repeats: int = 5, ranks: int | None = None
+) -> dict[int, Profile]:
     """Profiles of the recipe's model at each micro-batch size in ``sizes`` (its
     ``data.seq_len`` and ``model.dtype``), measured in one launch of ``ranks`` local
     ranks (default :func:`profile_ranks`)."""

@@ -18,6 +18,7 @@ tensors) and each is materialised, written and dropped in turn. Everything is wr
 sibling folder renamed into place at the end, so a crash never leaves a half-written
 ``out_dir``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,8 +51,11 @@ class ExportError(Exception):
     """A checkpoint that cannot be exported, said in one line with what to do."""
 
 
-def save_hf_metadata(tag_dir: str | Path, model: str | Path | PretrainedConfig,
-                     tokenizer_dir: str | Path | None = None) -> Path:
+def save_hf_metadata(
+    tag_dir: str | Path,
+    model: str | Path | PretrainedConfig,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
     """Write ``<tag_dir>/hf_meta/``: what rebuilds the HF model from the checkpoint.
 
     From the model folder: config.json and generation_config.json (a config: its
@@ -73,8 +77,10 @@ def save_hf_metadata(tag_dir: str | Path, model: str | Path | PretrainedConfig,
         tokenizer_dir = model if tokenizer_dir is None else tokenizer_dir
     if tokenizer_dir is not None:
         if not Path(tokenizer_dir).is_dir():
-            raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist: pass the folder that holds "
-                                    f"tokenizer.json / tokenizer_config.json")
+            raise FileNotFoundError(
+                f"tokenizer folder {tokenizer_dir} does not exist: pass the folder that holds "
+                f"tokenizer.json / tokenizer_config.json"
+            )
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(meta)
     return meta
 
@@ -84,17 +90,23 @@ def tag_dir_of(checkpoint: str | Path, tag: str | None = None) -> Path:
     ``checkpoint`` itself when it is a tag folder (holds ``hf_meta``)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
-        raise ExportError(f"checkpoint folder {checkpoint} does not exist: pass a DeepSpeed save dir or one of its tags")
+        raise ExportError(
+            f"checkpoint folder {checkpoint} does not exist: pass a DeepSpeed save dir or one of its tags"
+        )
     if tag is None and (checkpoint / HF_META).is_dir():
         return checkpoint
     if tag is None:
         if not (checkpoint / LATEST).is_file():
-            raise ExportError(f"{checkpoint} has no '{LATEST}' file and no {HF_META}/: pass --tag TAG "
-                              f"(or the tag folder itself)")
+            raise ExportError(
+                f"{checkpoint} has no '{LATEST}' file and no {HF_META}/: pass --tag TAG "
+                f"(or the tag folder itself)"
+            )
         tag = (checkpoint / LATEST).read_text().strip()
     if not (checkpoint / tag).is_dir():
         tags = sorted(p.name for p in checkpoint.iterdir() if p.is_dir())
-        raise ExportError(f"{checkpoint} has no tag {tag!r}: its tags are {', '.join(tags) or 'none'}")
+        raise ExportError(
+            f"{checkpoint} has no tag {tag!r}: its tags are {', '.join(tags) or 'none'}"
+        )
     return checkpoint / tag
 
 
@@ -103,13 +115,17 @@ def layer_files(tag_dir: Path, idx: int) -> list[Path]:
     tensor rank, in rank order."""
     files = sorted(tag_dir.glob(f"layer_{idx:02d}-*model_states.pt"))
     if not files:
-        raise ExportError(f"{tag_dir} has no layer_{idx:02d}-model_states.pt: the checkpoint is incomplete "
-                          f"or was saved from another model than {HF_META}/{CONFIG_NAME} describes")
+        raise ExportError(
+            f"{tag_dir} has no layer_{idx:02d}-model_states.pt: the checkpoint is incomplete "
+            f"or was saved from another model than {HF_META}/{CONFIG_NAME} describes"
+        )
     expected = [f"layer_{idx:02d}-model_{rank:02d}-model_states.pt" for rank in range(len(files))]
     if len(files) > 1 and [f.name for f in files] != expected:
-        raise ExportError(f"{tag_dir} holds layer {idx} in {len(files)} tensor-parallel slices "
-                          f"({', '.join(f.name for f in files)}) that are not {expected[0]} .. {expected[-1]}: "
-                          f"the checkpoint mixes runs; export a tag written by one run")
+        raise ExportError(
+            f"{tag_dir} holds layer {idx} in {len(files)} tensor-parallel slices "
+            f"({', '.join(f.name for f in files)}) that are not {expected[0]} .. {expected[-1]}: "
+            f"the checkpoint mixes runs; export a tag written by one run"
+        )
     return files
 
 
@@ -133,6 +149,7 @@ class Stored:
     """Where one tensor of the checkpoint lies: its layer file(s) and the key in them,
     with the whole tensor's shape. Parts of a tensor-parallel tensor lie in one file
     per tensor rank and are merged by ``split``; a whole tensor lies in ``paths[0]``."""
+
     paths: tuple[Path, ...]
     key: str
     shape: torch.Size
@@ -153,27 +170,44 @@ def load_layer(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
 
 
-def layer_tensors(tag_dir: Path, idx: int, spec: LayerSpec) -> tuple[torch.nn.Module, dict[str, Stored]]:
+def layer_tensors(
+    tag_dir: Path, idx: int, spec: LayerSpec
+) -> tuple[torch.nn.Module, dict[str, Stored]]:
     """Layer ``idx`` of the checkpoint: ``spec`` built on the meta device for the saved
     tensor size (one file per tensor rank), and where each of its tensors lies, under
     its ``state_dict`` name, with the cut that merges its parts."""
     paths = tuple(layer_files(tag_dir, idx))
     try:
-        with torch.device("meta"), tp.using(tp.TensorAxis(len(paths))):  # every rank's part has one shape
+        with (
+            torch.device("meta"),
+            tp.using(tp.TensorAxis(len(paths))),
+        ):  # every rank's part has one shape
             layer = spec.build()
     except ValueError as err:  # a config that cannot be cut so many ways
-        raise ExportError(f"{paths[0].name} is one of {len(paths)} tensor-parallel slices: {err}") from None
+        raise ExportError(
+            f"{paths[0].name} is one of {len(paths)} tensor-parallel slices: {err}"
+        ) from None
     expected, cut = layer.state_dict(), tp.splits(layer)
     for path in paths:
         state = load_layer(path)
-        if state.keys() != expected.keys() or any(state[k].shape != expected[k].shape for k in state):
-            raise ExportError(f"{path.name} does not hold the tensors of {type(layer).__name__} as "
-                              f"{HF_META}/{CONFIG_NAME} describes it (names or shapes differ): export with the "
-                              f"config the checkpoint was trained with")
-    return layer, {local: Stored(paths if local in cut else paths[:1], local,
-                                 cut[local].whole_shape(tensor.shape) if local in cut else tensor.shape,
-                                 state[local].dtype, cut.get(local))
-                   for local, tensor in expected.items()}
+        if state.keys() != expected.keys() or any(
+            state[k].shape != expected[k].shape for k in state
+        ):
+            raise ExportError(
+                f"{path.name} does not hold the tensors of {type(layer).__name__} as "
+                f"{HF_META}/{CONFIG_NAME} describes it (names or shapes differ): export with the "
+                f"config the checkpoint was trained with"
+            )
+    return layer, {
+        local: Stored(
+            paths if local in cut else paths[:1],
+            local,
+            cut[local].whole_shape(tensor.shape) if local in cut else tensor.shape,
+            state[local].dtype,
+            cut.get(local),
+        )
+        for local, tensor in expected.items()
+    }
 
 
 def checkpoint_tensors(tag_dir: Path, config: PretrainedConfig) -> dict[str, Stored]:
@@ -193,20 +227,30 @@ def checkpoint_tensors(tag_dir: Path, config: PretrainedConfig) -> dict[str, Sto
 def _check_keys(tensors: dict, expected: set[str]) -> None:
     missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
     if missing or unexpected:
-        raise ExportError(f"the checkpoint's tensors are not the HF model's: missing {missing or 'none'}, "
-                          f"unexpected {unexpected or 'none'} (e.g. saved with exclude_frozen_parameters, "
-                          f"or another config)")
+        raise ExportError(
+            f"the checkpoint's tensors are not the HF model's: missing {missing or 'none'}, "
+            f"unexpected {unexpected or 'none'} (e.g. saved with exclude_frozen_parameters, "
+            f"or another config)"
+        )
 
 
-def _write_weights(tensors: dict[str, Stored], names: dict[str, str], dtype: torch.dtype, folder: Path,
-                   max_shard_size: int | str) -> None:
+def _write_weights(
+    tensors: dict[str, Stored],
+    names: dict[str, str],
+    dtype: torch.dtype,
+    folder: Path,
+    max_shard_size: int | str,
+) -> None:
     """Safetensors shards (+ index) of ``tensors`` stored as ``names``, one shard in
     memory at a time. Shards follow the layer order, so keeping the last layer's files
     (one per tensor rank) open reads each file about once."""
+
     def cast(t: Stored) -> torch.dtype:
         return dtype if t.dtype.is_floating_point else t.dtype
 
-    shapes = {names[k]: torch.empty(t.shape, dtype=cast(t), device="meta") for k, t in tensors.items()}
+    shapes = {
+        names[k]: torch.empty(t.shape, dtype=cast(t), device="meta") for k, t in tensors.items()
+    }
     try:
         plan = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
     except ValueError as err:
@@ -222,7 +266,9 @@ def _write_weights(tensors: dict[str, Stored], names: dict[str, str], dtype: tor
         del shard
     if plan.is_sharded:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
-        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n"
+        )
 
 
 def _replace(tmp: Path, out_dir: Path) -> None:
@@ -236,9 +282,15 @@ def _replace(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, tag: str | None = None,
-                      dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
-                      overwrite: bool = False) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    tag: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> Path:
     """Write the HF folder of a pp-ext checkpoint to ``out_dir`` (returned).
 
     ``checkpoint`` is a DeepSpeed save dir (its ``latest`` tag, or ``tag``) or a tag
@@ -252,11 +304,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, tag: str |
     tag_dir, out_dir = tag_dir_of(checkpoint, tag), Path(out_dir)
     meta = tag_dir / HF_META
     if not (meta / CONFIG_NAME).is_file():
-        raise ExportError(f"{tag_dir} has no {HF_META}/{CONFIG_NAME}: the training job writes it with "
-                          f"pp_ext.hf.save_hf_metadata(tag_dir, model_dir) on rank 0 after save_checkpoint")
+        raise ExportError(
+            f"{tag_dir} has no {HF_META}/{CONFIG_NAME}: the training job writes it with "
+            f"pp_ext.hf.save_hf_metadata(tag_dir, model_dir) on rank 0 after save_checkpoint"
+        )
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite):
-        raise ExportError(f"output folder {out_dir} already exists and is not empty: pass overwrite "
-                          f"(--overwrite) to replace it, or choose another folder")
+        raise ExportError(
+            f"output folder {out_dir} already exists and is not empty: pass overwrite "
+            f"(--overwrite) to replace it, or choose another folder"
+        )
     try:
         out_dtype = None if dtype is None else to_dtype(dtype)
     except ValueError as err:

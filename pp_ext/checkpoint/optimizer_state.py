@@ -25,6 +25,7 @@ here as ``ds_to_universal`` reads them, and written as its loader
 (``BaseOptimizer.load_hp_checkpoint_state_from_checkpoint_dir`` with
 ``load_hp_checkpoint_state``) writes them, from tensors in memory instead of files.
 """
+
 from __future__ import annotations
 
 import re
@@ -46,7 +47,9 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def saved(tag_dir: Path, model_states: list[dict]) -> tuple[dict[tuple[int, str], dict], list[dict]]:
+def saved(
+    tag_dir: Path, model_states: list[dict]
+) -> tuple[dict[tuple[int, str], dict], list[dict]]:
     """``({(tensor rank, name): state}, param_groups)`` of the checkpoint in ``tag_dir``,
     whose ``mp_rank_XX_model_states.pt`` files (in XX order) are ``model_states``. A
     state is the torch optimizer's for that parameter (``exp_avg``, ``exp_avg_sq``,
@@ -67,19 +70,27 @@ def saved(tag_dir: Path, model_states: list[dict]) -> tuple[dict[tuple[int, str]
             optimizer = _load(path)["optimizer_state_dict"]
             groups = groups or optimizer["base_optimizer_state"]["param_groups"]
             for i, mappings in enumerate(optimizer["param_slice_mappings"]):
-                flat_state = {FP32: optimizer["single_partition_of_fp32_groups"][i],
-                              **optimizer["base_optimizer_state"]["state"].get(i, {})}
+                flat_state = {
+                    FP32: optimizer["single_partition_of_fp32_groups"][i],
+                    **optimizer["base_optimizer_state"]["state"].get(i, {}),
+                }
                 for name, address in mappings.items():
                     pieces = parts.setdefault(name, {})
                     for key, value in flat_state.items():
                         if torch.is_tensor(value) and value.dim() > 0:
-                            pieces.setdefault(key, []).append(value.narrow(0, address.start, address.numel))
+                            pieces.setdefault(key, []).append(
+                                value.narrow(0, address.start, address.numel)
+                            )
                         else:
                             pieces[key] = value
         for name, pieces in parts.items():
-            by_name.setdefault((model_state.get("tensor_rank", 0), name),
-                               {key: torch.cat(value) if isinstance(value, list) else value
-                                for key, value in pieces.items()})
+            by_name.setdefault(
+                (model_state.get("tensor_rank", 0), name),
+                {
+                    key: torch.cat(value) if isinstance(value, list) else value
+                    for key, value in pieces.items()
+                },
+            )
     return by_name, groups
 
 
@@ -99,8 +110,10 @@ def write(engine, states: dict[torch.nn.Parameter, dict | None]) -> None:
     if not flat(engine):
         for param, state in states.items():
             if state is not None:
-                engine.optimizer.state[param] = {k: v.clone().to(param.device) if torch.is_tensor(v) else v
-                                                 for k, v in state.items()}
+                engine.optimizer.state[param] = {
+                    k: v.clone().to(param.device) if torch.is_tensor(v) else v
+                    for k, v in state.items()
+                }
         return
     _write_flat(engine.optimizer, states)
 
@@ -111,7 +124,9 @@ def _write_flat(optimizer, states: dict[torch.nn.Parameter, dict]) -> None:
     is assembled from the fragments (``map_to_flat_opt_states``), and the bf16 weights
     are cast from the masters (``update_lp_params``)."""
     # the lp groups DeepSpeed's own _load_universal_checkpoint names: ZeRO's, BF16_Optimizer's
-    lp_groups = optimizer.bit16_groups if hasattr(optimizer, "bit16_groups") else optimizer.bf16_groups
+    lp_groups = (
+        optimizer.bit16_groups if hasattr(optimizer, "bit16_groups") else optimizer.bf16_groups
+    )
     for lp_group, group in zip(lp_groups, optimizer.optimizer.param_groups):
         hp_param, keys, step = group["params"][0], set(), None
         for lp in lp_group:
@@ -119,13 +134,18 @@ def _write_flat(optimizer, states: dict[torch.nn.Parameter, dict]) -> None:
             if mapping is None:  # the parameter lies wholly in another data rank's partition
                 continue
             state, address = states[lp], mapping.lp_fragment_address
-            fragment = {key: value.to(hp_param.device).flatten().narrow(0, address.start, address.numel)
-                        for key, value in state.items() if torch.is_tensor(value) and value.dim() > 0}
+            fragment = {
+                key: value.to(hp_param.device).flatten().narrow(0, address.start, address.numel)
+                for key, value in state.items()
+                if torch.is_tensor(value) and value.dim() > 0
+            }
             mapping.hp_fragment.data.copy_(fragment.pop(FP32))
             mapping.optim_fragment = {key: value.clone() for key, value in fragment.items()}
             keys |= fragment.keys()
             step = state.get("step", step)
         if step is not None:
-            optimizer.optimizer.state[hp_param]["step"] = step.clone() if torch.is_tensor(step) else step
+            optimizer.optimizer.state[hp_param]["step"] = (
+                step.clone() if torch.is_tensor(step) else step
+            )
         map_to_flat_opt_states(hp_param, lp_group, optimizer.optimizer.state, keys)
     optimizer.update_lp_params()

@@ -25,6 +25,7 @@ older pp-ext), and a change between fp32 and bf16 / ZeRO (their optimizers keep
 different state). A tensor size the model's vocabulary, heads or MLP width does not
 divide is refused before launch (:func:`pp_ext.tp.check_tensor_split`).
 """
+
 from __future__ import annotations
 
 from functools import cache
@@ -35,8 +36,8 @@ from deepspeed.pipe import TiedLayerSpec
 
 from pp_ext import tp
 from pp_ext.checkpoint import optimizer_state
-from pp_ext.checkpoint.tags import CheckpointError
 from pp_ext.checkpoint.export import layer_tensors, load_layer, saved_layers
+from pp_ext.checkpoint.tags import CheckpointError
 
 LAYOUT_KEYS = ("pipeline", "tensor", "data", "chunks", "placement", "partition")
 
@@ -58,7 +59,9 @@ def client_state(engine) -> dict:
 
 def changes(saved: dict, current: dict) -> list[str]:
     """The layout keys on which a checkpoint's marker and this run differ."""
-    return [f"{k} {saved.get(k)} -> {current[k]}" for k in LAYOUT_KEYS if saved.get(k) != current[k]]
+    return [
+        f"{k} {saved.get(k)} -> {current[k]}" for k in LAYOUT_KEYS if saved.get(k) != current[k]
+    ]
 
 
 def held_layers(module) -> list[tuple[int, str, torch.nn.Module]]:
@@ -72,13 +75,18 @@ def held_layers(module) -> list[tuple[int, str, torch.nn.Module]]:
         for idx in range(*module.chunk_bounds(chunk)):
             spec = specs[idx]
             if isinstance(spec, TiedLayerSpec):
-                held.setdefault(spec.key, (first[spec.key], f"tied_modules.{spec.key}.", module.tied_modules[spec.key]))
+                held.setdefault(
+                    spec.key,
+                    (first[spec.key], f"tied_modules.{spec.key}.", module.tied_modules[spec.key]),
+                )
             elif str(idx) in module._modules:
                 held.setdefault(idx, (idx, f"{idx}.", module._modules[str(idx)]))
     return list(held.values())
 
 
-def recut(parts: list[torch.Tensor], saved: tp.Split | None, current: tp.Split | None) -> torch.Tensor:
+def recut(
+    parts: list[torch.Tensor], saved: tp.Split | None, current: tp.Split | None
+) -> torch.Tensor:
     """This rank's part under ``current`` of the tensor whose saved parts (one per saved
     tensor rank) were cut by ``saved`` (None: replicated, tensor rank 0's is taken)."""
     whole = parts[0] if saved is None else saved.merge(parts)
@@ -89,21 +97,28 @@ def load(engine, tag_dir: Path, what_changed: list[str]) -> None:
     """Load ``tag_dir`` into ``engine`` under this run's layout (the step is in the
     checkpoint's marker): weights, optimizer state, learning-rate schedule, counters."""
     tag_dir = Path(tag_dir)
-    model_states = [torch.load(f, map_location="cpu", weights_only=False)
-                    for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt"))]
+    model_states = [
+        torch.load(f, map_location="cpu", weights_only=False)
+        for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    ]
+
     def named(state: dict) -> bool:  # parameter names, and the tensor rank where there were several
         one_rank = state.get("checkpoint_parallel_dimensions", {}).get("tp_degree") == 1
         return "param_names" in state and ("tensor_rank" in state or one_rank)
 
     if not model_states or not all(named(s) for s in model_states):
-        raise CheckpointError(f"checkpoint {tag_dir} has no parameter names (saved by an older pp-ext): "
-                              f"resume with the saved layout")
+        raise CheckpointError(
+            f"checkpoint {tag_dir} has no parameter names (saved by an older pp-ext): "
+            f"resume with the saved layout"
+        )
     flat = optimizer_state.flat(engine)
     if flat != (model_states[0]["param_names"] is None):  # names are saved by fp32 runs only
         kinds = ("fp32 without ZeRO", "bf16 or ZeRO")
-        raise CheckpointError(f"checkpoint {tag_dir} was saved {kinds[not flat]}, this run is {kinds[flat]} "
-                              f"({', '.join(what_changed)}): their optimizers keep different state; resume "
-                              f"with the saved deepspeed.bases")
+        raise CheckpointError(
+            f"checkpoint {tag_dir} was saved {kinds[not flat]}, this run is {kinds[flat]} "
+            f"({', '.join(what_changed)}): their optimizers keep different state; resume "
+            f"with the saved deepspeed.bases"
+        )
     states, saved_groups = optimizer_state.saved(tag_dir, model_states)
     wanted, missing = {}, []  # param -> this rank's part of its saved state (None: none yet)
     for idx, prefix, layer in held_layers(engine.module):
@@ -115,22 +130,38 @@ def load(engine, tag_dir: Path, what_changed: list[str]) -> None:
             if not param.requires_grad:
                 continue
             name, where = prefix + local, stored[local]
-            ranks = range(len(where.paths))  # the saved tensor ranks' parts, or tensor rank 0's whole
+            ranks = range(
+                len(where.paths)
+            )  # the saved tensor ranks' parts, or tensor rank 0's whole
             if any((rank, name) not in states for rank in ranks):
                 missing.append(name)
                 continue
             parts = [states[rank, name] for rank in ranks]
-            wanted[param] = None if parts[0] is None else {
-                key: recut([part[key].view(shapes[local].shape) for part in parts], where.split,
-                           getattr(param, "tp_split", None)) if torch.is_tensor(value) and value.dim() > 0 else value
-                for key, value in parts[0].items()}
+            wanted[param] = (
+                None
+                if parts[0] is None
+                else {
+                    key: recut(
+                        [part[key].view(shapes[local].shape) for part in parts],
+                        where.split,
+                        getattr(param, "tp_split", None),
+                    )
+                    if torch.is_tensor(value) and value.dim() > 0
+                    else value
+                    for key, value in parts[0].items()
+                }
+            )
     if missing:
-        raise CheckpointError(f"checkpoint {tag_dir} holds no optimizer state for {missing[0]} "
-                              f"({len(missing)} parameters): is it a checkpoint of this model?")
+        raise CheckpointError(
+            f"checkpoint {tag_dir} holds no optimizer state for {missing[0]} "
+            f"({len(missing)} parameters): is it a checkpoint of this model?"
+        )
     optimizer_state.write(engine, wanted)
     if len(saved_groups) != len(engine.optimizer.param_groups):
-        raise CheckpointError(f"checkpoint {tag_dir} has {len(saved_groups)} optimizer parameter groups, this run "
-                              f"{len(engine.optimizer.param_groups)}: resume with the same optimizer")
+        raise CheckpointError(
+            f"checkpoint {tag_dir} has {len(saved_groups)} optimizer parameter groups, this run "
+            f"{len(engine.optimizer.param_groups)}: resume with the same optimizer"
+        )
     for group, saved in zip(engine.optimizer.param_groups, saved_groups):
         # the learning rate in force (the scheduler sets it only at its next step) and the rest
         group.update({k: v for k, v in saved.items() if k != "params"})

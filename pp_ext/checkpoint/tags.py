@@ -14,6 +14,7 @@ truncated or replaced later is found before DeepSpeed reads it (:func:`verify`).
 Sizes, not hashes: hashing a large model's optimizer state at every save would cost
 minutes, while truncation, the usual damage, always changes the size.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,11 @@ class CheckpointError(RecipeError):
 
 
 def _files(tag_dir: Path) -> dict[str, int]:
-    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-            if p.is_file() and p.name != MARKER}
+    return {
+        str(p.relative_to(tag_dir)): p.stat().st_size
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
 
 
 def mark_complete(save_dir: Path, tag: str, info: dict) -> None:
@@ -53,15 +57,23 @@ def verify(save_dir: Path, tag: str) -> None:
     tag_dir = Path(save_dir) / tag
     for name, size in info(save_dir, tag).get("files", {}).items():
         path = tag_dir / name
-        problem = ("is missing" if not path.is_file() else
-                   f"has {path.stat().st_size} bytes, {size} when saved (truncated or replaced)"
-                   if path.stat().st_size != size else None)
+        problem = (
+            "is missing"
+            if not path.is_file()
+            else f"has {path.stat().st_size} bytes, {size} when saved (truncated or replaced)"
+            if path.stat().st_size != size
+            else None
+        )
         if problem:
             older = [t for _, t in complete_tags(save_dir) if t < tag]
-            fix = (f"resume from an older one (checkpoint.resume={tag_dir.parent / older[-1]})" if older
-                   else "start afresh (checkpoint.resume=never)")
-            raise CheckpointError(f"checkpoint {tag_dir} is damaged: {name} {problem}: delete {tag_dir} "
-                                  f"or {fix}")
+            fix = (
+                f"resume from an older one (checkpoint.resume={tag_dir.parent / older[-1]})"
+                if older
+                else "start afresh (checkpoint.resume=never)"
+            )
+            raise CheckpointError(
+                f"checkpoint {tag_dir} is damaged: {name} {problem}: delete {tag_dir} or {fix}"
+            )
 
 
 def complete_tags(save_dir: Path) -> list[tuple[int, str]]:
@@ -89,8 +101,14 @@ def prune(save_dir: Path, keep: int) -> list[str]:
     doomed = [tag for _, tag in tags[:-keep]] if keep else []
     newest = (Path(save_dir) / tags[-1][1]).stat().st_mtime
     complete = {tag for _, tag in tags}
-    doomed += [p.name for p in Path(save_dir).iterdir() if p.is_dir() and p.name not in complete
-               and p.name.startswith("step-") and p.stat().st_mtime < newest]
+    doomed += [
+        p.name
+        for p in Path(save_dir).iterdir()
+        if p.is_dir()
+        and p.name not in complete
+        and p.name.startswith("step-")
+        and p.stat().st_mtime < newest
+    ]
     for tag in doomed:
         shutil.rmtree(Path(save_dir) / tag, ignore_errors=True)
     return doomed
@@ -115,5 +133,7 @@ def resume_point(resume: str, save_dir: Path) -> tuple[Path, str] | None:
         return path.parent, path.name
     if tags := complete_tags(path):
         return path, tags[-1][1]
-    raise RecipeError(f"checkpoint.resume={resume}: no complete pp-ext checkpoint there "
-                      f"(use auto, never, or a folder holding {MARKER})")
+    raise RecipeError(
+        f"checkpoint.resume={resume}: no complete pp-ext checkpoint there "
+        f"(use auto, never, or a folder holding {MARKER})"
+    )

@@ -10,6 +10,7 @@ prints it as one line ``pp-ext: error: ...`` on stderr and exits with its code.
 Keep heavy imports (torch, deepspeed, transformers, omegaconf) inside the handlers, so that
 ``pp-ext schedule ...`` starts in milliseconds on a machine without them.
 """
+
 from __future__ import annotations
 
 import argparse

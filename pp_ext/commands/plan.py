@@ -18,6 +18,7 @@ parameter column then counts one tensor rank's share (:mod:`pp_ext.tp`). A rank
 holds its peak number of micro-batches in flight (the simulator's ``peak act``) of
 these. An estimate for planning, not a measurement: ``pp-ext tune`` will measure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,21 @@ from . import CommandError, format_table
 
 
 def add_parser(subparsers) -> None:
-    plan = subparsers.add_parser("plan", help="rank layout, layers per rank, bubble and memory of a recipe",
-                                 description="Show what launching a recipe would do, without launching: "
-                                             "the pipe x tensor x data layout, layers per rank, the "
-                                             "schedule's bubble and an activation-memory estimate.")
+    plan = subparsers.add_parser(
+        "plan",
+        help="rank layout, layers per rank, bubble and memory of a recipe",
+        description="Show what launching a recipe would do, without launching: "
+        "the pipe x tensor x data layout, layers per rank, the "
+        "schedule's bubble and an activation-memory estimate.",
+    )
     plan.add_argument("--recipe", required=True, metavar="FILE", help="recipes/NAME.yaml")
-    plan.add_argument("--world-size", type=int, default=None, metavar="N",
-                      help="ranks to plan for (default: pipeline x tensor x data, data 1 when 'auto')")
+    plan.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ranks to plan for (default: pipeline x tensor x data, data 1 when 'auto')",
+    )
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     plan.set_defaults(handler=run_plan)
 
@@ -59,13 +68,17 @@ def layer_activation_bytes(config, recipe, tensor: int = 1) -> tuple[float, floa
         per_layer = 2 * s * b * h * width / 2
     else:
         per_layer = s * b * h * (10 + 24 / tensor) * width / 2  # 34 with one tensor rank
-        if recipe.model.attn_implementation == "eager":  # None (HF's default) is sdpa for most families
+        if (
+            recipe.model.attn_implementation == "eager"
+        ):  # None (HF's default) is sdpa for most families
             per_layer += 5 * a * s * s * b / tensor
     return per_layer, 4.0 * s * b * config.vocab_size / tensor
 
 
 def _names(specs) -> str:
-    from pp_ext.engine.module import layer_name  # torch: only when this command runs (pp_ext.commands)
+    from pp_ext.engine.module import (
+        layer_name,
+    )  # torch: only when this command runs (pp_ext.commands)
 
     def name(spec) -> str:  # a tied head runs its embedding's module through a function
         forward = getattr(spec, "forward_fn", None)
@@ -78,8 +91,8 @@ def _names(specs) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     # torch, deepspeed, omegaconf: only when this command runs (pp_ext.commands)
-    from pp_ext.engine.distributed import select_accelerator
     from pp_ext.config.recipe import RecipeError, load
+    from pp_ext.engine.distributed import select_accelerator
 
     select_accelerator()  # before deepspeed is first imported
     from pp_ext.training.preflight import check_before_launch
@@ -119,16 +132,20 @@ def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int)
     topology = PipeModelDataParallelTopology(num_pp=pipe, num_mp=tensor, num_dp=data)
     mbs, seq = recipe.train.micro_batch_size, recipe.data.seq_len
 
-    lines = [f"{recipe.model.path}: {config.model_type}, {len(specs)} pipeline layers "
-             f"({config.num_hidden_layers} decoder blocks), {sum(layer_param_counts(specs)) / 1e6:.1f} M parameters",
-             f"{world} ranks = pipeline {pipe} x tensor {tensor} x data {data}; schedule {name} "
-             f"({chunks} chunk{'s' * (chunks > 1)} per rank, {placement.name} placement), "
-             f"{recipe.parallel.micro_batches} micro-batches of {mbs} x {seq} tokens per data rank",
-             f"bubble at unit costs: {format_number(metrics['bubble_ratio'])} per step; peak activations "
-             f"in flight: {format_number(metrics['peak_activations'])} micro-batches of a rank's layers"]
+    lines = [
+        f"{recipe.model.path}: {config.model_type}, {len(specs)} pipeline layers "
+        f"({config.num_hidden_layers} decoder blocks), {sum(layer_param_counts(specs)) / 1e6:.1f} M parameters",
+        f"{world} ranks = pipeline {pipe} x tensor {tensor} x data {data}; schedule {name} "
+        f"({chunks} chunk{'s' * (chunks > 1)} per rank, {placement.name} placement), "
+        f"{recipe.parallel.micro_batches} micro-batches of {mbs} x {seq} tokens per data rank",
+        f"bubble at unit costs: {format_number(metrics['bubble_ratio'])} per step; peak activations "
+        f"in flight: {format_number(metrics['peak_activations'])} micro-batches of a rank's layers",
+    ]
     if tensor > 1:
-        lines.append(f"tensor parallel over {tensor} ranks (global ranks of a pipeline rank: tensor ranks "
-                     f"side by side, then data replicas): {tp.describe(config, tensor)}")
+        lines.append(
+            f"tensor parallel over {tensor} ranks (global ranks of a pipeline rank: tensor ranks "
+            f"side by side, then data replicas): {tp.describe(config, tensor)}"
+        )
     lines.append("")
     params = "params" if tensor == 1 else "params per tensor rank"
     table = [["pipeline rank", "global ranks", "stage: layers", params, "activations (est.)"]]
@@ -137,10 +154,19 @@ def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int)
         held = [i for start, stop in bounds for i in range(start, stop)]
         decoders = sum(1 for i in held if issubclass(specs[i].typename, HFDecoderLayer))
         act = simulation.peak_activations_per_rank[rank] * (
-            decoders * per_layer + (logits if len(specs) - 1 in held else 0))
-        table.append([str(rank), ",".join(map(str, topology.filter_match(pipe=rank))),
-                      "; ".join(f"{placement.holds(rank, c)[1]}: {_names(specs[start:stop])}"
-                                for c, (start, stop) in enumerate(bounds)),
-                      f"{sum(counts[i] for i in held) / 1e6:.1f} M", _bytes(act)])
+            decoders * per_layer + (logits if len(specs) - 1 in held else 0)
+        )
+        table.append(
+            [
+                str(rank),
+                ",".join(map(str, topology.filter_match(pipe=rank))),
+                "; ".join(
+                    f"{placement.holds(rank, c)[1]}: {_names(specs[start:stop])}"
+                    for c, (start, stop) in enumerate(bounds)
+                ),
+                f"{sum(counts[i] for i in held) / 1e6:.1f} M",
+                _bytes(act),
+            ]
+        )
     lines += format_table(table)
     return "\n".join(lines)

@@ -7,6 +7,7 @@ data, lets the exported model (``RUN_DIR/hf``) answer a few held-out prompts wit
 greedy decoding, next to the expected answers. Several runs (e.g. one recipe under
 different schedules) are compared: one row each, and their loss curves in one picture.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,31 @@ from . import CommandError, format_table
 
 
 def add_parser(subparsers) -> None:
-    report = subparsers.add_parser("report", help="what a training run learned: metrics, curves, samples",
-                                   description="Summarise a training run's metrics.jsonl, draw its curves and "
-                                               "let its exported model answer held-out prompts.")
-    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="a recipe's output_dir; several: compare them")
-    report.add_argument("--samples", type=int, default=5, metavar="N",
-                        help="held-out prompts the exported model answers (prompt/completion data; default 5)")
-    report.add_argument("--png", metavar="FILE", help="where to draw the curves (default RUN_DIR/curves.png; "
-                                                     "several runs: compare.png beside the first)")
+    report = subparsers.add_parser(
+        "report",
+        help="what a training run learned: metrics, curves, samples",
+        description="Summarise a training run's metrics.jsonl, draw its curves and "
+        "let its exported model answer held-out prompts.",
+    )
+    report.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a recipe's output_dir; several: compare them",
+    )
+    report.add_argument(
+        "--samples",
+        type=int,
+        default=5,
+        metavar="N",
+        help="held-out prompts the exported model answers (prompt/completion data; default 5)",
+    )
+    report.add_argument(
+        "--png",
+        metavar="FILE",
+        help="where to draw the curves (default RUN_DIR/curves.png; "
+        "several runs: compare.png beside the first)",
+    )
     report.set_defaults(handler=run_report)
 
 
@@ -44,13 +61,23 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def summary(train: list[dict], evals: list[dict]) -> list[str]:
     rows = [["", "start", "end"]]
     if train:
-        rows.append(["train loss", f"{train[0]['loss']:.4f} (step {train[0]['step']})",
-                     f"{train[-1]['loss']:.4f} (step {train[-1]['step']})"])
+        rows.append(
+            [
+                "train loss",
+                f"{train[0]['loss']:.4f} (step {train[0]['step']})",
+                f"{train[-1]['loss']:.4f} (step {train[-1]['step']})",
+            ]
+        )
     for key, label in (("eval_loss", "eval loss"), ("eval_accuracy", "answer accuracy")):
         points = [e for e in evals if key in e]
         if points:
-            rows.append([label, f"{points[0][key]:.4f} (step {points[0]['step']})",
-                         f"{points[-1][key]:.4f} (step {points[-1]['step']})"])
+            rows.append(
+                [
+                    label,
+                    f"{points[0][key]:.4f} (step {points[0]['step']})",
+                    f"{points[-1][key]:.4f} (step {points[-1]['step']})",
+                ]
+            )
     if train:
         speed = sorted(e["tokens_per_s"] for e in train)[len(train) // 2]
         rows.append(["tokens/s (median)", "", f"{speed:.0f}"])
@@ -79,30 +106,46 @@ def draw(train: list[dict], evals: list[dict], path: Path) -> Path | None:
 
 def _paint_run(plt, train: list[dict], evals: list[dict]):
     fig, loss_axis = plt.subplots(figsize=(7, 4))
-    loss_axis.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss", color="#4477aa")
+    loss_axis.plot(
+        [e["step"] for e in train], [e["loss"] for e in train], label="train loss", color="#4477aa"
+    )
     if evals:
-        loss_axis.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss",
-                       color="#ee6677")
+        loss_axis.plot(
+            [e["step"] for e in evals],
+            [e["eval_loss"] for e in evals],
+            "o-",
+            label="eval loss",
+            color="#ee6677",
+        )
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("loss")
     handles, labels = loss_axis.get_legend_handles_labels()
     accuracy = [e for e in evals if "eval_accuracy" in e]
     if accuracy:
         acc_axis = loss_axis.twinx()
-        acc_axis.plot([e["step"] for e in accuracy], [e["eval_accuracy"] for e in accuracy], "s--",
-                      color="#228833", label="answer accuracy")
+        acc_axis.plot(
+            [e["step"] for e in accuracy],
+            [e["eval_accuracy"] for e in accuracy],
+            "s--",
+            color="#228833",
+            label="answer accuracy",
+        )
         acc_axis.set_ylabel("answer accuracy")
         acc_axis.set_ylim(0, 1)
         more = acc_axis.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)  # below, hiding no point
+    fig.legend(
+        handles, labels, loc="lower center", ncol=len(labels), frameon=False
+    )  # below, hiding no point
     return fig
 
 
 def samples(run_dir: Path, count: int) -> list[str]:
     """The exported model's greedy answers to ``count`` held-out prompts."""
-    from omegaconf import OmegaConf  # omegaconf, torch, transformers: only when this command runs (pp_ext.commands)
+    from omegaconf import (
+        OmegaConf,
+    )  # omegaconf, torch, transformers: only when this command runs (pp_ext.commands)
 
     recipe_path, model_dir = run_dir / "recipe.yaml", run_dir / "hf"
     if count <= 0 or not recipe_path.is_file() or not (model_dir / "config.json").is_file():
@@ -125,13 +168,17 @@ def samples(run_dir: Path, count: int) -> list[str]:
         prompt, expected = record[fields[0]], record[fields[1]]
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=len(tokenizer(expected).input_ids) + 1, do_sample=False)
-        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                ids, max_new_tokens=len(tokenizer(expected).input_ids) + 1, do_sample=False
+            )
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         correct = answer.strip() == expected.strip()
         right += correct
         rows.append([repr(prompt), repr(expected), repr(answer), "yes" if correct else "no"])
-    return format_table(rows) + [f"{right} of {len(rows) - 1} held-out prompts answered exactly "
-                                 f"(greedy decoding of the exported model {model_dir})"]
+    return format_table(rows) + [
+        f"{right} of {len(rows) - 1} held-out prompts answered exactly "
+        f"(greedy decoding of the exported model {model_dir})"
+    ]
 
 
 TAIL = 10  # a run's final training loss: the mean of its last TAIL steps (one step is noisy)
@@ -139,14 +186,30 @@ TAIL = 10  # a run's final training loss: the mean of its last TAIL steps (one s
 
 def compare(run_dirs: list[Path], png: Path) -> int:
     runs = {str(d): read_metrics(d) for d in run_dirs}
-    rows = [["run", "steps", f"train loss (last {TAIL})", "eval loss", "answer accuracy", "tokens/s (median)"]]
+    rows = [
+        [
+            "run",
+            "steps",
+            f"train loss (last {TAIL})",
+            "eval loss",
+            "answer accuracy",
+            "tokens/s (median)",
+        ]
+    ]
     for name, (train, evals) in runs.items():
         last = [e["loss"] for e in train[-TAIL:]]
         final = evals[-1] if evals else {}
         speed = sorted(e["tokens_per_s"] for e in train)[len(train) // 2] if train else float("nan")
-        rows.append([name, str(len(train)), f"{sum(last) / max(1, len(last)):.4f}",
-                     f"{final.get('eval_loss', float('nan')):.4f}", f"{final.get('eval_accuracy', float('nan')):.4f}",
-                     f"{speed:.0f}"])
+        rows.append(
+            [
+                name,
+                str(len(train)),
+                f"{sum(last) / max(1, len(last)):.4f}",
+                f"{final.get('eval_loss', float('nan')):.4f}",
+                f"{final.get('eval_accuracy', float('nan')):.4f}",
+                f"{speed:.0f}",
+            ]
+        )
     print("\n".join(format_table(rows)))
     picture = draw_runs(runs, png)
     if picture:
@@ -163,9 +226,20 @@ def _paint_runs(plt, runs: dict[str, tuple[list[dict], list[dict]]]):
     fig, axis = plt.subplots(figsize=(7, 4))
     for index, (name, (train, evals)) in enumerate(runs.items()):
         color = plt.get_cmap("tab10")(index)
-        axis.plot([e["step"] for e in train], [e["loss"] for e in train], color=color, linewidth=1,
-                  label=Path(name).name)
-        axis.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o", color=color, markersize=4)
+        axis.plot(
+            [e["step"] for e in train],
+            [e["loss"] for e in train],
+            color=color,
+            linewidth=1,
+            label=Path(name).name,
+        )
+        axis.plot(
+            [e["step"] for e in evals],
+            [e["eval_loss"] for e in evals],
+            "o",
+            color=color,
+            markersize=4,
+        )
     axis.set_xlabel("step")
     axis.set_ylabel("loss (lines: train, dots: eval)")
     axis.set_yscale("log")

@@ -3,6 +3,7 @@
 Generic over :data:`pp_ext.schedules.registry.REGISTRY`: a schedule registered
 anywhere in :mod:`pp_ext.schedules` shows up here without a change.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,56 +24,95 @@ from . import CommandError, format_table, positive_int
 
 fmt = render.format_number
 
-COSTS_HELP = ("cost model: F,I,W[,comm] per micro-batch and rank (e.g. 1,1,1,0.1; fractions like 1/3 "
-              "work), or a JSON file of per-stage costs {\"comm\": x, \"stages\": [{\"forward\": f, "
-              "\"input_grad\": i, \"weight_grad\": w}, ...]}; default 1,1,1,0 (the papers' unit costs)")
+COSTS_HELP = (
+    "cost model: F,I,W[,comm] per micro-batch and rank (e.g. 1,1,1,0.1; fractions like 1/3 "
+    'work), or a JSON file of per-stage costs {"comm": x, "stages": [{"forward": f, '
+    '"input_grad": i, "weight_grad": w}, ...]}; default 1,1,1,0 (the papers\' unit costs)'
+)
 
 
 # --------------------------------------------------------------------------- parser
 
-def add_parser(subparsers) -> None:
-    group = subparsers.add_parser("schedule", help="list, show and compare pipeline schedules",
-                                  description="Inspect the registered pipeline schedules: their programs, "
-                                              "simulated metrics and timeline pictures.")
-    commands = group.add_subparsers(title="schedule commands", dest="schedule_command", metavar="COMMAND",
-                                    required=True)
 
-    listing = commands.add_parser("list", help="registered schedules with their constraints and sources",
-                                  description="Registered schedules: name, summary, constraints, source.")
+def add_parser(subparsers) -> None:
+    group = subparsers.add_parser(
+        "schedule",
+        help="list, show and compare pipeline schedules",
+        description="Inspect the registered pipeline schedules: their programs, "
+        "simulated metrics and timeline pictures.",
+    )
+    commands = group.add_subparsers(
+        title="schedule commands", dest="schedule_command", metavar="COMMAND", required=True
+    )
+
+    listing = commands.add_parser(
+        "list",
+        help="registered schedules with their constraints and sources",
+        description="Registered schedules: name, summary, constraints, source.",
+    )
     listing.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     listing.set_defaults(handler=run_list)
 
-    show = commands.add_parser("show", help="one schedule: grid, metrics, pictures",
-                               description="Build, validate and simulate one schedule; print its rank x "
-                                           "time grid and metrics; optionally draw it (--svg, --png).")
+    show = commands.add_parser(
+        "show",
+        help="one schedule: grid, metrics, pictures",
+        description="Build, validate and simulate one schedule; print its rank x "
+        "time grid and metrics; optionally draw it (--svg, --png).",
+    )
     show.add_argument("name", metavar="NAME", help="schedule name (see 'pp-ext schedule list')")
     _add_sizes(show)
-    show.add_argument("--svg", metavar="FILE", help="write the timeline picture as SVG (no dependency)")
-    show.add_argument("--png", metavar="FILE", help="write the timeline picture as PNG (needs matplotlib: "
-                                                    f"{render.PLOT_HINT})")
-    show.add_argument("--steps", action="store_true",
-                      help="print the program order per rank, with sends and receives, instead of the time grid")
+    show.add_argument(
+        "--svg", metavar="FILE", help="write the timeline picture as SVG (no dependency)"
+    )
+    show.add_argument(
+        "--png",
+        metavar="FILE",
+        help=f"write the timeline picture as PNG (needs matplotlib: {render.PLOT_HINT})",
+    )
+    show.add_argument(
+        "--steps",
+        action="store_true",
+        help="print the program order per rank, with sends and receives, instead of the time grid",
+    )
     show.set_defaults(handler=run_show)
 
-    compare = commands.add_parser("compare", help="every schedule at the same sizes, one row each",
-                                  description="Simulate every registered schedule that accepts the sizes. "
-                                              "Without --chunks each schedule uses its own default chunks.")
+    compare = commands.add_parser(
+        "compare",
+        help="every schedule at the same sizes, one row each",
+        description="Simulate every registered schedule that accepts the sizes. "
+        "Without --chunks each schedule uses its own default chunks.",
+    )
     _add_sizes(compare)
-    compare.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
+    compare.add_argument(
+        "--json", action="store_true", help="print a JSON list of objects instead of a table"
+    )
     compare.set_defaults(handler=run_compare)
 
 
 def _add_sizes(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stages", "-p", type=positive_int, required=True, metavar="P",
-                        help="pipeline ranks p")
-    parser.add_argument("--micro-batches", "-m", type=positive_int, required=True, metavar="M",
-                        help="micro-batches per step m")
-    parser.add_argument("--chunks", "-v", type=positive_int, metavar="V",
-                        help="chunks (virtual stages) per rank v; default: the schedule's own")
+    parser.add_argument(
+        "--stages", "-p", type=positive_int, required=True, metavar="P", help="pipeline ranks p"
+    )
+    parser.add_argument(
+        "--micro-batches",
+        "-m",
+        type=positive_int,
+        required=True,
+        metavar="M",
+        help="micro-batches per step m",
+    )
+    parser.add_argument(
+        "--chunks",
+        "-v",
+        type=positive_int,
+        metavar="V",
+        help="chunks (virtual stages) per rank v; default: the schedule's own",
+    )
     parser.add_argument("--costs", metavar="F,I,W[,comm] | FILE.json", help=COSTS_HELP)
 
 
 # --------------------------------------------------------------------------- shared
+
 
 @dataclass(frozen=True)
 class Result:
@@ -100,7 +140,9 @@ def find_spec(name: str) -> ScheduleSpec:
         raise CommandError(str(exc)) from None
 
 
-def run_schedule(spec: ScheduleSpec, stages: int, micro_batches: int, chunks: int | None, costs: Costs) -> Result:
+def run_schedule(
+    spec: ScheduleSpec, stages: int, micro_batches: int, chunks: int | None, costs: Costs
+) -> Result:
     """Build, validate and simulate; raises ConstraintError, InvalidScheduleError or
     ValueError (costs that do not fit the schedule)."""
     chunks = spec.resolve_chunks(chunks)
@@ -110,8 +152,11 @@ def run_schedule(spec: ScheduleSpec, stages: int, micro_batches: int, chunks: in
 
 
 def _invalid(exc: InvalidScheduleError) -> CommandError:
-    return CommandError(f"the generated schedule is invalid (a bug in its generator): {exc.reason}",
-                        exit_code=1, detail=exc.grid)
+    return CommandError(
+        f"the generated schedule is invalid (a bug in its generator): {exc.reason}",
+        exit_code=1,
+        detail=exc.grid,
+    )
 
 
 def metrics(result: Result) -> dict[str, float | int]:
@@ -120,12 +165,26 @@ def metrics(result: Result) -> dict[str, float | int]:
 
 # --------------------------------------------------------------------------- list
 
+
 def run_list(args: argparse.Namespace) -> int:
     specs = list(REGISTRY.values())
     if args.json:
-        print(json.dumps([{"name": s.name, "summary": s.summary, "constraints": s.constraints,
-                           "source": s.source, "placement": s.placement, "default_chunks": s.default_chunks}
-                          for s in specs], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": s.name,
+                        "summary": s.summary,
+                        "constraints": s.constraints,
+                        "source": s.source,
+                        "placement": s.placement,
+                        "default_chunks": s.default_chunks,
+                    }
+                    for s in specs
+                ],
+                indent=2,
+            )
+        )
         return 0
     width = max([len(s.name) for s in specs] + [len("NAME")])
     print(f"{'NAME'.ljust(width)}  SUMMARY")
@@ -135,12 +194,15 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"{pad}constraints: {spec.constraints}")
         print(f"{pad}placement: {spec.placement}, default chunks: {spec.default_chunks}")
         print(f"{pad}source: {spec.source}")
-    print(f"\n{len(specs)} schedules. 'pp-ext schedule show NAME -p P -m M' prints one; "
-          f"'pp-ext schedule compare -p P -m M' compares them.")
+    print(
+        f"\n{len(specs)} schedules. 'pp-ext schedule show NAME -p P -m M' prints one; "
+        f"'pp-ext schedule compare -p P -m M' compares them."
+    )
     return 0
 
 
 # --------------------------------------------------------------------------- show
+
 
 def run_show(args: argparse.Namespace) -> int:
     # check everything that can fail before anything is written
@@ -165,7 +227,9 @@ def run_show(args: argparse.Namespace) -> int:
     try:
         pictures = []
         if args.svg:
-            pictures.append((args.svg, render.to_svg(result.simulation, result.steady).encode("utf-8")))
+            pictures.append(
+                (args.svg, render.to_svg(result.simulation, result.steady).encode("utf-8"))
+            )
         if args.png:
             pictures.append((args.png, render.png_bytes(result.simulation, result.steady)))
         written = [render.write_atomic(path, data) for path, data in pictures]
@@ -180,27 +244,44 @@ def run_show(args: argparse.Namespace) -> int:
 
 def _show_text(result: Result, costs: Costs, steps: bool) -> str:
     schedule, sim, steady = result.schedule, result.simulation, result.steady
-    lines = [f"{schedule.name}: {result.spec.summary}",
-             f"p={schedule.ranks} m={schedule.micro_batches} v={schedule.chunks}, {schedule.placement.name} "
-             f"placement; {render.costs_text(costs)}", ""]
+    lines = [
+        f"{schedule.name}: {result.spec.summary}",
+        f"p={schedule.ranks} m={schedule.micro_batches} v={schedule.chunks}, {schedule.placement.name} "
+        f"placement; {render.costs_text(costs)}",
+        "",
+    ]
     if steps:
-        lines.append("program order per rank (sF/sB send an activation/gradient to rank N: >rN; "
-                     "rF/rB receive one from rank N: <rN)")
+        lines.append(
+            "program order per rank (sF/sB send an activation/gradient to rank N: >rN; "
+            "rF/rB receive one from rank N: <rN)"
+        )
         lines.append(step_grid(lower(schedule)))
     else:
         grid = time_grid(sim)
         if grid == step_grid(sim.schedule):
-            lines.append("program order per rank (too many time steps for a time grid; see --svg/--png)")
+            lines.append(
+                "program order per rank (too many time steps for a time grid; see --svg/--png)"
+            )
         else:
             lines.append("rank x time ('.' idle, '=' the action goes on)")
         lines.append(grid)
     rows = [
         ("makespan", fmt(sim.makespan), "first start to last end of one step"),
-        ("bubble ratio", fmt(sim.bubble_ratio), "flushed: one step ending in a global synchronisation"),
-        ("steady-state bubble", fmt(steady.bubble_ratio),
-         f"steps back to back without a flush, period {fmt(steady.period)}"),
-        ("peak activations", fmt(sim.peak_activations),
-         "per rank: " + " ".join(fmt(a) for a in sim.peak_activations_per_rank)),
+        (
+            "bubble ratio",
+            fmt(sim.bubble_ratio),
+            "flushed: one step ending in a global synchronisation",
+        ),
+        (
+            "steady-state bubble",
+            fmt(steady.bubble_ratio),
+            f"steps back to back without a flush, period {fmt(steady.period)}",
+        ),
+        (
+            "peak activations",
+            fmt(sim.peak_activations),
+            "per rank: " + " ".join(fmt(a) for a in sim.peak_activations_per_rank),
+        ),
         ("weight copies", fmt(sim.weight_copies), "per rank, in units of the rank's weights"),
         ("messages", str(sim.messages), "tensors sent between ranks per step"),
     ]
@@ -212,32 +293,53 @@ def _show_text(result: Result, costs: Costs, steps: bool) -> str:
 
 # --------------------------------------------------------------------------- compare
 
+
 def compare_rows(stages: int, micro_batches: int, chunks: int | None, costs: Costs) -> list[dict]:
     """One dict per registered schedule: sizes and metrics, or sizes and ``error``."""
     return [row for row, _ in _compare(stages, micro_batches, chunks, costs)]
 
 
-def _compare(stages: int, micro_batches: int, chunks: int | None, costs: Costs) -> list[tuple[dict, str]]:
+def _compare(
+    stages: int, micro_batches: int, chunks: int | None, costs: Costs
+) -> list[tuple[dict, str]]:
     rows = []
     for spec in REGISTRY.values():
-        row: dict = {"schedule": spec.name, "stages": stages, "micro_batches": micro_batches,
-                     "chunks": spec.resolve_chunks(chunks)}
+        row: dict = {
+            "schedule": spec.name,
+            "stages": stages,
+            "micro_batches": micro_batches,
+            "chunks": spec.resolve_chunks(chunks),
+        }
         label = ""
         try:
             row.update(metrics(run_schedule(spec, stages, micro_batches, chunks, costs)))
         except ConstraintError as exc:
             row["error"], label = str(exc), "refuses"
         except InvalidScheduleError as exc:
-            row["error"], label = f"invalid schedule (a bug in its generator): {exc.reason}", "error"
-        except ValueError as exc:  # costs that do not fit this schedule (per-stage file, other stage count)
+            row["error"], label = (
+                f"invalid schedule (a bug in its generator): {exc.reason}",
+                "error",
+            )
+        except (
+            ValueError
+        ) as exc:  # costs that do not fit this schedule (per-stage file, other stage count)
             row["error"], label = str(exc), "error"
         rows.append((row, label))
     return rows
 
 
-_COLUMNS = (("schedule", "schedule"), ("stages", "p"), ("micro_batches", "m"), ("chunks", "v"),
-            ("bubble_ratio", "bubble"), ("steady_bubble_ratio", "steady"), ("peak_activations", "peak act"),
-            ("weight_copies", "weights"), ("messages", "messages"), ("makespan", "makespan"))
+_COLUMNS = (
+    ("schedule", "schedule"),
+    ("stages", "p"),
+    ("micro_batches", "m"),
+    ("chunks", "v"),
+    ("bubble_ratio", "bubble"),
+    ("steady_bubble_ratio", "steady"),
+    ("peak_activations", "peak act"),
+    ("weight_copies", "weights"),
+    ("messages", "messages"),
+    ("makespan", "makespan"),
+)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -254,13 +356,24 @@ def run_compare(args: argparse.Namespace) -> int:
             errors[len(table)] = f"{label}: {row['error']}"
             table.append(cells)
         else:
-            table.append([fmt(row[key]) if not isinstance(row[key], str) else row[key] for key, _ in _COLUMNS])
+            table.append(
+                [
+                    fmt(row[key]) if not isinstance(row[key], str) else row[key]
+                    for key, _ in _COLUMNS
+                ]
+            )
     out = sys.stdout
-    print(f"p={args.stages} m={args.micro_batches}"
-          + (f" v={args.chunks}" if args.chunks else " (each schedule at its default chunks v)")
-          + f"; {render.costs_text(costs)}", file=out)
-    print("bubble: flushed step; steady: steps back to back; peak act: micro-batches of a rank's "
-          "activations; weights: copies per rank\n", file=out)
+    print(
+        f"p={args.stages} m={args.micro_batches}"
+        + (f" v={args.chunks}" if args.chunks else " (each schedule at its default chunks v)")
+        + f"; {render.costs_text(costs)}",
+        file=out,
+    )
+    print(
+        "bubble: flushed step; steady: steps back to back; peak act: micro-batches of a rank's "
+        "activations; weights: copies per rank\n",
+        file=out,
+    )
     for index, text in enumerate(format_table(table)):
         print(f"{text}  {errors[index]}" if index in errors else text, file=out)
     return 0

@@ -25,6 +25,7 @@ predicted step time is the simulated makespan (the optimizer step, the same for 
 is left out). The winner is written as ``key=value`` lines (``--out``), for
 ``deepspeed ... launch/train.py --recipe R $(cat FILE)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pp_ext.schedules.cost_model import Profile
 from pp_ext.schedules import REGISTRY, Placement, ScheduleError, simulate
 from pp_ext.schedules.auto import auto_schedule
+from pp_ext.schedules.cost_model import Profile
 from pp_ext.schedules.render import write_atomic
 
 from . import CommandError, format_table, positive_int
@@ -42,25 +43,43 @@ from . import CommandError, format_table, positive_int
 MICRO_BATCH_FACTORS = (0.25, 0.5, 1, 2, 4)
 MAX_CHUNKS = 4
 PARTITIONS = ("parameters", "uniform", "balanced")
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def add_parser(subparsers) -> None:
     tune = subparsers.add_parser(
-        "tune", help="profile a recipe's model, search schedule x micro-batches x chunks x partition, write the best",
+        "tune",
+        help="profile a recipe's model, search schedule x micro-batches x chunks x partition, write the best",
         description="Measure the recipe's model layer by layer at its shapes (F, I, W, activation bytes, p2p "
-                    "latency; 2 local ranks, or 1 where one GPU is visible, then p2p is priced at 0), simulate "
-                    "every schedule x micro-batch split x chunks x partition on the measured costs, drop those over "
-                    "the memory limit, print them ranked and write the winner's recipe overrides (key=value lines).")
+        "latency; 2 local ranks, or 1 where one GPU is visible, then p2p is priced at 0), simulate "
+        "every schedule x micro-batch split x chunks x partition on the measured costs, drop those over "
+        "the memory limit, print them ranked and write the winner's recipe overrides (key=value lines).",
+    )
     tune.add_argument("--recipe", required=True, metavar="FILE", help="recipes/NAME.yaml")
-    tune.add_argument("--memory-limit", type=float, default=None, metavar="GB",
-                      help="GiB per rank for weights, gradients, optimizer state and activations (default: no limit)")
-    tune.add_argument("--profile", metavar="FILE", help="read this profile instead of measuring (its micro-batch "
-                                                        "size only)")
-    tune.add_argument("--out", metavar="FILE", help="overrides file to write (default OUTPUT_DIR/tune.txt); each "
-                                                    "measured profile goes beside it as FILE.profile-bSIZE.json")
-    tune.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per layer pass (default 5)")
-    tune.add_argument("--top", type=positive_int, default=15, help="table rows to print (default 15)")
+    tune.add_argument(
+        "--memory-limit",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="GiB per rank for weights, gradients, optimizer state and activations (default: no limit)",
+    )
+    tune.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="read this profile instead of measuring (its micro-batch size only)",
+    )
+    tune.add_argument(
+        "--out",
+        metavar="FILE",
+        help="overrides file to write (default OUTPUT_DIR/tune.txt); each "
+        "measured profile goes beside it as FILE.profile-bSIZE.json",
+    )
+    tune.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed repeats per layer pass (default 5)"
+    )
+    tune.add_argument(
+        "--top", type=positive_int, default=15, help="table rows to print (default 15)"
+    )
     tune.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     tune.set_defaults(handler=run_tune)
 
@@ -79,7 +98,9 @@ class Candidate:
     step_s: float
     bubble: float
     memory: tuple[float, ...]  # peak bytes per pipeline rank
-    memory_limit: tuple[int, ...] | None = None  # auto's limit in micro-batches, when one was derived
+    memory_limit: tuple[int, ...] | None = (
+        None  # auto's limit in micro-batches, when one was derived
+    )
 
 
 def micro_batch_splits(micro_batches: int, micro_batch_size: int) -> list[tuple[int, int]]:
@@ -100,7 +121,9 @@ def state_bytes_per_param(recipe, data: int) -> float:
     parameter's dtype (SGD, without momentum, none). With DeepSpeed's bf16 (a
     ``deepspeed.bases`` entry) the optimizer works on fp32 masters instead: a master
     copy and two fp32 moments, split over the data ranks by ZeRO stage >= 1."""
-    from pp_ext.config.recipe import deepspeed_config  # omegaconf: only when this command runs (pp_ext.commands)
+    from pp_ext.config.recipe import (
+        deepspeed_config,
+    )  # omegaconf: only when this command runs (pp_ext.commands)
 
     width = 2 if recipe.model.dtype in ("bfloat16", "float16") else 4
     moments = 2 if recipe.train.optimizer == "adamw" else 0
@@ -126,8 +149,11 @@ def search(recipe, profiles: dict, pipe: int, data: int, memory_limit: float | N
     def parts(method: str, stages: int, size: int) -> list[int]:
         key = (method, stages, size if method == "balanced" else None)
         if key not in parts_of:
-            parts_of[key] = (balanced_parts(profiles[size].layer_costs(len(specs)), stages) if method == "balanced"
-                             else partition(specs, stages, method))
+            parts_of[key] = (
+                balanced_parts(profiles[size].layer_costs(len(specs)), stages)
+                if method == "balanced"
+                else partition(specs, stages, method)
+            )
         return parts_of[key]
 
     def cuts(stages: int, size: int) -> list[tuple[str, list[int]]]:
@@ -141,26 +167,45 @@ def search(recipe, profiles: dict, pipe: int, data: int, memory_limit: float | N
         """Per rank: bytes of weights, gradients and optimizer state; activation bytes of one micro-batch."""
         held = [chunk_layout(placement, cut, rank) for rank in range(pipe)]
         act = profiles[size].activation_bytes(cut)
-        static = [per_param * sum(counts[i] for a, b in bounds for i in range(a, b)) for bounds in held]
-        act_rank = [sum(act[placement.holds(rank, c)[1]] for c in range(placement.chunks))
-                    for rank in range(pipe)]
+        static = [
+            per_param * sum(counts[i] for a, b in bounds for i in range(a, b)) for bounds in held
+        ]
+        act_rank = [
+            sum(act[placement.holds(rank, c)[1]] for c in range(placement.chunks))
+            for rank in range(pipe)
+        ]
         return static, act_rank
 
     def consider(schedule, method: str, cut: list[int], size: int, limits=None) -> None:
         nonlocal dropped
         sim = simulate(schedule, profiles[size].stage_costs(cut))
         static, act_rank = memory(schedule.placement, cut, size)
-        peak = tuple(s + float(n) * a for s, n, a in zip(static, sim.peak_activations_per_rank, act_rank))
+        peak = tuple(
+            s + float(n) * a for s, n, a in zip(static, sim.peak_activations_per_rank, act_rank)
+        )
         if limit_bytes is not None and max(peak) > limit_bytes:
             dropped += 1
             return
-        found.append(Candidate(schedule.name, schedule.placement.chunks, schedule.micro_batches, size, method,
-                               float(sim.makespan), float(sim.bubble_ratio), peak, limits))
+        found.append(
+            Candidate(
+                schedule.name,
+                schedule.placement.chunks,
+                schedule.micro_batches,
+                size,
+                method,
+                float(sim.makespan),
+                float(sim.bubble_ratio),
+                peak,
+                limits,
+            )
+        )
 
     for size in sorted(profiles):
         m = recipe.parallel.micro_batches * recipe.train.micro_batch_size // size
         for name, spec in REGISTRY.items():
-            if name == "auto":  # per placement and partition from the measured costs, within the memory limit
+            if (
+                name == "auto"
+            ):  # per placement and partition from the measured costs, within the memory limit
                 for placement in (Placement.loop(pipe), Placement.v(pipe, 2)):
                     if placement.stages > len(specs):
                         continue  # too few layers
@@ -168,13 +213,22 @@ def search(recipe, profiles: dict, pipe: int, data: int, memory_limit: float | N
                         limits = None
                         if limit_bytes is not None:
                             static, act_rank = memory(placement, cut, size)
-                            limits = tuple(min(m, int((limit_bytes - s) // a)) if a else m
-                                           for s, a in zip(static, act_rank))
+                            limits = tuple(
+                                min(m, int((limit_bytes - s) // a)) if a else m
+                                for s, a in zip(static, act_rank)
+                            )
                             if min(limits) < 1:
                                 dropped += 1
                                 continue
-                        consider(auto_schedule(pipe, m, profiles[size].stage_costs(cut), limits, placement.chunks),
-                                 method, cut, size, limits)
+                        consider(
+                            auto_schedule(
+                                pipe, m, profiles[size].stage_costs(cut), limits, placement.chunks
+                            ),
+                            method,
+                            cut,
+                            size,
+                            limits,
+                        )
                 continue
             if not spec.synchronous:
                 continue  # asynchronous: not the training the recipe asks for
@@ -199,9 +253,13 @@ def profile_file(out: Path, micro_batch_size: int) -> Path:
 def overrides(best: Candidate, profile_path: Path) -> list[str]:
     """The winner as recipe overrides, one ``key=value`` per line (no spaces)."""
     method = best.partition.split("=")[0]  # of methods giving the same cut, the first needs no file
-    lines = [f"parallel.schedule={best.schedule}", f"parallel.micro_batches={best.micro_batches}",
-             f"train.micro_batch_size={best.micro_batch_size}", f"parallel.chunks={best.chunks}",
-             "parallel.partition=" + (f"balanced:{profile_path}" if method == "balanced" else method)]
+    lines = [
+        f"parallel.schedule={best.schedule}",
+        f"parallel.micro_batches={best.micro_batches}",
+        f"train.micro_batch_size={best.micro_batch_size}",
+        f"parallel.chunks={best.chunks}",
+        "parallel.partition=" + (f"balanced:{profile_path}" if method == "balanced" else method),
+    ]
     if best.schedule == "auto":
         lines.append(f"parallel.profile={profile_path}")
         if best.memory_limit:
@@ -211,12 +269,12 @@ def overrides(best: Candidate, profile_path: Path) -> list[str]:
 
 def run_tune(args: argparse.Namespace) -> int:
     # torch, deepspeed, omegaconf: only when this command runs (pp_ext.commands)
-    from pp_ext.engine.distributed import select_accelerator
     from pp_ext.config.recipe import RecipeError, load
+    from pp_ext.engine.distributed import select_accelerator
 
     select_accelerator()  # before deepspeed is first imported
-    from pp_ext.training.preflight import check_before_launch
     from pp_ext.bench.profiler import profile_ranks, profile_recipe
+    from pp_ext.training.preflight import check_before_launch
 
     if args.memory_limit is not None and args.memory_limit <= 0:
         raise CommandError(f"--memory-limit must be > 0 GiB per rank, got {args.memory_limit}")
@@ -224,12 +282,15 @@ def run_tune(args: argparse.Namespace) -> int:
         recipe = load(args.recipe, args.overrides)
         data = recipe.parallel.data if recipe.parallel.data != "auto" else 1
         pipe, tensor, data, chunks, _ = check_before_launch(
-            recipe, recipe.parallel.pipeline * recipe.parallel.tensor * data)
+            recipe, recipe.parallel.pipeline * recipe.parallel.tensor * data
+        )
     except RecipeError as exc:
         raise CommandError(str(exc)) from None
     if tensor > 1:
-        raise CommandError(f"pp-ext tune profiles whole layers (tensor 1), the recipe has parallel.tensor={tensor}: "
-                           f"tune with parallel.tensor=1")
+        raise CommandError(
+            f"pp-ext tune profiles whole layers (tensor 1), the recipe has parallel.tensor={tensor}: "
+            f"tune with parallel.tensor=1"
+        )
     out = Path(args.out or Path(recipe.output_dir) / "tune.txt")
     if out.is_dir():
         raise CommandError(f"--out {out} is a folder: give a file name, e.g. {out / 'tune.txt'}")
@@ -242,27 +303,38 @@ def run_tune(args: argparse.Namespace) -> int:
             raise CommandError(str(exc)) from None
         batch = recipe.parallel.micro_batches * recipe.train.micro_batch_size
         if batch % profile.micro_batch_size:
-            raise CommandError(f"profile {args.profile} measured micro-batches of {profile.micro_batch_size} samples, "
-                               f"which do not divide the recipe's {batch} samples per step: profile again without "
-                               f"--profile")
+            raise CommandError(
+                f"profile {args.profile} measured micro-batches of {profile.micro_batch_size} samples, "
+                f"which do not divide the recipe's {batch} samples per step: profile again without "
+                f"--profile"
+            )
         profiles, profile_path = {profile.micro_batch_size: profile}, Path(args.profile)
         say(f"read {args.profile}: micro-batch size {profile.micro_batch_size} only")
     else:
         ranks = profile_ranks()
-        say(f"profiling {recipe.model.path} at micro-batch sizes {', '.join(str(b) for _, b in splits)} "
-            f"x {recipe.data.seq_len} tokens ({recipe.model.dtype}) on {ranks} local rank(s)")
+        say(
+            f"profiling {recipe.model.path} at micro-batch sizes {', '.join(str(b) for _, b in splits)} "
+            f"x {recipe.data.seq_len} tokens ({recipe.model.dtype}) on {ranks} local rank(s)"
+        )
         if ranks == 1:
-            say("one GPU visible: the layers are measured on it; p2p latency and all-reduce need a second GPU "
-                "(NCCL takes one rank per GPU) and are priced at 0")
-        profiles, profile_path = profile_recipe(recipe, tuple(b for _, b in splits), args.repeats), None
+            say(
+                "one GPU visible: the layers are measured on it; p2p latency and all-reduce need a second GPU "
+                "(NCCL takes one rank per GPU) and are priced at 0"
+            )
+        profiles, profile_path = (
+            profile_recipe(recipe, tuple(b for _, b in splits), args.repeats),
+            None,
+        )
     say("simulating the candidates on the measured costs")
     try:
         found, dropped = search(recipe, profiles, pipe, data, args.memory_limit)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     if not found:
-        raise CommandError(f"no candidate fits --memory-limit {args.memory_limit} GiB per rank ({dropped} over it): "
-                           f"raise the limit, or lower train.micro_batch_size or data.seq_len")
+        raise CommandError(
+            f"no candidate fits --memory-limit {args.memory_limit} GiB per rank ({dropped} over it): "
+            f"raise the limit, or lower train.micro_batch_size or data.seq_len"
+        )
     best = found[0]
     if profile_path is None:  # every measured size, for later runs with --profile
         for size, profile in profiles.items():
@@ -270,19 +342,52 @@ def run_tune(args: argparse.Namespace) -> int:
         profile_path = profile_file(out, best.micro_batch_size)
     write_atomic(out, ("\n".join(overrides(best, profile_path)) + "\n").encode())
 
-    print(f"{recipe.model.path}: pipeline {pipe}, {recipe.parallel.micro_batches * recipe.train.micro_batch_size} "
-          f"samples x {recipe.data.seq_len} tokens per step and data rank; {len(found)} candidate(s) simulated "
-          f"on measured costs" + (f", {dropped} over {args.memory_limit} GiB dropped" if args.memory_limit else ""))
-    rows = [["rank", "schedule", "v", "m x b", "partition", "step s (sim)", "bubble", "peak GiB per rank"]]
-    for index, c in enumerate(found[:args.top], 1):
-        rows.append([str(index), c.schedule, str(c.chunks), f"{c.micro_batches} x {c.micro_batch_size}", c.partition,
-                     f"{c.step_s:.4f}", f"{c.bubble:.3f}", " ".join(f"{b / GIB:.3f}" for b in c.memory)])
+    print(
+        f"{recipe.model.path}: pipeline {pipe}, {recipe.parallel.micro_batches * recipe.train.micro_batch_size} "
+        f"samples x {recipe.data.seq_len} tokens per step and data rank; {len(found)} candidate(s) simulated "
+        f"on measured costs"
+        + (f", {dropped} over {args.memory_limit} GiB dropped" if args.memory_limit else "")
+    )
+    rows = [
+        [
+            "rank",
+            "schedule",
+            "v",
+            "m x b",
+            "partition",
+            "step s (sim)",
+            "bubble",
+            "peak GiB per rank",
+        ]
+    ]
+    for index, c in enumerate(found[: args.top], 1):
+        rows.append(
+            [
+                str(index),
+                c.schedule,
+                str(c.chunks),
+                f"{c.micro_batches} x {c.micro_batch_size}",
+                c.partition,
+                f"{c.step_s:.4f}",
+                f"{c.bubble:.3f}",
+                " ".join(f"{b / GIB:.3f}" for b in c.memory),
+            ]
+        )
     print("\n".join(format_table(rows)))
-    recipe_step = next((c for c in found if (c.schedule, c.chunks, c.micro_batches) == (
-        recipe.parallel.schedule, chunks, recipe.parallel.micro_batches)
-        and recipe.parallel.partition in c.partition.split("=")), None)
+    recipe_step = next(
+        (
+            c
+            for c in found
+            if (c.schedule, c.chunks, c.micro_batches)
+            == (recipe.parallel.schedule, chunks, recipe.parallel.micro_batches)
+            and recipe.parallel.partition in c.partition.split("=")
+        ),
+        None,
+    )
     if recipe_step is not None:
-        print(f"the recipe's own choice ({recipe_step.schedule}, v={recipe_step.chunks}, {recipe_step.partition}): "
-              f"{recipe_step.step_s:.4f} s; the best is {recipe_step.step_s / best.step_s:.3f}x faster (simulated)")
+        print(
+            f"the recipe's own choice ({recipe_step.schedule}, v={recipe_step.chunks}, {recipe_step.partition}): "
+            f"{recipe_step.step_s:.4f} s; the best is {recipe_step.step_s / best.step_s:.3f}x faster (simulated)"
+        )
     print(f"wrote {out} (train with: launch/train.py --recipe {args.recipe} $(cat {out}))")
     return 0

@@ -7,6 +7,7 @@ world size). Every user error is a :class:`RecipeError`.
 
 No torch here: ``pp-ext plan`` and the launcher's error paths stay fast.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from pp_ext.config.schema import Recipe
 from pp_ext.schedules import names as schedule_names
@@ -69,7 +75,9 @@ def _explain(exc: OmegaConfBaseException, source: str) -> RecipeError:
         hint = _nearest(str(exc.key), _section_keys(exc.object_type))
         return RecipeError(f"{source}: recipe key '{key}' does not exist in {where}{hint}")
     if isinstance(exc, MissingMandatoryValue):
-        return RecipeError(f"{source}: recipe key '{key}' is required: set it in the recipe or as {key}=...")
+        return RecipeError(
+            f"{source}: recipe key '{key}' is required: set it in the recipe or as {key}=..."
+        )
     if isinstance(exc, ValidationError):
         first = str(exc.msg).splitlines()[0]
         return RecipeError(f"{source}: recipe key '{key}' has the wrong type: {first}")
@@ -80,7 +88,9 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise RecipeError(f"recipe key '{key}' is {value!r}: choose one of {', '.join(map(str, choices))}{hint}")
+        raise RecipeError(
+            f"recipe key '{key}' is {value!r}: choose one of {', '.join(map(str, choices))}{hint}"
+        )
 
 
 def _positive(key: str, value: Any, minimum: int = 1) -> None:
@@ -91,15 +101,23 @@ def _positive(key: str, value: Any, minimum: int = 1) -> None:
 def _number(key: str, value: Any, minimum: float = 0.0, *, above: bool = False) -> None:
     """A finite number >= ``minimum`` (> with ``above``): a float key's type lets nan
     and inf through, and torch only refuses them once every rank has started."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < minimum or above and value == minimum:
-        raise RecipeError(f"recipe key '{key}' must be a finite number {'>' if above else '>='} {minimum:g}, "
-                          f"got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < minimum
+        or above
+        and value == minimum
+    ):
+        raise RecipeError(
+            f"recipe key '{key}' must be a finite number {'>' if above else '>='} {minimum:g}, "
+            f"got {value!r}"
+        )
 
 
 # each layer is built under seed + its index (DeepSpeed's set_random_seed), and numpy.random.seed
 # takes seeds below 2**32: 2**31 leaves room for the indices (and datasets' seeds must be >= 0)
-MAX_SEED = 2 ** 31
+MAX_SEED = 2**31
 # the largest timeout datetime.timedelta holds (init_process_group takes one)
 MAX_TIMEOUT_S = int(datetime.timedelta.max.total_seconds())
 
@@ -110,21 +128,28 @@ def _check_numbers(recipe: DictConfig) -> None:
     _number("train.lr", train.lr)
     _number("train.min_lr", train.min_lr)
     if train.min_lr > train.lr:
-        raise RecipeError(f"recipe key 'train.min_lr' is {train.min_lr:g}, above train.lr {train.lr:g}: the "
-                          f"learning rate decays from lr down to min_lr, so set min_lr <= lr")
+        raise RecipeError(
+            f"recipe key 'train.min_lr' is {train.min_lr:g}, above train.lr {train.lr:g}: the "
+            f"learning rate decays from lr down to min_lr, so set min_lr <= lr"
+        )
     _number("train.weight_decay", train.weight_decay)
     _number("train.eps", train.eps, above=True)
     _number("train.grad_clip", train.grad_clip)  # 0: no clipping
     betas = list(train.betas)
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                                  for b in betas):
-        raise RecipeError(f"recipe key 'train.betas' must be two numbers in [0, 1) (AdamW's beta1, beta2), "
-                          f"got {betas!r}")
+    if len(betas) != 2 or not all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+    ):
+        raise RecipeError(
+            f"recipe key 'train.betas' must be two numbers in [0, 1) (AdamW's beta1, beta2), "
+            f"got {betas!r}"
+        )
     if not 0 <= train.seed < MAX_SEED:
         raise RecipeError(f"recipe key 'train.seed' must be in [0, 2**31), got {train.seed}")
     if recipe.parallel.comm_timeout_s > MAX_TIMEOUT_S:
-        raise RecipeError(f"recipe key 'parallel.comm_timeout_s' must be <= {MAX_TIMEOUT_S} (the longest "
-                          f"timeout Python's timedelta holds), got {recipe.parallel.comm_timeout_s}")
+        raise RecipeError(
+            f"recipe key 'parallel.comm_timeout_s' must be <= {MAX_TIMEOUT_S} (the longest "
+            f"timeout Python's timedelta holds), got {recipe.parallel.comm_timeout_s}"
+        )
 
 
 def _check(recipe: DictConfig) -> None:
@@ -136,51 +161,90 @@ def _check(recipe: DictConfig) -> None:
     _choice("data.kind", recipe.data.kind, DATA_KINDS)
     _choice("train.optimizer", recipe.train.optimizer, OPTIMIZERS)
     _choice("train.nonfinite", recipe.train.nonfinite, ("stop", "skip"))
-    _choice("parallel.schedule", recipe.parallel.schedule, tuple(schedule_names()) + ("deepspeed-1f1b",))
-    for key in ("parallel.pipeline", "parallel.tensor", "parallel.micro_batches", "parallel.comm_timeout_s",
-                "train.micro_batch_size",
-                "data.seq_len", "data.num_proc", "train.log_interval", "train.eval_batches"):
+    _choice(
+        "parallel.schedule", recipe.parallel.schedule, tuple(schedule_names()) + ("deepspeed-1f1b",)
+    )
+    for key in (
+        "parallel.pipeline",
+        "parallel.tensor",
+        "parallel.micro_batches",
+        "parallel.comm_timeout_s",
+        "train.micro_batch_size",
+        "data.seq_len",
+        "data.num_proc",
+        "train.log_interval",
+        "train.eval_batches",
+    ):
         _positive(key, OmegaConf.select(recipe, key))
-    for key in ("train.warmup_steps", "train.eval_interval", "checkpoint.interval", "checkpoint.keep",
-                "model.activation_checkpoint_interval"):
+    for key in (
+        "train.warmup_steps",
+        "train.eval_interval",
+        "checkpoint.interval",
+        "checkpoint.keep",
+        "model.activation_checkpoint_interval",
+    ):
         _positive(key, OmegaConf.select(recipe, key), minimum=0)
     data = recipe.parallel.data
     if data != "auto" and not (isinstance(data, int) and not isinstance(data, bool) and data >= 1):
-        raise RecipeError(f"recipe key 'parallel.data' must be 'auto' or an integer >= 1, got {data!r}")
+        raise RecipeError(
+            f"recipe key 'parallel.data' must be 'auto' or an integer >= 1, got {data!r}"
+        )
     if recipe.parallel.chunks is not None:
         _positive("parallel.chunks", recipe.parallel.chunks)
     limit = recipe.parallel.memory_limit
     if limit is not None:
         if recipe.parallel.schedule != "auto":
-            raise RecipeError(f"recipe key 'parallel.memory_limit' is read by parallel.schedule=auto only "
-                              f"(got schedule {recipe.parallel.schedule}): drop it or use schedule auto")
+            raise RecipeError(
+                f"recipe key 'parallel.memory_limit' is read by parallel.schedule=auto only "
+                f"(got schedule {recipe.parallel.schedule}): drop it or use schedule auto"
+            )
         values = list(limit) if isinstance(limit, ListConfig) else [limit]
-        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in values):
-            raise RecipeError(f"recipe key 'parallel.memory_limit' must be a number >= 1 (micro-batches of "
-                              f"activations per rank) or a list of them, one per pipeline rank; got {limit!r}")
+        if not values or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in values
+        ):
+            raise RecipeError(
+                f"recipe key 'parallel.memory_limit' must be a number >= 1 (micro-batches of "
+                f"activations per rank) or a list of them, one per pipeline rank; got {limit!r}"
+            )
     if recipe.parallel.profile is not None and not Path(recipe.parallel.profile).is_file():
-        raise RecipeError(f"recipe key 'parallel.profile' is {recipe.parallel.profile}, which does not exist: "
-                          f"write it with pp-ext tune --recipe R --out FILE (it names the profile it writes)")
+        raise RecipeError(
+            f"recipe key 'parallel.profile' is {recipe.parallel.profile}, which does not exist: "
+            f"write it with pp-ext tune --recipe R --out FILE (it names the profile it writes)"
+        )
     steps, epochs = recipe.train.steps, recipe.train.epochs
     if (steps is None) == (epochs is None):
-        raise RecipeError("set exactly one of recipe keys 'train.steps' and 'train.epochs' "
-                          f"(got steps={steps!r}, epochs={epochs!r})")
+        raise RecipeError(
+            "set exactly one of recipe keys 'train.steps' and 'train.epochs' "
+            f"(got steps={steps!r}, epochs={epochs!r})"
+        )
     if steps is not None and steps < 0 or epochs is not None and not 0 < epochs < math.inf:
-        raise RecipeError("recipe key 'train.steps' must be >= 0 (0: convert and export) "
-                          f"and 'train.epochs' a finite number > 0 (got steps={steps!r}, epochs={epochs!r})")
+        raise RecipeError(
+            "recipe key 'train.steps' must be >= 0 (0: convert and export) "
+            f"and 'train.epochs' a finite number > 0 (got steps={steps!r}, epochs={epochs!r})"
+        )
     if recipe.data.path is None and steps != 0:
-        raise RecipeError("recipe key 'data.path' is required: set it in the recipe or as data.path=... "
-                          "(only train.steps=0, a conversion, runs without data)")
+        raise RecipeError(
+            "recipe key 'data.path' is required: set it in the recipe or as data.path=... "
+            "(only train.steps=0, a conversion, runs without data)"
+        )
     if not 0.0 <= recipe.data.eval_fraction < 1.0:
-        raise RecipeError(f"recipe key 'data.eval_fraction' must be in [0, 1), got {recipe.data.eval_fraction}")
+        raise RecipeError(
+            f"recipe key 'data.eval_fraction' must be in [0, 1), got {recipe.data.eval_fraction}"
+        )
     if not isinstance(recipe.deepspeed.get("bases", []), (list, ListConfig)):
-        raise RecipeError("recipe key 'deepspeed.bases' must be a list of names from configs/deepspeed/")
+        raise RecipeError(
+            "recipe key 'deepspeed.bases' must be a list of names from configs/deepspeed/"
+        )
     if unknown := sorted(set(recipe.deepspeed) - {"bases", "overrides"}):
-        raise RecipeError(f"recipe key 'deepspeed.{unknown[0]}' does not exist: the deepspeed section has "
-                          f"'bases' (names from configs/deepspeed/) and 'overrides' (DeepSpeed config keys)")
+        raise RecipeError(
+            f"recipe key 'deepspeed.{unknown[0]}' does not exist: the deepspeed section has "
+            f"'bases' (names from configs/deepspeed/) and 'overrides' (DeepSpeed config keys)"
+        )
     for key, instead in DERIVED_DEEPSPEED_KEYS.items():
         if key in (recipe.deepspeed.get("overrides") or {}):
-            raise RecipeError(f"deepspeed.overrides.{key} is derived by pp-ext: set {instead} instead")
+            raise RecipeError(
+                f"deepspeed.overrides.{key} is derived by pp-ext: set {instead} instead"
+            )
     _check_numbers(recipe)
 
 
@@ -189,14 +253,18 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
     and checked. Raises :class:`RecipeError` with one line on any problem."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist: pass --recipe recipes/NAME.yaml "
-                          f"(available: {', '.join(sorted(p.name for p in available()))})")
+        raise RecipeError(
+            f"recipe file {path} does not exist: pass --recipe recipes/NAME.yaml "
+            f"(available: {', '.join(sorted(p.name for p in available()))})"
+        )
     try:
         recipe = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(path))
     except OmegaConfBaseException as exc:
         raise _explain(exc, str(path)) from None
     except Exception as exc:  # noqa: BLE001 - YAML syntax errors come in several types
-        raise RecipeError(f"{path}: not a valid YAML recipe: {' '.join(str(exc).split())}") from None
+        raise RecipeError(
+            f"{path}: not a valid YAML recipe: {' '.join(str(exc).split())}"
+        ) from None
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} is not key=value (e.g. train.steps=100)")
@@ -221,8 +289,11 @@ def deepspeed_bases() -> list[str]:
 def _deep_merge(base: dict, top: dict) -> dict:
     merged = dict(base)
     for key, value in top.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
-            merged.get(key), dict) else value
+        merged[key] = (
+            _deep_merge(merged[key], value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+            else value
+        )
     return merged
 
 
@@ -232,13 +303,17 @@ def resolve_parallel(recipe: DictConfig, world_size: int) -> tuple[int, int, int
     model_parallel = pipe * tensor
     if data == "auto":
         if world_size % model_parallel:
-            raise RecipeError(f"world size {world_size} is not a multiple of parallel.pipeline x parallel.tensor "
-                              f"= {pipe} x {tensor}: launch a multiple of {model_parallel} ranks or change them")
+            raise RecipeError(
+                f"world size {world_size} is not a multiple of parallel.pipeline x parallel.tensor "
+                f"= {pipe} x {tensor}: launch a multiple of {model_parallel} ranks or change them"
+            )
         data = world_size // model_parallel
     if pipe * tensor * data != world_size:
-        raise RecipeError(f"world size {world_size} != parallel.pipeline x tensor x data = {pipe} x {tensor} x "
-                          f"{data} = {pipe * tensor * data}: launch {pipe * tensor * data} ranks "
-                          f"(deepspeed --num_gpus) or set parallel.data=auto")
+        raise RecipeError(
+            f"world size {world_size} != parallel.pipeline x tensor x data = {pipe} x {tensor} x "
+            f"{data} = {pipe * tensor * data}: launch {pipe * tensor * data} ranks "
+            f"(deepspeed --num_gpus) or set parallel.data=auto"
+        )
     return pipe, tensor, data
 
 
@@ -251,16 +326,20 @@ def deepspeed_config(recipe: DictConfig, data_parallel: int, output_dir: str | N
     for name in recipe.deepspeed.get("bases", []):
         path = DEEPSPEED_BASES / f"{name}.json"
         if not path.is_file():
-            raise RecipeError(f"deepspeed base {name!r} does not exist: choose from "
-                              f"{', '.join(deepspeed_bases())} (configs/deepspeed/)")
+            raise RecipeError(
+                f"deepspeed base {name!r} does not exist: choose from "
+                f"{', '.join(deepspeed_bases())} (configs/deepspeed/)"
+            )
         config = _deep_merge(config, json.loads(path.read_text()))
     config = _deep_merge(config, OmegaConf.to_container(recipe.deepspeed).get("overrides") or {})
     train, parallel = recipe.train, recipe.parallel
-    config.update(train_micro_batch_size_per_gpu=train.micro_batch_size,
-                  gradient_accumulation_steps=parallel.micro_batches,
-                  train_batch_size=train.micro_batch_size * parallel.micro_batches * data_parallel,
-                  gradient_clipping=train.grad_clip)
-    config.setdefault("steps_per_print", 10 ** 9)  # pp-ext logs progress itself
+    config.update(
+        train_micro_batch_size_per_gpu=train.micro_batch_size,
+        gradient_accumulation_steps=parallel.micro_batches,
+        train_batch_size=train.micro_batch_size * parallel.micro_batches * data_parallel,
+        gradient_clipping=train.grad_clip,
+    )
+    config.setdefault("steps_per_print", 10**9)  # pp-ext logs progress itself
     if output_dir is not None:
         monitor = {"output_path": str(Path(output_dir) / "monitor"), "job_name": "train"}
         if recipe.logging.csv:

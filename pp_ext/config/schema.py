@@ -4,6 +4,7 @@ Pure data, no torch: ``pp-ext plan`` and the error paths import it in millisecon
 Loading, merging and checking a recipe is :mod:`pp_ext.config.recipe`; this module only
 says which keys exist, their types and their defaults.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -15,6 +15,7 @@ their names as ``datasets`` does (``train.jsonl``, ``validation.jsonl``, ...), s
 streaming mode: nothing loaded or cached), so the launcher can check the columns
 before any rank starts.
 """
+
 from __future__ import annotations
 
 import glob
@@ -45,21 +46,27 @@ def _local_files(path: str) -> list[str]:
 def dataset_source(cfg: DataConfig) -> tuple[str, dict]:
     """``(path, kwargs)`` for ``datasets.load_dataset`` from ``data.path`` and ``data.format``."""
     if cfg.format not in FORMATS:
-        raise DataError(f"data.format {cfg.format!r} is unknown: choose one of {', '.join(FORMATS)}")
+        raise DataError(
+            f"data.format {cfg.format!r} is unknown: choose one of {', '.join(FORMATS)}"
+        )
     if cfg.format == "hub":
         return cfg.path, {}
     files = _local_files(cfg.path)
     if not files:
-        raise DataError(f"data.path {cfg.path} does not exist: give a local file, folder or glob, "
-                        "or a hub dataset name with data.format=hub")
+        raise DataError(
+            f"data.path {cfg.path} does not exist: give a local file, folder or glob, "
+            "or a hub dataset name with data.format=hub"
+        )
     if cfg.format != "auto":
         builder = cfg.format
     else:
         kinds = {BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files} - {None}
         if len(kinds) != 1:
             found = sorted({os.path.splitext(f)[1] or f for f in files})
-            raise DataError(f"data.path {cfg.path}: cannot tell the format from the files' extensions "
-                            f"({', '.join(found)}): set data.format to one of {', '.join(FORMATS[1:-1])}")
+            raise DataError(
+                f"data.path {cfg.path}: cannot tell the format from the files' extensions "
+                f"({', '.join(found)}): set data.format to one of {', '.join(FORMATS[1:-1])}"
+            )
         builder = kinds.pop()
     options = {"sample_by": "document"} if builder == "text" else {}
     if os.path.isdir(cfg.path):  # datasets names the splits after the file names
@@ -84,21 +91,32 @@ def _reading(cfg: DataConfig, builder: str):
         yield
     except DataError:
         raise
-    except (DatasetsError, ConnectionError, FileNotFoundError, ValueError) as exc:  # pyarrow's are ValueErrors
+    except (
+        DatasetsError,
+        ConnectionError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:  # pyarrow's are ValueErrors
         if cfg.format == "hub":
-            raise DataError(f"data.path {cfg.path} (data.format=hub) cannot be loaded: {_innermost(exc)}: check "
-                            "the dataset's name, and that the hub is reachable or the dataset in datasets' "
-                            "cache") from exc
-        raise DataError(f"data.path {cfg.path} cannot be read as {builder} data: {_innermost(exc)}: fix the "
-                        f"file, or set data.format to its format") from exc
+            raise DataError(
+                f"data.path {cfg.path} (data.format=hub) cannot be loaded: {_innermost(exc)}: check "
+                "the dataset's name, and that the hub is reachable or the dataset in datasets' "
+                "cache"
+            ) from exc
+        raise DataError(
+            f"data.path {cfg.path} cannot be read as {builder} data: {_innermost(exc)}: fix the "
+            f"file, or set data.format to its format"
+        ) from exc
     finally:
         datasets.logging.set_verbosity(verbosity)
 
 
 def _split(dataset: datasets.DatasetDict, name: str, key: str, cfg: DataConfig) -> datasets.Dataset:
     if name not in dataset:
-        raise DataError(f"{key} {name!r} is not a split of {cfg.path} (splits: {', '.join(dataset)}): "
-                        f"set {key} to one of them")
+        raise DataError(
+            f"{key} {name!r} is not a split of {cfg.path} (splits: {', '.join(dataset)}): "
+            f"set {key} to one of them"
+        )
     return dataset[name]
 
 
@@ -138,7 +156,10 @@ def split_columns(cfg: DataConfig) -> dict[str, list[str]]:
     if cfg.format == "hub":
         return {}
     path, kwargs = dataset_source(cfg)
-    splits = {"data.split": cfg.split, **({"data.eval_split": cfg.eval_split} if cfg.eval_split else {})}
+    splits = {
+        "data.split": cfg.split,
+        **({"data.eval_split": cfg.eval_split} if cfg.eval_split else {}),
+    }
     columns = {}
     with _reading(cfg, path):
         loaded = datasets.load_dataset(path, streaming=True, **kwargs)
@@ -146,7 +167,9 @@ def split_columns(cfg: DataConfig) -> dict[str, list[str]]:
             records = _split(loaded, name, key, cfg)
             first = {"text": None} if path == "text" else next(iter(records), None)
             if first is None:
-                raise DataError(f"{key} {name!r} of data.path {cfg.path} has no records: give data with at "
-                                f"least one")
+                raise DataError(
+                    f"{key} {name!r} of data.path {cfg.path} has no records: give data with at "
+                    f"least one"
+                )
             columns[key] = list(first)
     return columns

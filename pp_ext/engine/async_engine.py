@@ -20,6 +20,7 @@ since the last update. :mod:`pp_ext.testing.async_reference` is the single-proce
 fp32 only, no gradient clipping, no weights tied across ranks (each would need a
 collective inside the program at a different moment on each rank).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -27,8 +28,8 @@ from contextlib import contextmanager
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from pp_ext.schedules.async_rules import PipeMareOptions, correction_decay, lr_factor
 from pp_ext.schedules import Kind, Schedule
+from pp_ext.schedules.async_rules import PipeMareOptions, correction_decay, lr_factor
 from pp_ext.schedules.asynchronous import calls
 
 from . import instructions as ins
@@ -37,18 +38,30 @@ from .engine import ScheduleEngine, with_location
 
 
 class AsyncScheduleEngine(ScheduleEngine):
-    def __init__(self, *args, schedule: Schedule, micro_batches: int,
-                 pipemare: PipeMareOptions = PipeMareOptions(), **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        schedule: Schedule,
+        micro_batches: int,
+        pipemare: PipeMareOptions = PipeMareOptions(),
+        **kwargs,
+    ) -> None:
         super().__init__(*args, schedule=schedule, **kwargs)
         if self.bfloat16_enabled() or self.zero_optimization():
-            raise ValueError(f"schedule {schedule.name} runs in fp32 without ZeRO: drop \"bf16\" and "
-                             f"\"zero_optimization\" from the DeepSpeed config")
+            raise ValueError(
+                f'schedule {schedule.name} runs in fp32 without ZeRO: drop "bf16" and '
+                f'"zero_optimization" from the DeepSpeed config'
+            )
         if self.gradient_clipping() > 0:
-            raise ValueError(f"schedule {schedule.name} updates each stage on its own: set "
-                             f"\"gradient_clipping\": 0 (a global norm would need all ranks at once)")
+            raise ValueError(
+                f"schedule {schedule.name} updates each stage on its own: set "
+                f'"gradient_clipping": 0 (a global norm would need all ranks at once)'
+            )
         if self.module.tied_comms:
-            raise ValueError(f"schedule {schedule.name} updates each stage on its own: untie the weights "
-                             f"shared across pipeline ranks (e.g. tie_word_embeddings=false)")
+            raise ValueError(
+                f"schedule {schedule.name} updates each stage on its own: untie the weights "
+                f"shared across pipeline ranks (e.g. tie_word_embeddings=false)"
+            )
         self.m = micro_batches
         self.stream_calls = calls(schedule, micro_batches, self.stage_id)
         program = schedule.programs[self.stage_id]
@@ -97,15 +110,19 @@ class AsyncScheduleEngine(ScheduleEngine):
         weight version but the latest is gone and the next call warms up again."""
         if not self.calls:
             return
-        self._exec_schedule(ins.AsyncCall(self.schedule, self.stage_id, self.stream_calls.drain(self.calls)))
+        self._exec_schedule(
+            ins.AsyncCall(self.schedule, self.stage_id, self.stream_calls.drain(self.calls))
+        )
         for posted in self._older_sends + self._sends:
             posted.wait()
         self._start_stream()
 
     def _refuse_in_flight(self, what: str) -> None:
         if self.in_flight:
-            raise RuntimeError(f"{what} with micro-batches in flight (schedule {self.schedule.name}): "
-                               f"call engine.flush() first")
+            raise RuntimeError(
+                f"{what} with micro-batches in flight (schedule {self.schedule.name}): "
+                f"call engine.flush() first"
+            )
 
     def eval_batch(self, *args, **kwargs):
         """The synchronous engine's forward-only evaluation, at the current weights."""
@@ -160,10 +177,17 @@ class AsyncScheduleEngine(ScheduleEngine):
     def _exec_forward_chunk(self, chunk: int, micro_batch: int) -> None:
         if self._evaluating:  # no stream, no versions: an ordinary forward
             return ScheduleEngine._exec_forward_chunk(self, chunk, micro_batch)
-        key, first, last = (chunk, micro_batch), self.module.is_first_stage_chunk(chunk), \
-            self.module.is_last_stage_chunk(chunk)
+        key, first, last = (
+            (chunk, micro_batch),
+            self.module.is_first_stage_chunk(chunk),
+            self.module.is_last_stage_chunk(chunk),
+        )
         batch = self._batch(micro_batch - self._call_start) if first or last else None
-        inputs = self._load_inputs(micro_batch - self._call_start) if first else self._received(key, grad=False).pop(key)
+        inputs = (
+            self._load_inputs(micro_batch - self._call_start)
+            if first
+            else self._received(key, grad=False).pop(key)
+        )
         version = self.schedule.forward_version(self._updates, micro_batch)
         self._pinned[key] = version
         self._next_forward = micro_batch + 1
@@ -174,10 +198,14 @@ class AsyncScheduleEngine(ScheduleEngine):
                 self._labels_of[micro_batch] = batch[1]
                 loss = self.module.loss_fn(outputs, self._labels(micro_batch - self._call_start))
                 self.fwd_outputs.append(loss)
-                self.total_loss = loss.clone() if self.total_loss is None else self.total_loss + loss
+                self.total_loss = (
+                    loss.clone() if self.total_loss is None else self.total_loss + loss
+                )
                 return
         # activations sent on need a gradient back, as in a forward with a graph
-        self._outputs[key] = tuple(t.requires_grad_(t.is_floating_point()) for t in p2p.as_tuple(outputs))
+        self._outputs[key] = tuple(
+            t.requires_grad_(t.is_floating_point()) for t in p2p.as_tuple(outputs)
+        )
 
     def _exec_backward_chunk(self, chunk: int, micro_batch: int) -> None:
         key = (chunk, micro_batch)
@@ -187,15 +215,24 @@ class AsyncScheduleEngine(ScheduleEngine):
             outputs = self.module.chunk_forward(chunk, inputs[0] if len(inputs) == 1 else inputs)
             if self.module.is_last_stage_chunk(chunk):
                 labels = self._labels_of.pop(micro_batch)
-                labels = labels.to(self.device) if torch.is_tensor(labels) else tuple(t.to(self.device) for t in labels)
+                labels = (
+                    labels.to(self.device)
+                    if torch.is_tensor(labels)
+                    else tuple(t.to(self.device) for t in labels)
+                )
                 (self.module.loss_fn(outputs, labels) * self.grad_scale).backward()
             else:
                 self._outputs.pop(key)
                 grads = self._received(key, grad=True).pop(key)
-                torch.autograd.backward([t for t in p2p.as_tuple(outputs) if t.requires_grad], grads)
+                torch.autograd.backward(
+                    [t for t in p2p.as_tuple(outputs) if t.requires_grad], grads
+                )
         if not self.module.is_first_stage_chunk(chunk):
-            self._input_grads[key] = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
-                                           for t in inputs if t.requires_grad)
+            self._input_grads[key] = tuple(
+                t.grad if t.grad is not None else torch.zeros_like(t)
+                for t in inputs
+                if t.requires_grad
+            )
         self._stash = {v: t for v, t in self._stash.items() if v in self._needed()}
 
     def _exec_update(self, chunk: int, micro_batch: int) -> None:
@@ -234,7 +271,15 @@ class AsyncScheduleEngine(ScheduleEngine):
             posted.wait()
         self._older_sends, self._sends = self._sends, []
 
-    _INSTRUCTION_MAP = {**ScheduleEngine._INSTRUCTION_MAP, **{
-        kind: with_location(kind.__name__, handler) for kind, handler in {
-            ins.ForwardChunk: _exec_forward_chunk, ins.BackwardChunk: _exec_backward_chunk,
-            ins.Update: _exec_update, ins.FinishSends: _exec_finish_sends}.items()}}
+    _INSTRUCTION_MAP = {
+        **ScheduleEngine._INSTRUCTION_MAP,
+        **{
+            kind: with_location(kind.__name__, handler)
+            for kind, handler in {
+                ins.ForwardChunk: _exec_forward_chunk,
+                ins.BackwardChunk: _exec_backward_chunk,
+                ins.Update: _exec_update,
+                ins.FinishSends: _exec_finish_sends,
+            }.items()
+        },
+    }

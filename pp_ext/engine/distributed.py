@@ -1,5 +1,6 @@
 """The process group of a rank: the accelerator chosen before DeepSpeed is imported,
 then DeepSpeed's distributed init (NCCL on GPUs, gloo on CPU)."""
+
 from __future__ import annotations
 
 import datetime
@@ -25,7 +26,8 @@ def init_distributed(local_rank: int, timeout_s: float | None = None) -> None:
     # the shm comm op is JIT-built (~80 s) on first init and never used by training
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
-                               **timeout)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False, **timeout
+    )
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

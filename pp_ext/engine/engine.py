@@ -18,6 +18,7 @@ backward defers linear layers' weight GEMMs from I to W through a
 (:func:`forward_only`) under ``torch.no_grad()``; forward passes then keep
 nothing for a backward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,8 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pp_ext.schedules import Action, Kind, Schedule, lower
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
+from pp_ext.schedules import Action, Kind, Schedule, lower
 
 from . import instructions as ins
 from . import p2p
@@ -48,6 +49,7 @@ class PipelineError(RuntimeError):
 def with_location(instruction: str, handler: Callable) -> Callable:
     """``handler`` whose RuntimeErrors (gloo's "Timed out waiting ... for recv", a
     closed connection, NCCL's errors) say where this rank was in the program."""
+
     @functools.wraps(handler)
     def run(self, **kwargs):
         try:
@@ -57,6 +59,7 @@ def with_location(instruction: str, handler: Callable) -> Callable:
         except RuntimeError as exc:
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(f"{self._where(instruction, kwargs)}: {cause}") from exc
+
     return run
 
 
@@ -74,10 +77,16 @@ def forward_only(schedule: Schedule, micro_batches: int) -> Schedule:
     programs = []
     for rank in range(placement.ranks):
         held = [(placement.holds(rank, chunk), chunk) for chunk in range(placement.chunks)]
-        order = sorted((mb + stage, stage, mb, chunk)
-                       for (pipeline, stage), chunk in held if pipeline == 0 for mb in range(micro_batches))
+        order = sorted(
+            (mb + stage, stage, mb, chunk)
+            for (pipeline, stage), chunk in held
+            if pipeline == 0
+            for mb in range(micro_batches)
+        )
         programs.append(tuple(Action(Kind.F, mb, chunk) for _, _, mb, chunk in order))
-    return lower(Schedule(f"{schedule.name} forward-only", placement, micro_batches, tuple(programs)))
+    return lower(
+        Schedule(f"{schedule.name} forward-only", placement, micro_batches, tuple(programs))
+    )
 
 
 def _grads_for_norm(optimizer, for_clipping: bool = False):
@@ -102,25 +111,41 @@ class ScheduleEngine(PipelineEngine):
         module = self.module
         if not isinstance(module, ChunkedPipelineModule):
             raise TypeError("the pp-ext engine needs a pp_ext ChunkedPipelineModule")
-        if (module.placement.name, module.chunks) != (schedule.placement.name, schedule.chunks) \
-                or schedule.ranks != self.num_stages:
+        if (module.placement.name, module.chunks) != (
+            schedule.placement.name,
+            schedule.chunks,
+        ) or schedule.ranks != self.num_stages:
             raise ValueError(
                 f"schedule {schedule.name} wants {schedule.ranks} ranks x {schedule.chunks} chunks in "
                 f"{schedule.placement.name} placement; the module has {self.num_stages} x {module.chunks} in "
                 f"{module.placement.name}: build the module with chunks={schedule.chunks}, "
-                f"placement='{schedule.placement.name}'")
+                f"placement='{schedule.placement.name}'"
+            )
         # an asynchronous stream spans several calls of m micro-batches each
-        if schedule.micro_batches % self.micro_batches if schedule.backward_weights \
-                else schedule.micro_batches != self.micro_batches:
-            raise ValueError(f"schedule has {schedule.micro_batches} micro-batches, DeepSpeed's "
-                             f"gradient_accumulation_steps is {self.micro_batches}: make them equal")
+        if (
+            schedule.micro_batches % self.micro_batches
+            if schedule.backward_weights
+            else schedule.micro_batches != self.micro_batches
+        ):
+            raise ValueError(
+                f"schedule has {schedule.micro_batches} micro-batches, DeepSpeed's "
+                f"gradient_accumulation_steps is {self.micro_batches}: make them equal"
+            )
         if self.fp16_enabled():
-            raise NotImplementedError("the pp-ext engine runs fp32 or bf16; fp16 (loss scaling) is not "
-                                      "supported: use \"bf16\", or DeepSpeed's own PipelineEngine")
-        if schedule.split_backward and self.using_bf16_optimizer and self.optimizer.immediate_grad_update:
-            raise ValueError(f"schedule {schedule.name} splits the backward: bf16 immediate_grad_update moves "
-                             f"gradients in autograd hooks, which the deferred weight-gradient (W) work does "
-                             f"not fire; set \"bf16\": {{\"immediate_grad_update\": false}} (the default)")
+            raise NotImplementedError(
+                "the pp-ext engine runs fp32 or bf16; fp16 (loss scaling) is not "
+                'supported: use "bf16", or DeepSpeed\'s own PipelineEngine'
+            )
+        if (
+            schedule.split_backward
+            and self.using_bf16_optimizer
+            and self.optimizer.immediate_grad_update
+        ):
+            raise ValueError(
+                f"schedule {schedule.name} splits the backward: bf16 immediate_grad_update moves "
+                f"gradients in autograd hooks, which the deferred weight-gradient (W) work does "
+                f'not fire; set "bf16": {{"immediate_grad_update": false}} (the default)'
+            )
         if self.using_bf16_optimizer:  # a rank may count nothing in the norm: see _grads_for_norm
             self.optimizer.get_grads_for_norm = functools.partial(_grads_for_norm, self.optimizer)
         # DeepSpeed turns these on with a model axis (Megatron's scattered p2p); pp-ext's own
@@ -135,14 +160,20 @@ class ScheduleEngine(PipelineEngine):
         # (sending, stage boundary, grad mode) -> specs: with two pipelines one rank may both
         # send and receive the same boundary (p=2: rank 0 sends 0->1 down and receives 0->1 up)
         self._header_cache: dict[tuple[bool, int, bool], list[p2p.TensorSpec]] = {}
-        self._trainable = [any(p.requires_grad for p in module.chunk_parameters(c)) for c in range(module.chunks)]
-        self._link = p2p.pipeline_link(self.grid._topo.get_axis_comm_lists("pipe"), self.global_rank, self.device)
+        self._trainable = [
+            any(p.requires_grad for p in module.chunk_parameters(c)) for c in range(module.chunks)
+        ]
+        self._link = p2p.pipeline_link(
+            self.grid._topo.get_axis_comm_lists("pipe"), self.global_rank, self.device
+        )
         self._reset_buffers()
 
     # ------------------------------------------------------------------ topology
 
     def train_batch(self, data_iter=None):
-        p2p.claim_channels(self)  # before DeepSpeed starts its timers: an error leaves the engine usable
+        p2p.claim_channels(
+            self
+        )  # before DeepSpeed starts its timers: an error leaves the engine usable
         return super().train_batch(data_iter)
 
     def is_last_stage(self) -> bool:
@@ -189,16 +220,28 @@ class ScheduleEngine(PipelineEngine):
         self._reset_buffers()
         return ins.ForwardProgram(forward_only(self.schedule, micro_batches), self.stage_id)
 
-    def eval_batch(self, data_iter, return_logits=False, compute_loss=True, reduce_output='avg',
-                   bcast_loss=True, num_micro_batches=None):
+    def eval_batch(
+        self,
+        data_iter,
+        return_logits=False,
+        compute_loss=True,
+        reduce_output="avg",
+        bcast_loss=True,
+        num_micro_batches=None,
+    ):
         """DeepSpeed's ``eval_batch`` (same arguments and results) on a forward-only
         program; the module's train/eval mode is restored afterwards."""
         p2p.claim_channels(self)
         training = self.module.training
         try:
-            return super().eval_batch(data_iter, return_logits=return_logits, compute_loss=compute_loss,
-                                      reduce_output=reduce_output, bcast_loss=bcast_loss,
-                                      num_micro_batches=num_micro_batches)
+            return super().eval_batch(
+                data_iter,
+                return_logits=return_logits,
+                compute_loss=compute_loss,
+                reduce_output=reduce_output,
+                bcast_loss=bcast_loss,
+                num_micro_batches=num_micro_batches,
+            )
         finally:
             self.module.train(training)
 
@@ -229,8 +272,13 @@ class ScheduleEngine(PipelineEngine):
 
     def _exec_forward_chunk(self, chunk: int, micro_batch: int) -> None:
         key = (chunk, micro_batch)
-        first, last = self.module.is_first_stage_chunk(chunk), self.module.is_last_stage_chunk(chunk)
-        inputs = self._load_inputs(micro_batch) if first else self._received(key, grad=False).pop(key)
+        first, last = (
+            self.module.is_first_stage_chunk(chunk),
+            self.module.is_last_stage_chunk(chunk),
+        )
+        inputs = (
+            self._load_inputs(micro_batch) if first else self._received(key, grad=False).pop(key)
+        )
         outputs = self.module.chunk_forward(chunk, inputs[0] if len(inputs) == 1 else inputs)
         # eval_batch runs under no_grad: keep nothing for a backward that will not come
         backward = torch.is_grad_enabled()
@@ -243,26 +291,36 @@ class ScheduleEngine(PipelineEngine):
                     f"pp-ext engine: stage {self.module.stage_of_chunk(chunk)} (pipeline rank {self.stage_id}, "
                     f"chunk {chunk}) returns no tensor that needs a gradient, so it and the stages before it "
                     f"would get none: return float activations computed from its parameters or inputs "
-                    f"(not detached, not under no_grad)")
+                    f"(not detached, not under no_grad)"
+                )
         if not self.module.training:
             ds_checkpointing.reset()  # as DeepSpeed's forward pass does between evaluation passes
         if last:
-            labels = self._labels(micro_batch)  # read even when unused, as DeepSpeed's last stage does
+            labels = self._labels(
+                micro_batch
+            )  # read even when unused, as DeepSpeed's last stage does
             compute_loss = self._compute_loss and self.module.loss_fn is not None
             loss = self.module.loss_fn(outputs, labels) if compute_loss else outputs
             if self.eval_return_logits:
                 self.outputs = outputs
-            self.fwd_outputs.append(loss.detach() if torch.is_tensor(loss) else [t.detach() for t in loss])
+            self.fwd_outputs.append(
+                loss.detach() if torch.is_tensor(loss) else [t.detach() for t in loss]
+            )
             if backward:
                 self._outputs[key] = loss
-                self.total_loss = loss.detach().clone() if self.total_loss is None else self.total_loss + loss.detach()
+                self.total_loss = (
+                    loss.detach().clone()
+                    if self.total_loss is None
+                    else self.total_loss + loss.detach()
+                )
             return
         rank, next_chunk = self._neighbour(chunk, +1)
         if backward or rank != self.stage_id:
             self._outputs[key] = outputs
         if rank == self.stage_id:  # the turn of a V: hand the activation over, cut the graph
             self._inputs[(next_chunk, micro_batch)] = tuple(
-                t.detach().requires_grad_(t.requires_grad) for t in p2p.as_tuple(outputs))
+                t.detach().requires_grad_(t.requires_grad) for t in p2p.as_tuple(outputs)
+            )
 
     def _clear_low_precision_grads(self) -> None:
         """bf16: start a B, I or W pass from zeroed bf16 gradients; the pass then adds
@@ -313,8 +371,11 @@ class ScheduleEngine(PipelineEngine):
                     self._running_engine_backward = False
                 self._accumulate_low_precision_grads()
         if not self.module.is_first_stage_chunk(chunk):
-            grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
-                          for t in self._inputs[key] if t.requires_grad)
+            grads = tuple(
+                t.grad if t.grad is not None else torch.zeros_like(t)
+                for t in self._inputs[key]
+                if t.requires_grad
+            )
             rank, prev_chunk = self._neighbour(chunk, -1)
             if rank == self.stage_id:
                 self._grads[(prev_chunk, micro_batch)] = grads
@@ -343,12 +404,18 @@ class ScheduleEngine(PipelineEngine):
             tensors = self._input_grads.pop(key)
         else:
             # training keeps the outputs for the backward; eval is done with them
-            tensors = p2p.as_tuple(self._outputs[key] if torch.is_grad_enabled() else self._outputs.pop(key))
+            tensors = p2p.as_tuple(
+                self._outputs[key] if torch.is_grad_enabled() else self._outputs.pop(key)
+            )
             boundary = (True, self.module.stage_of_chunk(chunk), torch.is_grad_enabled())
             if self.dynamic_shape or boundary not in self._header_cache:
                 self._header_cache[boundary] = p2p.specs_of(tensors)
-                self._sends.append(p2p.send_header(self._link, self._header_cache[boundary], dst, self.device))
-        self._sends.append(p2p.send_tensors(self._link, tensors, dst))  # each holds its tensors until done
+                self._sends.append(
+                    p2p.send_header(self._link, self._header_cache[boundary], dst, self.device)
+                )
+        self._sends.append(
+            p2p.send_tensors(self._link, tensors, dst)
+        )  # each holds its tensors until done
 
     def _exec_recv_tensors(self, chunk: int, micro_batch: int, peer: int, grad: bool) -> None:
         """Post the receive (lowering put it where the transfer stands in the global
@@ -365,7 +432,9 @@ class ScheduleEngine(PipelineEngine):
                 self._header_cache[boundary] = p2p.recv_header(self._link, src, self.device)
             specs = self._header_cache[boundary]
         buffers, posted = p2p.recv_tensors(self._link, specs, src, self.device)
-        where = self._where("RecvTensors", dict(chunk=chunk, micro_batch=micro_batch, peer=peer, grad=grad))
+        where = self._where(
+            "RecvTensors", dict(chunk=chunk, micro_batch=micro_batch, peer=peer, grad=grad)
+        )
         self._arriving[(grad, key)] = (buffers, posted, where, specs)
 
     def _received(self, key: tuple[int, int], grad: bool) -> dict:
@@ -379,8 +448,11 @@ class ScheduleEngine(PipelineEngine):
             except RuntimeError as exc:
                 cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise PipelineError(f"{where}, waiting for it: {cause}") from exc
-            buffer[key] = buffers if grad else tuple(
-                t.requires_grad_(spec.requires_grad) for t, spec in zip(buffers, specs))
+            buffer[key] = (
+                buffers
+                if grad
+                else tuple(t.requires_grad_(spec.requires_grad) for t, spec in zip(buffers, specs))
+            )
         return buffer
 
     def _aggregate_total_loss(self):
@@ -401,7 +473,9 @@ class ScheduleEngine(PipelineEngine):
             if self.using_bf16_optimizer:
                 grads.append(param._hp_grad)
                 continue
-            if param.grad is None:  # both ranks must reduce the same sizes, as DeepSpeed's own all-reduce
+            if (
+                param.grad is None
+            ):  # both ranks must reduce the same sizes, as DeepSpeed's own all-reduce
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
         if grads:
@@ -456,28 +530,43 @@ class ScheduleEngine(PipelineEngine):
         for posted in self._sends:
             posted.wait()
         self._sends = []
-        leftover = [name for name, buf in (("inputs", self._inputs), ("outputs", self._outputs),
-                                           ("grads", self._grads), ("input grads", self._input_grads),
-                                           ("receives", self._arriving)) if buf]
+        leftover = [
+            name
+            for name, buf in (
+                ("inputs", self._inputs),
+                ("outputs", self._outputs),
+                ("grads", self._grads),
+                ("input grads", self._input_grads),
+                ("receives", self._arriving),
+            )
+            if buf
+        ]
         if leftover or self.store.pending():
-            raise RuntimeError(f"pp-ext engine: step ended with unconsumed {', '.join(leftover) or 'W work'} "
-                               f"(schedule {self.schedule.name}): the program is not complete")
+            raise RuntimeError(
+                f"pp-ext engine: step ended with unconsumed {', '.join(leftover) or 'W work'} "
+                f"(schedule {self.schedule.name}): the program is not complete"
+            )
 
     def _where(self, instruction: str, kwargs: dict) -> str:
         """This rank, its stage and the instruction it was executing, for an error line."""
         args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         peer = f", peer rank {self._global(kwargs['peer'])}" if "peer" in kwargs else ""
-        return (f"rank {self.global_rank} (pipeline rank {self.stage_id}) failed in {instruction}({args}) "
-                f"of step {self.global_steps + 1}{peer}")
+        return (
+            f"rank {self.global_rank} (pipeline rank {self.stage_id}) failed in {instruction}({args}) "
+            f"of step {self.global_steps + 1}{peer}"
+        )
 
-    _INSTRUCTION_MAP = {kind: with_location(kind.__name__, handler) for kind, handler in {
-        **PipelineEngine._INSTRUCTION_MAP,
-        ins.ForwardChunk: _exec_forward_chunk,
-        ins.BackwardChunk: _exec_backward_chunk,
-        ins.InputGradChunk: _exec_input_grad_chunk,
-        ins.WeightGradChunk: _exec_weight_grad_chunk,
-        ins.SendTensors: _exec_send_tensors,
-        ins.RecvTensors: _exec_recv_tensors,
-        ins.FinishSends: _exec_finish_sends,
-        ins.ReduceReplicaGrads: _exec_reduce_replica_grads,
-    }.items()}
+    _INSTRUCTION_MAP = {
+        kind: with_location(kind.__name__, handler)
+        for kind, handler in {
+            **PipelineEngine._INSTRUCTION_MAP,
+            ins.ForwardChunk: _exec_forward_chunk,
+            ins.BackwardChunk: _exec_backward_chunk,
+            ins.InputGradChunk: _exec_input_grad_chunk,
+            ins.WeightGradChunk: _exec_weight_grad_chunk,
+            ins.SendTensors: _exec_send_tensors,
+            ins.RecvTensors: _exec_recv_tensors,
+            ins.FinishSends: _exec_finish_sends,
+            ins.ReduceReplicaGrads: _exec_reduce_replica_grads,
+        }.items()
+    }

@@ -10,6 +10,7 @@ micro-batch) and a peer rank, and split the backward into I and W, so they are n
 :class:`PipeInstruction` subclasses dispatched through the engine's
 ``_INSTRUCTION_MAP`` (see :mod:`pp_ext.engine.engine`).
 """
+
 from __future__ import annotations
 
 from deepspeed.runtime.pipe import schedule as ds
@@ -68,10 +69,19 @@ class ReduceReplicaGrads(ds.PipeInstruction):
     between the pair of ranks holding them, before DeepSpeed's data-parallel ``ReduceGrads``."""
 
 
-_COMPUTE = {Kind.F: ForwardChunk, Kind.B: BackwardChunk, Kind.I: InputGradChunk, Kind.W: WeightGradChunk,
-            Kind.U: Update}
-_COMM = {Kind.SEND_ACT: (SendTensors, False), Kind.SEND_GRAD: (SendTensors, True),
-         Kind.RECV_ACT: (RecvTensors, False), Kind.RECV_GRAD: (RecvTensors, True)}
+_COMPUTE = {
+    Kind.F: ForwardChunk,
+    Kind.B: BackwardChunk,
+    Kind.I: InputGradChunk,
+    Kind.W: WeightGradChunk,
+    Kind.U: Update,
+}
+_COMM = {
+    Kind.SEND_ACT: (SendTensors, False),
+    Kind.SEND_GRAD: (SendTensors, True),
+    Kind.RECV_ACT: (RecvTensors, False),
+    Kind.RECV_GRAD: (RecvTensors, True),
+}
 
 
 def to_instruction(action: Action) -> ds.PipeInstruction:
@@ -86,12 +96,16 @@ def to_instruction(action: Action) -> ds.PipeInstruction:
 class ProgramSchedule(ds.PipeSchedule):
     """One rank's lowered program as a DeepSpeed training schedule."""
 
-    def __init__(self, schedule: Schedule, rank: int, actions: tuple[Action, ...] | None = None) -> None:
+    def __init__(
+        self, schedule: Schedule, rank: int, actions: tuple[Action, ...] | None = None
+    ) -> None:
         """``actions``: a part of the rank's program (one call of an asynchronous stream)."""
         if not schedule.lowered and schedule.ranks > 1:
             raise ValueError("ProgramSchedule needs a lowered schedule (pp_ext.schedules.lower)")
         super().__init__(micro_batches=schedule.micro_batches, stages=schedule.ranks, stage_id=rank)
-        self.instructions = [to_instruction(a) for a in (schedule.programs[rank] if actions is None else actions)]
+        self.instructions = [
+            to_instruction(a) for a in (schedule.programs[rank] if actions is None else actions)
+        ]
         self.replicated = schedule.placement.pipelines > 1
 
     def steps(self):
@@ -101,7 +115,13 @@ class ProgramSchedule(ds.PipeSchedule):
 
     def end(self) -> list[ds.PipeInstruction]:
         replicas = [ReduceReplicaGrads()] if self.replicated else []
-        return [FinishSends(), ds.ReduceTiedGrads(), *replicas, ds.ReduceGrads(), ds.OptimizerStep()]
+        return [
+            FinishSends(),
+            ds.ReduceTiedGrads(),
+            *replicas,
+            ds.ReduceGrads(),
+            ds.OptimizerStep(),
+        ]
 
     def num_pipe_buffers(self) -> int:
         # the pp-ext engine keys its buffers by (chunk, micro-batch), not by buffer id

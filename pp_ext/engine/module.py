@@ -11,13 +11,14 @@ switches them in and reuses ``PipelineModule.forward`` unchanged, as DeepSpeed's
 The partitioning logic is in pure functions (:func:`partition`, :func:`chunk_layout`,
 :func:`layer_rank`) so that layouts for any p can be checked without a process group.
 """
+
 from __future__ import annotations
 
 import bisect
 import numbers
 import re
-from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from deepspeed import comm as dist
@@ -83,14 +84,17 @@ def _type_weights(layers: Sequence, pattern: str) -> list[int]:
     regex = re.compile(pattern, re.IGNORECASE)
     weights = [int(bool((name := layer_name(layer)) and regex.search(name))) for layer in layers]
     if not any(weights):
-        raise ValueError(f"partition_method 'type:{pattern}' matches no layer: "
-                         f"layer types are {sorted({n for n in map(layer_name, layers) if n})}")
+        raise ValueError(
+            f"partition_method 'type:{pattern}' matches no layer: "
+            f"layer types are {sorted({n for n in map(layer_name, layers) if n})}"
+        )
     return weights
 
 
 def _check_boundaries(parts: Sequence[int], layers: int, stages: int) -> list[int]:
     if isinstance(parts, str) or not all(
-            isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in parts):
+        isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in parts
+    ):
         raise ValueError(f"partition_method must be {METHODS}, got {parts!r}")
     parts = [int(b) for b in parts]
     if len(parts) != stages + 1:
@@ -139,15 +143,19 @@ def balanced_parts(costs: Sequence[float], stages: int) -> list[int]:
     return parts[::-1]
 
 
-def partition(layers: Sequence, stages: int, method: str | Sequence[int] = "parameters") -> list[int]:
+def partition(
+    layers: Sequence, stages: int, method: str | Sequence[int] = "parameters"
+) -> list[int]:
     """Stage boundaries ``parts`` (``stages + 1`` ints): stage s holds layers
     ``parts[s]:parts[s+1]``. Methods as DeepSpeed's, plus explicit boundaries and
     'balanced:FILE' (measured per-layer costs of a ``pp-ext tune`` profile,
     :func:`balanced_parts`); 'parameters' counts on the meta device
     (:func:`layer_param_counts`)."""
     if len(layers) < stages:
-        raise ValueError(f"{len(layers)} layers cannot fill {stages} pipeline stages (one layer at least each): "
-                         f"use fewer chunks or fewer pipeline stages")
+        raise ValueError(
+            f"{len(layers)} layers cannot fill {stages} pipeline stages (one layer at least each): "
+            f"use fewer chunks or fewer pipeline stages"
+        )
     if not isinstance(method, str):
         return _check_boundaries(method, len(layers), stages)
     kind, _, pattern = method.partition(":")
@@ -159,8 +167,10 @@ def partition(layers: Sequence, stages: int, method: str | Sequence[int] = "para
         parts = partition_balanced(weights=_type_weights(layers, pattern), num_parts=stages)
     elif kind.lower() == "balanced":
         if not pattern:
-            raise ValueError("partition_method 'balanced' needs measured layer costs: give 'balanced:PROFILE.json' "
-                             "(written by pp-ext tune)")
+            raise ValueError(
+                "partition_method 'balanced' needs measured layer costs: give 'balanced:PROFILE.json' "
+                "(written by pp-ext tune)"
+            )
         parts = balanced_parts(Profile.load(pattern).layer_costs(len(layers)), stages)
     else:
         raise ValueError(f"partition_method must be {METHODS}, got {method!r}")
@@ -217,8 +227,10 @@ class ChunkedPipelineModule(PipelineModule):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         if placement == "bidirectional" and chunks != 2:
-            raise ValueError(f"bidirectional placement holds 2 chunks per rank (a down and an up replica), "
-                             f"got chunks={chunks}: use chunks=2")
+            raise ValueError(
+                f"bidirectional placement holds 2 chunks per rank (a down and an up replica), "
+                f"got chunks={chunks}: use chunks=2"
+            )
         # read by _partition_layers, which PipelineModule.__init__ calls
         self._chunks, self._placement_name = chunks, placement
         super().__init__(layers, *args, **kwargs)
@@ -309,6 +321,7 @@ class ChunkedPipelineModule(PipelineModule):
             def run(*args):
                 with self.chunk(chunk):
                     return function(*args)
+
             return run
 
         def checkpoint_under_chunk(function, *args):
@@ -329,8 +342,10 @@ class ChunkedPipelineModule(PipelineModule):
 
     def _partition_layers(self, method="parameters"):
         if self._placement_name == "bidirectional" and self.num_stages % 2:
-            raise ValueError(f"bidirectional placement pairs pipeline rank r with rank p-1-r, so it needs an "
-                             f"even number of pipeline stages, got {self.num_stages}: use an even num_stages")
+            raise ValueError(
+                f"bidirectional placement pairs pipeline rank r with rank p-1-r, so it needs an "
+                f"even number of pipeline stages, got {self.num_stages}: use an even num_stages"
+            )
         self._placement = Placement.named(self._placement_name, self.num_stages, self._chunks)
         # the first hook PipelineModule calls once its grid exists
         self.tensor_axis = tp.from_grid(self._grid)
@@ -343,8 +358,12 @@ class ChunkedPipelineModule(PipelineModule):
             for stage in range(self._placement.stages):
                 rank, chunk = self._placement.locate(0, stage)
                 start, stop = self.parts[stage], self.parts[stage + 1]
-                names = ", ".join(layer_name(layer) or repr(layer) for layer in self._layer_specs[start:stop])
-                logger.info(f"stage {stage} (rank {rank} chunk {chunk}) layers [{start}, {stop}): {names}")
+                names = ", ".join(
+                    layer_name(layer) or repr(layer) for layer in self._layer_specs[start:stop]
+                )
+                logger.info(
+                    f"stage {stage} (rank {rank} chunk {chunk}) layers [{start}, {stop}): {names}"
+                )
         self._set_bounds(*self._chunk_bounds[0])
 
     def _build(self):
@@ -382,12 +401,19 @@ class ChunkedPipelineModule(PipelineModule):
     def _check_ties_keep_to_a_pair(self) -> None:
         p = self._placement.stages
         for key in sorted({s.key for s in self._layer_specs if isinstance(s, TiedLayerSpec)}):
-            stages = sorted({layer_stage(self.parts, idx) for idx, s in enumerate(self._layer_specs)
-                             if isinstance(s, TiedLayerSpec) and s.key == key})
+            stages = sorted(
+                {
+                    layer_stage(self.parts, idx)
+                    for idx, s in enumerate(self._layer_specs)
+                    if isinstance(s, TiedLayerSpec) and s.key == key
+                }
+            )
             if len({min(s, p - 1 - s) for s in stages}) > 1:
-                raise ValueError(f"bidirectional placement: tied layers {key!r} sit on stages {stages}, held by "
-                                 f"more than one pair of ranks (s, p-1-s): tie only layers of stages s and "
-                                 f"p-1-s (e.g. embedding on the first stage and LM head on the last)")
+                raise ValueError(
+                    f"bidirectional placement: tied layers {key!r} sit on stages {stages}, held by "
+                    f"more than one pair of ranks (s, p-1-s): tie only layers of stages s and "
+                    f"p-1-s (e.g. embedding on the first stage and LM head on the last)"
+                )
 
     def _index_replicas(self):
         """Bidirectional placement: the pair group(s) and this rank's replicated parameters.
@@ -414,14 +440,20 @@ class ChunkedPipelineModule(PipelineModule):
                         mine = (group, ranks)
         group, ranks = mine
         partner = p - 1 - self.stage_id
-        tied = {id(self._recursive_getattr(comm["module"], attr))
-                for comm in self.tied_comms.values() for attr in comm["weight_attr"]}
+        tied = {
+            id(self._recursive_getattr(comm["module"], attr))
+            for comm in self.tied_comms.values()
+            for attr in comm["weight_attr"]
+        }
         source = {}  # id -> pipeline rank of the down replica
         for chunk, owner in ((0, self.stage_id), (1, partner)):
             for param in self.chunk_parameters(chunk):
                 source[id(param)] = min(owner, source.get(id(param), owner))
-        replicas = [param for _, param in sorted(self.named_parameters())
-                    if id(param) in source and id(param) not in tied]
+        replicas = [
+            param
+            for _, param in sorted(self.named_parameters())
+            if id(param) in source and id(param) not in tied
+        ]
         with torch.no_grad():
             for param in replicas:
                 src = ranks[0] if source[id(param)] == min(self.stage_id, partner) else ranks[1]

@@ -10,6 +10,7 @@ order then fails as it would under NCCL, with gloo's timeout naming the wait,
 instead of passing. (One stream per rank for every peer is the stricter of NCCL's
 stream models, and the one pp-ext's engine uses: :mod:`pp_ext.engine.p2p`.)
 """
+
 from __future__ import annotations
 
 import datetime
@@ -49,8 +50,11 @@ class EmulatedNccl:
         self.broken: BaseException | None = None
         threading.Thread(target=self._work, name="pp-ext emulated NCCL stream", daemon=True).start()
 
-    def post(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
-             receives: Sequence[tuple[torch.Tensor, int]] = ()) -> _Element:
+    def post(
+        self,
+        sends: Sequence[tuple[torch.Tensor, int]] = (),
+        receives: Sequence[tuple[torch.Tensor, int]] = (),
+    ) -> _Element:
         element = _Element(sends, receives)
         self.queue.put(element)
         return element
@@ -59,7 +63,9 @@ class EmulatedNccl:
         while True:
             element = self.queue.get()
             try:
-                if self.broken is not None:  # a stream that failed runs nothing more, as NCCL's aborts
+                if (
+                    self.broken is not None
+                ):  # a stream that failed runs nothing more, as NCCL's aborts
                     raise RuntimeError(f"an earlier op on this stream failed ({self.broken})")
                 self._run(element)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting host thread
@@ -70,13 +76,19 @@ class EmulatedNccl:
     def _run(self, element: _Element) -> None:
         group = self.group
         data = [dist.isend(t, peer, group=group, tag=_DATA) for t, peer in element.sends]
-        received = [(dist.irecv(t, peer, group=group, tag=_DATA), peer) for t, peer in element.receives]
+        received = [
+            (dist.irecv(t, peer, group=group, tag=_DATA), peer) for t, peer in element.receives
+        ]
         for work, peer in received:
             self._wait(work, f"receive from rank {peer}")
-        acks = [dist.isend(torch.ones(1), peer, group=group, tag=_ACK) for _, peer in element.receives]
+        acks = [
+            dist.isend(torch.ones(1), peer, group=group, tag=_ACK) for _, peer in element.receives
+        ]
         for _, peer in element.sends:  # the send is complete once its receiver has taken it
-            self._wait(dist.irecv(torch.zeros(1), peer, group=group, tag=_ACK),
-                       f"send to rank {peer} (its receive is not posted)")
+            self._wait(
+                dist.irecv(torch.zeros(1), peer, group=group, tag=_ACK),
+                f"send to rank {peer} (its receive is not posted)",
+            )
         for work in data + acks:
             work.wait()
 

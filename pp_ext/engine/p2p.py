@@ -33,6 +33,7 @@ belong to.
 :class:`pp_ext.engine.nccl_emulation.EmulatedNccl`, which enforces NCCL's rules
 instead of gloo's buffering (on NCCL it changes nothing): the test suite runs under it.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -46,8 +47,18 @@ from deepspeed import comm as dist
 
 from .nccl_emulation import EmulatedNccl
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-          torch.int16, torch.int8, torch.uint8, torch.bool)
+DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
 MAX_TENSORS = 16
 MAX_DIMS = 8
 _FIELDS = 3 + MAX_DIMS  # dtype, requires_grad, ndim, sizes
@@ -70,9 +81,11 @@ def claim_channels(engine) -> None:
     of the pipeline raises alike, as every rank holds the same calls)."""
     for other in list(_in_flight):
         if other is not engine:
-            raise RuntimeError(f"schedule {other.schedule.name} still has micro-batches in flight on these ranks: "
-                               f"call its engine's flush() before running another engine (messages between two "
-                               f"ranks are matched in posting order)")
+            raise RuntimeError(
+                f"schedule {other.schedule.name} still has micro-batches in flight on these ranks: "
+                f"call its engine's flush() before running another engine (messages between two "
+                f"ranks are matched in posting order)"
+            )
 
 
 class Posted:
@@ -94,8 +107,11 @@ class Link:
         self.group = group
         self.emulated = emulated
 
-    def post(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
-             receives: Sequence[tuple[torch.Tensor, int]] = ()) -> Posted:
+    def post(
+        self,
+        sends: Sequence[tuple[torch.Tensor, int]] = (),
+        receives: Sequence[tuple[torch.Tensor, int]] = (),
+    ) -> Posted:
         """Post ``(tensor, peer)`` sends and receives as one batch, without waiting."""
         if self.emulated is not None:
             return self.emulated.post(sends, receives)
@@ -128,7 +144,9 @@ def pipeline_link(pipelines: Sequence[Sequence[int]], rank: int, device) -> Link
     group is made."""
     mode = os.environ.get(MODE_VARIABLE, "")
     if mode not in ("", EMULATE):
-        raise ValueError(f"{MODE_VARIABLE}={mode!r} is not a p2p mode: use {EMULATE} or leave it unset")
+        raise ValueError(
+            f"{MODE_VARIABLE}={mode!r} is not a p2p mode: use {EMULATE} or leave it unset"
+        )
     key = tuple(map(tuple, pipelines))
     if key in _links:
         return _links[key]
@@ -136,7 +154,10 @@ def pipeline_link(pipelines: Sequence[Sequence[int]], rank: int, device) -> Link
         _links[key] = Link(None)
         return _links[key]
     timeout = _timeout()
-    groups = [torch_dist.new_group(list(ranks), **({"timeout": timeout} if timeout else {})) for ranks in key]
+    groups = [
+        torch_dist.new_group(list(ranks), **({"timeout": timeout} if timeout else {}))
+        for ranks in key
+    ]
     mine = next(g for ranks, g in zip(key, groups) if rank in ranks)
     # a collective first: the group's communicator exists before any batched p2p
     torch_dist.all_reduce(torch.zeros(1, device=device), group=mine)
@@ -159,7 +180,9 @@ def as_tuple(value) -> tuple[torch.Tensor, ...]:
         return (value,)
     if isinstance(value, (tuple, list)) and all(torch.is_tensor(t) for t in value):
         return tuple(value)
-    raise TypeError(f"pipeline stages must pass a tensor or a tuple of tensors, got {type(value).__name__}")
+    raise TypeError(
+        f"pipeline stages must pass a tensor or a tuple of tensors, got {type(value).__name__}"
+    )
 
 
 def specs_of(tensors: Sequence[torch.Tensor]) -> list[TensorSpec]:
@@ -168,17 +191,23 @@ def specs_of(tensors: Sequence[torch.Tensor]) -> list[TensorSpec]:
 
 def send_header(link: Link, specs: Sequence[TensorSpec], dst: int, device) -> Posted:
     if len(specs) > MAX_TENSORS:
-        raise ValueError(f"a stage passes {len(specs)} tensors; at most {MAX_TENSORS} are supported")
+        raise ValueError(
+            f"a stage passes {len(specs)} tensors; at most {MAX_TENSORS} are supported"
+        )
     header = torch.zeros(1 + MAX_TENSORS * _FIELDS, dtype=torch.int64)
     header[0] = len(specs)
     for i, spec in enumerate(specs):
         if len(spec.shape) > MAX_DIMS:
-            raise ValueError(f"tensor of rank {len(spec.shape)} crosses stages; at most {MAX_DIMS} dims")
+            raise ValueError(
+                f"tensor of rank {len(spec.shape)} crosses stages; at most {MAX_DIMS} dims"
+            )
         if spec.dtype not in DTYPES:
             raise ValueError(f"dtype {spec.dtype} cannot cross stages; use one of {DTYPES}")
         base = 1 + i * _FIELDS
-        header[base:base + 3] = torch.tensor([DTYPES.index(spec.dtype), int(spec.requires_grad), len(spec.shape)])
-        header[base + 3:base + 3 + len(spec.shape)] = torch.tensor(spec.shape, dtype=torch.int64)
+        header[base : base + 3] = torch.tensor(
+            [DTYPES.index(spec.dtype), int(spec.requires_grad), len(spec.shape)]
+        )
+        header[base + 3 : base + 3 + len(spec.shape)] = torch.tensor(spec.shape, dtype=torch.int64)
     return link.post(sends=[(header.to(device), dst)])
 
 
@@ -190,8 +219,12 @@ def recv_header(link: Link, src: int, device) -> list[TensorSpec]:
     specs = []
     for i in range(values[0]):
         base = 1 + i * _FIELDS
-        dtype, requires_grad, ndim = values[base:base + 3]
-        specs.append(TensorSpec((tuple(values[base + 3:base + 3 + ndim]), DTYPES[dtype], bool(requires_grad))))
+        dtype, requires_grad, ndim = values[base : base + 3]
+        specs.append(
+            TensorSpec(
+                (tuple(values[base + 3 : base + 3 + ndim]), DTYPES[dtype], bool(requires_grad))
+            )
+        )
     return specs
 
 
@@ -201,8 +234,9 @@ def send_tensors(link: Link, tensors: Sequence[torch.Tensor], dst: int) -> Poste
     return link.post(sends=[(t.detach().contiguous(), dst) for t in tensors])
 
 
-def recv_tensors(link: Link, specs: Sequence[TensorSpec], src: int,
-                 device) -> tuple[tuple[torch.Tensor, ...], Posted]:
+def recv_tensors(
+    link: Link, specs: Sequence[TensorSpec], src: int, device
+) -> tuple[tuple[torch.Tensor, ...], Posted]:
     """Post the receives of one message: its buffers, and what to wait on before reading them."""
     buffers = tuple(torch.empty(spec.shape, dtype=spec.dtype, device=device) for spec in specs)
     return buffers, link.post(receives=[(b, src) for b in buffers])

@@ -12,6 +12,7 @@ the chunk's later layers as a fourth element of the stream
 (:class:`~pp_ext.hf.context.ChunkContext`), so no float mask or table crosses a stage
 and none is built twice.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,7 +29,11 @@ from pp_ext.hf.context import ChunkContext
 
 # Each implementation with the HF ``PreTrainedModel`` flag that says a model supports it
 # (eager always works).
-ATTN_IMPLEMENTATIONS = {"sdpa": "_supports_sdpa", "eager": None, "flash_attention_2": "_supports_flash_attn"}
+ATTN_IMPLEMENTATIONS = {
+    "sdpa": "_supports_sdpa",
+    "eager": None,
+    "flash_attention_2": "_supports_flash_attn",
+}
 
 # (hidden, position_ids, attention_mask), then, between the layers of one chunk, the
 # ChunkContext the first decoder layer built from them
@@ -47,8 +52,9 @@ def stage_inputs(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     Default positions are 0..length-1 whatever the padding, as HF's models (Llama,
     GPT-2, GPT-NeoX) make them when ``position_ids`` is not given.
     """
-    input_ids, attention_mask, position_ids = (*inputs, None, None)[:3] if isinstance(inputs, tuple) \
-        else (inputs, None, None)
+    input_ids, attention_mask, position_ids = (
+        (*inputs, None, None)[:3] if isinstance(inputs, tuple) else (inputs, None, None)
+    )
     batch, length = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(length, device=input_ids.device)
@@ -70,8 +76,15 @@ class HFDecoderLayer(nn.Module):
     layer's key prefix in the HF model, e.g. ``model.layers.3.``.
     """
 
-    def __init__(self, config: PretrainedConfig, layer: nn.Module, make_mask: Callable, hf_prefix: str,
-                 rotary_emb: nn.Module | None = None, rope_kwargs: dict | None = None) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        layer: nn.Module,
+        make_mask: Callable,
+        hf_prefix: str,
+        rotary_emb: nn.Module | None = None,
+        rope_kwargs: dict | None = None,
+    ) -> None:
         super().__init__()
         self.config, self.make_mask, self.hf_prefix = config, make_mask, hf_prefix
         self.rotary_emb, self.rope_kwargs, self.layer = rotary_emb, rope_kwargs or {}, layer
@@ -80,8 +93,11 @@ class HFDecoderLayer(nn.Module):
         hidden, position_ids, attention_mask, *shared = inputs
         context = shared[0] if shared else ChunkContext(position_ids, attention_mask)
         mask = context.mask(self.make_mask, self.config, hidden)
-        rotary = {} if self.rotary_emb is None else \
-            {"position_embeddings": context.rotary(self.rotary_emb, hidden, self.rope_kwargs)}
+        rotary = (
+            {}
+            if self.rotary_emb is None
+            else {"position_embeddings": context.rotary(self.rotary_emb, hidden, self.rope_kwargs)}
+        )
         hidden = self.layer(hidden, attention_mask=mask, position_ids=position_ids, **rotary)
         return hidden, position_ids, attention_mask, context
 
@@ -124,8 +140,9 @@ class LMHead(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         axis = tp.current()
-        self.lm_head = tp.column_parallel(nn.Linear(config.hidden_size, config.vocab_size // axis.size, bias=False),
-                                          axis)
+        self.lm_head = tp.column_parallel(
+            nn.Linear(config.hidden_size, config.vocab_size // axis.size, bias=False), axis
+        )
         self.cap = _final_softcap(config)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -143,7 +160,9 @@ def tied_head(embedding: nn.Module, hidden: torch.Tensor, cap: float | None = No
     return softcap(tp.vocab_parallel_logits(hidden, table.weight, tp.axis_of(table)), cap)
 
 
-def embedding_and_head(config: PretrainedConfig, embedding: type[nn.Module], *args) -> tuple[LayerSpec, LayerSpec]:
+def embedding_and_head(
+    config: PretrainedConfig, embedding: type[nn.Module], *args
+) -> tuple[LayerSpec, LayerSpec]:
     """The first and last layer specs. With ``config.tie_word_embeddings`` one module,
     ``embedding(config, *args)`` (token matrix ``embed_tokens``), serves both as a
     DeepSpeed ``TiedLayerSpec``; otherwise the head is an :class:`LMHead`."""
@@ -151,12 +170,15 @@ def embedding_and_head(config: PretrainedConfig, embedding: type[nn.Module], *ar
         return LayerSpec(embedding, config, *args), LayerSpec(LMHead, config)
     tied = ["embed_tokens.weight"]
     head = functools.partial(tied_head, cap=_final_softcap(config))
-    return (TiedLayerSpec("embed", embedding, config, *args, tied_weight_attr=tied),
-            TiedLayerSpec("embed", embedding, config, *args, forward_fn=head, tied_weight_attr=tied))
+    return (
+        TiedLayerSpec("embed", embedding, config, *args, tied_weight_attr=tied),
+        TiedLayerSpec("embed", embedding, config, *args, forward_fn=head, tied_weight_attr=tied),
+    )
 
 
-def with_attention(config: PretrainedConfig, model_class: type[PreTrainedModel],
-                   requested: str | None) -> PretrainedConfig:
+def with_attention(
+    config: PretrainedConfig, model_class: type[PreTrainedModel], requested: str | None
+) -> PretrainedConfig:
     """A copy of ``config`` with ``_attn_implementation`` set: left None, as on a bare
     config, HF's mask functions return no mask and attention is not causal.
 
@@ -167,12 +189,16 @@ def with_attention(config: PretrainedConfig, model_class: type[PreTrainedModel],
     if requested is None:
         requested = "sdpa" if model_class._supports_sdpa else "eager"
     if requested not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
-                         f"got {requested!r}")
+        raise ValueError(
+            f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+            f"got {requested!r}"
+        )
     flag = ATTN_IMPLEMENTATIONS[requested]
     if flag is not None and not getattr(model_class, flag):
-        raise ValueError(f"{config.model_type} models do not support attn_implementation {requested!r} "
-                         f"(transformers' {model_class.__name__} refuses it): use 'eager' or leave it unset")
+        raise ValueError(
+            f"{config.model_type} models do not support attn_implementation {requested!r} "
+            f"(transformers' {model_class.__name__} refuses it): use 'eager' or leave it unset"
+        )
     config = copy.deepcopy(config)
     config._attn_implementation = requested
     return config

@@ -23,6 +23,7 @@ mask without reading it again:
 * neither: no mask and no position ids, so HF returns its plain causal (or sliding)
   mask, ``None`` for sdpa (its ``is_causal`` path), without reading anything.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -67,8 +68,13 @@ class ChunkContext:
             padded, packed = self.layout()
             # the cache goes fourth, positionally: transformers renamed the argument
             # (past_key_values -> cache, 5.40 drops the old name), its place stayed
-            self._masks[key] = make_mask(config, hidden, self.attention_mask if padded else None, None,
-                                         position_ids=self.position_ids if packed and not padded else None)
+            self._masks[key] = make_mask(
+                config,
+                hidden,
+                self.attention_mask if padded else None,
+                None,
+                position_ids=self.position_ids if packed and not padded else None,
+            )
         return self._masks[key]
 
     def rotary(self, rotary_emb: nn.Module, hidden: torch.Tensor, rope_kwargs: dict) -> tuple:

@@ -3,6 +3,7 @@
 One registry so that an unsupported model fails once, up front, with the list of
 what is supported, instead of deep inside a family's module.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -28,9 +29,11 @@ def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None
     HF has no sdpa for it, as Gemma2)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in BUILDERS:
-        raise ValueError(f"pp-ext cannot split HF model_type {model_type!r} "
-                         f"({type(config).__name__}) into pipeline stages: supported model types are "
-                         f"{', '.join(supported())}")
+        raise ValueError(
+            f"pp-ext cannot split HF model_type {model_type!r} "
+            f"({type(config).__name__}) into pipeline stages: supported model types are "
+            f"{', '.join(supported())}"
+        )
     return BUILDERS[model_type](config, attn_implementation)
 
 

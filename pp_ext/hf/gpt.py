@@ -20,6 +20,7 @@ differs from the Llama-like families (:mod:`pp_ext.hf.llama`) is around them, as
   ``hf_keys()`` names the loaded model's tensors, as for every family; per-stage
   loading and export rename as transformers does.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -32,7 +33,14 @@ from transformers.models.gpt2 import modeling_gpt2
 from transformers.models.gpt_neox import modeling_gpt_neox
 
 from pp_ext import tp
-from pp_ext.hf.common import FinalNorm, HFDecoderLayer, Stream, embedding_and_head, stage_inputs, with_attention
+from pp_ext.hf.common import (
+    FinalNorm,
+    HFDecoderLayer,
+    Stream,
+    embedding_and_head,
+    stage_inputs,
+    with_attention,
+)
 
 
 class TokenEmbedding(nn.Module):
@@ -46,8 +54,9 @@ class TokenEmbedding(nn.Module):
     def __init__(self, config: PretrainedConfig, hf_key: str, dropout: float = 0.0) -> None:
         super().__init__()
         self.hf_key = hf_key
-        self.embed_tokens = tp.vocab_parallel_embedding(nn.Embedding, config.vocab_size, config.hidden_size, None,
-                                                        tp.current())
+        self.embed_tokens = tp.vocab_parallel_embedding(
+            nn.Embedding, config.vocab_size, config.hidden_size, None, tp.current()
+        )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, inputs) -> Stream:
@@ -84,8 +93,12 @@ class GPT2Layer(HFDecoderLayer):
         axis = tp.current()
         # layer_idx matters: scale_attn_by_inverse_layer_idx divides by it
         block = modeling_gpt2.GPT2Block(tp.local_config(config, axis.size), layer_idx=layer_idx)
-        super().__init__(config, tp.shard_layer(block, config, axis), create_causal_mask,
-                         f"transformer.h.{layer_idx}.")
+        super().__init__(
+            config,
+            tp.shard_layer(block, config, axis),
+            create_causal_mask,
+            f"transformer.h.{layer_idx}.",
+        )
 
 
 class GPTNeoXLayer(HFDecoderLayer):
@@ -95,8 +108,13 @@ class GPTNeoXLayer(HFDecoderLayer):
     def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
         axis = tp.current()
         layer = modeling_gpt_neox.GPTNeoXLayer(tp.local_config(config, axis.size), layer_idx)
-        super().__init__(config, tp.shard_layer(layer, config, axis), create_causal_mask,
-                         f"gpt_neox.layers.{layer_idx}.", modeling_gpt_neox.GPTNeoXRotaryEmbedding(config=config))
+        super().__init__(
+            config,
+            tp.shard_layer(layer, config, axis),
+            create_causal_mask,
+            f"gpt_neox.layers.{layer_idx}.",
+            modeling_gpt_neox.GPTNeoXRotaryEmbedding(config=config),
+        )
 
 
 def _final_layer_norm(config: PretrainedConfig, hf_prefix: str, eps: float) -> LayerSpec:
@@ -111,7 +129,9 @@ def _gpt2_specs(config: PretrainedConfig) -> list:
 
 
 def _gpt_neox_specs(config: PretrainedConfig) -> list:
-    embed, head = embedding_and_head(config, TokenEmbedding, "gpt_neox.embed_in.weight", config.hidden_dropout)
+    embed, head = embedding_and_head(
+        config, TokenEmbedding, "gpt_neox.embed_in.weight", config.hidden_dropout
+    )
     blocks = [LayerSpec(GPTNeoXLayer, config, i) for i in range(config.num_hidden_layers)]
     norm = _final_layer_norm(config, "gpt_neox.final_layer_norm.", config.layer_norm_eps)
     return [embed, *blocks, norm, head]

@@ -27,6 +27,7 @@ choice of attention) are :mod:`pp_ext.hf.common`'s. Each layer class has
 ``hf_keys()``: its ``state_dict`` names mapped to the HF checkpoint keys, which
 :func:`pp_ext.hf.weights.copy_hf_weights` (and per-stage loading) uses.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -39,8 +40,15 @@ from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from pp_ext import tp
-from pp_ext.hf.common import FinalNorm, HFDecoderLayer, Stream, embedding_and_head, stage_inputs, state_keys, \
-    with_attention
+from pp_ext.hf.common import (
+    FinalNorm,
+    HFDecoderLayer,
+    Stream,
+    embedding_and_head,
+    stage_inputs,
+    state_keys,
+    with_attention,
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class Family:
     ``rope_per_layer_type``: the rotary module holds one table per layer type and is
     called with it (Gemma3TextModel: local rope for sliding layers, global for full).
     """
+
     model_type: str
     prefix: str  # class name prefix in ``transformers.models.<package>.modeling_<package>``
     sliding: Callable[[PretrainedConfig, int], bool]
@@ -80,17 +89,26 @@ def _layer_type_sliding(config: PretrainedConfig, layer_idx: int) -> bool:
     return config.layer_types[layer_idx] == "sliding_attention"
 
 
-FAMILIES = {f.model_type: f for f in (
-    Family("llama", "Llama", _never),
-    Family("mistral", "Mistral", _sliding_window_set),
-    Family("qwen2", "Qwen2", _layer_type_sliding),
-    Family("qwen3", "Qwen3", _layer_type_sliding),
-    Family("gemma", "Gemma", _never, scaled_embedding=True),
-    Family("gemma2", "Gemma2", _layer_type_sliding, scaled_embedding=True),
-    Family("gemma3_text", "Gemma3", _layer_type_sliding, package="gemma3", scaled_embedding=True,
-           rope_per_layer_type=True),
-    Family("phi3", "Phi3", _sliding_window_set),
-)}
+FAMILIES = {
+    f.model_type: f
+    for f in (
+        Family("llama", "Llama", _never),
+        Family("mistral", "Mistral", _sliding_window_set),
+        Family("qwen2", "Qwen2", _layer_type_sliding),
+        Family("qwen3", "Qwen3", _layer_type_sliding),
+        Family("gemma", "Gemma", _never, scaled_embedding=True),
+        Family("gemma2", "Gemma2", _layer_type_sliding, scaled_embedding=True),
+        Family(
+            "gemma3_text",
+            "Gemma3",
+            _layer_type_sliding,
+            package="gemma3",
+            scaled_embedding=True,
+            rope_per_layer_type=True,
+        ),
+        Family("phi3", "Phi3", _sliding_window_set),
+    )
+}
 
 
 class Embedding(nn.Module):
@@ -102,9 +120,17 @@ class Embedding(nn.Module):
         # HF's own class and scale, as the Gemma models build it: the factor is cast
         # to the weight dtype before multiplying (sqrt(3072) becomes 55.5 in bf16).
         scaled = {"embed_scale": config.hidden_size**0.5} if family.scaled_embedding else {}
-        table = family.hf_class("TextScaledWordEmbedding") if family.scaled_embedding else nn.Embedding
-        self.embed_tokens = tp.vocab_parallel_embedding(table, config.vocab_size, config.hidden_size,
-                                                        config.pad_token_id, tp.current(), **scaled)
+        table = (
+            family.hf_class("TextScaledWordEmbedding") if family.scaled_embedding else nn.Embedding
+        )
+        self.embed_tokens = tp.vocab_parallel_embedding(
+            table,
+            config.vocab_size,
+            config.hidden_size,
+            config.pad_token_id,
+            tp.current(),
+            **scaled,
+        )
 
     def forward(self, inputs) -> Stream:
         input_ids, position_ids, attention_mask = stage_inputs(inputs)
@@ -120,13 +146,25 @@ class DecoderLayer(HFDecoderLayer):
     sharded by the family's plan (:mod:`pp_ext.tp.plans`)."""
 
     def __init__(self, config: PretrainedConfig, family: Family, layer_idx: int) -> None:
-        make_mask = create_sliding_window_causal_mask if family.sliding(config, layer_idx) else create_causal_mask
+        make_mask = (
+            create_sliding_window_causal_mask
+            if family.sliding(config, layer_idx)
+            else create_causal_mask
+        )
         # Gemma3 keeps a local and a global table in one module; this layer asks for its own.
-        rope_kwargs = {"layer_type": config.layer_types[layer_idx]} if family.rope_per_layer_type else None
+        rope_kwargs = (
+            {"layer_type": config.layer_types[layer_idx]} if family.rope_per_layer_type else None
+        )
         axis = tp.current()
         layer = family.hf_class("DecoderLayer")(tp.local_config(config, axis.size), layer_idx)
-        super().__init__(config, tp.shard_layer(layer, config, axis), make_mask, f"model.layers.{layer_idx}.",
-                         family.hf_class("RotaryEmbedding")(config=config), rope_kwargs)
+        super().__init__(
+            config,
+            tp.shard_layer(layer, config, axis),
+            make_mask,
+            f"model.layers.{layer_idx}.",
+            family.hf_class("RotaryEmbedding")(config=config),
+            rope_kwargs,
+        )
 
 
 def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None) -> list:
@@ -138,12 +176,20 @@ def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None
     """
     family = FAMILIES[config.model_type]
     if getattr(config, "use_bidirectional_attention", False):
-        raise ValueError(f"{family.model_type} config has use_bidirectional_attention=True (an encoder, e.g. "
-                         f"EmbeddingGemma): pp-ext splits causal LMs only; set it to False")
+        raise ValueError(
+            f"{family.model_type} config has use_bidirectional_attention=True (an encoder, e.g. "
+            f"EmbeddingGemma): pp-ext splits causal LMs only; set it to False"
+        )
     # HF's default when None: sdpa where the family supports it, else eager (Gemma2:
     # sdpa cannot soft-cap attention logits)
     config = with_attention(config, family.hf_class("PreTrainedModel"), attn_implementation)
     embed, head = embedding_and_head(config, Embedding, family)
     decoders = [LayerSpec(DecoderLayer, config, family, i) for i in range(config.num_hidden_layers)]
-    norm = LayerSpec(FinalNorm, "model.norm.", family.hf_class("RMSNorm"), config.hidden_size, eps=config.rms_norm_eps)
+    norm = LayerSpec(
+        FinalNorm,
+        "model.norm.",
+        family.hf_class("RMSNorm"),
+        config.hidden_size,
+        eps=config.rms_norm_eps,
+    )
     return [embed, *decoders, norm, head]

@@ -17,6 +17,7 @@ initialisation (``PreTrainedModel._init_weights``, e.g. ``normal(0,
 initializer_range)`` for linear layers, ones for RMSNorm), so training from scratch
 starts as ``AutoModelForCausalLM.from_config`` would.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,25 +54,34 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def has_weights(model_dir: str | Path) -> bool:
     model_dir = Path(model_dir)
-    return (model_dir / SAFE_WEIGHTS_INDEX_NAME).is_file() or (model_dir / SAFE_WEIGHTS_NAME).is_file()
+    return (model_dir / SAFE_WEIGHTS_INDEX_NAME).is_file() or (
+        model_dir / SAFE_WEIGHTS_NAME
+    ).is_file()
 
 
 def weights_file(model_dir: str | Path) -> Path:
     """The folder's ``model.safetensors.index.json`` if it is sharded, else its ``model.safetensors``."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder {model_dir} does not exist: pass a folder written by save_pretrained")
+        raise FileNotFoundError(
+            f"model folder {model_dir} does not exist: pass a folder written by save_pretrained"
+        )
     for name in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME):
         if (model_dir / name).is_file():
             return model_dir / name
-    raise FileNotFoundError(f"{model_dir} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}: save the model "
-                            f"with save_pretrained (safetensors), or pass a config to start from random weights")
+    raise FileNotFoundError(
+        f"{model_dir} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}: save the model "
+        f"with save_pretrained (safetensors), or pass a config to start from random weights"
+    )
 
 
 def weight_map(source: Path) -> dict[str, Path]:
     """Each tensor name in ``source`` (:func:`weights_file`) -> the file that holds it."""
     if source.name == SAFE_WEIGHTS_INDEX_NAME:
-        return {key: source.parent / name for key, name in json.loads(source.read_text())["weight_map"].items()}
+        return {
+            key: source.parent / name
+            for key, name in json.loads(source.read_text())["weight_map"].items()
+        }
     with safe_open(source, framework="pt") as handle:  # reads the header only
         return dict.fromkeys(handle.keys(), source)
 
@@ -90,21 +100,29 @@ def load_hf_weights(layers: Iterable[nn.Module], model_dir: str | Path) -> None:
     the layer's own."""
     source = weights_file(model_dir)
     files = weight_map(source)
-    stored = {name: key for key, name in model_names(files, meta_model(load_config(model_dir))).items()}
+    stored = {
+        name: key for key, name in model_names(files, meta_model(load_config(model_dir))).items()
+    }
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
         for layer in _unique(layers):
             tensors, keys = {}, layer.hf_keys()
-            sharded = {keys[local] for local in tp.splits(layer)}  # read as slices: only this rank's part
+            sharded = {
+                keys[local] for local in tp.splits(layer)
+            }  # read as slices: only this rank's part
             for name in keys.values():
                 if name not in stored:
-                    raise KeyError(f"{source} has no tensor {name!r}, needed by {type(layer).__name__}: the folder's "
-                                   f"weights do not match its config (or this family's key mapping)")
+                    raise KeyError(
+                        f"{source} has no tensor {name!r}, needed by {type(layer).__name__}: the folder's "
+                        f"weights do not match its config (or this family's key mapping)"
+                    )
                 path = files[stored[name]]
                 if path not in handles:
                     handles[path] = stack.enter_context(safe_open(path, framework="pt"))
                 handle = handles[path]
-                tensors[name] = (handle.get_slice if name in sharded else handle.get_tensor)(stored[name])
+                tensors[name] = (handle.get_slice if name in sharded else handle.get_tensor)(
+                    stored[name]
+                )
             copy_hf_weights([layer], tensors)
 
 
@@ -115,8 +133,10 @@ def load_config(model: str | Path | PretrainedConfig) -> PretrainedConfig:
     model_dir = Path(model)
     if not (model_dir / CONFIG_NAME).is_file():
         problem = "does not exist" if not model_dir.exists() else f"has no {CONFIG_NAME}"
-        raise FileNotFoundError(f"model folder {model_dir} {problem}: pass a Hugging Face model folder "
-                                f"(config.json, optionally with safetensors weights) or a PretrainedConfig")
+        raise FileNotFoundError(
+            f"model folder {model_dir} {problem}: pass a Hugging Face model folder "
+            f"(config.json, optionally with safetensors weights) or a PretrainedConfig"
+        )
     return AutoConfig.from_pretrained(model_dir)
 
 
@@ -156,8 +176,9 @@ def _with_build(spec, build: Callable[[], nn.Module]):
     return spec
 
 
-def layout_free_specs(specs: list, *, dtype: torch.dtype, seed: int,
-                      initialize: Callable[[nn.Module], None] | None) -> list:
+def layout_free_specs(
+    specs: list, *, dtype: torch.dtype, seed: int, initialize: Callable[[nn.Module], None] | None
+) -> list:
     """``specs`` built in ``dtype``, each the same whatever rank and chunk builds it.
 
     ``initialize`` None: no random initialisation (the weights will be loaded).
@@ -200,11 +221,21 @@ def local_layers(module: ChunkedPipelineModule) -> list[nn.Module]:
     return _unique(m for chunk in range(module.chunks) for m in module.chunk_modules(chunk))
 
 
-def build_pipeline_module(model: str | Path | PretrainedConfig, *, num_stages: int | None = None, topology=None,
-                          chunks: int = 1, placement: str = "loop", partition_method="parameters", loss_fn=None,
-                          dtype: str | torch.dtype = "float32", attn_implementation: str | None = None,
-                          activation_checkpoint_interval: int = 0, seed: int = 1234,
-                          **kwargs) -> ChunkedPipelineModule:
+def build_pipeline_module(
+    model: str | Path | PretrainedConfig,
+    *,
+    num_stages: int | None = None,
+    topology=None,
+    chunks: int = 1,
+    placement: str = "loop",
+    partition_method="parameters",
+    loss_fn=None,
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str | None = None,
+    activation_checkpoint_interval: int = 0,
+    seed: int = 1234,
+    **kwargs,
+) -> ChunkedPipelineModule:
     """A :class:`ChunkedPipelineModule` of the HF model ``model`` (a folder with
     config.json and optionally safetensors weights, or a PretrainedConfig), in
     ``dtype``; each rank builds only its own layers and loads only their weights.
@@ -220,11 +251,23 @@ def build_pipeline_module(model: str | Path | PretrainedConfig, *, num_stages: i
     if topology is not None:  # a config that cannot be cut tensor ways fails here, in one line
         tp.check_tensor_split(config, max(1, topology.get_dim("model")))
     weights = not isinstance(model, PretrainedConfig) and has_weights(model)
-    specs = layout_free_specs(layer_specs(config, attn_implementation), dtype=to_dtype(dtype), seed=seed,
-                              initialize=None if weights else hf_initializer(config))
-    module = ChunkedPipelineModule(specs, num_stages=num_stages, topology=topology, loss_fn=loss_fn, chunks=chunks,
-                                   placement=placement, partition_method=partition_method,
-                                   activation_checkpoint_interval=activation_checkpoint_interval, **kwargs)
+    specs = layout_free_specs(
+        layer_specs(config, attn_implementation),
+        dtype=to_dtype(dtype),
+        seed=seed,
+        initialize=None if weights else hf_initializer(config),
+    )
+    module = ChunkedPipelineModule(
+        specs,
+        num_stages=num_stages,
+        topology=topology,
+        loss_fn=loss_fn,
+        chunks=chunks,
+        placement=placement,
+        partition_method=partition_method,
+        activation_checkpoint_interval=activation_checkpoint_interval,
+        **kwargs,
+    )
     if weights:
         load_hf_weights(local_layers(module), model)
     return module

@@ -5,6 +5,7 @@ to and from the keys of checkpoint files, which transformers may rename on load.
 The mapping is the unit per-stage loading and export build on: a stage asks its own
 layers which HF keys they need and reads only those.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -13,7 +14,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, rename_source_key
+from transformers.core_model_loading import (
+    PrefixChange,
+    WeightConverter,
+    WeightRenaming,
+    rename_source_key,
+)
 
 from pp_ext import tp
 
@@ -44,17 +50,23 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
 
 
 def _split(transforms: list) -> tuple[list, list]:
-    return ([t for t in transforms if isinstance(t, WeightRenaming)],
-            [t for t in transforms if isinstance(t, WeightConverter)])
+    return (
+        [t for t in transforms if isinstance(t, WeightRenaming)],
+        [t for t in transforms if isinstance(t, WeightConverter)],
+    )
 
 
-def _renamed(keys: Iterable[str], rename: Callable[[str], tuple[str, str | None]]) -> dict[str, str]:
+def _renamed(
+    keys: Iterable[str], rename: Callable[[str], tuple[str, str | None]]
+) -> dict[str, str]:
     names = {}
     for key in keys:
         name, converter = rename(key)
         if converter is not None:  # a tensor built from several (fused experts, split qkv...)
-            raise ValueError(f"tensor {key!r} needs transformers' weight conversion ({converter!r}): pp-ext maps "
-                             f"checkpoint tensors one to one (renamed at most)")
+            raise ValueError(
+                f"tensor {key!r} needs transformers' weight conversion ({converter!r}): pp-ext maps "
+                f"checkpoint tensors one to one (renamed at most)"
+            )
         names[key] = name
     return names
 
@@ -67,7 +79,9 @@ def model_names(checkpoint_keys: Iterable[str], model: PreTrainedModel) -> dict[
     own = model.state_dict()
 
     def rename(key: str) -> tuple[str, str | None]:
-        name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
+        name, converter = rename_source_key(
+            key, renamings, converters, model.base_model_prefix, own
+        )
         return (key, None) if name not in own and key in own else (name, converter)
 
     return _renamed(checkpoint_keys, rename)
@@ -77,7 +91,10 @@ def checkpoint_names(names: Iterable[str], model: PreTrainedModel) -> dict[str, 
     """Each ``state_dict`` name of ``model`` -> the key ``save_pretrained`` writes for it:
     the conversion mapping reversed, without its legacy renamings and prefix changes
     (as transformers' ``revert_weight_conversion`` does for a model not loaded from disk)."""
-    transforms = [t.reverse_transform() for t in get_model_conversion_mapping(model, add_legacy=False)[::-1]
-                  if not isinstance(t, PrefixChange)]
+    transforms = [
+        t.reverse_transform()
+        for t in get_model_conversion_mapping(model, add_legacy=False)[::-1]
+        if not isinstance(t, PrefixChange)
+    ]
     renamings, converters = _split(transforms)
     return _renamed(names, lambda key: rename_source_key(key, renamings, converters, reverse=True))

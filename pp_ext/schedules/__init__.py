@@ -3,6 +3,7 @@
 Imports neither torch nor deepspeed, so every schedule can be checked in
 milliseconds anywhere.
 """
+
 # generators register themselves on import; this order is the order `pp-ext schedule list` shows
 from . import classic, interleaved, zero_bubble, zbv, dualpipev, chimera, asynchronous, auto  # noqa: F401, I001
 from .actions import Action, Kind
@@ -17,7 +18,25 @@ from .simulate import Simulation, simulate
 from .validate import dry_run, validate
 
 __all__ = [
-    "Action", "Kind", "Costs", "ConstraintError", "InvalidScheduleError", "ScheduleError", "fuse_backward", "lower",
-    "Placement", "REGISTRY", "ScheduleSpec", "build", "get", "names", "register", "Message", "Schedule",
-    "Simulation", "simulate", "dry_run", "validate",
+    "Action",
+    "Kind",
+    "Costs",
+    "ConstraintError",
+    "InvalidScheduleError",
+    "ScheduleError",
+    "fuse_backward",
+    "lower",
+    "Placement",
+    "REGISTRY",
+    "ScheduleSpec",
+    "build",
+    "get",
+    "names",
+    "register",
+    "Message",
+    "Schedule",
+    "Simulation",
+    "simulate",
+    "dry_run",
+    "validate",
 ]

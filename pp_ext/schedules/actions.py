@@ -11,6 +11,7 @@ Communication actions are added by lowering (:mod:`pp_ext.schedules.lower`):
 Short form, as in the grids: ``F3`` (chunk 0), ``I2.c1``, ``sF3.c1>r2`` (send to
 rank 2), ``rB0<r1`` (receive from rank 1).
 """
+
 from __future__ import annotations
 
 import re
@@ -69,7 +70,9 @@ class Action:
 
     def __post_init__(self) -> None:
         if (self.peer is None) == self.kind.is_comm:
-            raise ValueError(f"{self.kind.name} action {'needs' if self.kind.is_comm else 'takes no'} peer")
+            raise ValueError(
+                f"{self.kind.name} action {'needs' if self.kind.is_comm else 'takes no'} peer"
+            )
 
     def __str__(self) -> str:
         text = f"{self.kind.value}{self.micro_batch}"
@@ -92,8 +95,9 @@ class Action:
         kind, mb, chunk, arrow, peer = match.groups()
         kind = Kind(kind)
         if kind.is_comm and arrow != (">" if kind in SENDS else "<"):
-            raise ValueError(f"not an action: {text!r} ({kind.value} needs "
-                             f"{'>' if kind in SENDS else '<'}rN)")
+            raise ValueError(
+                f"not an action: {text!r} ({kind.value} needs {'>' if kind in SENDS else '<'}rN)"
+            )
         return cls(kind, int(mb), int(chunk or 0), int(peer) if peer is not None else None)
 
     def key(self) -> tuple[int, int]:

@@ -22,6 +22,7 @@ micro-batches (:mod:`pp_ext.schedules.asynchronous`).
   rescheduling: a step inversely proportional to the delay at first, the plain
   lr after K updates). The last stage (w_s = 0) is synchronous and unchanged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -37,6 +37,7 @@ cross into the next call, which is what keeps the pipeline full. Constraints:
 chunks = 1, m >= p - 1 (so that every call after the first repeats the same
 program, shifted by m micro-batches), m >= p for ``pipedream-2bw``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -71,9 +72,14 @@ def stream(name: str, stages: int, micro_batches: int, steps: int) -> Schedule:
                 program.append(Action(Kind.U, g))
         programs.append(tuple(program))
     # 2BW: the version made from batch b serves batch b+2 (Sec. 3.1), m micro-batches later
-    return Schedule(name, Placement.loop(stages), total, tuple(programs),
-                    backward_weights="corrected" if name == "pipemare" else "stashed",
-                    version_lag=micro_batches if name == "pipedream-2bw" else 0)
+    return Schedule(
+        name,
+        Placement.loop(stages),
+        total,
+        tuple(programs),
+        backward_weights="corrected" if name == "pipemare" else "stashed",
+        version_lag=micro_batches if name == "pipedream-2bw" else 0,
+    )
 
 
 def steady_call(name: str, stages: int, micro_batches: int, costs: Costs | None = None) -> Number:
@@ -85,7 +91,9 @@ def steady_call(name: str, stages: int, micro_batches: int, costs: Costs | None 
     between calls, which a mean over 8 calls taken after 8 covers. Updates ``U`` cost
     ``costs.update`` each: m per call for ``pipedream`` and ``pipemare``, 1 for
     ``pipedream-2bw``."""
-    makespan = [simulate(stream(name, stages, micro_batches, calls), costs).makespan for calls in (8, 16)]
+    makespan = [
+        simulate(stream(name, stages, micro_batches, calls), costs).makespan for calls in (8, 16)
+    ]
     return (makespan[1] - makespan[0]) / 8
 
 
@@ -121,28 +129,40 @@ class Calls:
 
 
 def _call_starts(program: tuple[Action, ...], micro_batches: int, calls: int) -> list[int]:
-    return [next(i for i, a in enumerate(program) if a.kind in (Kind.F, Kind.RECV_ACT)
-                 and a.micro_batch >= n * micro_batches) for n in range(calls)]
+    return [
+        next(
+            i
+            for i, a in enumerate(program)
+            if a.kind in (Kind.F, Kind.RECV_ACT) and a.micro_batch >= n * micro_batches
+        )
+        for n in range(calls)
+    ]
 
 
 def _repeats_from(parts: list[tuple[Action, ...]], micro_batches: int) -> int:
     """The first index from which every part is the one before it shifted by m, seen
     at least twice."""
     for k in range(len(parts) - 2):
-        if all(parts[j] == shift(parts[k], (j - k) * micro_batches) for j in range(k + 1, len(parts))):
+        if all(
+            parts[j] == shift(parts[k], (j - k) * micro_batches) for j in range(k + 1, len(parts))
+        ):
             return k
     raise ValueError(f"no periodic regime in {len(parts)} parts of the stream")
 
 
-@functools.lru_cache(maxsize=32)  # every rank of a process group, and the tests, cut the same streams
+@functools.lru_cache(
+    maxsize=32
+)  # every rank of a process group, and the tests, cut the same streams
 def lowered_stream(name: str, stages: int, micro_batches: int, steps: int) -> Schedule:
     return lower(stream(name, stages, micro_batches, steps))
 
 
 def calls(schedule: Schedule, micro_batches: int, rank: int) -> Calls:
     """``rank``'s :class:`Calls` of the asynchronous ``schedule`` with m = ``micro_batches``."""
-    lowered = [lowered_stream(schedule.name, schedule.stages, micro_batches, s).programs[rank]
-               for s in range(1, CALLS_SEARCHED + 1)]
+    lowered = [
+        lowered_stream(schedule.name, schedule.stages, micro_batches, s).programs[rank]
+        for s in range(1, CALLS_SEARCHED + 1)
+    ]
     longest = lowered[-1]
     starts = _call_starts(longest, micro_batches, CALLS_SEARCHED)
     parts = [longest[a:b] for a, b in zip(starts, starts[1:])]  # calls 0 .. CALLS_SEARCHED - 2
@@ -151,10 +171,12 @@ def calls(schedule: Schedule, micro_batches: int, rank: int) -> Calls:
     for s, program in enumerate(lowered[:-1], start=1):
         done = starts[s]
         if program[:done] != longest[:done]:  # a call must not depend on how many follow
-            raise ValueError(f"{schedule.name}: the first {s} calls of rank {rank} change with the stream's length")
+            raise ValueError(
+                f"{schedule.name}: the first {s} calls of rank {rank} change with the stream's length"
+            )
         drains.append(program[done:])
     c = _repeats_from(drains, micro_batches)
-    return Calls(tuple(parts[:k]), parts[k], tuple(drains[:c + 1]), micro_batches)
+    return Calls(tuple(parts[:k]), parts[k], tuple(drains[: c + 1]), micro_batches)
 
 
 def shift(actions: tuple[Action, ...], offset: int) -> tuple[Action, ...]:
@@ -166,23 +188,43 @@ def _check(name: str, at_least_p: bool):
     def check(stages: int, micro_batches: int, chunks: int) -> None:
         fixed_chunks(name, 1)(stages, micro_batches, chunks)
         need = stages if at_least_p else stages - 1
-        require(micro_batches >= need, f"{name} needs micro_batches >= {need} at stages={stages} (got "
-                                       f"micro_batches={micro_batches}): use micro_batches={need} or more")
+        require(
+            micro_batches >= need,
+            f"{name} needs micro_batches >= {need} at stages={stages} (got "
+            f"micro_batches={micro_batches}): use micro_batches={need} or more",
+        )
+
     return check
 
 
 def _register(name: str, summary: str, source: str, at_least_p: bool = False) -> None:
-    @register(name, summary=summary, source=source, placement="loop", check=_check(name, at_least_p),
-              synchronous=False,
-              constraints=f"chunks = 1; m >= {'p' if at_least_p else 'p-1'}; asynchronous "
-                          f"(shown: {SHOWN_STEPS} calls and the drain)")
+    @register(
+        name,
+        summary=summary,
+        source=source,
+        placement="loop",
+        check=_check(name, at_least_p),
+        synchronous=False,
+        constraints=f"chunks = 1; m >= {'p' if at_least_p else 'p-1'}; asynchronous "
+        f"(shown: {SHOWN_STEPS} calls and the drain)",
+    )
     def generate(stages: int, micro_batches: int, chunks: int) -> Schedule:
         return stream(name, stages, micro_batches, SHOWN_STEPS)
 
 
-_register("pipedream", "1F1B without flush, an update per micro-batch, weight stashing",
-          "Narayanan et al. 2019 (PipeDream, SOSP)")
-_register("pipedream-2bw", "1F1B without flush, double-buffered weights, W(t+1) = W(t) - lr*g(W(t-1))",
-          "Narayanan et al. 2021 (PipeDream-2BW, ICML)", at_least_p=True)
-_register("pipemare", "1F1B without flush, one weight version, lr rescheduling + discrepancy correction",
-          "Yang et al. 2021 (PipeMare, MLSys)")
+_register(
+    "pipedream",
+    "1F1B without flush, an update per micro-batch, weight stashing",
+    "Narayanan et al. 2019 (PipeDream, SOSP)",
+)
+_register(
+    "pipedream-2bw",
+    "1F1B without flush, double-buffered weights, W(t+1) = W(t) - lr*g(W(t-1))",
+    "Narayanan et al. 2021 (PipeDream-2BW, ICML)",
+    at_least_p=True,
+)
+_register(
+    "pipemare",
+    "1F1B without flush, one weight version, lr rescheduling + discrepancy correction",
+    "Yang et al. 2021 (PipeMare, MLSys)",
+)

@@ -48,6 +48,7 @@ candidate respects the memory limit: a rank never holds more than
 ``peak_activations`` counts them (one chunk's forward holds 1/chunks of a unit
 until its W).
 """
+
 from __future__ import annotations
 
 import math
@@ -94,8 +95,9 @@ def layouts(stages: int, replicas: int = 1) -> list[Placement]:
     return found
 
 
-def memory_limits(stages: int, micro_batches: int, memory_limit: Number | Sequence[Number] | None,
-                  chunks: int = 1) -> tuple[int, ...]:
+def memory_limits(
+    stages: int, micro_batches: int, memory_limit: Number | Sequence[Number] | None, chunks: int = 1
+) -> tuple[int, ...]:
     """Per-rank limits in whole chunk activations (``chunks`` per micro-batch of a
     rank's activations); ``None`` is 1F1B's memory, ``stages`` micro-batches (what
     ZB-H1 and ZB-V hold too)."""
@@ -104,48 +106,71 @@ def memory_limits(stages: int, micro_batches: int, memory_limit: Number | Sequen
     elif isinstance(memory_limit, Sequence):
         limits = list(memory_limit)
         if len(limits) != stages:
-            raise ConstraintError(f"auto: memory limit gives {len(limits)} ranks, the pipeline has {stages}: "
-                                  f"give one number, or one per rank")
+            raise ConstraintError(
+                f"auto: memory limit gives {len(limits)} ranks, the pipeline has {stages}: "
+                f"give one number, or one per rank"
+            )
     else:
         limits = [memory_limit] * stages
     for rank, limit in enumerate(limits):
         if limit < 1:
-            raise ConstraintError(f"auto: memory limit {limit} on rank {rank} is below one micro-batch's "
-                                  f"activations (got {limit}): give a limit >= 1")
+            raise ConstraintError(
+                f"auto: memory limit {limit} on rank {rank} is below one micro-batch's "
+                f"activations (got {limit}): give a limit >= 1"
+            )
     # an F holds a whole chunk: a fractional limit rounds down; more than m micro-batches is never used
-    return tuple(min(math.floor(Fraction(limit) * chunks), chunks * micro_batches) for limit in limits)
+    return tuple(
+        min(math.floor(Fraction(limit) * chunks), chunks * micro_batches) for limit in limits
+    )
 
 
 def warmup_depths(limits: Sequence[int], chunks: int = 1) -> list[tuple[int, ...]]:
     """Warm-up depths from 1F1B's (rank r runs chunks*(p-r) chunk forwards ahead) up
     to the memory limit, and flat depths 1 .. limit."""
     p = len(limits)
-    depths = {tuple(min(limit, extra + chunks * (p - rank)) for rank, limit in enumerate(limits))
-              for extra in range(max(limits))}
+    depths = {
+        tuple(min(limit, extra + chunks * (p - rank)) for rank, limit in enumerate(limits))
+        for extra in range(max(limits))
+    }
     depths |= {tuple(min(limit, d) for limit in limits) for d in range(1, max(limits) + 1)}
     return sorted(depths)
 
 
-def policies(limits: Sequence[int], depths: Sequence[tuple[int, ...]] | None = None,
-             patience: Sequence[Fraction] = (Fraction(0),)) -> list[Policy]:
+def policies(
+    limits: Sequence[int],
+    depths: Sequence[tuple[int, ...]] | None = None,
+    patience: Sequence[Fraction] = (Fraction(0),),
+) -> list[Policy]:
     """Every W rule, first kind and ``patience`` for each of ``depths`` (default:
     :func:`warmup_depths`, one chunk)."""
-    return [Policy(rule, depth, first, wait) for wait in patience for first in (Kind.I, Kind.F)
-            for rule in W_RULES for depth in (warmup_depths(limits) if depths is None else depths)]
+    return [
+        Policy(rule, depth, first, wait)
+        for wait in patience
+        for first in (Kind.I, Kind.F)
+        for rule in W_RULES
+        for depth in (warmup_depths(limits) if depths is None else depths)
+    ]
 
 
 @lru_cache(maxsize=16)  # the same for every policy of a search (read-only)
-def scaled_costs(placement: Placement, costs: Costs) -> tuple[list[dict[Kind, Number]], Number, int]:
+def scaled_costs(
+    placement: Placement, costs: Costs
+) -> tuple[list[dict[Kind, Number]], Number, int]:
     """Per-stage F, I, W durations and the comm time, as integers times ``1/scale``
     where every cost is a fraction (exact, and far faster than Fraction arithmetic
     in the scheduler's inner loop); floats stay floats (``scale`` 1)."""
     kinds = (Kind.F, Kind.I, Kind.W)
     table, comm, scale = costs.scaled(kinds, placement.ranks, placement.stages)
-    return [{kind: table[(kind, stage)] for kind in kinds} for stage in range(placement.stages)], comm, scale or 1
+    return (
+        [{kind: table[(kind, stage)] for kind in kinds} for stage in range(placement.stages)],
+        comm,
+        scale or 1,
+    )
 
 
-def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequence[int],
-           policy: Policy) -> tuple[list[list[Action]], Number]:
+def greedy(
+    placement: Placement, micro_batches: int, costs: Costs, limits: Sequence[int], policy: Policy
+) -> tuple[list[list[Action]], Number]:
     """The list scheduler of the module doc for one policy on a one-pipeline
     placement (``limits`` in chunk activations per rank): per-rank programs and their
     makespan (each action starts as soon as its rank and inputs allow, so this is the
@@ -154,8 +179,9 @@ def greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Seque
     return [[Action(*action) for action in order] for order in orders], makespan
 
 
-def _greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequence[int],
-            policy: Policy) -> tuple[list[list[tuple[Kind, int, int]]], Number]:
+def _greedy(
+    placement: Placement, micro_batches: int, costs: Costs, limits: Sequence[int], policy: Policy
+) -> tuple[list[list[tuple[Kind, int, int]]], Number]:
     """:func:`greedy` with each action as (kind, micro-batch, chunk): a search builds
     actions only for the program it keeps."""
     p, v, m, last = placement.ranks, placement.chunks, micro_batches, placement.stages - 1
@@ -166,19 +192,29 @@ def _greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequ
     chunk_order = [sorted(range(v), key=lambda c, r=r: -stage_of[r][c]) for r in range(p)]
     other = Kind.F if policy.first is Kind.I else Kind.I
     # how long a rank leaves a ready action waiting for one it prefers: patience x its mean pass
-    wait = [policy.patience * sum(cost[s][k] for s in stage_of[r] for k in cost[s]) / (3 * v) for r in range(p)]
+    wait = [
+        policy.patience * sum(cost[s][k] for s in stage_of[r] for k in cost[s]) / (3 * v)
+        for r in range(p)
+    ]
     if all(isinstance(x, int) for x in [comm, *(x for c in cost for x in c.values())]):
         # exact costs (integers times 1/scale): scale the waits too, so the loop compares integers only
         factor = math.lcm(*(w.denominator for w in wait))
         cost = [{kind: value * factor for kind, value in c.items()} for c in cost]
         comm, scale, wait = comm * factor, scale * factor, [int(w * factor) for w in wait]
     F, I, W = Kind.F, Kind.I, Kind.W  # noqa: E741 - the paper's names; locals, for the inner loop
-    order = [[(kind, c) for kind in (policy.first, other) for c in chunk_order[r]] for r in range(p)]
-    done = {F: [[None] * m for _ in range(placement.stages)], I: [[None] * m for _ in range(placement.stages)]}
+    order = [
+        [(kind, c) for kind in (policy.first, other) for c in chunk_order[r]] for r in range(p)
+    ]
+    done = {
+        F: [[None] * m for _ in range(placement.stages)],
+        I: [[None] * m for _ in range(placement.stages)],
+    }
     issued = {F: [[0] * v for _ in range(p)], I: [[0] * v for _ in range(p)]}
     ahead = [0] * p  # chunk forwards whose I has not run
     forwards = [0] * p  # chunk forwards run
-    pending: list[deque[tuple[int, int]]] = [deque() for _ in range(p)]  # (chunk, micro-batch) of W's to run
+    pending: list[deque[tuple[int, int]]] = [
+        deque() for _ in range(p)
+    ]  # (chunk, micro-batch) of W's to run
     held, free, idle = [0] * p, [0] * p, [0] * p
     programs: list[list[tuple[Kind, int, int]]] = [[] for _ in range(p)]
     depth, w_rule = policy.depth, policy.w_rule
@@ -189,7 +225,9 @@ def _greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequ
         (None while they are not scheduled yet, or the rank may not run it)."""
         now = free[rank]
         patient = now + wait[rank]
-        upcoming = first = None  # the earliest arrival, and the first kind in ``order`` that arrives then
+        upcoming = first = (
+            None  # the earliest arrival, and the first kind in ``order`` that arrives then
+        )
         for key in order[rank]:
             kind, chunk = key
             j = issued[kind][rank][chunk]
@@ -197,7 +235,9 @@ def _greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequ
                 continue
             stage = stage_of[rank][chunk]
             if kind is F:
-                if chunk == 0:  # a micro-batch's first chunk here: within the depth, and room for all its chunks
+                if (
+                    chunk == 0
+                ):  # a micro-batch's first chunk here: within the depth, and room for all its chunks
                     if held[rank] + v > limits[rank] or ahead[rank] >= depth[rank]:
                         continue
                 elif held[rank] >= limits[rank]:
@@ -229,8 +269,13 @@ def _greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequ
             gap = None if upcoming is None else upcoming - now
             memory_bound = forwards[rank] < v * m and held[rank] + v > limits[rank]
             w_cost = cost[stage_of[rank][pending[rank][0][0]]][W]
-            if (gap is None or memory_bound or w_rule == "eager" or gap >= w_cost
-                    or (w_rule == "bubble" and idle[rank] + gap > max(idle))):
+            if (
+                gap is None
+                or memory_bound
+                or w_rule == "eager"
+                or gap >= w_cost
+                or (w_rule == "bubble" and idle[rank] + gap > max(idle))
+            ):
                 return now, (W, pending[rank][0][0])
         return None if upcoming is None else (upcoming, first)
 
@@ -262,15 +307,20 @@ def _greedy(placement: Placement, micro_batches: int, costs: Costs, limits: Sequ
             else:
                 ahead[rank] -= 1
                 pending[rank].append((chunk, j))
-        stale = range(p) if w_rule == "bubble" and idle[rank] > most_idle else (rank - 1, rank, rank + 1)
+        stale = (
+            range(p)
+            if w_rule == "bubble" and idle[rank] > most_idle
+            else (rank - 1, rank, rank + 1)
+        )
         for r in stale:
             if 0 <= r < p:
                 decisions[r] = decide(r)
     return programs, Fraction(max(free), scale) if scale != 1 else max(free)
 
 
-def heuristic(placement: Placement, micro_batches: int, costs: Costs,
-              limits: Sequence[int]) -> tuple[tuple[tuple[Action, ...], ...], Number]:
+def heuristic(
+    placement: Placement, micro_batches: int, costs: Costs, limits: Sequence[int]
+) -> tuple[tuple[tuple[Action, ...], ...], Number]:
     """The best of :func:`greedy` over :func:`policies` (the first on ties: the least
     memory-hungry), with its makespan. One chunk: every depth. Two chunks (twice the
     passes, and patience too): the depths are swept with the "fit" rule first, and
@@ -278,10 +328,15 @@ def heuristic(placement: Placement, micro_batches: int, costs: Costs,
     return _heuristic(placement, micro_batches, costs, tuple(limits))
 
 
-@lru_cache(maxsize=64)  # a search asked again (auto_schedule after ranked, the ILP's start) is not run again
-def _heuristic(placement: Placement, micro_batches: int, costs: Costs,
-               limits: tuple[int, ...]) -> tuple[tuple[tuple[Action, ...], ...], Number]:
-    def best_of(search: list[Policy]) -> list[tuple[Number, int, Policy, list[list[tuple[Kind, int, int]]]]]:
+@lru_cache(
+    maxsize=64
+)  # a search asked again (auto_schedule after ranked, the ILP's start) is not run again
+def _heuristic(
+    placement: Placement, micro_batches: int, costs: Costs, limits: tuple[int, ...]
+) -> tuple[tuple[tuple[Action, ...], ...], Number]:
+    def best_of(
+        search: list[Policy],
+    ) -> list[tuple[Number, int, Policy, list[list[tuple[Kind, int, int]]]]]:
         runs = []
         for index, policy in enumerate(search):
             programs, makespan = _greedy(placement, micro_batches, costs, limits, policy)
@@ -292,14 +347,19 @@ def _heuristic(placement: Placement, micro_batches: int, costs: Costs,
     if placement.chunks == 1:
         makespan, _, _, programs = best_of(policies(limits, depths))[0]
     else:
-        sweep = best_of([Policy("fit", depth, first) for depth in depths for first in (Kind.I, Kind.F)])
+        sweep = best_of(
+            [Policy("fit", depth, first) for depth in depths for first in (Kind.I, Kind.F)]
+        )
         top = list(dict.fromkeys(run[2].depth for run in sweep))[:3]
-        makespan, _, _, programs = min(sweep[0], best_of(policies(limits, top, PATIENCE))[0],
-                                       key=lambda run: run[:2])
+        makespan, _, _, programs = min(
+            sweep[0], best_of(policies(limits, top, PATIENCE))[0], key=lambda run: run[:2]
+        )
     return tuple(tuple(Action(*action) for action in order) for order in programs), makespan
 
 
-def layout_costs(placement: Placement, costs: Costs | Sequence[Costs] | Mapping[str, Costs]) -> Costs | None:
+def layout_costs(
+    placement: Placement, costs: Costs | Sequence[Costs] | Mapping[str, Costs]
+) -> Costs | None:
     """The costs of ``placement``: by its name where ``costs`` maps placement names
     to costs (each measured in its own layout, as ``pp-ext bench`` does), else the
     first that fits: uniform costs fit every placement, per-stage costs the one with
@@ -316,7 +376,10 @@ def fits(schedule: Schedule, costs: Costs, limits: Sequence[int]) -> Number | No
     """The simulated makespan of ``schedule`` where its peak activations stay within
     ``limits`` (chunk activations per rank), else None."""
     sim = simulate(schedule, costs)
-    if all(peak * schedule.chunks <= limit for peak, limit in zip(sim.peak_activations_per_rank, limits)):
+    if all(
+        peak * schedule.chunks <= limit
+        for peak, limit in zip(sim.peak_activations_per_rank, limits)
+    ):
         return sim.makespan
     return None
 
@@ -335,8 +398,9 @@ def fixed_schedules(placement: Placement, micro_batches: int) -> tuple[tuple[str
     return tuple(found)
 
 
-def candidates(placement: Placement, micro_batches: int, costs: Costs,
-               limits: Sequence[int]) -> list[tuple[Schedule, Number]]:
+def candidates(
+    placement: Placement, micro_batches: int, costs: Costs, limits: Sequence[int]
+) -> list[tuple[Schedule, Number]]:
     """What ``auto`` weighs in one placement, with makespans: the heuristic's
     schedule (one-pipeline placements), then each registered synchronous schedule of
     the placement that accepts the sizes and fits ``limits``."""
@@ -351,9 +415,14 @@ def candidates(placement: Placement, micro_batches: int, costs: Costs,
     return found
 
 
-def ranked(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | Mapping[str, Costs] | None = None,
-           memory_limit: Number | Sequence[Number] | None = None, chunks: int | None = None,
-           replicas: int = 1) -> list[tuple[Schedule, Number]]:
+def ranked(
+    stages: int,
+    micro_batches: int,
+    costs: Costs | Sequence[Costs] | Mapping[str, Costs] | None = None,
+    memory_limit: Number | Sequence[Number] | None = None,
+    chunks: int | None = None,
+    replicas: int = 1,
+) -> list[tuple[Schedule, Number]]:
     """Every distinct program ``auto`` weighs (see the module doc), shortest simulated
     makespan first, for these costs under ``memory_limit`` micro-batches of a rank's
     activations per rank (default: ``stages``, 1F1B's), in the placement it chooses:
@@ -380,39 +449,72 @@ def ranked(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | Map
         if isinstance(costs, Mapping):
             given = f"the costs are for placements {', '.join(costs)}, which give"
         else:
-            sizes = sorted({len(c.per_stage) for c in ([costs] if isinstance(costs, Costs) else costs)
-                            if c.per_stage is not None})
-            given = f"the costs give {' or '.join(map(str, sizes))} stages, which fit" if sizes else "uniform costs fit"
-        raise ConstraintError(f"auto: {given} no placement of {stages} ranks with chunks={chunks} ({stages} stages: "
-                              f"1 chunk in loop placement; {2 * stages}: 2 chunks in V placement): give costs of "
-                              f"those stages (or keyed by placement name: loop, v)")
-    return sorted(found.values(), key=lambda candidate: candidate[1])  # stable: ties keep the search order
+            sizes = sorted(
+                {
+                    len(c.per_stage)
+                    for c in ([costs] if isinstance(costs, Costs) else costs)
+                    if c.per_stage is not None
+                }
+            )
+            given = (
+                f"the costs give {' or '.join(map(str, sizes))} stages, which fit"
+                if sizes
+                else "uniform costs fit"
+            )
+        raise ConstraintError(
+            f"auto: {given} no placement of {stages} ranks with chunks={chunks} ({stages} stages: "
+            f"1 chunk in loop placement; {2 * stages}: 2 chunks in V placement): give costs of "
+            f"those stages (or keyed by placement name: loop, v)"
+        )
+    return sorted(
+        found.values(), key=lambda candidate: candidate[1]
+    )  # stable: ties keep the search order
 
 
 def origin(schedule: Schedule) -> str | None:
     """The registered synchronous schedule whose programs ``schedule`` runs (its
     placement, sizes and actions equal), or None for a program of ``auto``'s own."""
-    return next((name for name, fixed in fixed_schedules(schedule.placement, schedule.micro_batches)
-                 if fixed.programs == schedule.programs), None)
+    return next(
+        (
+            name
+            for name, fixed in fixed_schedules(schedule.placement, schedule.micro_batches)
+            if fixed.programs == schedule.programs
+        ),
+        None,
+    )
 
 
-def auto_schedule(stages: int, micro_batches: int, costs: Costs | Sequence[Costs] | Mapping[str, Costs] | None = None,
-                  memory_limit: Number | Sequence[Number] | None = None, chunks: int | None = None,
-                  replicas: int = 1) -> Schedule:
+def auto_schedule(
+    stages: int,
+    micro_batches: int,
+    costs: Costs | Sequence[Costs] | Mapping[str, Costs] | None = None,
+    memory_limit: Number | Sequence[Number] | None = None,
+    chunks: int | None = None,
+    replicas: int = 1,
+) -> Schedule:
     """The shortest schedule of :func:`ranked` (same arguments)."""
     return ranked(stages, micro_batches, costs, memory_limit, chunks, replicas)[0][0]
 
 
 def _check_auto(stages: int, micro_batches: int, chunks: int) -> None:
-    require(chunks in (1, 2), f"auto holds 1 chunk per rank (loop placement) or 2 (V placement) (got chunks={chunks}): "
-                              f"use chunks=1 or chunks=2")
+    require(
+        chunks in (1, 2),
+        f"auto holds 1 chunk per rank (loop placement) or 2 (V placement) (got chunks={chunks}): "
+        f"use chunks=1 or chunks=2",
+    )
 
 
-@register("auto", summary="computed from costs and a memory limit: the Zero Bubble paper's heuristic in loop or "
-                          "V placement (unit costs and 1F1B's memory when built by name)",
-          constraints="chunks = 1 (loop placement) or 2 (V placement); memory limit >= 1 micro-batch per rank "
-                      "(default p)",
-          source="Qi et al. 2024 (Zero Bubble Pipeline Parallelism, ICLR, Sec. 3; Pipeline Parallelism with "
-                 "Controllable Memory, NeurIPS)", placement="loop", placements=((2, "v"),), check=_check_auto)
+@register(
+    "auto",
+    summary="computed from costs and a memory limit: the Zero Bubble paper's heuristic in loop or "
+    "V placement (unit costs and 1F1B's memory when built by name)",
+    constraints="chunks = 1 (loop placement) or 2 (V placement); memory limit >= 1 micro-batch per rank "
+    "(default p)",
+    source="Qi et al. 2024 (Zero Bubble Pipeline Parallelism, ICLR, Sec. 3; Pipeline Parallelism with "
+    "Controllable Memory, NeurIPS)",
+    placement="loop",
+    placements=((2, "v"),),
+    check=_check_auto,
+)
 def auto(stages: int, micro_batches: int, chunks: int) -> Schedule:
     return auto_schedule(stages, micro_batches, chunks=chunks)

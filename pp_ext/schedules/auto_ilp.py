@@ -26,6 +26,7 @@ The model, for p ranks (one chunk each, loop placement) and m micro-batches:
 
 Needs the optional ``highspy`` (``pip install 'pp-ext[tune]'``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,8 +78,13 @@ class IlpResult:
         return self.ilp if self.ilp_makespan < self.heuristic_makespan else self.heuristic
 
 
-def solve_ilp(stages: int, micro_batches: int, costs: Costs | None = None,
-              memory_limit: Number | None = None, time_limit: float = 10.0) -> IlpResult:
+def solve_ilp(
+    stages: int,
+    micro_batches: int,
+    costs: Costs | None = None,
+    memory_limit: Number | None = None,
+    time_limit: float = 10.0,
+) -> IlpResult:
     """Solve the module's ILP within ``time_limit`` seconds, started from the heuristic."""
     highspy = require_highspy()
     costs = costs or Costs()
@@ -99,7 +105,9 @@ def solve_ilp(stages: int, micro_batches: int, costs: Costs | None = None,
     integral = all(isinstance(v, int) for c in cost for v in c.values())
     h.setOptionValue("mip_rel_gap", 0.0)
     h.setOptionValue("mip_abs_gap", 0.999 if integral else 1e-9 * big_m)
-    start = {(r, k, j): h.addVariable(lb=0, ub=big_m) for r in range(p) for k in KINDS for j in range(m)}
+    start = {
+        (r, k, j): h.addVariable(lb=0, ub=big_m) for r in range(p) for k in KINDS for j in range(m)
+    }
     makespan = h.addVariable(lb=0, ub=big_m)
     d = {(r, k): float(cost[r][k]) for r in range(p) for k in KINDS}
 
@@ -138,9 +146,16 @@ def solve_ilp(stages: int, micro_batches: int, costs: Costs | None = None,
             h.addConstr(1 + sum(before[(r, Kind.F, j, Kind.W, k)] for k in range(j)) <= limits[r])
 
     # the heuristic as the starting solution: its simulated starts and the orders they imply
-    begin = {(r, s.action.kind, s.action.micro_batch): float(s.start * scale)
-             for r, row in enumerate(heuristic_sim.timeline) for s in row}
-    position = {(r, a.kind, a.micro_batch): i for r, prog in enumerate(heuristic.programs) for i, a in enumerate(prog)}
+    begin = {
+        (r, s.action.kind, s.action.micro_batch): float(s.start * scale)
+        for r, row in enumerate(heuristic_sim.timeline)
+        for s in row
+    }
+    position = {
+        (r, a.kind, a.micro_batch): i
+        for r, prog in enumerate(heuristic.programs)
+        for i, a in enumerate(prog)
+    }
     values = [0.0] * h.getNumCol()
     for key, var in start.items():
         values[var.index] = begin[key]
@@ -159,11 +174,24 @@ def solve_ilp(stages: int, micro_batches: int, costs: Costs | None = None,
     programs = []
     for r in range(p):
         # order by start; a zero-length pass ties with the next one and goes first
-        keys = sorted(((col[start[(r, k, j)].index], col[start[(r, k, j)].index] + d[(r, k)], KINDS.index(k), j), (k, j))
-                      for k in KINDS for j in range(m))
+        keys = sorted(
+            (
+                (
+                    col[start[(r, k, j)].index],
+                    col[start[(r, k, j)].index] + d[(r, k)],
+                    KINDS.index(k),
+                    j,
+                ),
+                (k, j),
+            )
+            for k in KINDS
+            for j in range(m)
+        )
         programs.append(tuple(Action(k, j) for _, (k, j) in keys))
     ilp = Schedule("auto", Placement.loop(p), m, tuple(programs))
     validate(ilp)
     ilp_makespan = simulate(ilp, costs).makespan
     bound = ilp_makespan if optimal else min(ilp_makespan, info.mip_dual_bound / scale)
-    return IlpResult(heuristic, heuristic_sim.makespan, ilp, ilp_makespan, bound, optimal, h.getRunTime())
+    return IlpResult(
+        heuristic, heuristic_sim.makespan, ilp, ilp_makespan, bound, optimal, h.getRunTime()
+    )

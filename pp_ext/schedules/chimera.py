@@ -46,6 +46,7 @@ Figures (flushed step; per rank and micro-batch a stage costs F forward, B backw
 - Weights: 2 copies per rank (two stages' replicas; each stage's weights exist twice).
 Constraints: p even, chunks = 2, m a multiple of p.
 """
+
 from __future__ import annotations
 
 from .actions import Action, Kind
@@ -57,14 +58,23 @@ DOWN, UP = 0, 1
 
 
 def check(stages: int, micro_batches: int, chunks: int) -> None:
-    require(stages % 2 == 0, f"chimera needs an even number of pipeline stages, got stages={stages}: "
-                             f"use an even p (each rank pairs with rank p-1-r)")
-    require(chunks == 2, f"chimera holds exactly 2 chunks per rank (a down and an up replica), got "
-                         f"chunks={chunks}: use chunks=2")
+    require(
+        stages % 2 == 0,
+        f"chimera needs an even number of pipeline stages, got stages={stages}: "
+        f"use an even p (each rank pairs with rank p-1-r)",
+    )
+    require(
+        chunks == 2,
+        f"chimera holds exactly 2 chunks per rank (a down and an up replica), got "
+        f"chunks={chunks}: use chunks=2",
+    )
     nearest = max(stages, round(micro_batches / stages) * stages)
-    require(micro_batches % stages == 0, f"chimera needs micro_batches a multiple of stages={stages} (basic "
-                                         f"units of p micro-batches), got micro_batches={micro_batches}: "
-                                         f"use e.g. micro_batches={nearest}")
+    require(
+        micro_batches % stages == 0,
+        f"chimera needs micro_batches a multiple of stages={stages} (basic "
+        f"units of p micro-batches), got micro_batches={micro_batches}: "
+        f"use e.g. micro_batches={nearest}",
+    )
 
 
 def slots(ranks: int, micro_batches: int, rank: int) -> list[tuple[int, Action]]:
@@ -75,22 +85,33 @@ def slots(ranks: int, micro_batches: int, rank: int) -> list[tuple[int, Action]]
         base, shift = unit * p, 2 * p * unit
         for k in range(half):
             down, up = base + k, base + half + k
-            out += [(shift + r + 2 * k, Action(Kind.F, down, DOWN)),
-                    (shift + 2 * p - 1 - r + 2 * k, Action(Kind.B, down, DOWN)),
-                    (shift + p - 1 - r + 2 * k, Action(Kind.F, up, UP)),
-                    (shift + p + r + 2 * k, Action(Kind.B, up, UP))]
+            out += [
+                (shift + r + 2 * k, Action(Kind.F, down, DOWN)),
+                (shift + 2 * p - 1 - r + 2 * k, Action(Kind.B, down, DOWN)),
+                (shift + p - 1 - r + 2 * k, Action(Kind.F, up, UP)),
+                (shift + p + r + 2 * k, Action(Kind.B, up, UP)),
+            ]
     return out
 
 
-@register("chimera", summary="two opposite pipelines over two weight replicas (bidirectional)",
-          constraints="p even; chunks = 2 (bidirectional placement); m a multiple of p",
-          source="Li & Hoefler 2021 (Chimera, SC'21)", placement="bidirectional", default_chunks=2,
-          check=check)
+@register(
+    "chimera",
+    summary="two opposite pipelines over two weight replicas (bidirectional)",
+    constraints="p even; chunks = 2 (bidirectional placement); m a multiple of p",
+    source="Li & Hoefler 2021 (Chimera, SC'21)",
+    placement="bidirectional",
+    default_chunks=2,
+    check=check,
+)
 def chimera(stages: int, micro_batches: int, chunks: int) -> Schedule:
     programs = []
     for rank in range(stages):
         ordered = sorted(slots(stages, micro_batches, rank), key=lambda slot: slot[0])
-        assert len({t for t, _ in ordered}) == len(ordered), "two actions in one slot: the merge has a conflict"
+        assert len({t for t, _ in ordered}) == len(ordered), (
+            "two actions in one slot: the merge has a conflict"
+        )
         programs.append(tuple(action for _, action in ordered))
     pipeline_of = tuple(int(mb % stages >= stages // 2) for mb in range(micro_batches))
-    return Schedule("chimera", Placement.bidirectional(stages), micro_batches, tuple(programs), pipeline_of)
+    return Schedule(
+        "chimera", Placement.bidirectional(stages), micro_batches, tuple(programs), pipeline_of
+    )

@@ -8,6 +8,7 @@
   then drains the backwards. Same bubble as GPipe, (p-1)/(m+p-1), but rank r holds
   at most min(p-r, m) micro-batches (p on rank 0 when m >= p).
 """
+
 from __future__ import annotations
 
 from .actions import Action, Kind
@@ -27,21 +28,34 @@ def one_f_one_b_order(forwards: list[Action], backwards: list[Action], warmup: i
     return order + backwards[steady:]
 
 
-@register("gpipe", summary="all forwards, then all backwards",
-          constraints="chunks = 1", source="Huang et al. 2019 (GPipe)", placement="loop",
-          check=fixed_chunks("gpipe", 1))
+@register(
+    "gpipe",
+    summary="all forwards, then all backwards",
+    constraints="chunks = 1",
+    source="Huang et al. 2019 (GPipe)",
+    placement="loop",
+    check=fixed_chunks("gpipe", 1),
+)
 def gpipe(stages: int, micro_batches: int, chunks: int) -> Schedule:
-    program = tuple([Action(Kind.F, k) for k in range(micro_batches)]
-                    + [Action(Kind.B, k) for k in range(micro_batches)])
+    program = tuple(
+        [Action(Kind.F, k) for k in range(micro_batches)]
+        + [Action(Kind.B, k) for k in range(micro_batches)]
+    )
     return Schedule("gpipe", Placement.loop(stages), micro_batches, (program,) * stages)
 
 
-@register("1f1b", summary="one forward, one backward (PipeDream-Flush / DAPPLE)",
-          constraints="chunks = 1; m >= p for a full steady state",
-          source="Narayanan et al. 2021; Fan et al. 2021 (DAPPLE)", placement="loop",
-          check=fixed_chunks("1f1b", 1))
+@register(
+    "1f1b",
+    summary="one forward, one backward (PipeDream-Flush / DAPPLE)",
+    constraints="chunks = 1; m >= p for a full steady state",
+    source="Narayanan et al. 2021; Fan et al. 2021 (DAPPLE)",
+    placement="loop",
+    check=fixed_chunks("1f1b", 1),
+)
 def one_f_one_b(stages: int, micro_batches: int, chunks: int) -> Schedule:
     forwards = [Action(Kind.F, k) for k in range(micro_batches)]
     backwards = [Action(Kind.B, k) for k in range(micro_batches)]
-    programs = tuple(tuple(one_f_one_b_order(forwards, backwards, stages - rank - 1)) for rank in range(stages))
+    programs = tuple(
+        tuple(one_f_one_b_order(forwards, backwards, stages - rank - 1)) for rank in range(stages)
+    )
     return Schedule("1f1b", Placement.loop(stages), micro_batches, programs)

@@ -29,6 +29,7 @@ File format (JSON)::
 (a file without the all-reduce fields or ``parameter_bytes``, written before they
 existed, prices the replica sum at 0).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,10 @@ class Profile:
     def layer_costs(self, count: int) -> list[float]:
         """Seconds of one training micro-batch (forward + fused backward) per layer."""
         if count != len(self.layers):
-            raise ValueError(f"the profile measures {len(self.layers)} layers, the model has {count}: "
-                             f"profile this model again (pp-ext tune --recipe ...)")
+            raise ValueError(
+                f"the profile measures {len(self.layers)} layers, the model has {count}: "
+                f"profile this model again (pp-ext tune --recipe ...)"
+            )
         return [layer.forward + layer.backward for layer in self.layers]
 
     def stage_costs(self, parts: list[int]) -> Costs:
@@ -74,10 +77,17 @@ class Profile:
         partner, all pairs at once, so the slowest pair's time (paid only where a
         schedule has two pipelines, :func:`pp_ext.schedules.simulate`)."""
         self.layer_costs(parts[-1])
-        stages = tuple(tuple(sum(getattr(layer, key) for layer in self.layers[a:b])
-                             for key in ("forward", "input_grad", "weight_grad", "backward"))
-                       for a, b in zip(parts, parts[1:]))
-        weights = [sum(layer.parameter_bytes for layer in self.layers[a:b]) for a, b in zip(parts, parts[1:])]
+        stages = tuple(
+            tuple(
+                sum(getattr(layer, key) for layer in self.layers[a:b])
+                for key in ("forward", "input_grad", "weight_grad", "backward")
+            )
+            for a, b in zip(parts, parts[1:])
+        )
+        weights = [
+            sum(layer.parameter_bytes for layer in self.layers[a:b])
+            for a, b in zip(parts, parts[1:])
+        ]
         p = len(weights)
         largest = max(weights[i] + weights[p - 1 - i] for i in range(p))
         reduce = self.allreduce_latency + largest / self.allreduce_bandwidth if largest else 0.0
@@ -85,34 +95,56 @@ class Profile:
 
     def activation_bytes(self, parts: list[int]) -> list[int]:
         """Bytes of one micro-batch's activations per stage."""
-        return [sum(layer.activation_bytes for layer in self.layers[a:b]) for a, b in zip(parts, parts[1:])]
+        return [
+            sum(layer.activation_bytes for layer in self.layers[a:b])
+            for a, b in zip(parts, parts[1:])
+        ]
 
     def check_shapes(self, recipe, path: str | Path) -> None:
         """Raise ValueError unless this profile was measured at the recipe's sequence
         length and dtype (costs scale with both; the micro-batch size is checked by
         the caller, since ``pp-ext tune`` varies it)."""
         if (self.seq, self.dtype) != (recipe.data.seq_len, recipe.model.dtype):
-            raise ValueError(f"profile {path} measured {self.seq} tokens in {self.dtype}, the recipe has "
-                             f"data.seq_len={recipe.data.seq_len} in {recipe.model.dtype}: profile this recipe "
-                             f"again (pp-ext tune --recipe R without --profile)")
+            raise ValueError(
+                f"profile {path} measured {self.seq} tokens in {self.dtype}, the recipe has "
+                f"data.seq_len={recipe.data.seq_len} in {recipe.model.dtype}: profile this recipe "
+                f"again (pp-ext tune --recipe R without --profile)"
+            )
 
     def save(self, path: str | Path) -> Path:
-        data = {"comm": self.comm, "micro_batch_size": self.micro_batch_size, "seq": self.seq,
-                "dtype": self.dtype, "allreduce_latency": self.allreduce_latency,
-                # JSON has no infinity: a bandwidth too high to measure is null
-                "allreduce_bandwidth": None if self.allreduce_bandwidth == float("inf") else self.allreduce_bandwidth,
-                "layers": [asdict(layer) for layer in self.layers]}
+        data = {
+            "comm": self.comm,
+            "micro_batch_size": self.micro_batch_size,
+            "seq": self.seq,
+            "dtype": self.dtype,
+            "allreduce_latency": self.allreduce_latency,
+            # JSON has no infinity: a bandwidth too high to measure is null
+            "allreduce_bandwidth": None
+            if self.allreduce_bandwidth == float("inf")
+            else self.allreduce_bandwidth,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
         return write_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"profile {path} does not exist: write one with pp-ext tune --recipe R --profile {path}")
+            raise ValueError(
+                f"profile {path} does not exist: write one with pp-ext tune --recipe R --profile {path}"
+            )
         try:
             data = json.loads(path.read_text())
-            return cls(tuple(LayerCost(**layer) for layer in data["layers"]), float(data["comm"]),
-                       int(data["micro_batch_size"]), int(data["seq"]), str(data.get("dtype", "float32")),
-                       float(data.get("allreduce_latency", 0.0)), float(data.get("allreduce_bandwidth") or "inf"))
+            return cls(
+                tuple(LayerCost(**layer) for layer in data["layers"]),
+                float(data["comm"]),
+                int(data["micro_batch_size"]),
+                int(data["seq"]),
+                str(data.get("dtype", "float32")),
+                float(data.get("allreduce_latency", 0.0)),
+                float(data.get("allreduce_bandwidth") or "inf"),
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"profile {path} is not valid ({exc}): write it again with pp-ext tune") from None
+            raise ValueError(
+                f"profile {path} is not valid ({exc}): write it again with pp-ext tune"
+            ) from None

@@ -18,6 +18,7 @@ File format (JSON)::
 (``backward`` and ``replica_reduce`` are optional; ``replica_reduce`` is the time of
 summing the two replicas' gradients per step, which only Chimera's two pipelines pay.)
 """
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,14 @@ class Costs:
     replica_reduce: Number = Fraction(0)
 
     def __post_init__(self) -> None:
-        values = [self.forward, self.input_grad, self.weight_grad, self.comm, self.update, self.replica_reduce]
+        values = [
+            self.forward,
+            self.input_grad,
+            self.weight_grad,
+            self.comm,
+            self.update,
+            self.replica_reduce,
+        ]
         values += [v for stage in self.per_stage or () for v in stage]
         if any(v < 0 for v in values):
             raise ValueError("costs must be >= 0")
@@ -63,21 +71,35 @@ class Costs:
         """Time of one compute action on global ``stage`` (of ``stages``, on ``ranks``)."""
         if self.per_stage is not None:
             if len(self.per_stage) != stages:
-                raise ValueError(f"the cost file gives {len(self.per_stage)} stages, the schedule has {stages} "
-                                 f"(ranks x chunks): profile or write one entry per stage")
+                raise ValueError(
+                    f"the cost file gives {len(self.per_stage)} stages, the schedule has {stages} "
+                    f"(ranks x chunks): profile or write one entry per stage"
+                )
             f, i, w, *fused = self.per_stage[stage]
             share = 1
         else:
             f, i, w, fused = self.forward, self.input_grad, self.weight_grad, []
             share = Fraction(ranks, stages)
-        cost = {Kind.F: f, Kind.I: i, Kind.W: w, Kind.B: fused[0] if fused else i + w, Kind.U: self.update}[kind]
+        cost = {
+            Kind.F: f,
+            Kind.I: i,
+            Kind.W: w,
+            Kind.B: fused[0] if fused else i + w,
+            Kind.U: self.update,
+        }[kind]
         return cost if kind is Kind.U else cost * share
 
-    def scaled(self, kinds: Iterable[Kind], ranks: int, stages: int) -> tuple[dict[tuple[Kind, int], Number], Number, int | None]:
+    def scaled(
+        self, kinds: Iterable[Kind], ranks: int, stages: int
+    ) -> tuple[dict[tuple[Kind, int], Number], Number, int | None]:
         """Durations of ``kinds`` by (kind, stage) and the comm time, as integers in units
         of 1/scale where every cost is exact (a simulation loop then adds and compares
         integers, far faster than Fractions), else as given (floats; scale None)."""
-        table = {(kind, stage): self.duration(kind, stage, ranks, stages) for kind in kinds for stage in range(stages)}
+        table = {
+            (kind, stage): self.duration(kind, stage, ranks, stages)
+            for kind in kinds
+            for stage in range(stages)
+        }
         values = [*table.values(), self.comm]
         if not all(isinstance(v, (int, Fraction)) for v in values):
             return table, self.comm, None
@@ -100,28 +122,44 @@ class Costs:
     def load(cls, path: str | Path) -> "Costs":
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"cost file {path} does not exist: give --costs F,I,W[,comm] or a JSON file")
+            raise ValueError(
+                f"cost file {path} does not exist: give --costs F,I,W[,comm] or a JSON file"
+            )
         try:
             data = json.loads(path.read_text())
-            stages = tuple((s["forward"], s["input_grad"], s["weight_grad"])
-                           + ((s["backward"],) if "backward" in s else ()) for s in data["stages"])
-            return cls(comm=data.get("comm", 0), per_stage=stages, replica_reduce=data.get("replica_reduce", 0))
+            stages = tuple(
+                (s["forward"], s["input_grad"], s["weight_grad"])
+                + ((s["backward"],) if "backward" in s else ())
+                for s in data["stages"]
+            )
+            return cls(
+                comm=data.get("comm", 0),
+                per_stage=stages,
+                replica_reduce=data.get("replica_reduce", 0),
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"cost file {path} is not valid ({exc}): expected "
-                             '{"comm": x, "stages": [{"forward": f, "input_grad": i, "weight_grad": w'
-                             '[, "backward": b]}, ...]}') from None
+            raise ValueError(
+                f"cost file {path} is not valid ({exc}): expected "
+                '{"comm": x, "stages": [{"forward": f, "input_grad": i, "weight_grad": w'
+                '[, "backward": b]}, ...]}'
+            ) from None
 
     def to_json(self) -> dict:
         """The cost file format (per-stage costs only)."""
         if self.per_stage is None:
             raise ValueError("only per-stage costs are written as a cost file")
         keys = ("forward", "input_grad", "weight_grad", "backward")
-        return {"comm": float(self.comm), "stages": [dict(zip(keys, map(float, s))) for s in self.per_stage],
-                **({"replica_reduce": float(self.replica_reduce)} if self.replica_reduce else {})}
+        return {
+            "comm": float(self.comm),
+            "stages": [dict(zip(keys, map(float, s))) for s in self.per_stage],
+            **({"replica_reduce": float(self.replica_reduce)} if self.replica_reduce else {}),
+        }
 
     @classmethod
     def from_option(cls, value: str | None) -> "Costs":
         """A ``--costs`` value: F,I,W[,comm] or the path of a JSON cost file."""
         if value is None:
             return cls()
-        return cls.load(value) if value.endswith(".json") or Path(value).exists() else cls.parse(value)
+        return (
+            cls.load(value) if value.endswith(".json") or Path(value).exists() else cls.parse(value)
+        )

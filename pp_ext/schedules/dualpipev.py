@@ -35,6 +35,7 @@ all 2p warm-up forwards are alive when the first F&B pair issues its forward; th
 deferred drain adds none, as no forward is left by then.
 Weights 1x (two chunks of one rank's share). Constraints: chunks = 2, m >= 2p.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -74,8 +75,9 @@ class _Rank:
             self.program.append(self.deferred.popleft())
 
 
-def dualpipev_program(ranks: int, micro_batches: int, rank: int, *,
-                      original_drain: bool = False) -> tuple[Action, ...]:
+def dualpipev_program(
+    ranks: int, micro_batches: int, rank: int, *, original_drain: bool = False
+) -> tuple[Action, ...]:
     """The compute program of ``rank`` (phases as in the module doc).
 
     ``original_drain`` defers W in phase 6 only from the middle on, as DualPipeV does:
@@ -116,15 +118,22 @@ def dualpipev_program(ranks: int, micro_batches: int, rank: int, *,
 
 def _check_dualpipev(stages: int, micro_batches: int, chunks: int) -> None:
     fixed_chunks("dualpipev", 2)(stages, micro_batches, chunks)
-    require(micro_batches >= 2 * stages,
-            f"dualpipev needs micro_batches >= 2*stages (got m={micro_batches}, p={stages}): "
-            f"use micro_batches={2 * stages}")
+    require(
+        micro_batches >= 2 * stages,
+        f"dualpipev needs micro_batches >= 2*stages (got m={micro_batches}, p={stages}): "
+        f"use micro_batches={2 * stages}",
+    )
 
 
-@register("dualpipev", summary="DeepSeek's DualPipeV: V-shape F&B pairs, split backward, W's fill the drain",
-          constraints="chunks = 2 (V placement); m >= 2p",
-          source="DeepSeek-AI 2024 (DeepSeek-V3 report; github.com/deepseek-ai/DualPipe)", placement="v",
-          default_chunks=2, check=_check_dualpipev)
+@register(
+    "dualpipev",
+    summary="DeepSeek's DualPipeV: V-shape F&B pairs, split backward, W's fill the drain",
+    constraints="chunks = 2 (V placement); m >= 2p",
+    source="DeepSeek-AI 2024 (DeepSeek-V3 report; github.com/deepseek-ai/DualPipe)",
+    placement="v",
+    default_chunks=2,
+    check=_check_dualpipev,
+)
 def dualpipev(stages: int, micro_batches: int, chunks: int) -> Schedule:
     programs = tuple(dualpipev_program(stages, micro_batches, r) for r in range(stages))
     return Schedule("dualpipev", Placement.v(stages, 2), micro_batches, programs)

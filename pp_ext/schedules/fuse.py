@@ -17,6 +17,7 @@ work, every communication at the same place, the same messages (B and I send the
 same input gradient, and a fused pair sends none), so the program's dependencies and
 the validator's and simulator's verdicts carry over, with I + W costing B.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -39,6 +40,9 @@ def fuse_backward(schedule: Schedule) -> Schedule:
         out: list[Action | None] = list(program)
         for i, action in enumerate(program):
             if action.kind is Kind.I and comms[where[action.key()]] == comms[i]:
-                out[i], out[where[action.key()]] = Action(Kind.B, action.micro_batch, action.chunk), None
+                out[i], out[where[action.key()]] = (
+                    Action(Kind.B, action.micro_batch, action.chunk),
+                    None,
+                )
         programs.append(tuple(a for a in out if a is not None))
     return replace(schedule, programs=tuple(programs))

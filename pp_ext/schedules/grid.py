@@ -1,4 +1,5 @@
 """Text grids: ranks as rows, program steps (or simulated time) as columns."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -21,7 +22,10 @@ def step_grid(schedule, marked: Iterable[tuple[int, int]] = ()) -> str:
     :class:`~pp_ext.schedules.schedule.Schedule`); ``marked`` (rank, step) cells get a ``!``."""
     marked = set(marked)
     rows = [
-        [(MARK if (rank, step) in marked else "") + str(action) for step, action in enumerate(program)]
+        [
+            (MARK if (rank, step) in marked else "") + str(action)
+            for step, action in enumerate(program)
+        ]
         for rank, program in enumerate(schedule.programs)
     ]
     steps = max((len(row) for row in rows), default=0)

@@ -15,6 +15,7 @@
   backwards chunk by chunk in reverse. Bubble (p-1)/(v*m+p-1) for m >= p; holds
   all m micro-batches' activations (m units).
 """
+
 from __future__ import annotations
 
 from .actions import Action, Kind
@@ -47,14 +48,22 @@ def grouped_order(sizes: list[int], chunks: int, reverse_chunks: bool) -> list[t
 
 
 def _check_interleaved(stages: int, micro_batches: int, chunks: int) -> None:
-    require(chunks >= 2, f"interleaved-1f1b needs chunks >= 2 (got {chunks}): use chunks=2, "
-                         f"or the 1f1b schedule for one chunk per rank")
+    require(
+        chunks >= 2,
+        f"interleaved-1f1b needs chunks >= 2 (got {chunks}): use chunks=2, "
+        f"or the 1f1b schedule for one chunk per rank",
+    )
 
 
-@register("interleaved-1f1b", summary="1F1B over v chunks per rank in loop placement (Megatron)",
-          constraints="chunks >= 2; m a multiple of p for the closed-form bubble",
-          source="Narayanan et al. 2021 (Megatron-LM)", placement="loop", default_chunks=2,
-          check=_check_interleaved)
+@register(
+    "interleaved-1f1b",
+    summary="1F1B over v chunks per rank in loop placement (Megatron)",
+    constraints="chunks >= 2; m a multiple of p for the closed-form bubble",
+    source="Narayanan et al. 2021 (Megatron-LM)",
+    placement="loop",
+    default_chunks=2,
+    check=_check_interleaved,
+)
 def interleaved_1f1b(stages: int, micro_batches: int, chunks: int) -> Schedule:
     sizes = group_sizes(micro_batches, stages)
     forwards = [Action(Kind.F, mb, c) for c, mb in grouped_order(sizes, chunks, False)]
@@ -62,16 +71,28 @@ def interleaved_1f1b(stages: int, micro_batches: int, chunks: int) -> Schedule:
     # rank p-1 must reach F of micro-batch 0 on its last chunk before its first
     # backward; each rank before it runs two more forwards (Megatron's warm-up)
     programs = tuple(
-        tuple(one_f_one_b_order(forwards, backwards, 2 * (stages - rank - 1) + (chunks - 1) * sizes[0]))
-        for rank in range(stages))
+        tuple(
+            one_f_one_b_order(
+                forwards, backwards, 2 * (stages - rank - 1) + (chunks - 1) * sizes[0]
+            )
+        )
+        for rank in range(stages)
+    )
     return Schedule("interleaved-1f1b", Placement.loop(stages, chunks), micro_batches, programs)
 
 
-@register("looped-bfs", summary="breadth-first: all micro-batches through each chunk in turn",
-          constraints="chunks >= 1 (chunks = 1 is GPipe)", source="Lamy-Poirier 2023 (Breadth-First PP)",
-          placement="loop", default_chunks=2)
+@register(
+    "looped-bfs",
+    summary="breadth-first: all micro-batches through each chunk in turn",
+    constraints="chunks >= 1 (chunks = 1 is GPipe)",
+    source="Lamy-Poirier 2023 (Breadth-First PP)",
+    placement="loop",
+    default_chunks=2,
+)
 def looped_bfs(stages: int, micro_batches: int, chunks: int) -> Schedule:
     forwards = [Action(Kind.F, mb, c) for c, mb in grouped_order([micro_batches], chunks, False)]
     backwards = [Action(Kind.B, mb, c) for c, mb in grouped_order([micro_batches], chunks, True)]
     program = tuple(forwards + backwards)
-    return Schedule("looped-bfs", Placement.loop(stages, chunks), micro_batches, (program,) * stages)
+    return Schedule(
+        "looped-bfs", Placement.loop(stages, chunks), micro_batches, (program,) * stages
+    )

@@ -27,6 +27,7 @@ the tensors come: a stream never holds a ready transfer behind one that is not.
 Hand-overs between chunks of one rank (the turn of a V) are local and need no
 message.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -55,6 +56,7 @@ def lower(schedule: Schedule) -> Schedule:
                 at = (span.end, 0, _order(message))
                 keyed[rank].append((*at, message.send()))
                 keyed[message.dst].append((*at, message.recv()))
-    programs = tuple(tuple(action for *_, action in sorted(entries, key=lambda e: e[:3]))
-                     for entries in keyed)
+    programs = tuple(
+        tuple(action for *_, action in sorted(entries, key=lambda e: e[:3])) for entries in keyed
+    )
     return replace(schedule, programs=programs)

@@ -25,6 +25,7 @@ recorded calls (``tests/test_nccl_replay.py``) or a lowered program
 returns the :class:`Outcome`: finished, or stuck with each rank's blocked wait and
 the ops at the heads of its streams.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict, deque
@@ -108,7 +109,9 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
     """Play every rank's trace under NCCL's rules (module doc) until all finish or
     nothing can move. ``traces[r]`` is global rank r's."""
     ranks = len(traces)
-    queues: dict[tuple, deque[tuple[int, tuple[int, ...]]]] = defaultdict(deque)  # (rank, comm) -> elements
+    queues: dict[tuple, deque[tuple[int, tuple[int, ...]]]] = defaultdict(
+        deque
+    )  # (rank, comm) -> elements
     element: dict[tuple[int, int], tuple[int, tuple[int, ...]]] = {}  # (rank, op) -> its element
     stream: dict[tuple[int, int], tuple] = {}  # (rank, op) -> its queue key
     # match key -> {rank: op}: p2p (comm, src, dst, k), collectives (comm, k)
@@ -124,7 +127,9 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
             comm = _communicator(rank, op, streams)
             if op.kind == "collective":
                 if rank not in op.group:
-                    raise ValueError(f"rank {rank} posts a collective on group {op.group} it is not in")
+                    raise ValueError(
+                        f"rank {rank} posts a collective on group {op.group} it is not in"
+                    )
                 base = (comm,)
             else:
                 if not 0 <= op.peer < ranks or op.peer == rank:
@@ -157,7 +162,8 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
             other = traces[r].ops[j]
             if other.label != op.label or (op.kind == "collective") != (other.kind == "collective"):
                 raise CrossedMessagesError(
-                    f"rank {rank}'s {_name(op)} meets rank {r}'s {_name(other)}: the ranks posted in crossing orders")
+                    f"rank {rank}'s {_name(op)} meets rank {r}'s {_name(other)}: the ranks posted in crossing orders"
+                )
 
     while True:
         moved = False
@@ -174,7 +180,9 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
         heads = {queue[0] for queue in queues.values() if queue}
         ready = set(heads)
         changed = True
-        while changed:  # the largest set of head elements whose every op meets its partners in the set
+        while (
+            changed
+        ):  # the largest set of head elements whose every op meets its partners in the set
             changed = False
             for head in list(ready):
                 rank, ids = head
@@ -195,15 +203,19 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
             break
 
     blocked = tuple((r, pc[r]) for r in range(ranks) if pc[r] < len(traces[r].events))
-    stuck = tuple(sorted((rank, ids[0]) for queue in queues.values() if queue for rank, ids in [queue[0]]))
+    stuck = tuple(
+        sorted((rank, ids[0]) for queue in queues.values() if queue for rank, ids in [queue[0]])
+    )
     if not blocked and not stuck:
         return Outcome(True)
     lines = []
     for r, e in blocked:
         event = traces[r].events[e]
         waiting = [traces[r].ops[i] for i in event.ops if i not in done[r]]
-        lines.append(f"rank {r} waits{' at ' + event.where if event.where else ''} for "
-                     + ", ".join(f"{op.kind} {op.label}" for op in waiting))
+        lines.append(
+            f"rank {r} waits{' at ' + event.where if event.where else ''} for "
+            + ", ".join(f"{op.kind} {op.label}" for op in waiting)
+        )
     for r, i in stuck:
         op = traces[r].ops[i]
         lines.append(f"rank {r}'s stream {_stream(r, op, streams)} is held by its {_name(op)}")
@@ -221,6 +233,7 @@ def _stream(rank: int, op: Op, streams: Streams) -> str:
 
 # ---------------------------------------------------------------------- lowered programs
 
+
 def messages(schedule: Schedule) -> dict[tuple[int, object], Message]:
     """(rank, its send or receive action) -> the message that action carries."""
     found = {}
@@ -235,7 +248,9 @@ def messages(schedule: Schedule) -> dict[tuple[int, object], Message]:
 def _label(message: Message) -> str:
     """``F3.c1 r0->r1``: the activation of micro-batch 3 from chunk 1 of rank 0 (``B``: a gradient)."""
     chunk = f".c{message.src_chunk}" if message.src_chunk else ""
-    return f"{'B' if message.grad else 'F'}{message.micro_batch}{chunk} r{message.src}->r{message.dst}"
+    return (
+        f"{'B' if message.grad else 'F'}{message.micro_batch}{chunk} r{message.src}->r{message.dst}"
+    )
 
 
 def program_traces(schedule: Schedule) -> list[Trace]:
@@ -255,8 +270,13 @@ def program_traces(schedule: Schedule) -> list[Trace]:
             if action.kind.is_comm:
                 message = carried[(rank, action)]
                 send = action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD)
-                op = Op("send" if send else "recv", group, message.dst if send else message.src, _label(message),
-                        where=str(action))
+                op = Op(
+                    "send" if send else "recv",
+                    group,
+                    message.dst if send else message.src,
+                    _label(message),
+                    where=str(action),
+                )
                 ids = trace.post([op], step, op.where)
                 if send:
                     sends += ids

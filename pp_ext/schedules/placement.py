@@ -13,6 +13,7 @@ directions over two replicas of the weights, so every stage is held twice.
 - ``bidirectional`` (Chimera): pipeline 0 runs rank 0 -> p-1 on chunk 0, pipeline 1
   runs rank p-1 -> 0 on chunk 1; stage s lives on rank s and on rank p-1-s.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,9 +43,13 @@ class Placement:
         for pipeline, route in enumerate(self.routes):
             for stage, slot in enumerate(route):
                 if slot in held:
-                    raise ValueError(f"placement {self.name}: rank {slot[0]} chunk {slot[1]} holds two stages")
+                    raise ValueError(
+                        f"placement {self.name}: rank {slot[0]} chunk {slot[1]} holds two stages"
+                    )
                 held[slot] = (pipeline, stage)
-        missing = [(r, c) for r in range(self.ranks) for c in range(self.chunks) if (r, c) not in held]
+        missing = [
+            (r, c) for r in range(self.ranks) for c in range(self.chunks) if (r, c) not in held
+        ]
         if missing:
             raise ValueError(f"placement {self.name}: rank/chunk {missing[0]} holds no stage")
         return held

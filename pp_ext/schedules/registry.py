@@ -3,6 +3,7 @@
 A schedule family is one generator function registered with :func:`register`;
 :func:`build` checks the sizes, generates the compute program and validates it.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -46,7 +47,9 @@ class ScheduleSpec:
         return _built(self, stages, micro_batches, self.resolve_chunks(chunks))
 
 
-@lru_cache(maxsize=256)  # a schedule is data: the same family and sizes are generated and validated once
+@lru_cache(
+    maxsize=256
+)  # a schedule is data: the same family and sizes are generated and validated once
 def _built(spec: ScheduleSpec, stages: int, micro_batches: int, chunks: int) -> Schedule:
     check_sizes(spec.name, stages, micro_batches, chunks)
     spec.check(stages, micro_batches, chunks)
@@ -72,27 +75,54 @@ def check_sizes(name: str, stages: int, micro_batches: int, chunks: int) -> None
 
 def fixed_chunks(name: str, value: int) -> Check:
     """A check for families that hold exactly ``value`` chunks per rank."""
+
     def check(stages: int, micro_batches: int, chunks: int) -> None:
-        require(chunks == value, f"{name} holds exactly {value} chunk{'s' if value > 1 else ''} per rank "
-                                 f"(got chunks={chunks}): use chunks={value}")
+        require(
+            chunks == value,
+            f"{name} holds exactly {value} chunk{'s' if value > 1 else ''} per rank "
+            f"(got chunks={chunks}): use chunks={value}",
+        )
+
     return check
 
 
-def register(name: str, *, summary: str, constraints: str, source: str, placement: str,
-             default_chunks: int = 1, check: Check | None = None, synchronous: bool = True,
-             placements: tuple[tuple[int, str], ...] = ()) -> Callable[[Generator], Generator]:
+def register(
+    name: str,
+    *,
+    summary: str,
+    constraints: str,
+    source: str,
+    placement: str,
+    default_chunks: int = 1,
+    check: Check | None = None,
+    synchronous: bool = True,
+    placements: tuple[tuple[int, str], ...] = (),
+) -> Callable[[Generator], Generator]:
     def decorate(generate: Generator) -> Generator:
         if name in REGISTRY:
             raise ValueError(f"schedule {name!r} registered twice")
-        REGISTRY[name] = ScheduleSpec(name, summary, constraints, source, placement, default_chunks,
-                                      generate, check or (lambda p, m, v: None), synchronous, placements)
+        REGISTRY[name] = ScheduleSpec(
+            name,
+            summary,
+            constraints,
+            source,
+            placement,
+            default_chunks,
+            generate,
+            check or (lambda p, m, v: None),
+            synchronous,
+            placements,
+        )
         return generate
+
     return decorate
 
 
 def names(synchronous: bool | None = None) -> list[str]:
     """Registered schedule names; ``synchronous`` True or False keeps only those."""
-    return [n for n, spec in REGISTRY.items() if synchronous is None or spec.synchronous == synchronous]
+    return [
+        n for n, spec in REGISTRY.items() if synchronous is None or spec.synchronous == synchronous
+    ]
 
 
 def get(name: str) -> ScheduleSpec:
@@ -101,7 +131,9 @@ def get(name: str) -> ScheduleSpec:
     except KeyError:
         close = difflib.get_close_matches(name, REGISTRY, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ScheduleError(f"unknown schedule {name!r}: {hint}choose one of {', '.join(REGISTRY)}") from None
+        raise ScheduleError(
+            f"unknown schedule {name!r}: {hint}choose one of {', '.join(REGISTRY)}"
+        ) from None
 
 
 def build(name: str, stages: int, micro_batches: int, chunks: int | None = None) -> Schedule:

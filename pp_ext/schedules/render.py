@@ -19,6 +19,7 @@ rename it into place, so a failure never leaves a half-written picture.
 
 This module imports neither torch nor deepspeed (nor matplotlib at import time).
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -45,8 +46,13 @@ _HUES = {
     Kind.W: (275, 0.45),
     Kind.U: (0, 0.0),
 }
-KIND_NAMES = {Kind.F: "forward", Kind.B: "backward", Kind.I: "input grad", Kind.W: "weight grad",
-              Kind.U: "update"}
+KIND_NAMES = {
+    Kind.F: "forward",
+    Kind.B: "backward",
+    Kind.I: "input grad",
+    Kind.W: "weight grad",
+    Kind.U: "update",
+}
 _KIND_ORDER = (Kind.F, Kind.B, Kind.I, Kind.W, Kind.U)
 
 FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
@@ -57,13 +63,14 @@ _LEFT = 96
 _RIGHT = 24
 _ROW = 30
 _GAP = 6
-_MIN_BOX = 20       # wanted width of the shortest action
-_MIN_PLOT = 640     # plot area at least this wide ...
-_MAX_PLOT = 4800    # ... and at most this wide (labels shrink, then vanish, past it)
+_MIN_BOX = 20  # wanted width of the shortest action
+_MIN_PLOT = 640  # plot area at least this wide ...
+_MAX_PLOT = 4800  # ... and at most this wide (labels shrink, then vanish, past it)
 _TICK_SPACING = 70  # aim for a time tick every this many pixels
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def format_number(value: object, digits: int = 4) -> str:
     """Fractions and floats as short decimals: 3 -> "3", 11/2 -> "5.5", 3/11 -> "0.2727"."""
@@ -91,7 +98,7 @@ def chunk_color(kind: Kind, chunk: int, chunks: int) -> str:
 
 
 def _luminance(color: str) -> float:
-    r, g, b = (int(color[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    r, g, b = (int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))
     return 0.2126 * r + 0.7152 * g + 0.0722 * b
 
 
@@ -105,7 +112,7 @@ def _nice_step(raw: float) -> float:
         return 1.0
     exponent = math.floor(math.log10(raw))
     for factor in (1, 2, 5, 10):
-        step = factor * 10 ** exponent
+        step = factor * 10**exponent
         if step >= raw:
             return step
     return 10 ** (exponent + 1)
@@ -117,6 +124,7 @@ def _text_width(text: str, size: float) -> float:
 
 # --------------------------------------------------------------------------- layout
 
+
 class Rect(NamedTuple):
     x: float
     y: float
@@ -125,13 +133,13 @@ class Rect(NamedTuple):
     fill: str
     stroke: str = "none"
     stroke_width: float = 0.0
-    css: str = ""          # SVG class ("action ..." marks one box per compute action)
-    tooltip: str = ""      # SVG <title>: the action, rank and times on hover
+    css: str = ""  # SVG class ("action ..." marks one box per compute action)
+    tooltip: str = ""  # SVG <title>: the action, rank and times on hover
 
 
 class Text(NamedTuple):
     x: float
-    y: float               # baseline
+    y: float  # baseline
     text: str
     size: float
     anchor: str = "start"  # start | middle | end
@@ -159,15 +167,19 @@ class Layout:
 
 def _title_lines(simulation: "Simulation", steady: "SteadyState | None") -> tuple[str, str, str]:
     schedule = simulation.schedule
-    title = (f"{schedule.name}: p={schedule.ranks}, m={schedule.micro_batches}, v={schedule.chunks} "
-             f"({schedule.placement.name} placement)")
+    title = (
+        f"{schedule.name}: p={schedule.ranks}, m={schedule.micro_batches}, v={schedule.chunks} "
+        f"({schedule.placement.name} placement)"
+    )
     metrics = [f"bubble {format_number(simulation.bubble_ratio)} (flushed)"]
     if steady is not None:
         metrics.append(f"steady-state bubble {format_number(steady.bubble_ratio)}")
-    metrics += [f"peak activations {format_number(simulation.peak_activations)}",
-                f"makespan {format_number(simulation.makespan)}",
-                f"weight copies {format_number(simulation.weight_copies)}",
-                f"messages {simulation.messages}"]
+    metrics += [
+        f"peak activations {format_number(simulation.peak_activations)}",
+        f"makespan {format_number(simulation.makespan)}",
+        f"weight copies {format_number(simulation.weight_copies)}",
+        f"messages {simulation.messages}",
+    ]
     return title, " · ".join(metrics), costs_text(simulation.costs)
 
 
@@ -176,9 +188,11 @@ def costs_text(costs) -> str:
     if costs.per_stage is not None:
         text = f"costs: per-stage file ({len(costs.per_stage)} stages), comm={format_number(costs.comm)}"
     else:
-        text = (f"costs per micro-batch and rank: F={format_number(costs.forward)} "
-                f"I={format_number(costs.input_grad)} W={format_number(costs.weight_grad)} "
-                f"comm={format_number(costs.comm)}")
+        text = (
+            f"costs per micro-batch and rank: F={format_number(costs.forward)} "
+            f"I={format_number(costs.input_grad)} W={format_number(costs.weight_grad)} "
+            f"comm={format_number(costs.comm)}"
+        )
     if costs.update:
         text += f" U={format_number(costs.update)}"
     return text
@@ -260,8 +274,16 @@ def layout(simulation: "Simulation", steady: "SteadyState | None" = None) -> Lay
         lane_y = top + rank * (_ROW + _GAP)
         items.append(Rect(_LEFT, lane_y, plot_width, _ROW, "none", "#bbbbbb", 1.0))
         items.append(Text(_LEFT - 10, lane_y + _ROW / 2 - 1, f"rank {rank}", 12, "end", bold=True))
-        items.append(Text(_LEFT - 10, lane_y + _ROW / 2 + 11, _stages_text(simulation, rank), 9, "end",
-                          fill="#666666"))
+        items.append(
+            Text(
+                _LEFT - 10,
+                lane_y + _ROW / 2 + 11,
+                _stages_text(simulation, rank),
+                9,
+                "end",
+                fill="#666666",
+            )
+        )
 
     # one box per compute action
     for rank, span in spans:
@@ -270,15 +292,25 @@ def layout(simulation: "Simulation", steady: "SteadyState | None" = None) -> Lay
         x0 = _LEFT + float(span.start - t0) * scale
         box_width = max(float(span.end - span.start) * scale, 2.0)
         fill = chunk_color(action.kind, action.chunk, schedule.chunks)
-        tooltip = (f"rank {rank}: {action} ({KIND_NAMES[action.kind]}, micro-batch {action.micro_batch}, "
-                   f"chunk {action.chunk}) from {format_number(span.start - t0)} to {format_number(span.end - t0)}")
+        tooltip = (
+            f"rank {rank}: {action} ({KIND_NAMES[action.kind]}, micro-batch {action.micro_batch}, "
+            f"chunk {action.chunk}) from {format_number(span.start - t0)} to {format_number(span.end - t0)}"
+        )
         css = f"action kind-{action.kind.value} chunk-{action.chunk}"
         items.append(Rect(x0, lane_y + 1, box_width, _ROW - 2, fill, "#333333", 0.7, css, tooltip))
         label = str(action.micro_batch)
         size = min(12.0, (box_width - 3) / (_CHAR_WIDTH * len(label)))
         if size >= 6:
-            items.append(Text(x0 + box_width / 2, lane_y + _ROW / 2 + size * 0.36, label, round(size, 1),
-                              "middle", text_color(fill)))
+            items.append(
+                Text(
+                    x0 + box_width / 2,
+                    lane_y + _ROW / 2 + size * 0.36,
+                    label,
+                    round(size, 1),
+                    "middle",
+                    text_color(fill),
+                )
+            )
 
     # time axis
     items.append(Line(_LEFT, bottom + 4, _LEFT + plot_width, bottom + 4, "#333333", 1.0))
@@ -287,7 +319,9 @@ def layout(simulation: "Simulation", steady: "SteadyState | None" = None) -> Lay
         px = _LEFT + t * scale
         items.append(Line(px, bottom + 4, px, bottom + 9, "#333333", 1.0))
         items.append(Text(px, bottom + 22, format_number(t), 11, "middle"))
-    items.append(Text(_LEFT + plot_width / 2, bottom + 42, f"time ({costs})", 11, "middle", "#444444"))
+    items.append(
+        Text(_LEFT + plot_width / 2, bottom + 42, f"time ({costs})", 11, "middle", "#444444")
+    )
     height = bottom + 54
     return Layout(round(width, 1), round(height, 1), tuple(items), title)
 
@@ -297,6 +331,7 @@ def _steady(simulation: "Simulation") -> "SteadyState":
 
 
 # --------------------------------------------------------------------------- SVG
+
 
 def _f(value: float) -> str:
     return format_number(round(value, 2), 2)
@@ -322,8 +357,10 @@ def to_svg(simulation: "Simulation", steady: "SteadyState | None" = None) -> str
     ]
     for item in lay.items:
         if isinstance(item, Rect):
-            attrs = (f'x="{_f(item.x)}" y="{_f(item.y)}" width="{_f(item.width)}" height="{_f(item.height)}" '
-                     f'fill="{item.fill}"')
+            attrs = (
+                f'x="{_f(item.x)}" y="{_f(item.y)}" width="{_f(item.width)}" height="{_f(item.height)}" '
+                f'fill="{item.fill}"'
+            )
             if item.stroke != "none":
                 attrs += f' stroke="{item.stroke}" stroke-width="{_f(item.stroke_width)}"'
             if item.css:
@@ -341,8 +378,10 @@ def to_svg(simulation: "Simulation", steady: "SteadyState | None" = None) -> str
                 attrs += ' font-weight="bold"'
             out.append(f"<text {attrs}>{escape(item.text)}</text>")
         else:
-            attrs = (f'x1="{_f(item.x1)}" y1="{_f(item.y1)}" x2="{_f(item.x2)}" y2="{_f(item.y2)}" '
-                     f'stroke="{item.stroke}" stroke-width="{_f(item.width)}"')
+            attrs = (
+                f'x1="{_f(item.x1)}" y1="{_f(item.y1)}" x2="{_f(item.x2)}" y2="{_f(item.y2)}" '
+                f'stroke="{item.stroke}" stroke-width="{_f(item.width)}"'
+            )
             if item.dashed:
                 attrs += ' stroke-dasharray="3,3"'
             out.append(f"<line {attrs}/>")
@@ -352,21 +391,26 @@ def to_svg(simulation: "Simulation", steady: "SteadyState | None" = None) -> str
 
 # --------------------------------------------------------------------------- PNG
 
+
 def require_matplotlib():
     """Import matplotlib or raise ImportError naming the fix."""
     try:
         import matplotlib  # noqa: F401
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError(f"PNG output needs matplotlib, which is not installed ({exc}): "
-                          f"{PLOT_HINT}, or write an SVG instead (--svg)") from None
+        raise ImportError(
+            f"PNG output needs matplotlib, which is not installed ({exc}): "
+            f"{PLOT_HINT}, or write an SVG instead (--svg)"
+        ) from None
     return Figure
 
 
 _ANCHORS = {"start": "left", "middle": "center", "end": "right"}
 
 
-def png_bytes(simulation: "Simulation", steady: "SteadyState | None" = None, dpi: float | None = None) -> bytes:
+def png_bytes(
+    simulation: "Simulation", steady: "SteadyState | None" = None, dpi: float | None = None
+) -> bytes:
     """The timeline as PNG bytes, drawn with matplotlib (imported here, not at module import)."""
     Figure = require_matplotlib()
     from matplotlib.patches import Rectangle
@@ -384,17 +428,40 @@ def png_bytes(simulation: "Simulation", steady: "SteadyState | None" = None, dpi
     for order, item in enumerate(lay.items):  # draw in layout order, as SVG does
         zorder = 1 + order * 1e-6
         if isinstance(item, Rect):
-            ax.add_patch(Rectangle((item.x, item.y), item.width, item.height,
-                                   facecolor=item.fill if item.fill != "none" else "none",
-                                   edgecolor=item.stroke if item.stroke != "none" else "none",
-                                   linewidth=item.stroke_width * pt, zorder=zorder))
+            ax.add_patch(
+                Rectangle(
+                    (item.x, item.y),
+                    item.width,
+                    item.height,
+                    facecolor=item.fill if item.fill != "none" else "none",
+                    edgecolor=item.stroke if item.stroke != "none" else "none",
+                    linewidth=item.stroke_width * pt,
+                    zorder=zorder,
+                )
+            )
         elif isinstance(item, Text):
-            ax.text(item.x, item.y, item.text, fontsize=item.size * pt, ha=_ANCHORS[item.anchor],
-                    va="baseline", color=item.fill, fontweight="bold" if item.bold else "normal",
-                    family=family, zorder=zorder)
+            ax.text(
+                item.x,
+                item.y,
+                item.text,
+                fontsize=item.size * pt,
+                ha=_ANCHORS[item.anchor],
+                va="baseline",
+                color=item.fill,
+                fontweight="bold" if item.bold else "normal",
+                family=family,
+                zorder=zorder,
+            )
         else:
-            ax.plot([item.x1, item.x2], [item.y1, item.y2], color=item.stroke, linewidth=item.width * pt,
-                    linestyle="--" if item.dashed else "-", solid_capstyle="butt", zorder=zorder)
+            ax.plot(
+                [item.x1, item.x2],
+                [item.y1, item.y2],
+                color=item.stroke,
+                linewidth=item.width * pt,
+                linestyle="--" if item.dashed else "-",
+                solid_capstyle="butt",
+                zorder=zorder,
+            )
     if dpi is None:  # crisp, but keep the image at most ~6000 px wide
         dpi = max(100.0, min(200.0, 600000 / lay.width))
     buffer = io.BytesIO()
@@ -404,6 +471,7 @@ def png_bytes(simulation: "Simulation", steady: "SteadyState | None" = None, dpi
 
 # --------------------------------------------------------------------------- files
 
+
 def check_output_path(path: str | os.PathLike) -> Path:
     """The path to write, after checking its directory exists and is writable."""
     target = Path(path)
@@ -411,7 +479,9 @@ def check_output_path(path: str | os.PathLike) -> Path:
     if target.is_dir():
         raise IsADirectoryError(f"cannot write {target}: it is a directory, give a file name")
     if not directory.is_dir():
-        raise FileNotFoundError(f"cannot write {target}: directory {directory} does not exist (create it first)")
+        raise FileNotFoundError(
+            f"cannot write {target}: directory {directory} does not exist (create it first)"
+        )
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {target}: directory {directory} is not writable")
     return target
@@ -444,13 +514,17 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return target
 
 
-def save_svg(simulation: "Simulation", path: str | os.PathLike, steady: "SteadyState | None" = None) -> Path:
+def save_svg(
+    simulation: "Simulation", path: str | os.PathLike, steady: "SteadyState | None" = None
+) -> Path:
     """Write :func:`to_svg` to ``path`` atomically; returns the path."""
     check_output_path(path)
     return write_atomic(path, to_svg(simulation, steady).encode("utf-8"))
 
 
-def save_png(simulation: "Simulation", path: str | os.PathLike, steady: "SteadyState | None" = None) -> Path:
+def save_png(
+    simulation: "Simulation", path: str | os.PathLike, steady: "SteadyState | None" = None
+) -> Path:
     """Write the PNG timeline to ``path`` atomically (needs matplotlib:
     ``pip install 'pp-ext[plot]'``); returns the path."""
     check_output_path(path)
@@ -458,5 +532,17 @@ def save_png(simulation: "Simulation", path: str | os.PathLike, steady: "SteadyS
     return write_atomic(path, png_bytes(simulation, steady))
 
 
-__all__ = ["to_svg", "png_bytes", "save_svg", "save_png", "layout", "chunk_color", "format_number",
-           "costs_text", "write_atomic", "check_output_path", "require_matplotlib", "PLOT_HINT"]
+__all__ = [
+    "to_svg",
+    "png_bytes",
+    "save_svg",
+    "save_png",
+    "layout",
+    "chunk_color",
+    "format_number",
+    "costs_text",
+    "write_atomic",
+    "check_output_path",
+    "require_matplotlib",
+    "PLOT_HINT",
+]

@@ -12,6 +12,7 @@ Data dependencies, for micro-batch k on the route of its pipeline:
 A dependency between different ranks is a message; between chunks of one rank it is
 a local hand-over (no message).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -34,10 +35,20 @@ class Message(NamedTuple):
     dst_chunk: int
 
     def send(self) -> Action:
-        return Action(Kind.SEND_GRAD if self.grad else Kind.SEND_ACT, self.micro_batch, self.src_chunk, self.dst)
+        return Action(
+            Kind.SEND_GRAD if self.grad else Kind.SEND_ACT,
+            self.micro_batch,
+            self.src_chunk,
+            self.dst,
+        )
 
     def recv(self) -> Action:
-        return Action(Kind.RECV_GRAD if self.grad else Kind.RECV_ACT, self.micro_batch, self.dst_chunk, self.src)
+        return Action(
+            Kind.RECV_GRAD if self.grad else Kind.RECV_ACT,
+            self.micro_batch,
+            self.dst_chunk,
+            self.src,
+        )
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,9 @@ class Schedule:
     def compute_only(self) -> "Schedule":
         if not self.lowered:
             return self
-        return replace(self, programs=tuple(tuple(a for a in p if a.kind.is_compute) for p in self.programs))
+        return replace(
+            self, programs=tuple(tuple(a for a in p if a.kind.is_compute) for p in self.programs)
+        )
 
     @cached_property
     def _present(self) -> frozenset[tuple[int, Action]]:

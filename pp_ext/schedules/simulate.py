@@ -22,6 +22,7 @@ between steps, each rank starting step n+1 as soon as its own step n is done (th
 optimizer post-validation of Qi et al. 2024, Sec. 5). ``period`` is the time per
 step once the repetition is periodic; its bubble is the papers' "zero bubble".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -105,9 +106,16 @@ def _weight_versions(schedule: Schedule, program: tuple[Action, ...]) -> Number:
             next_forward[chunk] = action.micro_batch + 1
         elif action.kind in (Kind.B, Kind.W):
             pinned.pop(action.key(), None)
-        alive = sum(len({v for (c, _), v in pinned.items() if c == chunk and stashed}
-                        | {len(updates[chunk]), schedule.forward_version(updates[chunk], next_forward[chunk])})
-                    for chunk in range(schedule.chunks))
+        alive = sum(
+            len(
+                {v for (c, _), v in pinned.items() if c == chunk and stashed}
+                | {
+                    len(updates[chunk]),
+                    schedule.forward_version(updates[chunk], next_forward[chunk]),
+                }
+            )
+            for chunk in range(schedule.chunks)
+        )
         most = max(most, Fraction(alive, schedule.chunks))
     return most
 
@@ -136,7 +144,9 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
                 deps = compute.dependencies(rank, action)
                 if any(dep not in finish for dep in deps):
                     break
-                start = max([free[rank]] + [finish[(r, a)] + (comm if r != rank else 0) for r, a in deps])
+                start = max(
+                    [free[rank]] + [finish[(r, a)] + (comm if r != rank else 0) for r, a in deps]
+                )
                 end = start + duration[(action.kind, compute.stage(rank, action))]
                 finish[(rank, action)] = end
                 times[rank].append((action, start, end))
@@ -147,25 +157,43 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
     if blocked:
         waits = "; ".join(
             f"rank {r} at {programs[r][s]} waits for "
-            + ", ".join(f"{dep} of rank {d}" for d, dep in compute.dependencies(r, programs[r][s])
-                        if (d, dep) not in finish)
-            for r, s in blocked)
-        raise InvalidScheduleError(f"deadlock: no rank can go on ({waits})", step_grid(compute, blocked))
+            + ", ".join(
+                f"{dep} of rank {d}"
+                for d, dep in compute.dependencies(r, programs[r][s])
+                if (d, dep) not in finish
+            )
+            for r, s in blocked
+        )
+        raise InvalidScheduleError(
+            f"deadlock: no rank can go on ({waits})", step_grid(compute, blocked)
+        )
     spans = [span for row in times for span in row]
-    makespan = reported(max(end for *_, end in spans) - min(start for _, start, _ in spans)) if spans else Fraction(0)
+    makespan = (
+        reported(max(end for *_, end in spans) - min(start for _, start, _ in spans))
+        if spans
+        else Fraction(0)
+    )
     if schedule.placement.pipelines > 1 and spans:
         makespan += costs.replica_reduce  # after the flush, before the step (Costs.replica_reduce)
     return Simulation(
         schedule=schedule,
         costs=costs,
-        timeline=tuple(tuple(Span(action, reported(start), reported(end)) for action, start, end in row)
-                       for row in times),
+        timeline=tuple(
+            tuple(Span(action, reported(start), reported(end)) for action, start, end in row)
+            for row in times
+        ),
         makespan=makespan,
-        busy=tuple(reported(sum(end - start for _, start, end in row)) if scale
-                   else sum((end - start for _, start, end in row), Fraction(0)) for row in times),
-        peak_activations_per_rank=tuple(_peak_activations(compute, r, p) for r, p in enumerate(programs)),
-        weight_copies=schedule.placement.pipelines * max(
-            (_weight_versions(compute, p) for p in programs), default=Fraction(1)),
+        busy=tuple(
+            reported(sum(end - start for _, start, end in row))
+            if scale
+            else sum((end - start for _, start, end in row), Fraction(0))
+            for row in times
+        ),
+        peak_activations_per_rank=tuple(
+            _peak_activations(compute, r, p) for r, p in enumerate(programs)
+        ),
+        weight_copies=schedule.placement.pipelines
+        * max((_weight_versions(compute, p) for p in programs), default=Fraction(1)),
         messages=sum(len(compute.outgoing(r, a)) for r, p in enumerate(programs) for a in p),
     )
 
@@ -183,9 +211,14 @@ def repeat(schedule: Schedule, steps: int) -> Schedule:
     m = schedule.micro_batches
     programs = tuple(
         tuple(replace(a, micro_batch=a.micro_batch + n * m) for n in range(steps) for a in program)
-        for program in compute.programs)
-    return replace(compute, micro_batches=m * steps, programs=programs,
-                   pipeline_of=schedule.pipeline_of * steps)
+        for program in compute.programs
+    )
+    return replace(
+        compute,
+        micro_batches=m * steps,
+        programs=programs,
+        pipeline_of=schedule.pipeline_of * steps,
+    )
 
 
 def steady_state(schedule: Schedule, costs: Costs | None = None, steps: int = 6) -> SteadyState:
@@ -200,8 +233,13 @@ def steady_state(schedule: Schedule, costs: Costs | None = None, steps: int = 6)
         raise ValueError("steady_state needs steps >= 2")
     sim = simulate(repeat(schedule, steps), costs)
     m = schedule.micro_batches
-    ends = [max((s.end for row in sim.timeline for s in row if s.action.micro_batch // m == n), default=0)
-            for n in range(steps)]
+    ends = [
+        max(
+            (s.end for row in sim.timeline for s in row if s.action.micro_batch // m == n),
+            default=0,
+        )
+        for n in range(steps)
+    ]
     first = steps // 2
     period = (ends[-1] - ends[first - 1]) / (steps - first)
     busy = sum(sim.busy) / steps

@@ -16,6 +16,7 @@ action marked with ``!``:
    send completes only with its receive, ops complete in posting order on one
    stream per rank pair and, stricter, on one stream per rank for every peer.
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict, deque
@@ -37,42 +38,73 @@ def check_structure(schedule: Schedule) -> None:
     compute = schedule.compute_only()
     if schedule.pipeline_of and len(schedule.pipeline_of) != schedule.micro_batches:
         raise InvalidScheduleError(
-            f"pipeline_of has {len(schedule.pipeline_of)} entries for {schedule.micro_batches} micro-batches")
+            f"pipeline_of has {len(schedule.pipeline_of)} entries for {schedule.micro_batches} micro-batches"
+        )
     if len(schedule.programs) != schedule.ranks:
         raise InvalidScheduleError(f"{len(schedule.programs)} programs for {schedule.ranks} ranks")
     counts: Counter[tuple[int, Action]] = Counter()
     for rank, program in enumerate(compute.programs):
         for step, action in enumerate(program):
             if not 0 <= action.chunk < schedule.chunks:
-                _fail(compute, f"rank {rank} step {step}: {action} names chunk {action.chunk}, "
-                      f"ranks hold chunks 0..{schedule.chunks - 1}", [(rank, step)])
+                _fail(
+                    compute,
+                    f"rank {rank} step {step}: {action} names chunk {action.chunk}, "
+                    f"ranks hold chunks 0..{schedule.chunks - 1}",
+                    [(rank, step)],
+                )
             if not 0 <= action.micro_batch < schedule.micro_batches:
-                _fail(compute, f"rank {rank} step {step}: {action} names micro-batch {action.micro_batch}, "
-                      f"the step has 0..{schedule.micro_batches - 1}", [(rank, step)])
+                _fail(
+                    compute,
+                    f"rank {rank} step {step}: {action} names micro-batch {action.micro_batch}, "
+                    f"the step has 0..{schedule.micro_batches - 1}",
+                    [(rank, step)],
+                )
             if action.kind is not Kind.U:
                 pipeline, _ = schedule.placement.holds(rank, action.chunk)
                 if pipeline != schedule.pipeline(action.micro_batch):
-                    _fail(compute, f"rank {rank} step {step}: {action} runs micro-batch {action.micro_batch} "
-                          f"on a chunk of pipeline {pipeline}, but it takes pipeline "
-                          f"{schedule.pipeline(action.micro_batch)}", [(rank, step)])
+                    _fail(
+                        compute,
+                        f"rank {rank} step {step}: {action} runs micro-batch {action.micro_batch} "
+                        f"on a chunk of pipeline {pipeline}, but it takes pipeline "
+                        f"{schedule.pipeline(action.micro_batch)}",
+                        [(rank, step)],
+                    )
             counts[(rank, action)] += 1
             if counts[(rank, action)] == 2:
-                _fail(compute, f"rank {rank}: {action} appears twice",
-                      [(rank, s) for s, a in enumerate(program) if a == action])
+                _fail(
+                    compute,
+                    f"rank {rank}: {action} appears twice",
+                    [(rank, s) for s, a in enumerate(program) if a == action],
+                )
 
     for mb in range(schedule.micro_batches):
         for stage in range(schedule.stages):
             rank, chunk = schedule.slot(mb, stage)
-            has = {kind: counts[(rank, Action(kind, mb, chunk))] for kind in (Kind.F, Kind.B, Kind.I, Kind.W)}
+            has = {
+                kind: counts[(rank, Action(kind, mb, chunk))]
+                for kind in (Kind.F, Kind.B, Kind.I, Kind.W)
+            }
             where = f"micro-batch {mb} stage {stage} (rank {rank} chunk {chunk})"
             if not has[Kind.F]:
                 _fail(compute, f"{where} has no forward {Action(Kind.F, mb, chunk)}", [])
             if has[Kind.B] and (has[Kind.I] or has[Kind.W]):
-                _fail(compute, f"{where} has both B and I/W", [
-                    (rank, s) for s, a in enumerate(compute.programs[rank])
-                    if a.micro_batch == mb and a.chunk == chunk and a.kind in (Kind.B, Kind.I, Kind.W)])
+                _fail(
+                    compute,
+                    f"{where} has both B and I/W",
+                    [
+                        (rank, s)
+                        for s, a in enumerate(compute.programs[rank])
+                        if a.micro_batch == mb
+                        and a.chunk == chunk
+                        and a.kind in (Kind.B, Kind.I, Kind.W)
+                    ],
+                )
             if not has[Kind.B] and not (has[Kind.I] and has[Kind.W]):
-                missing = "B (or I and W)" if not (has[Kind.I] or has[Kind.W]) else ("W" if has[Kind.I] else "I")
+                missing = (
+                    "B (or I and W)"
+                    if not (has[Kind.I] or has[Kind.W])
+                    else ("W" if has[Kind.I] else "I")
+                )
                 _fail(compute, f"{where} has no backward {missing}", [])
 
     for rank, program in enumerate(compute.programs):
@@ -80,8 +112,12 @@ def check_structure(schedule: Schedule) -> None:
         for step, action in enumerate(program):
             for dep_rank, dep in compute.dependencies(rank, action):
                 if dep_rank == rank and dep not in done:
-                    _fail(compute, f"rank {rank} step {step}: {action} needs {dep} of the same rank, "
-                          f"which {'comes later' if dep in program else 'is missing'}", [(rank, step)])
+                    _fail(
+                        compute,
+                        f"rank {rank} step {step}: {action} needs {dep} of the same rank, "
+                        f"which {'comes later' if dep in program else 'is missing'}",
+                        [(rank, step)],
+                    )
             done.add(action)
 
 
@@ -103,10 +139,17 @@ def nccl_dry_run(schedule: Schedule, streams: Streams, traces: list[Trace] | Non
     if outcome.finished:
         return
     marks = [(r, traces[r].events[e].step) for r, e in outcome.blocked]
-    posted_at = {(r, i): event.step for r, trace in enumerate(traces) for event in trace.events
-                 if event.kind == "post" for i in event.ops}
+    posted_at = {
+        (r, i): event.step
+        for r, trace in enumerate(traces)
+        for event in trace.events
+        if event.kind == "post"
+        for i in event.ops
+    }
     marks += [(head[0], posted_at[head]) for head in outcome.heads]
-    _fail(schedule, f"deadlock under NCCL's rules (one stream per {streams}): {outcome.report}", marks)
+    _fail(
+        schedule, f"deadlock under NCCL's rules (one stream per {streams}): {outcome.report}", marks
+    )
 
 
 def buffered_dry_run(schedule: Schedule) -> None:
@@ -126,30 +169,51 @@ def buffered_dry_run(schedule: Schedule) -> None:
                 producer = Action(Kind.F, action.micro_batch, action.chunk)
             else:
                 split = Action(Kind.I, action.micro_batch, action.chunk)
-                producer = split if schedule.has(rank, split) else Action(Kind.B, action.micro_batch, action.chunk)
-            messages = [] if producer not in done[rank] else [
-                m for m in schedule.outgoing(rank, producer) if m.dst == action.peer]
+                producer = (
+                    split
+                    if schedule.has(rank, split)
+                    else Action(Kind.B, action.micro_batch, action.chunk)
+                )
+            messages = (
+                []
+                if producer not in done[rank]
+                else [m for m in schedule.outgoing(rank, producer) if m.dst == action.peer]
+            )
             if not messages:
-                _fail(schedule, f"rank {rank} step {pc[rank]}: {action} sends a tensor no earlier "
-                      f"action of rank {rank} made for rank {action.peer}", [here])
+                _fail(
+                    schedule,
+                    f"rank {rank} step {pc[rank]}: {action} sends a tensor no earlier "
+                    f"action of rank {rank} made for rank {action.peer}",
+                    [here],
+                )
             channels[(rank, action.peer)].append(messages[0])
         elif action.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
             queue = channels[(action.peer, rank)]
             if not queue:
                 return False
             if queue[0].recv() != action:
-                _fail(schedule, f"rank {rank} step {pc[rank]}: {action} receives, but the next message "
-                      f"rank {action.peer} sent on this channel is {queue[0].send()}", [here])
+                _fail(
+                    schedule,
+                    f"rank {rank} step {pc[rank]}: {action} receives, but the next message "
+                    f"rank {action.peer} sent on this channel is {queue[0].send()}",
+                    [here],
+                )
             received[rank].add(queue.popleft())
         else:
             for dep_rank, dep in schedule.dependencies(rank, action):
                 if dep_rank == rank and dep not in done[rank]:
-                    _fail(schedule, f"rank {rank} step {pc[rank]}: {action} needs {dep} of the same rank "
-                          f"first", [here])
+                    _fail(
+                        schedule,
+                        f"rank {rank} step {pc[rank]}: {action} needs {dep} of the same rank first",
+                        [here],
+                    )
             for message in schedule.incoming(rank, action):
                 if message not in received[rank]:
-                    _fail(schedule, f"rank {rank} step {pc[rank]}: {action} needs {message.recv()} "
-                          f"before it", [here])
+                    _fail(
+                        schedule,
+                        f"rank {rank} step {pc[rank]}: {action} needs {message.recv()} before it",
+                        [here],
+                    )
         done[rank].add(action)
         pc[rank] += 1
         return True
@@ -166,8 +230,12 @@ def buffered_dry_run(schedule: Schedule) -> None:
         _fail(schedule, f"deadlock: every unfinished rank waits on a receive ({waits})", blocked)
     unread = [m for queue in channels.values() for m in queue]
     if unread:
-        _fail(schedule, f"{len(unread)} message(s) sent and never received, first {unread[0].send()} "
-              f"from rank {unread[0].src}", [])
+        _fail(
+            schedule,
+            f"{len(unread)} message(s) sent and never received, first {unread[0].send()} "
+            f"from rank {unread[0].src}",
+            [],
+        )
 
 
 def validate(schedule: Schedule) -> Schedule:

@@ -24,6 +24,7 @@ for max(m, 2p-1) micro-batches; with fewer the extra micro-batches are dropped,
 which keeps it valid (no dependency crosses micro-batches) at a larger bubble.
 Needs chunks = 2; refuses no m or p.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -71,14 +72,24 @@ def zbv_pattern(ranks: int, micro_batches: int, rank: int) -> list[tuple[Kind, i
     return pattern + [(W, UP)] * r + [(W, DOWN)] * r
 
 
-@register("zbv", summary="zero bubble in V placement: 2 chunks per rank, 1F1B memory (ZB-V)",
-          constraints="chunks = 2 (V placement); flushed bubble LB for m >= floor(3p/2); "
-                      "steady-state bubble 0 for m >= 2p-1",
-          source="Qi et al. 2024 (Pipeline Parallelism with Controllable Memory, V-ZB)", placement="v",
-          default_chunks=2, check=fixed_chunks("zbv", 2))
+@register(
+    "zbv",
+    summary="zero bubble in V placement: 2 chunks per rank, 1F1B memory (ZB-V)",
+    constraints="chunks = 2 (V placement); flushed bubble LB for m >= floor(3p/2); "
+    "steady-state bubble 0 for m >= 2p-1",
+    source="Qi et al. 2024 (Pipeline Parallelism with Controllable Memory, V-ZB)",
+    placement="v",
+    default_chunks=2,
+    check=fixed_chunks("zbv", 2),
+)
 def zbv(stages: int, micro_batches: int, chunks: int) -> Schedule:
     full = max(micro_batches, 2 * stages - 1)  # the warm-up alone needs 2p-1 micro-batches
     programs = tuple(
-        tuple(a for a in materialise(zbv_pattern(stages, full, rank), 2) if a.micro_batch < micro_batches)
-        for rank in range(stages))
+        tuple(
+            a
+            for a in materialise(zbv_pattern(stages, full, rank), 2)
+            if a.micro_batch < micro_batches
+        )
+        for rank in range(stages)
+    )
     return Schedule("zbv", Placement.v(stages, 2), micro_batches, programs)

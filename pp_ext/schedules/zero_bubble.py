@@ -35,6 +35,7 @@ micro-batches, loop placement, one chunk per rank.
 
 Neither refuses any m or p; both need chunks = 1.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -63,34 +64,56 @@ def with_weights(order: list[Action], place_w: Callable[[int], bool]) -> list[Ac
     return out + list(pending)
 
 
-def _one_chunk(name: str, stages: int, micro_batches: int,
-               warmup: Callable[[int], int], place_w: Callable[[int, int], bool]) -> Schedule:
+def _one_chunk(
+    name: str,
+    stages: int,
+    micro_batches: int,
+    warmup: Callable[[int], int],
+    place_w: Callable[[int, int], bool],
+) -> Schedule:
     forwards = [Action(Kind.F, k) for k in range(micro_batches)]
     inputs = [Action(Kind.I, k) for k in range(micro_batches)]
     programs = tuple(
-        tuple(with_weights(one_f_one_b_order(forwards, inputs, warmup(rank)), lambda j, r=rank: place_w(r, j)))
-        for rank in range(stages))
+        tuple(
+            with_weights(
+                one_f_one_b_order(forwards, inputs, warmup(rank)), lambda j, r=rank: place_w(r, j)
+            )
+        )
+        for rank in range(stages)
+    )
     return Schedule(name, Placement.loop(stages), micro_batches, programs)
 
 
-@register("zb-h1", summary="1F1B on F and I, each rank's W's deferred into the cooldown (ZB-H1)",
-          constraints="chunks = 1; bubble LB = (p-1)/(3m+p-1) for m >= p",
-          source="Qi et al. 2024 (Zero Bubble Pipeline Parallelism, ICLR)", placement="loop",
-          check=fixed_chunks("zb-h1", 1))
+@register(
+    "zb-h1",
+    summary="1F1B on F and I, each rank's W's deferred into the cooldown (ZB-H1)",
+    constraints="chunks = 1; bubble LB = (p-1)/(3m+p-1) for m >= p",
+    source="Qi et al. 2024 (Zero Bubble Pipeline Parallelism, ICLR)",
+    placement="loop",
+    check=fixed_chunks("zb-h1", 1),
+)
 def zb_h1(stages: int, micro_batches: int, chunks: int) -> Schedule:
     # rank i holds p-i activations in flight after its warm-up; deferring its W's
     # by i micro-batches keeps the total at p, and the i+1 W's left at the end
     # fill exactly the time the last gradient needs to climb to rank 0
-    return _one_chunk("zb-h1", stages, micro_batches,
-                      warmup=lambda rank: stages - 1 - rank,
-                      place_w=lambda rank, j: j >= rank)
+    return _one_chunk(
+        "zb-h1",
+        stages,
+        micro_batches,
+        warmup=lambda rank: stages - 1 - rank,
+        place_w=lambda rank, j: j >= rank,
+    )
 
 
-@register("zb-h2", summary="extra warm-up forwards and W's deferred in the cooldown: "
-                           "zero bubble in steady state (ZB-H2)",
-          constraints="chunks = 1; flushed bubble LB for m >= p; steady-state bubble 0 for m >= 2p-1",
-          source="Qi et al. 2024 (Zero Bubble Pipeline Parallelism, ICLR)", placement="loop",
-          check=fixed_chunks("zb-h2", 1))
+@register(
+    "zb-h2",
+    summary="extra warm-up forwards and W's deferred in the cooldown: "
+    "zero bubble in steady state (ZB-H2)",
+    constraints="chunks = 1; flushed bubble LB for m >= p; steady-state bubble 0 for m >= 2p-1",
+    source="Qi et al. 2024 (Zero Bubble Pipeline Parallelism, ICLR)",
+    placement="loop",
+    check=fixed_chunks("zb-h2", 1),
+)
 def zb_h2(stages: int, micro_batches: int, chunks: int) -> Schedule:
     # rank i waits 2p-1-2i units for its first gradient: that many forwards fill it
     # (the 1F1B order adds one forward to the warm-up). The W's of I-rounds
@@ -98,6 +121,10 @@ def zb_h2(stages: int, micro_batches: int, chunks: int) -> Schedule:
     # deferred, so each rank passes gradients on at one per 2 units and rank i
     # ends with 2i+1 W's while ranks i-1 .. 0 finish their I's.
     first_skip = micro_batches - 2 * stages + 1
-    return _one_chunk("zb-h2", stages, micro_batches,
-                      warmup=lambda rank: 2 * (stages - 1 - rank),
-                      place_w=lambda rank, j: not first_skip <= j < first_skip + 2 * rank)
+    return _one_chunk(
+        "zb-h2",
+        stages,
+        micro_batches,
+        warmup=lambda rank: 2 * (stages - 1 - rank),
+        place_w=lambda rank, j: not first_skip <= j < first_skip + 2 * rank,
+    )

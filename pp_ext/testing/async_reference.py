@@ -1,5 +1,6 @@
 """The asynchronous update rules (:mod:`pp_ext.schedules.async_rules`) as plain
 single-process training: the reference the asynchronous engine is tested against."""
+
 from __future__ import annotations
 
 import torch
@@ -13,10 +14,19 @@ class AsyncReference:
     """Single-process training of ``stages`` (modules, the last one's output goes to
     ``loss_fn``) under the rule of ``name``; ``optimizers[s]`` updates stage s."""
 
-    def __init__(self, name: str, stages: list[nn.Module], loss_fn, optimizers: list[torch.optim.Optimizer],
-                 micro_batches: int, pipemare: PipeMareOptions = PipeMareOptions()) -> None:
+    def __init__(
+        self,
+        name: str,
+        stages: list[nn.Module],
+        loss_fn,
+        optimizers: list[torch.optim.Optimizer],
+        micro_batches: int,
+        pipemare: PipeMareOptions = PipeMareOptions(),
+    ) -> None:
         if name not in async_rules.NAMES:
-            raise ValueError(f"no asynchronous rule named {name!r}: choose one of {', '.join(async_rules.NAMES)}")
+            raise ValueError(
+                f"no asynchronous rule named {name!r}: choose one of {', '.join(async_rules.NAMES)}"
+            )
         self.name, self.stages, self.loss_fn, self.optimizers = name, stages, loss_fn, optimizers
         self.m, self.options = micro_batches, pipemare
         self.params = [list(s.parameters()) for s in stages]
@@ -56,7 +66,9 @@ class AsyncReference:
             if torch.is_tensor(x):
                 x = x.detach().requires_grad_(x.is_floating_point())
             elif s > 0:  # the first stage may take a tuple of inputs (ids, mask, positions)
-                raise TypeError(f"stage {s} gets a {type(x).__name__}: the reference passes one tensor between stages")
+                raise TypeError(
+                    f"stage {s} gets a {type(x).__name__}: the reference passes one tensor between stages"
+                )
             out = self.stages[s](x)
             if grad is None:
                 (self.loss_fn(out, labels) * scale).backward()
@@ -73,7 +85,11 @@ class AsyncReference:
         latest = self.history[s][-1]
         self._weights(s, latest)
         delay = len(self.stages) - 1 - s
-        factor = async_rules.lr_factor(self._latest(s), delay, self.options) if self.name == "pipemare" else 1.0
+        factor = (
+            async_rules.lr_factor(self._latest(s), delay, self.options)
+            if self.name == "pipemare"
+            else 1.0
+        )
         groups = self.optimizers[s].param_groups
         lrs = [group["lr"] for group in groups]
         for group in groups:
@@ -85,11 +101,13 @@ class AsyncReference:
         new = [p.detach().clone() for p in self.params[s]]
         if self.name == "pipemare" and delay >= 1:
             gamma = async_rules.correction_decay(delay, self.options)
-            self.delta[s] = [gamma * d + (1 - gamma) * (n - o) for d, n, o in zip(self.delta[s], new, latest)]
+            self.delta[s] = [
+                gamma * d + (1 - gamma) * (n - o) for d, n, o in zip(self.delta[s], new, latest)
+            ]
         self.history[s].append(new)
         # micro-batch g runs at versions that never decrease with g: keep from the next one's
         keep = async_rules.forward_version(self.name, len(self.stages), s, self.m, self.g)
-        del self.history[s][:keep - self.first[s]]
+        del self.history[s][: keep - self.first[s]]
         self.first[s] = keep
 
     def _latest(self, s: int) -> int:

@@ -6,6 +6,7 @@ first occurrence, which is the copy DeepSpeed broadcasts to the other owners) an
 names parameters as DeepSpeed does (``"3.q.weight"``, ``"tied_modules.embed.weight"``),
 so a pipeline rank's parameters can be compared with these by name.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -29,14 +30,18 @@ class SequentialReference(nn.Module):
                     self.tied_modules[spec.key] = spec.build()
                 module = self.tied_modules[spec.key]
                 self.layers.append(module)
-                self.funcs.append(module if spec.forward_fn is None else partial(spec.forward_fn, module))
+                self.funcs.append(
+                    module if spec.forward_fn is None else partial(spec.forward_fn, module)
+                )
             elif isinstance(spec, LayerSpec):
                 module = spec.build()
                 self.add_module(str(idx), module)
                 self.layers.append(module)
                 self.funcs.append(module)
             else:
-                raise TypeError(f"layer {idx}: SequentialReference builds LayerSpec/TiedLayerSpec, got {spec!r}")
+                raise TypeError(
+                    f"layer {idx}: SequentialReference builds LayerSpec/TiedLayerSpec, got {spec!r}"
+                )
 
     def forward(self, x):
         for func in self.funcs:

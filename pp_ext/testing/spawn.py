@@ -5,6 +5,7 @@ DeepSpeed launch costs seconds of start-up (FACTS: ~12 s per ``deepspeed`` launc
 If any rank fails, the others are stopped and the failure's traceback is raised;
 nothing waits forever.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from pp_ext.engine.distributed import init_distributed
+from pp_ext.engine.distributed import init_distributed, select_accelerator
 
 
 class RankFailed(RuntimeError):
@@ -31,16 +32,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_rank(rank: int, world_size: int, port: int, threads: int = 1, comm_timeout_s: float | None = None) -> None:
+def init_rank(
+    rank: int, world_size: int, port: int, threads: int = 1, comm_timeout_s: float | None = None
+) -> None:
     """Environment and process group of one local rank (CPU: gloo, one thread)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_SIZE=str(world_size),
+    )
     torch.set_num_threads(threads)
     init_distributed(rank, comm_timeout_s)
 
 
-def _entry(fn: Callable, rank: int, world_size: int, port: int, results, args: tuple,
-           comm_timeout_s: float | None) -> None:
+def _entry(
+    fn: Callable,
+    rank: int,
+    world_size: int,
+    port: int,
+    results,
+    args: tuple,
+    comm_timeout_s: float | None,
+) -> None:
     # ranks talk on stderr: the parent's stdout is for its own results (e.g. --json)
     os.dup2(2, 1)
     try:
@@ -50,8 +66,13 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, results, args: t
         results.put((rank, False, traceback.format_exc()))
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 900,
-          comm_timeout_s: float | None = None) -> list[Any]:
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 900,
+    comm_timeout_s: float | None = None,
+) -> list[Any]:
     """``fn(rank, world_size, *args)`` on ``world_size`` processes; results by rank.
 
     ``fn`` must be importable by name (a module-level function). ``comm_timeout_s``
@@ -60,8 +81,14 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, results, args, comm_timeout_s),
-                         daemon=True) for rank in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_entry,
+            args=(fn, rank, world_size, port, results, args, comm_timeout_s),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
     for proc in procs:
         proc.start()
     out: dict[int, Any] = {}
@@ -74,8 +101,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
                 # a rank that exits without reporting (killed, crashed interpreter) fails the run now
                 dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode is not None]
                 if dead:
-                    raise RankFailed(f"rank(s) {dead} exited (code {procs[dead[0]].exitcode}) without a result") \
-                        from None
+                    raise RankFailed(
+                        f"rank(s) {dead} exited (code {procs[dead[0]].exitcode}) without a result"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise RankFailed(f"no result within {timeout:.0f} s") from None
                 continue

@@ -6,6 +6,7 @@ MLP), final norm and an LM head that is either tied to the embedding (a
 ``TiedLayerSpec``, as in many HF models) or its own linear layer. Every weight
 GEMM is an ``nn.Linear``, so the split backward defers them all to W.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,7 +54,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
         y = self.attn_norm(x)
-        q, k, v = (proj(y).view(b, s, self.heads, h // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        q, k, v = (
+            proj(y).view(b, s, self.heads, h // self.heads).transpose(1, 2)
+            for proj in (self.q, self.k, self.v)
+        )
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.o(attn.transpose(1, 2).reshape(b, s, h))
         y = self.mlp_norm(x)
@@ -73,8 +77,19 @@ def layer_specs(config: TinyConfig) -> list:
     """Embedding, ``blocks`` decoder blocks, final norm, LM head (untied: a plain
     ``nn.Linear``, as HF's ``lm_head``, so the split backward defers its weight GEMM
     to W; a subclass would keep it in I)."""
-    embed = (TiedLayerSpec("embed", Embedding, config, tied_weight_attr=["weight"]) if config.tied
-             else LayerSpec(Embedding, config))
-    head = (TiedLayerSpec("embed", Embedding, config, forward_fn=tied_head, tied_weight_attr=["weight"])
-            if config.tied else LayerSpec(nn.Linear, config.hidden, config.vocab, bias=False))
-    return [embed, *[LayerSpec(Block, config) for _ in range(config.blocks)], LayerSpec(Norm, config), head]
+    embed = (
+        TiedLayerSpec("embed", Embedding, config, tied_weight_attr=["weight"])
+        if config.tied
+        else LayerSpec(Embedding, config)
+    )
+    head = (
+        TiedLayerSpec("embed", Embedding, config, forward_fn=tied_head, tied_weight_attr=["weight"])
+        if config.tied
+        else LayerSpec(nn.Linear, config.hidden, config.vocab, bias=False)
+    )
+    return [
+        embed,
+        *[LayerSpec(Block, config) for _ in range(config.blocks)],
+        LayerSpec(Norm, config),
+        head,
+    ]

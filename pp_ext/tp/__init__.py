@@ -3,16 +3,58 @@
 ("Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM",
 PTD-P): tensor ranks of one pipeline stage run the same program on the same micro-batch
 and meet in the all-reduces of their layers."""
-from pp_ext.tp.axis import TensorAxis, copy_to_region, current, from_grid, gather_last_dim, reduce_from_region, using
+
+from pp_ext.tp.axis import (
+    TensorAxis,
+    copy_to_region,
+    current,
+    from_grid,
+    gather_last_dim,
+    reduce_from_region,
+    using,
+)
 from pp_ext.tp.cross_entropy import vocab_parallel_cross_entropy
-from pp_ext.tp.layers import (ColumnParallelConv1D, ColumnParallelLinear, RowParallelConv1D, RowParallelLinear,
-                              axis_of, column_parallel, load_parts, mark_replicated, row_parallel, splits,
-                              vocab_parallel_embedding, vocab_parallel_logits)
+from pp_ext.tp.layers import (
+    ColumnParallelConv1D,
+    ColumnParallelLinear,
+    RowParallelConv1D,
+    RowParallelLinear,
+    axis_of,
+    column_parallel,
+    load_parts,
+    mark_replicated,
+    row_parallel,
+    splits,
+    vocab_parallel_embedding,
+    vocab_parallel_logits,
+)
 from pp_ext.tp.plans import check_tensor_split, describe, local_config, shard_layer
 from pp_ext.tp.split import Split
 
-__all__ = ["TensorAxis", "copy_to_region", "current", "from_grid", "gather_last_dim", "reduce_from_region", "using",
-           "vocab_parallel_cross_entropy", "ColumnParallelConv1D", "ColumnParallelLinear", "RowParallelConv1D",
-           "RowParallelLinear", "axis_of", "column_parallel", "load_parts", "mark_replicated", "row_parallel", "splits",
-           "vocab_parallel_embedding", "vocab_parallel_logits", "check_tensor_split", "describe", "local_config",
-           "shard_layer", "Split"]
+__all__ = [
+    "TensorAxis",
+    "copy_to_region",
+    "current",
+    "from_grid",
+    "gather_last_dim",
+    "reduce_from_region",
+    "using",
+    "vocab_parallel_cross_entropy",
+    "ColumnParallelConv1D",
+    "ColumnParallelLinear",
+    "RowParallelConv1D",
+    "RowParallelLinear",
+    "axis_of",
+    "column_parallel",
+    "load_parts",
+    "mark_replicated",
+    "row_parallel",
+    "splits",
+    "vocab_parallel_embedding",
+    "vocab_parallel_logits",
+    "check_tensor_split",
+    "describe",
+    "local_config",
+    "shard_layer",
+    "Split",
+]

@@ -16,6 +16,7 @@ process group is the pipeline grid's slice-parallel group
 Layers read the axis while they are built (:func:`using`, set by
 :class:`~pp_ext.engine.module.ChunkedPipelineModule` around its build) and keep it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ class TensorAxis:
     """This rank's place on the tensor-parallel axis: ``size`` ranks, this one ``rank``,
     all-reducing over ``group`` (None with one rank, or where nothing runs: counting
     and exporting build layers on the meta device)."""
+
     size: int = 1
     rank: int = 0
     group: Any = field(default=None, compare=False, repr=False)
@@ -68,7 +70,9 @@ def using(axis: TensorAxis) -> Iterator[TensorAxis]:
 def from_grid(grid) -> TensorAxis:
     """The model axis of a DeepSpeed ``PipelineParallelGrid``."""
     size = grid.get_slice_parallel_world_size()
-    return TensorAxis(size, grid.get_slice_parallel_rank(), grid.get_slice_parallel_group() if size > 1 else None)
+    return TensorAxis(
+        size, grid.get_slice_parallel_rank(), grid.get_slice_parallel_group() if size > 1 else None
+    )
 
 
 class _CopyToRegion(torch.autograd.Function):

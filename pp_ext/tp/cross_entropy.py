@@ -9,6 +9,7 @@ by Megatron's ``g``, identity backward), then loss = log(sum) - target. With one
 tensor rank the logits are whole, and torch's fused ``cross_entropy`` (log-softmax and
 NLL, as HF's loss calls it) computes the same with a third of the passes over them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ from pp_ext.tp.axis import TensorAxis, reduce_from_region
 IGNORE_INDEX = -100  # HF's and torch's default ignore_index
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, axis: TensorAxis,
-                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, axis: TensorAxis, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Mean cross-entropy (in float32) over the tokens whose label is not
     ``ignore_index``; ``logits`` [..., vocab / axis.size] are this rank's block of the
     vocabulary, ``labels`` [...] whole-vocabulary ids. Equals ``F.cross_entropy`` on
@@ -32,7 +34,9 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, axi
     labels = labels.reshape(-1)
     labelled = labels != ignore_index
     if axis.size == 1:
-        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / labelled.sum().clamp(min=1)
+        return F.cross_entropy(
+            logits, labels, ignore_index=ignore_index, reduction="sum"
+        ) / labelled.sum().clamp(min=1)
     with torch.no_grad():
         top = axis.all_reduce(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
     shifted = logits - top.unsqueeze(-1)

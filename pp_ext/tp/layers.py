@@ -29,6 +29,7 @@ communication (the saved input and output gradient are local); the all-reduce of
 Every sharded parameter carries ``tp_split`` (:class:`~pp_ext.tp.split.Split`), which
 loading and export read; the others are replicated (:func:`mark_replicated`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-
 from transformers.pytorch_utils import Conv1D
 
 from pp_ext.autograd.split_backward import Deferrable
@@ -91,7 +91,9 @@ def _in_out(layer: nn.Module) -> tuple[int, int, bool]:
     return layer.in_features, layer.out_features, False
 
 
-def column_parallel(linear: nn.Module, axis: TensorAxis, sections: tuple[int, ...] | None = None) -> nn.Module:
+def column_parallel(
+    linear: nn.Module, axis: TensorAxis, sections: tuple[int, ...] | None = None
+) -> nn.Module:
     """Make ``linear`` (an ``nn.Linear`` or ``Conv1D`` built with this rank's share of
     output features) column-parallel. ``sections``: whole lengths of fused outputs
     ([q; k; v]), default one section."""
@@ -113,7 +115,9 @@ def row_parallel(linear: nn.Module, axis: TensorAxis) -> nn.Module:
         in_features, _, in_out = _in_out(linear)
         linear.__class__ = RowParallelConv1D if in_out else RowParallelLinear
         linear.tensor_axis = axis
-        linear.weight.tp_split = Split(0 if in_out else 1, (in_features * axis.size,), axis.size, axis.rank)
+        linear.weight.tp_split = Split(
+            0 if in_out else 1, (in_features * axis.size,), axis.size, axis.rank
+        )
     return linear
 
 
@@ -132,26 +136,44 @@ class _VocabParallel:
 
 @functools.cache
 def _vocab_parallel_class(embedding: type) -> type:
-    return type(f"VocabParallel{embedding.__name__}", (_VocabParallel, embedding),
-                {"__module__": __name__, "__doc__": f"{embedding.__name__} over a block of the vocabulary."})
+    return type(
+        f"VocabParallel{embedding.__name__}",
+        (_VocabParallel, embedding),
+        {
+            "__module__": __name__,
+            "__doc__": f"{embedding.__name__} over a block of the vocabulary.",
+        },
+    )
 
 
-def vocab_parallel_embedding(embedding: type[nn.Embedding], vocab_size: int, hidden_size: int,
-                             padding_idx: int | None, axis: TensorAxis, **kwargs) -> nn.Embedding:
+def vocab_parallel_embedding(
+    embedding: type[nn.Embedding],
+    vocab_size: int,
+    hidden_size: int,
+    padding_idx: int | None,
+    axis: TensorAxis,
+    **kwargs,
+) -> nn.Embedding:
     """``embedding(vocab_size, hidden_size, padding_idx, **kwargs)`` holding this rank's
     block of ``vocab_size / axis.size`` rows (the whole table with one rank)."""
     rows = vocab_size // axis.size
     if axis.size == 1:
         return embedding(vocab_size, hidden_size, padding_idx, **kwargs)
     start = axis.rank * rows
-    local_pad = padding_idx - start if padding_idx is not None and start <= padding_idx < start + rows else None
+    local_pad = (
+        padding_idx - start
+        if padding_idx is not None and start <= padding_idx < start + rows
+        else None
+    )
     layer = embedding(rows, hidden_size, local_pad, **kwargs)
     layer.__class__, layer.tensor_axis = _vocab_parallel_class(embedding), axis
     layer.weight.tp_split = Split(0, (vocab_size,), axis.size, axis.rank)
     return layer
 
 
-def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, axis: TensorAxis) -> torch.Tensor:
+def vocab_parallel_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, axis: TensorAxis
+) -> torch.Tensor:
     """This rank's block of logits from its block of the vocabulary matrix (a tied head):
     a column-parallel GEMM whose output stays sharded for the parallel cross-entropy."""
     return torch.nn.functional.linear(copy_to_region(hidden, axis), weight)
@@ -174,15 +196,23 @@ def sum_gradients(module: nn.Module, axis: TensorAxis) -> None:
 
 def splits(layer: nn.Module) -> dict[str, Split]:
     """``state_dict`` name -> :class:`Split` of each sharded parameter of ``layer``."""
-    return {name: param.tp_split for name, param in layer.named_parameters() if hasattr(param, "tp_split")}
+    return {
+        name: param.tp_split
+        for name, param in layer.named_parameters()
+        if hasattr(param, "tp_split")
+    }
 
 
 def load_parts(layer: nn.Module, state: Mapping) -> None:
     """``layer.load_state_dict`` from whole tensors (or safetensors slices): each
     sharded parameter takes only its part."""
     cut = splits(layer)
-    layer.load_state_dict({name: cut[name].take(source) if name in cut else source[...]
-                           for name, source in state.items()})
+    layer.load_state_dict(
+        {
+            name: cut[name].take(source) if name in cut else source[...]
+            for name, source in state.items()
+        }
+    )
 
 
 def mark_replicated(module: nn.Module, axis: TensorAxis) -> None:

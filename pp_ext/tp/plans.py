@@ -24,6 +24,7 @@ width, and the MLP (``c_fc``, ``c_proj``) is built from ``n_inner / tensor``. Ph
 fused ``qkv_proj`` ([q; k; v]) and ``gate_up_proj`` ([gate; up]) are cut section by
 section (:class:`~pp_ext.tp.split.Split`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -74,6 +75,7 @@ class Plan:
     of ``columns`` or ``rows`` rebuilt at local width first (GPT-NeoX, GPT-2);
     ``local_widths``: attributes (submodule -> names) divided by the tensor size after
     the rebuild (GPT-2's ``split_size`` and head count)."""
+
     columns: dict[str, Sections | None]
     rows: tuple[str, ...]
     per_head: tuple[str, ...] = ()
@@ -82,18 +84,38 @@ class Plan:
     local_widths: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-LLAMA = Plan(columns=dict.fromkeys(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                    "mlp.gate_proj", "mlp.up_proj")),
-             rows=("self_attn.o_proj", "mlp.down_proj"), per_head=("self_attn.q_norm", "self_attn.k_norm"))
-PHI3 = Plan(columns={"self_attn.qkv_proj": _qkv, "mlp.gate_up_proj": _gate_up},
-            rows=("self_attn.o_proj", "mlp.down_proj"))
-GPT_NEOX = Plan(columns=dict.fromkeys(("attention.query_key_value", "mlp.dense_h_to_4h")),
-                rows=("attention.dense", "mlp.dense_4h_to_h"), kv_heads=False,
-                rebuilt=("attention.query_key_value", "attention.dense"))
-GPT2 = Plan(columns={"attn.c_attn": _gpt2_qkv, "mlp.c_fc": None}, rows=("attn.c_proj", "mlp.c_proj"),
-            kv_heads=False, rebuilt=("attn.c_attn", "attn.c_proj"), local_widths={"attn": ("split_size", "num_heads")})
-PLANS = {**dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), LLAMA),
-         "phi3": PHI3, "gpt_neox": GPT_NEOX, "gpt2": GPT2}
+LLAMA = Plan(
+    columns=dict.fromkeys(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    ),
+    rows=("self_attn.o_proj", "mlp.down_proj"),
+    per_head=("self_attn.q_norm", "self_attn.k_norm"),
+)
+PHI3 = Plan(
+    columns={"self_attn.qkv_proj": _qkv, "mlp.gate_up_proj": _gate_up},
+    rows=("self_attn.o_proj", "mlp.down_proj"),
+)
+GPT_NEOX = Plan(
+    columns=dict.fromkeys(("attention.query_key_value", "mlp.dense_h_to_4h")),
+    rows=("attention.dense", "mlp.dense_4h_to_h"),
+    kv_heads=False,
+    rebuilt=("attention.query_key_value", "attention.dense"),
+)
+GPT2 = Plan(
+    columns={"attn.c_attn": _gpt2_qkv, "mlp.c_fc": None},
+    rows=("attn.c_proj", "mlp.c_proj"),
+    kv_heads=False,
+    rebuilt=("attn.c_attn", "attn.c_proj"),
+    local_widths={"attn": ("split_size", "num_heads")},
+)
+PLANS = {
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), LLAMA
+    ),
+    "phi3": PHI3,
+    "gpt_neox": GPT_NEOX,
+    "gpt2": GPT2,
+}
 
 
 def supported() -> list[str]:
@@ -106,23 +128,31 @@ def check_tensor_split(config: PretrainedConfig, tensor: int) -> None:
         return
     model_type = getattr(config, "model_type", None)
     if model_type not in PLANS:
-        raise ValueError(f"tensor parallelism has no sharding plan for {model_type!r} models (it has for "
-                         f"{', '.join(supported())}): set parallel.tensor=1")
+        raise ValueError(
+            f"tensor parallelism has no sharding plan for {model_type!r} models (it has for "
+            f"{', '.join(supported())}): set parallel.tensor=1"
+        )
     plan = PLANS[model_type]
-    counts = {"num_attention_heads": config.num_attention_heads,
-              "n_inner" if model_type == "gpt2" else "intermediate_size": mlp_features(config)}
+    counts = {
+        "num_attention_heads": config.num_attention_heads,
+        "n_inner" if model_type == "gpt2" else "intermediate_size": mlp_features(config),
+    }
     if plan.kv_heads:
         counts["num_key_value_heads"] = config.num_key_value_heads
     for name, count in counts.items():
         if count % tensor:
-            raise ValueError(f"{model_type} config has {name}={count}, which does not divide by tensor={tensor}: "
-                             f"choose a tensor size that divides it")
+            raise ValueError(
+                f"{model_type} config has {name}={count}, which does not divide by tensor={tensor}: "
+                f"choose a tensor size that divides it"
+            )
     if config.vocab_size % tensor:
         # refused, not padded: padded rows would change the exported model's shapes
-        raise ValueError(f"vocab_size={config.vocab_size} does not divide by tensor={tensor} (the embedding and "
-                         f"LM head are cut by vocabulary): pad the vocabulary to a multiple of {tensor} "
-                         f"(model.resize_token_embeddings(..., pad_to_multiple_of={tensor}) and save it) or choose "
-                         f"a tensor size that divides it")
+        raise ValueError(
+            f"vocab_size={config.vocab_size} does not divide by tensor={tensor} (the embedding and "
+            f"LM head are cut by vocabulary): pad the vocabulary to a multiple of {tensor} "
+            f"(model.resize_token_embeddings(..., pad_to_multiple_of={tensor}) and save it) or choose "
+            f"a tensor size that divides it"
+        )
 
 
 def local_config(config: PretrainedConfig, tensor: int) -> PretrainedConfig:
@@ -150,8 +180,11 @@ def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) ->
     plan = PLANS[config.model_type]
     for name in plan.rebuilt:
         parent, _, child = name.rpartition(".")
-        setattr(layer.get_submodule(parent), child, _local_width(layer.get_submodule(name), name in plan.columns,
-                                                                  axis.size))
+        setattr(
+            layer.get_submodule(parent),
+            child,
+            _local_width(layer.get_submodule(name), name in plan.columns, axis.size),
+        )
     for name, attributes in plan.local_widths.items():
         module = layer.get_submodule(name)
         for attribute in attributes:
@@ -162,7 +195,9 @@ def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) ->
         row_parallel(layer.get_submodule(name), axis)
     for name in plan.per_head:
         parent, _, child = name.rpartition(".")
-        if hasattr(layer.get_submodule(parent), child):  # Qwen3 and Gemma3 have q/k norms, Llama not
+        if hasattr(
+            layer.get_submodule(parent), child
+        ):  # Qwen3 and Gemma3 have q/k norms, Llama not
             sum_gradients(layer.get_submodule(name), axis)
     return layer
 
@@ -175,8 +210,11 @@ def _local_width(whole: nn.Module, column: bool, tensor: int) -> nn.Module:
         nf, nx = (whole.nf // tensor, whole.nx) if column else (whole.nf, whole.nx // tensor)
         with torch.device(factory["device"]):
             return Conv1D(nf, nx).to(factory["dtype"])
-    out_features, in_features = (whole.out_features // tensor, whole.in_features) if column else \
-        (whole.out_features, whole.in_features // tensor)
+    out_features, in_features = (
+        (whole.out_features // tensor, whole.in_features)
+        if column
+        else (whole.out_features, whole.in_features // tensor)
+    )
     return nn.Linear(in_features, out_features, bias=whole.bias is not None, **factory)
 
 
@@ -184,7 +222,11 @@ def describe(config: PretrainedConfig, tensor: int) -> str:
     """One line: what each tensor rank holds (for ``pp-ext plan``)."""
     parts = [f"{config.num_attention_heads // tensor} of {config.num_attention_heads} heads"]
     if PLANS[config.model_type].kv_heads:
-        parts.append(f"{config.num_key_value_heads // tensor} of {config.num_key_value_heads} key/value heads")
-    parts += [f"{mlp_features(config) // tensor} of {mlp_features(config)} MLP features",
-              f"{config.vocab_size // tensor} of {config.vocab_size} vocabulary rows"]
+        parts.append(
+            f"{config.num_key_value_heads // tensor} of {config.num_key_value_heads} key/value heads"
+        )
+    parts += [
+        f"{mlp_features(config) // tensor} of {mlp_features(config)} MLP features",
+        f"{config.vocab_size // tensor} of {config.vocab_size} vocabulary rows",
+    ]
     return "each tensor rank holds " + ", ".join(parts)

@@ -13,6 +13,7 @@ step already has, without generating. On the quickstart task (reverse a random
 lowercase string of length L, ``recipes/data/make_reverse.py``) a model that knows
 the format but guesses letters is right with probability 26**-L: chance is < 0.2%.
 """
+
 from __future__ import annotations
 
 import torch

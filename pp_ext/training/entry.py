@@ -11,6 +11,7 @@ against tokenizer and data: :mod:`pp_ext.training.preflight`) is found before th
 group starts where it can be, and is one line on stderr from rank 0 with exit code 2
 on every rank; one found later by some ranks stops every rank the same way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,18 +32,17 @@ from transformers import AutoTokenizer
 
 from pp_ext.checkpoint import reshape
 from pp_ext.checkpoint import tags as checkpoints
+from pp_ext.checkpoint.export import ExportError, export_checkpoint, save_hf_metadata
+from pp_ext.config.recipe import RecipeError, deepspeed_config, load
 from pp_ext.data import batches as data
+from pp_ext.engine.distributed import init_distributed
 from pp_ext.engine.engine import PipelineError
 from pp_ext.engine.initialize import initialize
-from pp_ext.engine.distributed import init_distributed
-from pp_ext.checkpoint.export import export_checkpoint, save_hf_metadata
 from pp_ext.hf import build_pipeline_module
-from pp_ext.checkpoint.export import ExportError
-from pp_ext.training.loss import LanguageModelLoss
-from pp_ext.training.preflight import check_before_launch, check_data
-from pp_ext.config.recipe import RecipeError, deepspeed_config, load
 from pp_ext.schedules import Kind, get
 from pp_ext.schedules.render import write_atomic
+from pp_ext.training.loss import LanguageModelLoss
+from pp_ext.training.preflight import check_before_launch, check_data
 
 USAGE_ERROR = 2
 
@@ -60,7 +60,9 @@ def say(message: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="launch/train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True, help="recipes/NAME.yaml")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by `deepspeed`
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     return parser.parse_args(argv)
 
@@ -80,11 +82,15 @@ def make_optimizer(recipe, module):
     JIT-build FusedAdam for minutes (FACTS). No weight decay on biases and norms."""
     decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay},
-              {"params": other, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": recipe.train.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ]
     if recipe.train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.train.lr)
-    return torch.optim.AdamW(groups, lr=recipe.train.lr, betas=tuple(recipe.train.betas), eps=recipe.train.eps)
+    return torch.optim.AdamW(
+        groups, lr=recipe.train.lr, betas=tuple(recipe.train.betas), eps=recipe.train.eps
+    )
 
 
 def warmup_cosine(optimizer, recipe, steps: int, updates_per_step: int = 1):
@@ -107,6 +113,7 @@ def warmup_cosine(optimizer, recipe, steps: int, updates_per_step: int = 1):
             return (done + 1) / warmup
         t = min(1.0, (done - warmup) / max(1, steps - warmup - 1))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -132,8 +139,11 @@ class MetricsLog:
             return
         kept = []
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
         write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
     def write(self, entry: dict) -> None:
@@ -159,15 +169,22 @@ def evaluate(engine, loss: LanguageModelLoss, batches_fn, eval_batches: int) -> 
         loss.collect = False
     last = engine.is_last_stage()
     # every rank contributes: loss-stage ranks their figures, the others zeros
-    total_loss, replicas, right, answers = _all_sum([sum(losses) / len(losses) if last else 0.0,
-                                                     1.0 if last else 0.0, *(loss.counts if last else (0, 0))])
+    total_loss, replicas, right, answers = _all_sum(
+        [
+            sum(losses) / len(losses) if last else 0.0,
+            1.0 if last else 0.0,
+            *(loss.counts if last else (0, 0)),
+        ]
+    )
     result = {"eval_loss": total_loss / replicas}
     if answers:
         result["eval_accuracy"] = right / answers
     return result
 
 
-def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chunks: int, prebuilt=None) -> int:
+def run(
+    recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chunks: int, prebuilt=None
+) -> int:
     """Train ``recipe`` on the layout :func:`~pp_ext.training.preflight.check_before_launch` returned for it
     (``prebuilt``: its ``auto`` schedule from the profile, the same on every rank)."""
     output_dir, save_dir = Path(recipe.output_dir), checkpoints.save_dir(recipe)
@@ -186,7 +203,11 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
                     train_set = data.load(recipe.data, tokenizer, "train", seed=recipe.train.seed)
                     eval_set = data.load(recipe.data, tokenizer, "eval", seed=recipe.train.seed)
         per_epoch = data.steps_per_epoch(len(train_set), global_batch)
-    steps = recipe.train.steps if recipe.train.steps is not None else math.ceil(recipe.train.epochs * per_epoch)
+    steps = (
+        recipe.train.steps
+        if recipe.train.steps is not None
+        else math.ceil(recipe.train.epochs * per_epoch)
+    )
     if _rank() == 0:  # nothing is written before the data is known to be good
         save_dir.mkdir(parents=True, exist_ok=True)
         # the resolved recipe beside the results: what ran, and what `pp-ext report` reads
@@ -194,26 +215,45 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
 
     schedule = recipe.parallel.schedule
     spec = None if schedule == "deepspeed-1f1b" else get(schedule)
-    placement = prebuilt.placement.name if prebuilt else spec.placement_for(chunks) if spec else "loop"
+    placement = (
+        prebuilt.placement.name if prebuilt else spec.placement_for(chunks) if spec else "loop"
+    )
     loss = LanguageModelLoss()
     module = build_pipeline_module(
-        recipe.model.path, topology=PipeModelDataParallelTopology(num_pp=pipe, num_mp=tensor, num_dp=data_parallel),
-        chunks=chunks, placement=placement, partition_method=recipe.parallel.partition,
-        loss_fn=loss, dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-        activation_checkpoint_interval=recipe.model.activation_checkpoint_interval, seed=recipe.train.seed)
+        recipe.model.path,
+        topology=PipeModelDataParallelTopology(num_pp=pipe, num_mp=tensor, num_dp=data_parallel),
+        chunks=chunks,
+        placement=placement,
+        partition_method=recipe.parallel.partition,
+        loss_fn=loss,
+        dtype=recipe.model.dtype,
+        attn_implementation=recipe.model.attn_implementation,
+        activation_checkpoint_interval=recipe.model.activation_checkpoint_interval,
+        seed=recipe.train.seed,
+    )
     loss.tensor_axis = module.tensor_axis
     optimizer = make_optimizer(recipe, module)
-    engine, *_ = initialize(model=module, optimizer=optimizer,
-                            lr_scheduler=warmup_cosine(optimizer, recipe, steps,
-                                                       updates_per_step(spec, pipe, recipe, chunks)),
-                            config=deepspeed_config(recipe, data_parallel, str(output_dir)),
-                            schedule=prebuilt or schedule)
+    engine, *_ = initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=warmup_cosine(
+            optimizer, recipe, steps, updates_per_step(spec, pipe, recipe, chunks)
+        ),
+        config=deepspeed_config(recipe, data_parallel, str(output_dir)),
+        schedule=prebuilt or schedule,
+    )
 
     # what a checkpoint's layout is compared on (pp_ext.checkpoint.reshape.LAYOUT_KEYS)
-    layout = {"pipeline": pipe, "tensor": tensor, "data": data_parallel, "chunks": chunks,
-              "placement": placement,
-              "partition": OmegaConf.to_container(recipe.parallel.partition)
-              if OmegaConf.is_config(recipe.parallel.partition) else recipe.parallel.partition}
+    layout = {
+        "pipeline": pipe,
+        "tensor": tensor,
+        "data": data_parallel,
+        "chunks": chunks,
+        "placement": placement,
+        "partition": OmegaConf.to_container(recipe.parallel.partition)
+        if OmegaConf.is_config(recipe.parallel.partition)
+        else recipe.parallel.partition,
+    }
     start = 0
     resume_from = checkpoints.resume_point(recipe.checkpoint.resume, save_dir)
     if resume_from is not None:
@@ -230,20 +270,30 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
             raise
         except Exception as exc:  # noqa: BLE001 - whatever DeepSpeed says, the fix is the user's
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise checkpoints.CheckpointError(f"checkpoint {load_dir / tag} cannot be loaded into this run "
-                                              f"({first}): resume from another one or set "
-                                              f"checkpoint.resume=never") from exc
+            raise checkpoints.CheckpointError(
+                f"checkpoint {load_dir / tag} cannot be loaded into this run "
+                f"({first}): resume from another one or set "
+                f"checkpoint.resume=never"
+            ) from exc
         start = saved["step"]
-        say(f"resumed from {load_dir / tag} at step {start}"
-            + (f", reshaped ({', '.join(reshaped)})" if reshaped else ""))
+        say(
+            f"resumed from {load_dir / tag} at step {start}"
+            + (f", reshaped ({', '.join(reshaped)})" if reshaped else "")
+        )
     log = MetricsLog(output_dir / "metrics.jsonl", start if resume_from else None)
 
     dp_rank = engine.grid.get_data_parallel_rank()
 
     def batches(dataset, start_step: int = 0):
-        return data.micro_batches(dataset, micro_batch_size=recipe.train.micro_batch_size,
-                                  micro_batches=recipe.parallel.micro_batches, dp_rank=dp_rank,
-                                  dp_size=data_parallel, seed=recipe.train.seed, start_step=start_step)
+        return data.micro_batches(
+            dataset,
+            micro_batch_size=recipe.train.micro_batch_size,
+            micro_batches=recipe.parallel.micro_batches,
+            dp_rank=dp_rank,
+            dp_size=data_parallel,
+            seed=recipe.train.seed,
+            start_step=start_step,
+        )
 
     def settle() -> None:
         # an asynchronous schedule keeps micro-batches in flight from one step to the
@@ -254,8 +304,12 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
     def save(step: int) -> None:
         settle()
         tag = checkpoints.tag_name(step)
-        engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
-                               client_state={"step": step, **reshape.client_state(engine)})
+        engine.save_checkpoint(
+            str(save_dir),
+            tag=tag,
+            save_latest=False,
+            client_state={"step": step, **reshape.client_state(engine)},
+        )
         if _rank() == 0:
             save_hf_metadata(save_dir / tag, recipe.model.path, recipe.model.tokenizer)
         dist.barrier()  # every rank's files are on disk before the marker says so
@@ -272,10 +326,16 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
         log.write({"step": step, **result})
         say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
-    say(f"{world_size} ranks = pipeline {pipe} x tensor {tensor} x data {data_parallel}; schedule {schedule}, "
+    say(
+        f"{world_size} ranks = pipeline {pipe} x tensor {tensor} x data {data_parallel}; schedule {schedule}, "
         f"{recipe.parallel.micro_batches} micro-batches x {recipe.train.micro_batch_size} x "
-        f"{recipe.data.seq_len} tokens; " + (f"{steps} steps ({len(train_set)} training samples)" if steps
-                                              else "0 steps: load and export"))
+        f"{recipe.data.seq_len} tokens; "
+        + (
+            f"{steps} steps ({len(train_set)} training samples)"
+            if steps
+            else "0 steps: load and export"
+        )
+    )
     if start == 0 and steps > 0:
         run_eval(0)
     train_batches = batches(train_set, start)
@@ -287,27 +347,43 @@ def run(recipe, world_size: int, pipe: int, tensor: int, data_parallel: int, chu
         began = time.perf_counter()
         value = float(engine.train_batch(train_batches))
         elapsed = time.perf_counter() - began
-        entry = {"step": step, "loss": value, "lr": lr, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
+        entry = {
+            "step": step,
+            "loss": value,
+            "lr": lr,
+            "tokens_per_s": tokens / elapsed,
+            "step_time_s": elapsed,
+        }
         if engine.skipped_steps > skipped or not math.isfinite(value):
-            if engine.skipped_steps == skipped:  # an optimizer that did not skip: the weights took the step
+            if (
+                engine.skipped_steps == skipped
+            ):  # an optimizer that did not skip: the weights took the step
                 log.write(entry)
-                say(f"error: step {step}: loss {value} and the optimizer updated the weights anyway: stopping; "
-                    f"resume from the last checkpoint in {save_dir}")
+                say(
+                    f"error: step {step}: loss {value} and the optimizer updated the weights anyway: stopping; "
+                    f"resume from the last checkpoint in {save_dir}"
+                )
                 return 1
             entry["skipped"] = True
             log.write(entry)
             if recipe.train.nonfinite == "stop":
-                say(f"error: step {step}: loss {value}, gradients not finite: stopped before the weights changed "
-                    f"(lower train.lr or check the data; train.nonfinite=skip skips such steps)")
+                say(
+                    f"error: step {step}: loss {value}, gradients not finite: stopped before the weights changed "
+                    f"(lower train.lr or check the data; train.nonfinite=skip skips such steps)"
+                )
                 return 1
             say(f"step {step}: loss {value}, gradients not finite: step skipped, weights unchanged")
         else:
             log.write(entry)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+            progress.set_postfix(
+                loss=f"{value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}"
+            )
         elif recipe.logging.progress and step % recipe.train.log_interval == 0:
-            say(f"step {step}/{steps}: loss {value:.4f}, lr {lr:.2e}, {tokens / elapsed:.0f} tokens/s")
+            say(
+                f"step {step}/{steps}: loss {value:.4f}, lr {lr:.2e}, {tokens / elapsed:.0f} tokens/s"
+            )
         if recipe.train.eval_interval and step % recipe.train.eval_interval == 0 and step != steps:
             run_eval(step)
         if recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0 and step != steps:
@@ -347,7 +423,9 @@ def _progress(steps: int, start: int, enabled: bool):
     """A live bar on rank 0 when stderr is a terminal; logs get plain lines instead."""
     if not enabled or _rank() != 0 or steps == 0 or not sys.stderr.isatty():
         return None
-    return tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
 """The training loss of a causal language model, on the last pipeline stage."""
+
 from __future__ import annotations
 
 from pp_ext import tp
@@ -21,7 +22,9 @@ class LanguageModelLoss:
     def __call__(self, logits, labels):
         loss = tp.vocab_parallel_cross_entropy(logits, labels, self.tensor_axis, IGNORE_INDEX)
         if self.collect:  # evaluation only: arg-max needs the whole vocabulary
-            right, total = answer_counts(tp.gather_last_dim(logits, self.tensor_axis), labels).tolist()
+            right, total = answer_counts(
+                tp.gather_last_dim(logits, self.tensor_axis), labels
+            ).tolist()
             self.counts[0] += right
             self.counts[1] += total
         return loss

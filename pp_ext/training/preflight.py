@@ -16,6 +16,7 @@ with ``parallel.profile``: the schedule computed from the profile's per-stage co
 under ``parallel.memory_limit`` (Qi et al. 2024, "Zero Bubble Pipeline
 Parallelism", ICLR, Sec. 3).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,13 @@ from transformers import AutoConfig, AutoTokenizer
 
 from pp_ext import tp
 from pp_ext.checkpoint import tags as checkpoints
-from pp_ext.schedules.cost_model import Profile
+from pp_ext.config.recipe import RecipeError, resolve_parallel
 from pp_ext.engine.module import partition
 from pp_ext.hf import layer_specs, position_table, supported
 from pp_ext.hf.loading import load_config
-from pp_ext.config.recipe import RecipeError, resolve_parallel
 from pp_ext.schedules import ScheduleError, get
 from pp_ext.schedules.auto import auto_schedule
+from pp_ext.schedules.cost_model import Profile
 
 # what transformers' AutoTokenizer reads a tokenizer from (any one suffices)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -48,34 +49,48 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int, ob
     pipe, tensor, data = resolve_parallel(recipe, world_size)
     name = recipe.parallel.schedule
     if tensor > 1 and name == "deepspeed-1f1b":
-        raise RecipeError("parallel.schedule=deepspeed-1f1b runs DeepSpeed's own engine, whose Megatron-shaped "
-                          "partitioned p2p pp-ext does not check with tensor parallelism: use 1f1b (the same "
-                          "schedule on pp-ext's engine) with parallel.tensor > 1")
+        raise RecipeError(
+            "parallel.schedule=deepspeed-1f1b runs DeepSpeed's own engine, whose Megatron-shaped "
+            "partitioned p2p pp-ext does not check with tensor parallelism: use 1f1b (the same "
+            "schedule on pp-ext's engine) with parallel.tensor > 1"
+        )
     chunks, prebuilt = recipe.parallel.chunks, None
     if name != "deepspeed-1f1b":
         spec = get(name)
         chunks = spec.resolve_chunks(chunks)
         try:
             spec.build(pipe, recipe.parallel.micro_batches, chunks)
-            if name == "auto" and recipe.parallel.profile is not None:  # auto chooses its chunks from the profile
+            if (
+                name == "auto" and recipe.parallel.profile is not None
+            ):  # auto chooses its chunks from the profile
                 prebuilt = recipe_schedule(recipe, pipe)
                 chunks = prebuilt.chunks
         except ScheduleError as exc:
-            raise RecipeError(f"parallel.schedule={name} with pipeline={pipe}, "
-                              f"micro_batches={recipe.parallel.micro_batches}, chunks={chunks}: "
-                              f"{' '.join(str(exc).split())}") from None
+            raise RecipeError(
+                f"parallel.schedule={name} with pipeline={pipe}, "
+                f"micro_batches={recipe.parallel.micro_batches}, chunks={chunks}: "
+                f"{' '.join(str(exc).split())}"
+            ) from None
         except ValueError as exc:  # a profile of other shapes or another model
-            raise RecipeError(f"parallel.profile={recipe.parallel.profile}: {' '.join(str(exc).split())}") from None
+            raise RecipeError(
+                f"parallel.profile={recipe.parallel.profile}: {' '.join(str(exc).split())}"
+            ) from None
     elif chunks not in (None, 1):
-        raise RecipeError("parallel.schedule=deepspeed-1f1b runs one chunk per rank: drop parallel.chunks")
+        raise RecipeError(
+            "parallel.schedule=deepspeed-1f1b runs one chunk per rank: drop parallel.chunks"
+        )
     chunks = chunks or 1
     model = Path(recipe.model.path)
     if not (model / "config.json").is_file():
-        raise RecipeError(f"model.path {model} has no config.json: point it at a Hugging Face model folder")
+        raise RecipeError(
+            f"model.path {model} has no config.json: point it at a Hugging Face model folder"
+        )
     model_type = json.loads((model / "config.json").read_text()).get("model_type")
     if model_type not in supported():
-        raise RecipeError(f"model.path {model} is a {model_type!r} model, which pp-ext cannot split into "
-                          f"pipeline stages: supported model types are {', '.join(supported())}")
+        raise RecipeError(
+            f"model.path {model} is a {model_type!r} model, which pp-ext cannot split into "
+            f"pipeline stages: supported model types are {', '.join(supported())}"
+        )
     config = AutoConfig.from_pretrained(model)
     if tensor > 1:
         try:
@@ -84,7 +99,9 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int, ob
             raise RecipeError(f"parallel.tensor={tensor}: {exc}") from None
     tokenizer = tokenizer_folder(recipe)
     if not tokenizer.is_dir():
-        raise RecipeError(f"model.tokenizer {tokenizer} is not a folder: point it at the tokenizer's files")
+        raise RecipeError(
+            f"model.tokenizer {tokenizer} is not a folder: point it at the tokenizer's files"
+        )
     check_tokenizer(recipe, config)
     check_positions(recipe, config)
     save_dir = checkpoints.save_dir(recipe)
@@ -108,8 +125,10 @@ def load_tokenizer(folder: Path):
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for broken files
         first = " ".join(str(exc).split()) or type(exc).__name__
-        raise RecipeError(f"the tokenizer in {folder} cannot be loaded ({first}): set model.tokenizer to a "
-                          f"Hugging Face tokenizer folder") from None
+        raise RecipeError(
+            f"the tokenizer in {folder} cannot be loaded ({first}): set model.tokenizer to a "
+            f"Hugging Face tokenizer folder"
+        ) from None
 
 
 def check_tokenizer(recipe, config) -> None:
@@ -123,10 +142,12 @@ def check_tokenizer(recipe, config) -> None:
     ids = [*tokenizer.get_vocab().values(), *tokenizer.all_special_ids, len(tokenizer) - 1]
     highest, vocab = max(ids), config.get_text_config().vocab_size
     if highest >= vocab:
-        raise RecipeError(f"the tokenizer in {folder} has token ids up to {highest} ({highest + 1} tokens), but "
-                          f"model.path {recipe.model.path} has vocab_size {vocab}: use the model's own tokenizer "
-                          f"(model.tokenizer), or a model whose embedding has at least {highest + 1} rows "
-                          f"(resize_token_embeddings({highest + 1}) and save_pretrained)")
+        raise RecipeError(
+            f"the tokenizer in {folder} has token ids up to {highest} ({highest + 1} tokens), but "
+            f"model.path {recipe.model.path} has vocab_size {vocab}: use the model's own tokenizer "
+            f"(model.tokenizer), or a model whose embedding has at least {highest + 1} rows "
+            f"(resize_token_embeddings({highest + 1}) and save_pretrained)"
+        )
 
 
 def check_positions(recipe, config) -> None:
@@ -135,9 +156,11 @@ def check_positions(recipe, config) -> None:
     longer than it: refused here, whatever the data."""
     rows = position_table(config)
     if rows is not None and recipe.data.seq_len > rows:
-        raise RecipeError(f"data.seq_len={recipe.data.seq_len} is longer than the learned position table of "
-                          f"model.path {recipe.model.path} ({config.model_type}: {rows} positions): set "
-                          f"data.seq_len <= {rows}")
+        raise RecipeError(
+            f"data.seq_len={recipe.data.seq_len} is longer than the learned position table of "
+            f"model.path {recipe.model.path} ({config.model_type}: {rows} positions): set "
+            f"data.seq_len <= {rows}"
+        )
 
 
 def _writable_folder(key: str, path: Path) -> None:
@@ -146,10 +169,14 @@ def _writable_folder(key: str, path: Path) -> None:
         raise RecipeError(f"{key} {path} is a file: give a folder (made if missing)")
     existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
-        raise RecipeError(f"{key} {path} cannot be made: {existing} is a file: give a folder (made if missing)")
+        raise RecipeError(
+            f"{key} {path} cannot be made: {existing} is a file: give a folder (made if missing)"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise RecipeError(f"{key} {path} cannot be written: {existing} is not writable by this user: give a "
-                          f"folder you can write")
+        raise RecipeError(
+            f"{key} {path} cannot be written: {existing} is not writable by this user: give a "
+            f"folder you can write"
+        )
 
 
 def check_folders(recipe, save_dir: Path) -> None:
@@ -161,12 +188,16 @@ def check_folders(recipe, save_dir: Path) -> None:
 def check_data(recipe) -> None:
     """The data is there, readable, of the kind the recipe says, with a tokenizer it
     needs (:func:`pp_ext.data.check`)."""
-    from pp_ext.data import batches as data  # here, not at the top: it imports datasets, which plan and tune never need
+    from pp_ext.data import (
+        batches as data,
+    )  # here, not at the top: it imports datasets, which plan and tune never need
 
     folder = tokenizer_folder(recipe)
     if not has_tokenizer(folder):
-        raise RecipeError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): set model.tokenizer "
-                          f"to the folder that has them (a config-only model folder has none)")
+        raise RecipeError(
+            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): set model.tokenizer "
+            f"to the folder that has them (a config-only model folder has none)"
+        )
     data.check(recipe.data, load_tokenizer(folder))
 
 
@@ -188,14 +219,18 @@ def recipe_schedule(recipe, pipe: int):
     profile = Profile.load(path)
     profile.check_shapes(recipe, path)
     if profile.micro_batch_size != recipe.train.micro_batch_size:
-        raise ValueError(f"profile {path} measured micro-batches of {profile.micro_batch_size} samples, the recipe "
-                         f"has train.micro_batch_size={recipe.train.micro_batch_size}: use that size or profile "
-                         f"again (pp-ext tune --recipe R)")
+        raise ValueError(
+            f"profile {path} measured micro-batches of {profile.micro_batch_size} samples, the recipe "
+            f"has train.micro_batch_size={recipe.train.micro_batch_size}: use that size or profile "
+            f"again (pp-ext tune --recipe R)"
+        )
     specs, chunks = recipe_layer_specs(recipe), recipe.parallel.chunks
     cuts = []
     for count in (1, 2) if chunks is None else (chunks,):
         try:
-            cuts.append(profile.stage_costs(partition(specs, pipe * count, recipe.parallel.partition)))
+            cuts.append(
+                profile.stage_costs(partition(specs, pipe * count, recipe.parallel.partition))
+            )
         except ValueError:
             if chunks is not None or count == 1:
                 raise

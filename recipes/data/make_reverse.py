@@ -13,6 +13,7 @@ guesses the letters gets a string of length L right with probability 26**-L, so
 exact-match accuracy at chance is below 0.2% (L >= 2); see :mod:`pp_ext.training.accuracy`.
 Eval strings never occur in the training file.
 """
+
 from __future__ import annotations
 
 import json

@@ -11,6 +11,7 @@ gives one token per character, which the quickstart task (reversing a short stri
 The model size was chosen by measuring a single-thread training loop on a 2-core CPU
 (reported in the README): large enough to learn the task in a few minutes, no larger.
 """
+
 from __future__ import annotations
 
 import string
@@ -38,8 +39,15 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
+MODEL = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -49,18 +57,28 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()  # join characters without the default spaces
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     tok.add_special_tokens(SPECIAL)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        chat_template=CHAT_TEMPLATE, model_max_length=MODEL["max_position_embeddings"])
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MODEL["max_position_embeddings"],
+    )
 
 
 def main(out: Path = HERE) -> None:
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaConfig(vocab_size=len(tokenizer), **MODEL, **ids).save_pretrained(out)
     GenerationConfig(**ids, do_sample=False, max_new_tokens=32).save_pretrained(out)
 
