@@ -27,8 +27,8 @@ from pp_ext.hf import layer_specs
 from pp_ext.hf.loading import has_weights, hf_initializer, layout_free_specs, load_config
 from pp_ext.schedules.async_rules import AsyncReference
 from pp_ext.testing.reference import SequentialReference
-from pp_ext.training.entry import make_optimizer, warmup_cosine
 from pp_ext.training.loss import LanguageModelLoss
+from pp_ext.training.optim import make_optimizer, warmup_cosine
 
 
 def train(recipe, dataset, delayed: bool) -> list[float]:

@@ -1,5 +1,5 @@
 """``pp-ext``: the command line. A small dispatcher over the command groups of
-:mod:`pp_ext.commands` (``pp-ext schedule list|show|compare``, more to come).
+:mod:`pp_ext.commands` (``pp-ext schedule``, ``bench``, ``plan``, ``report``, ``export``, ``tune``).
 
 Exit codes: 0 success, 2 a usage error (one line ``pp-ext: error: ...`` on
 stderr), 1 an internal failure reported by a command.

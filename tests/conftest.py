@@ -65,3 +65,14 @@ def pytest_collection_finish(session):
 
         bf16_optimizer.see_memory_usage = lambda message, force=False: None
     gc.freeze()
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A process group of one rank (gloo), for what builds a DeepSpeed module in the test process."""
+    from deepspeed import comm as dist
+
+    from pp_ext.testing.spawn import free_port, init_rank
+
+    if not dist.is_initialized():
+        init_rank(0, 1, free_port())

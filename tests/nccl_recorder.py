@@ -22,6 +22,7 @@ import deepspeed.comm.comm as ds_comm_module
 import torch
 import torch.distributed as torch_dist
 
+from pp_ext.schedules import Kind, Schedule
 from pp_ext.schedules.nccl import Op, Trace
 
 P2P = ("send", "recv", "isend", "irecv")
@@ -217,3 +218,39 @@ def recording():
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
+
+
+def one_global_order(lowered: Schedule) -> bool:
+    """True if some single sequence of transfers has every rank's sends and receives in
+    program order: a node per message (its send and its receive), an edge between
+    consecutive messages of each rank's program; Kahn's algorithm finds no cycle."""
+    edges: dict[tuple, set] = {}
+    for rank, program in enumerate(lowered.programs):
+        chain = []
+        for action in program:
+            if action.kind.is_comm:
+                # a message is (gradient?, micro-batch, the stage that made it): a send names
+                # its own chunk, a receive its chunk one stage after (activations) or before
+                grad = action.kind in (Kind.SEND_GRAD, Kind.RECV_GRAD)
+                stage = lowered.placement.holds(rank, action.chunk)[1]
+                if action.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+                    stage += 1 if grad else -1
+                chain.append((grad, action.micro_batch, stage))
+        for node in chain:
+            edges.setdefault(node, set())
+        for a, b in zip(chain, chain[1:]):
+            edges[a].add(b)
+    indegree = {node: 0 for node in edges}
+    for targets in edges.values():
+        for node in targets:
+            indegree[node] += 1
+    ready = [node for node, d in indegree.items() if d == 0]
+    seen = 0
+    while ready:
+        node = ready.pop()
+        seen += 1
+        for target in edges[node]:
+            indegree[target] -= 1
+            if indegree[target] == 0:
+                ready.append(target)
+    return seen == len(edges)

@@ -85,7 +85,7 @@ def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
     import torch
     from deepspeed import comm as dist
     from deepspeed.utils import safe_get_full_fp32_param
-    from test_engine import batch
+    from engine_cases import batch
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule

@@ -14,15 +14,10 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
-from pp_ext.engine.module import (
-    ChunkedPipelineModule,
-    chunk_layout,
-    layer_param_counts,
-    layer_rank,
-    partition,
-)
+from pp_ext.engine.module import ChunkedPipelineModule, layer_param_counts, partition
+from pp_ext.planning.partition import chunk_layout, layer_rank
 from pp_ext.schedules.placement import Placement
-from pp_ext.testing.spawn import free_port, init_rank, spawn
+from pp_ext.testing.spawn import spawn
 
 VOCAB, HIDDEN = 16, 8
 
@@ -140,14 +135,6 @@ def test_tied_embedding_and_head_ranks(placement, ranks):
 
 
 # --- the module, in a world of one rank ------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def world():
-    from deepspeed import comm as dist
-
-    if not dist.is_initialized():
-        init_rank(0, 1, free_port())
 
 
 def build(layers, cls=ChunkedPipelineModule, seed=1234, **kwargs):

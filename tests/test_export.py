@@ -14,11 +14,9 @@ import re
 import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from hf_checks import TOL, by_hf_key, ids, max_diff
 from hf_models import CONFIGS
 from safetensors.torch import load_file
-from test_engine_module import world  # noqa: F401 - the world-of-one-rank fixture
-from test_hf_llama import TOL, ids, max_diff
-from test_hf_loading import by_hf_key
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import pp_ext.checkpoint.export as export
@@ -232,7 +230,7 @@ def train_and_save(rank: int, world: int, root, cases: list) -> dict:
     Returns this rank's tensors by HF name, as numpy arrays (sent by value: torch
     tensors would go through shared memory that dies with the rank)."""
     from deepspeed import comm as dist
-    from test_hf_training import batch, shifted_loss
+    from hf_checks import batch, shifted_loss
 
     import pp_ext
     from pp_ext.schedules import get

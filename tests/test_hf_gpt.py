@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
+from hf_checks import EFFECT, TOL, ids, max_diff, pipeline
 from hf_models import CONFIGS
-from test_hf_llama import EFFECT, TOL, ids, max_diff, pipeline
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 

@@ -12,28 +12,23 @@ import copy
 
 import pytest
 import torch
+from hf_checks import (
+    EFFECT,
+    TOL,
+    build,
+    check_no_padding,
+    check_packed_sequences,
+    check_padding,
+    ids,
+    max_diff,
+    pipeline,
+)
 from hf_models import CONFIGS
 from transformers import AutoModelForCausalLM, BertConfig
 
 from pp_ext.hf import copy_hf_weights, layer_specs, supported
 from pp_ext.hf.common import FinalNorm, HFDecoderLayer
 from pp_ext.hf.context import ChunkContext
-from pp_ext.testing.reference import SequentialReference
-
-TOL = 1e-5
-EFFECT = 1e-3  # how far HF's logits must move when a family detail is dropped
-
-
-def build(specs: list) -> SequentialReference:
-    """The layers chained in one process, as one stage after another would run them
-    (a tied embedding and head share one module)."""
-    return SequentialReference(specs, loss_fn=None)
-
-
-def pipeline(hf_model, config, attn_implementation: str | None = None):
-    chain = build(layer_specs(config, attn_implementation))
-    copy_hf_weights(chain.layers, hf_model.state_dict())
-    return chain
 
 
 @pytest.fixture(
@@ -67,44 +62,17 @@ def models(request):
     return hf_model, run
 
 
-def ids(batch: int = 2, length: int = 10) -> torch.Tensor:
-    return torch.randint(1, 100, (batch, length), generator=torch.Generator().manual_seed(1))
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-@torch.no_grad()
 def test_no_padding(models):
-    hf_model, run = models
-    x = ids()
-    assert max_diff(run(x), hf_model(x).logits) <= TOL
+    check_no_padding(*models)
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padding(models, side):
-    hf_model, run = models
-    x, mask = ids(), torch.ones(2, 10, dtype=torch.long)
-    pad = slice(7, None) if side == "right" else slice(None, 3)
-    mask[1, pad] = 0
-    ours, theirs = run((x, mask)), hf_model(x, attention_mask=mask).logits
-    real = mask.bool()
-    assert max_diff(ours[real], theirs[real]) <= TOL
+    check_padding(*models, side)
 
 
-@torch.no_grad()
 def test_packed_sequences(models):
-    """Two documents in one row: positions restart, no mask; the second document must
-    not see the first (checked against running it alone)."""
-    hf_model, run = models
-    x = ids(1, 10)
-    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
-    ours = run((x, torch.ones_like(x), positions))
-    # HF looks for packed documents only without a KV cache (training), hence use_cache=False
-    assert max_diff(ours, hf_model(x, position_ids=positions, use_cache=False).logits) <= TOL
-    assert max_diff(ours[:, 6:], hf_model(x[:, 6:]).logits) <= TOL
+    check_packed_sequences(*models)
 
 
 def test_hf_keys_cover_the_model(models):

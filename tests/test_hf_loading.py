@@ -3,7 +3,7 @@
 Every family of tests/hf_models.py is saved with ``save_pretrained`` in small shards;
 the layers of each stage load only their own tensors from the folder, and chained
 (SequentialReference, as one stage after another) give the HF model's logits. The
-logit checks are test_hf_llama's own test functions, run here on a ``models`` fixture
+logit checks are tests/hf_checks.py's (test_hf_llama runs them too), here on a ``models`` fixture
 whose layers come from disk. ``build_pipeline_module`` runs in a world of one rank.
 """
 
@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_checks import (
+    TOL,
+    by_hf_key,
+    check_no_padding,
+    check_packed_sequences,
+    check_padding,
+    ids,
+    max_diff,
+)
 from hf_models import CONFIGS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_engine_module import world  # noqa: F401 - the world-of-one-rank fixture
-from test_hf_llama import TOL, ids, max_diff, test_no_padding, test_packed_sequences, test_padding  # noqa: F401
 from transformers import AutoModelForCausalLM
 
 import pp_ext.hf.loading as loading
@@ -92,6 +99,19 @@ def models(saved):
     return model, chain
 
 
+def test_no_padding(models):
+    check_no_padding(*models)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding(models, side):
+    check_padding(*models, side)
+
+
+def test_packed_sequences(models):
+    check_packed_sequences(*models)
+
+
 def test_folder_is_sharded(saved):
     _, folder = saved
     assert (
@@ -154,15 +174,6 @@ def test_loading_errors(tmp_path):
 
 
 # --- build_pipeline_module, in a world of one rank -------------------------------------
-
-
-def by_hf_key(module) -> dict[str, torch.Tensor]:
-    """The module's tensors under their HF names."""
-    return {
-        hf: layer.state_dict()[local]
-        for layer in loading.local_layers(module)
-        for local, hf in layer.hf_keys().items()
-    }
 
 
 def test_build_loads_every_weight_in_dtype(world, tmp_path):

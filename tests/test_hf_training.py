@@ -5,6 +5,7 @@ fp32). Zero-bubble schedules split each backward, GPT-2's Conv1D weights include
 from __future__ import annotations
 
 import pytest
+from hf_checks import batch, shifted_loss
 
 TOLERANCE = 1e-5
 CASES = [
@@ -21,25 +22,6 @@ CASES = [
     ("gpt_neox", "1f1b", False),
     ("gpt_neox", "zb-h1", True),
 ]
-
-
-def shifted_loss(logits, labels):
-    import torch.nn.functional as F
-
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100
-    )
-
-
-def batch(step: int, micro_batch: int):
-    import torch
-
-    ids = torch.randint(
-        100, (2, 10), generator=torch.Generator().manual_seed(100 * step + micro_batch)
-    )
-    # HF shifts labels inside the model; a pipeline's last stage gets them shifted
-    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
-    return ids, labels
 
 
 def run_family(family: str, schedule: str, tied: bool) -> dict:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from nccl_recorder import one_global_order
 
 from pp_ext.schedules import (
     REGISTRY,
     Action,
     InvalidScheduleError,
-    Kind,
     Placement,
     Schedule,
     lower,
@@ -158,42 +158,6 @@ def test_the_crossing_1f1b_lowering_passes_gloo_and_is_refused_under_nccl():
     validate(crossing.compute_only())
 
 
-def one_global_order(lowered: Schedule) -> bool:
-    """True if some single sequence of transfers has every rank's sends and receives in
-    program order: a node per message (its send and its receive), an edge between
-    consecutive messages of each rank's program; Kahn's algorithm finds no cycle."""
-    edges: dict[tuple, set] = {}
-    for rank, program in enumerate(lowered.programs):
-        chain = []
-        for action in program:
-            if action.kind.is_comm:
-                # a message is (gradient?, micro-batch, the stage that made it): a send names
-                # its own chunk, a receive its chunk one stage after (activations) or before
-                grad = action.kind in (Kind.SEND_GRAD, Kind.RECV_GRAD)
-                stage = lowered.placement.holds(rank, action.chunk)[1]
-                if action.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
-                    stage += 1 if grad else -1
-                chain.append((grad, action.micro_batch, stage))
-        for node in chain:
-            edges.setdefault(node, set())
-        for a, b in zip(chain, chain[1:]):
-            edges[a].add(b)
-    indegree = {node: 0 for node in edges}
-    for targets in edges.values():
-        for node in targets:
-            indegree[node] += 1
-    ready = [node for node, d in indegree.items() if d == 0]
-    seen = 0
-    while ready:
-        node = ready.pop()
-        seen += 1
-        for target in edges[node]:
-            indegree[target] -= 1
-            if indegree[target] == 0:
-                ready.append(target)
-    return seen == len(edges)
-
-
 def test_the_cycle_search_tells_one_global_order_from_crossing_orders():
     """The second computation of the lowering's invariant (tests/test_properties.py runs it
     on every program of its grids, next to the dry run that every build runs)."""
@@ -218,14 +182,14 @@ def run_recorded(rank: int, world: int, kind: str, cases: list, *extra) -> list:
 
     os.environ["PP_EXT_P2P"] = ""  # plain gloo: the recorder sees the engine's real calls
     if kind == "engine":
-        import test_engine as harness
+        import engine_cases as harness
 
         return [record(harness.run_case, name, extra[0], m, v, tied) for name, m, v, tied in cases]
     if kind == "async":
-        import test_async as harness
+        import async_cases as harness
 
         return [record(harness.run_case, name, world, m) for name, m in cases]
-    import test_tensor_parallel as harness
+    import tensor_cases as harness
 
     return [record(harness.run_case, extra[0], case) for case in cases]
 
@@ -254,7 +218,7 @@ def launch_recorded(world: int, kind: str, cases: list, *extra) -> list[list]:
 
 
 def synchronous_cases(pipe: int, m: int) -> list[tuple]:
-    from test_engine import cases_for
+    from engine_cases import cases_for
 
     return cases_for(pipe, [m], {"interleaved-1f1b": [2, 3], "looped-bfs": [2, 3]})
 
@@ -264,9 +228,9 @@ def synchronous_cases(pipe: int, m: int) -> list[tuple]:
 def test_the_engines_recorded_calls_finish_under_nccl_every_schedule(pipe):
     """Every registered schedule (and DeepSpeed's own engine, whose blocking send/recv in
     parity order is NCCL-safe): the replay finishes, and training is still exact."""
-    import test_engine
+    import engine_cases
 
-    test_engine.check(
+    engine_cases.check(
         [
             [result for result, _ in results]
             for results in launch_recorded(pipe, "engine", synchronous_cases(pipe, 2 * pipe), pipe)
@@ -279,9 +243,9 @@ def test_the_engines_recorded_calls_finish_under_nccl_every_schedule(pipe):
 
 @pytest.mark.slow
 def test_the_engines_recorded_calls_finish_under_nccl_pipe_2_data_2():
-    import test_engine
+    import engine_cases
 
-    test_engine.check(
+    engine_cases.check(
         [
             [result for result, _ in results]
             for results in launch_recorded(4, "engine", synchronous_cases(2, 4), 2)
@@ -316,7 +280,7 @@ def run_crossing(rank: int, world: int, mode: str) -> dict:
     import deepspeed
     import torch
     from deepspeed.runtime.config import DeepSpeedConfig
-    from test_engine import batch
+    from engine_cases import batch
 
     from pp_ext.engine.engine import ScheduleEngine
     from pp_ext.engine.module import ChunkedPipelineModule

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from pp_ext.bench.pipeline import BenchOptions, profile_tiny
-from pp_ext.engine.module import balanced_parts, partition
+from pp_ext.engine.module import partition
+from pp_ext.planning.partition import balanced_parts
 from pp_ext.schedules import build, simulate
 from pp_ext.schedules.auto import auto_schedule
 from pp_ext.schedules.cost_model import LayerCost, Profile

@@ -10,7 +10,7 @@ from fractions import Fraction as Fr
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_nccl import one_global_order
+from nccl_recorder import one_global_order
 
 from pp_ext.schedules import REGISTRY, ConstraintError, build, lower, simulate
 from pp_ext.schedules.asynchronous import SHOWN_STEPS

@@ -252,7 +252,7 @@ def test_attention_choices_are_the_adapters():
 def test_learning_rate_schedule(recipe_file, warmup):
     import torch
 
-    from pp_ext.training.entry import warmup_cosine
+    from pp_ext.training.optim import warmup_cosine
 
     recipe = load(recipe_file, ["train.lr=1.0", "train.min_lr=0.1", f"train.warmup_steps={warmup}"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.train.lr)
@@ -267,3 +267,22 @@ def test_learning_rate_schedule(recipe_file, warmup):
         0.1
     )  # peak after warm-up, min_lr last
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))  # then it only decays
+
+
+def test_plan_states_each_ranks_weights_gradients_and_optimizer(capsys):
+    """bf16 weights and gradients (2 + 2 bytes a parameter) and ZeRO-1's fp32 master and
+    two AdamW moments (12 bytes) split over the 2 data ranks: 10 bytes a parameter a rank
+    holds (Rajbhandari et al. 2020, Sec. 5.1). Unsharded moments would show 16."""
+    code, out, _ = run_cli(
+        capsys,
+        "plan",
+        "--recipe",
+        str(ROOT / "recipes/llama-8b-pipe4-data2.yaml"),
+        "--world-size",
+        "8",
+        f"model.path={LLAMA_8B}",
+    )
+    assert code == 0, out
+    for row in table_rows(out):
+        params = float(row.split(" M ")[0].split()[-1]) * 1e6
+        assert row.endswith(f"{params * 10 / 2**30:.1f} GiB"), row

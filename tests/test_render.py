@@ -20,8 +20,8 @@ from pp_ext.schedules.render import (
     save_svg,
     text_color,
     to_svg,
-    write_atomic,
 )
+from pp_ext.tools.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SVG = "{http://www.w3.org/2000/svg}"

@@ -15,19 +15,14 @@ across tensor ranks.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from hf_models import CONFIGS
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tensor_cases import TOLERANCE, run_cases
 
 from pp_ext import tp
-
-TOLERANCE = 1e-5
-MICRO_BATCHES = 4
-CLIP = 0.5  # bites on every step: a norm counting a replicated or tied weight twice would show
 
 
 def test_split_take_and_merge_fused_sections(tmp_path):
@@ -129,10 +124,10 @@ def test_a_tensor_size_change_is_a_layout_change_and_an_unreadable_checkpoint_on
     reshape test); a folder without pp-ext's parameter names is refused in one line."""
     from pp_ext.checkpoint import reshape
     from pp_ext.checkpoint.tags import CheckpointError
+    from pp_ext.config.layout import Layout
 
-    changed = reshape.changes(
-        {**dict.fromkeys(reshape.LAYOUT_KEYS, 1), "tensor": 2},
-        dict.fromkeys(reshape.LAYOUT_KEYS, 1),
+    changed = Layout(1, 1, 1, 1, "loop", "uniform").changes(
+        Layout(1, 2, 1, 1, "loop", "uniform").saved()
     )
     assert changed == ["tensor 2 -> 1"]
     with pytest.raises(
@@ -212,152 +207,6 @@ CASES = [
 # is a quarter of u and still 10x below what one update moves the loss to first order (lr 0.1
 # x clipped norm 0.5 x norm 1.1 = 0.05, 1.2e-2 relative), so a lost or doubled step fails.
 BF16_LOSS_RTOL, BF16_NORM_RTOL = 1e-3, 2.0**-8
-
-
-def batch(step: int, micro_batch: int):
-    ids = torch.randint(
-        100, (2, 10), generator=torch.Generator().manual_seed(100 * step + micro_batch)
-    )
-    return ids, torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
-
-
-def reference_training(model, data: int) -> tuple[list[float], list[float]]:
-    """Single-process HF training on every data rank's micro-batches: the mean loss and
-    the gradient norm (before clipping) of each step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses, norms = [], []
-    for step in range(3):
-        optimizer.zero_grad()
-        total = 0.0
-        for k in range(MICRO_BATCHES * data):
-            ids, _ = batch(step, k)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss / (MICRO_BATCHES * data)
-            loss.backward()
-            total += float(loss.detach())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
-        optimizer.step()
-        losses.append(total)
-    return losses, norms
-
-
-def loss_fn(logits, labels, axis):
-    return tp.vocab_parallel_cross_entropy(logits, labels, axis)
-
-
-def run_case(tmp, case) -> dict:
-    import torch.distributed as dist
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-    from transformers import AutoModelForCausalLM
-
-    import pp_ext
-    from pp_ext.checkpoint.export import export_checkpoint, save_hf_metadata
-    from pp_ext.hf import build_pipeline_module
-    from pp_ext.schedules import get
-
-    family, tied, (pipe, tensor, data), schedule, export, *rest = case
-    dtype = rest[0] if rest else "float32"
-    folder = f"{tmp}/{family}-{tied}-{pipe}{tensor}{data}-{schedule}-{dtype}"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](tied)).float()
-    if dist.get_rank() == 0:
-        model.save_pretrained(f"{folder}/hf")
-    dist.barrier()
-    spec = get(schedule)
-    module = build_pipeline_module(
-        f"{folder}/hf",
-        topology=PipeModelDataParallelTopology(pipe, tensor, data),
-        chunks=spec.default_chunks,
-        placement=spec.placement,
-        partition_method="uniform",
-        dtype=dtype,
-    )
-    axis = module.tensor_axis
-    module.loss_fn = functools.partial(loss_fn, axis=axis)
-    engine, *_ = pp_ext.initialize(
-        model=module,
-        optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
-        config={
-            "train_micro_batch_size_per_gpu": 2,
-            "gradient_accumulation_steps": MICRO_BATCHES,
-            "train_batch_size": 2 * MICRO_BATCHES * data,
-            "gradient_clipping": CLIP,
-            **(
-                {"bf16": {"enabled": True, "immediate_grad_update": False}}
-                if dtype == "bfloat16"
-                else {}
-            ),
-        },
-        schedule=schedule,
-    )
-    dp = engine.grid.get_data_parallel_rank()
-    losses, norms = [], []
-    for step in range(3):
-        data_iter = iter([batch(step, dp * MICRO_BATCHES + k) for k in range(MICRO_BATCHES)])
-        losses.append(float(engine.train_batch(data_iter)))
-        # the norm the engine clipped by (BF16_Optimizer's under bf16)
-        norms.append(
-            float(engine.get_global_grad_norm() if dtype == "bfloat16" else engine._step_grad_norm)
-        )
-    result = {
-        "case": case,
-        "losses": losses,
-        "norms": norms,
-        "optimizer": type(engine.optimizer).__name__,
-        "replicas_differ": replicas_differ(module, axis),
-    }
-    # under a split backward every Conv1D defers its weight GEMM to W; a rank whose every I
-    # meets its own W runs B instead (pipeline 1: fuse_backward), with nothing to defer
-    if family == "gpt2" and any(
-        a.kind.name == "I" for a in engine.schedule.programs[engine.stage_id]
-    ):
-        from transformers.pytorch_utils import Conv1D
-
-        convs = [m for m in module.modules() if isinstance(m, Conv1D)]
-        result["conv1d"] = (
-            len(convs),
-            sum(getattr(m, "_wgrad_store", None) is engine.store for m in convs),
-        )
-    result["ref_losses"], result["ref_norms"] = reference_training(model, data)
-    if export:
-        engine.save_checkpoint(f"{folder}/ckpt", tag="t")
-        if dist.get_rank() == 0:
-            save_hf_metadata(f"{folder}/ckpt/t", model.config)  # no tokenizer needed
-            export_checkpoint(f"{folder}/ckpt", f"{folder}/out", tag="t")
-        dist.barrier()
-        probe = batch(7, 0)
-        logits = engine.eval_batch(
-            iter([probe]), return_logits=True, compute_loss=False, num_micro_batches=1
-        )[1]
-        if engine.is_last_stage():
-            exported = AutoModelForCausalLM.from_pretrained(f"{folder}/out").eval()
-            with torch.no_grad():
-                want = exported(input_ids=probe[0]).logits
-            result["export_diff"] = float((tp.gather_last_dim(logits, axis) - want).abs().max())
-            # the export equals the trained reference model too
-            result["export_vs_ref"] = float(
-                (want - model.eval()(input_ids=probe[0]).logits).abs().max()
-            )
-    return result
-
-
-def replicas_differ(module, axis) -> list[str]:
-    """Names of the replicated (not sharded) parameters whose bits differ between the
-    tensor ranks of this stage, all-gathered over the axis."""
-    import torch.distributed as dist
-
-    differ = []
-    for name, param in sorted(module.named_parameters()):
-        if axis.size > 1 and not hasattr(param, "tp_split"):
-            bits = param.detach().contiguous().view(torch.uint8)
-            parts = [torch.empty_like(bits) for _ in range(axis.size)]
-            dist.all_gather(parts, bits, group=axis.group)
-            if not all(torch.equal(part, parts[0]) for part in parts):
-                differ.append(name)
-    return differ
-
-
-def run_cases(rank: int, world: int, tmp: str, cases: list) -> list[dict]:
-    return [run_case(tmp, case) for case in cases]
 
 
 def bf16(result: dict) -> bool:

@@ -14,42 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from train_cases import QUICK, RECIPE, ROOT, TOLERANCE, losses, train_cases
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes/quickstart.yaml"
-TOLERANCE = 1e-5
 # bf16 (ZeRO-1, fp32 master weights) against fp32 at each step: 8 significant bits in the
 # forward and backward; measured 3.1e-3 at most over the 3 steps, while training moves the
 # loss 20-40x further (an untrained run: 4.56 and 4.57 at steps 2 and 3, trained 4.34 and 4.17)
 BF16_VS_FP32 = 1e-2
-# small and quick: 3 steps, no evaluation, data as the quickstart's
-QUICK = [
-    "train.steps=3",
-    "data.eval_split=null",
-    "logging.progress=false",
-    "train.micro_batch_size=4",
-]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {e["step"]: e["loss"] for e in entries if "loss" in e}
-
-
-def train_cases(rank: int, world: int, root: str, cases: list[tuple[str, list[str]]]) -> dict:
-    """Each case is one training run of the quickstart recipe inside this process group."""
-    os.chdir(ROOT)  # the recipe's paths are relative to the repository
-    from pp_ext.training.entry import main
-
-    results = {}
-    for name, overrides in cases:
-        out = Path(root) / name.split(":")[0]  # "dir:label" runs again in dir
-        code = main(["--recipe", str(RECIPE), *QUICK, *overrides, f"output_dir={out}"])
-        results[name] = (
-            code,
-            losses(out) if rank == 0 and (out / "metrics.jsonl").exists() else None,
-        )
-    return results
 
 
 SMOKE_MODEL = [
@@ -436,12 +406,12 @@ def stop_together(rank: int, world: int) -> list:
     """Three meetings of every rank: rank 0 fails in the first, rank 1 in the second,
     none in the third; what each rank raised in each."""
     from pp_ext.config.recipe import RecipeError
-    from pp_ext.training.entry import _together
+    from pp_ext.training.errors import together
 
     raised = []
     for failing in (0, 1, None):
         try:
-            with _together():
+            with together():
                 if rank == failing:
                     raise RecipeError(f"rank {rank}'s\nproblem")
             raised.append(None)

@@ -103,7 +103,7 @@ def test_tune_ranks_candidates_and_writes_the_winner(tmp_path, capsys):
     from pp_ext.training.preflight import check_before_launch
 
     recipe = load(RECIPE, written)
-    assert check_before_launch(recipe, 2)[3] == int(rows[0][2])
+    assert check_before_launch(recipe, 2)[0].chunks == int(rows[0][2])
 
 
 def test_auto_under_a_memory_limit_writes_its_limit(tmp_path, capsys):
@@ -244,7 +244,7 @@ def test_auto_from_a_profile_differs_from_unit_costs(tmp_path):
 
 @pytest.mark.slow
 def test_tune_profiles_the_recipe_and_auto_trains_as_1f1b(tmp_path, capfd):
-    from test_train import TOLERANCE, train_cases
+    from train_cases import TOLERANCE, train_cases
 
     from pp_ext.testing.spawn import spawn
 

@@ -50,7 +50,7 @@ from transformers import AutoModelForCausalLM
 
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
 from pp_ext.bench.measure import median_time, time_passes
-from pp_ext.config.recipe import DEEPSPEED_BASES
+from pp_ext.config.recipe import DEEPSPEED_BASES, batch_config
 from pp_ext.data import IGNORE_INDEX
 from pp_ext.engine.initialize import initialize
 from pp_ext.hf import build_pipeline_module, copy_hf_weights, layer_specs
@@ -182,9 +182,7 @@ def deepspeed_config(options: ModelBenchOptions) -> dict:
     base = "zero1-bf16" if options.dtype == "bfloat16" else "zero1-fp32"
     config = json.loads((DEEPSPEED_BASES / f"{base}.json").read_text())
     config.update(
-        train_micro_batch_size_per_gpu=options.micro_batch_size,
-        gradient_accumulation_steps=options.micro_batches,
-        train_batch_size=options.micro_batch_size * options.micro_batches,
+        batch_config(options.micro_batch_size, options.micro_batches, 1),
         gradient_clipping=options.grad_clip,
         steps_per_print=10**9,
     )

@@ -66,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -84,6 +83,7 @@ from pp_ext.bench.measure import (
     median_time,
     time_passes,
 )
+from pp_ext.config.recipe import batch_config
 from pp_ext.engine.async_engine import AsyncScheduleEngine
 from pp_ext.engine.initialize import initialize
 from pp_ext.engine.module import ChunkedPipelineModule, partition
@@ -92,10 +92,12 @@ from pp_ext.schedules.asynchronous import steady_call
 from pp_ext.schedules.auto import layouts as auto_layouts
 from pp_ext.schedules.auto import origin, ranked
 from pp_ext.schedules.cost_model import Profile
+from pp_ext.schedules.registry import BASELINE
 from pp_ext.testing.spawn import spawn
 from pp_ext.testing.tiny import TinyConfig, layer_specs, lm_loss
+from pp_ext.tools.logging import get_logger
 
-BASELINE = "deepspeed-1f1b"
+log = get_logger("pp-ext bench")
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,6 @@ class BenchOptions:
                 continue
             plan.append((name, spec.default_chunks, spec.placement))
         return [(*row, cut) for cut in self.partitions for row in plan]
-
-
-def _progress(rank: int, message: str) -> None:
-    if rank == 0:
-        print(f"pp-ext bench: {message}", file=sys.stderr, flush=True)
 
 
 def _model(options: BenchOptions, chunks: int, placement: str, cut: str):
@@ -225,9 +222,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     plan = options.plan()
     step_batches = batches(options)
     ds_config = {
-        "train_micro_batch_size_per_gpu": options.micro_batch_size,
-        "gradient_accumulation_steps": options.micro_batches,
-        "train_batch_size": options.micro_batch_size * options.micro_batches,
+        **batch_config(options.micro_batch_size, options.micro_batches, 1),
         "steps_per_print": 10**9,
         "gradient_clipping": 0.0,
     }
@@ -264,8 +259,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     comm = activation_latency(options, rank)
     layouts: dict[tuple[int, str, str], Costs] = {}
     for layout, probe in probes.items():
-        _progress(
-            rank,
+        log.info(
             f"measuring F/I/W/B per stage for {layout[0]} chunk(s) in {layout[1]} placement, "
             f"partition {layout[2]}",
         )
@@ -327,7 +321,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         memory) does not fall on the same successor every round."""
         order = list(indices)
         for repeat in range(count):
-            _progress(rank, f"{label} round {repeat + 1} of {count}")
+            log.info(f"{label} round {repeat + 1} of {count}")
             shuffle(order)
             for key in order:
                 times.setdefault(key, []).append(step(timed[key]))
@@ -487,12 +481,12 @@ def profile_tiny(options: BenchOptions) -> Profile:
 
 def run(options: BenchOptions) -> list[dict]:
     # unknown names, refused sizes and unknown partition methods fail here, before any rank starts
-    options.plan(report=lambda message: _progress(0, message))
+    options.plan(report=lambda message: log.info(message))
     for cut in set(options.partitions) - {"balanced"}:
         partition(layer_specs(tiny_config(options)), options.stages, cut)
     with tempfile.TemporaryDirectory() as folder:
         if "balanced" in options.partitions:
-            _progress(0, "profiling the model layer by layer for the balanced partition")
+            log.info("profiling the model layer by layer for the balanced partition")
             path = profile_tiny(options).save(f"{folder}/profile.json")
             options = dataclasses.replace(
                 options,

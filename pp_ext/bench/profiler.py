@@ -17,8 +17,6 @@ pipelines is priced from it (:meth:`~pp_ext.schedules.cost_model.Profile.stage_c
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
@@ -27,8 +25,11 @@ from pp_ext.hf import build_pipeline_module
 from pp_ext.hf.loading import load_config
 from pp_ext.schedules.cost_model import Profile
 from pp_ext.testing.spawn import spawn
+from pp_ext.tools.logging import get_logger
 from pp_ext.training.loss import LanguageModelLoss
 from pp_ext.training.preflight import recipe_layer_specs
+
+log = get_logger("pp-ext tune")
 
 
 def _recipe_worker(
@@ -59,13 +60,10 @@ def _recipe_worker(
     latency, bandwidth = allreduce_model(module, repeats) if world > 1 else (0.0, float("inf"))
     profiles = {}
     for index, size in enumerate(sizes):
-        if rank == 0:
-            print(
-                f"pp-ext tune: measuring {chunks} layers at micro-batch size {size} x {recipe.data.seq_len} "
-                f"tokens ({index + 1} of {len(sizes)}, {device.type})",
-                file=sys.stderr,
-                flush=True,
-            )
+        log.info(
+            f"measuring {chunks} layers at micro-batch size {size} x {recipe.data.seq_len} "
+            f"tokens ({index + 1} of {len(sizes)}, {device.type})"
+        )
         # p2p of one activation of the hidden width (float32, as bench sends it)
         comm = (
             comm_latency((size, recipe.data.seq_len, config.hidden_size), repeats, rank)

@@ -39,8 +39,6 @@ from pp_ext.checkpoint import optimizer_state
 from pp_ext.checkpoint.export import layer_tensors, load_layer, saved_layers
 from pp_ext.checkpoint.tags import CheckpointError
 
-LAYOUT_KEYS = ("pipeline", "tensor", "data", "chunks", "placement", "partition")
-
 
 def param_names(engine) -> list[str] | None:
     """Names of the optimizer's parameters on this rank, in its order (saved with every
@@ -55,13 +53,6 @@ def client_state(engine) -> dict:
     """What every checkpoint saves for a resume under another layout: the optimizer's
     parameter names (:func:`param_names`) and this rank's place on the tensor axis."""
     return {"param_names": param_names(engine), "tensor_rank": engine.module.tensor_axis.rank}
-
-
-def changes(saved: dict, current: dict) -> list[str]:
-    """The layout keys on which a checkpoint's marker and this run differ."""
-    return [
-        f"{k} {saved.get(k)} -> {current[k]}" for k in LAYOUT_KEYS if saved.get(k) != current[k]
-    ]
 
 
 def held_layers(module) -> list[tuple[int, str, torch.nn.Module]]:

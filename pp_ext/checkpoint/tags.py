@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from pp_ext.config.recipe import RecipeError
-from pp_ext.schedules.render import write_atomic
+from pp_ext.tools.files import write_atomic
 
 MARKER = "pp_ext.json"
 LATEST = "latest"

@@ -2,7 +2,7 @@
 
 Each group is a module of this package named in :data:`GROUPS` that defines
 ``add_parser(subparsers)``: it adds its own sub-parser (``pp-ext schedule ...``,
-later ``bench``, ``plan``, ``train``, ``export``, ``tune``) and sets
+``pp-ext bench ...``) and sets
 ``handler=function(args) -> int`` on each leaf command with ``set_defaults``.
 A handler reports a user error by raising :class:`CommandError`; ``pp-ext``
 prints it as one line ``pp-ext: error: ...`` on stderr and exits with its code.

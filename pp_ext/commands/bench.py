@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from pp_ext.schedules import ScheduleError
-from pp_ext.schedules.render import write_atomic
+from pp_ext.tools.files import write_atomic
 
 from . import CommandError, non_negative_int, positive_int
 

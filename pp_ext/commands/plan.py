@@ -3,7 +3,8 @@
 Prints the rank layout (pipeline x tensor x data, as DeepSpeed's
 ``PipeModelDataParallelTopology`` numbers ranks), which layers each pipeline rank
 holds per chunk, the schedule's simulated bubble at unit costs, and an estimate of
-each rank's peak activation memory.
+each rank's peak activation memory and its state (weights, gradients, optimizer:
+:func:`pp_ext.planning.memory.state_bytes`).
 
 The activation estimate follows Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models", eq. (1): one transformer layer keeps
@@ -23,11 +24,18 @@ from __future__ import annotations
 
 import argparse
 from itertools import groupby
+from typing import TYPE_CHECKING
 
+from pp_ext.planning import memory
 from pp_ext.schedules import Placement, get, simulate
+from pp_ext.schedules.registry import BASELINE
 from pp_ext.schedules.render import format_number
 
 from . import CommandError, format_table
+
+if TYPE_CHECKING:  # omegaconf: only when this command runs
+    from pp_ext.config.layout import Layout
+    from pp_ext.config.schema import Recipe
 
 
 def add_parser(subparsers) -> None:
@@ -58,23 +66,6 @@ def _bytes(n: float) -> str:
     raise AssertionError
 
 
-def layer_activation_bytes(config, recipe, tensor: int = 1) -> tuple[float, float]:
-    """``(per decoder layer, logits)`` bytes of one micro-batch on one of ``tensor``
-    tensor ranks (see the module doc)."""
-    s, b = recipe.data.seq_len, recipe.train.micro_batch_size
-    h, a = config.hidden_size, config.num_attention_heads
-    width = 2 if recipe.model.dtype in ("bfloat16", "float16") else 4
-    if recipe.model.activation_checkpoint_interval:
-        per_layer = 2 * s * b * h * width / 2
-    else:
-        per_layer = s * b * h * (10 + 24 / tensor) * width / 2  # 34 with one tensor rank
-        if (
-            recipe.model.attn_implementation == "eager"
-        ):  # None (HF's default) is sdpa for most families
-            per_layer += 5 * a * s * s * b / tensor
-    return per_layer, 4.0 * s * b * config.vocab_size / tensor
-
-
 def _names(specs) -> str:
     from pp_ext.engine.module import (
         layer_name,
@@ -101,41 +92,55 @@ def run_plan(args: argparse.Namespace) -> int:
         recipe = load(args.recipe, args.overrides)
         data = recipe.parallel.data if recipe.parallel.data != "auto" else 1
         world = args.world_size or recipe.parallel.pipeline * recipe.parallel.tensor * data
-        pipe, tensor, data, chunks, _ = check_before_launch(recipe, world)
+        layout, _ = check_before_launch(recipe, world)
     except RecipeError as exc:
         raise CommandError(str(exc)) from None
-    print(describe(recipe, world, pipe, tensor, data, chunks))
+    print(describe(recipe, layout))
     return 0
 
 
-def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int) -> str:
+def describe(recipe: Recipe, layout: Layout) -> str:
     # torch, deepspeed, transformers: only when this command runs (pp_ext.commands)
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from transformers import AutoConfig
 
     from pp_ext import tp
-    from pp_ext.engine.module import chunk_layout, layer_param_counts, partition
+    from pp_ext.config.recipe import state_bytes
+    from pp_ext.engine.module import layer_param_counts, partition
     from pp_ext.hf import layer_specs
     from pp_ext.hf.common import HFDecoderLayer
+    from pp_ext.planning.partition import chunk_layout
 
+    pipe, tensor, data, chunks = layout.pipeline, layout.tensor, layout.data, layout.chunks
     config = AutoConfig.from_pretrained(recipe.model.path)
     specs = layer_specs(config, recipe.model.attn_implementation)
     name = recipe.parallel.schedule
-    spec = get("1f1b" if name == "deepspeed-1f1b" else name)
-    placement = Placement.named(spec.placement_for(chunks), pipe, chunks)
+    spec = get("1f1b" if name == BASELINE else name)
+    placement = Placement.named(layout.placement, pipe, chunks)
     with tp.using(tp.TensorAxis(tensor)):  # every tensor rank holds the same shapes
         parts = partition(specs, placement.stages, recipe.parallel.partition)
         counts = layer_param_counts(specs)
     simulation = simulate(spec.build(pipe, recipe.parallel.micro_batches, chunks))
     metrics = simulation.metrics()
-    per_layer, logits = layer_activation_bytes(config, recipe, tensor)
+    per_layer, logits = memory.layer_activation_bytes(
+        seq_len=recipe.data.seq_len,
+        micro_batch_size=recipe.train.micro_batch_size,
+        hidden_size=config.hidden_size,
+        heads=config.num_attention_heads,
+        vocab_size=config.vocab_size,
+        dtype=recipe.model.dtype,
+        checkpointing=bool(recipe.model.activation_checkpoint_interval),
+        eager_attention=recipe.model.attn_implementation == "eager",
+        tensor=tensor,
+    )
+    per_param = state_bytes(recipe, data)
     topology = PipeModelDataParallelTopology(num_pp=pipe, num_mp=tensor, num_dp=data)
     mbs, seq = recipe.train.micro_batch_size, recipe.data.seq_len
 
     lines = [
         f"{recipe.model.path}: {config.model_type}, {len(specs)} pipeline layers "
         f"({config.num_hidden_layers} decoder blocks), {sum(layer_param_counts(specs)) / 1e6:.1f} M parameters",
-        f"{world} ranks = pipeline {pipe} x tensor {tensor} x data {data}; schedule {name} "
+        f"{layout.world_size} ranks = pipeline {pipe} x tensor {tensor} x data {data}; schedule {name} "
         f"({chunks} chunk{'s' * (chunks > 1)} per rank, {placement.name} placement), "
         f"{recipe.parallel.micro_batches} micro-batches of {mbs} x {seq} tokens per data rank",
         f"bubble at unit costs: {format_number(metrics['bubble_ratio'])} per step; peak activations "
@@ -148,7 +153,16 @@ def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int)
         )
     lines.append("")
     params = "params" if tensor == 1 else "params per tensor rank"
-    table = [["pipeline rank", "global ranks", "stage: layers", params, "activations (est.)"]]
+    table = [
+        [
+            "pipeline rank",
+            "global ranks",
+            "stage: layers",
+            params,
+            "activations (est.)",
+            "state (est.)",
+        ]
+    ]
     for rank in range(pipe):
         bounds = chunk_layout(placement, parts, rank)
         held = [i for start, stop in bounds for i in range(start, stop)]
@@ -166,6 +180,7 @@ def describe(recipe, world: int, pipe: int, tensor: int, data: int, chunks: int)
                 ),
                 f"{sum(counts[i] for i in held) / 1e6:.1f} M",
                 _bytes(act),
+                _bytes(per_param.total * sum(counts[i] for i in held)),
             ]
         )
     lines += format_table(table)

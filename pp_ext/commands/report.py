@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 from pathlib import Path
 
-from pp_ext.schedules.render import require_matplotlib, write_atomic
+from pp_ext.schedules.render import require_matplotlib
+from pp_ext.tools.files import write_atomic
+from pp_ext.training import metrics_log
 
 from . import CommandError, format_table
 
@@ -50,12 +51,11 @@ def add_parser(subparsers) -> None:
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """``(train entries, eval entries)`` of ``run_dir/metrics.jsonl``."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise CommandError(f"{path} does not exist: give the output_dir of a training run")
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [e for e in entries if "loss" in e], [e for e in entries if "eval_loss" in e]
+    """``(train entries, eval entries)`` of the run's metrics (:mod:`pp_ext.training.metrics_log`)."""
+    try:
+        return metrics_log.read_metrics(run_dir)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def summary(train: list[dict], evals: list[dict]) -> list[str]:

@@ -19,6 +19,7 @@ from pp_ext.schedules.lower import lower
 from pp_ext.schedules.registry import REGISTRY, ScheduleSpec, get
 from pp_ext.schedules.schedule import Schedule
 from pp_ext.schedules.simulate import Simulation, SteadyState, simulate, steady_state
+from pp_ext.tools.files import check_output_path, write_atomic
 
 from . import CommandError, format_table, positive_int
 
@@ -208,9 +209,9 @@ def run_show(args: argparse.Namespace) -> int:
     # check everything that can fail before anything is written
     try:
         if args.svg:
-            render.check_output_path(args.svg)
+            check_output_path(args.svg)
         if args.png:
-            render.check_output_path(args.png)
+            check_output_path(args.png)
             render.require_matplotlib()
     except (OSError, ImportError) as exc:
         raise CommandError(str(exc)) from None
@@ -232,7 +233,7 @@ def run_show(args: argparse.Namespace) -> int:
             )
         if args.png:
             pictures.append((args.png, render.png_bytes(result.simulation, result.steady)))
-        written = [render.write_atomic(path, data) for path, data in pictures]
+        written = [write_atomic(path, data) for path, data in pictures]
     except (OSError, ImportError) as exc:
         raise CommandError(str(exc)) from None
 
@@ -292,11 +293,6 @@ def _show_text(result: Result, costs: Costs, steps: bool) -> str:
 
 
 # --------------------------------------------------------------------------- compare
-
-
-def compare_rows(stages: int, micro_batches: int, chunks: int | None, costs: Costs) -> list[dict]:
-    """One dict per registered schedule: sizes and metrics, or sizes and ``error``."""
-    return [row for row, _ in _compare(stages, micro_batches, chunks, costs)]
 
 
 def _compare(

@@ -15,12 +15,12 @@ every candidate on the measured per-stage costs:
   that keeps the global batch (``micro_batches x micro_batch_size``) exactly, so
   training computes the same thing; each size is measured (the costs are not linear);
 - partition: ``parameters``, ``uniform`` and ``balanced`` (the measured layer costs,
-  :func:`~pp_ext.engine.module.balanced_parts`).
+  :func:`~pp_ext.planning.partition.balanced_parts`).
 
 Peak memory per rank = activations (the profile's saved bytes of the rank's layers
 for one micro-batch, times the simulator's peak of micro-batches in flight on that
 rank, as ``pp-ext plan`` counts them) + weights, gradients and optimizer state
-(:func:`state_bytes_per_param`). Candidates over ``--memory-limit`` are dropped. The
+(:func:`pp_ext.planning.memory.state_bytes`). Candidates over ``--memory-limit`` are dropped. The
 predicted step time is the simulated makespan (the optimizer step, the same for all,
 is left out). The winner is written as ``key=value`` lines (``--out``), for
 ``deepspeed ... launch/train.py --recipe R $(cat FILE)``.
@@ -29,21 +29,14 @@ is left out). The winner is written as ``key=value`` lines (``--out``), for
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from pp_ext.schedules import REGISTRY, Placement, ScheduleError, simulate
-from pp_ext.schedules.auto import auto_schedule
+from pp_ext.planning.search import GIB, Candidate, micro_batch_splits, search
 from pp_ext.schedules.cost_model import Profile
-from pp_ext.schedules.render import write_atomic
+from pp_ext.tools.files import write_atomic
+from pp_ext.tools.logging import get_logger
 
 from . import CommandError, format_table, positive_int
-
-MICRO_BATCH_FACTORS = (0.25, 0.5, 1, 2, 4)
-MAX_CHUNKS = 4
-PARTITIONS = ("parameters", "uniform", "balanced")
-GIB = 2**30
 
 
 def add_parser(subparsers) -> None:
@@ -84,165 +77,7 @@ def add_parser(subparsers) -> None:
     tune.set_defaults(handler=run_tune)
 
 
-def say(message: str) -> None:
-    print(f"pp-ext tune: {message}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    schedule: str
-    chunks: int
-    micro_batches: int
-    micro_batch_size: int
-    partition: str
-    step_s: float
-    bubble: float
-    memory: tuple[float, ...]  # peak bytes per pipeline rank
-    memory_limit: tuple[int, ...] | None = (
-        None  # auto's limit in micro-batches, when one was derived
-    )
-
-
-def micro_batch_splits(micro_batches: int, micro_batch_size: int) -> list[tuple[int, int]]:
-    """``(micro_batches, micro_batch_size)`` around the recipe's with the same global batch."""
-    batch = micro_batches * micro_batch_size
-    splits = []
-    for factor in MICRO_BATCH_FACTORS:
-        m = micro_batches * factor
-        if m == int(m) and m >= 1 and batch % int(m) == 0:
-            splits.append((int(m), batch // int(m)))
-    return splits
-
-
-def state_bytes_per_param(recipe, data: int) -> float:
-    """Bytes per parameter for weights, gradients and optimizer state on one rank.
-
-    Weights and gradients in ``model.dtype``; torch's AdamW keeps two moments in the
-    parameter's dtype (SGD, without momentum, none). With DeepSpeed's bf16 (a
-    ``deepspeed.bases`` entry) the optimizer works on fp32 masters instead: a master
-    copy and two fp32 moments, split over the data ranks by ZeRO stage >= 1."""
-    from pp_ext.config.recipe import (
-        deepspeed_config,
-    )  # omegaconf: only when this command runs (pp_ext.commands)
-
-    width = 2 if recipe.model.dtype in ("bfloat16", "float16") else 4
-    moments = 2 if recipe.train.optimizer == "adamw" else 0
-    config = deepspeed_config(recipe, data)
-    if config.get("bf16", {}).get("enabled"):
-        shards = data if config.get("zero_optimization", {}).get("stage", 0) >= 1 else 1
-        return 2 * width + 4 * (1 + moments) / shards
-    return width * (2 + moments)
-
-
-def search(recipe, profiles: dict, pipe: int, data: int, memory_limit: float | None):
-    """Every candidate (see the module doc), fastest first, and the number dropped for memory."""
-    # torch: only when this command runs (pp_ext.commands)
-    from pp_ext.engine.module import balanced_parts, chunk_layout, layer_param_counts, partition
-    from pp_ext.training.preflight import recipe_layer_specs
-
-    specs = recipe_layer_specs(recipe)
-    counts = layer_param_counts(specs)
-    per_param = state_bytes_per_param(recipe, data)
-    limit_bytes = None if memory_limit is None else memory_limit * GIB
-    found, dropped, parts_of = [], 0, {}
-
-    def parts(method: str, stages: int, size: int) -> list[int]:
-        key = (method, stages, size if method == "balanced" else None)
-        if key not in parts_of:
-            parts_of[key] = (
-                balanced_parts(profiles[size].layer_costs(len(specs)), stages)
-                if method == "balanced"
-                else partition(specs, stages, method)
-            )
-        return parts_of[key]
-
-    def cuts(stages: int, size: int) -> list[tuple[str, list[int]]]:
-        """Each distinct cut once, labelled by the methods that give it ('parameters=balanced')."""
-        methods: dict[tuple[int, ...], list[str]] = {}
-        for method in PARTITIONS:
-            methods.setdefault(tuple(parts(method, stages, size)), []).append(method)
-        return [("=".join(names), list(cut)) for cut, names in methods.items()]
-
-    def memory(placement, cut: list[int], size: int) -> tuple[list[float], list[float]]:
-        """Per rank: bytes of weights, gradients and optimizer state; activation bytes of one micro-batch."""
-        held = [chunk_layout(placement, cut, rank) for rank in range(pipe)]
-        act = profiles[size].activation_bytes(cut)
-        static = [
-            per_param * sum(counts[i] for a, b in bounds for i in range(a, b)) for bounds in held
-        ]
-        act_rank = [
-            sum(act[placement.holds(rank, c)[1]] for c in range(placement.chunks))
-            for rank in range(pipe)
-        ]
-        return static, act_rank
-
-    def consider(schedule, method: str, cut: list[int], size: int, limits=None) -> None:
-        nonlocal dropped
-        sim = simulate(schedule, profiles[size].stage_costs(cut))
-        static, act_rank = memory(schedule.placement, cut, size)
-        peak = tuple(
-            s + float(n) * a for s, n, a in zip(static, sim.peak_activations_per_rank, act_rank)
-        )
-        if limit_bytes is not None and max(peak) > limit_bytes:
-            dropped += 1
-            return
-        found.append(
-            Candidate(
-                schedule.name,
-                schedule.placement.chunks,
-                schedule.micro_batches,
-                size,
-                method,
-                float(sim.makespan),
-                float(sim.bubble_ratio),
-                peak,
-                limits,
-            )
-        )
-
-    for size in sorted(profiles):
-        m = recipe.parallel.micro_batches * recipe.train.micro_batch_size // size
-        for name, spec in REGISTRY.items():
-            if (
-                name == "auto"
-            ):  # per placement and partition from the measured costs, within the memory limit
-                for placement in (Placement.loop(pipe), Placement.v(pipe, 2)):
-                    if placement.stages > len(specs):
-                        continue  # too few layers
-                    for method, cut in cuts(placement.stages, size):
-                        limits = None
-                        if limit_bytes is not None:
-                            static, act_rank = memory(placement, cut, size)
-                            limits = tuple(
-                                min(m, int((limit_bytes - s) // a)) if a else m
-                                for s, a in zip(static, act_rank)
-                            )
-                            if min(limits) < 1:
-                                dropped += 1
-                                continue
-                        consider(
-                            auto_schedule(
-                                pipe, m, profiles[size].stage_costs(cut), limits, placement.chunks
-                            ),
-                            method,
-                            cut,
-                            size,
-                            limits,
-                        )
-                continue
-            if not spec.synchronous:
-                continue  # asynchronous: not the training the recipe asks for
-            for chunks in range(1, MAX_CHUNKS + 1):
-                try:
-                    schedule = spec.build(pipe, m, chunks)
-                except ScheduleError:
-                    continue
-                if schedule.placement.stages > len(specs):
-                    continue  # too few layers
-                for method, cut in cuts(schedule.placement.stages, size):
-                    consider(schedule, method, cut, size)
-    found.sort(key=lambda c: (c.step_s, max(c.memory)))
-    return found, dropped
+say = get_logger("pp-ext tune").info
 
 
 def profile_file(out: Path, micro_batch_size: int) -> Path:
@@ -274,16 +109,19 @@ def run_tune(args: argparse.Namespace) -> int:
 
     select_accelerator()  # before deepspeed is first imported
     from pp_ext.bench.profiler import profile_ranks, profile_recipe
-    from pp_ext.training.preflight import check_before_launch
+    from pp_ext.config.recipe import state_bytes
+    from pp_ext.engine.module import layer_param_counts, partition
+    from pp_ext.training.preflight import check_before_launch, recipe_layer_specs
 
     if args.memory_limit is not None and args.memory_limit <= 0:
         raise CommandError(f"--memory-limit must be > 0 GiB per rank, got {args.memory_limit}")
     try:
         recipe = load(args.recipe, args.overrides)
         data = recipe.parallel.data if recipe.parallel.data != "auto" else 1
-        pipe, tensor, data, chunks, _ = check_before_launch(
+        layout, _ = check_before_launch(
             recipe, recipe.parallel.pipeline * recipe.parallel.tensor * data
         )
+        pipe, tensor, data, chunks = layout.pipeline, layout.tensor, layout.data, layout.chunks
     except RecipeError as exc:
         raise CommandError(str(exc)) from None
     if tensor > 1:
@@ -327,7 +165,16 @@ def run_tune(args: argparse.Namespace) -> int:
         )
     say("simulating the candidates on the measured costs")
     try:
-        found, dropped = search(recipe, profiles, pipe, data, args.memory_limit)
+        specs = recipe_layer_specs(recipe)
+        found, dropped = search(
+            profiles,
+            layer_param_counts(specs),
+            lambda method, stages: partition(specs, stages, method),
+            pipe,
+            recipe.parallel.micro_batches * recipe.train.micro_batch_size,
+            state_bytes(recipe, data).total,
+            args.memory_limit,
+        )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     if not found:

@@ -28,7 +28,9 @@ from omegaconf.errors import (
 )
 
 from pp_ext.config.schema import Recipe
+from pp_ext.planning import memory
 from pp_ext.schedules import names as schedule_names
+from pp_ext.schedules.registry import BASELINE
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEEPSPEED_BASES = CONFIGS / "deepspeed"
@@ -161,9 +163,7 @@ def _check(recipe: DictConfig) -> None:
     _choice("data.kind", recipe.data.kind, DATA_KINDS)
     _choice("train.optimizer", recipe.train.optimizer, OPTIMIZERS)
     _choice("train.nonfinite", recipe.train.nonfinite, ("stop", "skip"))
-    _choice(
-        "parallel.schedule", recipe.parallel.schedule, tuple(schedule_names()) + ("deepspeed-1f1b",)
-    )
+    _choice("parallel.schedule", recipe.parallel.schedule, tuple(schedule_names()) + (BASELINE,))
     for key in (
         "parallel.pipeline",
         "parallel.tensor",
@@ -317,6 +317,30 @@ def resolve_parallel(recipe: DictConfig, world_size: int) -> tuple[int, int, int
     return pipe, tensor, data
 
 
+def state_bytes(recipe: DictConfig, data_parallel: int) -> memory.StateBytes:
+    """Bytes per parameter a rank holds under this recipe (:mod:`pp_ext.planning.memory`):
+    its dtype, optimizer, and the DeepSpeed config's bf16 and ZeRO stage."""
+    config = deepspeed_config(recipe, data_parallel)
+    return memory.state_bytes(
+        recipe.model.dtype,
+        recipe.train.optimizer,
+        bf16=bool(config.get("bf16", {}).get("enabled")),
+        zero_stage=config.get("zero_optimization", {}).get("stage", 0),
+        data=data_parallel,
+    )
+
+
+def batch_config(micro_batch_size: int, micro_batches: int, data_parallel: int) -> dict:
+    """DeepSpeed's three batch keys, which it requires to agree: a step is
+    ``micro_batches`` (its gradient accumulation) of ``micro_batch_size`` samples on each
+    of ``data_parallel`` replicas."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": micro_batches,
+        "train_batch_size": micro_batch_size * micro_batches * data_parallel,
+    }
+
+
 def deepspeed_config(recipe: DictConfig, data_parallel: int, output_dir: str | None = None) -> dict:
     """DeepSpeed's config: ``deepspeed.bases`` merged in order, ``deepspeed.overrides`` on
     top, and the keys pp-ext derives from the recipe (batch sizes, clipping, the
@@ -334,9 +358,7 @@ def deepspeed_config(recipe: DictConfig, data_parallel: int, output_dir: str | N
     config = _deep_merge(config, OmegaConf.to_container(recipe.deepspeed).get("overrides") or {})
     train, parallel = recipe.train, recipe.parallel
     config.update(
-        train_micro_batch_size_per_gpu=train.micro_batch_size,
-        gradient_accumulation_steps=parallel.micro_batches,
-        train_batch_size=train.micro_batch_size * parallel.micro_batches * data_parallel,
+        batch_config(train.micro_batch_size, parallel.micro_batches, data_parallel),
         gradient_clipping=train.grad_clip,
     )
     config.setdefault("steps_per_print", 10**9)  # pp-ext logs progress itself

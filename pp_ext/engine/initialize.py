@@ -10,12 +10,11 @@ from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 
 from pp_ext.schedules import Schedule, fuse_backward, get, validate
 from pp_ext.schedules.async_rules import PipeMareOptions
+from pp_ext.schedules.registry import BASELINE
 
 from .async_engine import AsyncScheduleEngine
 from .engine import ScheduleEngine
 from .module import ChunkedPipelineModule
-
-BASELINE = "deepspeed-1f1b"
 
 
 def _load_config(args: Any, config: Any, config_params: Any) -> dict:

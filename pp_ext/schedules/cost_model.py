@@ -11,7 +11,7 @@ Qi et al. 2024 ("Zero Bubble Pipeline Parallelism", ICLR, Sec. 3) compute their
 schedules from profiled F, B (pp-ext's I), W and communication times, because the
 best order depends on them. A profile holds them per layer, not per stage, so that
 any cut of the model into stages (:meth:`Profile.stage_costs`) and the cut itself
-(:func:`pp_ext.engine.module.balanced_parts`) come from one measurement. The
+(:func:`pp_ext.planning.partition.balanced_parts`) come from one measurement. The
 embedding and the head are layers like the others, the loss counted with the last
 one, so a heavy head (large vocabulary) shows up where it is. The all-reduce between
 two ranks is kept as latency + bytes / bandwidth (the alpha-beta model of Hockney
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pp_ext.schedules.costs import Costs
-from pp_ext.schedules.render import write_atomic
+from pp_ext.tools.files import write_atomic
 
 
 @dataclass(frozen=True)

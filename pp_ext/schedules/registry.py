@@ -15,6 +15,10 @@ from .errors import ConstraintError, ScheduleError
 from .schedule import Schedule
 from .validate import validate
 
+# DeepSpeed's own engine and TrainSchedule (1F1B, one chunk): a recipe's parallel.schedule may
+# name it, and the benches compare every schedule with it; it is not in the registry
+BASELINE = "deepspeed-1f1b"
+
 Generator = Callable[[int, int, int], Schedule]
 Check = Callable[[int, int, int], None]
 

@@ -26,12 +26,13 @@ import colorsys
 import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from html import escape
 from pathlib import Path
 from typing import NamedTuple
+
+from pp_ext.tools.files import check_output_path, write_atomic
 
 from .actions import Kind
 from .simulate import Simulation, SteadyState, steady_state
@@ -472,48 +473,6 @@ def png_bytes(
 # --------------------------------------------------------------------------- files
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """The path to write, after checking its directory exists and is writable."""
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise IsADirectoryError(f"cannot write {target}: it is a directory, give a file name")
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"cannot write {target}: directory {directory} does not exist (create it first)"
-        )
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {target}: directory {directory} is not writable")
-    return target
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file in the target's directory, then rename it
-    into place: readers see the old file or the whole new one, never a part."""
-    target = check_output_path(path)
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if target.exists():
-            mode = target.stat().st_mode & 0o777
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(temp, mode)
-        os.replace(temp, target)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
-
-
 def save_svg(
     simulation: "Simulation", path: str | os.PathLike, steady: "SteadyState | None" = None
 ) -> Path:
@@ -541,8 +500,6 @@ __all__ = [
     "chunk_color",
     "format_number",
     "costs_text",
-    "write_atomic",
-    "check_output_path",
     "require_matplotlib",
     "PLOT_HINT",
 ]

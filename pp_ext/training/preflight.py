@@ -28,34 +28,37 @@ from transformers import AutoConfig, AutoTokenizer
 
 from pp_ext import tp
 from pp_ext.checkpoint import tags as checkpoints
+from pp_ext.config.layout import Layout
 from pp_ext.config.recipe import RecipeError, resolve_parallel
+from pp_ext.config.schema import Recipe
 from pp_ext.engine.module import partition
 from pp_ext.hf import layer_specs, position_table, supported
 from pp_ext.hf.loading import load_config
-from pp_ext.schedules import ScheduleError, get
+from pp_ext.schedules import Schedule, ScheduleError, get
 from pp_ext.schedules.auto import auto_schedule
 from pp_ext.schedules.cost_model import Profile
+from pp_ext.schedules.registry import BASELINE
 
 # what transformers' AutoTokenizer reads a tokenizer from (any one suffices)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int, object]:
-    """``(pipeline, tensor, data, chunks, prebuilt)``; raises RecipeError for what can
+def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedule | None]:
+    """``(layout, prebuilt)``; raises RecipeError for what can
     be known without a process group about the layout (ranks, schedule constraints),
     the model, its tokenizer and the run's folders (the data is :func:`check_data`'s).
     ``prebuilt``: ``auto`` computed from ``parallel.profile`` (its chunks are its
     choice), built here once; None otherwise."""
     pipe, tensor, data = resolve_parallel(recipe, world_size)
     name = recipe.parallel.schedule
-    if tensor > 1 and name == "deepspeed-1f1b":
+    if tensor > 1 and name == BASELINE:
         raise RecipeError(
             "parallel.schedule=deepspeed-1f1b runs DeepSpeed's own engine, whose Megatron-shaped "
             "partitioned p2p pp-ext does not check with tensor parallelism: use 1f1b (the same "
             "schedule on pp-ext's engine) with parallel.tensor > 1"
         )
     chunks, prebuilt = recipe.parallel.chunks, None
-    if name != "deepspeed-1f1b":
+    if name != BASELINE:
         spec = get(name)
         chunks = spec.resolve_chunks(chunks)
         try:
@@ -108,7 +111,11 @@ def check_before_launch(recipe, world_size: int) -> tuple[int, int, int, int, ob
     check_folders(recipe, save_dir)
     if (resume_from := checkpoints.resume_point(recipe.checkpoint.resume, save_dir)) is not None:
         checkpoints.verify(*resume_from)
-    return pipe, tensor, data, chunks, prebuilt
+    if prebuilt is not None:
+        placement = prebuilt.placement.name
+    else:
+        placement = "loop" if name == BASELINE else get(name).placement_for(chunks)
+    return Layout.of(recipe, pipe, tensor, data, chunks, placement), prebuilt
 
 
 def tokenizer_folder(recipe) -> Path:

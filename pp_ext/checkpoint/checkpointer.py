@@ -1,0 +1,81 @@
+"""A run's checkpoints (as torchtitan's ``components/checkpointer``): resume at the
+start, save at intervals and at the end, each tag marked complete only once every
+rank's files are on disk (:mod:`.tags`), a resume under another layout re-cut
+(:mod:`.reshape`)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from pp_ext.checkpoint import reshape, tags
+from pp_ext.checkpoint.export import save_hf_metadata
+from pp_ext.config.layout import Layout
+from pp_ext.config.schema import Recipe
+from pp_ext.tools.logging import get_logger, rank
+
+log = get_logger()
+
+
+class Checkpointer:
+    def __init__(self, engine, recipe: Recipe, layout: Layout) -> None:
+        self.engine, self.recipe, self.layout = engine, recipe, layout
+        self.save_dir = tags.save_dir(recipe)
+
+    def resume(self) -> int | None:
+        """Load the checkpoint ``checkpoint.resume`` names, if any; its step (None: a
+        fresh run). A checkpoint this run cannot load is a CheckpointError, one line."""
+        resume_from = tags.resume_point(self.recipe.checkpoint.resume, self.save_dir)
+        if resume_from is None:
+            return None
+        load_dir, tag = resume_from
+        tags.verify(load_dir, tag)
+        saved = tags.info(load_dir, tag)
+        reshaped = self.layout.changes(saved)
+        try:
+            if reshaped:
+                reshape.load(self.engine, load_dir / tag, reshaped)
+            else:
+                self.engine.load_checkpoint(str(load_dir), tag=tag)
+        except tags.CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever DeepSpeed says, the fix is the user's
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise tags.CheckpointError(
+                f"checkpoint {load_dir / tag} cannot be loaded into this run "
+                f"({first}): resume from another one or set "
+                f"checkpoint.resume=never"
+            ) from exc
+        log.info(
+            f"resumed from {load_dir / tag} at step {saved['step']}"
+            + (f", reshaped ({', '.join(reshaped)})" if reshaped else "")
+        )
+        return saved["step"]
+
+    def due(self, step: int, steps: int) -> bool:
+        interval = self.recipe.checkpoint.interval
+        return bool(interval) and step % interval == 0 and step != steps
+
+    def saved(self, step: int) -> bool:
+        return (self.save_dir / tags.tag_name(step) / tags.MARKER).exists()
+
+    def save(self, step: int) -> None:
+        tag = tags.tag_name(step)
+        self.engine.save_checkpoint(
+            str(self.save_dir),
+            tag=tag,
+            save_latest=False,
+            client_state={"step": step, **reshape.client_state(self.engine)},
+        )
+        if rank() == 0:
+            save_hf_metadata(
+                self.save_dir / tag, self.recipe.model.path, self.recipe.model.tokenizer
+            )
+        dist.barrier()  # every rank's files are on disk before the marker says so
+        if rank() == 0:
+            tags.mark_complete(
+                self.save_dir,
+                tag,
+                {"step": step, "schedule": self.recipe.parallel.schedule, **self.layout.saved()},
+            )
+            tags.prune(self.save_dir, self.recipe.checkpoint.keep)
+        dist.barrier()

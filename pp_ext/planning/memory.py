@@ -1,0 +1,76 @@
+"""What one rank holds, estimated before anything runs: one model for ``pp-ext plan``
+and ``pp-ext tune``.
+
+State (per parameter a rank holds): weights and gradients in the model's dtype; torch's
+AdamW keeps two moments in the parameter's dtype (SGD, without momentum, none); with
+DeepSpeed's bf16 optimizer the step works on fp32 masters instead (a master copy and
+two fp32 moments), split over the data ranks by ZeRO stage >= 1 (Rajbhandari et al.
+2020, "ZeRO", Sec. 5.1: 2 + 2 + 12/N_d bytes per parameter at stage 1).
+
+Activations of one micro-batch of ``b`` samples of ``s`` tokens through one decoder
+layer of hidden size ``h`` (Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", Sec. 4.1, eq. 1-2): ``s b h (34 + 5 a s /
+h)`` bytes at 2 bytes a value, ``s b h (10 + 24 / t)`` over ``t`` tensor ranks, without
+the ``5 a s^2 b`` attention scores where the attention is fused (sdpa, flash); with
+activation checkpointing a layer keeps only its input (``2 s b h``); the logits (fp32,
+``4 s b V / t``) sit on the last stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WIDTHS = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def dtype_bytes(dtype: str) -> int:
+    return WIDTHS[dtype]
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter a rank holds: its weight, gradient and optimizer state."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer
+
+
+def state_bytes(dtype: str, optimizer: str, bf16: bool, zero_stage: int, data: int) -> StateBytes:
+    """Per parameter, for ``model.dtype``, ``train.optimizer`` ('adamw' | 'sgd'),
+    DeepSpeed's bf16 optimizer on or off, its ZeRO stage and the data ranks."""
+    width = dtype_bytes(dtype)
+    moments = 2 if optimizer == "adamw" else 0
+    if bf16:
+        shards = data if zero_stage >= 1 else 1
+        return StateBytes(width, width, 4 * (1 + moments) / shards)
+    return StateBytes(width, width, width * moments)
+
+
+def layer_activation_bytes(
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    hidden_size: int,
+    heads: int,
+    vocab_size: int,
+    dtype: str,
+    checkpointing: bool,
+    eager_attention: bool,
+    tensor: int = 1,
+) -> tuple[float, float]:
+    """``(per decoder layer, logits)`` bytes of one micro-batch on one of ``tensor``
+    tensor ranks (see the module doc)."""
+    s, b, h, a = seq_len, micro_batch_size, hidden_size, heads
+    width = dtype_bytes(dtype)
+    if checkpointing:
+        per_layer = 2 * s * b * h * width / 2
+    else:
+        per_layer = s * b * h * (10 + 24 / tensor) * width / 2  # 34 with one tensor rank
+        if eager_attention:  # the softmax's scores and dropout mask, materialised
+            per_layer += 5 * a * s * s * b / tensor
+    return per_layer, 4.0 * s * b * vocab_size / tensor

@@ -1,0 +1,93 @@
+"""Shared by the HF tests: chained layers against HF's model (the tolerance, inputs,
+the three logit checks run on built and on loaded layers), HF-side losses and batches."""
+
+from __future__ import annotations
+
+import torch
+
+import pp_ext.hf.loading as loading
+from pp_ext.hf import copy_hf_weights, layer_specs
+from pp_ext.testing.reference import SequentialReference
+
+TOL = 1e-5
+
+
+EFFECT = 1e-3  # how far HF's logits must move when a family detail is dropped
+
+
+def build(specs: list) -> SequentialReference:
+    """The layers chained in one process, as one stage after another would run them
+    (a tied embedding and head share one module)."""
+    return SequentialReference(specs, loss_fn=None)
+
+
+def pipeline(hf_model, config, attn_implementation: str | None = None):
+    chain = build(layer_specs(config, attn_implementation))
+    copy_hf_weights(chain.layers, hf_model.state_dict())
+    return chain
+
+
+def ids(batch: int = 2, length: int = 10) -> torch.Tensor:
+    return torch.randint(1, 100, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@torch.no_grad()
+def check_no_padding(hf_model, run) -> None:
+    """Plain inputs: the chained layers' logits are HF's."""
+    x = ids()
+    assert max_diff(run(x), hf_model(x).logits) <= TOL
+
+
+@torch.no_grad()
+def check_padding(hf_model, run, side: str) -> None:
+    """One row padded on ``side``: the real positions' logits are HF's."""
+    x, mask = ids(), torch.ones(2, 10, dtype=torch.long)
+    pad = slice(7, None) if side == "right" else slice(None, 3)
+    mask[1, pad] = 0
+    ours, theirs = run((x, mask)), hf_model(x, attention_mask=mask).logits
+    real = mask.bool()
+    assert max_diff(ours[real], theirs[real]) <= TOL
+
+
+@torch.no_grad()
+def check_packed_sequences(hf_model, run) -> None:
+    """Two documents in one row: positions restart, no mask; the second document must
+    not see the first (checked against running it alone)."""
+    x = ids(1, 10)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
+    ours = run((x, torch.ones_like(x), positions))
+    # HF looks for packed documents only without a KV cache (training), hence use_cache=False
+    assert max_diff(ours, hf_model(x, position_ids=positions, use_cache=False).logits) <= TOL
+    assert max_diff(ours[:, 6:], hf_model(x[:, 6:]).logits) <= TOL
+
+
+def by_hf_key(module) -> dict[str, torch.Tensor]:
+    """The module's tensors under their HF names."""
+    return {
+        hf: layer.state_dict()[local]
+        for layer in loading.local_layers(module)
+        for local, hf in layer.hf_keys().items()
+    }
+
+
+def shifted_loss(logits, labels):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def batch(step: int, micro_batch: int):
+    import torch
+
+    ids = torch.randint(
+        100, (2, 10), generator=torch.Generator().manual_seed(100 * step + micro_batch)
+    )
+    # HF shifts labels inside the model; a pipeline's last stage gets them shifted
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    return ids, labels
