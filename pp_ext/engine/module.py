@@ -400,6 +400,14 @@ class ChunkedPipelineModule(PipelineModule):
         placement; empty otherwise), in the same order on both ranks of a pair (by name)."""
         return list(self._replicas)
 
+    def _synchronize_tied_weights(self):
+        # DeepSpeed broadcasts the tied parameters (at build and after loading) in grad
+        # mode: the in-place c10d::broadcast_ then sits in the autograd graph, and the first
+        # backward warns that torch's autograd fallback for it "may lead to silently
+        # incorrect behavior" and will be removed. Copying weights is no part of the model.
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
+
     def _index_tied_modules(self):
         # The parent creates a group for every tie (collectively, on every rank); a tie
         # whose uses all live on one rank is one shared module, so nothing to exchange.

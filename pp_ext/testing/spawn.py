@@ -13,6 +13,7 @@ import queue as queue_errors
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -56,9 +57,13 @@ def _entry(
     results,
     args: tuple,
     comm_timeout_s: float | None,
+    filters: list,
 ) -> None:
     # ranks talk on stderr: the parent's stdout is for its own results (e.g. --json)
     os.dup2(2, 1)
+    # the parent's warning filters (pytest's filterwarnings): a warning that fails a test
+    # in the parent fails it in a rank too
+    warnings.filters[:] = filters
     try:
         init_rank(rank, world_size, port, comm_timeout_s=comm_timeout_s)
         results.put((rank, True, fn(rank, world_size, *args)))
@@ -84,7 +89,7 @@ def spawn(
     procs = [
         ctx.Process(
             target=_entry,
-            args=(fn, rank, world_size, port, results, args, comm_timeout_s),
+            args=(fn, rank, world_size, port, results, args, comm_timeout_s, warnings.filters),
             daemon=True,
         )
         for rank in range(world_size)
