@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from pp_ext.cli import main as cli
 
@@ -62,3 +63,26 @@ def test_missing_metrics_is_one_line(tmp_path, capsys):
         err.count("\n") == 1
         and "metrics.jsonl does not exist: give the output_dir of a training run" in err
     )
+
+
+def test_samples_print_no_progress_bar(tmp_path, capfd):
+    """The samples load the exported model: transformers' weight-loading bar stays out of the
+    report (stdout and stderr both, as the terminal shows them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pp_ext.config.recipe import load
+
+    root = Path(__file__).resolve().parents[1]
+    run = fake_run(tmp_path / "run", 0.5)
+    recipe = load(root / "recipes/quickstart.yaml", [f"data.path={root}/recipes/data/reverse"])
+    (run / "recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
+    model_dir = root / "configs/models/quickstart"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(
+        run / "hf"
+    )
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(run / "hf")
+    capfd.readouterr()
+    assert cli(["report", str(run), "--samples", "2"]) == 0
+    out, err = capfd.readouterr()
+    assert "of 2 held-out prompts answered exactly" in out
+    assert "Loading weights" not in out + err and "%|" not in out + err

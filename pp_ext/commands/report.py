@@ -152,6 +152,7 @@ def samples(run_dir: Path, count: int) -> list[str]:
         return []
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from pp_ext.data.records import load_records
 
@@ -161,6 +162,8 @@ def samples(run_dir: Path, count: int) -> list[str]:
     if records is None or not set(fields) <= set(records.column_names):
         return []
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # transformers' "Loading weights" bar would land in the middle of the report's table
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     rows = [["prompt", "expected", "model", "right"]]
     right = 0
