@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import cast
 
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoTokenizer
@@ -242,5 +243,5 @@ def recipe_schedule(recipe, pipe: int):
             if chunks is not None or count == 1:
                 raise
     limit = recipe.parallel.memory_limit
-    limit = OmegaConf.to_container(limit) if OmegaConf.is_config(limit) else limit
+    limit = cast(list, OmegaConf.to_container(limit)) if OmegaConf.is_config(limit) else limit
     return auto_schedule(pipe, recipe.parallel.micro_batches, cuts, limit, chunks)
