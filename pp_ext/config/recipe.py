@@ -155,6 +155,46 @@ def _check_numbers(recipe: DictConfig) -> None:
         )
 
 
+PEFT_TYPES = ("none", "lora")
+
+
+def _check_peft(peft: DictConfig) -> None:
+    """The ``peft`` section's values as PEFT's ``LoraConfig`` would take them (the
+    model-dependent checks, targets and the adapter folder's base, are
+    :func:`pp_ext.peft.config.check_targets` and :func:`~pp_ext.peft.config.check_adapter`)."""
+    _choice("peft.type", peft.type, PEFT_TYPES)
+    if peft.type == "none":
+        return
+    _positive("peft.r", peft.r)
+    _number("peft.lora_alpha", peft.lora_alpha, above=True)
+    _number("peft.lora_dropout", peft.lora_dropout)
+    if peft.lora_dropout >= 1:
+        raise RecipeError(
+            f"recipe key 'peft.lora_dropout' must be in [0, 1), got {peft.lora_dropout}"
+        )
+    targets = peft.target_modules
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        and targets
+        or isinstance(targets, ListConfig)
+        and targets
+        and all(isinstance(t, str) for t in targets)
+    ):
+        raise RecipeError(
+            f"recipe key 'peft.target_modules' must be a list of module names, a regex string or "
+            f"all-linear (as PEFT's LoraConfig reads it), got {targets!r}"
+        )
+    if (
+        peft.adapter_path is not None
+        and not (Path(peft.adapter_path) / "adapter_config.json").is_file()
+    ):
+        raise RecipeError(
+            f"recipe key 'peft.adapter_path' is {peft.adapter_path}, which holds no "
+            f"adapter_config.json: give a PEFT adapter folder (save_pretrained's) or drop the key"
+        )
+
+
 def _check(recipe: DictConfig) -> None:
     """What the schema's types cannot say."""
     _choice("model.dtype", recipe.model.dtype, DTYPES)
@@ -247,6 +287,7 @@ def _check(recipe: DictConfig) -> None:
                 f"deepspeed.overrides.{key} is derived by pp-ext: set {instead} instead"
             )
     _check_numbers(recipe)
+    _check_peft(recipe.peft)
 
 
 def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
