@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .commands import GROUPS, CommandError
+from .engine.boundary import DeepSpeedTooOld
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.detail:
             print(exc.detail, file=sys.stderr)
         return exc.exit_code
+    except (
+        DeepSpeedTooOld
+    ) as exc:  # a command that loads the engine, on a DeepSpeed without its hooks
+        print(f"pp-ext: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("pp-ext: interrupted", file=sys.stderr)
         return 130
