@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .commands import GROUPS, CommandError
@@ -21,7 +22,7 @@ from .engine.boundary import DeepSpeedTooOld
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line: ``pp-ext: error: ...``."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         where = self.prog[len("pp-ext") :].strip() if self.prog.startswith("pp-ext") else self.prog
         prefix = f"{where}: " if where else ""
         self.exit(2, f"pp-ext: error: {prefix}{message} (see '{self.prog} --help')\n")
