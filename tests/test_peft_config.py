@@ -10,7 +10,7 @@ from hf_models import CONFIGS
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from test_recipe import one_line_error, recipe_file  # noqa: F401 - the fixture
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from pp_ext.config.recipe import load
 from pp_ext.peft import PeftError, check_adapter, lora_config, target_names
@@ -128,3 +128,27 @@ def test_adapter_folder_for_another_rank_or_base(tmp_path):
         with pytest.raises(PeftError) as error:
             check_adapter(adapter, other, str(tmp_path) if other is lora else str(base))
         assert fix in str(error.value) and "\n" not in str(error.value)
+
+
+QUICKSTART = "recipes/quickstart.yaml"
+
+
+def test_launch_checks_the_peft_section_against_the_model(tmp_path):
+    """`check_before_launch` (before any rank starts): targets that match nothing and an
+    adapter folder of another rank are one line each; a valid LoRA recipe is refused until
+    the training job trains adapters (never a silent full fine-tune); nothing is written."""
+    from pp_ext.training.preflight import check_before_launch
+
+    adapter = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained("configs/models/quickstart"))
+    lora = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])
+    get_peft_model(base, lora).save_pretrained(adapter)
+    run = tmp_path / "run"
+    for overrides, expected in (
+        (["peft.target_modules=[qproj]"], "peft.target_modules ['qproj'] matches no module"),
+        ([f"peft.adapter_path={adapter}", "peft.r=4"], "has rank r=2 but the recipe has peft.r=4"),
+        ([f"peft.adapter_path={adapter}", "peft.r=2"], "LoRA training is not wired"),
+    ):
+        recipe = load(QUICKSTART, [f"output_dir={run}", "peft.type=lora", *overrides])
+        assert expected in one_line_error(check_before_launch, recipe, 2)
+    assert not run.exists()

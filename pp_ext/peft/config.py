@@ -63,7 +63,9 @@ def target_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
         inject_adapter_in_model(LoraConfig(**lora.to_dict()), model, low_cpu_mem_usage=True)
     except ValueError as exc:
         if "not found in the base model" in str(exc):
-            problem = f"peft.target_modules {lora.target_modules!r} matches no module of"
+            targets = lora.target_modules  # LoraConfig keeps a list as a set
+            shown = sorted(targets) if isinstance(targets, set) else targets
+            problem = f"peft.target_modules {shown!r} matches no module of"
         elif "specify `target_modules`" in str(exc):
             problem = "peft.target_modules is not set and PEFT has no default for"
         else:
