@@ -1,5 +1,5 @@
 """PipeDream-2BW's one-update delay without a pipeline: the recipe's model trained in
-one process by :class:`pp_ext.schedules.async_rules.AsyncReference` (the whole model as its one
+one process by :class:`pp_ext.testing.async_reference.AsyncReference` (the whole model as its one
 stage, so every update is W(t+1) = W(t) - lr * grad f(W(t-1)), Narayanan et al. 2021,
 Sec. 3.1), next to ordinary training (gradient accumulation over the same
 micro-batches), both with the training job's optimizer and learning-rate schedule.
@@ -25,7 +25,7 @@ from pp_ext.config.recipe import RecipeError, load
 from pp_ext.data import batches as data
 from pp_ext.hf import layer_specs
 from pp_ext.hf.loading import has_weights, hf_initializer, layout_free_specs, load_config
-from pp_ext.schedules.async_rules import AsyncReference
+from pp_ext.testing.async_reference import AsyncReference
 from pp_ext.testing.reference import SequentialReference
 from pp_ext.training.loss import LanguageModelLoss
 from pp_ext.training.optim import make_optimizer, warmup_cosine

@@ -12,15 +12,17 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .commands import GROUPS, CommandError
+from .engine.boundary import DeepSpeedTooOld
 
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line: ``pp-ext: error: ...``."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         where = self.prog[len("pp-ext") :].strip() if self.prog.startswith("pp-ext") else self.prog
         prefix = f"{where}: " if where else ""
         self.exit(2, f"pp-ext: error: {prefix}{message} (see '{self.prog} --help')\n")
@@ -55,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.detail:
             print(exc.detail, file=sys.stderr)
         return exc.exit_code
+    except (
+        DeepSpeedTooOld
+    ) as exc:  # a command that loads the engine, on a DeepSpeed without its hooks
+        print(f"pp-ext: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("pp-ext: interrupted", file=sys.stderr)
         return 130

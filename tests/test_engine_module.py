@@ -305,3 +305,25 @@ def test_two_ranks_build_their_own_layers_and_ties():
     assert not loop0["head_is_embedding"] and loop1["head_is_embedding"]
     assert loop0["comms"] == loop1["comms"] == {"embed": [0, 1]}
     assert loop0["synced"] == loop1["synced"] == (True, [3.0])
+
+
+def test_a_deepspeed_without_the_pipeline_hooks_is_refused_in_one_line():
+    """The engine overrides DeepSpeed's _train_schedule, _inference_schedule and
+    _loss_stage_global_rank (0.19.8 on): without them train_batch would run DeepSpeed's
+    own schedule, so such a DeepSpeed is refused, naming what is missing and the fix."""
+    from pp_ext.engine.boundary import HOOKS, DeepSpeedTooOld, missing_hooks, require_hooks
+
+    assert missing_hooks(PipelineModule) == list(HOOKS)  # not an engine: none of them
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    require_hooks(PipelineEngine, "installed")  # the installed DeepSpeed has them all
+
+    class Old:  # DeepSpeed 0.19.7's PipelineEngine, as far as the hooks go
+        def train_batch(self):
+            pass
+
+    with pytest.raises(DeepSpeedTooOld) as err:
+        require_hooks(Old, "0.19.7")
+    message = str(err.value)
+    assert "\n" not in message and "deepspeed>=0.19.8" in message
+    assert all(name in message for name in HOOKS) and "DeepSpeed 0.19.7" in message

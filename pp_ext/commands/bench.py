@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from pp_ext.schedules import ScheduleError
 from pp_ext.tools.files import write_atomic
@@ -173,7 +174,7 @@ def _resolve(args: argparse.Namespace) -> None:
         if getattr(args, name) is None:
             setattr(args, name, with_model if model else default)
     if not model:
-        for name, default in (
+        for name, value in (
             ("stages", 2),
             ("hidden", 256),
             ("blocks_per_rank", 2),
@@ -183,7 +184,7 @@ def _resolve(args: argparse.Namespace) -> None:
             ("auto_trials", 5),
         ):
             if getattr(args, name) is None:
-                setattr(args, name, default)
+                setattr(args, name, value)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -289,6 +290,7 @@ def run_model_bench(args: argparse.Namespace) -> int:
     names = (
         tuple(n.strip() for n in args.schedules.split(",") if n.strip()) if args.schedules else None
     )
+    extra: dict[str, Any] = {"schedules": names} if names else {}
     options = ModelBenchOptions(
         model=args.model,
         device=args.device or "",
@@ -300,7 +302,7 @@ def run_model_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         layer_repeats=args.repeats,
         dtype=args.dtype or "bfloat16",
-        **({"schedules": names} if names else {}),
+        **extra,
     )
     if args.save and Path(args.save).is_dir():
         raise CommandError(

@@ -174,7 +174,7 @@ def samples(run_dir: Path, count: int) -> list[str]:
             out = model.generate(
                 ids, max_new_tokens=len(tokenizer(expected).input_ids) + 1, do_sample=False
             )
-        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        answer = str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         correct = answer.strip() == expected.strip()
         right += correct
         rows.append([repr(prompt), repr(expected), repr(answer), "yes" if correct else "no"])

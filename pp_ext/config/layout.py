@@ -13,6 +13,7 @@ the run's with it (:meth:`Layout.changes`): what differs is re-cut by
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import cast
 
 from omegaconf import OmegaConf
 
@@ -36,7 +37,7 @@ class Layout:
     ) -> Layout:
         partition = recipe.parallel.partition
         if OmegaConf.is_config(partition):
-            partition = tuple(OmegaConf.to_container(partition))
+            partition = tuple(cast(list, OmegaConf.to_container(partition)))
         return cls(pipeline, tensor, data, chunks, placement, partition)
 
     @property

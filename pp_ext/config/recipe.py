@@ -16,8 +16,9 @@ import difflib
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
@@ -154,6 +155,46 @@ def _check_numbers(recipe: DictConfig) -> None:
         )
 
 
+PEFT_TYPES = ("none", "lora")
+
+
+def _check_peft(peft: DictConfig) -> None:
+    """The ``peft`` section's values as PEFT's ``LoraConfig`` would take them (the
+    model-dependent checks, targets and the adapter folder's base, are
+    :func:`pp_ext.peft.config.check_targets` and :func:`~pp_ext.peft.config.check_adapter`)."""
+    _choice("peft.type", peft.type, PEFT_TYPES)
+    if peft.type == "none":
+        return
+    _positive("peft.r", peft.r)
+    _number("peft.lora_alpha", peft.lora_alpha, above=True)
+    _number("peft.lora_dropout", peft.lora_dropout)
+    if peft.lora_dropout >= 1:
+        raise RecipeError(
+            f"recipe key 'peft.lora_dropout' must be in [0, 1), got {peft.lora_dropout}"
+        )
+    targets = peft.target_modules
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        and targets
+        or isinstance(targets, ListConfig)
+        and targets
+        and all(isinstance(t, str) for t in targets)
+    ):
+        raise RecipeError(
+            f"recipe key 'peft.target_modules' must be a list of module names, a regex string or "
+            f"all-linear (as PEFT's LoraConfig reads it), got {targets!r}"
+        )
+    if (
+        peft.adapter_path is not None
+        and not (Path(peft.adapter_path) / "adapter_config.json").is_file()
+    ):
+        raise RecipeError(
+            f"recipe key 'peft.adapter_path' is {peft.adapter_path}, which holds no "
+            f"adapter_config.json: give a PEFT adapter folder (save_pretrained's) or drop the key"
+        )
+
+
 def _check(recipe: DictConfig) -> None:
     """What the schema's types cannot say."""
     _choice("model.dtype", recipe.model.dtype, DTYPES)
@@ -246,9 +287,10 @@ def _check(recipe: DictConfig) -> None:
                 f"deepspeed.overrides.{key} is derived by pp-ext: set {instead} instead"
             )
     _check_numbers(recipe)
+    _check_peft(recipe.peft)
 
 
-def load(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
+def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
     """The recipe at ``path`` with ``overrides`` (``key=value`` strings) applied, typed
     and checked. Raises :class:`RecipeError` with one line on any problem."""
     path = Path(path)
@@ -273,8 +315,10 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
         OmegaConf.to_container(recipe, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         raise _explain(exc, "command line" if overrides else str(path)) from None
+    assert isinstance(recipe, DictConfig)
     _check(recipe)
-    return recipe
+    # OmegaConf's structured config: a DictConfig that reads (and is typed) as its dataclass
+    return cast(Recipe, recipe)
 
 
 def available() -> list[Path]:
@@ -297,7 +341,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
-def resolve_parallel(recipe: DictConfig, world_size: int) -> tuple[int, int, int]:
+def resolve_parallel(recipe: Recipe, world_size: int) -> tuple[int, int, int]:
     """``(pipeline, tensor, data)`` for ``world_size`` ranks; ``data: auto`` fills the rest."""
     pipe, tensor, data = recipe.parallel.pipeline, recipe.parallel.tensor, recipe.parallel.data
     model_parallel = pipe * tensor
@@ -317,7 +361,7 @@ def resolve_parallel(recipe: DictConfig, world_size: int) -> tuple[int, int, int
     return pipe, tensor, data
 
 
-def state_bytes(recipe: DictConfig, data_parallel: int) -> memory.StateBytes:
+def state_bytes(recipe: Recipe, data_parallel: int) -> memory.StateBytes:
     """Bytes per parameter a rank holds under this recipe (:mod:`pp_ext.planning.memory`):
     its dtype, optimizer, and the DeepSpeed config's bf16 and ZeRO stage."""
     config = deepspeed_config(recipe, data_parallel)
@@ -341,7 +385,7 @@ def batch_config(micro_batch_size: int, micro_batches: int, data_parallel: int) 
     }
 
 
-def deepspeed_config(recipe: DictConfig, data_parallel: int, output_dir: str | None = None) -> dict:
+def deepspeed_config(recipe: Recipe, data_parallel: int, output_dir: str | None = None) -> dict:
     """DeepSpeed's config: ``deepspeed.bases`` merged in order, ``deepspeed.overrides`` on
     top, and the keys pp-ext derives from the recipe (batch sizes, clipping, the
     monitors). The optimizer and the learning-rate schedule are passed to
@@ -355,7 +399,8 @@ def deepspeed_config(recipe: DictConfig, data_parallel: int, output_dir: str | N
                 f"{', '.join(deepspeed_bases())} (configs/deepspeed/)"
             )
         config = _deep_merge(config, json.loads(path.read_text()))
-    config = _deep_merge(config, OmegaConf.to_container(recipe.deepspeed).get("overrides") or {})
+    section = cast(dict, OmegaConf.to_container(cast(DictConfig, recipe.deepspeed)))
+    config = _deep_merge(config, section.get("overrides") or {})
     train, parallel = recipe.train, recipe.parallel
     config.update(
         batch_config(train.micro_batch_size, parallel.micro_batches, data_parallel),

@@ -127,6 +127,29 @@ class LoggingConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning; the names and meanings are PEFT's ``LoraConfig``'s
+    (Hu et al. 2021, "LoRA", arXiv:2106.09685: W x + (lora_alpha / r) B A x)."""
+
+    type: str = "none"
+    """none: full fine-tuning | lora"""
+    r: int = 8
+    """the adapters' rank"""
+    lora_alpha: float = 8
+    """the scale's numerator: lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)"""
+    lora_dropout: float = 0.0
+    target_modules: Any = None
+    """module names (a list: a name or its dotted suffix), a regex (a string: full match), or
+    all-linear (every linear layer but the LM head); None: PEFT's default for the family"""
+    use_rslora: bool = False
+    """scale lora_alpha / sqrt(r) (Kalajdzievski 2023, "Rank-Stabilized LoRA", arXiv:2312.03732)"""
+    modules_to_save: Optional[list] = None
+    """modules trained in full besides the adapters (e.g. [lm_head])"""
+    adapter_path: Optional[str] = None
+    """start from this PEFT adapter folder (adapter_config.json, adapter_model.safetensors)"""
+
+
+@dataclass
 class Recipe:
     output_dir: str = "???"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,6 +158,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     deepspeed: dict = field(default_factory=lambda: {"bases": ["fp32-cpu"], "overrides": {}})
     """DeepSpeed config: bases from configs/deepspeed/ (e.g. [fp32-cpu]) merged in order, then
     `deepspeed.overrides` on top; pp-ext fills batch sizes, clipping and optimizer"""

@@ -25,6 +25,7 @@ import functools
 from collections.abc import Callable
 from contextlib import nullcontext
 
+import deepspeed
 import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
@@ -37,7 +38,10 @@ from pp_ext.schedules import Action, Kind, Schedule, lower
 
 from . import instructions as ins
 from . import p2p
+from .boundary import require_hooks
 from .module import ChunkedPipelineModule
+
+require_hooks(PipelineEngine, deepspeed.__version__)
 
 
 class PipelineError(RuntimeError):

@@ -48,17 +48,19 @@ def balanced_parts(costs: Sequence[float], stages: int) -> list[int]:
     for cost in costs:
         prefix.append(prefix[-1] + cost)
     # best[s][i]: (largest stage, sum of squares) of the first i layers in s stages
-    best = [[None] * (n + 1) for _ in range(stages + 1)]
+    best: list[list[tuple[float, float] | None]] = [[None] * (n + 1) for _ in range(stages + 1)]
     cut = [[0] * (n + 1) for _ in range(stages + 1)]
     best[0][0] = (0.0, 0.0)
     for s in range(1, stages + 1):
         for i in range(s, n - (stages - s) + 1):
             for k in range(s - 1, i):
-                if best[s - 1][k] is None:
+                below = best[s - 1][k]
+                if below is None:
                     continue
                 stage = prefix[i] - prefix[k]
-                score = (max(best[s - 1][k][0], stage), best[s - 1][k][1] + stage * stage)
-                if best[s][i] is None or score < best[s][i]:
+                score = (max(below[0], stage), below[1] + stage * stage)
+                here = best[s][i]
+                if here is None or score < here:
                     best[s][i], cut[s][i] = score, k
     parts = [n]
     for s in range(stages, 0, -1):

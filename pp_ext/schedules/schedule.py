@@ -158,7 +158,7 @@ class Schedule:
 
     def incoming(self, rank: int, action: Action) -> list[Message]:
         """Messages a compute action needs from other ranks."""
-        messages = []
+        messages: list[Message] = []
         for src, dep in self.dependencies(rank, action):
             if src != rank:
                 messages.extend(m for m in self.outgoing(src, dep) if m.dst == rank)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import cast
 
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoTokenizer
@@ -34,6 +35,7 @@ from pp_ext.config.schema import Recipe
 from pp_ext.engine.module import partition
 from pp_ext.hf import layer_specs, position_table, supported
 from pp_ext.hf.loading import load_config
+from pp_ext.peft import PeftError, check_adapter, lora_config, target_names
 from pp_ext.schedules import Schedule, ScheduleError, get
 from pp_ext.schedules.auto import auto_schedule
 from pp_ext.schedules.cost_model import Profile
@@ -107,6 +109,7 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
         )
     check_tokenizer(recipe, config)
     check_positions(recipe, config)
+    check_peft(recipe, config)
     save_dir = checkpoints.save_dir(recipe)
     check_folders(recipe, save_dir)
     if (resume_from := checkpoints.resume_point(recipe.checkpoint.resume, save_dir)) is not None:
@@ -168,6 +171,26 @@ def check_positions(recipe, config) -> None:
             f"model.path {recipe.model.path} ({config.model_type}: {rows} positions): set "
             f"data.seq_len <= {rows}"
         )
+
+
+def check_peft(recipe, config) -> None:
+    """The ``peft`` section against the model: its targets match some module (PEFT's rules
+    on the full model) and ``adapter_path`` is a LoRA adapter of this rank for this base."""
+    if recipe.peft.type == "none":
+        return
+    lora = lora_config(recipe.peft)
+    try:
+        target_names(lora, config)
+        if recipe.peft.adapter_path is not None:
+            check_adapter(recipe.peft.adapter_path, lora, recipe.model.path)
+    except PeftError as exc:
+        raise RecipeError(str(exc)) from None
+    # the stages' adapters, their optimizer state, checkpoints and export are issue 23's
+    # next steps: until then a LoRA recipe must not fall back to full fine-tuning silently
+    raise RecipeError(
+        "peft.type=lora: LoRA training is not wired into the training job yet (issue 23): "
+        "set peft.type=none for full fine-tuning"
+    )
 
 
 def _writable_folder(key: str, path: Path) -> None:
@@ -242,5 +265,5 @@ def recipe_schedule(recipe, pipe: int):
             if chunks is not None or count == 1:
                 raise
     limit = recipe.parallel.memory_limit
-    limit = OmegaConf.to_container(limit) if OmegaConf.is_config(limit) else limit
+    limit = cast(list, OmegaConf.to_container(limit)) if OmegaConf.is_config(limit) else limit
     return auto_schedule(pipe, recipe.parallel.micro_batches, cuts, limit, chunks)

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -139,11 +140,12 @@ class Trainer:
                     self.eval_set = data.load(
                         recipe.data, tokenizer, "eval", seed=recipe.train.seed
                     )
+        assert self.train_set is not None  # every rank loaded it, in one turn or the other
         per_epoch = data.steps_per_epoch(len(self.train_set), self.global_batch)
         if recipe.train.steps is not None:
             self.steps = recipe.train.steps
-        else:
-            self.steps = math.ceil(recipe.train.epochs * per_epoch)
+        else:  # the recipe's check: steps or epochs
+            self.steps = math.ceil(cast(float, recipe.train.epochs) * per_epoch)
 
     def batches(self, dataset, start_step: int = 0):
         return data.micro_batches(
@@ -243,7 +245,7 @@ class Trainer:
             f"micro-batches x {recipe.train.micro_batch_size} x {recipe.data.seq_len} tokens; "
             + (
                 f"{steps} steps ({len(self.train_set)} training samples)"
-                if steps
+                if steps and self.train_set is not None
                 else "0 steps: load and export"
             )
         )

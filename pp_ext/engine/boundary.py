@@ -1,0 +1,30 @@
+"""The DeepSpeed boundary: the ``PipelineEngine`` methods pp-ext's engines override.
+
+:class:`~pp_ext.engine.engine.ScheduleEngine` replaces DeepSpeed's schedule through
+``_train_schedule`` and ``_inference_schedule`` and names the loss rank through
+``_loss_stage_global_rank``; these hooks first shipped in DeepSpeed 0.19.8 (0.19.7 and
+earlier have none of them, checked on the released sources). Where they are missing,
+``train_batch`` would silently run DeepSpeed's own 1F1B instead, so the engine refuses
+to load (:func:`require_hooks`), in one line naming the fix.
+"""
+
+from __future__ import annotations
+
+HOOKS = ("_train_schedule", "_inference_schedule", "_loss_stage_global_rank")
+FIRST_RELEASE = "0.19.8"
+
+
+class DeepSpeedTooOld(ImportError):
+    """The installed DeepSpeed lacks the pipeline hooks pp-ext overrides."""
+
+
+def missing_hooks(engine_class: type) -> list[str]:
+    return [name for name in HOOKS if not callable(getattr(engine_class, name, None))]
+
+
+def require_hooks(engine_class: type, version: str) -> None:
+    if missing := missing_hooks(engine_class):
+        raise DeepSpeedTooOld(
+            f"DeepSpeed {version} has no PipelineEngine.{', '.join(missing)}, which pp-ext's "
+            f"engine overrides (its schedule would not run): install deepspeed>={FIRST_RELEASE}"
+        )

@@ -1,0 +1,111 @@
+"""The recipe's ``peft`` section as a ``peft.LoraConfig``, and what it selects.
+
+Which modules get adapters is PEFT's decision, not pp-ext's: :func:`target_names` lets
+``peft.inject_adapter_in_model`` wrap the full HF model built on the meta device (no
+memory, no initialisation) and reads back the modules it wrapped, so a list, a regex,
+``all-linear`` (every linear layer but the LM head) and ``None`` (PEFT's default for the
+family) select exactly the modules ``peft.get_peft_model`` would; a pipeline stage then
+wraps only the ones among its own layers. Hu et al. 2021, "LoRA: Low-Rank Adaptation of
+Large Language Models", arXiv:2106.09685.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, TaskType, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from pp_ext.hf.weights import meta_model
+
+ADAPTER_CONFIG = "adapter_config.json"  # the name PEFT's save_pretrained writes
+
+
+class PeftError(ValueError):
+    """A ``peft`` section or adapter folder the user must fix (one line)."""
+
+
+def lora_config(section) -> LoraConfig:
+    """PEFT's ``LoraConfig`` of the recipe's ``peft`` section (same names, same meaning)."""
+    targets = section.target_modules
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=section.r,
+        lora_alpha=section.lora_alpha,
+        lora_dropout=section.lora_dropout,
+        target_modules=targets if targets is None or isinstance(targets, str) else list(targets),
+        use_rslora=section.use_rslora,
+        modules_to_save=None if section.modules_to_save is None else list(section.modules_to_save),
+    )
+
+
+def _linear_names(model: PreTrainedModel) -> list[str]:
+    """The last name of every linear module (what a target list usually names)."""
+    return sorted(
+        {
+            name.rpartition(".")[2]
+            for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D))
+        }
+    )
+
+
+def target_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
+    """The HF module names of the model of ``config`` that PEFT wraps with ``lora``;
+    raises :class:`PeftError` naming the model's linear modules when none matches."""
+    model = meta_model(config)
+    try:
+        # on a copy: PEFT writes all-linear's expansion back into the config it gets
+        inject_adapter_in_model(LoraConfig(**lora.to_dict()), model, low_cpu_mem_usage=True)
+    except ValueError as exc:
+        if "not found in the base model" in str(exc):
+            targets = lora.target_modules  # LoraConfig keeps a list as a set
+            shown = sorted(targets) if isinstance(targets, set) else targets
+            problem = f"peft.target_modules {shown!r} matches no module of"
+        elif "specify `target_modules`" in str(exc):
+            problem = "peft.target_modules is not set and PEFT has no default for"
+        else:
+            raise
+        raise PeftError(
+            f"{problem} this {config.model_type} model: name some of its linear modules "
+            f"({', '.join(_linear_names(model))}) or use all-linear"
+        ) from None
+    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def _base_name(path: str | None) -> str | None:
+    """A base model's name as it is compared: a folder that exists by its resolved path."""
+    return str(Path(path).resolve()) if path and Path(path).is_dir() else path
+
+
+def check_adapter(adapter_path: str | Path, lora: LoraConfig, base_model: str) -> dict:
+    """The adapter folder's ``adapter_config.json``, checked against the recipe: a LoRA
+    adapter of rank ``lora.r`` made for ``base_model``; else :class:`PeftError` naming both."""
+    path = Path(adapter_path) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise PeftError(
+            f"peft.adapter_path {adapter_path} holds no {ADAPTER_CONFIG}: give a PEFT adapter "
+            f"folder (save_pretrained's) or drop the key"
+        )
+    saved = json.loads(path.read_text())
+    if saved.get("peft_type") != "LORA":
+        raise PeftError(
+            f"peft.adapter_path {adapter_path} is a {saved.get('peft_type')} adapter, not LoRA: "
+            f"give a LoRA adapter folder"
+        )
+    if saved.get("r") != lora.r:
+        raise PeftError(
+            f"peft.adapter_path {adapter_path} has rank r={saved.get('r')} but the recipe has "
+            f"peft.r={lora.r}: set peft.r={saved.get('r')} or give an adapter of rank {lora.r}"
+        )
+    made_for = saved.get("base_model_name_or_path")
+    if made_for is not None and _base_name(made_for) != _base_name(base_model):
+        raise PeftError(
+            f"peft.adapter_path {adapter_path} was made for base model {made_for}, not "
+            f"model.path {base_model}: give the adapter's base model or an adapter made for it"
+        )
+    return saved

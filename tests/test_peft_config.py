@@ -1,0 +1,154 @@
+"""The recipe's ``peft`` section: PEFT's ``LoraConfig`` from it, target modules chosen as
+``peft.get_peft_model`` chooses them on every family, and one-line errors for bad input
+(no process is launched)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import CONFIGS
+from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from test_recipe import one_line_error, recipe_file  # noqa: F401 - the fixture
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pp_ext.config.recipe import load
+from pp_ext.peft import PeftError, check_adapter, lora_config, target_names
+
+TARGETS = [
+    None,  # PEFT's default for the family
+    "all-linear",
+    ["q_proj", "v_proj", "c_attn", "query_key_value"],
+    r".*\.(\w+_proj|c_attn|c_fc|dense\w*)",  # a full match, as PEFT reads a string
+]
+
+
+def _reference(model_type: str, targets) -> list[str]:
+    """The modules peft's own get_peft_model wraps on transformers' model."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[model_type](False))
+    peft_model = get_peft_model(
+        model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=targets)
+    )
+    prefix = "base_model.model."
+    return [
+        name.removeprefix(prefix)
+        for name, module in peft_model.named_modules()
+        if isinstance(module, BaseTunerLayer)
+    ]
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_targets_are_those_get_peft_model_wraps(model_type):
+    config = CONFIGS[model_type](False)
+    for targets in TARGETS:
+        lora = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=targets)
+        before = lora.to_dict()
+        try:
+            expected = _reference(model_type, targets)
+        except ValueError:  # this family has none of the listed names
+            with pytest.raises(PeftError):
+                target_names(lora, config)
+            continue
+        names = target_names(lora, config)
+        assert names == expected, (model_type, targets)
+        assert lora.to_dict() == before  # the caller's config is left as it was
+
+
+def test_targets_that_match_nothing_list_the_linear_modules():
+    lora = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["qproj"])
+    with pytest.raises(PeftError) as error:
+        target_names(lora, CONFIGS["llama"](False))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "matches no module of this llama model" in message
+    assert "q_proj, up_proj, v_proj" in message
+
+
+def test_recipe_section_is_peft_lora_config(recipe_file):  # noqa: F811
+    recipe = load(
+        recipe_file,
+        [
+            "peft.type=lora",
+            "peft.r=4",
+            "peft.lora_alpha=16",
+            "peft.lora_dropout=0.1",
+            "peft.target_modules=[q_proj,v_proj]",
+            "peft.use_rslora=true",
+            "peft.modules_to_save=[lm_head]",
+        ],
+    )
+    lora = lora_config(recipe.peft)
+    assert lora == LoraConfig(
+        task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        use_rslora=True,
+        modules_to_save=["lm_head"],
+    )
+    assert load(recipe_file).peft.type == "none"
+    regex = lora_config(load(recipe_file, ["peft.type=lora", "peft.target_modules=.*proj"]).peft)
+    assert regex.target_modules == ".*proj"
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["peft.type=qlora"], "recipe key 'peft.type' is 'qlora': choose one of none, lora"),
+        (["peft.r=0"], "recipe key 'peft.r' must be >= 1, got 0"),
+        (["peft.lora_alpha=0"], "recipe key 'peft.lora_alpha' must be a finite number > 0"),
+        (["peft.lora_dropout=1.0"], "recipe key 'peft.lora_dropout' must be in [0, 1), got 1.0"),
+        (["peft.target_modules=[]"], "recipe key 'peft.target_modules' must be a list"),
+        (["peft.target_modules=3"], "recipe key 'peft.target_modules' must be a list"),
+        (
+            ["peft.adapter_path=/nonexistent/adapter"],
+            "recipe key 'peft.adapter_path' is /nonexistent/adapter, which holds no "
+            "adapter_config.json",
+        ),
+    ],
+)
+def test_bad_peft_sections_name_the_key_and_the_fix(recipe_file, overrides, expected):  # noqa: F811
+    assert expected in one_line_error(load, recipe_file, ["peft.type=lora", *overrides])
+
+
+def test_adapter_folder_for_another_rank_or_base(tmp_path):
+    base = tmp_path / "base"
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama"](False))
+    model.save_pretrained(base)
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(adapter)
+    assert check_adapter(adapter, lora, str(base))["r"] == 2
+    for other, fix in (
+        (LoraConfig(r=4), "has rank r=2 but the recipe has peft.r=4: set peft.r=2"),
+        (lora, f"was made for base model {base}, not model.path {tmp_path}"),
+    ):
+        with pytest.raises(PeftError) as error:
+            check_adapter(adapter, other, str(tmp_path) if other is lora else str(base))
+        assert fix in str(error.value) and "\n" not in str(error.value)
+
+
+QUICKSTART = "recipes/quickstart.yaml"
+
+
+def test_launch_checks_the_peft_section_against_the_model(tmp_path):
+    """`check_before_launch` (before any rank starts): targets that match nothing and an
+    adapter folder of another rank are one line each; a valid LoRA recipe is refused until
+    the training job trains adapters (never a silent full fine-tune); nothing is written."""
+    from pp_ext.training.preflight import check_before_launch
+
+    adapter = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained("configs/models/quickstart"))
+    lora = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])
+    get_peft_model(base, lora).save_pretrained(adapter)
+    run = tmp_path / "run"
+    for overrides, expected in (
+        (["peft.target_modules=[qproj]"], "peft.target_modules ['qproj'] matches no module"),
+        ([f"peft.adapter_path={adapter}", "peft.r=4"], "has rank r=2 but the recipe has peft.r=4"),
+        ([f"peft.adapter_path={adapter}", "peft.r=2"], "LoRA training is not wired"),
+    ):
+        recipe = load(QUICKSTART, [f"output_dir={run}", "peft.type=lora", *overrides])
+        assert expected in one_line_error(check_before_launch, recipe, 2)
+    assert not run.exists()
