@@ -63,7 +63,7 @@ def _entry(
     os.dup2(2, 1)
     # the parent's warning filters (pytest's filterwarnings): a warning that fails a test
     # in the parent fails it in a rank too
-    warnings.filters[:] = filters
+    warnings.filters[:] = filters  # type: ignore[index]  # typeshed: a Sequence; in place, so _warnings sees it
     try:
         init_rank(rank, world_size, port, comm_timeout_s=comm_timeout_s)
         results.put((rank, True, fn(rank, world_size, *args)))
