@@ -38,12 +38,12 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
 
 from pp_ext import tp
+from pp_ext.checkpoint.tags import LATEST
 from pp_ext.hf.families import layer_specs
 from pp_ext.hf.loading import load_config, to_dtype
 from pp_ext.hf.weights import checkpoint_names, meta_model
 
 HF_META = "hf_meta"
-LATEST = "latest"  # DeepSpeed's pointer file in a save dir
 MODEL_FILES = (CONFIG_NAME, GENERATION_CONFIG_NAME)
 
 

@@ -25,7 +25,7 @@ from pp_ext.config.recipe import RecipeError
 from pp_ext.tools.files import write_atomic
 
 MARKER = "pp_ext.json"
-LATEST = "latest"
+LATEST = "latest"  # the pointer file of a save dir (DeepSpeed's name): the newest complete tag
 
 
 def tag_name(step: int) -> str:
