@@ -158,8 +158,8 @@ def test_key_set_is_checked(world, tmp_path, monkeypatch):
     save_dir, _, _ = checkpoint(tmp_path, "llama", False)
     real = export.checkpoint_tensors
 
-    def renamed(tag_dir, config):
-        tensors = real(tag_dir, config)
+    def renamed(tag_dir, config, adapters=None):
+        tensors = real(tag_dir, config, adapters)
         tensors["model.extra.weight"] = tensors.pop("model.norm.weight")
         return tensors
 

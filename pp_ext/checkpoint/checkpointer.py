@@ -11,6 +11,8 @@ from pp_ext.checkpoint import reshape, tags
 from pp_ext.checkpoint.export import save_hf_metadata
 from pp_ext.config.layout import Layout
 from pp_ext.config.schema import Recipe
+from pp_ext.hf.loading import load_config
+from pp_ext.peft import Targets, lora_config
 from pp_ext.tools.logging import get_logger, rank
 
 log = get_logger()
@@ -20,6 +22,9 @@ class Checkpointer:
     def __init__(self, engine, recipe: Recipe, layout: Layout) -> None:
         self.engine, self.recipe, self.layout = engine, recipe, layout
         self.save_dir = tags.save_dir(recipe)
+        # LoRA: the base weights are the model folder's, unchanged; a checkpoint holds the
+        # trained tensors (adapters, modules_to_save) and their optimizer state only
+        self.frozen_base = recipe.peft.type != "none"
 
     def resume(self) -> int | None:
         """Load the checkpoint ``checkpoint.resume`` names, if any; its step (None: a
@@ -33,9 +38,11 @@ class Checkpointer:
         reshaped = self.layout.changes(saved)
         try:
             if reshaped:
-                reshape.load(self.engine, load_dir / tag, reshaped)
+                reshape.load(self.engine, load_dir / tag, reshaped, self.adapters())
             else:
-                self.engine.load_checkpoint(str(load_dir), tag=tag)
+                self.engine.load_checkpoint(
+                    str(load_dir), tag=tag, load_module_strict=not self.frozen_base
+                )
         except tags.CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever DeepSpeed says, the fix is the user's
@@ -51,6 +58,12 @@ class Checkpointer:
         )
         return saved["step"]
 
+    def adapters(self) -> Targets | None:
+        """What the LoRA run trains (None: full fine-tuning)."""
+        if not self.frozen_base:
+            return None
+        return Targets.of(lora_config(self.recipe.peft), load_config(self.recipe.model.path))
+
     def due(self, step: int, steps: int) -> bool:
         interval = self.recipe.checkpoint.interval
         return bool(interval) and step % interval == 0 and step != steps
@@ -64,18 +77,27 @@ class Checkpointer:
             str(self.save_dir),
             tag=tag,
             save_latest=False,
+            exclude_frozen_parameters=self.frozen_base,
             client_state={"step": step, **reshape.client_state(self.engine)},
         )
         if rank() == 0:
             save_hf_metadata(
-                self.save_dir / tag, self.recipe.model.path, self.recipe.model.tokenizer
+                self.save_dir / tag,
+                self.recipe.model.path,
+                self.recipe.model.tokenizer,
+                adapter=lora_config(self.recipe.peft) if self.frozen_base else None,
             )
         dist.barrier()  # every rank's files are on disk before the marker says so
         if rank() == 0:
             tags.mark_complete(
                 self.save_dir,
                 tag,
-                {"step": step, "schedule": self.recipe.parallel.schedule, **self.layout.saved()},
+                {
+                    "step": step,
+                    "schedule": self.recipe.parallel.schedule,
+                    "peft": self.recipe.peft.type,
+                    **self.layout.saved(),
+                },
             )
             tags.prune(self.save_dir, self.recipe.checkpoint.keep)
         dist.barrier()

@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from huggingface_hub import split_torch_state_dict_into_shards
+from peft import LoraConfig, PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
 
 from pp_ext import tp
@@ -42,6 +44,8 @@ from pp_ext.checkpoint.tags import LATEST
 from pp_ext.hf.families import layer_specs
 from pp_ext.hf.loading import load_config, to_dtype
 from pp_ext.hf.weights import checkpoint_names, meta_model
+from pp_ext.peft import Targets, add_adapters, peft_keys
+from pp_ext.peft.config import ADAPTER_CONFIG, adapter_keys
 
 HF_META = "hf_meta"
 MODEL_FILES = (CONFIG_NAME, GENERATION_CONFIG_NAME)
@@ -55,6 +59,7 @@ def save_hf_metadata(
     tag_dir: str | Path,
     model: str | Path | PretrainedConfig,
     tokenizer_dir: str | Path | None = None,
+    adapter: LoraConfig | None = None,
 ) -> Path:
     """Write ``<tag_dir>/hf_meta/``: what rebuilds the HF model from the checkpoint.
 
@@ -63,10 +68,17 @@ def save_hf_metadata(
     as transformers saves it (``AutoTokenizer.from_pretrained(...).save_pretrained``:
     tokenizer.json, tokenizer_config.json, chat template, vocab/merges, ...), so
     whatever tokenizer format the model uses travels with it and nothing else from the
-    folder does (scripts, READMEs). Rank 0 calls this after ``engine.save_checkpoint``.
+    folder does (scripts, READMEs). ``adapter``: a LoRA run's config, saved as PEFT
+    saves it (``adapter_config.json``, naming the model folder as its base). Rank 0 calls
+    this after ``engine.save_checkpoint``.
     """
     meta = Path(tag_dir) / HF_META
     meta.mkdir(parents=True, exist_ok=True)
+    if adapter is not None:
+        base = None if isinstance(model, PretrainedConfig) else str(Path(model).resolve())
+        saved = LoraConfig(**{**adapter.to_dict(), "base_model_name_or_path": base})
+        saved.inference_mode = True  # as PeftModel.save_pretrained writes it
+        saved.save_pretrained(meta)
     if isinstance(model, PretrainedConfig):
         model.save_pretrained(meta)
     else:
@@ -171,11 +183,13 @@ def load_layer(path: Path) -> dict[str, torch.Tensor]:
 
 
 def layer_tensors(
-    tag_dir: Path, idx: int, spec: LayerSpec
+    tag_dir: Path, idx: int, spec: LayerSpec, adapters: Targets | None = None
 ) -> tuple[torch.nn.Module, dict[str, Stored]]:
     """Layer ``idx`` of the checkpoint: ``spec`` built on the meta device for the saved
     tensor size (one file per tensor rank), and where each of its tensors lies, under
-    its ``state_dict`` name, with the cut that merges its parts."""
+    its ``state_dict`` name, with the cut that merges its parts. ``adapters``: a LoRA
+    run's checkpoint, whose files hold all but the frozen parameters (DeepSpeed's
+    ``exclude_frozen_parameters``)."""
     paths = tuple(layer_files(tag_dir, idx))
     try:
         with (
@@ -183,11 +197,15 @@ def layer_tensors(
             tp.using(tp.TensorAxis(len(paths))),
         ):  # every rank's part has one shape
             layer = spec.build()
+            if adapters is not None:
+                add_adapters([(idx, layer)], adapters, seed=0)
     except ValueError as err:  # a config that cannot be cut so many ways
         raise ExportError(
             f"{paths[0].name} is one of {len(paths)} tensor-parallel slices: {err}"
         ) from None
-    expected, cut = layer.state_dict(), tp.splits(layer)
+    frozen = {name for name, param in layer.named_parameters() if not param.requires_grad}
+    expected = {k: v for k, v in layer.state_dict().items() if k not in frozen}
+    cut = tp.splits(layer)
     for path in paths:
         state = load_layer(path)
         if state.keys() != expected.keys() or any(
@@ -210,17 +228,20 @@ def layer_tensors(
     }
 
 
-def checkpoint_tensors(tag_dir: Path, config: PretrainedConfig) -> dict[str, Stored]:
+def checkpoint_tensors(
+    tag_dir: Path, config: PretrainedConfig, adapters: Targets | None = None
+) -> dict[str, Stored]:
     """Every tensor of the checkpoint under its HF name, one layer (its tensor ranks'
-    files) at a time."""
+    files) at a time; a LoRA run's (``adapters``) under its key in PEFT's adapter file."""
     try:
         specs = layer_specs(config)
     except ValueError as err:
         raise ExportError(str(err)) from None
     tensors = {}
     for idx, spec in saved_layers(specs):
-        layer, stored = layer_tensors(tag_dir, idx, spec)
-        tensors.update({hf: stored[local] for local, hf in layer.hf_keys().items()})
+        layer, stored = layer_tensors(tag_dir, idx, spec, adapters)
+        names = layer.hf_keys() if adapters is None else peft_keys(layer)
+        tensors.update({names[local]: stored[local] for local in names})
     return tensors
 
 
@@ -290,6 +311,7 @@ def export_checkpoint(
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    merge: bool = False,
 ) -> Path:
     """Write the HF folder of a pp-ext checkpoint to ``out_dir`` (returned).
 
@@ -300,6 +322,11 @@ def export_checkpoint(
     dtype, and the other hf_meta files. The tensor names must be exactly those of the
     HF model (``from_config`` on the meta device, tied copies left out), else nothing
     is written. An existing non-empty ``out_dir`` is an error unless ``overwrite``.
+
+    A LoRA run's checkpoint (``hf_meta/adapter_config.json``) exports as a PEFT adapter
+    folder (``adapter_config.json``, ``adapter_model.safetensors``, the tokenizer), its
+    tensors exactly those ``get_peft_model`` would save; ``merge``: the merged full
+    model instead, which ``from_pretrained`` loads.
     """
     tag_dir, out_dir = tag_dir_of(checkpoint, tag), Path(out_dir)
     meta = tag_dir / HF_META
@@ -318,22 +345,62 @@ def export_checkpoint(
     except ValueError as err:
         raise ExportError(str(err)) from None
     config = AutoConfig.from_pretrained(meta)
-    tensors = checkpoint_tensors(tag_dir, config)
+    lora = LoraConfig.from_pretrained(meta) if (meta / ADAPTER_CONFIG).is_file() else None
+    if merge and lora is None:
+        raise ExportError(
+            f"{tag_dir} is a full fine-tune's checkpoint: --merge is for LoRA checkpoints "
+            f"(drop --merge; the export is the whole model already)"
+        )
+    if merge and lora.base_model_name_or_path is None:
+        raise ExportError(
+            f"{tag_dir} was trained on a base model without weights (a config): --merge needs "
+            f"the base model's weights; export the adapter without --merge"
+        )
+    adapters = None if lora is None else Targets.of(lora, config)
+    tensors = checkpoint_tensors(tag_dir, config, adapters)
     model = meta_model(config)
-    _check_keys(tensors, set(model.state_dict()) - set(model.all_tied_weights_keys))
+    if lora is None:
+        _check_keys(tensors, set(model.state_dict()) - set(model.all_tied_weights_keys))
+    else:
+        _check_keys(tensors, adapter_keys(lora, config))
     out_dtype = out_dtype or next(t.dtype for t in tensors.values() if t.dtype.is_floating_point)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        _write_weights(tensors, checkpoint_names(tensors, model), out_dtype, tmp, max_shard_size)
-        config.dtype = out_dtype
-        config.save_pretrained(tmp)
+        if lora is None:
+            names = checkpoint_names(tensors, model)
+            _write_weights(tensors, names, out_dtype, tmp, max_shard_size)
+            config.dtype = out_dtype
+            config.save_pretrained(tmp)
+        # the tokenizer, generation_config.json, and a LoRA run's adapter_config.json
         for path in meta.iterdir():
             if path.is_file() and path.name != CONFIG_NAME:
                 shutil.copy2(path, tmp / path.name)
+        if lora is not None:
+            _write_adapter(tensors, out_dtype, tmp)
+        if merge:
+            _merge(tmp, lora, out_dtype)
         _replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_adapter(tensors: dict[str, Stored], dtype: torch.dtype, folder: Path) -> None:
+    """PEFT's ``adapter_model.safetensors`` (adapters are small: one file, no shards)."""
+    load = functools.lru_cache(maxsize=max(len(t.paths) for t in tensors.values()))(load_layer)
+    weights = {key: t.read(load).to(dtype, copy=True).contiguous() for key, t in tensors.items()}
+    save_file(weights, folder / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def _merge(folder: Path, lora: LoraConfig, dtype: torch.dtype) -> None:
+    """Replace the adapter in ``folder`` by the merged model, W + (lora_alpha / r) B A,
+    through PEFT's own ``merge_and_unload`` on the base model named in the adapter (the
+    whole model is held in memory once, in ``dtype``)."""
+    base = AutoModelForCausalLM.from_pretrained(lora.base_model_name_or_path, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    for name in (SAFETENSORS_WEIGHTS_NAME, ADAPTER_CONFIG):
+        (folder / name).unlink()
+    merged.save_pretrained(folder)

@@ -38,6 +38,7 @@ from pp_ext import tp
 from pp_ext.checkpoint import optimizer_state
 from pp_ext.checkpoint.export import layer_tensors, load_layer, saved_layers
 from pp_ext.checkpoint.tags import CheckpointError
+from pp_ext.peft import Targets
 
 
 def param_names(engine) -> list[str] | None:
@@ -84,9 +85,10 @@ def recut(
     return whole if current is None else current.take(whole)
 
 
-def load(engine, tag_dir: Path, what_changed: list[str]) -> None:
+def load(engine, tag_dir: Path, what_changed: list[str], adapters: Targets | None = None) -> None:
     """Load ``tag_dir`` into ``engine`` under this run's layout (the step is in the
-    checkpoint's marker): weights, optimizer state, learning-rate schedule, counters."""
+    checkpoint's marker): weights, optimizer state, learning-rate schedule, counters.
+    ``adapters``: a LoRA run's, whose checkpoint holds the trained tensors only."""
     tag_dir = Path(tag_dir)
     model_states = [
         torch.load(f, map_location="cpu", weights_only=False)
@@ -113,9 +115,13 @@ def load(engine, tag_dir: Path, what_changed: list[str]) -> None:
     states, saved_groups = optimizer_state.saved(tag_dir, model_states)
     wanted, missing = {}, []  # param -> this rank's part of its saved state (None: none yet)
     for idx, prefix, layer in held_layers(engine.module):
-        meta, stored = layer_tensors(tag_dir, idx, engine.module._layer_specs[idx])
+        meta, stored = layer_tensors(tag_dir, idx, engine.module._layer_specs[idx], adapters)
         read = cache(load_layer)  # each of the layer's files once
-        tp.load_parts(layer, {local: where.read(read) for local, where in stored.items()})
+        tp.load_parts(
+            layer,
+            {local: where.read(read) for local, where in stored.items()},
+            strict=adapters is None,
+        )
         shapes = meta.state_dict()
         for local, param in layer.named_parameters():
             if not param.requires_grad:

@@ -169,7 +169,15 @@ class ChunkedPipelineModule(PipelineModule):
         super().__init__(layers, *args, **kwargs)
         # after PipelineModule's build, which resets every ds_pipe_replicated flag
         tp.mark_replicated(self, self.tensor_axis)
-        self._replicas, self.replica_group = self._index_replicas()
+        self.replica_group, self._pair = self._replica_pair()
+        self._replicas = self._share_replicas()
+
+    def parameters_changed(self) -> None:
+        """Index the parameters again after layers gained or froze some (LoRA adapters,
+        :mod:`pp_ext.peft`): tensor-replicated marks, and the replicas of a bidirectional
+        placement broadcast from their down copy. Collective: every rank calls it."""
+        tp.mark_replicated(self, self.tensor_axis)
+        self._replicas = self._share_replicas()
 
     @property
     def placement(self) -> Placement:
@@ -199,14 +207,18 @@ class ChunkedPipelineModule(PipelineModule):
 
     def chunk_modules(self, chunk: int) -> list[nn.Module]:
         """The modules ``chunk`` runs, in order; a tied module used twice is listed twice."""
+        return [module for _, module in self.indexed_chunk_modules(chunk)]
+
+    def indexed_chunk_modules(self, chunk: int) -> list[tuple[int, nn.Module]]:
+        """``(global layer index, module)`` of each module ``chunk`` runs, in order."""
         start, stop = self._chunk_bounds[chunk]
         modules = []
         for idx in range(start, stop):
             spec = self._layer_specs[idx]
             if isinstance(spec, TiedLayerSpec):
-                modules.append(self.tied_modules[spec.key])
+                modules.append((idx, self.tied_modules[spec.key]))
             elif isinstance(spec, (LayerSpec, nn.Module)):
-                modules.append(self._modules[str(idx)])
+                modules.append((idx, self._modules[str(idx)]))
         return modules
 
     def chunk_parameters(self, chunk: int) -> list[nn.Parameter]:
@@ -348,18 +360,13 @@ class ChunkedPipelineModule(PipelineModule):
                     f"p-1-s (e.g. embedding on the first stage and LM head on the last)"
                 )
 
-    def _index_replicas(self):
-        """Bidirectional placement: the pair group(s) and this rank's replicated parameters.
-
-        Creates one group per pair {r, p-1-r} of every data- and model-parallel fiber
-        (collectively, in the same order on every rank, as DeepSpeed's tie groups),
-        broadcasts each parameter from its down replica (the pair rank whose chunk 0
-        holds it; the lower rank where both chunks do), and marks the other copy
-        ``ds_pipe_replicated`` so the global gradient norm counts every stage once.
-        Parameters DeepSpeed's tie groups already sum are left to them.
-        """
+    def _replica_pair(self) -> tuple:
+        """Bidirectional placement: the pair group {r, p-1-r} of this rank and its two
+        global ranks (None, None otherwise). One group per pair of every data- and
+        model-parallel fiber is created, collectively, in the same order on every rank,
+        as DeepSpeed's tie groups."""
         if self._placement.pipelines == 1:
-            return [], None
+            return None, None
         p, grid = self.num_stages, self._grid
         slices = grid.get_slice_parallel_world_size()
         mine = None
@@ -371,8 +378,17 @@ class ChunkedPipelineModule(PipelineModule):
                     group = dist.new_group(ranks=ranks)
                     if self.global_rank in ranks:
                         mine = (group, ranks)
-        group, ranks = mine
-        partner = p - 1 - self.stage_id
+        return mine
+
+    def _share_replicas(self) -> list[nn.Parameter]:
+        """Bidirectional placement: this rank's replicated parameters, each broadcast from
+        its down replica (the pair rank whose chunk 0 holds it; the lower rank where both
+        chunks do), the other copy marked ``ds_pipe_replicated`` so the global gradient
+        norm counts every stage once. Parameters DeepSpeed's tie groups already sum are
+        left to them."""
+        if self.replica_group is None:
+            return []
+        ranks, partner = self._pair, self.num_stages - 1 - self.stage_id
         tied = {
             id(self._recursive_getattr(comm["module"], attr))
             for comm in self.tied_comms.values()
@@ -390,15 +406,20 @@ class ChunkedPipelineModule(PipelineModule):
         with torch.no_grad():
             for param in replicas:
                 src = ranks[0] if source[id(param)] == min(self.stage_id, partner) else ranks[1]
-                dist.broadcast(param, src=src, group=group)
+                dist.broadcast(param, src=src, group=self.replica_group)
                 if source[id(param)] != self.stage_id:
                     param.ds_pipe_replicated = True
-        return replicas, group
+        return replicas
 
     def replica_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradients the engine sums over :attr:`replica_group` (bidirectional
-        placement; empty otherwise), in the same order on both ranks of a pair (by name)."""
-        return list(self._replicas)
+        placement; empty otherwise), in the same order on both ranks of a pair (by name);
+        frozen ones have no gradient."""
+        return [param for param in self._replicas if param.requires_grad]
+
+    def get_tied_weights_and_groups(self):
+        # DeepSpeed's engine all-reduces these weights' gradients: a frozen one has none
+        return [(w, group) for w, group in super().get_tied_weights_and_groups() if w.requires_grad]
 
     def _synchronize_tied_weights(self):
         # DeepSpeed broadcasts the tied parameters (at build and after loading) in grad

@@ -58,7 +58,9 @@ def stage_inputs(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, length = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(length, device=input_ids.device)
-    position_ids = position_ids.expand(batch, length).long()
+    # contiguous: DeepSpeed's own engine sends stage outputs as they are, and torch.distributed
+    # refuses a broadcast view (pp-ext's engine copies into its buffers either way)
+    position_ids = position_ids.expand(batch, length).long().contiguous()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     return input_ids, position_ids, attention_mask.long()

@@ -216,9 +216,15 @@ def layout_free_specs(
     return out
 
 
+def indexed_layers(module: ChunkedPipelineModule) -> list[tuple[int, nn.Module]]:
+    """``(global index, layer)`` of each layer module this rank built (a tied module at
+    each of its uses)."""
+    return [pair for chunk in range(module.chunks) for pair in module.indexed_chunk_modules(chunk)]
+
+
 def local_layers(module: ChunkedPipelineModule) -> list[nn.Module]:
     """The layer modules this rank built, each once."""
-    return _unique(m for chunk in range(module.chunks) for m in module.chunk_modules(chunk))
+    return _unique(layer for _, layer in indexed_layers(module))
 
 
 def build_pipeline_module(

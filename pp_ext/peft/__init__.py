@@ -1,6 +1,18 @@
 """LoRA through the pipeline: the recipe's ``peft`` section as PEFT's own ``LoraConfig``,
 PEFT's target-module rules on the full HF model, and the checks of an adapter folder."""
 
-from pp_ext.peft.config import PeftError, check_adapter, lora_config, target_names
+from pp_ext.peft.adapters import Targets, add_adapters, apply_lora, load_adapter, peft_keys
+from pp_ext.peft.config import PeftError, check_adapter, lora_config, saved_names, target_names
 
-__all__ = ["PeftError", "check_adapter", "lora_config", "target_names"]
+__all__ = [
+    "Targets",
+    "PeftError",
+    "add_adapters",
+    "apply_lora",
+    "check_adapter",
+    "load_adapter",
+    "lora_config",
+    "peft_keys",
+    "saved_names",
+    "target_names",
+]

@@ -12,11 +12,20 @@ Large Language Models", arXiv:2106.09685.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, TaskType, inject_adapter_in_model
+from peft import (
+    LoraConfig,
+    PeftModel,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
@@ -75,6 +84,34 @@ def target_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
             f"({', '.join(_linear_names(model))}) or use all-linear"
         ) from None
     return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def _peft_model(lora: LoraConfig, config: PretrainedConfig) -> PeftModel:
+    """``get_peft_model`` on the meta device: PEFT's own wrapping, for no memory."""
+    with warnings.catch_warnings():
+        # peft 0.21's PeftModel reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+        )
+        return get_peft_model(meta_model(config), LoraConfig(**lora.to_dict()))
+
+
+def saved_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
+    """The HF module names of the model of ``config`` that PEFT trains whole
+    (``modules_to_save``), found by ``get_peft_model`` itself."""
+    if not lora.modules_to_save:
+        return []
+    return [
+        name.removeprefix("base_model.model.")
+        for name, module in _peft_model(lora, config).named_modules()
+        if isinstance(module, ModulesToSaveWrapper)
+    ]
+
+
+def adapter_keys(lora: LoraConfig, config: PretrainedConfig) -> set[str]:
+    """The keys of the ``adapter_model.safetensors`` PEFT saves for ``lora`` on the model
+    of ``config`` (``get_peft_model_state_dict``)."""
+    return set(get_peft_model_state_dict(_peft_model(lora, config)))
 
 
 def _base_name(path: str | None) -> str | None:

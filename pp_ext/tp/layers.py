@@ -203,16 +203,20 @@ def splits(layer: nn.Module) -> dict[str, Split]:
     }
 
 
-def load_parts(layer: nn.Module, state: Mapping) -> None:
+def load_parts(layer: nn.Module, state: Mapping, strict: bool = True) -> None:
     """``layer.load_state_dict`` from whole tensors (or safetensors slices): each
-    sharded parameter takes only its part."""
+    sharded parameter takes only its part. ``strict`` False: ``state`` may leave some
+    of the layer's tensors out (never name one it lacks)."""
     cut = splits(layer)
-    layer.load_state_dict(
+    result = layer.load_state_dict(
         {
             name: cut[name].take(source) if name in cut else source[...]
             for name, source in state.items()
-        }
+        },
+        strict=strict,
     )
+    if result.unexpected_keys:  # strict raised already; without it, still a wrong name
+        raise KeyError(f"{type(layer).__name__} has no tensor {result.unexpected_keys[0]}")
 
 
 def mark_replicated(module: nn.Module, axis: TensorAxis) -> None:

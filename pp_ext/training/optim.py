@@ -16,9 +16,13 @@ def make_optimizer(recipe: Recipe, module: torch.nn.Module) -> torch.optim.Optim
     JIT-build FusedAdam for minutes (FACTS). No weight decay on biases and norms."""
     decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": recipe.train.weight_decay},
-        {"params": other, "weight_decay": 0.0},
+    groups = [  # an empty group (LoRA trains matrices only) would be dropped by DeepSpeed
+        group
+        for group in (
+            {"params": decay, "weight_decay": recipe.train.weight_decay},
+            {"params": other, "weight_decay": 0.0},
+        )
+        if group["params"]
     ]
     if recipe.train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.train.lr)

@@ -114,6 +114,7 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
     check_folders(recipe, save_dir)
     if (resume_from := checkpoints.resume_point(recipe.checkpoint.resume, save_dir)) is not None:
         checkpoints.verify(*resume_from)
+        check_resume_peft(recipe, *resume_from)
     if prebuilt is not None:
         placement = prebuilt.placement.name
     else:
@@ -185,12 +186,19 @@ def check_peft(recipe, config) -> None:
             check_adapter(recipe.peft.adapter_path, lora, recipe.model.path)
     except PeftError as exc:
         raise RecipeError(str(exc)) from None
-    # the stages' adapters, their optimizer state, checkpoints and export are issue 23's
-    # next steps: until then a LoRA recipe must not fall back to full fine-tuning silently
-    raise RecipeError(
-        "peft.type=lora: LoRA training is not wired into the training job yet (issue 23): "
-        "set peft.type=none for full fine-tuning"
-    )
+
+
+def check_resume_peft(recipe: Recipe, save_dir: Path, tag: str) -> None:
+    """The checkpoint to resume was trained as the recipe trains: full fine-tuning and
+    LoRA checkpoints hold different tensors (a LoRA one has no base weights)."""
+    saved = checkpoints.info(save_dir, tag).get("peft", "none")
+    if saved != recipe.peft.type:
+        kinds = {"none": "a full fine-tune", "lora": "LoRA"}
+        raise RecipeError(
+            f"checkpoint {save_dir / tag} was saved by {kinds[saved]} (peft.type={saved}) but the "
+            f"recipe has peft.type={recipe.peft.type}: to start LoRA from a full fine-tune, export "
+            f"it (pp-ext export) and set model.path to the export with checkpoint.resume=never"
+        )
 
 
 def _writable_folder(key: str, path: Path) -> None:

@@ -35,6 +35,7 @@ from pp_ext.data import batches as data
 from pp_ext.engine.distributed import init_distributed
 from pp_ext.engine.initialize import initialize
 from pp_ext.hf import build_pipeline_module
+from pp_ext.peft import apply_lora
 from pp_ext.schedules import Schedule, get
 from pp_ext.schedules.registry import BASELINE
 from pp_ext.tools.files import write_atomic
@@ -106,6 +107,13 @@ class Trainer:
             seed=recipe.train.seed,
         )
         self.loss.tensor_axis = module.tensor_axis
+        if recipe.peft.type == "lora":
+            trainable = apply_lora(module, recipe.peft, recipe.model.path, recipe.train.seed)
+            total = sum(p.numel() for p in module.parameters())
+            log.info(
+                f"LoRA r={recipe.peft.r}: rank 0 trains {trainable:,} of its {total:,} parameters "
+                f"({100 * trainable / total:.2f} %); the rest frozen in {recipe.model.dtype}"
+            )
         optimizer = make_optimizer(recipe, module)
         updates = updates_per_step(spec, layout.pipeline, recipe, layout.chunks)
         self.engine, *_ = initialize(
@@ -118,13 +126,14 @@ class Trainer:
         self.checkpointer = Checkpointer(self.engine, recipe, layout)
         resumed = self.checkpointer.resume()
         self.start = resumed or 0
-        self.log = MetricsLog(self.output_dir, resumed)
+        self.metrics = MetricsLog(self.output_dir, resumed)
 
     def _load_data(self) -> None:
         recipe, layout = self.recipe, self.layout
         self.global_batch = (
             recipe.train.micro_batch_size * recipe.parallel.micro_batches * layout.data
         )
+        self.tokens_per_step = self.global_batch * recipe.data.seq_len
         self.train_set = self.eval_set = None
         if recipe.train.steps == 0:  # a conversion reads no data
             self.steps = 0
@@ -196,7 +205,7 @@ class Trainer:
         result = {"eval_loss": total_loss / replicas}
         if answers:
             result["eval_accuracy"] = right / answers
-        self.log.write({"step": step, **result})
+        self.metrics.write({"step": step, **result})
         log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
     def train_step(self, step: int, train_batches) -> StepResult:
@@ -211,18 +220,18 @@ class Trainer:
             "step": step,
             "loss": value,
             "lr": lr,
-            "tokens_per_s": self.global_batch * self.recipe.data.seq_len / elapsed,
+            "tokens_per_s": self.tokens_per_step / elapsed,
             "step_time_s": elapsed,
         }
         if self.engine.skipped_steps > skipped or not math.isfinite(value):
             if self.engine.skipped_steps == skipped:  # the optimizer did not skip: it took the step
-                self.log.write(entry)
+                self.metrics.write(entry)
                 raise StopTraining(
                     f"error: step {step}: loss {value} and the optimizer updated the weights anyway: "
                     f"stopping; resume from the last checkpoint in {self.checkpointer.save_dir}"
                 )
             entry["skipped"] = True
-            self.log.write(entry)
+            self.metrics.write(entry)
             if self.recipe.train.nonfinite == "stop":
                 raise StopTraining(
                     f"error: step {step}: loss {value}, gradients not finite: stopped before the "
@@ -233,7 +242,7 @@ class Trainer:
                 f"step {step}: loss {value}, gradients not finite: step skipped, weights unchanged"
             )
         else:
-            self.log.write(entry)
+            self.metrics.write(entry)
         return StepResult(value, lr, elapsed)
 
     def train(self) -> int:
@@ -252,7 +261,6 @@ class Trainer:
         if self.start == 0 and steps > 0:
             self.evaluate(0)
         train_batches = self.batches(self.train_set, self.start)
-        tokens = self.global_batch * recipe.data.seq_len
         progress = _progress(steps, self.start, recipe.logging.progress)
         for step in range(self.start + 1, steps + 1):
             try:
@@ -265,12 +273,12 @@ class Trainer:
                 progress.set_postfix(
                     loss=f"{result.loss:.4f}",
                     lr=f"{result.lr:.2e}",
-                    tok_s=f"{tokens / result.seconds:.0f}",
+                    tok_s=f"{self.tokens_per_step / result.seconds:.0f}",
                 )
             elif recipe.logging.progress and step % recipe.train.log_interval == 0:
                 log.info(
                     f"step {step}/{steps}: loss {result.loss:.4f}, lr {result.lr:.2e}, "
-                    f"{tokens / result.seconds:.0f} tokens/s"
+                    f"{self.tokens_per_step / result.seconds:.0f} tokens/s"
                 )
             if (
                 recipe.train.eval_interval

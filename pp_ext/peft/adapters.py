@@ -1,0 +1,172 @@
+"""LoRA adapters on a pipeline stage's own layers, with PEFT's layers and PEFT's names.
+
+A stage holds a few of the model's layers, never the whole ``PreTrainedModel`` that
+``peft.get_peft_model`` wraps, so the choice of modules is made on the full model
+(:func:`~pp_ext.peft.config.target_names`, PEFT's rules) and each layer then gets PEFT's
+own ``lora.Linear`` on the targets it holds (``inject_adapter_in_model`` with the
+layer's local names), initialised under ``seed + global layer index`` so the adapters
+do not depend on the layout. Every other parameter is frozen (``requires_grad=False``,
+kept in the model's dtype): no gradient, no fp32 master copy, no optimizer state.
+``modules_to_save`` (PEFT's name for modules trained in full, e.g. the LM head) stay
+trainable in place.
+
+PEFT's keys (``adapter_model.safetensors``): a layer's HF module name ``m`` (from its
+``hf_keys()``) gives ``base_model.model.m.lora_A.weight`` for the adapter PEFT names
+``lora_A.default`` in memory, and ``base_model.model.m.weight`` for a module saved
+whole. Hu et al. 2021, "LoRA", arXiv:2106.09685: ``h = W x + (lora_alpha / r) B A x``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.utils import set_random_seed
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors import safe_open
+from torch import nn
+from transformers import PretrainedConfig
+
+from pp_ext.engine.module import ChunkedPipelineModule
+from pp_ext.hf.loading import indexed_layers, load_config
+from pp_ext.peft.config import PeftError, lora_config, saved_names, target_names
+
+PREFIX = "base_model.model."  # PEFT's prefix: PeftModel -> LoraModel -> the HF model
+ADAPTER = "default"  # the adapter name PEFT gives when none is asked for
+BASE = ".base_layer"  # where PEFT's lora layer keeps the wrapped one
+
+
+def is_adapter(name: str) -> bool:
+    """A ``state_dict`` / parameter name inside PEFT's lora layer that is the adapter's."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def hf_modules(layer: nn.Module) -> dict[str, str]:
+    """Local name of each submodule with a weight -> its HF module name (from ``hf_keys``),
+    seen through PEFT's wrapping (``q_proj.base_layer`` is ``q_proj``)."""
+    names, hf_keys = {}, getattr(layer, "hf_keys")  # every family's layer has one (pp_ext/hf)
+    for local, hf in hf_keys().items():
+        module, _, leaf = local.rpartition(".")
+        if leaf == "weight" and not is_adapter(local):
+            names[module.removesuffix(BASE)] = hf.rpartition(".")[0].replace(BASE, "")
+    return names
+
+
+def peft_keys(layer: nn.Module) -> dict[str, str]:
+    """Each trainable tensor of ``layer`` (``state_dict`` name) -> its key in PEFT's
+    ``adapter_model.safetensors``."""
+    modules = hf_modules(layer)
+    keys = {}
+    for name, param in layer.named_parameters():
+        if not param.requires_grad:
+            continue
+        module, _, leaf = name.rpartition(".")
+        if is_adapter(name):  # <m>.lora_A.default.weight -> <hf m>.lora_A.weight
+            owner, part, _ = module.rsplit(".", 2)
+            keys[name] = f"{PREFIX}{modules[owner]}.{part}.{leaf}"
+        else:
+            keys[name] = f"{PREFIX}{modules[module]}.{leaf}"
+    return keys
+
+
+def _indexed(layers: Iterable[tuple[int, nn.Module]]) -> list[tuple[int, nn.Module]]:
+    """Each module once, at its first (lowest) global index (a tied embedding and head)."""
+    first: dict[int, tuple[int, nn.Module]] = {}
+    for idx, layer in sorted(layers, key=lambda pair: pair[0]):
+        first.setdefault(id(layer), (idx, layer))
+    return list(first.values())
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a LoRA config selects on one model, by PEFT's rules on the full model: the
+    HF module names to wrap (``lora``) and to train whole (``whole``)."""
+
+    config: LoraConfig
+    lora: frozenset[str]
+    whole: frozenset[str]
+
+    @classmethod
+    def of(cls, lora: LoraConfig, config: PretrainedConfig) -> Targets:
+        return cls(
+            lora, frozenset(target_names(lora, config)), frozenset(saved_names(lora, config))
+        )
+
+
+def add_adapters(
+    layers: Iterable[tuple[int, nn.Module]], targets: Targets, seed: int
+) -> list[nn.Module]:
+    """Wrap the targets among ``layers`` (``(global index, layer)`` pairs, a stage's own)
+    in PEFT's lora layers and freeze all but the adapters and ``modules_to_save``. Returns
+    the layers, each once."""
+    out = []
+    for idx, layer in _indexed(layers):
+        modules = hf_modules(layer)
+        local = sorted(name for name, hf in modules.items() if hf in targets.lora)
+        if local:
+            set_random_seed(seed + idx)  # PEFT draws lora_A from torch's generator
+            config_here = LoraConfig(
+                **{**targets.config.to_dict(), "target_modules": local, "modules_to_save": None}
+            )
+            inject_adapter_in_model(config_here, layer, adapter_name=ADAPTER)
+        for name, param in layer.named_parameters():
+            module = name.rpartition(".")[0].removesuffix(BASE)
+            param.requires_grad_(is_adapter(name) or modules.get(module) in targets.whole)
+        out.append(layer)
+    return out
+
+
+def adapter_layers(layers: Iterable[nn.Module]) -> int:
+    """How many of PEFT's lora layers ``layers`` hold."""
+    return sum(isinstance(m, BaseTunerLayer) for layer in layers for m in layer.modules())
+
+
+@torch.no_grad()
+def load_adapter(layers: Iterable[nn.Module], adapter_path: str | Path) -> int:
+    """Copy into ``layers``' trainable tensors their values from the PEFT folder
+    ``adapter_path``, reading only those keys; returns how many were read. A key the
+    stage needs and the file lacks is a :class:`PeftError`."""
+    path = Path(adapter_path) / SAFETENSORS_WEIGHTS_NAME
+    if not path.is_file():
+        raise PeftError(
+            f"peft.adapter_path {adapter_path} holds no {SAFETENSORS_WEIGHTS_NAME}: save the "
+            f"adapter with save_pretrained (safetensors)"
+        )
+    read = 0
+    with safe_open(path, framework="pt") as handle:
+        stored = set(handle.keys())
+        for layer in layers:
+            own = dict(layer.named_parameters())
+            for name, key in peft_keys(layer).items():
+                if key not in stored:
+                    raise PeftError(
+                        f"peft.adapter_path {adapter_path} has no tensor {key}: the adapter "
+                        f"targets other modules than peft.target_modules / modules_to_save; "
+                        f"set them as the adapter was made"
+                    )
+                own[name].copy_(handle.get_tensor(key))
+                read += 1
+    return read
+
+
+def apply_lora(module: ChunkedPipelineModule, section, model: str | Path, seed: int) -> int:
+    """The recipe's ``peft`` section (``section``, type lora) on this rank's layers of
+    ``module``, built from ``model``: adapters added, initialised or read from
+    ``adapter_path``, the rest frozen. Collective (bidirectional replicas). Returns the
+    number of trainable parameters on this rank."""
+    targets = Targets.of(lora_config(section), load_config(model))
+    layers = add_adapters(indexed_layers(module), targets, seed)
+    if section.adapter_path is not None:
+        load_adapter(layers, section.adapter_path)
+    module.parameters_changed()
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if trainable == 0:  # an optimizer needs something to step
+        raise PeftError(
+            f"pipeline rank {module.stage_id} holds no module that LoRA trains (peft.target_modules "
+            f"{section.target_modules!r}): target more modules (all-linear) or use fewer stages"
+        )
+    return trainable
