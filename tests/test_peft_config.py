@@ -137,7 +137,7 @@ def test_launch_checks_the_peft_section_against_the_model(tmp_path):
     """`check_before_launch` (before any rank starts): targets that match nothing and an
     adapter folder of another rank are one line each, and nothing is written; a valid
     LoRA recipe passes."""
-    from pp_ext.training.preflight import check_before_launch
+    from pp_ext.training.preflight import check_before_launch, check_peft
 
     adapter = tmp_path / "adapter"
     base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained("configs/models/quickstart"))
@@ -151,5 +151,9 @@ def test_launch_checks_the_peft_section_against_the_model(tmp_path):
         recipe = load(QUICKSTART, [f"output_dir={run}", "peft.type=lora", *overrides])
         assert expected in one_line_error(check_before_launch, recipe, 2)
     assert not run.exists()
+    # checked alone: at 2 ranks the layout itself refuses tensor 2 first
+    tensor = load(QUICKSTART, [f"output_dir={run}", "peft.type=lora", "parallel.tensor=2"])
+    expected = "peft.type=lora with parallel.tensor=2: tensor-parallel LoRA is not supported yet"
+    assert expected in one_line_error(check_peft, tensor, base.config)
     good = [f"output_dir={run}", "peft.type=lora", f"peft.adapter_path={adapter}", "peft.r=2"]
     assert check_before_launch(load(QUICKSTART, good), 2)[0].pipeline == 2

@@ -179,6 +179,12 @@ def check_peft(recipe, config) -> None:
     on the full model) and ``adapter_path`` is a LoRA adapter of this rank for this base."""
     if recipe.peft.type == "none":
         return
+    if recipe.parallel.tensor > 1:
+        # the lora path's factors need their own tensor-parallel reductions (issue 23)
+        raise RecipeError(
+            f"peft.type=lora with parallel.tensor={recipe.parallel.tensor}: tensor-parallel LoRA "
+            f"is not supported yet: set parallel.tensor=1 (pipeline and data parallelism work)"
+        )
     lora = lora_config(recipe.peft)
     try:
         target_names(lora, config)
