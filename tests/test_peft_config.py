@@ -27,9 +27,10 @@ def _reference(model_type: str, targets) -> list[str]:
     """The modules peft's own get_peft_model wraps on transformers' model."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS[model_type](False))
-    peft_model = get_peft_model(
-        model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=targets)
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=2, target_modules=targets, fan_in_fan_out=model_type == "gpt2"
     )
+    peft_model = get_peft_model(model, lora)
     prefix = "base_model.model."
     return [
         name.removeprefix(prefix)
@@ -42,7 +43,9 @@ def _reference(model_type: str, targets) -> list[str]:
 def test_targets_are_those_get_peft_model_wraps(model_type):
     config = CONFIGS[model_type](False)
     for targets in TARGETS:
-        lora = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=targets)
+        lora = LoraConfig(
+            task_type="CAUSAL_LM", r=2, target_modules=targets, fan_in_fan_out=model_type == "gpt2"
+        )
         before = lora.to_dict()
         try:
             expected = _reference(model_type, targets)
@@ -78,7 +81,7 @@ def test_recipe_section_is_peft_lora_config(recipe_file):  # noqa: F811
             "peft.modules_to_save=[lm_head]",
         ],
     )
-    lora = lora_config(recipe.peft)
+    lora = lora_config(recipe.peft, AutoConfig.from_pretrained("configs/models/quickstart"))
     assert lora == LoraConfig(
         task_type="CAUSAL_LM",
         r=4,
@@ -89,8 +92,19 @@ def test_recipe_section_is_peft_lora_config(recipe_file):  # noqa: F811
         modules_to_save=["lm_head"],
     )
     assert load(recipe_file).peft.type == "none"
-    regex = lora_config(load(recipe_file, ["peft.type=lora", "peft.target_modules=.*proj"]).peft)
+    regex = lora_config(
+        load(recipe_file, ["peft.type=lora", "peft.target_modules=.*proj"]).peft,
+        CONFIGS["llama"](False),
+    )
     assert regex.target_modules == ".*proj"
+    # GPT-2's Conv1D linears: fan_in_fan_out set, so PEFT wraps them without a warning
+    # (setup.cfg's filterwarnings makes one an error)
+    gpt2 = CONFIGS["gpt2"](False)
+    lora = lora_config(
+        load(recipe_file, ["peft.type=lora", "peft.target_modules=[c_attn]"]).peft, gpt2
+    )
+    assert lora.fan_in_fan_out and not regex.fan_in_fan_out
+    assert target_names(lora, gpt2) == [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
 
 
 @pytest.mark.parametrize(

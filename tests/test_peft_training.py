@@ -58,6 +58,7 @@ def run_case(family, schedule, tied, interval, targets, whole) -> dict:
         modules_to_save=whole,
         task_type="CAUSAL_LM",
         init_lora_weights=False,  # B random too: the first step moves A as well
+        fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D: as pp-ext's lora_config says
     )
     torch.manual_seed(1)  # the same reference adapter on every rank
     reference = get_peft_model(copy.deepcopy(hf), LoraConfig(**lora.to_dict()))

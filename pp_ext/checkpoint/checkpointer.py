@@ -62,7 +62,8 @@ class Checkpointer:
         """What the LoRA run trains (None: full fine-tuning)."""
         if not self.frozen_base:
             return None
-        return Targets.of(lora_config(self.recipe.peft), load_config(self.recipe.model.path))
+        config = load_config(self.recipe.model.path)
+        return Targets.of(lora_config(self.recipe.peft, config), config)
 
     def due(self, step: int, steps: int) -> bool:
         interval = self.recipe.checkpoint.interval
@@ -85,7 +86,11 @@ class Checkpointer:
                 self.save_dir / tag,
                 self.recipe.model.path,
                 self.recipe.model.tokenizer,
-                adapter=lora_config(self.recipe.peft) if self.frozen_base else None,
+                adapter=(
+                    lora_config(self.recipe.peft, load_config(self.recipe.model.path))
+                    if self.frozen_base
+                    else None
+                ),
             )
         dist.barrier()  # every rank's files are on disk before the marker says so
         if rank() == 0:

@@ -158,7 +158,8 @@ def apply_lora(module: ChunkedPipelineModule, section, model: str | Path, seed: 
     ``module``, built from ``model``: adapters added, initialised or read from
     ``adapter_path``, the rest frozen. Collective (bidirectional replicas). Returns the
     number of trainable parameters on this rank."""
-    targets = Targets.of(lora_config(section), load_config(model))
+    config = load_config(model)
+    targets = Targets.of(lora_config(section, config), config)
     layers = add_adapters(indexed_layers(module), targets, seed)
     if section.adapter_path is not None:
         load_adapter(layers, section.adapter_path)

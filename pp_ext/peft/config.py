@@ -32,14 +32,16 @@ from transformers.pytorch_utils import Conv1D
 from pp_ext.hf.weights import meta_model
 
 ADAPTER_CONFIG = "adapter_config.json"  # the name PEFT's save_pretrained writes
+CONV1D_MODEL_TYPES = ("gpt2",)  # the supported families whose linears are Conv1D
 
 
 class PeftError(ValueError):
     """A ``peft`` section or adapter folder the user must fix (one line)."""
 
 
-def lora_config(section) -> LoraConfig:
-    """PEFT's ``LoraConfig`` of the recipe's ``peft`` section (same names, same meaning)."""
+def lora_config(section, config: PretrainedConfig) -> LoraConfig:
+    """PEFT's ``LoraConfig`` of the recipe's ``peft`` section (same names, same meaning)
+    for the model of ``config``."""
     targets = section.target_modules
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -49,6 +51,9 @@ def lora_config(section) -> LoraConfig:
         target_modules=targets if targets is None or isinstance(targets, str) else list(targets),
         use_rslora=section.use_rslora,
         modules_to_save=None if section.modules_to_save is None else list(section.modules_to_save),
+        # GPT-2's linears are transformers' Conv1D, weights stored (in, out): PEFT sets this
+        # itself for them, with a warning, when it is not given
+        fan_in_fan_out=config.model_type in CONV1D_MODEL_TYPES,
     )
 
 

@@ -185,7 +185,7 @@ def check_peft(recipe, config) -> None:
             f"peft.type=lora with parallel.tensor={recipe.parallel.tensor}: tensor-parallel LoRA "
             f"is not supported yet: set parallel.tensor=1 (pipeline and data parallelism work)"
         )
-    lora = lora_config(recipe.peft)
+    lora = lora_config(recipe.peft, config)
     try:
         target_names(lora, config)
         if recipe.peft.adapter_path is not None:
