@@ -8,14 +8,17 @@ See :mod:`pp_ext.training.entry`.
 
 import sys
 
-from pp_ext.engine.boundary import DeepSpeedTooOld
-from pp_ext.engine.distributed import select_accelerator
+from pp_ext.tools.logging import get_logger
+from pp_ext.tools.versions import UnsupportedVersion, require_versions
 
-select_accelerator()  # before pp_ext.training.entry imports deepspeed (its auto-detection warns on stdout)
 try:
+    require_versions()  # before a stage meets an API it lacks (transformers 4.x, ...)
+    from pp_ext.engine.distributed import select_accelerator
+
+    select_accelerator()  # before pp_ext.training.entry imports deepspeed (its auto-detection warns on stdout)
     from pp_ext.training.entry import main
-except DeepSpeedTooOld as exc:  # one line, not an import traceback on every rank
-    print(f"pp-ext: error: {exc}", file=sys.stderr)
+except UnsupportedVersion as exc:  # one line from rank 0, not an import traceback on every rank
+    get_logger().error(f"error: {exc}")
     sys.exit(2)
 
 if __name__ == "__main__":

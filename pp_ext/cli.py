@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from . import __version__
 from .commands import GROUPS, CommandError
-from .engine.boundary import DeepSpeedTooOld
+from .tools.versions import UnsupportedVersion, require_versions
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
+        if args.command != "schedule":  # the others build or read models: torch, transformers, ...
+            require_versions()
         return int(args.handler(args) or 0)
     except CommandError as exc:
         message = " ".join(str(exc).split("\n"))
@@ -57,9 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.detail:
             print(exc.detail, file=sys.stderr)
         return exc.exit_code
-    except (
-        DeepSpeedTooOld
-    ) as exc:  # a command that loads the engine, on a DeepSpeed without its hooks
+    except UnsupportedVersion as exc:  # also a DeepSpeed without the engine's hooks
         print(f"pp-ext: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -352,3 +352,39 @@ def test_console_script():
     done = subprocess.run([script, "schedule", "list"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "1f1b" in done.stdout
+
+
+def test_a_package_outside_the_tested_range_is_one_line(capsys, monkeypatch):
+    """setup.cfg's install_requires is the tested range: a transformers 4.x installed
+    over it, or a package missing, is one line naming what is installed and what is
+    needed, exit 2, before a command that builds models runs; `pp-ext schedule` needs
+    none of them and runs."""
+    import configparser
+
+    from packaging.requirements import Requirement
+
+    from pp_ext.tools import versions
+
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    lines = setup["options"]["install_requires"].split("\n")
+    required = [Requirement(line) for line in lines if line.strip()]
+    assert {r.name for r in required} >= {"torch", "deepspeed", "transformers", "peft"}
+    monkeypatch.setattr(versions, "_requirements", lambda: required)
+    versions.require_versions()  # this environment is in the range
+    real = versions.metadata.version
+
+    def version(name: str) -> str:
+        if name == "peft":
+            raise versions.metadata.PackageNotFoundError(name)
+        return "4.57.1" if name == "transformers" else real(name)
+
+    monkeypatch.setattr(versions.metadata, "version", version)
+    assert main(["plan", "--recipe", "recipes/quickstart.yaml", "--world-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "pp-ext: error: transformers 4.57.1 is installed, pp-ext needs transformers<6,>=5.6; "
+        "peft is not installed, pp-ext needs peft>=0.21: pip install 'transformers<6,>=5.6' "
+        "'peft>=0.21'\n"
+    )
+    assert main(["schedule", "list"]) == 0

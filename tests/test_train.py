@@ -88,10 +88,17 @@ def test_every_schedule_and_layout_gives_the_same_losses(tmp_path):
         assert (tmp_path / name / "hf/config.json").is_file(), name
 
 
-def launch(out: Path, *overrides: str) -> subprocess.Popen:
-    """The README's way: the `deepspeed` launcher, 2 ranks, in its own process group."""
+def launch(
+    out: Path,
+    *overrides: str,
+    launcher: tuple[str, ...] = ("deepspeed",),
+    stdout: int | None = None,
+) -> subprocess.Popen:
+    """The `deepspeed` launcher (or ``launcher``: ``("pp-ext", "launch")``, the README's
+    way), 2 ranks, in its own process group; stdout dropped unless ``subprocess.PIPE``."""
     command = [
-        str(Path(sys.executable).parent / "deepspeed"),
+        str(Path(sys.executable).parent / launcher[0]),
+        *launcher[1:],
         "--num_gpus",
         "2",
         "launch/train.py",
@@ -104,7 +111,7 @@ def launch(out: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
         command,
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL if stdout is None else stdout,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -378,12 +385,15 @@ def test_the_edges_pass_the_checks_before_launch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["vocabulary", "hub"])
 def test_bad_input_through_the_launcher_is_one_line(tmp_path, monkeypatch, case):
-    """As a new user launches (`deepspeed --num_gpus 2 launch/train.py ...`): a model
-    whose vocabulary is smaller than the tokenizer's ids (found before the ranks
-    start), and a hub dataset that cannot be reached (found by rank 0 while it reads
-    the data, rank 1 waiting for it): one line on stderr, exit code 2, no traceback
-    from either rank, nothing written."""
+    """As a new user launches: a model whose vocabulary is smaller than the tokenizer's
+    ids through `pp-ext launch --num_gpus 2 launch/train.py ...` (found in the
+    launcher's process: no rank starts, so DeepSpeed's launcher says nothing), and a
+    hub dataset that cannot be reached through plain `deepspeed` (found by rank 0 while
+    it reads the data, rank 1 waiting for it): one line on stderr, exit code 2, no
+    traceback from either rank, nothing written."""
+    launcher = ("deepspeed",)
     if case == "vocabulary":
+        launcher = ("pp-ext", "launch")
         overrides = [
             f"model.path={vocab_50(tmp_path)}",
             "model.tokenizer=configs/models/quickstart",
@@ -394,12 +404,14 @@ def test_bad_input_through_the_launcher_is_one_line(tmp_path, monkeypatch, case)
         overrides = ["data.format=hub", "data.path=pp-ext-tests/no-such-dataset"]
         expected = "data.path pp-ext-tests/no-such-dataset (data.format=hub) cannot be loaded"
     out = tmp_path / "run"
-    process = launch(out, *overrides)
-    _, err = process.communicate(timeout=300)
+    process = launch(out, *overrides, launcher=launcher, stdout=subprocess.PIPE)
+    stdout, err = process.communicate(timeout=300)
     lines = err.splitlines()
     assert process.returncode == 2, err
     assert len(lines) == 1 and lines[0].startswith("pp-ext: error: ") and expected in lines[0], err
     assert not out.exists()
+    if case == "vocabulary":  # no rank ran: DeepSpeed's launcher never said one exited with 2
+        assert stdout == "", stdout
 
 
 def stop_together(rank: int, world: int) -> list:

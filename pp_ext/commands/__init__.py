@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 # module names under pp_ext.commands, in the order `pp-ext --help` lists them
-GROUPS: tuple[str, ...] = ("schedule", "bench", "plan", "report", "export", "tune")
+GROUPS: tuple[str, ...] = ("schedule", "bench", "plan", "launch", "report", "export", "tune")
 
 
 class CommandError(Exception):

@@ -5,16 +5,19 @@
 ``_loss_stage_global_rank``; these hooks first shipped in DeepSpeed 0.19.8 (0.19.7 and
 earlier have none of them, checked on the released sources). Where they are missing,
 ``train_batch`` would silently run DeepSpeed's own 1F1B instead, so the engine refuses
-to load (:func:`require_hooks`), in one line naming the fix.
+to load (:func:`require_hooks`), in one line naming the fix, as a version outside
+setup.cfg's range is (:mod:`pp_ext.tools.versions`).
 """
 
 from __future__ import annotations
+
+from pp_ext.tools.versions import UnsupportedVersion
 
 HOOKS = ("_train_schedule", "_inference_schedule", "_loss_stage_global_rank")
 FIRST_RELEASE = "0.19.8"
 
 
-class DeepSpeedTooOld(ImportError):
+class DeepSpeedTooOld(UnsupportedVersion):
     """The installed DeepSpeed lacks the pipeline hooks pp-ext overrides."""
 
 

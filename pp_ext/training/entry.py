@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from pp_ext.config.layout import Layout
 from pp_ext.config.recipe import load
+from pp_ext.config.schema import Recipe
 from pp_ext.engine.engine import PipelineError
+from pp_ext.schedules import Schedule
 from pp_ext.tools.logging import EVERY_RANK, get_logger
 from pp_ext.training.errors import USAGE_ERROR, USER_ERRORS
 from pp_ext.training.preflight import check_before_launch, check_data
@@ -36,15 +39,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def checked(args: argparse.Namespace, world_size: int) -> tuple[Recipe, Layout, Schedule | None]:
+    """The recipe of ``args`` checked for ``world_size`` ranks, with its layout and
+    prebuilt schedule (:func:`check_before_launch`); raises one of ``USER_ERRORS``. Run
+    on every rank, and by ``pp-ext launch`` before any rank starts."""
+    recipe = load(args.recipe, args.overrides)
+    layout, prebuilt = check_before_launch(recipe, world_size)
+    if recipe.data.path is not None:
+        check_data(recipe)  # bad data fails here, not on one rank later
+    return recipe, layout, prebuilt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        recipe = load(args.recipe, args.overrides)
-        layout, prebuilt = check_before_launch(recipe, world_size)
-        if recipe.data.path is not None:
-            check_data(recipe)  # bad data fails here, not on one rank later
-        return Trainer(recipe, layout, prebuilt).train()
+        return Trainer(*checked(args, world_size)).train()
     except USER_ERRORS as exc:  # the user's to fix: one line
         log.error(f"error: {' '.join(str(exc).split())}")
         return USAGE_ERROR
