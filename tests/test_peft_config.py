@@ -158,3 +158,5 @@ def test_launch_checks_the_peft_section_against_the_model(tmp_path):
     assert expected in one_line_error(check_peft, tensor, base.config)
     good = [f"output_dir={run}", "peft.type=lora", f"peft.adapter_path={adapter}", "peft.r=2"]
     assert check_before_launch(load(QUICKSTART, good), 2)[0].pipeline == 2
+    shipped = load("recipes/quickstart-lora.yaml", [f"output_dir={tmp_path / 'shipped'}"])
+    assert check_before_launch(shipped, 2)[0].pipeline == 2
