@@ -112,6 +112,7 @@ def test_recipe_section_is_peft_lora_config(recipe_file):  # noqa: F811
     [
         (["peft.type=qlora"], "recipe key 'peft.type' is 'qlora': choose one of none, lora"),
         (["peft.r=0"], "recipe key 'peft.r' must be >= 1, got 0"),
+        (["peft.type=none", "peft.merge=true"], "recipe key 'peft.merge' merges LoRA adapters"),
         (["peft.lora_alpha=0"], "recipe key 'peft.lora_alpha' must be a finite number > 0"),
         (["peft.lora_dropout=1.0"], "recipe key 'peft.lora_dropout' must be in [0, 1), got 1.0"),
         (["peft.target_modules=[]"], "recipe key 'peft.target_modules' must be a list"),
@@ -169,5 +170,15 @@ def test_launch_checks_the_peft_section_against_the_model(tmp_path):
     tensor = load(QUICKSTART, [f"output_dir={run}", "peft.type=lora", "parallel.tensor=2"])
     expected = "peft.type=lora with parallel.tensor=2: tensor-parallel LoRA is not supported yet"
     assert expected in one_line_error(check_peft, tensor, base.config)
+    padded = load(
+        QUICKSTART,
+        [f"output_dir={run}", "peft.type=lora", "parallel.make_vocab_size_divisible_by=64"],
+    )
+    expected = (
+        "the vocabulary of 103 would be padded to 128 rows, which LoRA's adapters cannot hold"
+    )
+    assert expected in one_line_error(check_before_launch, padded, 2)
     good = [f"output_dir={run}", "peft.type=lora", f"peft.adapter_path={adapter}", "peft.r=2"]
     assert check_before_launch(load(QUICKSTART, good), 2)[0].pipeline == 2
+    shipped = load("recipes/quickstart-lora.yaml", [f"output_dir={tmp_path / 'shipped'}"])
+    assert check_before_launch(shipped, 2)[0].pipeline == 2
