@@ -92,7 +92,8 @@ def test_samples_print_no_progress_bar(tmp_path, capfd, export):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.save_pretrained(run / "hf")
     prompt = OmegaConf.load(run / "recipe.yaml")  # the first held-out prompt's answer
-    first = json.loads(Path(root / "recipes/data/reverse/validation.jsonl").open().readline())
+    with open(root / "recipes/data/reverse/validation.jsonl") as records:
+        first = json.loads(records.readline())
     ids = tokenizer(first[prompt.data.prompt_field], return_tensors="pt").input_ids
     new = len(tokenizer(first[prompt.data.completion_field]).input_ids) + 1
     with torch.no_grad():
