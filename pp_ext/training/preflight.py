@@ -12,9 +12,8 @@ positions, the run's folders must be folders this user can write, and a checkpoi
 to resume from must be complete. :func:`check_data` (the training job's) checks
 that the data's first records have the columns of ``data.kind``
 (:func:`pp_ext.data.check`). :func:`recipe_schedule` is ``parallel.schedule: auto``
-with ``parallel.profile``: the schedule computed from the profile's per-stage costs
-under ``parallel.memory_limit`` (Qi et al. 2024, "Zero Bubble Pipeline
-Parallelism", ICLR, Sec. 3).
+with ``parallel.profile`` on the recipe's model, searched in planning
+(:func:`pp_ext.planning.search.profiled_auto`).
 """
 
 from __future__ import annotations
@@ -36,9 +35,8 @@ from pp_ext.engine.module import partition
 from pp_ext.hf import layer_specs, position_table, supported
 from pp_ext.hf.loading import load_config
 from pp_ext.peft import PeftError, check_adapter, lora_config, target_names
+from pp_ext.planning.search import profiled_auto
 from pp_ext.schedules import Schedule, ScheduleError, get
-from pp_ext.schedules.auto import auto_schedule
-from pp_ext.schedules.cost_model import Profile
 from pp_ext.schedules.registry import BASELINE
 
 # what transformers' AutoTokenizer reads a tokenizer from (any one suffices)
@@ -250,34 +248,10 @@ def recipe_layer_specs(recipe) -> list:
     return layer_specs(load_config(recipe.model.path), recipe.model.attn_implementation)
 
 
-def recipe_schedule(recipe, pipe: int):
-    """``parallel.schedule: auto`` with ``parallel.profile``: :func:`auto_schedule` on
-    the profile's per-stage costs for the recipe's partition (Qi et al. 2024, Sec. 3:
-    the best order depends on the measured F, I, W and communication), under
-    ``parallel.memory_limit`` micro-batches per rank (None: 1F1B's), in the placement
-    ``parallel.chunks`` names (1: loop, 2: V) or, without it, the one auto chooses
-    from the costs of both cuts (p and 2p stages; 2p only where the partition method
-    can cut that many). Deterministic, so every rank builds the same program. Raises
-    ValueError (a profile of other shapes, or of another model) or a ScheduleError."""
-    path = recipe.parallel.profile
-    profile = Profile.load(path)
-    profile.check_shapes(recipe, path)
-    if profile.micro_batch_size != recipe.train.micro_batch_size:
-        raise ValueError(
-            f"profile {path} measured micro-batches of {profile.micro_batch_size} samples, the recipe "
-            f"has train.micro_batch_size={recipe.train.micro_batch_size}: use that size or profile "
-            f"again (pp-ext tune --recipe R)"
-        )
-    specs, chunks = recipe_layer_specs(recipe), recipe.parallel.chunks
-    cuts = []
-    for count in (1, 2) if chunks is None else (chunks,):
-        try:
-            cuts.append(
-                profile.stage_costs(partition(specs, pipe * count, recipe.parallel.partition))
-            )
-        except ValueError:
-            if chunks is not None or count == 1:
-                raise
+def recipe_schedule(recipe: Recipe, pipe: int) -> Schedule:
+    """``parallel.schedule: auto`` with ``parallel.profile`` on the recipe's model
+    (:func:`pp_ext.planning.search.profiled_auto`, cut by ``parallel.partition``)."""
+    specs, method = recipe_layer_specs(recipe), recipe.parallel.partition
     limit = recipe.parallel.memory_limit
     limit = cast(list, OmegaConf.to_container(limit)) if OmegaConf.is_config(limit) else limit
-    return auto_schedule(pipe, recipe.parallel.micro_batches, cuts, limit, chunks)
+    return profiled_auto(recipe, pipe, lambda stages: partition(specs, stages, method), limit)
