@@ -43,7 +43,7 @@ from pp_ext import tp
 from pp_ext.checkpoint.tags import LATEST
 from pp_ext.hf.families import layer_specs
 from pp_ext.hf.loading import load_config, to_dtype
-from pp_ext.hf.weights import checkpoint_names, meta_model
+from pp_ext.hf.weights import checkpoint_names, hf_keys, meta_model
 from pp_ext.peft import Targets, add_adapters, peft_keys
 from pp_ext.peft.config import ADAPTER_CONFIG, adapter_keys
 
@@ -78,7 +78,7 @@ def save_hf_metadata(
         base = None if isinstance(model, PretrainedConfig) else str(Path(model).resolve())
         saved = LoraConfig(**{**adapter.to_dict(), "base_model_name_or_path": base})
         saved.inference_mode = True  # as PeftModel.save_pretrained writes it
-        saved.save_pretrained(meta)
+        saved.save_pretrained(str(meta))
     if isinstance(model, PretrainedConfig):
         model.save_pretrained(meta)
     else:
@@ -240,7 +240,7 @@ def checkpoint_tensors(
     tensors = {}
     for idx, spec in saved_layers(specs):
         layer, stored = layer_tensors(tag_dir, idx, spec, adapters)
-        names = layer.hf_keys() if adapters is None else peft_keys(layer)
+        names = hf_keys(layer) if adapters is None else peft_keys(layer)
         tensors.update({names[local]: stored[local] for local in names})
     return tensors
 
@@ -345,17 +345,19 @@ def export_checkpoint(
     except ValueError as err:
         raise ExportError(str(err)) from None
     config = AutoConfig.from_pretrained(meta)
-    lora = LoraConfig.from_pretrained(meta) if (meta / ADAPTER_CONFIG).is_file() else None
-    if merge and lora is None:
-        raise ExportError(
-            f"{tag_dir} is a full fine-tune's checkpoint: --merge is for LoRA checkpoints "
-            f"(drop --merge; the export is the whole model already)"
-        )
-    if merge and lora.base_model_name_or_path is None:
-        raise ExportError(
-            f"{tag_dir} was trained on a base model without weights (a config): --merge needs "
-            f"the base model's weights; export the adapter without --merge"
-        )
+    lora = LoraConfig.from_pretrained(str(meta)) if (meta / ADAPTER_CONFIG).is_file() else None
+    merge_base = None  # with merge: the base model the adapter is merged into
+    if merge:
+        if lora is None:
+            raise ExportError(
+                f"{tag_dir} is a full fine-tune's checkpoint: --merge is for LoRA checkpoints "
+                f"(drop --merge; the export is the whole model already)"
+            )
+        if (merge_base := lora.base_model_name_or_path) is None:
+            raise ExportError(
+                f"{tag_dir} was trained on a base model without weights (a config): --merge "
+                f"needs the base model's weights; export the adapter without --merge"
+            )
     adapters = None if lora is None else Targets.of(lora, config)
     tensors = checkpoint_tensors(tag_dir, config, adapters)
     model = meta_model(config)
@@ -379,8 +381,8 @@ def export_checkpoint(
                 shutil.copy2(path, tmp / path.name)
         if lora is not None:
             _write_adapter(tensors, out_dtype, tmp)
-        if merge:
-            _merge(tmp, lora, out_dtype)
+        if merge_base is not None:
+            _merge(tmp, merge_base, out_dtype)
         _replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -395,11 +397,11 @@ def _write_adapter(tensors: dict[str, Stored], dtype: torch.dtype, folder: Path)
     save_file(weights, folder / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
 
 
-def _merge(folder: Path, lora: LoraConfig, dtype: torch.dtype) -> None:
+def _merge(folder: Path, base_model: str, dtype: torch.dtype) -> None:
     """Replace the adapter in ``folder`` by the merged model, W + (lora_alpha / r) B A,
-    through PEFT's own ``merge_and_unload`` on the base model named in the adapter (the
-    whole model is held in memory once, in ``dtype``)."""
-    base = AutoModelForCausalLM.from_pretrained(lora.base_model_name_or_path, dtype=dtype)
+    through PEFT's own ``merge_and_unload`` on ``base_model``, the base named in the
+    adapter (the whole model is held in memory once, in ``dtype``)."""
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
     merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     for name in (SAFETENSORS_WEIGHTS_NAME, ADAPTER_CONFIG):
         (folder / name).unlink()
