@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import cast
 
 from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from pp_ext import tp
 from pp_ext.checkpoint import tags as checkpoints
@@ -120,7 +120,7 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
     return Layout.of(recipe, pipe, tensor, data, chunks, placement), prebuilt
 
 
-def tokenizer_folder(recipe) -> Path:
+def tokenizer_folder(recipe: Recipe) -> Path:
     return Path(recipe.model.tokenizer or recipe.model.path)
 
 
@@ -140,7 +140,7 @@ def load_tokenizer(folder: Path):
         ) from None
 
 
-def check_tokenizer(recipe, config) -> None:
+def check_tokenizer(recipe: Recipe, config: PretrainedConfig) -> None:
     """Every id the tokenizer can produce (its vocabulary, added and special tokens)
     is below the model's ``vocab_size``. Skipped where there is no tokenizer (a
     shape-only config being planned)."""
@@ -159,7 +159,7 @@ def check_tokenizer(recipe, config) -> None:
         )
 
 
-def check_positions(recipe, config) -> None:
+def check_positions(recipe: Recipe, config: PretrainedConfig) -> None:
     """``data.seq_len`` fits a learned absolute position table. Packed documents
     restart their positions, so a shorter table only fails on the first document
     longer than it: refused here, whatever the data."""
@@ -172,7 +172,7 @@ def check_positions(recipe, config) -> None:
         )
 
 
-def check_peft(recipe, config) -> None:
+def check_peft(recipe: Recipe, config: PretrainedConfig) -> None:
     """The ``peft`` section against the model: its targets match some module (PEFT's rules
     on the full model) and ``adapter_path`` is a LoRA adapter of this rank for this base."""
     if recipe.peft.type == "none":
@@ -221,13 +221,13 @@ def _writable_folder(key: str, path: Path) -> None:
         )
 
 
-def check_folders(recipe, save_dir: Path) -> None:
+def check_folders(recipe: Recipe, save_dir: Path) -> None:
     """The run's folders: ``output_dir`` and the checkpoints' ``save_dir``."""
     _writable_folder("output_dir", Path(recipe.output_dir))
     _writable_folder("checkpoint.dir", save_dir)  # default: output_dir/checkpoints
 
 
-def check_data(recipe) -> None:
+def check_data(recipe: Recipe) -> None:
     """The data is there, readable, of the kind the recipe says, with a tokenizer it
     needs (:func:`pp_ext.data.check`)."""
     from pp_ext.data import (
@@ -243,7 +243,7 @@ def check_data(recipe) -> None:
     data.check(recipe.data, load_tokenizer(folder))
 
 
-def recipe_layer_specs(recipe) -> list:
+def recipe_layer_specs(recipe: Recipe) -> list:
     """The pipeline layers of the recipe's model (what a profile measures, in order)."""
     return layer_specs(load_config(recipe.model.path), recipe.model.attn_implementation)
 
