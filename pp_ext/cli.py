@@ -16,7 +16,10 @@ from typing import NoReturn
 
 from . import __version__
 from .commands import GROUPS, CommandError
+from .tools.logging import EVERY_RANK, get_logger
 from .tools.versions import UnsupportedVersion, require_versions
+
+log = get_logger()
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,15 +58,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except CommandError as exc:
         message = " ".join(str(exc).split("\n"))
-        print(f"pp-ext: error: {message}", file=sys.stderr)
-        if exc.detail:
+        log.error(f"error: {message}", extra=EVERY_RANK)
+        if exc.detail:  # a picture (a schedule's grid), printed as it is
             print(exc.detail, file=sys.stderr)
         return exc.exit_code
     except UnsupportedVersion as exc:  # also a DeepSpeed without the engine's hooks
-        print(f"pp-ext: error: {exc}", file=sys.stderr)
+        log.error(f"error: {exc}", extra=EVERY_RANK)
         return 2
     except KeyboardInterrupt:
-        print("pp-ext: interrupted", file=sys.stderr)
+        log.error("interrupted", extra=EVERY_RANK)
         return 130
     except BrokenPipeError:  # e.g. `pp-ext schedule list | head -1`
         devnull = os.open(os.devnull, os.O_WRONLY)

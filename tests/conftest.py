@@ -20,8 +20,10 @@ import multiprocessing.process
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from recipe_cases import MINIMAL
 
 os.environ.setdefault("PP_EXT_P2P", "emulate-nccl")
 
@@ -76,3 +78,11 @@ def world():
 
     if not dist.is_initialized():
         init_rank(0, 1, free_port())
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path) -> Path:
+    """A minimal recipe (:data:`recipe_cases.MINIMAL`) in the test's folder."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(MINIMAL)
+    return path

@@ -9,7 +9,7 @@ import torch
 from hf_models import CONFIGS
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from test_recipe import one_line_error, recipe_file  # noqa: F401 - the fixture
+from recipe_cases import one_line_error
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pp_ext.config.recipe import load
@@ -68,7 +68,7 @@ def test_targets_that_match_nothing_list_the_linear_modules():
     assert "q_proj, up_proj, v_proj" in message
 
 
-def test_recipe_section_is_peft_lora_config(recipe_file):  # noqa: F811
+def test_recipe_section_is_peft_lora_config(recipe_file):
     recipe = load(
         recipe_file,
         [
@@ -124,7 +124,7 @@ def test_recipe_section_is_peft_lora_config(recipe_file):  # noqa: F811
         ),
     ],
 )
-def test_bad_peft_sections_name_the_key_and_the_fix(recipe_file, overrides, expected):  # noqa: F811
+def test_bad_peft_sections_name_the_key_and_the_fix(recipe_file, overrides, expected):
     assert expected in one_line_error(load, recipe_file, ["peft.type=lora", *overrides])
 
 

@@ -3,43 +3,11 @@ composition, and `pp-ext plan` on the shipped recipes (no process is launched)."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from recipe_cases import LLAMA_8B, QWEN_7B, ROOT, one_line_error
 
 from pp_ext.cli import main as cli
-from pp_ext.config.recipe import RecipeError, available, deepspeed_config, load, resolve_parallel
-
-ROOT = Path(__file__).resolve().parent.parent
-LLAMA_8B = str(ROOT / "configs/models/llama-3.1-8b")
-QWEN_7B = str(ROOT / "configs/models/qwen2.5-7b")
-
-MINIMAL = f"""
-output_dir: runs/test
-model:
-  path: {LLAMA_8B}
-data:
-  path: data.jsonl
-parallel:
-  pipeline: 2
-train:
-  steps: 10
-"""
-
-
-@pytest.fixture
-def recipe_file(tmp_path: Path) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(MINIMAL)
-    return path
-
-
-def one_line_error(fn, *args) -> str:
-    with pytest.raises(RecipeError) as error:
-        fn(*args)
-    message = str(error.value)
-    assert "\n" not in message
-    return message
+from pp_ext.config.recipe import available, deepspeed_config, load, resolve_parallel
 
 
 def test_defaults_and_overrides(recipe_file):

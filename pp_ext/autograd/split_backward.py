@@ -195,6 +195,9 @@ class Deferrable:
 
     _wgrad_store: WeightGradStore | None = None
     _weight_in_out = False
+    # the linear's own, typed as torch types them (bias: None on a layer without one)
+    weight: torch.Tensor
+    bias: nn.Parameter
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self.dense(input, self.bias)
@@ -255,8 +258,7 @@ def enable_split_backward(module: nn.Module, store: WeightGradStore) -> int:
     for layer in module.modules():
         if type(layer) in classes:
             layer.__class__ = classes[type(layer)]
-        elif not isinstance(layer, Deferrable):
-            continue
-        layer._wgrad_store = store
-        count += 1
+        if isinstance(layer, Deferrable):
+            layer._wgrad_store = store
+            count += 1
     return count

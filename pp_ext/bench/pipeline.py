@@ -289,7 +289,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
             for schedule, _ in ranked(
                 options.stages,
                 options.micro_batches,
-                {c[1]: layouts[(*c, cut)] for c in candidates},
+                {c[1]: layouts[c + (cut,)] for c in candidates},
                 memory,
                 replicas=replicas,
             )[: options.auto_candidates]
@@ -347,9 +347,9 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         chosen = min(
             range(len(programs)), key=lambda k: (medians[k], k)
         )  # ties: the simulated best
-        schedules[index], timed[index] = programs[chosen]
-        cut = plan[index][3]
-        plan[index] = ("auto", schedules[index].chunks, schedules[index].placement.name, cut)
+        best, timed[index] = programs[chosen]
+        schedules[index], cut = best, plan[index][3]
+        plan[index] = ("auto", best.chunks, best.placement.name, cut)
         choices[index] = [
             {
                 "origin": origin(schedule) or f"auto ({schedule.placement.name})",
@@ -369,10 +369,12 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
     rows = []
     for index, (name, chunks, placement, cut) in enumerate(plan):
         schedule, column = schedules[index], times[index]
+        assert schedule is not None  # auto's chosen above
         steady = bool(schedule.backward_weights)
         costs = layouts[(chunks, placement, cut)]
         if steady:  # the stream's growth per call on the asynchronous engine's costs: its
             # backward first recomputes the forward (it keeps only a chunk's input), U is an optimizer step
+            assert costs.per_stage is not None  # measured per stage above
             engine_costs = dataclasses.replace(
                 costs,
                 update=optimizer_time,

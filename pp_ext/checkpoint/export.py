@@ -44,7 +44,7 @@ from pp_ext import tp
 from pp_ext.checkpoint.tags import LATEST, MARKER, info
 from pp_ext.hf.families import layer_specs
 from pp_ext.hf.loading import hf_initializer, layout_free_specs, load_config, to_dtype
-from pp_ext.hf.weights import checkpoint_names, meta_model
+from pp_ext.hf.weights import checkpoint_names, hf_keys, meta_model
 from pp_ext.peft import Targets, add_adapters, peft_keys
 from pp_ext.peft.config import ADAPTER_CONFIG, adapter_keys, peft_model_warnings
 
@@ -88,7 +88,7 @@ def save_hf_metadata(
         base = str(Path(model).resolve()) if weighted else None
         saved = LoraConfig(**{**adapter.to_dict(), "base_model_name_or_path": base})
         saved.inference_mode = True  # as PeftModel.save_pretrained writes it
-        saved.save_pretrained(meta)
+        saved.save_pretrained(str(meta))
     if isinstance(model, PretrainedConfig):
         model.save_pretrained(meta)
     else:
@@ -257,7 +257,7 @@ def checkpoint_tensors(
     tensors = {}
     for idx, spec in saved_layers(specs):
         layer, stored = layer_tensors(tag_dir, idx, spec, adapters)
-        names = layer.hf_keys() if adapters is None else peft_keys(layer)
+        names = hf_keys(layer) if adapters is None else peft_keys(layer)
         tensors.update({names[local]: stored[local] for local in names})
     return tensors
 
@@ -362,18 +362,20 @@ def export_checkpoint(
     except ValueError as err:
         raise ExportError(str(err)) from None
     config = AutoConfig.from_pretrained(meta)
-    lora = LoraConfig.from_pretrained(meta) if (meta / ADAPTER_CONFIG).is_file() else None
-    if merge and lora is None:
-        raise ExportError(
-            f"{tag_dir} is a full fine-tune's checkpoint: --merge is for LoRA checkpoints "
-            f"(drop --merge; the export is the whole model already)"
-        )
+    lora = LoraConfig.from_pretrained(str(meta)) if (meta / ADAPTER_CONFIG).is_file() else None
     rebuilt = lora is not None and (meta / BASE_INIT).is_file()
-    if merge and not rebuilt and not Path(lora.base_model_name_or_path or "").is_dir():
-        raise ExportError(
-            f"{tag_dir} is a LoRA adapter of base model {lora.base_model_name_or_path}, which "
-            f"is not a folder: --merge needs the base's weights (restore the folder, or drop --merge)"
-        )
+    if merge:
+        if lora is None:
+            raise ExportError(
+                f"{tag_dir} is a full fine-tune's checkpoint: --merge is for LoRA checkpoints "
+                f"(drop --merge; the export is the whole model already)"
+            )
+        if not rebuilt and not Path(lora.base_model_name_or_path or "").is_dir():
+            raise ExportError(
+                f"{tag_dir} is a LoRA adapter of base model {lora.base_model_name_or_path}, which "
+                f"is not a folder: --merge needs the base's weights (restore the folder, or drop "
+                f"--merge)"
+            )
     adapters = None if lora is None else Targets.of(lora, config)
     tensors = checkpoint_tensors(tag_dir, config, adapters)
     model = meta_model(config)
@@ -398,12 +400,12 @@ def export_checkpoint(
         if lora is not None:
             _write_adapter(tensors, out_dtype, tmp)
             (tmp / BASE_INIT).unlink(missing_ok=True)
-        if rebuilt:
-            _write_base(meta, config, tmp / BASE_DIR, out_dtype)
-            lora.base_model_name_or_path = str(out_dir.resolve() / BASE_DIR)
-            lora.save_pretrained(tmp)
-        if merge:
-            _merge(tmp, lora, out_dtype)
+            if rebuilt:
+                _write_base(meta, config, tmp / BASE_DIR, out_dtype)
+                lora.base_model_name_or_path = str(out_dir.resolve() / BASE_DIR)
+                lora.save_pretrained(str(tmp))
+            if merge:
+                _merge(tmp, lora, out_dtype)
         _replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -433,7 +435,7 @@ def _write_base(meta: Path, config: PretrainedConfig, folder: Path, dtype: torch
     for _, spec in saved_layers(specs):
         layer = spec.build()
         own = layer.state_dict()
-        state.update({hf: own[local] for local, hf in layer.hf_keys().items()})
+        state.update({hf: own[local] for local, hf in hf_keys(layer).items()})
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - set(model.all_tied_weights_keys):
@@ -448,6 +450,7 @@ def _merge(folder: Path, lora: LoraConfig, dtype: torch.dtype) -> None:
     """Replace the adapter in ``folder`` by the merged model, W + (lora_alpha / r) B A,
     through PEFT's own ``merge_and_unload`` on the base model named in the adapter (the
     whole model is held in memory once, in ``dtype``); a rebuilt base goes with it."""
+    assert lora.base_model_name_or_path is not None  # export_checkpoint checked or rebuilt it
     base = AutoModelForCausalLM.from_pretrained(lora.base_model_name_or_path, dtype=dtype)
     with peft_model_warnings():
         merged = PeftModel.from_pretrained(base, folder).merge_and_unload()

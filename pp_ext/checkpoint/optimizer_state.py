@@ -29,6 +29,7 @@ here as ``ds_to_universal`` reads them, and written as its loader
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -49,23 +50,24 @@ def _load(path: Path) -> dict:
 
 def saved(
     tag_dir: Path, model_states: list[dict]
-) -> tuple[dict[tuple[int, str], dict], list[dict]]:
+) -> tuple[dict[tuple[int, str], dict | None], list[dict]]:
     """``({(tensor rank, name): state}, param_groups)`` of the checkpoint in ``tag_dir``,
     whose ``mp_rank_XX_model_states.pt`` files (in XX order) are ``model_states``. A
     state is the torch optimizer's for that parameter (``exp_avg``, ``exp_avg_sq``,
     ``step`` for AdamW), with the fp32 master weight under :data:`FP32` where the
     optimizer was flat; a flat one's tensors are 1-D (view them as the parameter's
-    part). A parameter held by several ranks (a tied one) is taken once; a checkpoint
-    without tensor ranks had one."""
-    files = {}
+    part); None where a torch optimizer had no state for it yet. A parameter held by
+    several ranks (a tied one) is taken once; a checkpoint without tensor ranks had one."""
+    files: dict[int, list[tuple[int, Path]]] = {}  # tensor rank -> (data rank, file)
     for path in Path(tag_dir).glob("*optim_states.pt"):
         if match := _FLAT_FILE.fullmatch(path.name):
             files.setdefault(int(match[2]), []).append((int(match[1]), path))
     if not files:
         return _saved_torch(model_states)
-    by_name, groups = {}, None
+    by_name: dict[tuple[int, str], dict | None] = {}
+    groups: list[dict] = []
     for mp, model_state in enumerate(model_states):
-        parts = {}  # name -> {key: [fragment of each data rank]}
+        parts: dict[str, dict] = {}  # name -> {key: [fragment of each data rank]}
         for _, path in sorted(files[mp]):
             optimizer = _load(path)["optimizer_state_dict"]
             groups = groups or optimizer["base_optimizer_state"]["param_groups"]
@@ -94,8 +96,10 @@ def saved(
     return by_name, groups
 
 
-def _saved_torch(model_states: list[dict]) -> tuple[dict[tuple[int, str], dict], list[dict]]:
-    by_name = {}
+def _saved_torch(
+    model_states: list[dict],
+) -> tuple[dict[tuple[int, str], dict | None], list[dict]]:
+    by_name: dict[tuple[int, str], dict | None] = {}
     for state in model_states:
         optimizer = state["optimizer"]
         order = [i for group in optimizer["param_groups"] for i in group["params"]]
@@ -104,7 +108,7 @@ def _saved_torch(model_states: list[dict]) -> tuple[dict[tuple[int, str], dict],
     return by_name, model_states[0]["optimizer"]["param_groups"]
 
 
-def write(engine, states: dict[torch.nn.Parameter, dict | None]) -> None:
+def write(engine, states: Mapping[torch.nn.Parameter, dict | None]) -> None:
     """Give each trainable parameter of ``engine`` its ``states[param]`` (this rank's
     part, keyed as :func:`saved` reads them; None: no state yet)."""
     if not flat(engine):
@@ -118,7 +122,7 @@ def write(engine, states: dict[torch.nn.Parameter, dict | None]) -> None:
     _write_flat(engine.optimizer, states)
 
 
-def _write_flat(optimizer, states: dict[torch.nn.Parameter, dict]) -> None:
+def _write_flat(optimizer, states: Mapping[torch.nn.Parameter, dict | None]) -> None:
     """As DeepSpeed's universal loader: each parameter's fragment of this data rank's
     partition takes its slice of the master weight and of each state, the flat state
     is assembled from the fragments (``map_to_flat_opt_states``), and the bf16 weights
@@ -128,12 +132,14 @@ def _write_flat(optimizer, states: dict[torch.nn.Parameter, dict]) -> None:
         optimizer.bit16_groups if hasattr(optimizer, "bit16_groups") else optimizer.bf16_groups
     )
     for lp_group, group in zip(lp_groups, optimizer.optimizer.param_groups):
-        hp_param, keys, step = group["params"][0], set(), None
+        hp_param, step = group["params"][0], None
+        keys: set[str] = set()
         for lp in lp_group:
             mapping = lp._hp_mapping
             if mapping is None:  # the parameter lies wholly in another data rank's partition
                 continue
             state, address = states[lp], mapping.lp_fragment_address
+            assert state is not None  # a flat optimizer's every parameter has its master weight
             fragment = {
                 key: value.to(hp_param.device).flatten().narrow(0, address.start, address.numel)
                 for key, value in state.items()

@@ -64,7 +64,7 @@ def held_layers(module) -> list[tuple[int, str, torch.nn.Module]]:
     :func:`pp_ext.checkpoint.export.saved_layers`)."""
     specs = module._layer_specs
     first = {spec.key: idx for idx, spec in saved_layers(specs) if isinstance(spec, TiedLayerSpec)}
-    held = {}
+    held: dict[str | int, tuple[int, str, torch.nn.Module]] = {}  # by tie key or index
     for chunk in range(module.chunks):
         for idx in range(*module.chunk_bounds(chunk)):
             spec = specs[idx]
@@ -135,10 +135,11 @@ def load(engine, tag_dir: Path, what_changed: list[str], adapters: Targets | Non
             if any((rank, name) not in states for rank in ranks):
                 missing.append(name)
                 continue
-            parts = [states[rank, name] for rank in ranks]
+            # None: the optimizer had no state for it yet (on every tensor rank alike)
+            parts = [part for rank in ranks if (part := states[rank, name]) is not None]
             wanted[param] = (
                 None
-                if parts[0] is None
+                if not parts
                 else {
                     key: recut(
                         [part[key].view(shapes[local].shape) for part in parts],

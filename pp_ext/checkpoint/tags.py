@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from pp_ext.config.recipe import RecipeError
+from pp_ext.config.schema import Recipe
 from pp_ext.tools.files import write_atomic
 
 MARKER = "pp_ext.json"
@@ -114,7 +115,7 @@ def prune(save_dir: Path, keep: int) -> list[str]:
     return doomed
 
 
-def save_dir(recipe) -> Path:
+def save_dir(recipe: Recipe) -> Path:
     """Where the run saves its checkpoints: ``checkpoint.dir``, by default ``output_dir/checkpoints``."""
     return Path(recipe.checkpoint.dir or Path(recipe.output_dir) / "checkpoints")
 

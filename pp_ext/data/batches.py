@@ -39,7 +39,7 @@ from collections.abc import Iterator
 import datasets
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from pp_ext.config.schema import DataConfig
 from pp_ext.data import IGNORE_INDEX
@@ -117,7 +117,11 @@ def _assistant_targets_by_prefix(
     the generation prompt to the rendering that includes it (TRL's and axolotl's
     prefix method); tokens are flagged by their character offsets in the full text.
     """
-    render = functools.partial(tokenizer.apply_chat_template, tokenize=False)
+
+    def render(conversation: list[dict], **kwargs) -> str:
+        # tokenize=False renders text; transformers types all its return kinds as one
+        return tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)  # type: ignore[return-value]
+
     full = render(messages)
     spans = []
     for i, message in enumerate(messages):
@@ -150,7 +154,8 @@ def _documents(batch: dict, *, kind: str, tokenizer: PreTrainedTokenizerBase, fi
         ids = [p + a for p, a in zip(prompts, answers)]
         targets = [[0] * len(p) + [1] * len(a) for p, a in zip(prompts, answers)]
     elif GENERATION_TAG.search(tokenizer.get_chat_template()):
-        out = tokenizer.apply_chat_template(
+        # return_dict=True gives a BatchEncoding; transformers types all its return kinds as one
+        out: BatchEncoding = tokenizer.apply_chat_template(  # type: ignore[assignment]
             batch[fields["messages"]], return_dict=True, return_assistant_tokens_mask=True
         )
         ids, targets = out["input_ids"], out["assistant_masks"]
@@ -171,14 +176,16 @@ def _labels(ids: list[int], targets: list[int]) -> list[int]:
 
 def _stream_blocks(batch: dict, *, seq_len: int) -> dict:
     """Concatenated documents cut into ``seq_len`` blocks (plain text with ``data.pack``)."""
-    ids, labels, positions = [], [], []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
     for doc, targets in zip(batch["input_ids"], batch["targets"]):
         ids += doc
         # labels over the whole stream, so a block's last label is the document's next token
         labels += _labels(doc, targets)
         positions += range(len(doc))
     blocks = len(ids) // seq_len
-    out = {
+    out: dict[str, list[list[int]]] = {
         "input_ids": [],
         "attention_mask": [[1] * seq_len] * blocks,
         "position_ids": [],
@@ -197,8 +204,8 @@ def _stream_blocks(batch: dict, *, seq_len: int) -> dict:
 
 def _record_samples(batch: dict, *, seq_len: int, pad: int, pack: bool) -> dict:
     """Records truncated to ``seq_len``, padded one per sample or packed several per sample."""
-    out = {name: [] for name in COLUMNS}
-    row = {name: [] for name in COLUMNS}
+    out: dict[str, list[list[int]]] = {name: [] for name in COLUMNS}
+    row: dict[str, list[int]] = {name: [] for name in COLUMNS}
 
     def close(row: dict) -> None:
         free = seq_len - len(row["input_ids"])
@@ -313,7 +320,8 @@ def micro_batches(
     """
     per_step = micro_batches * dp_size
     per_epoch = steps_per_epoch(len(dataset), micro_batch_size * per_step)
-    step, order, epoch = start_step, None, None
+    step, epoch = start_step, None
+    order = torch.empty(0, dtype=torch.long)  # the epoch's order, drawn at its first step
     while True:
         if step // per_epoch != epoch:
             epoch = step // per_epoch

@@ -49,6 +49,8 @@ def dataset_source(cfg: DataConfig) -> tuple[str, dict]:
         raise DataError(
             f"data.format {cfg.format!r} is unknown: choose one of {', '.join(FORMATS)}"
         )
+    if cfg.path is None:  # the recipe requires it wherever data is read
+        raise DataError("data.path is not set: give a local file, folder or glob, or a hub dataset")
     if cfg.format == "hub":
         return cfg.path, {}
     files = _local_files(cfg.path)
@@ -60,7 +62,8 @@ def dataset_source(cfg: DataConfig) -> tuple[str, dict]:
     if cfg.format != "auto":
         builder = cfg.format
     else:
-        kinds = {BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files} - {None}
+        extensions = {os.path.splitext(f)[1].lower() for f in files}
+        kinds = {BUILDERS[e] for e in extensions if e in BUILDERS}
         if len(kinds) != 1:
             found = sorted({os.path.splitext(f)[1] or f for f in files})
             raise DataError(

@@ -23,6 +23,7 @@ collective inside the program at a different moment on each rank).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -81,7 +82,7 @@ class AsyncScheduleEngine(ScheduleEngine):
         self._next_forward = 0
         self._delta = [torch.zeros_like(p) for p in self._params()]
         self._older_sends: list = []
-        self._labels_of: dict[int, object] = {}
+        self._labels_of: dict[int, torch.Tensor | tuple[torch.Tensor, ...]] = {}
         super()._reset_buffers()
         p2p.hold_channels(self, False)
 
@@ -195,6 +196,7 @@ class AsyncScheduleEngine(ScheduleEngine):
             outputs = self.module.chunk_forward(chunk, inputs[0] if len(inputs) == 1 else inputs)
             self._inputs[key] = inputs
             if last:
+                assert batch is not None  # read above for the first and the last stage
                 self._labels_of[micro_batch] = batch[1]
                 loss = self.module.loss_fn(outputs, self._labels(micro_batch - self._call_start))
                 self.fwd_outputs.append(loss)
@@ -271,15 +273,13 @@ class AsyncScheduleEngine(ScheduleEngine):
             posted.wait()
         self._older_sends, self._sends = self._sends, []
 
+    _ASYNC_HANDLERS: dict[type, Callable] = {
+        ins.ForwardChunk: _exec_forward_chunk,
+        ins.BackwardChunk: _exec_backward_chunk,
+        ins.Update: _exec_update,
+        ins.FinishSends: _exec_finish_sends,
+    }
     _INSTRUCTION_MAP = {
         **ScheduleEngine._INSTRUCTION_MAP,
-        **{
-            kind: with_location(kind.__name__, handler)
-            for kind, handler in {
-                ins.ForwardChunk: _exec_forward_chunk,
-                ins.BackwardChunk: _exec_backward_chunk,
-                ins.Update: _exec_update,
-                ins.FinishSends: _exec_finish_sends,
-            }.items()
-        },
+        **{kind: with_location(kind.__name__, run) for kind, run in _ASYNC_HANDLERS.items()},
     }

@@ -109,6 +109,8 @@ class ScheduleEngine(PipelineEngine):
     """Runs ``schedule`` (lowered, validated; see :func:`pp_ext.initialize`) on a
     :class:`ChunkedPipelineModule` whose placement and chunks match it."""
 
+    total_loss: torch.Tensor | None  # DeepSpeed's, which its __init__ sets to None
+
     def __init__(self, *args, schedule: Schedule, **kwargs) -> None:
         self._loss_rank = None  # DeepSpeed's __init__ asks is_last_stage() in its own sense first
         super().__init__(*args, **kwargs)
@@ -192,12 +194,10 @@ class ScheduleEngine(PipelineEngine):
     def _global(self, pipeline_rank: int) -> int:
         return self.grid.stage_to_global(stage_id=pipeline_rank)
 
-    def _neighbour(self, chunk: int, offset: int) -> tuple[int, int] | None:
+    def _neighbour(self, chunk: int, offset: int) -> tuple[int, int]:
         """(pipeline rank, chunk) of the stage ``offset`` away from ``chunk``'s, on the
-        pipeline ``chunk`` belongs to."""
+        pipeline ``chunk`` belongs to (callers ask past the first or last stage never)."""
         pipeline, stage = self.placement.holds(self.stage_id, chunk)
-        if not 0 <= stage + offset < self.schedule.stages:
-            return None
         return self.placement.locate(pipeline, stage + offset)
 
     # ------------------------------------------------------------------ step
@@ -210,7 +210,7 @@ class ScheduleEngine(PipelineEngine):
         # receives posted, not yet waited for: (grad, (chunk, micro-batch)) -> (buffers, posted, instruction)
         self._arriving: dict[tuple[bool, tuple[int, int]], tuple] = {}
         self._batches: list = []
-        self._sends: list[p2p.Posted] = []
+        self._sends: list[p2p.Batch] = []
 
     def reset_activation_shape(self) -> None:
         super().reset_activation_shape()

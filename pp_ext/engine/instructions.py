@@ -89,6 +89,7 @@ def to_instruction(action: Action) -> ds.PipeInstruction:
         return _COMPUTE[action.kind](action.chunk, action.micro_batch)
     if action.kind in _COMM:
         cls, grad = _COMM[action.kind]
+        assert action.peer is not None  # a communication action has one (Action.__post_init__)
         return cls(action.chunk, action.micro_batch, peer=action.peer, grad=grad)
     raise ValueError(f"{action} has no DeepSpeed instruction")
 

@@ -25,6 +25,7 @@ from deepspeed.runtime.activation_checkpointing import checkpointing as ds_check
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 from deepspeed.utils import logger
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from pp_ext import tp
 from pp_ext.planning.partition import (
@@ -62,7 +63,8 @@ def layer_param_counts(layers: Sequence) -> list[int]:
     is used, as in DeepSpeed: the count stands for the work of that place (a tied LM
     head costs as much as its weight suggests), but it is built only once.
     """
-    counts, tied = [], {}
+    counts: list[int] = []
+    tied: dict[str, int] = {}  # tie key -> its count
     for layer in layers:
         if isinstance(layer, TiedLayerSpec) and layer.key in tied:
             counts.append(tied[layer.key])
@@ -179,6 +181,8 @@ class ChunkedPipelineModule(PipelineModule):
         super().__init__(layers, *args, **kwargs)
         # after PipelineModule's build, which resets every ds_pipe_replicated flag
         tp.mark_replicated(self, self.tensor_axis)
+        self.replica_group: ProcessGroup | None
+        self._pair: list[int] | None
         self.replica_group, self._pair = self._replica_pair()
         self._replicas = self._share_replicas()
 
@@ -370,7 +374,7 @@ class ChunkedPipelineModule(PipelineModule):
                     f"p-1-s (e.g. embedding on the first stage and LM head on the last)"
                 )
 
-    def _replica_pair(self) -> tuple:
+    def _replica_pair(self) -> tuple[ProcessGroup | None, list[int] | None]:
         """Bidirectional placement: the pair group {r, p-1-r} of this rank and its two
         global ranks (None, None otherwise). One group per pair of every data- and
         model-parallel fiber is created, collectively, in the same order on every rank,
@@ -379,7 +383,7 @@ class ChunkedPipelineModule(PipelineModule):
             return None, None
         p, grid = self.num_stages, self._grid
         slices = grid.get_slice_parallel_world_size()
-        mine = None
+        mine: tuple[ProcessGroup | None, list[int] | None] = None, None  # p is even (Chimera)
         for dp in range(grid.data_parallel_size):
             for mp in range(slices):
                 for r in range(p // 2):
@@ -396,7 +400,7 @@ class ChunkedPipelineModule(PipelineModule):
         chunks do), the other copy marked ``ds_pipe_replicated`` so the global gradient
         norm counts every stage once. Parameters DeepSpeed's tie groups already sum are
         left to them."""
-        if self.replica_group is None:
+        if self.replica_group is None or self._pair is None:  # None together: one pipeline
             return []
         ranks, partner = self._pair, self.num_stages - 1 - self.stage_id
         tied = {
@@ -404,7 +408,7 @@ class ChunkedPipelineModule(PipelineModule):
             for comm in self.tied_comms.values()
             for attr in comm["weight_attr"]
         }
-        source = {}  # id -> pipeline rank of the down replica
+        source: dict[int, int] = {}  # id -> pipeline rank of the down replica
         for chunk, owner in ((0, self.stage_id), (1, partner)):
             for param in self.chunk_parameters(chunk):
                 source[id(param)] = min(owner, source.get(id(param), owner))

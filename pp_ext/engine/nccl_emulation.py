@@ -90,6 +90,7 @@ class EmulatedNccl:
                 f"send to rank {peer} (its receive is not posted)",
             )
         for work in data + acks:
+            assert work is not None  # None only on a rank outside the group
             work.wait()
 
     def _wait(self, work, what: str) -> None:

@@ -40,6 +40,7 @@ import datetime
 import os
 import weakref
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as torch_dist
@@ -88,6 +89,13 @@ def claim_channels(engine) -> None:
             )
 
 
+class Batch(Protocol):
+    """Ops posted together: :class:`Posted`, or NCCL's rules emulated on gloo."""
+
+    def wait(self) -> None:
+        """Return once all have completed."""
+
+
 class Posted:
     """Ops posted together; ``wait()`` returns once all have completed."""
 
@@ -111,7 +119,7 @@ class Link:
         self,
         sends: Sequence[tuple[torch.Tensor, int]] = (),
         receives: Sequence[tuple[torch.Tensor, int]] = (),
-    ) -> Posted:
+    ) -> Batch:
         """Post ``(tensor, peer)`` sends and receives as one batch, without waiting."""
         if self.emulated is not None:
             return self.emulated.post(sends, receives)
@@ -155,7 +163,7 @@ def pipeline_link(pipelines: Sequence[Sequence[int]], rank: int, device) -> Link
         return _links[key]
     timeout = _timeout()
     groups = [
-        torch_dist.new_group(list(ranks), **({"timeout": timeout} if timeout else {}))
+        torch_dist.new_group(list(ranks), timeout=timeout or None)  # None: torch's default
         for ranks in key
     ]
     mine = next(g for ranks, g in zip(key, groups) if rank in ranks)
@@ -189,7 +197,7 @@ def specs_of(tensors: Sequence[torch.Tensor]) -> list[TensorSpec]:
     return [TensorSpec((tuple(t.shape), t.dtype, t.requires_grad)) for t in tensors]
 
 
-def send_header(link: Link, specs: Sequence[TensorSpec], dst: int, device) -> Posted:
+def send_header(link: Link, specs: Sequence[TensorSpec], dst: int, device) -> Batch:
     if len(specs) > MAX_TENSORS:
         raise ValueError(
             f"a stage passes {len(specs)} tensors; at most {MAX_TENSORS} are supported"
@@ -228,7 +236,7 @@ def recv_header(link: Link, src: int, device) -> list[TensorSpec]:
     return specs
 
 
-def send_tensors(link: Link, tensors: Sequence[torch.Tensor], dst: int) -> Posted:
+def send_tensors(link: Link, tensors: Sequence[torch.Tensor], dst: int) -> Batch:
     """Post the sends of one message; the caller keeps the result until it is done
     (it holds the tensors)."""
     return link.post(sends=[(t.detach().contiguous(), dst) for t in tensors])
@@ -236,7 +244,7 @@ def send_tensors(link: Link, tensors: Sequence[torch.Tensor], dst: int) -> Poste
 
 def recv_tensors(
     link: Link, specs: Sequence[TensorSpec], src: int, device
-) -> tuple[tuple[torch.Tensor, ...], Posted]:
+) -> tuple[tuple[torch.Tensor, ...], Batch]:
     """Post the receives of one message: its buffers, and what to wait on before reading them."""
     buffers = tuple(torch.empty(spec.shape, dtype=spec.dtype, device=device) for spec in specs)
     return buffers, link.post(receives=[(b, src) for b in buffers])

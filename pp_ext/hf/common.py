@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
@@ -152,7 +153,15 @@ class LMHead(nn.Module):
         return state_keys(self, "lm_head.", "lm_head.")
 
 
-def tied_head(embedding: nn.Module, hidden: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+class TokenEmbedding(Protocol):
+    """A family's embedding layer: its token table (vocabulary-parallel on a tensor axis)."""
+
+    embed_tokens: nn.Embedding
+
+
+def tied_head(
+    embedding: TokenEmbedding, hidden: torch.Tensor, cap: float | None = None
+) -> torch.Tensor:
     """The LM head tied to the embedding: logits from its ``embed_tokens`` matrix
     (unscaled, as HF's tied ``lm_head``), soft-capped at ``cap``; a vocabulary-parallel
     embedding gives this rank's block of the logits, padded rows masked."""

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from deepspeed.pipe import LayerSpec
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GPTNeoXConfig, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 from transformers.models.gpt2 import modeling_gpt2
 from transformers.models.gpt_neox import modeling_gpt_neox
@@ -105,7 +105,7 @@ class GPTNeoXLayer(HFDecoderLayer):
     """HF's ``GPTNeoXLayer`` with its (partial) rotary table rebuilt from the positions;
     tensor-parallel by :data:`pp_ext.tp.plans.GPT_NEOX` when built on a tensor axis."""
 
-    def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
+    def __init__(self, config: GPTNeoXConfig, layer_idx: int) -> None:
         axis = tp.current()
         layer = modeling_gpt_neox.GPTNeoXLayer(tp.local_config(config, axis.size), layer_idx)
         super().__init__(

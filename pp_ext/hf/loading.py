@@ -38,14 +38,14 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 from pp_ext import tp
 from pp_ext.engine.module import ChunkedPipelineModule
 from pp_ext.hf.families import layer_specs
-from pp_ext.hf.weights import copy_hf_weights, meta_model, model_names
+from pp_ext.hf.weights import copy_hf_weights, hf_keys, meta_model, model_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"bfloat16"`` or ``torch.bfloat16`` -> ``torch.bfloat16``; anything else is an error."""
-    if dtype in DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -104,9 +104,9 @@ def load_hf_weights(layers: Iterable[nn.Module], model_dir: str | Path) -> None:
         name: key for key, name in model_names(files, meta_model(load_config(model_dir))).items()
     }
     with ExitStack() as stack:
-        handles: dict[Path, object] = {}
+        handles: dict[Path, safe_open] = {}
         for layer in _unique(layers):
-            tensors, keys = {}, layer.hf_keys()
+            tensors, keys = {}, hf_keys(layer)
             sharded = {
                 keys[local] for local in tp.splits(layer)
             }  # read as slices: only this rank's part
@@ -259,12 +259,13 @@ def build_pipeline_module(
     config = load_config(model)
     if topology is not None:  # a config that cannot be cut tensor ways fails here, in one line
         tp.check_tensor_split(config, max(1, topology.get_dim("model")))
-    weights = not isinstance(model, PretrainedConfig) and has_weights(model)
+    # the folder whose weights the layers load (None: HF's initialisation)
+    weights = None if isinstance(model, PretrainedConfig) or not has_weights(model) else model
     specs = layout_free_specs(
         layer_specs(config, attn_implementation),
         dtype=to_dtype(dtype),
         seed=seed,
-        initialize=None if weights else hf_initializer(config),
+        initialize=None if weights is not None else hf_initializer(config),
     )
     module = ChunkedPipelineModule(
         specs,
@@ -278,6 +279,6 @@ def build_pipeline_module(
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         **kwargs,
     )
-    if weights:
-        load_hf_weights(local_layers(module), model)
+    if weights is not None:
+        load_hf_weights(local_layers(module), weights)
     return module

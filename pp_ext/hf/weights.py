@@ -34,12 +34,19 @@ def copy_hf_weights(layers: Iterable[nn.Module], state_dict: Mapping[str, torch.
     module listed twice (a tied embedding and head) is copied twice, harmlessly.
     """
     for layer in layers:
-        keys, own = layer.hf_keys(), layer.state_dict()
+        keys, own = hf_keys(layer), layer.state_dict()
         if unmapped := sorted(set(own) - set(keys)):
             raise KeyError(f"{type(layer).__name__} has no HF key for {unmapped}")
         if missing := sorted(k for k in keys.values() if k not in state_dict):
             raise KeyError(f"HF state dict lacks {missing} needed by {type(layer).__name__}")
         tp.load_parts(layer, {local: state_dict[hf] for local, hf in keys.items()})
+
+
+def hf_keys(layer: nn.Module) -> dict[str, str]:
+    """``layer.hf_keys()``: every family's pipeline layer maps its ``state_dict`` names to
+    HF checkpoint keys, a method the engine's layers (typed ``nn.Module``) do not declare."""
+    keys: Callable[[], dict[str, str]] = getattr(layer, "hf_keys")
+    return keys()
 
 
 def meta_model(config: PretrainedConfig) -> PreTrainedModel:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pp_ext.planning.partition import balanced_parts, chunk_layout
-from pp_ext.schedules import REGISTRY, Placement, ScheduleError, simulate
+from pp_ext.schedules import REGISTRY, Placement, Schedule, ScheduleError, simulate
 from pp_ext.schedules.auto import auto_schedule
 from pp_ext.schedules.cost_model import Profile
 
@@ -170,3 +170,38 @@ def search(
                     consider(schedule, method, cut, size)
     found.sort(key=lambda c: (c.step_s, max(c.memory)))
     return found, dropped
+
+
+def profiled_auto(
+    recipe,
+    pipe: int,
+    cut_by: Callable[[int], list[int]],
+    memory_limit: int | Sequence[int] | None,
+) -> Schedule:
+    """``parallel.schedule: auto`` with ``parallel.profile``: :func:`auto_schedule` on the
+    profile's per-stage costs for the recipe's partition (Qi et al. 2024, Sec. 3: the best
+    order depends on the measured F, I, W and communication), under ``memory_limit``
+    micro-batches per rank (None: 1F1B's), in the placement ``parallel.chunks`` names (1:
+    loop, 2: V) or, without it, the one auto chooses from the costs of both cuts (p and 2p
+    stages; 2p only where the partition method can cut that many). ``cut_by(stages)``: the
+    recipe's boundaries for that many stages. Deterministic, so every rank builds the same
+    program. Raises ValueError (a profile of other shapes, or of another model) or a
+    ScheduleError."""
+    path = recipe.parallel.profile
+    profile = Profile.load(path)
+    profile.check_shapes(recipe, path)
+    if profile.micro_batch_size != recipe.train.micro_batch_size:
+        raise ValueError(
+            f"profile {path} measured micro-batches of {profile.micro_batch_size} samples, the recipe "
+            f"has train.micro_batch_size={recipe.train.micro_batch_size}: use that size or profile "
+            f"again (pp-ext tune --recipe R)"
+        )
+    chunks = recipe.parallel.chunks
+    cuts = []
+    for count in (1, 2) if chunks is None else (chunks,):
+        try:
+            cuts.append(profile.stage_costs(cut_by(pipe * count)))
+        except ValueError:
+            if chunks is not None or count == 1:
+                raise
+    return auto_schedule(pipe, recipe.parallel.micro_batches, cuts, memory_limit, chunks)

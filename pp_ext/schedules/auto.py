@@ -101,6 +101,7 @@ def memory_limits(
     """Per-rank limits in whole chunk activations (``chunks`` per micro-batch of a
     rank's activations); ``None`` is 1F1B's memory, ``stages`` micro-batches (what
     ZB-H1 and ZB-V hold too)."""
+    limits: list[Number]
     if memory_limit is None:
         limits = [stages] * stages
     elif isinstance(memory_limit, Sequence):
@@ -189,7 +190,7 @@ def _greedy(
     stage_of = [[placement.holds(r, c)[1] for c in range(v)] for r in range(p)]
     rank_of = [placement.locate(0, s)[0] for s in range(placement.stages)]
     # a rank prefers its deeper chunk (nearer the loss on the way down, the ZB-V order)
-    chunk_order = [sorted(range(v), key=lambda c, r=r: -stage_of[r][c]) for r in range(p)]
+    chunk_order = [sorted(range(v), key=lambda c: -stage_of[r][c]) for r in range(p)]
     other = Kind.F if policy.first is Kind.I else Kind.I
     # how long a rank leaves a ready action waiting for one it prefers: patience x its mean pass
     wait = [
@@ -198,14 +199,15 @@ def _greedy(
     ]
     if all(isinstance(x, int) for x in [comm, *(x for c in cost for x in c.values())]):
         # exact costs (integers times 1/scale): scale the waits too, so the loop compares integers only
-        factor = math.lcm(*(w.denominator for w in wait))
+        factor = math.lcm(*(Fraction(w).denominator for w in wait))
         cost = [{kind: value * factor for kind, value in c.items()} for c in cost]
         comm, scale, wait = comm * factor, scale * factor, [int(w * factor) for w in wait]
     F, I, W = Kind.F, Kind.I, Kind.W  # noqa: E741 - the paper's names; locals, for the inner loop
     order = [
         [(kind, c) for kind in (policy.first, other) for c in chunk_order[r]] for r in range(p)
     ]
-    done = {
+    # when each stage's F and I of each micro-batch ends (None: not scheduled yet)
+    done: dict[Kind, list[list[Number | None]]] = {
         F: [[None] * m for _ in range(placement.stages)],
         I: [[None] * m for _ in range(placement.stages)],
     }
@@ -215,7 +217,9 @@ def _greedy(
     pending: list[deque[tuple[int, int]]] = [
         deque() for _ in range(p)
     ]  # (chunk, micro-batch) of W's to run
-    held, free, idle = [0] * p, [0] * p, [0] * p
+    held = [0] * p
+    free: list[Number] = [0] * p
+    idle: list[Number] = [0] * p
     programs: list[list[tuple[Kind, int, int]]] = [[] for _ in range(p)]
     depth, w_rule = policy.depth, policy.w_rule
 
@@ -225,9 +229,8 @@ def _greedy(
         (None while they are not scheduled yet, or the rank may not run it)."""
         now = free[rank]
         patient = now + wait[rank]
-        upcoming = first = (
-            None  # the earliest arrival, and the first kind in ``order`` that arrives then
-        )
+        # the earliest arrival, and the first kind in ``order`` that arrives then
+        upcoming: tuple[Number, tuple[Kind, int]] | None = None
         for key in order[rank]:
             kind, chunk = key
             j = issued[kind][rank][chunk]
@@ -242,31 +245,24 @@ def _greedy(
                         continue
                 elif held[rank] >= limits[rank]:
                     continue
-                if stage == 0:
-                    ready = 0
-                else:
-                    ready = done[F][stage - 1][j]
-                    if ready is None:
-                        continue
-                    if rank_of[stage - 1] != rank:
-                        ready += comm
+                ready = 0 if stage == 0 else done[F][stage - 1][j]
+                handover = stage > 0 and rank_of[stage - 1] != rank
             else:
                 if j >= issued[F][rank][chunk]:
                     continue
-                if stage == last:
-                    ready = done[F][stage][j]
-                else:
-                    ready = done[I][stage + 1][j]
-                    if ready is None:
-                        continue
-                    if rank_of[stage + 1] != rank:
-                        ready += comm
+                # the last stage's I follows its own F, another's the next stage's I
+                ready = done[F][stage][j] if stage == last else done[I][stage + 1][j]
+                handover = stage < last and rank_of[stage + 1] != rank
+            if ready is None:
+                continue
+            if handover:
+                ready += comm
             if ready <= patient:
                 return (ready if ready > now else now), key
-            if upcoming is None or ready < upcoming:
-                upcoming, first = ready, key
+            if upcoming is None or ready < upcoming[0]:
+                upcoming = ready, key
         if pending[rank]:
-            gap = None if upcoming is None else upcoming - now
+            gap = None if upcoming is None else upcoming[0] - now
             memory_bound = forwards[rank] < v * m and held[rank] + v > limits[rank]
             w_cost = cost[stage_of[rank][pending[rank][0][0]]][W]
             if (
@@ -277,19 +273,20 @@ def _greedy(
                 or (w_rule == "bubble" and idle[rank] + gap > max(idle))
             ):
                 return now, (W, pending[rank][0][0])
-        return None if upcoming is None else (upcoming, first)
+        return upcoming
 
     # a rank's choice changes only when it or a neighbour (whose results it waits
     # for) commits, or, under the "bubble" rule, when the largest idle time grows
     decisions: list[tuple[Number, tuple[Kind, int]] | None] = [decide(rank) for rank in range(p)]
     for _ in range(3 * placement.stages * m):
-        rank = None  # the rank whose decided action starts first (the lowest on ties)
+        # the rank whose decided action starts first (the lowest on ties)
+        rank, chosen = -1, None
         for r, decision in enumerate(decisions):
-            if decision is not None and (rank is None or decision[0] < decisions[rank][0]):
-                rank = r
-        if rank is None:  # cannot happen with limits >= chunks: see the module doc
+            if decision is not None and (chosen is None or decision[0] < chosen[0]):
+                rank, chosen = r, decision
+        if chosen is None:  # cannot happen with limits >= chunks: see the module doc
             raise AssertionError(f"auto heuristic stalled with policy {policy}")
-        start, (kind, chunk) = decisions[rank]
+        start, (kind, chunk) = chosen
         j = pending[rank].popleft()[1] if kind is W else issued[kind][rank][chunk]
         most_idle = max(idle)
         idle[rank] += start - free[rank]
@@ -315,7 +312,7 @@ def _greedy(
         for r in stale:
             if 0 <= r < p:
                 decisions[r] = decide(r)
-    return programs, Fraction(max(free), scale) if scale != 1 else max(free)
+    return programs, Fraction(max(free)) / scale if scale != 1 else max(free)
 
 
 def heuristic(
@@ -409,9 +406,9 @@ def candidates(
         programs, makespan = heuristic(placement, m, costs, limits)
         found.append((Schedule("auto", placement, m, programs), makespan))
     for _, schedule in fixed_schedules(placement, m):
-        makespan = fits(schedule, costs, limits)
-        if makespan is not None:
-            found.append((replace(schedule, name="auto"), makespan))
+        fitted = fits(schedule, costs, limits)  # its makespan, None where it does not fit
+        if fitted is not None:
+            found.append((replace(schedule, name="auto"), fitted))
     return found
 
 

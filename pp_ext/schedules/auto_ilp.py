@@ -106,18 +106,21 @@ def solve_ilp(
     h.setOptionValue("mip_rel_gap", 0.0)
     h.setOptionValue("mip_abs_gap", 0.999 if integral else 1e-9 * big_m)
     start = {
-        (r, k, j): h.addVariable(lb=0, ub=big_m) for r in range(p) for k in KINDS for j in range(m)
+        (r, kind, j): h.addVariable(lb=0, ub=big_m)
+        for r in range(p)
+        for kind in KINDS
+        for j in range(m)
     }
     makespan = h.addVariable(lb=0, ub=big_m)
-    d = {(r, k): float(cost[r][k]) for r in range(p) for k in KINDS}
+    d = {(r, kind): float(cost[r][kind]) for r in range(p) for kind in KINDS}
 
-    def end(r: int, k: Kind, j: int):
-        return start[(r, k, j)] + d[(r, k)]
+    def end(r: int, kind: Kind, j: int):
+        return start[(r, kind, j)] + d[(r, kind)]
 
     for r in range(p):
-        for k in KINDS:
+        for kind in KINDS:
             for j in range(m - 1):
-                h.addConstr(start[(r, k, j + 1)] >= end(r, k, j))
+                h.addConstr(start[(r, kind, j + 1)] >= end(r, kind, j))
         for j in range(m):
             if r > 0:
                 h.addConstr(start[(r, Kind.F, j)] >= end(r - 1, Kind.F, j) + float(comm))
@@ -129,7 +132,7 @@ def solve_ilp(
         # the rank's passes all follow its first F, and its I's and W's its first I:
         # implied by the order binaries, but the LP relaxation cannot see it, and
         # without these cuts the bound stays far below the optimum
-        work = {k: m * d[(r, k)] for k in KINDS}
+        work = {kind: m * d[(r, kind)] for kind in KINDS}
         h.addConstr(makespan >= start[(r, Kind.F, 0)] + sum(work.values()))
         h.addConstr(makespan >= start[(r, Kind.I, 0)] + work[Kind.I] + work[Kind.W])
 

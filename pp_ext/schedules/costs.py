@@ -76,7 +76,7 @@ class Costs:
                     f"(ranks x chunks): profile or write one entry per stage"
                 )
             f, i, w, *fused = self.per_stage[stage]
-            share = 1
+            share: Number = 1
         else:
             f, i, w, fused = self.forward, self.input_grad, self.weight_grad, []
             share = Fraction(ranks, stages)
@@ -116,7 +116,10 @@ class Costs:
             numbers = [_number(p) for p in parts]
         except ValueError:
             raise ValueError(f"--costs takes numbers F,I,W[,comm], got {text!r}") from None
-        return cls(*numbers)
+        forward, input_grad, weight_grad, *comm = numbers
+        if comm:
+            return cls(forward, input_grad, weight_grad, comm=comm[0])
+        return cls(forward, input_grad, weight_grad)
 
     @classmethod
     def load(cls, path: str | Path) -> "Costs":

@@ -130,7 +130,7 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
                     raise ValueError(
                         f"rank {rank} posts a collective on group {op.group} it is not in"
                     )
-                base = (comm,)
+                base: tuple[object, ...] = (comm,)
             else:
                 if not 0 <= op.peer < ranks or op.peer == rank:
                     raise ValueError(f"rank {rank} posts a {op.kind} to rank {op.peer}")
@@ -194,7 +194,9 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
                         break
         for rank, ids in sorted(ready):
             for i in ids:
-                check_labels(rank, i, partners(rank, i))
+                found = partners(rank, i)
+                assert found is not None  # in ready: every partner is posted
+                check_labels(rank, i, found)
         for rank, ids in ready:
             queues[stream[(rank, ids[0])]].popleft()
             done[rank].update(ids)
@@ -236,7 +238,7 @@ def _stream(rank: int, op: Op, streams: Streams) -> str:
 
 def messages(schedule: Schedule) -> dict[tuple[int, object], Message]:
     """(rank, its send or receive action) -> the message that action carries."""
-    found = {}
+    found: dict[tuple[int, object], Message] = {}
     for rank, program in enumerate(schedule.programs):
         for action in program:
             if action.kind.is_compute:
@@ -265,7 +267,7 @@ def program_traces(schedule: Schedule) -> list[Trace]:
     traces = []
     for rank, program in enumerate(schedule.programs):
         trace = Trace()
-        sends = []
+        sends: list[int] = []
         for step, action in enumerate(program):
             if action.kind.is_comm:
                 message = carried[(rank, action)]

@@ -129,7 +129,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
     duration, comm, scale = costs.scaled(kinds, ranks, compute.stages)
 
     def reported(time: Number) -> Number:  # a time of the loop in the costs' units
-        return Fraction(time, scale) if scale else time
+        return Fraction(time) / scale if scale else time
 
     finish: dict[tuple[int, Action], Number] = {}
     times: list[list[tuple[Action, Number, Number]]] = [[] for _ in range(ranks)]

@@ -164,7 +164,9 @@ def buffered_dry_run(schedule: Schedule) -> None:
     def step_rank(rank: int) -> bool:
         action = programs[rank][pc[rank]]
         here = (rank, pc[rank])
+        peer = action.peer  # an int on communication actions (Action.__post_init__)
         if action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
+            assert peer is not None
             if action.kind is Kind.SEND_ACT:
                 producer = Action(Kind.F, action.micro_batch, action.chunk)
             else:
@@ -186,9 +188,10 @@ def buffered_dry_run(schedule: Schedule) -> None:
                     f"action of rank {rank} made for rank {action.peer}",
                     [here],
                 )
-            channels[(rank, action.peer)].append(messages[0])
+            channels[(rank, peer)].append(messages[0])
         elif action.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
-            queue = channels[(action.peer, rank)]
+            assert peer is not None
+            queue = channels[(peer, rank)]
             if not queue:
                 return False
             if queue[0].recv() != action:

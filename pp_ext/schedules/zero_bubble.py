@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 
 from .actions import Action, Kind
 from .classic import one_f_one_b_order
@@ -75,9 +76,7 @@ def _one_chunk(
     inputs = [Action(Kind.I, k) for k in range(micro_batches)]
     programs = tuple(
         tuple(
-            with_weights(
-                one_f_one_b_order(forwards, inputs, warmup(rank)), lambda j, r=rank: place_w(r, j)
-            )
+            with_weights(one_f_one_b_order(forwards, inputs, warmup(rank)), partial(place_w, rank))
         )
         for rank in range(stages)
     )

@@ -89,6 +89,8 @@ def _in_out(layer: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, weight stored [in, out])`` of a linear or ``Conv1D``."""
     if isinstance(layer, Conv1D):
         return layer.nx, layer.nf, True
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"{type(layer).__name__} is neither nn.Linear nor Conv1D")
     return layer.in_features, layer.out_features, False
 
 
@@ -102,10 +104,14 @@ def column_parallel(
         _, out_features, in_out = _in_out(linear)
         sections = sections or (out_features * axis.size,)
         linear.__class__ = ColumnParallelConv1D if in_out else ColumnParallelLinear
-        linear.tensor_axis = axis
-        linear.weight.tp_split = Split(1 if in_out else 0, sections, axis.size, axis.rank)
+        # setattr: attributes torch's Module and Parameter types do not declare
+        setattr(linear, "tensor_axis", axis)
+        split = Split(1 if in_out else 0, sections, axis.size, axis.rank)
+        setattr(linear.get_parameter("weight"), "tp_split", split)
         if linear.bias is not None:
-            linear.bias.tp_split = Split(0, sections, axis.size, axis.rank)
+            setattr(
+                linear.get_parameter("bias"), "tp_split", Split(0, sections, axis.size, axis.rank)
+            )
     return linear
 
 
@@ -115,15 +121,15 @@ def row_parallel(linear: nn.Module, axis: TensorAxis) -> nn.Module:
     if axis.size > 1:
         in_features, _, in_out = _in_out(linear)
         linear.__class__ = RowParallelConv1D if in_out else RowParallelLinear
-        linear.tensor_axis = axis
-        linear.weight.tp_split = Split(
-            0 if in_out else 1, (in_features * axis.size,), axis.size, axis.rank
-        )
+        setattr(linear, "tensor_axis", axis)  # attributes torch's types do not declare
+        split = Split(0 if in_out else 1, (in_features * axis.size,), axis.size, axis.rank)
+        setattr(linear.get_parameter("weight"), "tp_split", split)
     return linear
 
 
-class _VocabParallel:
-    """Mixed into an ``nn.Embedding`` class holding rows ``[rank * n, (rank + 1) * n)``."""
+class _VocabParallel(nn.Embedding):
+    """Mixed into an ``nn.Embedding`` class holding rows ``[rank * n, (rank + 1) * n)``
+    (first in its bases: ``super().forward`` is that class's lookup)."""
 
     tensor_axis: TensorAxis
 
@@ -169,8 +175,10 @@ def vocab_parallel_embedding(
         else None
     )
     layer = embedding(rows, hidden_size, local_pad, **kwargs)
-    layer.__class__, layer.tensor_axis = _vocab_parallel_class(embedding), axis
-    layer.weight.tp_split = split
+    # a class is hashable: mypy takes nn.Module's instance __hash__ for the class's
+    layer.__class__ = _vocab_parallel_class(embedding)  # type: ignore[arg-type]
+    setattr(layer, "tensor_axis", axis)  # attributes torch's types do not declare
+    setattr(layer.weight, "tp_split", split)
     return layer
 
 
@@ -181,8 +189,9 @@ def vocab_parallel_head(hidden_size: int, vocab_size: int, axis: TensorAxis) -> 
     if split is None:
         return nn.Linear(hidden_size, vocab_size, bias=False)
     rows = padded_vocab_size(vocab_size, axis) // axis.size
-    head = column_parallel(nn.Linear(hidden_size, rows, bias=False), axis)
-    head.weight.tp_split = split  # the vocabulary's cut, padding included
+    head = nn.Linear(hidden_size, rows, bias=False)
+    column_parallel(head, axis)  # marks it in place
+    setattr(head.weight, "tp_split", split)  # the vocabulary's cut, padding included
     return head
 
 
@@ -243,7 +252,8 @@ def mark_replicated(module: nn.Module, axis: TensorAxis) -> None:
     parameters unless so marked) count every part once and each replica once."""
     if axis.size > 1:
         for param in module.parameters():
+            # Megatron's and DeepSpeed's marks, attributes torch's Parameter does not declare
             if hasattr(param, "tp_split"):
-                param.tensor_model_parallel = True
+                setattr(param, "tensor_model_parallel", True)
             elif axis.rank > 0:
-                param.ds_pipe_replicated = True
+                setattr(param, "ds_pipe_replicated", True)

@@ -199,17 +199,25 @@ def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) ->
 def _local_width(whole: nn.Module, column: bool, tensor: int) -> nn.Module:
     """A linear of ``whole``'s class (``nn.Linear`` or ``Conv1D``) with its output
     (``column``) or input features divided by ``tensor``, on ``whole``'s device and dtype."""
-    factory = {"device": whole.weight.device, "dtype": whole.weight.dtype}
+    weight = whole.get_parameter("weight")
     if isinstance(whole, Conv1D):
         nf, nx = (whole.nf // tensor, whole.nx) if column else (whole.nf, whole.nx // tensor)
-        with torch.device(factory["device"]):
-            return Conv1D(nf, nx).to(factory["dtype"])
+        with torch.device(weight.device):
+            return Conv1D(nf, nx).to(weight.dtype)
+    if not isinstance(whole, nn.Linear):
+        raise TypeError(f"{type(whole).__name__} is neither nn.Linear nor Conv1D")
     out_features, in_features = (
         (whole.out_features // tensor, whole.in_features)
         if column
         else (whole.out_features, whole.in_features // tensor)
     )
-    return nn.Linear(in_features, out_features, bias=whole.bias is not None, **factory)
+    return nn.Linear(
+        in_features,
+        out_features,
+        bias=whole.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
 
 
 def describe(config: PretrainedConfig, tensor: int, make_vocab_size_divisible_by: int = 1) -> str:

@@ -12,9 +12,8 @@ positions, the run's folders must be folders this user can write, and a checkpoi
 to resume from must be complete. :func:`check_data` (the training job's) checks
 that the data's first records have the columns of ``data.kind``
 (:func:`pp_ext.data.check`). :func:`recipe_schedule` is ``parallel.schedule: auto``
-with ``parallel.profile``: the schedule computed from the profile's per-stage costs
-under ``parallel.memory_limit`` (Qi et al. 2024, "Zero Bubble Pipeline
-Parallelism", ICLR, Sec. 3).
+with ``parallel.profile`` on the recipe's model, searched in planning
+(:func:`pp_ext.planning.search.profiled_auto`).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import cast
 
 from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from pp_ext import tp
 from pp_ext.checkpoint import tags as checkpoints
@@ -36,9 +35,8 @@ from pp_ext.engine.module import partition
 from pp_ext.hf import layer_specs, position_table, supported
 from pp_ext.hf.loading import load_config
 from pp_ext.peft import PeftError, check_adapter, lora_config, target_names
+from pp_ext.planning.search import profiled_auto
 from pp_ext.schedules import Schedule, ScheduleError, get
-from pp_ext.schedules.auto import auto_schedule
-from pp_ext.schedules.cost_model import Profile
 from pp_ext.schedules.registry import BASELINE
 
 # what transformers' AutoTokenizer reads a tokenizer from (any one suffices)
@@ -123,7 +121,7 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
     return Layout.of(recipe, pipe, tensor, data, chunks, placement), prebuilt
 
 
-def tokenizer_folder(recipe) -> Path:
+def tokenizer_folder(recipe: Recipe) -> Path:
     return Path(recipe.model.tokenizer or recipe.model.path)
 
 
@@ -143,7 +141,7 @@ def load_tokenizer(folder: Path):
         ) from None
 
 
-def check_tokenizer(recipe, config) -> None:
+def check_tokenizer(recipe: Recipe, config: PretrainedConfig) -> None:
     """Every id the tokenizer can produce (its vocabulary, added and special tokens)
     is below the model's ``vocab_size``. Skipped where there is no tokenizer (a
     shape-only config being planned)."""
@@ -162,7 +160,7 @@ def check_tokenizer(recipe, config) -> None:
         )
 
 
-def check_positions(recipe, config) -> None:
+def check_positions(recipe: Recipe, config: PretrainedConfig) -> None:
     """``data.seq_len`` fits a learned absolute position table. Packed documents
     restart their positions, so a shorter table only fails on the first document
     longer than it: refused here, whatever the data."""
@@ -175,7 +173,7 @@ def check_positions(recipe, config) -> None:
         )
 
 
-def check_peft(recipe, config) -> None:
+def check_peft(recipe: Recipe, config: PretrainedConfig) -> None:
     """The ``peft`` section against the model: its targets match some module (PEFT's rules
     on the full model) and ``adapter_path`` is a LoRA adapter of this rank for this base."""
     if recipe.peft.type == "none":
@@ -242,13 +240,13 @@ def _writable_folder(key: str, path: Path) -> None:
         )
 
 
-def check_folders(recipe, save_dir: Path) -> None:
+def check_folders(recipe: Recipe, save_dir: Path) -> None:
     """The run's folders: ``output_dir`` and the checkpoints' ``save_dir``."""
     _writable_folder("output_dir", Path(recipe.output_dir))
     _writable_folder("checkpoint.dir", save_dir)  # default: output_dir/checkpoints
 
 
-def check_data(recipe) -> None:
+def check_data(recipe: Recipe) -> None:
     """The data is there, readable, of the kind the recipe says, with a tokenizer it
     needs (:func:`pp_ext.data.check`)."""
     from pp_ext.data import (
@@ -264,39 +262,15 @@ def check_data(recipe) -> None:
     data.check(recipe.data, load_tokenizer(folder))
 
 
-def recipe_layer_specs(recipe) -> list:
+def recipe_layer_specs(recipe: Recipe) -> list:
     """The pipeline layers of the recipe's model (what a profile measures, in order)."""
     return layer_specs(load_config(recipe.model.path), recipe.model.attn_implementation)
 
 
-def recipe_schedule(recipe, pipe: int):
-    """``parallel.schedule: auto`` with ``parallel.profile``: :func:`auto_schedule` on
-    the profile's per-stage costs for the recipe's partition (Qi et al. 2024, Sec. 3:
-    the best order depends on the measured F, I, W and communication), under
-    ``parallel.memory_limit`` micro-batches per rank (None: 1F1B's), in the placement
-    ``parallel.chunks`` names (1: loop, 2: V) or, without it, the one auto chooses
-    from the costs of both cuts (p and 2p stages; 2p only where the partition method
-    can cut that many). Deterministic, so every rank builds the same program. Raises
-    ValueError (a profile of other shapes, or of another model) or a ScheduleError."""
-    path = recipe.parallel.profile
-    profile = Profile.load(path)
-    profile.check_shapes(recipe, path)
-    if profile.micro_batch_size != recipe.train.micro_batch_size:
-        raise ValueError(
-            f"profile {path} measured micro-batches of {profile.micro_batch_size} samples, the recipe "
-            f"has train.micro_batch_size={recipe.train.micro_batch_size}: use that size or profile "
-            f"again (pp-ext tune --recipe R)"
-        )
-    specs, chunks = recipe_layer_specs(recipe), recipe.parallel.chunks
-    cuts = []
-    for count in (1, 2) if chunks is None else (chunks,):
-        try:
-            cuts.append(
-                profile.stage_costs(partition(specs, pipe * count, recipe.parallel.partition))
-            )
-        except ValueError:
-            if chunks is not None or count == 1:
-                raise
+def recipe_schedule(recipe: Recipe, pipe: int) -> Schedule:
+    """``parallel.schedule: auto`` with ``parallel.profile`` on the recipe's model
+    (:func:`pp_ext.planning.search.profiled_auto`, cut by ``parallel.partition``)."""
+    specs, method = recipe_layer_specs(recipe), recipe.parallel.partition
     limit = recipe.parallel.memory_limit
     limit = cast(list, OmegaConf.to_container(limit)) if OmegaConf.is_config(limit) else limit
-    return auto_schedule(pipe, recipe.parallel.micro_batches, cuts, limit, chunks)
+    return profiled_auto(recipe, pipe, lambda stages: partition(specs, stages, method), limit)
