@@ -383,8 +383,8 @@ def test_a_package_outside_the_tested_range_is_one_line(capsys, monkeypatch):
     assert main(["plan", "--recipe", "recipes/quickstart.yaml", "--world-size", "2"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        "pp-ext: error: transformers 4.57.1 is installed, pp-ext needs transformers<6,>=5.15; "
-        "peft is not installed, pp-ext needs peft>=0.21: pip install 'transformers<6,>=5.15' "
+        "pp-ext: error: transformers 4.57.1 is installed, pp-ext needs transformers<6,>=5.21; "
+        "peft is not installed, pp-ext needs peft>=0.21: pip install 'transformers<6,>=5.21' "
         "'peft>=0.21'\n"
     )
     assert main(["schedule", "list"]) == 0

@@ -114,7 +114,7 @@ def run_case(family, schedule, tied, interval, targets, whole) -> dict:
 
     trained = get_peft_model_state_dict(reference)
     ours = {
-        key: dict(layer.named_parameters())[n]
+        key: dict(layer.named_parameters())[n].detach()  # float() of a grad tensor warns
         for layer in layers
         for n, key in peft_keys(layer).items()
     }
