@@ -79,6 +79,11 @@ def _bytes(n: float) -> str:
     raise AssertionError
 
 
+def _count(n: int) -> str:
+    """Parameters in millions, or thousands where millions would show 0.0 (adapters)."""
+    return f"{n / 1e6:.1f} M" if n >= 100_000 else f"{n / 1e3:.1f} K"
+
+
 def _names(specs) -> str:
     from pp_ext.engine.module import (
         layer_name,
@@ -174,7 +179,7 @@ def plan_ranks(recipe: Recipe, layout: Layout) -> tuple[list[str], list[RankPlan
         f"{recipe.model.path}: {config.model_type}, {len(specs)} pipeline layers "
         f"({config.num_hidden_layers} decoder blocks), {(frozen + trainable) / 1e6:.1f} M parameters"
         + (
-            f"; LoRA r={recipe.peft.r} trains {trainable / 1e6:.1f} M "
+            f"; LoRA r={recipe.peft.r} trains {_count(trainable)} "
             f"({100 * trainable / (frozen + trainable):.2f} %), the rest frozen in {recipe.model.dtype}"
             if recipe.peft.type == "lora"
             else ""
@@ -244,8 +249,8 @@ def describe(recipe: Recipe, layout: Layout, memory_limit: float | None = None) 
                 str(rank),
                 ",".join(map(str, topology.filter_match(pipe=rank))),
                 held.layers,
-                f"{(held.frozen + held.trainable) / 1e6:.1f} M",
-                f"{held.trainable / 1e6:.1f} M",
+                _count(held.frozen + held.trainable),
+                _count(held.trainable),
                 _bytes(state.base),
                 _bytes(state.trainable + state.gradients),
                 _bytes(state.optimizer),
