@@ -55,6 +55,7 @@ def _recipe_worker(
     loss.tensor_axis = module.tensor_axis
     if recipe.peft.type == "lora":  # as training runs it: W then holds the adapters' GEMMs only
         apply_lora(module, recipe.peft, recipe.model.path, recipe.train.seed)
+        module.parameters_changed()
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_available()
