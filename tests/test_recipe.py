@@ -216,6 +216,7 @@ def test_plan_of_the_gpu_recipes(capsys):
             "world size 6 is not a multiple of parallel.pipeline x parallel.tensor = 4 x 1",
         ),
         (["model.path=/nonexistent"], "model.path /nonexistent has no config.json"),
+        (["--memory-limit", "nan"], "--memory-limit must be > 0 GiB per rank, got nan"),
         (
             ["parallel.tensor=3", "--world-size", "12"],
             "num_attention_heads=28, which does not divide by tensor=3",
