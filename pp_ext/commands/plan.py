@@ -193,7 +193,7 @@ def plan_ranks(recipe: Recipe, layout: Layout) -> tuple[list[str], list[RankPlan
     if tensor > 1:
         lines.append(
             f"tensor parallel over {tensor} ranks (global ranks of a pipeline rank: tensor ranks "
-            f"side by side, then data replicas): {tp.describe(config, tensor)}"
+            f"side by side, then data replicas): {tp.describe(config, tensor, recipe.parallel.make_vocab_size_divisible_by)}"
         )
     ranks = []
     for rank in range(pipe):
