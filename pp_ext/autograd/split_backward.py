@@ -28,6 +28,12 @@ GEMMs. Bias gradients stay in I on purpose: a reduction over grad_output costs a
 1/in_features of the weight GEMM, and leaving it to autograd keeps its accumulation
 exactly the ordinary one.
 
+A frozen weight (``requires_grad`` off: the base layer inside peft's ``lora.Linear``)
+has no W work: I computes its input gradient, W only the trainable weights' GEMMs (for
+LoRA two small ones per adapted layer, Hu et al. 2021, "LoRA", arXiv:2106.09685). Each
+layer keeps for backward only what its gradients use, as autograd's own linear does:
+a frozen weight keeps no input alive.
+
 Contracts:
 - The queue holds references, not copies, of each layer's saved input and of its
   grad_output (the chunk's last layer may get the very tensor passed as
@@ -150,8 +156,11 @@ class _SplitLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, store, weight_in_out):
-        ctx.save_for_backward(input, weight)
-        ctx.store, ctx.weight_in_out = store, weight_in_out
+        needs_input, needs_weight = ctx.needs_input_grad[:2]
+        # only what backward uses, as autograd's own linear saves: a frozen weight (LoRA's
+        # base layer) keeps no input alive, an input without grad keeps no weight
+        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
+        ctx.input_shape, ctx.store, ctx.weight_in_out = input.shape, store, weight_in_out
         # the parameter itself, which W accumulates into: under non-reentrant checkpointing
         # the saved weight unpacks as a recomputed alias. A non-leaf weight is not deferred:
         # its gradient must flow on through the graph during I.
@@ -165,7 +174,7 @@ class _SplitLinear(torch.autograd.Function):
         g = grad_output.reshape(-1, grad_output.size(-1))
         grad_input = grad_weight = grad_bias = None
         if needs_input:
-            grad_input = g.mm(weight.t() if ctx.weight_in_out else weight).view(input.shape)
+            grad_input = g.mm(weight.t() if ctx.weight_in_out else weight).view(ctx.input_shape)
         if needs_bias:
             grad_bias = g.sum(0)
         if needs_weight:

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import PretrainedConfig
 
-from pp_ext.engine.module import ChunkedPipelineModule
+from pp_ext.engine.module import ChunkedPipelineModule, layer_parameters
 from pp_ext.hf.loading import indexed_layers, load_config
 from pp_ext.peft.config import PeftError, lora_config, saved_names, target_names
 
@@ -118,6 +118,16 @@ def add_adapters(
             param.requires_grad_(is_adapter(name) or modules.get(module) in targets.whole)
         out.append(layer)
     return out
+
+
+def planned_parameters(specs: list, section, config: PretrainedConfig) -> list[tuple[int, int]]:
+    """(frozen, trainable) parameters of each pipeline layer of ``specs`` under the
+    recipe's ``peft`` section, counted on the meta device with the adapters each stage
+    adds (:func:`add_adapters`); full fine-tuning (type none) freezes nothing."""
+    if section.type != "lora":
+        return layer_parameters(specs)
+    targets = Targets.of(lora_config(section), config)
+    return layer_parameters(specs, lambda index, layer: add_adapters([(index, layer)], targets, 0))
 
 
 def adapter_layers(layers: Iterable[nn.Module]) -> int:
