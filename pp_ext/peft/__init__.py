@@ -2,7 +2,14 @@
 PEFT's target-module rules on the full HF model, and the checks of an adapter folder."""
 
 from pp_ext.peft.adapters import Targets, add_adapters, apply_lora, load_adapter, peft_keys
-from pp_ext.peft.config import PeftError, check_adapter, lora_config, saved_names, target_names
+from pp_ext.peft.config import (
+    PeftError,
+    check_adapter,
+    embedding_targets,
+    lora_config,
+    saved_names,
+    target_names,
+)
 
 __all__ = [
     "Targets",
@@ -10,6 +17,7 @@ __all__ = [
     "add_adapters",
     "apply_lora",
     "check_adapter",
+    "embedding_targets",
     "load_adapter",
     "lora_config",
     "peft_keys",
