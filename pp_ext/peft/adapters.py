@@ -117,7 +117,7 @@ def add_adapters(
                 **{**targets.config.to_dict(), "target_modules": local, "modules_to_save": None}
             )
             inject_adapter_in_model(config_here, layer, adapter_name=ADAPTER)
-            loras = [m for _, m in sorted(layer.named_modules()) if isinstance(m, LoraLayer)]
+            loras = [m for m in layer.modules() if isinstance(m, LoraLayer)]  # PEFT's order
             for lora in loras:
                 parallel_factors(lora, ADAPTER)
             if targets.config.init_lora_weights is True:  # PEFT's default: A random, B zero

@@ -25,10 +25,10 @@ What PEFT cannot do inside a tensor-parallel layer is written here, by hand:
   :class:`~pp_ext.autograd.split_backward.Deferrable`, so a W pass computes their weight
   gradients with no communication, as for the base layers.
 * ``A``'s initialisation (PEFT's default, Kaiming-uniform with a = sqrt(5), B zero): PEFT
-  draws at the local shape, which for a cut ``A_t`` would use the local fan-in and give
-  every tensor rank the same draw. Here ``A`` is drawn whole (a generator seeded with
-  ``seed + global layer index``, the targets in name order) and this rank's part taken, so
-  the adapters start the same for any pipeline and tensor layout.
+  draws at the local shapes, which for a cut ``A_t`` would use the local fan-in and give
+  every tensor rank the same draw. On a tensor-parallel layer PEFT's draws are replayed
+  at the whole shapes and this rank's part of A taken, so the adapters start as on one
+  tensor rank, bit for bit, for any pipeline and tensor layout.
 * dropout on a cut input: each tensor rank draws the whole input's mask (the ranks' random
   generators are in step: same seeds, same operations) and keeps its part, which is the
   dropout a single process applies to the whole input. On a whole (replicated) input
@@ -38,6 +38,7 @@ What PEFT cannot do inside a tensor-parallel layer is written here, by hand:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,18 +94,30 @@ def _split(layer: nn.Module) -> tp.Split:
     return tp.splits(layer)["weight"]
 
 
+def _whole_shape(weight: torch.Tensor) -> torch.Size:
+    split = getattr(weight, "tp_split", None)
+    return weight.shape if split is None else split.whole_shape(weight.shape)
+
+
 @torch.no_grad()
-def initialise_a(loras: list[LoraLayer], adapter: str, seed: int) -> None:
-    """PEFT's default ``lora_A`` (Kaiming-uniform, a = sqrt(5), on the whole fan-in) of
-    each of ``loras`` (one layer's, in name order), drawn whole from a generator seeded
-    ``seed`` and cut to this rank's part."""
+def initialise_a(loras: Sequence[LoraLayer], adapter: str, seed: int) -> None:
+    """PEFT's initial ``lora_A`` of a tensor-parallel layer's ``loras`` (in PEFT's
+    order), as one rank gets it: PEFT's draws replayed at the whole shapes from a
+    generator seeded ``seed`` (the layer's: PEFT drew from torch's, so seeded), which for
+    each target are ``nn.Linear``'s own initialisation of A and B (PEFT then overwrites
+    them) and A's Kaiming-uniform (a = sqrt(5)); this rank keeps its part of A. B stays
+    PEFT's zero. Nothing for a layer on one tensor rank, or built on the meta device."""
+    if all(tp.axis_of(lora.get_base_layer()).size == 1 for lora in loras):
+        return
     generator = torch.Generator().manual_seed(seed)
     for lora in loras:
-        factor: nn.Module = lora.lora_A[adapter]
-        weight: torch.Tensor = getattr(factor, "weight")
-        if weight.is_meta:  # built to read a checkpoint's shapes (export, reshape)
-            continue
-        split = tp.splits(factor).get("weight")
-        whole = torch.empty(weight.shape if split is None else split.whole_shape(weight.shape))
+        a: torch.Tensor = getattr(lora.lora_A[adapter], "weight")
+        b: torch.Tensor = getattr(lora.lora_B[adapter], "weight")
+        if a.is_meta:  # built to read a checkpoint's shapes (export, reshape)
+            return
+        for shape in (_whole_shape(a), _whole_shape(b)):  # nn.Linear's, overwritten by PEFT
+            nn.init.kaiming_uniform_(torch.empty(shape), a=KAIMING_A, generator=generator)
+        whole = torch.empty(_whole_shape(a))
         nn.init.kaiming_uniform_(whole, a=KAIMING_A, generator=generator)
-        weight.copy_(whole if split is None else split.take(whole))
+        split = getattr(a, "tp_split", None)
+        a.copy_(whole if split is None else split.take(whole))
