@@ -9,7 +9,14 @@ from pp_ext.peft.adapters import (
     peft_keys,
     planned_parameters,
 )
-from pp_ext.peft.config import PeftError, check_adapter, lora_config, saved_names, target_names
+from pp_ext.peft.config import (
+    PeftError,
+    check_adapter,
+    embedding_targets,
+    lora_config,
+    saved_names,
+    target_names,
+)
 
 __all__ = [
     "Targets",
@@ -17,6 +24,7 @@ __all__ = [
     "add_adapters",
     "apply_lora",
     "check_adapter",
+    "embedding_targets",
     "load_adapter",
     "lora_config",
     "peft_keys",

@@ -34,7 +34,7 @@ from pp_ext.config.schema import Recipe
 from pp_ext.engine.module import partition
 from pp_ext.hf import layer_specs, position_table, supported
 from pp_ext.hf.loading import load_config
-from pp_ext.peft import PeftError, check_adapter, lora_config, target_names
+from pp_ext.peft import PeftError, check_adapter, embedding_targets, lora_config, target_names
 from pp_ext.planning.search import profiled_auto
 from pp_ext.schedules import Schedule, ScheduleError, get
 from pp_ext.schedules.registry import BASELINE
@@ -175,18 +175,22 @@ def check_positions(recipe: Recipe, config: PretrainedConfig) -> None:
 
 def check_peft(recipe: Recipe, config: PretrainedConfig) -> None:
     """The ``peft`` section against the model: its targets match some module (PEFT's rules
-    on the full model) and ``adapter_path`` is a LoRA adapter of this rank for this base."""
+    on the full model), none an embedding when the tensor axis cuts it, and ``adapter_path``
+    is a LoRA adapter of this rank for this base."""
     if recipe.peft.type == "none":
         return
-    if recipe.parallel.tensor > 1:
-        # the lora path's factors need their own tensor-parallel reductions (issue 23)
-        raise RecipeError(
-            f"peft.type=lora with parallel.tensor={recipe.parallel.tensor}: tensor-parallel LoRA "
-            f"is not supported yet: set parallel.tensor=1 (pipeline and data parallelism work)"
-        )
     lora = lora_config(recipe.peft)
     try:
         target_names(lora, config)
+        embeddings = embedding_targets(lora, config)
+        if recipe.parallel.tensor > 1 and embeddings:
+            # PEFT's lora.Embedding looks up whole-vocabulary ids in this rank's rows
+            raise RecipeError(
+                f"peft.target_modules selects the embedding {embeddings[0]}, which "
+                f"parallel.tensor={recipe.parallel.tensor} cuts by vocabulary, where LoRA's "
+                f"embedding adapter cannot run: leave it out of peft.target_modules (train it "
+                f"whole with peft.modules_to_save) or set parallel.tensor=1"
+            )
         if recipe.peft.adapter_path is not None:
             check_adapter(recipe.peft.adapter_path, lora, recipe.model.path)
     except PeftError as exc:
