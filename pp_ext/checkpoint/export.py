@@ -404,8 +404,8 @@ def export_checkpoint(
                 _write_base(meta, config, tmp / BASE_DIR, out_dtype)
                 lora.base_model_name_or_path = str(out_dir.resolve() / BASE_DIR)
                 lora.save_pretrained(str(tmp))
-            if merge:
-                _merge(tmp, lora, out_dtype)
+            if merge:  # a rebuilt base lies in tmp until the folder is renamed into place
+                _merge(tmp, tmp / BASE_DIR if rebuilt else lora.base_model_name_or_path, out_dtype)
         _replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -446,12 +446,12 @@ def _write_base(meta: Path, config: PretrainedConfig, folder: Path, dtype: torch
     model.save_pretrained(folder)
 
 
-def _merge(folder: Path, lora: LoraConfig, dtype: torch.dtype) -> None:
+def _merge(folder: Path, base_dir: str | Path | None, dtype: torch.dtype) -> None:
     """Replace the adapter in ``folder`` by the merged model, W + (lora_alpha / r) B A,
-    through PEFT's own ``merge_and_unload`` on the base model named in the adapter (the
-    whole model is held in memory once, in ``dtype``); a rebuilt base goes with it."""
-    assert lora.base_model_name_or_path is not None  # export_checkpoint checked or rebuilt it
-    base = AutoModelForCausalLM.from_pretrained(lora.base_model_name_or_path, dtype=dtype)
+    through PEFT's own ``merge_and_unload`` on the base model in ``base_dir`` (the whole
+    model is held in memory once, in ``dtype``); a rebuilt base goes with it."""
+    assert base_dir is not None  # export_checkpoint checked or rebuilt it
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     with peft_model_warnings():
         merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     for name in (SAFETENSORS_WEIGHTS_NAME, ADAPTER_CONFIG):
