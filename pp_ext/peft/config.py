@@ -86,14 +86,20 @@ def target_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
-def _peft_model(lora: LoraConfig, config: PretrainedConfig) -> PeftModel:
-    """``get_peft_model`` on the meta device: PEFT's own wrapping, for no memory."""
+def peft_model(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
+    """PEFT's ``get_peft_model(model, lora)`` (on a copy of ``lora``: PEFT writes
+    all-linear's expansion back into the config it gets)."""
     with warnings.catch_warnings():
         # peft 0.21's PeftModel reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings(
             "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
         )
-        return get_peft_model(meta_model(config), LoraConfig(**lora.to_dict()))
+        return get_peft_model(model, LoraConfig(**lora.to_dict()))
+
+
+def _peft_model(lora: LoraConfig, config: PretrainedConfig) -> PeftModel:
+    """``get_peft_model`` on the meta device: PEFT's own wrapping, for no memory."""
+    return peft_model(meta_model(config), lora)
 
 
 def saved_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
