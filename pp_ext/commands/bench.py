@@ -359,31 +359,26 @@ def run_model_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype or "bfloat16",
         **extra,
     )
-    _check_save(args.save)
+    return _report(args, run, options, format_report)
+
+
+def _report(args: argparse.Namespace, run, options, format_report) -> int:
+    """``run(options)``'s report printed (a table, or --json) and written to --save;
+    what it refuses (an unknown schedule, a missing model folder, a bad recipe or
+    override, targets that match nothing) in one line."""
+    if args.save and Path(args.save).is_dir():
+        raise CommandError(
+            f"--save {args.save} is a folder: give a file name, e.g. {Path(args.save) / 'bench.json'}"
+        )
     try:
         report = run(options)
-    except (
-        ScheduleError,
-        ValueError,
-        FileNotFoundError,
-    ) as err:  # an unknown schedule, a missing model folder
+    except (ScheduleError, ValueError, FileNotFoundError) as err:
         raise CommandError(" ".join(str(err).split())) from None
-    _print_report(args, report, format_report)
-    return 0
-
-
-def _check_save(save: str | None) -> None:
-    if save and Path(save).is_dir():
-        raise CommandError(
-            f"--save {save} is a folder: give a file name, e.g. {Path(save) / 'bench.json'}"
-        )
-
-
-def _print_report(args: argparse.Namespace, report: dict, format_report) -> None:
     text = json.dumps(report, indent=1)
     if args.save:
         write_atomic(args.save, (text + "\n").encode())
     print(text if args.json else format_report(report))
+    return 0
 
 
 def run_lora_bench(args: argparse.Namespace) -> int:
@@ -412,14 +407,4 @@ def run_lora_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
     )
-    _check_save(args.save)
-    try:
-        report = run(options)
-    except (
-        ScheduleError,
-        ValueError,
-        FileNotFoundError,
-    ) as err:  # a bad recipe or override (RecipeError), a refused size, targets that match nothing (PeftError)
-        raise CommandError(" ".join(str(err).split())) from None
-    _print_report(args, report, format_report)
-    return 0
+    return _report(args, run, options, format_report)
