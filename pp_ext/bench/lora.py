@@ -42,7 +42,7 @@ import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.utils import groups
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
 from pp_ext.config.recipe import batch_config, deepspeed_config, load
@@ -51,7 +51,8 @@ from pp_ext.data import IGNORE_INDEX
 from pp_ext.engine.initialize import initialize
 from pp_ext.hf import build_pipeline_module, copy_hf_weights
 from pp_ext.hf.loading import has_weights, load_config, local_layers, to_dtype
-from pp_ext.peft import Targets, apply_lora, lora_config, peft_keys, peft_model
+from pp_ext.peft import Targets, apply_lora, lora_config, peft_keys
+from pp_ext.peft.config import peft_model_warnings
 from pp_ext.schedules import get
 from pp_ext.testing.spawn import spawn
 from pp_ext.tools.logging import get_logger
@@ -383,7 +384,8 @@ def adapters(module) -> dict[str, torch.Tensor]:
 def zero3_side(recipe: Recipe, model, start: dict[str, torch.Tensor]) -> Zero3Side:
     """DeepSpeed ZeRO-3 over the ranks on PEFT's ``get_peft_model(model)`` with the
     adapters ``start`` (PEFT's keys)."""
-    wrapped = peft_model(model, lora_config(recipe.peft))
+    with peft_model_warnings():
+        wrapped = get_peft_model(model, lora_config(recipe.peft))
     expected = set(get_peft_model_state_dict(wrapped))
     if expected != set(start):
         raise RuntimeError(

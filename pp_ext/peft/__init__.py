@@ -2,14 +2,7 @@
 PEFT's target-module rules on the full HF model, and the checks of an adapter folder."""
 
 from pp_ext.peft.adapters import Targets, add_adapters, apply_lora, load_adapter, peft_keys
-from pp_ext.peft.config import (
-    PeftError,
-    check_adapter,
-    lora_config,
-    peft_model,
-    saved_names,
-    target_names,
-)
+from pp_ext.peft.config import PeftError, check_adapter, lora_config, saved_names, target_names
 
 __all__ = [
     "Targets",
@@ -19,7 +12,6 @@ __all__ = [
     "check_adapter",
     "load_adapter",
     "lora_config",
-    "peft_model",
     "peft_keys",
     "saved_names",
     "target_names",
