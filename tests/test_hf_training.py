@@ -1,6 +1,8 @@
-"""2-stage training (CPU, gloo) of HF families (Llama-like, GPT-2, GPT-NeoX) through
+"""2-stage training (CPU, gloo) of HF families (Llama-like, GPT-2, GPT-NeoX, MoE) through
 pp-ext's engine equals single-process HF training on the same micro-batches (3 steps,
-fp32). Zero-bubble schedules split each backward, GPT-2's Conv1D weights included."""
+fp32). Zero-bubble schedules split each backward, GPT-2's Conv1D weights and the MoE
+experts' fused weights included. The MoE families train with HF's load-balancing loss
+on (``output_router_logits``), pooled across the two stages."""
 
 from __future__ import annotations
 
@@ -21,27 +23,34 @@ CASES = [
     ("gpt2", "zbv", False),
     ("gpt_neox", "1f1b", False),
     ("gpt_neox", "zb-h1", True),
+    ("mixtral", "zb-h1", False),
+    ("qwen2_moe", "1f1b", True),
+    ("qwen3_moe", "zb-h1", False),
+    ("olmoe", "1f1b", False),
 ]
 
 
 def run_family(family: str, schedule: str, tied: bool) -> dict:
     import torch
-    from hf_models import CONFIGS
+    from hf_models import CONFIGS, MOE_CONFIGS
     from transformers import AutoModelForCausalLM
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.hf import copy_hf_weights, layer_specs
+    from pp_ext.hf import copy_hf_weights, layer_specs, router_loss_coef
     from pp_ext.schedules import get
+    from pp_ext.training.loss import LanguageModelLoss
 
     torch.manual_seed(0)
-    config = CONFIGS[family](tied)
+    config = (CONFIGS | MOE_CONFIGS)[family](tied)
+    # an MoE model's last stage returns (logits, aux loss): pp-ext's training loss adds them
+    loss_fn = shifted_loss if family in CONFIGS else LanguageModelLoss(router_loss_coef(config))
     hf = AutoModelForCausalLM.from_config(config).float()  # HF's default attention, as layer_specs'
     spec = get(schedule)
     module = ChunkedPipelineModule(
         layers=layer_specs(config),
         num_stages=2,
-        loss_fn=shifted_loss,
+        loss_fn=loss_fn,
         chunks=spec.default_chunks,
         placement=spec.placement,
         partition_method="uniform",

@@ -134,6 +134,15 @@ def _final_softcap(config: PretrainedConfig) -> float | None:
     return getattr(config, "final_logit_softcapping", None)  # only Gemma2/3 configs have it
 
 
+def on_hidden(inputs, head: Callable[[torch.Tensor], torch.Tensor]):
+    """``head`` applied to the hidden states; what follows them in a tuple (an MoE model's
+    router loss, :mod:`pp_ext.hf.moe`) is passed on after the logits."""
+    if isinstance(inputs, tuple):
+        hidden, *rest = inputs
+        return (head(hidden), *rest)
+    return head(inputs)
+
+
 class LMHead(nn.Module):
     """An untied LM head (HF key ``lm_head.weight`` in every supported model); with
     tensor parallelism column-parallel by vocabulary, its logits left sharded for
@@ -147,19 +156,24 @@ class LMHead(nn.Module):
         )
         self.cap = _final_softcap(config)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return softcap(self.lm_head(hidden), self.cap)
+    def forward(self, inputs):
+        return on_hidden(inputs, lambda hidden: softcap(self.lm_head(hidden), self.cap))
 
     def hf_keys(self) -> dict[str, str]:
         return state_keys(self, "lm_head.", "lm_head.")
 
 
-def tied_head(embedding: nn.Module, hidden: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+def tied_head(embedding: nn.Module, inputs, cap: float | None = None):
     """The LM head tied to the embedding: logits from its ``embed_tokens`` matrix
     (unscaled, as HF's tied ``lm_head``), soft-capped at ``cap``; a vocabulary-parallel
     embedding gives this rank's block of the logits."""
     table = embedding.embed_tokens
-    return softcap(tp.vocab_parallel_logits(hidden, table.weight, tp.axis_of(table)), cap)
+    return on_hidden(
+        inputs,
+        lambda hidden: softcap(
+            tp.vocab_parallel_logits(hidden, table.weight, tp.axis_of(table)), cap
+        ),
+    )
 
 
 def embedding_and_head(
