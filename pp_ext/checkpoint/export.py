@@ -13,8 +13,8 @@ model does; the config and tokenizer come from ``<tag>/hf_meta/``, which
 
 The export holds about one shard (and one layer file) in memory: layer files are
 read one at a time, memory-mapped where torch's format allows, shards are planned
-from shapes alone (``huggingface_hub.split_torch_state_dict_into_shards`` on meta
-tensors) and each is materialised, written and dropped in turn. Everything is written into a temporary
+from shapes alone (huggingface_hub's ``split_state_dict_into_shards_factory``, as
+``save_pretrained`` shards) and each is materialised, written and dropped in turn. Everything is written into a temporary
 sibling folder renamed into place at the end, so a crash never leaves a half-written
 ``out_dir``.
 """
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import split_state_dict_into_shards_factory
+from huggingface_hub.constants import SAFETENSORS_WEIGHTS_FILE_PATTERN
 from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
@@ -270,20 +271,31 @@ def _write_weights(
 ) -> None:
     """Safetensors shards (+ index) of ``tensors`` (the model's names) stored as
     ``save_pretrained`` stores them (:func:`~pp_ext.hf.weights.saved_form`: renamed,
-    fused experts split into one tensor per expert), one shard in memory at a time.
-    Shards follow the layer order, so keeping the last layer's files (one per tensor
-    rank) open reads each file about once."""
+    fused experts split into one tensor per expert), one shard in memory at a time, in
+    save_pretrained's order and so its shards. Keeping the last layer's files (one per
+    tensor rank) open reads each file about once where that order is the layers' (one
+    file per layer and tensor rank: a few opens more where it is not)."""
 
     def cast(t: Stored) -> torch.dtype:
         return dtype if t.dtype.is_floating_point else t.dtype
 
-    shapes, source = {}, {}
-    for name, stored in tensors.items():
-        meta = torch.empty(stored.shape, dtype=cast(stored), device="meta")
-        for key, part in saved_form(model, {name: meta}).items():
-            shapes[key], source[key] = part, name
+    metas = {
+        name: torch.empty(stored.shape, dtype=cast(stored), device="meta")
+        for name, stored in tensors.items()
+    }
+    source = {key: name for name, meta in metas.items() for key in saved_form(model, {name: meta})}
+    # save_pretrained's shards: its whole state dict reverted at once (that order), the parts
+    # of one model tensor (views of it) kept together and counted once, as its storage
+    # (a 1-tuple: the factory skips plain strings, bitsandbytes' metadata)
+    entries = {key: (source[key],) for key in saved_form(model, metas)}
     try:
-        plan = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
+        plan = split_state_dict_into_shards_factory(
+            entries,
+            get_storage_size=lambda entry: metas[entry[0]].nbytes,
+            get_storage_id=lambda entry: entry[0],
+            filename_pattern=SAFETENSORS_WEIGHTS_FILE_PATTERN,
+            max_shard_size=max_shard_size,
+        )
     except ValueError as err:
         raise ExportError(f"max shard size {max_shard_size!r}: {err}") from None
     load = functools.lru_cache(maxsize=max(len(t.paths) for t in tensors.values()))(load_layer)
