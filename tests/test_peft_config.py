@@ -98,6 +98,7 @@ def test_recipe_section_is_peft_lora_config(recipe_file):  # noqa: F811
     [
         (["peft.type=qlora"], "recipe key 'peft.type' is 'qlora': choose one of none, lora"),
         (["peft.r=0"], "recipe key 'peft.r' must be >= 1, got 0"),
+        (["peft.type=none", "peft.merge=true"], "recipe key 'peft.merge' merges LoRA adapters"),
         (["peft.lora_alpha=0"], "recipe key 'peft.lora_alpha' must be a finite number > 0"),
         (["peft.lora_dropout=1.0"], "recipe key 'peft.lora_dropout' must be in [0, 1), got 1.0"),
         (["peft.target_modules=[]"], "recipe key 'peft.target_modules' must be a list"),
@@ -157,3 +158,5 @@ def test_launch_checks_the_peft_section_against_the_model(tmp_path):
     assert expected in one_line_error(check_peft, tensor, base.config)
     good = [f"output_dir={run}", "peft.type=lora", f"peft.adapter_path={adapter}", "peft.r=2"]
     assert check_before_launch(load(QUICKSTART, good), 2)[0].pipeline == 2
+    shipped = load("recipes/quickstart-lora.yaml", [f"output_dir={tmp_path / 'shipped'}"])
+    assert check_before_launch(shipped, 2)[0].pipeline == 2

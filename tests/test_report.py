@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from pp_ext.cli import main as cli
@@ -65,9 +66,12 @@ def test_missing_metrics_is_one_line(tmp_path, capsys):
     )
 
 
-def test_samples_print_no_progress_bar(tmp_path, capfd):
-    """The samples load the exported model: transformers' weight-loading bar stays out of the
-    report (stdout and stderr both, as the terminal shows them)."""
+@pytest.mark.parametrize("export", ["model", "lora"])
+def test_samples_print_no_progress_bar(tmp_path, capfd, export):
+    """The samples load the exported model (a LoRA run's: the adapter on its base, and its
+    answers are the adapted model's, not the base's): transformers' weight-loading bar
+    stays out of the report (stdout and stderr both, as the terminal shows them)."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from pp_ext.config.recipe import load
@@ -77,12 +81,26 @@ def test_samples_print_no_progress_bar(tmp_path, capfd):
     recipe = load(root / "recipes/quickstart.yaml", [f"data.path={root}/recipes/data/reverse"])
     (run / "recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
     model_dir = root / "configs/models/quickstart"
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(
-        run / "hf"
-    )
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(run / "hf")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).eval()
+    if export == "lora":
+        model.save_pretrained(tmp_path / "base")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        model = get_peft_model(model, lora).eval()  # B random: the answers change
+    model.save_pretrained(run / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.save_pretrained(run / "hf")
+    prompt = OmegaConf.load(run / "recipe.yaml")  # the first held-out prompt's answer
+    first = json.loads(Path(root / "recipes/data/reverse/validation.jsonl").open().readline())
+    ids = tokenizer(first[prompt.data.prompt_field], return_tensors="pt").input_ids
+    new = len(tokenizer(first[prompt.data.completion_field]).input_ids) + 1
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, do_sample=False)
+    answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     capfd.readouterr()
     assert cli(["report", str(run), "--samples", "2"]) == 0
     out, err = capfd.readouterr()
     assert "of 2 held-out prompts answered exactly" in out
+    assert repr(answer) in out, (answer, out)
     assert "Loading weights" not in out + err and "%|" not in out + err

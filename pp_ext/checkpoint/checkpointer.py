@@ -11,7 +11,7 @@ from pp_ext.checkpoint import reshape, tags
 from pp_ext.checkpoint.export import save_hf_metadata
 from pp_ext.config.layout import Layout
 from pp_ext.config.schema import Recipe
-from pp_ext.hf.loading import load_config
+from pp_ext.hf.loading import has_weights, load_config
 from pp_ext.peft import Targets, lora_config
 from pp_ext.tools.logging import get_logger, rank
 
@@ -81,11 +81,18 @@ class Checkpointer:
             client_state={"step": step, **reshape.client_state(self.engine)},
         )
         if rank() == 0:
+            model = self.recipe.model
             save_hf_metadata(
                 self.save_dir / tag,
-                self.recipe.model.path,
-                self.recipe.model.tokenizer,
+                model.path,
+                model.tokenizer,
                 adapter=lora_config(self.recipe.peft) if self.frozen_base else None,
+                # a seeded base (no weights) is rebuilt at export: the adapter needs it
+                base_init=(
+                    {"seed": self.recipe.train.seed, "dtype": model.dtype}
+                    if self.frozen_base and not has_weights(model.path)
+                    else None
+                ),
             )
         dist.barrier()  # every rank's files are on disk before the marker says so
         if rank() == 0:
@@ -99,5 +106,10 @@ class Checkpointer:
                     **self.layout.saved(),
                 },
             )
+            size = sum(tags.info(self.save_dir, tag)["files"].values())
+            what = (
+                ": adapters and their optimizer state, no base weights" if self.frozen_base else ""
+            )
+            log.info(f"saved checkpoint {self.save_dir / tag} ({size / 2**20:.2f} MiB{what})")
             tags.prune(self.save_dir, self.recipe.checkpoint.keep)
         dist.barrier()

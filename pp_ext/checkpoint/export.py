@@ -49,13 +49,16 @@ from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS
 from pp_ext import tp
 from pp_ext.checkpoint.tags import LATEST
 from pp_ext.hf.families import layer_specs
-from pp_ext.hf.loading import load_config, to_dtype
+from pp_ext.hf.loading import hf_initializer, layout_free_specs, load_config, to_dtype
 from pp_ext.hf.weights import meta_model, saved_form
 from pp_ext.peft import Targets, add_adapters, peft_keys
-from pp_ext.peft.config import ADAPTER_CONFIG, adapter_keys
+from pp_ext.peft.config import ADAPTER_CONFIG, adapter_keys, peft_model_warnings
 
 HF_META = "hf_meta"
 MODEL_FILES = (CONFIG_NAME, GENERATION_CONFIG_NAME)
+# a LoRA run on a base without weights (a config: seeded initialisation): how the ranks built it
+BASE_INIT = "base_init.json"
+BASE_DIR = "base"  # where such a run's export writes that base, next to the adapter
 
 
 class ExportError(Exception):
@@ -67,6 +70,7 @@ def save_hf_metadata(
     model: str | Path | PretrainedConfig,
     tokenizer_dir: str | Path | None = None,
     adapter: LoraConfig | None = None,
+    base_init: dict | None = None,
 ) -> Path:
     """Write ``<tag_dir>/hf_meta/``: what rebuilds the HF model from the checkpoint.
 
@@ -76,13 +80,18 @@ def save_hf_metadata(
     tokenizer.json, tokenizer_config.json, chat template, vocab/merges, ...), so
     whatever tokenizer format the model uses travels with it and nothing else from the
     folder does (scripts, READMEs). ``adapter``: a LoRA run's config, saved as PEFT
-    saves it (``adapter_config.json``, naming the model folder as its base). Rank 0 calls
-    this after ``engine.save_checkpoint``.
+    saves it (``adapter_config.json``, naming the model folder as its base). ``base_init``
+    (``{"seed", "dtype"}``): the base had no weights and the ranks initialised it so
+    (:func:`pp_ext.hf.loading.layout_free_specs`); the export rebuilds it from that. Rank 0
+    calls this after ``engine.save_checkpoint``.
     """
     meta = Path(tag_dir) / HF_META
     meta.mkdir(parents=True, exist_ok=True)
+    if base_init is not None:
+        (meta / BASE_INIT).write_text(json.dumps(base_init) + "\n")
     if adapter is not None:
-        base = None if isinstance(model, PretrainedConfig) else str(Path(model).resolve())
+        weighted = base_init is None and not isinstance(model, PretrainedConfig)
+        base = str(Path(model).resolve()) if weighted else None
         saved = LoraConfig(**{**adapter.to_dict(), "base_model_name_or_path": base})
         saved.inference_mode = True  # as PeftModel.save_pretrained writes it
         saved.save_pretrained(meta)
@@ -375,10 +384,11 @@ def export_checkpoint(
             f"{tag_dir} is a full fine-tune's checkpoint: --merge is for LoRA checkpoints "
             f"(drop --merge; the export is the whole model already)"
         )
-    if merge and lora.base_model_name_or_path is None:
+    rebuilt = lora is not None and (meta / BASE_INIT).is_file()
+    if merge and not rebuilt and not Path(lora.base_model_name_or_path or "").is_dir():
         raise ExportError(
-            f"{tag_dir} was trained on a base model without weights (a config): --merge needs "
-            f"the base model's weights; export the adapter without --merge"
+            f"{tag_dir} is a LoRA adapter of base model {lora.base_model_name_or_path}, which "
+            f"is not a folder: --merge needs the base's weights (restore the folder, or drop --merge)"
         )
     adapters = None if lora is None else Targets.of(lora, config)
     tensors = checkpoint_tensors(tag_dir, config, adapters)
@@ -402,6 +412,11 @@ def export_checkpoint(
                 shutil.copy2(path, tmp / path.name)
         if lora is not None:
             _write_adapter(tensors, out_dtype, tmp)
+            (tmp / BASE_INIT).unlink(missing_ok=True)
+        if rebuilt:
+            _write_base(meta, config, tmp / BASE_DIR, out_dtype)
+            lora.base_model_name_or_path = str(out_dir.resolve() / BASE_DIR)
+            lora.save_pretrained(tmp)
         if merge:
             _merge(tmp, lora, out_dtype)
         _replace(tmp, out_dir)
@@ -418,12 +433,40 @@ def _write_adapter(tensors: dict[str, Stored], dtype: torch.dtype, folder: Path)
     save_file(weights, folder / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
 
 
+def _write_base(meta: Path, config: PretrainedConfig, folder: Path, dtype: torch.dtype) -> None:
+    """The base a LoRA run trained on when its model folder held no weights: rebuilt as the
+    ranks built it (each layer under ``seed + index``, the family's HF initialisation), in
+    the run's dtype, and saved as transformers saves a model (whole, in memory once)."""
+    init = json.loads((meta / BASE_INIT).read_text())
+    specs = layout_free_specs(
+        layer_specs(config),
+        dtype=to_dtype(init["dtype"]),
+        seed=init["seed"],
+        initialize=hf_initializer(config),
+    )
+    state = {}
+    for _, spec in saved_layers(specs):
+        layer = spec.build()
+        own = layer.state_dict()
+        state.update({hf: own[local] for local, hf in layer.hf_keys().items()})
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - set(model.all_tied_weights_keys):
+        raise ExportError(
+            f"the rebuilt base model's tensors are not the HF model's: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    model.save_pretrained(folder)
+
+
 def _merge(folder: Path, lora: LoraConfig, dtype: torch.dtype) -> None:
     """Replace the adapter in ``folder`` by the merged model, W + (lora_alpha / r) B A,
     through PEFT's own ``merge_and_unload`` on the base model named in the adapter (the
-    whole model is held in memory once, in ``dtype``)."""
+    whole model is held in memory once, in ``dtype``); a rebuilt base goes with it."""
     base = AutoModelForCausalLM.from_pretrained(lora.base_model_name_or_path, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    with peft_model_warnings():
+        merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     for name in (SAFETENSORS_WEIGHTS_NAME, ADAPTER_CONFIG):
         (folder / name).unlink()
+    shutil.rmtree(folder / BASE_DIR, ignore_errors=True)
     merged.save_pretrained(folder)

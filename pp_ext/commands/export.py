@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
         help="write a checkpoint as a Hugging Face folder (safetensors, config, tokenizer)",
         description="Read the per-layer files of a DeepSpeed pipeline checkpoint one by one and write a folder "
         "that AutoModelForCausalLM.from_pretrained loads: safetensors shards (+ index), config.json, "
-        "generation_config.json and the tokenizer files saved in the tag's hf_meta/. The folder is "
+        "generation_config.json and the tokenizer files saved in the tag's hf_meta/ (a LoRA checkpoint: "
+        "PEFT's adapter folder, adapter_config.json and adapter_model.safetensors). The folder is "
         "written aside and renamed into place only when complete.",
     )
     parser.add_argument(
@@ -33,6 +34,12 @@ def add_parser(subparsers) -> None:
         help="largest safetensors file, e.g. 500MB or 5GB (default 5GB)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA checkpoint: write the merged full model (W + scale B A, PEFT's "
+        "merge_and_unload on its base) instead of the PEFT adapter folder",
+    )
     parser.set_defaults(handler=run_export)
 
 
@@ -50,6 +57,7 @@ def run_export(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
+            merge=args.merge,
         )
     except ExportError as err:
         raise CommandError(str(err)) from None

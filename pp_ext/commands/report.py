@@ -148,7 +148,10 @@ def samples(run_dir: Path, count: int) -> list[str]:
     )  # omegaconf, torch, transformers: only when this command runs (pp_ext.commands)
 
     recipe_path, model_dir = run_dir / "recipe.yaml", run_dir / "hf"
-    if count <= 0 or not recipe_path.is_file() or not (model_dir / "config.json").is_file():
+    adapter = (model_dir / "adapter_config.json").is_file()  # a LoRA run's PEFT folder
+    if count <= 0 or not recipe_path.is_file():
+        return []
+    if not adapter and not (model_dir / "config.json").is_file():
         return []
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -164,7 +167,15 @@ def samples(run_dir: Path, count: int) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # transformers' "Loading weights" bar would land in the middle of the report's table
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if adapter:  # its base (named in adapter_config.json) with the adapter on it
+        from peft import AutoPeftModelForCausalLM
+
+        from pp_ext.peft.config import peft_model_warnings
+
+        with peft_model_warnings():
+            model = AutoPeftModelForCausalLM.from_pretrained(model_dir).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     rows = [["prompt", "expected", "model", "right"]]
     right = 0
     for record in records.select(range(min(count, len(records)))):

@@ -164,6 +164,12 @@ def _check_peft(peft: DictConfig) -> None:
     :func:`pp_ext.peft.config.check_targets` and :func:`~pp_ext.peft.config.check_adapter`)."""
     _choice("peft.type", peft.type, PEFT_TYPES)
     if peft.type == "none":
+        if peft.merge:
+            raise RecipeError(
+                "recipe key 'peft.merge' merges LoRA adapters into the export, but peft.type=none "
+                "(a full fine-tune exports the whole model already): drop peft.merge or set "
+                "peft.type=lora"
+            )
         return
     _positive("peft.r", peft.r)
     _number("peft.lora_alpha", peft.lora_alpha, above=True)

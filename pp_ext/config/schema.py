@@ -147,6 +147,9 @@ class PeftConfig:
     """modules trained in full besides the adapters (e.g. [lm_head])"""
     adapter_path: Optional[str] = None
     """start from this PEFT adapter folder (adapter_config.json, adapter_model.safetensors)"""
+    merge: bool = False
+    """the run's final export (<output_dir>/hf): false: the PEFT adapter folder; true: the
+    merged full model, W + scale B A (PEFT's merge_and_unload), that from_pretrained loads"""
 
 
 @dataclass

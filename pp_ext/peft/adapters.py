@@ -156,13 +156,13 @@ def load_adapter(layers: Iterable[nn.Module], adapter_path: str | Path) -> int:
 def apply_lora(module: ChunkedPipelineModule, section, model: str | Path, seed: int) -> int:
     """The recipe's ``peft`` section (``section``, type lora) on this rank's layers of
     ``module``, built from ``model``: adapters added, initialised or read from
-    ``adapter_path``, the rest frozen. Collective (bidirectional replicas). Returns the
-    number of trainable parameters on this rank."""
+    ``adapter_path``, the rest frozen. Local to the rank (a :class:`PeftError` here may be
+    one rank's alone); the caller then calls ``module.parameters_changed()``, a collective.
+    Returns the number of trainable parameters on this rank."""
     targets = Targets.of(lora_config(section), load_config(model))
     layers = add_adapters(indexed_layers(module), targets, seed)
     if section.adapter_path is not None:
         load_adapter(layers, section.adapter_path)
-    module.parameters_changed()
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     if trainable == 0:  # an optimizer needs something to step
         raise PeftError(

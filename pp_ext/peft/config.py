@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,13 +88,20 @@ def target_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
-def _peft_model(lora: LoraConfig, config: PretrainedConfig) -> PeftModel:
-    """``get_peft_model`` on the meta device: PEFT's own wrapping, for no memory."""
+@contextmanager
+def peft_model_warnings() -> Iterator[None]:
+    """Around building a ``PeftModel``: peft 0.21's reads transformers' deprecated
+    ``is_gradient_checkpointing`` (a FutureWarning that is peft's to fix, not the user's)."""
     with warnings.catch_warnings():
-        # peft 0.21's PeftModel reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings(
             "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
         )
+        yield
+
+
+def _peft_model(lora: LoraConfig, config: PretrainedConfig) -> PeftModel:
+    """``get_peft_model`` on the meta device: PEFT's own wrapping, for no memory."""
+    with peft_model_warnings():
         return get_peft_model(meta_model(config), LoraConfig(**lora.to_dict()))
 
 

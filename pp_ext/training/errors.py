@@ -9,9 +9,10 @@ import torch.distributed as dist
 
 from pp_ext.checkpoint.export import ExportError
 from pp_ext.config.recipe import RecipeError
+from pp_ext.peft.config import PeftError
 
 USAGE_ERROR = 2  # the exit code of a user error, as argparse's
-USER_ERRORS = (RecipeError, FileNotFoundError, ExportError)
+USER_ERRORS = (RecipeError, FileNotFoundError, ExportError, PeftError)
 
 
 @contextmanager

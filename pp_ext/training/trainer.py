@@ -10,6 +10,7 @@ the run then stops (``stop``, the default) or goes on (``skip``).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -37,6 +38,7 @@ from pp_ext.engine.initialize import initialize
 from pp_ext.hf import build_pipeline_module, router_loss_coef
 from pp_ext.hf.loading import load_config
 from pp_ext.peft import apply_lora
+from pp_ext.peft.config import ADAPTER_CONFIG
 from pp_ext.schedules import Schedule, get
 from pp_ext.schedules.registry import BASELINE
 from pp_ext.tools.files import write_atomic
@@ -109,7 +111,9 @@ class Trainer:
         )
         self.loss.tensor_axis = module.tensor_axis
         if recipe.peft.type == "lora":
-            trainable = apply_lora(module, recipe.peft, recipe.model.path, recipe.train.seed)
+            with together():  # a rank with nothing to train, or an adapter missing a key
+                trainable = apply_lora(module, recipe.peft, recipe.model.path, recipe.train.seed)
+            module.parameters_changed()
             total = sum(p.numel() for p in module.parameters())
             log.info(
                 f"LoRA r={recipe.peft.r}: rank 0 trains {trainable:,} of its {total:,} parameters "
@@ -314,15 +318,22 @@ class Trainer:
     def export(self, step: int) -> None:
         with together():
             if rank() == 0:
-                export_checkpoint(
+                peft = self.recipe.peft
+                out = export_checkpoint(
                     self.checkpointer.save_dir,
                     self.output_dir / "hf",
                     tag=tags.tag_name(step),
                     overwrite=True,
+                    merge=peft.type == "lora" and peft.merge,
                 )
-                log.info(
-                    f"exported the model to {self.output_dir / 'hf'} (from_pretrained loads it)"
-                )
+                if peft.type == "lora" and not peft.merge:
+                    base = json.loads((out / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+                    log.info(
+                        f"exported the LoRA adapter to {out} (PeftModel.from_pretrained loads it "
+                        f"on its base {base})"
+                    )
+                else:
+                    log.info(f"exported the model to {out} (from_pretrained loads it)")
 
 
 def _progress(steps: int, start: int, enabled: bool):
