@@ -60,9 +60,12 @@ def run_case(tmp, case) -> dict:
 
     family, tied, (pipe, tensor, data), schedule, export, *rest = case
     dtype = rest[0] if rest else "float32"
-    folder = f"{tmp}/{family}-{tied}-{pipe}{tensor}{data}-{schedule}-{dtype}"
+    vocab = rest[1] if len(rest) > 1 else None
+    folder = f"{tmp}/{family}-{tied}-{pipe}{tensor}{data}-{schedule}-{dtype}-{vocab}"
+    config = CONFIGS[family](tied)
+    config.vocab_size = vocab or config.vocab_size  # 103: padded to 104 on 2 tensor ranks
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](tied)).float()
+    model = AutoModelForCausalLM.from_config(config).float()
     if dist.get_rank() == 0:
         model.save_pretrained(f"{folder}/hf")
     dist.barrier()
@@ -136,11 +139,19 @@ def run_case(tmp, case) -> dict:
             exported = AutoModelForCausalLM.from_pretrained(f"{folder}/out").eval()
             with torch.no_grad():
                 want = exported(input_ids=probe[0]).logits
-            result["export_diff"] = float((tp.gather_last_dim(logits, axis) - want).abs().max())
-            # the export equals the trained reference model too
+            # a padded vocabulary's columns past the model's own are dropped (they are masked)
+            gathered = tp.gather_last_dim(logits, axis)[..., : config.vocab_size]
+            result["export_diff"] = float((gathered - want).abs().max())
+            # the export equals the trained reference model too: logits and parameters
             result["export_vs_ref"] = float(
                 (want - model.eval()(input_ids=probe[0]).logits).abs().max()
             )
+            reference = model.state_dict()
+            result["export_params_vs_ref"] = max(
+                float((tensor - reference[name]).abs().max())
+                for name, tensor in exported.state_dict().items()
+            )
+            result["export_vocab"] = (exported.config.vocab_size, config.vocab_size)
     return result
 
 

@@ -156,6 +156,14 @@ def test_launch_checks_the_peft_section_against_the_model(tmp_path):
     tensor = load(QUICKSTART, [f"output_dir={run}", "peft.type=lora", "parallel.tensor=2"])
     expected = "peft.type=lora with parallel.tensor=2: tensor-parallel LoRA is not supported yet"
     assert expected in one_line_error(check_peft, tensor, base.config)
+    padded = load(
+        QUICKSTART,
+        [f"output_dir={run}", "peft.type=lora", "parallel.make_vocab_size_divisible_by=64"],
+    )
+    expected = (
+        "the vocabulary of 103 would be padded to 128 rows, which LoRA's adapters cannot hold"
+    )
+    assert expected in one_line_error(check_before_launch, padded, 2)
     good = [f"output_dir={run}", "peft.type=lora", f"peft.adapter_path={adapter}", "peft.r=2"]
     assert check_before_launch(load(QUICKSTART, good), 2)[0].pipeline == 2
     shipped = load("recipes/quickstart-lora.yaml", [f"output_dir={tmp_path / 'shipped'}"])

@@ -67,6 +67,10 @@ def test_defaults_and_overrides(recipe_file):
         (["parallel.schedule=zbh1"], "did you mean 'zb-h1'?"),
         (["model.dtype=fp16"], "recipe key 'model.dtype' is 'fp16'"),
         (["parallel.micro_batches=0"], "recipe key 'parallel.micro_batches' must be >= 1, got 0"),
+        (
+            ["parallel.make_vocab_size_divisible_by=0"],
+            "recipe key 'parallel.make_vocab_size_divisible_by' must be >= 1, got 0",
+        ),
         (["train.epochs=2"], "set exactly one of recipe keys 'train.steps' and 'train.epochs'"),
         (["parallel.data=two"], "recipe key 'parallel.data' must be 'auto' or an integer >= 1"),
         (["steps"], "override 'steps' is not key=value"),

@@ -130,6 +130,13 @@ def test_a_tensor_size_change_is_a_layout_change_and_an_unreadable_checkpoint_on
         Layout(1, 2, 1, 1, "loop", "uniform").saved()
     )
     assert changed == ["tensor 2 -> 1"]
+    padded = Layout(1, 2, 1, 1, "loop", "uniform", make_vocab_size_divisible_by=64)
+    assert padded.changes(Layout(1, 2, 1, 1, "loop", "uniform").saved()) == [
+        "make_vocab_size_divisible_by 1 -> 64"
+    ]
+    before = Layout(1, 2, 1, 1, "loop", "uniform").saved()
+    del before["make_vocab_size_divisible_by"]  # a marker written before the key existed
+    assert Layout(1, 2, 1, 1, "loop", "uniform").changes(before) == []
     with pytest.raises(
         CheckpointError, match="has no parameter names .*resume with the saved layout"
     ) as err:
@@ -173,18 +180,91 @@ def test_one_rank_loss_is_torchs_fused_cross_entropy():
     )
 
 
-def test_vocabulary_must_divide():
+@pytest.mark.parametrize("vocab,size,multiple,rows", [(103, 2, 1, 52), (103, 2, 128, 128)])
+def test_a_padded_vocabulary_is_cut_with_zeros_and_merged_without(
+    tmp_path, vocab, size, multiple, rows
+):
+    """Megatron's padding: to a multiple of make_vocab_size_divisible_by x tensor, zero
+    rows at the end (Megatron's default 128 leaves rank 1 nothing but padding); read
+    from safetensors slices too, merged back to the model's own rows."""
+    whole = torch.arange(vocab * 3.0).reshape(vocab, 3)
+    axis = [
+        tp.TensorAxis(size, rank, make_vocab_size_divisible_by=multiple) for rank in range(size)
+    ]
+    assert tp.padded_vocab_size(vocab, axis[0]) == rows * size
+    cuts = [tp.vocab_split(vocab, a) for a in axis]
+    parts = [cut.take(whole) for cut in cuts]
+    padded = torch.cat([whole, torch.zeros(rows * size - vocab, 3)])
+    assert all(torch.equal(part, padded[r * rows : (r + 1) * rows]) for r, part in enumerate(parts))
+    assert [cut.real() for cut in cuts] == [
+        min(rows, max(0, vocab - r * rows)) for r in range(size)
+    ]
+    assert torch.equal(cuts[0].merge(parts), whole) and cuts[1].whole_shape(parts[1].shape) == (
+        vocab,
+        3,
+    )
+    save_file({"w": whole}, tmp_path / "w.safetensors")
+    with safe_open(tmp_path / "w.safetensors", "pt") as handle:
+        assert torch.equal(cuts[1].take(handle.get_slice("w")), parts[1])
+
+
+def test_no_padding_unless_needed_or_asked():
+    """One tensor rank, or a vocabulary that divides: nothing padded, nothing cut."""
+    assert tp.vocab_split(100, tp.TensorAxis()) is None
+    assert tp.vocab_split(100, tp.TensorAxis(2, 1)) == tp.Split(0, (100,), 2, 1)
+    assert tp.vocab_split(103, tp.TensorAxis(1, make_vocab_size_divisible_by=64)) == tp.Split(
+        0, (103,), 1, 0, padding=25
+    )
     config = CONFIGS["llama"](False)
-    config.vocab_size = 101
-    with pytest.raises(
-        ValueError, match="vocab_size=101 does not divide by tensor=2 .*pad_to_multiple_of=2"
-    ):
-        tp.check_tensor_split(config, 2)
+    config.vocab_size = 103
+    tp.check_tensor_split(config, 2)  # padded, not refused
+    assert tp.describe(config, 2).endswith("52 of 103 vocabulary rows (padded to 104)")
+    assert tp.describe(config, 2, 128).endswith("128 of 103 vocabulary rows (padded to 256)")
+
+
+@pytest.mark.parametrize(
+    "family,tied", [("llama", False), ("gemma", True), ("gemma2", False), ("gpt2", True)]
+)
+def test_padded_logits_never_win(family, tied):
+    """A vocabulary of 103 padded to 128 at one tensor rank (asked): the chained layers'
+    logits are HF's on the real columns and the dtype's lowest on the padded ones (after
+    Gemma2's soft-cap), so the loss (torch's fused cross-entropy) and its gradients are
+    HF's, the padded rows get none, and no arg-max lands on them."""
+    from hf_checks import batch, build
+    from transformers import AutoModelForCausalLM
+
+    from pp_ext.hf import copy_hf_weights, layer_specs
+
+    config = CONFIGS[family](tied)
+    config.vocab_size = 103
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(config).float()
+    with tp.using(tp.TensorAxis(make_vocab_size_divisible_by=64)):
+        chain = build(layer_specs(config, "eager"))
+    copy_hf_weights(chain.layers, hf_model.state_dict())
+    ids, labels = batch(0, 0)
+    logits = chain(ids)
+    loss = tp.vocab_parallel_cross_entropy(logits, labels, tp.TensorAxis())
+    want = hf_model(input_ids=ids, labels=ids, use_cache=False)
+    assert abs((loss - want.loss).item()) <= 1e-6, (loss, want.loss)
+    assert logits.shape[-1] == 128 and (logits[..., 103:] == torch.finfo(logits.dtype).min).all()
+    assert (logits[..., :103] - want.logits).abs().max() <= 1e-5
+    assert (logits.argmax(-1) < 103).all()
+    loss.backward()
+    want.loss.backward()
+    table = chain.layers[0].embed_tokens.weight
+    hf_table = hf_model.get_input_embeddings().weight
+    assert (table.grad[:103] - hf_table.grad).abs().max() <= 1e-6
+    assert not table.grad[103:].any() and not table[103:].any()
+    if not tied:
+        head = chain.layers[-1].lm_head.weight
+        assert (head.grad[:103] - hf_model.lm_head.weight.grad).abs().max() <= 1e-6
+        assert not head.grad[103:].any()
 
 
 # ---------------------------------------------------------------- 4 ranks, one launch
 
-# (family, tied, (pipe, tensor, data), schedule, export[, dtype])
+# (family, tied, (pipe, tensor, data), schedule, export[, dtype[, vocab_size]])
 CASES = [
     ("llama", True, (2, 2, 1), "zbv", True),
     ("qwen2", False, (2, 2, 1), "zb-h1", False),
@@ -198,6 +278,10 @@ CASES = [
     ("gpt2", True, (2, 2, 1), "zbv", True),
     ("gpt2", True, (1, 2, 2), "zb-h1", False),
     ("llama", True, (2, 2, 1), "zb-h1", False, "bfloat16"),
+    # a vocabulary of 103 padded to 104 (zero rows, masked logits), exported as 103
+    ("llama", False, (2, 2, 1), "zb-h1", True, "float32", 103),
+    ("gemma", True, (2, 2, 1), "1f1b", True, "float32", 103),  # tied across stages
+    ("gpt2", True, (1, 2, 2), "zb-h1", False, "float32", 103),
 ]
 # bf16 against the fp32 reference, relative. bf16 keeps 8 significant bits (unit roundoff
 # u = 2^-8 = 3.9e-3); BF16_Optimizer keeps fp32 master weights and accumulates gradients in
@@ -210,7 +294,7 @@ BF16_LOSS_RTOL, BF16_NORM_RTOL = 1e-3, 2.0**-8
 
 
 def bf16(result: dict) -> bool:
-    return result["case"][5:] == ("bfloat16",)
+    return result["case"][5:6] == ("bfloat16",)
 
 
 def kind(result: dict) -> str:
@@ -283,10 +367,13 @@ def test_pipe_tensor_data_training_equals_hf(tmp_path):
                 )
             if "export_diff" in r:
                 exports += 1
-                if max(r["export_diff"], r["export_vs_ref"]) > TOLERANCE:
+                worst = max(r["export_diff"], r["export_vs_ref"], r["export_params_vs_ref"])
+                if worst > TOLERANCE or r["export_vocab"][0] != r["export_vocab"][1]:
                     failures.append(
                         f"rank {rank} {r['case']}: exported logits differ by {r['export_diff']:.2e} "
-                        f"from the pipeline's, {r['export_vs_ref']:.2e} from the reference's"
+                        f"from the pipeline's, {r['export_vs_ref']:.2e} from the reference's, "
+                        f"parameters by {r['export_params_vs_ref']:.2e}; vocab_size "
+                        f"{r['export_vocab'][0]}, the model's {r['export_vocab'][1]}"
                     )
     assert not failures, "\n".join(failures)
-    assert exports == 4  # both tensor ranks of the last stage compared, llama and gpt2
+    assert exports == 8  # both tensor ranks of the last stage compared, 4 cases

@@ -406,13 +406,15 @@ def test_bad_input_is_one_line_before_any_rank_starts(
 
 def test_the_edges_pass_the_checks_before_launch(tmp_path):
     """A tokenizer whose highest id is the model's last row (the quickstart's, 103 and
-    103), and a GPT-2 position table exactly data.seq_len long, are accepted."""
+    103), a GPT-2 position table exactly data.seq_len long, and the quickstart's
+    vocabulary of 103 cut 2 ways (padded), are accepted."""
     from pp_ext.config.recipe import load
     from pp_ext.training.preflight import check_before_launch
 
     for overrides in (
         [],
         [f"model.path={gpt2(tmp_path, 64)}", "model.tokenizer=configs/models/quickstart"],
+        ["parallel.pipeline=1", "parallel.tensor=2"],
     ):
         check_before_launch(load(RECIPE, [f"output_dir={tmp_path / 'run'}", *overrides]), 2)
 
@@ -642,10 +644,13 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     A pipeline 1 x tensor 2 checkpoint resumed with the same layout, as zbv, as pipeline
     2 x tensor 1 (each parameter and its AdamW state merged from the tensor ranks'
     parts), and that tensor 1 checkpoint again as tensor 2 (cut again), likewise; the
-    tensor 1 checkpoint holds exactly the tensor 2 one's weights. A bf16 ZeRO-1 checkpoint
-    of pipeline 2 resumed as pipeline 1 x data 2: its fp32 masters and AdamW state by
-    name exactly, losses within bf16's rounding. A bf16 checkpoint in an fp32 run, and a
-    vocabulary of 103 cut 2 ways, are refused (exit code 2)."""
+    tensor 1 checkpoint holds exactly the tensor 2 one's weights. The quickstart's
+    vocabulary of 103 at tensor 2 (padded to 104): trained from the start, it gives the
+    tensor 1 run's losses and exports its weights with vocab_size 103; resumed as tensor 1,
+    and the tensor 1 run resumed as tensor 2 padded to 128, the same losses. A bf16 ZeRO-1
+    checkpoint of pipeline 2 resumed as pipeline 1 x data 2: its fp32 masters and AdamW
+    state by name exactly, losses within bf16's rounding. A bf16 checkpoint in an fp32 run
+    is refused (exit code 2)."""
     import torch
 
     from pp_ext.checkpoint.export import export_checkpoint
@@ -675,15 +680,23 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
         ("bf16-pipeline-1", [*bf16, resume("bf16"), *data_2]),
         ("bf16-at-3", [*bf16, resume("bf16"), *data_2, as_loaded]),
         ("bf16-as-fp32", [*steps, resume("bf16"), *data_2]),  # refused
+        ("vocab-103-tensor-2", [*steps, "parallel.pipeline=1", "parallel.tensor=2"]),
+        ("vocab-103-tensor-1", [*steps, resume("vocab-103-tensor-2")]),  # 104 rows -> 103
         (
-            "vocab-103-tensor-2",
-            [*steps, resume("source"), "parallel.pipeline=1", "parallel.tensor=2"],
+            "vocab-103-padded-128",  # 103 rows -> 2 x 64 (Megatron's rule: 64 x tensor)
+            [
+                *steps,
+                resume("source"),
+                "parallel.pipeline=1",
+                "parallel.tensor=2",
+                "parallel.make_vocab_size_divisible_by=64",
+            ],
         ),
     ]
     results = spawn(train_cases, 2, str(tmp_path), cases, timeout=900)[0]
     diffs = {}
     for source, resumed_runs, tolerance in (
-        ("source", ("pipeline-1", "zbv"), TOLERANCE),
+        ("source", ("pipeline-1", "zbv", "vocab-103-tensor-1", "vocab-103-padded-128"), TOLERANCE),
         ("tensor-2", ("tensor-2-resumed", "tensor-2-zbv", "tensor-1", "tensor-2-again"), TOLERANCE),
         ("bf16", ("bf16-pipeline-1",), BF16_TOLERANCE),
     ):
@@ -701,6 +714,19 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
         diffs[name] <= (BF16_TOLERANCE if name.startswith("bf16") else TOLERANCE) for name in diffs
     ), diffs
     assert results["tensor-1-at-3"][0] == results["bf16-at-3"][0] == 0
+    code, padded = results["vocab-103-tensor-2"]  # from the start: the tensor 1 run's losses
+    reference = results["source"][1]
+    assert code == 0 and max(abs(padded[s] - reference[s]) for s in reference) <= TOLERANCE, padded
+    exported, want = (
+        exported_tensors(tmp_path / run / "hf") for run in ("vocab-103-tensor-2", "source")
+    )
+    assert exported.keys() == want.keys() and all(
+        (exported[k] - want[k]).abs().max() <= TOLERANCE for k in want
+    )
+    assert (
+        json.loads((tmp_path / "vocab-103-tensor-2/hf/config.json").read_text())["vocab_size"]
+        == 103
+    )
     for source, converted in (
         ("tensor-2", "tensor-1-at-3"),
         ("bf16", "bf16-at-3"),
@@ -722,7 +748,7 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
         assert state.keys() == got[key].keys() and all(
             torch.equal(torch.as_tensor(v), torch.as_tensor(got[key][k])) for k, v in state.items()
         ), key
-    assert results["bf16-as-fp32"] == (2, None) and results["vocab-103-tensor-2"] == (2, None)
+    assert results["bf16-as-fp32"] == (2, None)
 
 
 @pytest.mark.slow

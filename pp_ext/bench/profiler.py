@@ -48,6 +48,7 @@ def _recipe_worker(
         dtype=recipe.model.dtype,
         attn_implementation=recipe.model.attn_implementation,
         seed=recipe.train.seed,
+        make_vocab_size_divisible_by=recipe.parallel.make_vocab_size_divisible_by,
     )
     loss.tensor_axis = module.tensor_axis
     device = (

@@ -4,7 +4,8 @@ DeepSpeed's ``PipelineModule.save_state_dict`` writes one file per layer spec,
 ``layer_XX-model_states.pt`` for global layer index XX (``ckpt_layer_path``; with a
 model-parallel axis the name carries ``-model_YY``: one file per tensor rank YY),
 and no file for a tied head called through ``forward_fn``. Tensor-parallel parts are
-merged back (:meth:`pp_ext.tp.Split.merge`, the inverse of the cut loading made;
+merged back (:meth:`pp_ext.tp.Split.merge`, the inverse of the cut loading made, which
+drops a padded vocabulary's zero rows, so the folder has the model's own ``vocab_size``;
 :func:`layer_tensors`, which :mod:`pp_ext.checkpoint.reshape` reads layers with too);
 replicated tensors are taken from tensor rank 0. The layers' ``hf_keys()`` (built on the meta device
 from ``layer_specs(config)``, the order training used) name every tensor as the HF
@@ -47,7 +48,7 @@ from transformers import (
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
 
 from pp_ext import tp
-from pp_ext.checkpoint.tags import LATEST
+from pp_ext.checkpoint.tags import LATEST, MARKER, info
 from pp_ext.hf.families import layer_specs
 from pp_ext.hf.loading import hf_initializer, layout_free_specs, load_config, to_dtype
 from pp_ext.hf.weights import meta_model, saved_form
@@ -198,20 +199,27 @@ def load_layer(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
 
 
+def vocab_multiple(tag_dir: Path) -> int:
+    """The ``make_vocab_size_divisible_by`` a checkpoint was saved with (its marker's
+    layout; 1 where the marker has none or there is no marker)."""
+    if not (tag_dir / MARKER).is_file():
+        return 1
+    return info(tag_dir.parent, tag_dir.name).get("make_vocab_size_divisible_by", 1)
+
+
 def layer_tensors(
     tag_dir: Path, idx: int, spec: LayerSpec, adapters: Targets | None = None
 ) -> tuple[torch.nn.Module, dict[str, Stored]]:
     """Layer ``idx`` of the checkpoint: ``spec`` built on the meta device for the saved
-    tensor size (one file per tensor rank), and where each of its tensors lies, under
-    its ``state_dict`` name, with the cut that merges its parts. ``adapters``: a LoRA
+    tensor size (one file per tensor rank) and vocabulary padding, and where each of its
+    tensors lies, under its ``state_dict`` name, with the cut that merges its parts (a
+    padded vocabulary's without its padding). ``adapters``: a LoRA
     run's checkpoint, whose files hold all but the frozen parameters (DeepSpeed's
     ``exclude_frozen_parameters``)."""
     paths = tuple(layer_files(tag_dir, idx))
+    axis = tp.TensorAxis(len(paths), make_vocab_size_divisible_by=vocab_multiple(tag_dir))
     try:
-        with (
-            torch.device("meta"),
-            tp.using(tp.TensorAxis(len(paths))),
-        ):  # every rank's part has one shape
+        with torch.device("meta"), tp.using(axis):  # every rank's part has one shape
             layer = spec.build()
             if adapters is not None:
                 add_adapters([(idx, layer)], adapters, seed=0)

@@ -22,8 +22,10 @@ an unchanged tensor size goes the same way.
 
 What stays refused, in one line: a checkpoint without parameter names (saved by an
 older pp-ext), and a change between fp32 and bf16 / ZeRO (their optimizers keep
-different state). A tensor size the model's vocabulary, heads or MLP width does not
-divide is refused before launch (:func:`pp_ext.tp.check_tensor_split`).
+different state). A tensor size the model's heads or MLP width does not divide is
+refused before launch (:func:`pp_ext.tp.check_tensor_split`). A padded vocabulary
+(:mod:`pp_ext.tp.vocab`) is merged without its zero rows, by the padding the checkpoint's
+marker names, and cut again with this run's.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def describe(recipe: Recipe, layout: Layout) -> str:
     if tensor > 1:
         lines.append(
             f"tensor parallel over {tensor} ranks (global ranks of a pipeline rank: tensor ranks "
-            f"side by side, then data replicas): {tp.describe(config, tensor)}"
+            f"side by side, then data replicas): {tp.describe(config, tensor, recipe.parallel.make_vocab_size_divisible_by)}"
         )
     lines.append("")
     params = "params" if tensor == 1 else "params per tensor rank"

@@ -5,14 +5,15 @@ the world size before any rank starts (as torchtitan's ``ParallelDims``).
 order), ``chunks`` model chunks per pipeline rank in ``placement`` (``loop``: chunk c
 of rank r is stage c*p + r, Megatron's interleaving; ``v``: stage r then 2p-1-r, the
 V shape of Qi et al. 2024; ``bidirectional``: Chimera's two pipelines), the layers cut
-by ``partition``. A checkpoint saves it (:meth:`Layout.saved`) and a resume compares
+by ``partition``, the vocabulary padded to a multiple of ``make_vocab_size_divisible_by x
+tensor`` (:mod:`pp_ext.tp.vocab`). A checkpoint saves it (:meth:`Layout.saved`) and a resume compares
 the run's with it (:meth:`Layout.changes`): what differs is re-cut by
 :mod:`pp_ext.checkpoint.reshape`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import cast
 
 from omegaconf import OmegaConf
@@ -30,6 +31,7 @@ class Layout:
     # a method name ('parameters', 'uniform', 'type:REGEX', 'balanced:PROFILE') or the
     # stage boundaries (p * chunks + 1 layer indices)
     partition: str | tuple[int, ...]
+    make_vocab_size_divisible_by: int = 1
 
     @classmethod
     def of(
@@ -38,7 +40,15 @@ class Layout:
         partition = recipe.parallel.partition
         if OmegaConf.is_config(partition):
             partition = tuple(cast(list, OmegaConf.to_container(partition)))
-        return cls(pipeline, tensor, data, chunks, placement, partition)
+        return cls(
+            pipeline,
+            tensor,
+            data,
+            chunks,
+            placement,
+            partition,
+            recipe.parallel.make_vocab_size_divisible_by,
+        )
 
     @property
     def world_size(self) -> int:
@@ -53,13 +63,15 @@ class Layout:
 
     def changes(self, saved: dict) -> list[str]:
         """``'key saved -> current'`` for each field on which a checkpoint's marker
-        (``saved``, as :meth:`saved` wrote it) and this layout differ."""
+        (``saved``, as :meth:`saved` wrote it) and this layout differ; a key the marker
+        lacks (written before the key existed) has its default."""
         current = self.saved()
         return [
-            f"{key} {saved.get(key)} -> {current[key]}"
+            f"{key} {saved.get(key, DEFAULTS.get(key))} -> {current[key]}"
             for key in KEYS
-            if saved.get(key) != current[key]
+            if saved.get(key, DEFAULTS.get(key)) != current[key]
         ]
 
 
 KEYS = tuple(field.name for field in fields(Layout))
+DEFAULTS = {field.name: field.default for field in fields(Layout) if field.default is not MISSING}

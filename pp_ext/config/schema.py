@@ -76,6 +76,10 @@ class ParallelConfig:
     memory_limit: Any = None
     """auto's memory limit per rank in micro-batches of that rank's activations (a number or one
     per pipeline rank); None: 1F1B's (pipeline micro-batches)"""
+    make_vocab_size_divisible_by: int = 1
+    """pad the vocabulary (embedding and LM head rows) to a multiple of this x tensor, as
+    Megatron does (its default: 128); the padded rows are zeros, their logits masked, and
+    stripped on export. 1: padded only where tensor does not divide it"""
     comm_timeout_s: int = 1800
     """seconds any rank waits for a peer (p2p receive, collective) before it stops with an error
     naming itself, its stage and what it waited for (a dead or stalled rank)"""

@@ -151,10 +151,19 @@ class ChunkedPipelineModule(PipelineModule):
     With a model axis in the topology (tensor parallelism, Shoeybi et al. 2019, Sec. 3)
     layers are counted and built on :attr:`tensor_axis`, the grid's slice-parallel
     group (:mod:`pp_ext.tp`), and the parameters every tensor rank holds whole are
-    counted once in gradient norms (:func:`pp_ext.tp.mark_replicated`).
+    counted once in gradient norms (:func:`pp_ext.tp.mark_replicated`); the vocabulary is
+    padded to a multiple of ``make_vocab_size_divisible_by`` x tensor (:mod:`pp_ext.tp.vocab`).
     """
 
-    def __init__(self, layers, *args, chunks: int = 1, placement: str = "loop", **kwargs):
+    def __init__(
+        self,
+        layers,
+        *args,
+        chunks: int = 1,
+        placement: str = "loop",
+        make_vocab_size_divisible_by: int = 1,
+        **kwargs,
+    ):
         if not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"chunks must be a positive int, got {chunks!r}")
         if placement not in PLACEMENTS:
@@ -166,6 +175,7 @@ class ChunkedPipelineModule(PipelineModule):
             )
         # read by _partition_layers, which PipelineModule.__init__ calls
         self._chunks, self._placement_name = chunks, placement
+        self._vocab_multiple = make_vocab_size_divisible_by
         super().__init__(layers, *args, **kwargs)
         # after PipelineModule's build, which resets every ds_pipe_replicated flag
         tp.mark_replicated(self, self.tensor_axis)
@@ -293,7 +303,7 @@ class ChunkedPipelineModule(PipelineModule):
             )
         self._placement = Placement.named(self._placement_name, self.num_stages, self._chunks)
         # the first hook PipelineModule calls once its grid exists
-        self.tensor_axis = tp.from_grid(self._grid)
+        self.tensor_axis = tp.from_grid(self._grid, self._vocab_multiple)
         with tp.using(self.tensor_axis):
             self.parts = partition(self._layer_specs, self._placement.stages, method)
         if self._placement.pipelines > 1:

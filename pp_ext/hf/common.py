@@ -146,18 +146,21 @@ def on_hidden(inputs, head: Callable[[torch.Tensor], torch.Tensor]):
 class LMHead(nn.Module):
     """An untied LM head (HF key ``lm_head.weight`` in every supported model); with
     tensor parallelism column-parallel by vocabulary, its logits left sharded for
-    :func:`pp_ext.tp.vocab_parallel_cross_entropy` (Shoeybi et al. 2019, Sec. 3)."""
+    :func:`pp_ext.tp.vocab_parallel_cross_entropy` (Shoeybi et al. 2019, Sec. 3); the
+    logits of padded rows masked after the soft-cap (:mod:`pp_ext.tp.vocab`)."""
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        axis = tp.current()
-        self.lm_head = tp.column_parallel(
-            nn.Linear(config.hidden_size, config.vocab_size // axis.size, bias=False), axis
-        )
+        self.lm_head = tp.vocab_parallel_head(config.hidden_size, config.vocab_size, tp.current())
         self.cap = _final_softcap(config)
 
     def forward(self, inputs):
-        return on_hidden(inputs, lambda hidden: softcap(self.lm_head(hidden), self.cap))
+        return on_hidden(
+            inputs,
+            lambda hidden: tp.mask_padding(
+                softcap(self.lm_head(hidden), self.cap), self.lm_head.weight
+            ),
+        )
 
     def hf_keys(self) -> dict[str, str]:
         return state_keys(self, "lm_head.", "lm_head.")
@@ -166,14 +169,14 @@ class LMHead(nn.Module):
 def tied_head(embedding: nn.Module, inputs, cap: float | None = None):
     """The LM head tied to the embedding: logits from its ``embed_tokens`` matrix
     (unscaled, as HF's tied ``lm_head``), soft-capped at ``cap``; a vocabulary-parallel
-    embedding gives this rank's block of the logits."""
+    embedding gives this rank's block of the logits, padded rows masked."""
     table = embedding.embed_tokens
-    return on_hidden(
-        inputs,
-        lambda hidden: softcap(
-            tp.vocab_parallel_logits(hidden, table.weight, tp.axis_of(table)), cap
-        ),
-    )
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = tp.vocab_parallel_logits(hidden, table.weight, tp.axis_of(table))
+        return tp.mask_padding(softcap(logits, cap), table.weight)
+
+    return on_hidden(inputs, head)
 
 
 def embedding_and_head(

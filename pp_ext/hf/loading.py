@@ -211,7 +211,7 @@ def layout_free_specs(
                 with tp.using(tp.TensorAxis()):
                     whole = spec.build()
                 initialize(whole)
-                if tp.current().size == 1:
+                if tp.current() == tp.TensorAxis():  # one rank, no vocabulary padded
                     return whole
                 with hf_init.no_init_weights():
                     layer = spec.build()
@@ -246,6 +246,7 @@ def build_pipeline_module(
     attn_implementation: str | None = None,
     activation_checkpoint_interval: int = 0,
     seed: int = 1234,
+    make_vocab_size_divisible_by: int = 1,
     **kwargs,
 ) -> ChunkedPipelineModule:
     """A :class:`ChunkedPipelineModule` of the HF model ``model`` (a folder with
@@ -256,7 +257,9 @@ def build_pipeline_module(
     family's HF initialisation under per-layer seeds, identical for any layout (see
     :func:`layout_free_specs`). A topology with a model axis makes the layers
     tensor-parallel on it (:mod:`pp_ext.tp`); each rank then reads only its part of
-    each sharded tensor. Other keyword arguments go to DeepSpeed's
+    each sharded tensor; a vocabulary is padded to a multiple of
+    ``make_vocab_size_divisible_by`` x tensor (Megatron's rule, :mod:`pp_ext.tp.vocab`:
+    zero rows, masked logits). Other keyword arguments go to DeepSpeed's
     ``PipelineModule`` (e.g. ``checkpointable_layers``, ``dynamic_shape``).
     """
     config = load_config(model)
@@ -278,6 +281,7 @@ def build_pipeline_module(
         placement=placement,
         partition_method=partition_method,
         activation_checkpoint_interval=activation_checkpoint_interval,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         **kwargs,
     )
     if weights:

@@ -26,10 +26,12 @@ from pp_ext.tp.layers import (
     row_parallel,
     splits,
     vocab_parallel_embedding,
+    vocab_parallel_head,
     vocab_parallel_logits,
 )
 from pp_ext.tp.plans import check_tensor_split, describe, local_config, shard_layer
 from pp_ext.tp.split import Split
+from pp_ext.tp.vocab import mask_padding, padded_vocab_size, vocab_split
 
 __all__ = [
     "TensorAxis",
@@ -51,10 +53,14 @@ __all__ = [
     "row_parallel",
     "splits",
     "vocab_parallel_embedding",
+    "vocab_parallel_head",
     "vocab_parallel_logits",
     "check_tensor_split",
     "describe",
     "local_config",
     "shard_layer",
     "Split",
+    "mask_padding",
+    "padded_vocab_size",
+    "vocab_split",
 ]

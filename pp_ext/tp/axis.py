@@ -32,11 +32,14 @@ import torch.distributed as dist
 class TensorAxis:
     """This rank's place on the tensor-parallel axis: ``size`` ranks, this one ``rank``,
     all-reducing over ``group`` (None with one rank, or where nothing runs: counting
-    and exporting build layers on the meta device)."""
+    and exporting build layers on the meta device). The vocabulary is padded to a
+    multiple of ``make_vocab_size_divisible_by x size`` (Megatron's rule,
+    :mod:`pp_ext.tp.vocab`)."""
 
     size: int = 1
     rank: int = 0
     group: Any = field(default=None, compare=False, repr=False)
+    make_vocab_size_divisible_by: int = 1
 
     def __deepcopy__(self, memo) -> TensorAxis:
         return self  # a process group cannot be copied; the axis is immutable anyway
@@ -67,11 +70,14 @@ def using(axis: TensorAxis) -> Iterator[TensorAxis]:
         _current = previous
 
 
-def from_grid(grid) -> TensorAxis:
+def from_grid(grid, make_vocab_size_divisible_by: int = 1) -> TensorAxis:
     """The model axis of a DeepSpeed ``PipelineParallelGrid``."""
     size = grid.get_slice_parallel_world_size()
     return TensorAxis(
-        size, grid.get_slice_parallel_rank(), grid.get_slice_parallel_group() if size > 1 else None
+        size,
+        grid.get_slice_parallel_rank(),
+        grid.get_slice_parallel_group() if size > 1 else None,
+        make_vocab_size_divisible_by,
     )
 
 

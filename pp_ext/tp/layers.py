@@ -13,8 +13,8 @@ checkpoints keep working.
 * row-parallel (o, down): the local GEMM, ``g`` (all-reduce of the partial sums),
   then the bias, added once after the reduction as the paper's Fig. 3 places it;
 * vocabulary-parallel embedding (Sec. 3, "input embedding"): each rank holds a
-  contiguous block of the vocabulary, looks up the ids that fall in it, zeros the
-  others and ``g`` sums the blocks.
+  contiguous block of the vocabulary (padded to divide, :mod:`pp_ext.tp.vocab`), looks
+  up the ids that fall in it, zeros the others and ``g`` sums the blocks.
 
 transformers' ``Conv1D`` (GPT-2's linear layer, weight stored transposed as
 [in, out]) is cut the same way on the transposed dimensions: column-parallel along
@@ -42,6 +42,7 @@ from transformers.pytorch_utils import Conv1D
 from pp_ext.autograd.split_backward import Deferrable
 from pp_ext.tp.axis import TensorAxis, copy_to_region, reduce_from_region
 from pp_ext.tp.split import Split
+from pp_ext.tp.vocab import padded_vocab_size, vocab_split
 
 
 def axis_of(module: nn.Module) -> TensorAxis:
@@ -155,10 +156,12 @@ def vocab_parallel_embedding(
     **kwargs,
 ) -> nn.Embedding:
     """``embedding(vocab_size, hidden_size, padding_idx, **kwargs)`` holding this rank's
-    block of ``vocab_size / axis.size`` rows (the whole table with one rank)."""
-    rows = vocab_size // axis.size
-    if axis.size == 1:
+    block of the (padded, :mod:`pp_ext.tp.vocab`) vocabulary's rows (the whole table
+    with one rank and no padding)."""
+    split = vocab_split(vocab_size, axis)
+    if split is None:
         return embedding(vocab_size, hidden_size, padding_idx, **kwargs)
+    rows = padded_vocab_size(vocab_size, axis) // axis.size
     start = axis.rank * rows
     local_pad = (
         padding_idx - start
@@ -167,8 +170,20 @@ def vocab_parallel_embedding(
     )
     layer = embedding(rows, hidden_size, local_pad, **kwargs)
     layer.__class__, layer.tensor_axis = _vocab_parallel_class(embedding), axis
-    layer.weight.tp_split = Split(0, (vocab_size,), axis.size, axis.rank)
+    layer.weight.tp_split = split
     return layer
+
+
+def vocab_parallel_head(hidden_size: int, vocab_size: int, axis: TensorAxis) -> nn.Linear:
+    """An LM head without bias, column-parallel by (padded) vocabulary: this rank's block
+    of its rows (all of them with one rank and no padding)."""
+    split = vocab_split(vocab_size, axis)
+    if split is None:
+        return nn.Linear(hidden_size, vocab_size, bias=False)
+    rows = padded_vocab_size(vocab_size, axis) // axis.size
+    head = column_parallel(nn.Linear(hidden_size, rows, bias=False), axis)
+    head.weight.tp_split = split  # the vocabulary's cut, padding included
+    return head
 
 
 def vocab_parallel_logits(

@@ -38,6 +38,7 @@ from transformers.pytorch_utils import Conv1D
 
 from pp_ext.tp.axis import TensorAxis
 from pp_ext.tp.layers import column_parallel, row_parallel, sum_gradients
+from pp_ext.tp.vocab import padded_vocab_size
 
 Sections = Callable[[PretrainedConfig], tuple[int, ...]]
 
@@ -123,7 +124,8 @@ def supported() -> list[str]:
 
 
 def check_tensor_split(config: PretrainedConfig, tensor: int) -> None:
-    """Raise ValueError (one line, with the fix) unless ``config`` can be cut ``tensor`` ways."""
+    """Raise ValueError (one line, with the fix) unless ``config`` can be cut ``tensor``
+    ways (a vocabulary that does not divide is padded, :mod:`pp_ext.tp.vocab`)."""
     if tensor == 1:
         return
     model_type = getattr(config, "model_type", None)
@@ -145,14 +147,6 @@ def check_tensor_split(config: PretrainedConfig, tensor: int) -> None:
                 f"{model_type} config has {name}={count}, which does not divide by tensor={tensor}: "
                 f"choose a tensor size that divides it"
             )
-    if config.vocab_size % tensor:
-        # refused, not padded: padded rows would change the exported model's shapes
-        raise ValueError(
-            f"vocab_size={config.vocab_size} does not divide by tensor={tensor} (the embedding and "
-            f"LM head are cut by vocabulary): pad the vocabulary to a multiple of {tensor} "
-            f"(model.resize_token_embeddings(..., pad_to_multiple_of={tensor}) and save it) or choose "
-            f"a tensor size that divides it"
-        )
 
 
 def local_config(config: PretrainedConfig, tensor: int) -> PretrainedConfig:
@@ -218,8 +212,9 @@ def _local_width(whole: nn.Module, column: bool, tensor: int) -> nn.Module:
     return nn.Linear(in_features, out_features, bias=whole.bias is not None, **factory)
 
 
-def describe(config: PretrainedConfig, tensor: int) -> str:
+def describe(config: PretrainedConfig, tensor: int, make_vocab_size_divisible_by: int = 1) -> str:
     """One line: what each tensor rank holds (for ``pp-ext plan``)."""
+    axis = TensorAxis(tensor, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     parts = [f"{config.num_attention_heads // tensor} of {config.num_attention_heads} heads"]
     if PLANS[config.model_type].kv_heads:
         parts.append(
@@ -227,6 +222,9 @@ def describe(config: PretrainedConfig, tensor: int) -> str:
         )
     parts += [
         f"{mlp_features(config) // tensor} of {mlp_features(config)} MLP features",
-        f"{config.vocab_size // tensor} of {config.vocab_size} vocabulary rows",
+        f"{padded_vocab_size(config.vocab_size, axis) // tensor} of {config.vocab_size} "
+        f"vocabulary rows",
     ]
+    if (padded := padded_vocab_size(config.vocab_size, axis)) != config.vocab_size:
+        parts[-1] += f" (padded to {padded})"
     return "each tensor rank holds " + ", ".join(parts)

@@ -7,6 +7,12 @@ projection (Phi3's ``qkv_proj`` = [q; k; v], ``gate_up_proj`` = [gate; up]) is
 several such tensors stacked, so each of its *sections* is cut on its own and a
 rank keeps the concatenation of its parts: its local fused layer then splits
 [q_r; k_r; v_r] at the local sizes exactly as the whole layer splits [q; k; v].
+
+A vocabulary that does not divide by the tensor size is padded first, as Megatron pads
+it (``make_vocab_size_divisible_by``): ``padding`` zero rows follow the whole tensor, so
+the last parts hold zeros past the real rows. The whole tensor is always the unpadded
+one: :meth:`Split.take` appends the zeros, :meth:`Split.merge` drops them, so export and
+a resume under another tensor size see the model's own shapes.
 """
 
 from __future__ import annotations
@@ -14,25 +20,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
 class Split:
     """Cut along ``dim`` into ``size`` parts, section by section, of which this rank
     holds part ``rank``; ``sections`` are the whole (unsharded) lengths of the stacked
-    pieces along ``dim``."""
+    pieces along ``dim``; ``padding`` zero rows follow the (one-section) tensor before it
+    is cut."""
 
     dim: int
     sections: tuple[int, ...]
     size: int
     rank: int
+    padding: int = 0
 
     def __post_init__(self) -> None:
-        if any(n % self.size for n in self.sections):
+        if self.padding and len(self.sections) > 1:
+            raise ValueError("only a one-section tensor (a vocabulary) is padded")
+        if any(n % self.size for n in self._padded()):
             raise ValueError(
-                f"cannot cut sections {list(self.sections)} into {self.size} equal tensor-parallel "
-                f"parts: each must divide by {self.size}"
+                f"cannot cut sections {list(self._padded())} into {self.size} equal "
+                f"tensor-parallel parts: each must divide by {self.size}"
             )
+
+    def _padded(self) -> tuple[int, ...]:
+        return (*self.sections[:-1], self.sections[-1] + self.padding)
+
+    def real(self) -> int:
+        """How many of this part's rows along ``dim`` are the tensor's own, not padding
+        (all of them without padding)."""
+        if not self.padding:
+            return sum(self.sections) // self.size
+        piece = self._padded()[0] // self.size
+        return max(0, min(piece, self.sections[0] - self.rank * piece))
 
     def _index(self, start: int, stop: int) -> tuple:
         return (slice(None),) * self.dim + (slice(start, stop),)
@@ -40,6 +62,11 @@ class Split:
     def take(self, source) -> torch.Tensor:
         """This rank's part of the whole tensor ``source``: a tensor, or a safetensors
         slice (``safe_open(...).get_slice(key)``), of which only the part is read."""
+        if self.padding:  # the real rows of this part (maybe none), then zeros to its length
+            piece, real = self._padded()[0] // self.size, self.real()
+            start = min(self.sections[0], self.rank * piece)
+            part = source[self._index(start, start + real)]
+            return F.pad(part, (0, 0) * (part.dim() - 1 - self.dim) + (0, piece - real))
         parts, offset = [], 0
         for length in self.sections:
             piece = length // self.size
@@ -54,7 +81,10 @@ class Split:
         return torch.Size((*shape[: self.dim], sum(self.sections), *shape[self.dim + 1 :]))
 
     def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """The whole tensor from every rank's part, in rank order (inverse of :meth:`take`)."""
+        """The whole tensor from every rank's part, in rank order (inverse of :meth:`take`;
+        the padding dropped)."""
+        if self.padding:
+            return torch.cat(parts, dim=self.dim).narrow(self.dim, 0, self.sections[0])
         pieces = [length // self.size for length in self.sections]
         by_rank = [part.split(pieces, dim=self.dim) for part in parts]
         return torch.cat(

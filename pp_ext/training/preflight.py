@@ -117,6 +117,7 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
     check_tokenizer(recipe, config)
     check_positions(recipe, config)
     check_peft(recipe, config)
+    check_peft_vocabulary(recipe, config)
     save_dir = checkpoints.save_dir(recipe)
     check_folders(recipe, save_dir)
     if (resume_from := checkpoints.resume_point(recipe.checkpoint.resume, save_dir)) is not None:
@@ -205,6 +206,24 @@ def check_peft(recipe, config) -> None:
             check_adapter(recipe.peft.adapter_path, lora, recipe.model.path)
     except PeftError as exc:
         raise RecipeError(str(exc)) from None
+
+
+def check_peft_vocabulary(recipe, config) -> None:
+    """LoRA on an unpadded vocabulary only: PEFT's embedding adapters and saved copies of
+    the embedding and head would hold the padded rows (:mod:`pp_ext.tp.vocab`), which no
+    PEFT folder of this base can."""
+    if recipe.peft.type == "none":
+        return
+    tensor, multiple = recipe.parallel.tensor, recipe.parallel.make_vocab_size_divisible_by
+    vocab = config.get_text_config().vocab_size
+    axis = tp.TensorAxis(tensor, make_vocab_size_divisible_by=multiple)
+    if (padded := tp.padded_vocab_size(vocab, axis)) != vocab:
+        raise RecipeError(
+            f"peft.type=lora with parallel.make_vocab_size_divisible_by={multiple} x tensor={tensor}: "
+            f"the vocabulary of {vocab} would be padded to {padded} rows, which LoRA's adapters "
+            f"cannot hold: set parallel.make_vocab_size_divisible_by=1 (and a tensor size that "
+            f"divides {vocab})"
+        )
 
 
 def check_resume_peft(recipe: Recipe, save_dir: Path, tag: str) -> None:

@@ -108,6 +108,7 @@ class Trainer:
             attn_implementation=recipe.model.attn_implementation,
             activation_checkpoint_interval=recipe.model.activation_checkpoint_interval,
             seed=recipe.train.seed,
+            make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
         )
         self.loss.tensor_axis = module.tensor_axis
         if recipe.peft.type == "lora":
