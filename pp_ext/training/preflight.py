@@ -32,7 +32,7 @@ from pp_ext.config.layout import Layout
 from pp_ext.config.recipe import RecipeError, resolve_parallel
 from pp_ext.config.schema import Recipe
 from pp_ext.engine.module import partition
-from pp_ext.hf import layer_specs, position_table, supported
+from pp_ext.hf import layer_specs, moe, position_table, supported
 from pp_ext.hf.loading import load_config
 from pp_ext.peft import PeftError, check_adapter, embedding_targets, lora_config, target_names
 from pp_ext.planning.search import profiled_auto
@@ -88,7 +88,14 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
         raise RecipeError(
             f"model.path {model} has no config.json: point it at a Hugging Face model folder"
         )
-    model_type = json.loads((model / "config.json").read_text()).get("model_type")
+    raw = json.loads((model / "config.json").read_text())
+    model_type = raw.get("model_type")
+    if model_type not in supported() and (experts := moe.routed_experts(raw)):
+        raise RecipeError(
+            f"model.path {model} is a {model_type!r} mixture-of-experts model ({experts} routed "
+            f"experts), which pp-ext cannot split into pipeline stages yet: supported MoE model "
+            f"types are {', '.join(moe.supported())}"
+        )
     if model_type not in supported():
         raise RecipeError(
             f"model.path {model} is a {model_type!r} model, which pp-ext cannot split into "
@@ -179,6 +186,12 @@ def check_peft(recipe: Recipe, config: PretrainedConfig) -> None:
     is a LoRA adapter of this rank for this base."""
     if recipe.peft.type == "none":
         return
+    if config.model_type in moe.supported():
+        # peft's target_parameters for the fused 3-D experts is a later step (issue 24)
+        raise RecipeError(
+            f"peft.type=lora on a {config.model_type!r} mixture-of-experts model is not supported "
+            f"yet (its fused experts would get no adapter): set peft.type=none to fine-tune it whole"
+        )
     lora = lora_config(recipe.peft)
     try:
         target_names(lora, config)
