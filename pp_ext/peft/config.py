@@ -118,7 +118,9 @@ def peft_model_warnings() -> Iterator[None]:
 def _peft_model(lora: LoraConfig, config: PretrainedConfig) -> PeftModel:
     """``get_peft_model`` on the meta device: PEFT's own wrapping, for no memory."""
     with peft_model_warnings():
-        return get_peft_model(meta_model(config), LoraConfig(**lora.to_dict()))
+        # no base name: peft warns when it differs from the meta model's (a config's folder)
+        unnamed = LoraConfig(**{**lora.to_dict(), "base_model_name_or_path": None})
+        return get_peft_model(meta_model(config), unnamed)
 
 
 def saved_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
