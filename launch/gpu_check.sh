@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one-GPU check of issue 16, in one command (about 5 minutes on an H200; each stage has a
-# time limit, 180 + 90 + 200 s at most).
+# time limit, 180 + 90 + 240 + 200 s at most), and on a machine with 2 GPUs the LoRA bench of
+# issue 23.
 #
-# On a machine with one GPU, from the repository root, after the device kit:
+# On a machine with one GPU (or two), from the repository root, after the device kit:
 #   source .device-kit/setup.sh && OUT=/some/folder bash launch/gpu_check.sh
-# It writes under $OUT (default runs/gpu-check; 7 files, no sub-folders) and prints a
+# It writes under $OUT (default runs/gpu-check; 9 files, no sub-folders) and prints a
 # summary table last:
 #   1. bench-308m.{txt,json}: `pp-ext bench --model configs/models/llama-308m` at the
 #      issue's settings: 16 layers, hidden 1024, vocabulary 32000; micro-batches of
@@ -12,7 +13,11 @@
 #      tokens/s median of steps 4-12 of DeepSpeed's engine on transformers' model and of
 #      pp-ext at pipeline 1 (1f1b, zb-h1); per-layer F, I, W, B at that shape;
 #   2. layer-8b.{txt,json}: per-layer F, I, W, B at the Llama-3.1-8B shape, 4096 tokens;
-#   3. smoke.log: the GPU smoke suite's single-GPU cases (tests/test_gpu_smoke.py);
+#   3. lora.{txt,json}: `pp-ext bench --lora` on 2 GPUs (skipped, said in lora.txt, with
+#      fewer): LoRA r=16 all-linear on the 308M model, bf16, micro-batches of 4 x 2048
+#      tokens, 8 per step; pp-ext pipeline 2 (1f1b, zb-h1, zbv) next to DeepSpeed ZeRO-3 +
+#      peft over 2 data ranks: tokens/s, losses, tokens per step, memory per rank;
+#   4. smoke.log: the GPU smoke suite's single-GPU cases (tests/test_gpu_smoke.py);
 #   bench.log: the benches' stderr; summary.txt: the table printed last, with the
 #   issue's bars (pp-ext 1f1b >= 0.97x DeepSpeed's engine, zb-h1 >= 0.98x 1f1b,
 #   decoder-layer forward within 5 % of transformers').
@@ -33,12 +38,17 @@ if [ "${PP_EXT_GPU_CHECK_TINY:-0}" = 1 ]; then
     big=(--model configs/models/smoke --layers 2 --seq 16 --micro-batch-size 2 --micro-batches 4 --steps 4
          --warmup 1 --repeats 2)
     layer=(--model configs/models/smoke --layers 1 --seq 32 --micro-batch-size 1 --steps 0 --repeats 2)
+    lora=(model.path=configs/models/smoke train.micro_batch_size=2 data.seq_len=16 --schedules 1f1b --warmup 0 --repeats 1)
 else
     device=cuda
     big=(--model configs/models/llama-308m --seq 2048 --micro-batch-size 4 --micro-batches 4 --steps 12 --warmup 3
          --repeats 20)
     layer=(--model configs/models/llama-3.1-8b --layers 1 --seq 4096 --micro-batch-size 1 --steps 0 --repeats 20)
+    lora=(model.path=configs/models/llama-308m model.dtype=bfloat16 'deepspeed.bases=[zero1-bf16]' peft.r=16
+          peft.lora_alpha=32 train.micro_batch_size=4 data.seq_len=2048 parallel.micro_batches=8 --warmup 3 --repeats 10)
 fi
+# the LoRA bench's 2 ranks: one GPU each, or CPU threads (the toy run)
+gpus=$("$py" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 
 exec 3>&2  # the terminal's stderr: the stages' own output goes to files
 stage() {  # stage NAME SECONDS COMMAND...: run it with a time limit, say how it ended
@@ -60,6 +70,13 @@ stage "bench 308M (tokens/s, layer)" 180 "$py" -m pp_ext.cli bench --device "$de
     --save "$out/bench-308m.json" > "$out/bench-308m.txt" 2>> "$out/bench.log"
 stage "layer at the 8B shape" 90 "$py" -m pp_ext.cli bench --device "$device" "${layer[@]}" \
     --save "$out/layer-8b.json" > "$out/layer-8b.txt" 2>> "$out/bench.log"
+if [ "$device" = cpu ] || [ "$gpus" -ge 2 ]; then
+    stage "LoRA: pipeline 2 vs ZeRO-3 + peft" 240 "$py" -m pp_ext.cli bench --lora recipes/quickstart.yaml \
+        peft.type=lora peft.target_modules=all-linear "${lora[@]}" --save "$out/lora.json" > "$out/lora.txt" \
+        2>> "$out/bench.log"
+else
+    echo "LoRA bench skipped: it starts 2 ranks, one GPU each, and $gpus is visible" | tee "$out/lora.txt" >&3
+fi
 stage "smoke suite, single-GPU cases" 200 "$py" -m pytest tests/test_gpu_smoke.py -k single-gpu -q \
     -p no:cacheprovider > "$out/smoke.log" 2>&1
 
@@ -107,6 +124,24 @@ for name, report in (("308M", bench), ("8B shape", layer8b)):
                  f"{verdict(lay['forward_ratio'] <= 1.05)}); B {lay['backward_ratio']:.3f}; I {ours['input_grad'] * 1e3:.3f} "
                  f"W {ours['weight_grad'] * 1e3:.3f} B {ours['backward'] * 1e3:.3f} ms, I+W = {lay['split_ratio']:.3f} B; "
                  f"first in chunk {ours['forward_first_in_chunk'] * 1e3:.3f} ms")
+lora = load("lora.json")
+if lora is None:
+    lines.append("LoRA bench: " + ((out / "lora.txt").read_text().strip() or "no report (see bench.log)"))
+else:
+    rows = lora["rows"]
+    lines.append(f"LoRA r={lora['lora']['r']} {lora['lora']['target_modules']}, {lora['model_type']} "
+                 f"{lora['decoder_layers']} layers, {lora['dtype']}, {lora['device']}")
+    lines.append(f"{'engine':<16}{'tokens/s':>11}{'vs ZeRO-3':>10}{'tokens':>9}{'loss 1st':>10}{'last':>8}"
+                 f"{'peak MiB (max rank)':>21}")
+    for row in rows:
+        peak = max(sum(held[k] for k in ("weights", "gradients", "optimizer", "activations"))
+                   for held in row["memory"]) / 2**20
+        lines.append(f"{row['engine']:<16}{row['tokens_per_s']:>11.0f}{row['vs_zero3']:>10.3f}"
+                     f"{row['tokens_per_step']:>9}{row['losses'][0]:>10.4f}{row['losses'][-1]:>8.4f}{peak:>21.1f}")
+    same = len({(row["tokens_per_step"], row["batch_digest"], row["trainable"]) for row in rows}) == 1
+    close = all(abs(row["losses"][0] - rows[-1]["losses"][0]) <= 1e-2 * abs(rows[-1]["losses"][0]) for row in rows)
+    lines.append(f"LoRA: same tokens, batch and trainable parameters on every row {verdict(same)}; "
+                 f"first losses within 1 % of ZeRO-3's {verdict(close)}")
 smoke = (out / "smoke.log").read_text().splitlines() if (out / "smoke.log").is_file() else []
 ends = [line.strip("= ") for line in smoke if any(w in line for w in (" passed", " failed", " skipped", " error"))]
 lines.append("smoke (single GPU): " + (ends[-1] if ends else "no result (see smoke.log)"))

@@ -86,3 +86,22 @@ def recipe_file(tmp_path: Path) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(MINIMAL)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> str:
+    """A folder holding the config of a tiny untied Llama (4 layers, no weights), for the benches."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ).save_pretrained(folder)
+    return str(folder)

@@ -1,5 +1,6 @@
 """Shared by the HF tests: chained layers against HF's model (the tolerance, inputs,
-the three logit checks run on built and on loaded layers), HF-side losses and batches."""
+the three logit checks run on built and on loaded layers; an MoE model's router loss
+beside its logits), HF-side losses and batches."""
 
 from __future__ import annotations
 
@@ -35,22 +36,38 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def logits_and_aux(outputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The last layer's ``logits``, or an MoE model's ``(logits, aux_loss)``."""
+    return outputs if isinstance(outputs, tuple) else (outputs, None)
+
+
+def check_outputs(outputs, hf_outputs, real: torch.Tensor | None = None) -> None:
+    """Logits (at the ``real`` positions) and, where HF computes one, the router loss
+    (HF's ``aux_loss``: the pipeline must return one exactly then) are HF's."""
+    logits, aux = logits_and_aux(outputs)
+    real = torch.ones(logits.shape[:-1], dtype=torch.bool) if real is None else real
+    assert max_diff(logits[real], hf_outputs.logits[real]) <= TOL
+    theirs = getattr(hf_outputs, "aux_loss", None)
+    assert (aux is None) == (theirs is None)
+    if aux is not None:
+        assert max_diff(aux, theirs) <= TOL
+
+
 @torch.no_grad()
 def check_no_padding(hf_model, run) -> None:
     """Plain inputs: the chained layers' logits are HF's."""
     x = ids()
-    assert max_diff(run(x), hf_model(x).logits) <= TOL
+    check_outputs(run(x), hf_model(x))
 
 
 @torch.no_grad()
 def check_padding(hf_model, run, side: str) -> None:
-    """One row padded on ``side``: the real positions' logits are HF's."""
+    """One row padded on ``side``: the real positions' logits are HF's (and the router
+    loss, which leaves the padding out)."""
     x, mask = ids(), torch.ones(2, 10, dtype=torch.long)
     pad = slice(7, None) if side == "right" else slice(None, 3)
     mask[1, pad] = 0
-    ours, theirs = run((x, mask)), hf_model(x, attention_mask=mask).logits
-    real = mask.bool()
-    assert max_diff(ours[real], theirs[real]) <= TOL
+    check_outputs(run((x, mask)), hf_model(x, attention_mask=mask), mask.bool())
 
 
 @torch.no_grad()
@@ -59,9 +76,10 @@ def check_packed_sequences(hf_model, run) -> None:
     not see the first (checked against running it alone)."""
     x = ids(1, 10)
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
-    ours = run((x, torch.ones_like(x), positions))
+    outputs = run((x, torch.ones_like(x), positions))
     # HF looks for packed documents only without a KV cache (training), hence use_cache=False
-    assert max_diff(ours, hf_model(x, position_ids=positions, use_cache=False).logits) <= TOL
+    check_outputs(outputs, hf_model(x, position_ids=positions, use_cache=False))
+    ours, _ = logits_and_aux(outputs)
     assert max_diff(ours[:, 6:], hf_model(x[:, 6:]).logits) <= TOL
 
 

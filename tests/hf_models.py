@@ -14,9 +14,13 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    OlmoeConfig,
     Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 SIZES = dict(
@@ -101,3 +105,36 @@ CONFIGS = {
         tie_word_embeddings=tied,
     ),
 }
+
+# The MoE families: 4 experts, top 2, the aux loss on (output_router_logits) with a large
+# weight so that it moves the training; Qwen2-MoE with its gated shared expert and Qwen3-MoE
+# with a dense first layer (mlp_only_layers), Mixtral with a sliding window of 4, Qwen3-MoE's
+# and Qwen2-MoE's top-k probabilities renormalised, OLMoE's not.
+MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
+MOE_CONFIGS = {
+    "mixtral": lambda tied: MixtralConfig(
+        **SIZES, **MOE, num_local_experts=4, sliding_window=4, tie_word_embeddings=tied
+    ),
+    "qwen2_moe": lambda tied: Qwen2MoeConfig(
+        **SIZES,
+        **MOE,
+        num_experts=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        norm_topk_prob=True,
+        tie_word_embeddings=tied,
+    ),
+    "qwen3_moe": lambda tied: Qwen3MoeConfig(
+        **SIZES | {"num_hidden_layers": 3},
+        **MOE,
+        num_experts=4,
+        moe_intermediate_size=16,
+        head_dim=8,
+        mlp_only_layers=[0],
+        tie_word_embeddings=tied,
+    ),
+    "olmoe": lambda tied: OlmoeConfig(
+        **SIZES, **MOE, num_experts=4, pad_token_id=0, eos_token_id=2, tie_word_embeddings=tied
+    ),
+}
+ALL_CONFIGS = CONFIGS | MOE_CONFIGS

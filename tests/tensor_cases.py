@@ -131,20 +131,17 @@ def run_case(tmp, case) -> dict:
             save_hf_metadata(f"{folder}/ckpt/t", model.config)  # no tokenizer needed
             export_checkpoint(f"{folder}/ckpt", f"{folder}/out", tag="t")
         dist.barrier()
-        probe = batch(7, 0)
-        logits = engine.eval_batch(
-            iter([probe]), return_logits=True, compute_loss=False, num_micro_batches=1
-        )[1]
+        probe, logits = probe_logits(engine)
         if engine.is_last_stage():
             exported = AutoModelForCausalLM.from_pretrained(f"{folder}/out").eval()
             with torch.no_grad():
-                want = exported(input_ids=probe[0]).logits
+                want = exported(input_ids=probe).logits
             # a padded vocabulary's columns past the model's own are dropped (they are masked)
             gathered = tp.gather_last_dim(logits, axis)[..., : config.vocab_size]
             result["export_diff"] = float((gathered - want).abs().max())
             # the export equals the trained reference model too: logits and parameters
             result["export_vs_ref"] = float(
-                (want - model.eval()(input_ids=probe[0]).logits).abs().max()
+                (want - model.eval()(input_ids=probe).logits).abs().max()
             )
             reference = model.state_dict()
             result["export_params_vs_ref"] = max(
@@ -153,6 +150,16 @@ def run_case(tmp, case) -> dict:
             )
             result["export_vocab"] = (exported.config.vocab_size, config.vocab_size)
     return result
+
+
+def probe_logits(engine) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A probe batch's token ids and the pipeline's logits of it (this tensor rank's
+    vocabulary block, on the last stage; None elsewhere)."""
+    probe = batch(7, 0)
+    logits = engine.eval_batch(
+        iter([probe]), return_logits=True, compute_loss=False, num_micro_batches=1
+    )[1]
+    return probe[0], logits
 
 
 def replicas_differ(module, axis) -> list[str]:

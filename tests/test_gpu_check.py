@@ -38,6 +38,8 @@ def test_the_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path):
         "bench.log",
         "layer-8b.json",
         "layer-8b.txt",
+        "lora.json",
+        "lora.txt",
         "smoke.log",
         "summary.txt",
     ]
@@ -49,6 +51,8 @@ def test_the_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path):
         "pp-ext zb-h1 / 1f1b",
         "layer 308M",
         "layer 8B shape",
+        "zero-3 + peft",
+        "LoRA: same tokens, batch and trainable parameters on every row ok",
         "smoke (single GPU): 2 skipped",
     ):
         assert line in summary, summary

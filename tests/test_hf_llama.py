@@ -1,5 +1,6 @@
-"""HF Llama-like families (Llama, Mistral, Qwen2/3, Gemma, Gemma2, Gemma3 text, Phi3)
-as pipeline layers: chained layers reproduce HF logits.
+"""HF Llama-like families (Llama, Mistral, Qwen2/3, Gemma, Gemma2, Gemma3 text, Phi3;
+the MoE families Mixtral, Qwen2/3-MoE, OLMoE) as pipeline layers: chained layers
+reproduce HF logits (and the MoE models' router loss).
 
 Single process, no DeepSpeed group: each spec is built and the modules are called
 in order, as one pipeline stage after another would; a TiedLayerSpec builds one
@@ -23,7 +24,7 @@ from hf_checks import (
     max_diff,
     pipeline,
 )
-from hf_models import CONFIGS
+from hf_models import ALL_CONFIGS, CONFIGS
 from transformers import AutoModelForCausalLM, BertConfig
 
 from pp_ext.hf import copy_hf_weights, layer_specs, supported
@@ -33,13 +34,13 @@ from pp_ext.hf.context import ChunkContext
 
 @pytest.fixture(
     scope="module",
-    params=[(f, tied) for f in CONFIGS for tied in (True, False)],
+    params=[(f, tied) for f in ALL_CONFIGS for tied in (True, False)],
     ids=lambda p: f"{p[0]}-{'tied' if p[1] else 'untied'}",
 )
 def models(request):
     family, tied = request.param
     torch.manual_seed(0)
-    config = CONFIGS[family](tied)
+    config = ALL_CONFIGS[family](tied)
     hf_model = AutoModelForCausalLM.from_config(config).float().eval()  # HF's default attention
     assert (
         hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight

@@ -18,9 +18,10 @@ from hf_checks import (
     check_packed_sequences,
     check_padding,
     ids,
+    logits_and_aux,
     max_diff,
 )
-from hf_models import CONFIGS
+from hf_models import ALL_CONFIGS, CONFIGS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -31,7 +32,7 @@ from pp_ext.hf.weights import checkpoint_names
 from pp_ext.testing.reference import SequentialReference
 
 SHARD = "20KB"  # a tiny model is ~90 KB: several shards
-FAMILIES = [(f, tied) for f in CONFIGS for tied in (True, False)]
+FAMILIES = [(f, tied) for f in ALL_CONFIGS for tied in (True, False)]
 
 
 def family_id(param) -> str:
@@ -41,7 +42,7 @@ def family_id(param) -> str:
 def hf_model(family: str, tied: bool, seed: int = 0):
     torch.manual_seed(seed)
     return (
-        AutoModelForCausalLM.from_config(CONFIGS[family](tied)).float().eval()
+        AutoModelForCausalLM.from_config(ALL_CONFIGS[family](tied)).float().eval()
     )  # HF's default attention
 
 
@@ -128,12 +129,10 @@ def test_a_stage_reads_only_its_tensors(saved, monkeypatch):
         reads = CountingReads()
         monkeypatch.setattr(loading, "safe_open", reads)
         load_hf_weights(stage, folder)
-        # as stored: GPT-NeoX's lm_head is embed_out on disk
-        needed = set(
-            checkpoint_names(
-                {k for layer in stage for k in layer.hf_keys().values()}, model
-            ).values()
-        )
+        # as stored: GPT-NeoX's lm_head is embed_out on disk, an MoE model's fused experts
+        # one tensor per expert
+        names = {k for layer in stage for k in layer.hf_keys().values()}
+        needed = {key for keys in checkpoint_names(names, model).values() for key in keys}
         assert sorted(reads.tensors) == sorted(needed)  # each needed tensor once, nothing else
         assert reads.files == {str(files[key]) for key in needed}
         assert len(reads.files) < len(set(files.values()))
@@ -201,7 +200,7 @@ def test_random_init_is_hfs_and_layout_free(world, tmp_path, family, tied):
     """A config-only model: the same weights for any chunks / placement / partition,
     from a folder or a config; HF's initialisation (constants exactly, random tensors
     with HF's spread); and the HF model given these weights computes the same logits."""
-    config = CONFIGS[family](tied)
+    config = ALL_CONFIGS[family](tied)
     config.save_pretrained(tmp_path)
     layouts = [
         dict(model=tmp_path),
@@ -226,7 +225,7 @@ def test_random_init_is_hfs_and_layout_free(world, tmp_path, family, tied):
     reference.load_state_dict(first, strict=not tied)
     x = ids()
     with torch.no_grad():
-        out = modules[1].chunk_forward(1, modules[1].chunk_forward(0, x))
+        out, _ = logits_and_aux(modules[1].chunk_forward(1, modules[1].chunk_forward(0, x)))
         assert max_diff(out, reference(x).logits) <= TOL
 
 

@@ -1,6 +1,8 @@
-"""2-stage training (CPU, gloo) of HF families (Llama-like, GPT-2, GPT-NeoX) through
+"""2-stage training (CPU, gloo) of HF families (Llama-like, GPT-2, GPT-NeoX, MoE) through
 pp-ext's engine equals single-process HF training on the same micro-batches (3 steps,
-fp32). Zero-bubble schedules split each backward, GPT-2's Conv1D weights included."""
+fp32). Zero-bubble schedules split each backward, GPT-2's Conv1D weights and the MoE
+experts' fused weights included. The MoE families train with HF's load-balancing loss
+on (``output_router_logits``), pooled across the two stages."""
 
 from __future__ import annotations
 
@@ -21,30 +23,40 @@ CASES = [
     ("gpt2", "zbv", False),
     ("gpt_neox", "1f1b", False),
     ("gpt_neox", "zb-h1", True),
+    ("mixtral", "zb-h1", False),
+    ("qwen2_moe", "1f1b", True),
+    ("qwen3_moe", "zb-h1", False),
+    ("olmoe", "1f1b", False),
 ]
 
 
 def run_family(family: str, schedule: str, tied: bool) -> dict:
     import torch
-    from hf_models import CONFIGS
+    from hf_models import CONFIGS, MOE_CONFIGS
     from transformers import AutoModelForCausalLM
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.hf import copy_hf_weights, layer_specs
+    from pp_ext.hf import copy_hf_weights, layer_specs, router_loss_coef
+    from pp_ext.moe.experts import DeferrableExperts
     from pp_ext.schedules import get
+    from pp_ext.training.loss import LanguageModelLoss
 
     torch.manual_seed(0)
-    config = CONFIGS[family](tied)
+    config = (CONFIGS | MOE_CONFIGS)[family](tied)
+    # an MoE model's last stage returns (logits, aux loss): pp-ext's training loss adds them
+    loss_fn = shifted_loss if family in CONFIGS else LanguageModelLoss(router_loss_coef(config))
     hf = AutoModelForCausalLM.from_config(config).float()  # HF's default attention, as layer_specs'
     spec = get(schedule)
     module = ChunkedPipelineModule(
         layers=layer_specs(config),
         num_stages=2,
-        loss_fn=shifted_loss,
+        loss_fn=loss_fn,
         chunks=spec.default_chunks,
         placement=spec.placement,
-        partition_method="uniform",
+        # MoE: a decoder layer on each stage, so the router statistics cross between MoE layers
+        # and the last stage (which splits its backward in zb-h1) holds experts
+        partition_method="uniform" if family in CONFIGS else "type:DecoderLayer",
     )
     layers = {id(m): m for c in range(module.chunks) for m in module.chunk_modules(c)}.values()
     copy_hf_weights(layers, hf.state_dict())
@@ -64,6 +76,10 @@ def run_family(family: str, schedule: str, tied: bool) -> dict:
         float(engine.train_batch(iter([batch(s, k) for k in range(micro_batches)])))
         for s in range(3)
     ]
+    # zero-bubble schedules: this rank's experts run their weight GEMMs in W
+    split = any(
+        isinstance(m, DeferrableExperts) and m._wgrad_store is not None for m in module.modules()
+    )
 
     optimizer = torch.optim.SGD(hf.parameters(), lr=0.1)
     ref_losses = []
@@ -88,6 +104,7 @@ def run_family(family: str, schedule: str, tied: bool) -> dict:
         "losses": losses,
         "ref_losses": ref_losses,
         "param_diff": param_diff,
+        "experts_split": split,
     }
 
 
@@ -97,10 +114,17 @@ def run_cases(rank: int, world: int, cases: list) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_stage_training_equals_hf():
+    from hf_models import MOE_CONFIGS
+
     from pp_ext.testing.spawn import spawn
 
     failures = []
-    for rank, results in enumerate(spawn(run_cases, 2, CASES, timeout=300)):
+    ranks = spawn(run_cases, 2, CASES, timeout=300)
+    for case, *results in zip(CASES, *ranks):
+        if case[0] in MOE_CONFIGS and case[1].startswith("zb"):
+            if not any(r["experts_split"] for r in results):
+                failures.append(f"{case}: no rank deferred its experts' weight GEMMs to W")
+    for rank, results in enumerate(ranks):
         for r in results:
             loss_diff = max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"]))
             if loss_diff > TOLERANCE or r["param_diff"] > TOLERANCE:

@@ -9,26 +9,9 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from pp_ext.cli import main
 from pp_ext.testing.spawn import free_port, init_rank
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny")
-    LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    ).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -166,10 +166,18 @@ def test_launch_checks_the_peft_section_against_the_model(tmp_path):
         recipe = load(QUICKSTART, [f"output_dir={run}", "peft.type=lora", *overrides])
         assert expected in one_line_error(check_before_launch, recipe, 2)
     assert not run.exists()
-    # checked alone: at 2 ranks the layout itself refuses tensor 2 first
-    tensor = load(QUICKSTART, [f"output_dir={run}", "peft.type=lora", "parallel.tensor=2"])
-    expected = "peft.type=lora with parallel.tensor=2: tensor-parallel LoRA is not supported yet"
-    assert expected in one_line_error(check_peft, tensor, base.config)
+    # checked alone: at 2 ranks the layout itself refuses tensor 2 first. Tensor-parallel
+    # LoRA runs (tests/lora_tensor_cases.py), but not on an embedding cut by vocabulary
+    tensor = [f"output_dir={run}", "peft.type=lora", "parallel.tensor=2"]
+    check_peft(load(QUICKSTART, tensor), base.config)
+    embedding = load(QUICKSTART, [*tensor, "peft.target_modules=[q_proj,embed_tokens]"])
+    expected = (
+        "peft.target_modules selects the embedding model.embed_tokens, which parallel.tensor=2"
+    )
+    assert expected in one_line_error(check_peft, embedding, base.config)
+    check_peft(
+        load(QUICKSTART, [*tensor[:2], "peft.target_modules=[q_proj,embed_tokens]"]), base.config
+    )
     padded = load(
         QUICKSTART,
         [f"output_dir={run}", "peft.type=lora", "parallel.make_vocab_size_divisible_by=64"],

@@ -219,3 +219,8 @@ def test_lora_job_checkpoints_resumes_and_exports(tmp_path, capfd):
     expected = pipeline_logits(tag(random_run, 2), seeded, config, targets, x)
     got, model = peft_logits(random_run / "hf", x)
     assert max_diff(got, expected) <= TOL
+    merged = tmp_path / "random-merged"  # merged on the rebuilt base, which it leaves out
+    assert main(["export", str(random_run / "checkpoints"), str(merged), "--merge"]) == 0
+    assert not (merged / "base").exists()
+    with torch.no_grad():
+        assert max_diff(AutoModelForCausalLM.from_pretrained(merged)(x).logits, expected) <= TOL

@@ -231,20 +231,49 @@ def test_the_schedule_bench_says_what_one_gpu_cannot_run(monkeypatch, capsys):
     assert "bench one GPU with --model DIR" in err
 
 
+def lora_trainable_bytes(model_path, lora) -> list[int]:
+    """fp32 bytes of the trainable parameters of each decoder block of peft's own
+    ``get_peft_model`` on the meta model (the quickstart's: 4 blocks)."""
+    import warnings
+
+    from peft import get_peft_model
+    from transformers import AutoConfig
+
+    from pp_ext.hf.weights import meta_model
+
+    with warnings.catch_warnings():
+        # peft 0.21's PeftModel reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        model = get_peft_model(meta_model(AutoConfig.from_pretrained(model_path)), lora)
+    per_block = [0] * 4
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            per_block[int(name.split(".layers.")[1].split(".")[0])] += 4 * param.numel()
+    return per_block
+
+
 @pytest.mark.slow
 def test_a_one_rank_profile_measures_the_layers_and_prices_p2p_at_zero(tmp_path):
     """What a one-GPU machine runs (here on the CPU): every layer measured, no peer for
-    p2p and the all-reduce, priced at 0 (the file keeps it through a save and load)."""
+    p2p and the all-reduce, priced at 0 (the file keeps it through a save and load).
+    The recipe trains LoRA adapters: the profile measures the model as training runs it,
+    adapters on and the base frozen, so only the adapters count as parameter bytes (the
+    replica sum's), and a frozen embedding saves nothing for backward."""
     from pathlib import Path
 
     from pp_ext.bench.profiler import profile_recipe
     from pp_ext.config.recipe import load
+    from pp_ext.peft import lora_config
 
-    recipe = load(Path(__file__).resolve().parent.parent / "recipes/quickstart.yaml", [])
+    lora = ["peft.type=lora", "peft.r=4", "peft.target_modules=[q_proj,v_proj,down_proj]"]
+    recipe = load(Path(__file__).resolve().parent.parent / "recipes/quickstart.yaml", lora)
     profile = profile_recipe(recipe, (2,), repeats=1, ranks=1)[2]
     assert len(profile.layers) == 7 and all(
-        layer.forward > 0 and layer.backward > 0 for layer in profile.layers
+        layer.forward > 0 and layer.backward > 0 for layer in profile.layers[1:]
     )
+    expected = lora_trainable_bytes(recipe.model.path, lora_config(recipe.peft))
+    assert [layer.parameter_bytes for layer in profile.layers] == [0, *expected, 0, 0]
+    assert profile.layers[0].activation_bytes == 0  # ids in, a frozen weight: nothing saved
     assert (profile.comm, profile.allreduce_latency, profile.allreduce_bandwidth) == (
         0.0,
         0.0,

@@ -188,6 +188,7 @@ def test_plan_of_the_gpu_recipes(capsys):
             "world size 6 is not a multiple of parallel.pipeline x parallel.tensor = 4 x 1",
         ),
         (["model.path=/nonexistent"], "model.path /nonexistent has no config.json"),
+        (["--memory-limit", "nan"], "--memory-limit must be > 0 GiB per rank, got nan"),
         (
             ["parallel.tensor=3", "--world-size", "12"],
             "num_attention_heads=28, which does not divide by tensor=3",
@@ -241,20 +242,23 @@ def test_learning_rate_schedule(recipe_file, warmup):
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))  # then it only decays
 
 
-def test_plan_states_each_ranks_weights_gradients_and_optimizer(capsys):
-    """bf16 weights and gradients (2 + 2 bytes a parameter) and ZeRO-1's fp32 master and
-    two AdamW moments (12 bytes) split over the 2 data ranks: 10 bytes a parameter a rank
-    holds (Rajbhandari et al. 2020, Sec. 5.1). Unsharded moments would show 16."""
-    code, out, _ = run_cli(
-        capsys,
-        "plan",
-        "--recipe",
-        str(ROOT / "recipes/llama-8b-pipe4-data2.yaml"),
-        "--world-size",
-        "8",
-        f"model.path={LLAMA_8B}",
-    )
-    assert code == 0, out
-    for row in table_rows(out):
-        params = float(row.split(" M ")[0].split()[-1]) * 1e6
-        assert row.endswith(f"{params * 10 / 2**30:.1f} GiB"), row
+def test_plan_states_each_ranks_weights_gradients_and_optimizer():
+    """bf16 weights and gradients (2 + 2 bytes a parameter), the fp32 buffer DeepSpeed's
+    BF16_Optimizer accumulates them in (data_types.grad_accum_dtype fp32: 4, whole on
+    each data rank) and ZeRO-1's fp32 master and two AdamW moments (12 bytes) split
+    over the 2 data ranks (Rajbhandari et al. 2020, Sec. 5.1): 8 + 6 bytes a parameter
+    a rank holds. Unsharded moments would show 12, no accumulation buffer 4."""
+    from pp_ext.commands.plan import plan_ranks
+    from pp_ext.training.preflight import check_before_launch
+
+    recipe = load(ROOT / "recipes/llama-8b-pipe4-data2.yaml", [f"model.path={LLAMA_8B}"])
+    _, ranks = plan_ranks(recipe, check_before_launch(recipe, 8)[0])
+    assert sum(rank.trainable for rank in ranks) == 8_030_261_248  # Llama 3.1 8B, untied
+    for rank in ranks:
+        state = rank.state
+        assert rank.frozen == 0 and state.base == 0
+        assert (state.trainable, state.gradients, state.optimizer) == (
+            2 * rank.trainable,
+            6 * rank.trainable,
+            6 * rank.trainable,
+        )

@@ -10,7 +10,8 @@ HF folders, gradients clipped by the global norm; each matches single-process HF
 training over 3 steps within 1e-5, and a tensor-parallel checkpoint exported to a HF
 folder gives the pipeline's logits. A bf16 case (BF16_Optimizer) matches the fp32
 reference within bf16's tolerance and keeps replicated parameters bitwise equal
-across tensor ranks.
+across tensor ranks. The same launch runs tests/lora_tensor_cases.py: LoRA at pipe 2 x
+tensor 2 and pipe 2 x data 2 against PEFT's single-process model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_models import CONFIGS
+from lora_tensor_cases import LORA_CASES, LoraCase, lora_failures, run_every_case
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tensor_cases import TOLERANCE, run_cases
@@ -342,8 +344,13 @@ def test_pipe_tensor_data_training_equals_hf(tmp_path):
     from pp_ext.testing.spawn import spawn
 
     failures, exports = [], 0
-    for rank, results in enumerate(spawn(run_cases, 4, str(tmp_path), CASES, timeout=900)):
+    launch = spawn(run_every_case, 4, str(tmp_path), CASES + LORA_CASES, timeout=900)
+    for rank, results in enumerate(launch):
         for r in results:
+            if isinstance(r["case"], LoraCase):
+                failures += lora_failures(rank, r)
+                exports += "export_diff" in r
+                continue
             diff, norm_diff = differences(r)
             loss_tolerance, norm_tolerance = (
                 (BF16_LOSS_RTOL, BF16_NORM_RTOL) if bf16(r) else (TOLERANCE, TOLERANCE)
@@ -376,4 +383,5 @@ def test_pipe_tensor_data_training_equals_hf(tmp_path):
                         f"{r['export_vocab'][0]}, the model's {r['export_vocab'][1]}"
                     )
     assert not failures, "\n".join(failures)
-    assert exports == 8  # both tensor ranks of the last stage compared, 4 cases
+    # both tensor ranks of the last stage compared: 4 full fine-tuning cases, 2 LoRA
+    assert exports == 12

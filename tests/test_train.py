@@ -193,9 +193,27 @@ def gpt2(tmp_path: Path, positions: int) -> Path:
     )
 
 
+def mixtral(tmp_path: Path) -> Path:
+    """A tiny Mixtral config over the quickstart tokenizer's 103 tokens."""
+    return fake_model(
+        tmp_path,
+        "mixtral",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+    )
+
+
 # what a row's "{name}" stands for: something made in tmp_path before the run
 PLACEHOLDERS = {
     "bert": lambda tmp: fake_model(tmp, "bert"),
+    "deepseek": lambda tmp: fake_model(tmp, "deepseek_v3", n_routed_experts=8),
+    "gpt_oss": lambda tmp: fake_model(tmp, "gpt_oss", num_local_experts=32),
+    "mixtral": mixtral,
     "vocab50": vocab_50,
     "added": added_token,
     "gpt2": lambda tmp: gpt2(tmp, 32),  # shorter than the quickstart's seq_len 64
@@ -242,6 +260,30 @@ BAD_INPUT = [
         2,
         "is a 'bert' model, which pp-ext cannot split into pipeline stages: "
         "supported model types are",
+    ),
+    # issue 24: MoE families pp-ext does not split yet, MoE with what it does not support yet
+    (
+        ["model.path={deepseek}"],
+        2,
+        "is a 'deepseek_v3' mixture-of-experts model (8 routed experts), which pp-ext cannot "
+        "split into pipeline stages yet: supported MoE model types are mixtral, olmoe, qwen2_moe, "
+        "qwen3_moe",
+    ),
+    (
+        ["model.path={gpt_oss}"],
+        2,
+        "is a 'gpt_oss' mixture-of-experts model (32 routed experts), which pp-ext cannot",
+    ),
+    (
+        ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "parallel.tensor=2"],
+        4,
+        "parallel.tensor=2: tensor parallelism has no sharding plan for 'mixtral' models",
+    ),
+    (
+        ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "peft.type=lora"],
+        2,
+        "peft.type=lora on a 'mixtral' mixture-of-experts model is not supported yet (its fused "
+        "experts would get no adapter): set peft.type=none to fine-tune it whole",
     ),
     (["train.steps=abc"], 2, "recipe key 'train.steps' has the wrong type"),
     (["--recipe", "{yaml}"], 2, "{yaml}: not a valid YAML recipe"),

@@ -12,7 +12,11 @@ How: :func:`enable_split_backward` turns each ``torch.nn.Linear`` (and transform
 ``Conv1D``, GPT-2's linear layer with its weight stored transposed) into a
 :class:`DeferrableLinear` / ``DeferrableConv1D`` by swapping the instance's class:
 parameters stay the same objects, ``state_dict`` keys stay the same, torch itself is
-not patched. Their backward is an autograd Function that, inside
+not patched. A mixture of experts' stacked weights (transformers' fused
+``experts.gate_up_proj`` / ``experts.down_proj``, one (out, in) matrix per expert) go the
+same way through :func:`grouped_linear`, one grouped GEMM over the tokens sorted by
+expert (:mod:`pp_ext.moe.experts`), whose weight GEMM, ``grad_W_e = grad_y_e^T x_e`` for
+each expert's rows, is deferred alike. Their backward is an autograd Function that, inside
 ``store.defer(key)``, returns the input gradient and the bias gradient and queues
 (weight, saved input, grad_output) under ``key``; :meth:`WeightGradStore.run` does
 the queued weight GEMMs. Outside ``defer`` it computes every gradient at once, so the
@@ -27,6 +31,12 @@ the I backward as usual. They are elementwise work and reductions, small next to
 GEMMs. Bias gradients stay in I on purpose: a reduction over grad_output costs about
 1/in_features of the weight GEMM, and leaving it to autograd keeps its accumulation
 exactly the ordinary one.
+
+A frozen weight (``requires_grad`` off: the base layer inside peft's ``lora.Linear``)
+has no W work: I computes its input gradient, W only the trainable weights' GEMMs (for
+LoRA two small ones per adapted layer, Hu et al. 2021, "LoRA", arXiv:2106.09685). Each
+layer keeps for backward only what its gradients use, as autograd's own linear does:
+a frozen weight keeps no input alive.
 
 Contracts:
 - The queue holds references, not copies, of each layer's saved input and of its
@@ -63,7 +73,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WeightGradStore", "Deferrable", "DeferrableLinear", "enable_split_backward"]
+__all__ = [
+    "WeightGradStore",
+    "Bindable",
+    "Deferrable",
+    "DeferrableLinear",
+    "enable_split_backward",
+    "grouped_linear",
+]
 
 
 class _Work(NamedTuple):
@@ -72,13 +89,21 @@ class _Work(NamedTuple):
     grad_output: torch.Tensor
     weight_in_out: bool  # Conv1D stores its weight as (in, out)
     versions: tuple[int, int]
+    offsets: torch.Tensor | None = None  # a grouped weight: where each group's rows end
 
 
 def _weight_grad(
-    input: torch.Tensor, grad_output: torch.Tensor, weight_in_out: bool
+    input: torch.Tensor,
+    grad_output: torch.Tensor,
+    weight_in_out: bool,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The weight GEMM, leading dims flattened; the same products, in the same operand
-    order, as autograd's backward of ``F.linear`` / ``torch.addmm``, so bit-exact."""
+    order, as autograd's backward of ``F.linear`` / ``torch.addmm``, so bit-exact. With
+    ``offsets`` one GEMM per group of rows, (groups, out, in), as autograd's backward of
+    ``F.grouped_mm`` computes it."""
+    if offsets is not None:
+        return F.grouped_mm(grad_output.t(), input, offs=offsets)
     x = input.reshape(-1, input.size(-1))
     g = grad_output.reshape(-1, grad_output.size(-1))
     return x.t().mm(g) if weight_in_out else g.t().mm(x)
@@ -113,9 +138,11 @@ class WeightGradStore:
         input: torch.Tensor,
         grad_output: torch.Tensor,
         weight_in_out: bool,
+        offsets: torch.Tensor | None = None,
     ) -> None:
+        versions = (input._version, grad_output._version)
         self._queues.setdefault(self._key, []).append(
-            _Work(weight, input, grad_output, weight_in_out, (input._version, grad_output._version))
+            _Work(weight, input, grad_output, weight_in_out, versions, offsets)
         )
 
     def run(self, key: Hashable) -> None:
@@ -131,7 +158,7 @@ class WeightGradStore:
                     "unchanged until run() or use the fused backward"
                 )
             with torch.no_grad():
-                grad = _weight_grad(item.input, item.grad_output, item.weight_in_out)
+                grad = _weight_grad(item.input, item.grad_output, item.weight_in_out, item.offsets)
                 if item.weight.grad is None:
                     item.weight.grad = grad
                 else:
@@ -150,8 +177,11 @@ class _SplitLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, store, weight_in_out):
-        ctx.save_for_backward(input, weight)
-        ctx.store, ctx.weight_in_out = store, weight_in_out
+        needs_input, needs_weight = ctx.needs_input_grad[:2]
+        # only what backward uses, as autograd's own linear saves: a frozen weight (LoRA's
+        # base layer) keeps no input alive, an input without grad keeps no weight
+        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
+        ctx.input_shape, ctx.store, ctx.weight_in_out = input.shape, store, weight_in_out
         # the parameter itself, which W accumulates into: under non-reentrant checkpointing
         # the saved weight unpacks as a recomputed alias. A non-leaf weight is not deferred:
         # its gradient must flow on through the graph during I.
@@ -165,7 +195,7 @@ class _SplitLinear(torch.autograd.Function):
         g = grad_output.reshape(-1, grad_output.size(-1))
         grad_input = grad_weight = grad_bias = None
         if needs_input:
-            grad_input = g.mm(weight.t() if ctx.weight_in_out else weight).view(input.shape)
+            grad_input = g.mm(weight.t() if ctx.weight_in_out else weight).view(ctx.input_shape)
         if needs_bias:
             grad_bias = g.sum(0)
         if needs_weight:
@@ -174,6 +204,48 @@ class _SplitLinear(torch.autograd.Function):
             else:
                 grad_weight = _weight_grad(input, grad_output, ctx.weight_in_out)
         return grad_input, grad_weight, grad_bias, None, None
+
+
+class _SplitGroupedLinear(torch.autograd.Function):
+    """Rows of ``input`` sorted by group, group g's rows (up to ``offsets[g]``) times
+    ``weight[g]^T`` (``weight`` stacked (groups, out, in)), whose weight GEMM can be deferred."""
+
+    @staticmethod
+    def forward(ctx, input, weight, offsets, store):
+        ctx.save_for_backward(input, weight, offsets)
+        ctx.store = store
+        ctx.param = weight if weight.is_leaf else None  # as _SplitLinear's
+        return F.grouped_mm(input, weight.transpose(-2, -1), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, offsets = ctx.saved_tensors
+        needs_input, needs_weight = ctx.needs_input_grad[:2]
+        grad_input = grad_weight = None
+        if needs_input:
+            grad_input = F.grouped_mm(grad_output, weight, offs=offsets)
+        if needs_weight:
+            if ctx.store._deferring and ctx.param is not None:
+                ctx.store._queue(ctx.param, input, grad_output, False, offsets)
+            else:
+                grad_weight = _weight_grad(input, grad_output, False, offsets)
+        return grad_input, grad_weight, None, None
+
+
+def grouped_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    store: WeightGradStore | None,
+) -> torch.Tensor:
+    """``input``'s rows, sorted by group, each times its group's ``weight[g]^T``
+    (``weight`` (groups, out, in), group g's rows ending at ``offsets[g]``): one grouped
+    GEMM, as transformers' ``grouped_mm`` experts compute it; the weight GEMM goes to the W
+    pass of ``store`` (None: computed with the rest, as autograd would)."""
+    input = input.to(weight.dtype)  # grouped_mm does not autocast (transformers casts too)
+    if store is None:
+        return F.grouped_mm(input, weight.transpose(-2, -1), offs=offsets)
+    return _SplitGroupedLinear.apply(input, weight, offsets, store)
 
 
 def dense(
@@ -188,12 +260,18 @@ def dense(
     return out.view(*input.shape[:-1], weight.size(1))
 
 
-class Deferrable:
+class Bindable:
+    """A module whose weight GEMMs go to the W pass of the store
+    :func:`enable_split_backward` binds it to (``_wgrad_store``; None: unbound)."""
+
+    _wgrad_store: WeightGradStore | None = None
+
+
+class Deferrable(Bindable):
     """A linear layer (mixed into ``nn.Linear`` or ``Conv1D``) whose weight GEMM goes
     to the W pass once :func:`enable_split_backward` binds it to a store; subclasses
     (pp-ext's tensor-parallel layers) compute through :meth:`dense`."""
 
-    _wgrad_store: WeightGradStore | None = None
     _weight_in_out = False
     # the linear's own, typed as torch types them (bias: None on a layer without one)
     weight: torch.Tensor
@@ -244,8 +322,9 @@ def enable_split_backward(module: nn.Module, store: WeightGradStore) -> int:
     ``module`` deferrable through ``store`` (Qi et al. 2024, "Zero Bubble Pipeline
     Parallelism", Sec. 2). Returns the number of deferrable layers in ``module``.
 
-    Idempotent: layers already deferrable (pp-ext's tensor-parallel layers included:
-    they subclass :class:`Deferrable`) are counted and bound to ``store`` again.
+    Idempotent: layers already deferrable (pp-ext's tensor-parallel layers and MoE
+    experts included: they subclass :class:`Bindable`) are counted and bound to ``store``
+    again.
     Subclasses of Linear are left alone (their forward may differ); their gradients
     come in I.
     """
@@ -258,7 +337,7 @@ def enable_split_backward(module: nn.Module, store: WeightGradStore) -> int:
     for layer in module.modules():
         if type(layer) in classes:
             layer.__class__ = classes[type(layer)]
-        if isinstance(layer, Deferrable):
+        if isinstance(layer, Bindable):
             layer._wgrad_store = store
             count += 1
     return count

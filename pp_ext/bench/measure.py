@@ -72,9 +72,12 @@ def _detached(value):
 def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
     """Costs of each chunk of ``module`` (one rank holding every layer as its own
     chunk, in order), each fed the previous chunk's real output. Activation memory
-    is the bytes autograd saves during the chunk's forward."""
+    is the bytes autograd saves during the chunk's forward, less the parameters it
+    saves (they are held anyway); parameter bytes count the trainable parameters,
+    whose gradients a replica sum moves (a LoRA stage: the adapters)."""
     store = WeightGradStore()
     enable_split_backward(module, store)
+    held = {p.data_ptr() for p in module.parameters()}
     # on a GPU kernels run asynchronously: each timed call waits for its own
     sync = torch.cuda.synchronize if labels.is_cuda else (lambda: None)
     costs, x = [], inputs
@@ -95,7 +98,8 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
         saved = {}
 
         def pack(tensor):
-            saved[(tensor.data_ptr(), tensor.dtype)] = tensor.numel() * tensor.element_size()
+            if tensor.data_ptr() not in held:
+                saved[(tensor.data_ptr(), tensor.dtype)] = tensor.numel() * tensor.element_size()
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -110,7 +114,11 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
                 w,
                 b,
                 sum(saved.values()),
-                sum(p.numel() * p.element_size() for p in module.chunk_parameters(chunk)),
+                sum(
+                    p.numel() * p.element_size()
+                    for p in module.chunk_parameters(chunk)
+                    if p.requires_grad
+                ),
             )
         )
         x = None if last else _detached(out)

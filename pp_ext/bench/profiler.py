@@ -8,7 +8,9 @@ dtype, on the GPU where there is one) at its shapes (``train.micro_batch_size`` 
 ``data.seq_len``), for one or several micro-batch sizes in one launch of 2 local
 ranks (the second is the p2p peer; 1 where one GPU is visible, :func:`profile_ranks`). Each layer is its own chunk of a
 :class:`~pp_ext.engine.module.ChunkedPipelineModule` on one pipeline rank; its input
-is the previous layer's real output (detached), and F, I, W, B, the p2p latency of
+is the previous layer's real output (detached); a recipe with ``peft.type: lora`` is
+measured with its adapters on and the base frozen, as training runs it (W then does
+the adapters' small GEMMs only, Hu et al. 2021). F, I, W, B, the p2p latency of
 one activation and the all-reduce are timed with the same code as ``pp-ext bench``
 (:mod:`pp_ext.bench.measure`). The all-reduce between the two ranks is timed at two
 sizes (a few bytes, and the model's parameters): the replica sum of Chimera's two
@@ -23,6 +25,7 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from pp_ext.bench.measure import allreduce_model, comm_latency, measure_layers
 from pp_ext.hf import build_pipeline_module
 from pp_ext.hf.loading import load_config
+from pp_ext.peft import apply_lora
 from pp_ext.schedules.cost_model import Profile
 from pp_ext.testing.spawn import spawn
 from pp_ext.tools.logging import get_logger
@@ -51,6 +54,9 @@ def _recipe_worker(
         make_vocab_size_divisible_by=recipe.parallel.make_vocab_size_divisible_by,
     )
     loss.tensor_axis = module.tensor_axis
+    if recipe.peft.type == "lora":  # as training runs it: W then holds the adapters' GEMMs only
+        apply_lora(module, recipe.peft, recipe.model.path, recipe.train.seed)
+        module.parameters_changed()
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_available()

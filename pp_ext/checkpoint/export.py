@@ -14,8 +14,8 @@ model does; the config and tokenizer come from ``<tag>/hf_meta/``, which
 
 The export holds about one shard (and one layer file) in memory: layer files are
 read one at a time, memory-mapped where torch's format allows, shards are planned
-from shapes alone (``huggingface_hub.split_torch_state_dict_into_shards`` on meta
-tensors) and each is materialised, written and dropped in turn. Everything is written into a temporary
+from shapes alone (huggingface_hub's ``split_state_dict_into_shards_factory``, as
+``save_pretrained`` shards) and each is materialised, written and dropped in turn. Everything is written into a temporary
 sibling folder renamed into place at the end, so a crash never leaves a half-written
 ``out_dir``.
 """
@@ -33,18 +33,25 @@ from pathlib import Path
 
 import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import split_state_dict_into_shards_factory
+from huggingface_hub.constants import SAFETENSORS_WEIGHTS_FILE_PATTERN
 from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
 
 from pp_ext import tp
 from pp_ext.checkpoint.tags import LATEST, MARKER, info
 from pp_ext.hf.families import layer_specs
 from pp_ext.hf.loading import hf_initializer, layout_free_specs, load_config, to_dtype
-from pp_ext.hf.weights import checkpoint_names, hf_keys, meta_model
+from pp_ext.hf.weights import hf_keys, meta_model, saved_form
 from pp_ext.peft import Targets, add_adapters, peft_keys
 from pp_ext.peft.config import ADAPTER_CONFIG, adapter_keys, peft_model_warnings
 
@@ -274,32 +281,49 @@ def _check_keys(tensors: dict, expected: set[str]) -> None:
 
 def _write_weights(
     tensors: dict[str, Stored],
-    names: dict[str, str],
+    model: PreTrainedModel,
     dtype: torch.dtype,
     folder: Path,
     max_shard_size: int | str,
 ) -> None:
-    """Safetensors shards (+ index) of ``tensors`` stored as ``names``, one shard in
-    memory at a time. Shards follow the layer order, so keeping the last layer's files
-    (one per tensor rank) open reads each file about once."""
+    """Safetensors shards (+ index) of ``tensors`` (the model's names) stored as
+    ``save_pretrained`` stores them (:func:`~pp_ext.hf.weights.saved_form`: renamed,
+    fused experts split into one tensor per expert), one shard in memory at a time, in
+    save_pretrained's order and so its shards. Keeping the last layer's files (one per
+    tensor rank) open reads each file about once where that order is the layers' (one
+    file per layer and tensor rank: a few opens more where it is not)."""
 
     def cast(t: Stored) -> torch.dtype:
         return dtype if t.dtype.is_floating_point else t.dtype
 
-    shapes = {
-        names[k]: torch.empty(t.shape, dtype=cast(t), device="meta") for k, t in tensors.items()
+    metas = {
+        name: torch.empty(stored.shape, dtype=cast(stored), device="meta")
+        for name, stored in tensors.items()
     }
+    source = {key: name for name, meta in metas.items() for key in saved_form(model, {name: meta})}
+    # save_pretrained's shards: its whole state dict reverted at once (that order), the parts
+    # of one model tensor (views of it) kept together and counted once, as its storage
+    # (a 1-tuple: the factory skips plain strings, bitsandbytes' metadata)
+    entries = {key: (source[key],) for key in saved_form(model, metas)}
     try:
-        plan = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
+        plan = split_state_dict_into_shards_factory(
+            entries,
+            get_storage_size=lambda entry: metas[entry[0]].nbytes,
+            get_storage_id=lambda entry: entry[0],
+            filename_pattern=SAFETENSORS_WEIGHTS_FILE_PATTERN,
+            max_shard_size=max_shard_size,
+        )
     except ValueError as err:
         raise ExportError(f"max shard size {max_shard_size!r}: {err}") from None
-    source = {stored: name for name, stored in names.items()}
     load = functools.lru_cache(maxsize=max(len(t.paths) for t in tensors.values()))(load_layer)
+
+    @functools.lru_cache(maxsize=1)  # the parts of one tensor follow each other
+    def parts(name: str) -> dict[str, torch.Tensor]:
+        stored = tensors[name]
+        return saved_form(model, {name: stored.read(load).to(cast(stored), copy=True)})
+
     for filename, keys in plan.filename_to_tensors.items():
-        shard = {}
-        for key in keys:
-            stored = tensors[source[key]]
-            shard[key] = stored.read(load).to(cast(stored), copy=True).contiguous()
+        shard = {key: parts(source[key])[key].contiguous() for key in keys}
         save_file(shard, folder / filename, metadata={"format": "pt"})
         del shard
     if plan.is_sharded:
@@ -389,8 +413,7 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         if lora is None:
-            names = checkpoint_names(tensors, model)
-            _write_weights(tensors, names, out_dtype, tmp, max_shard_size)
+            _write_weights(tensors, model, out_dtype, tmp, max_shard_size)
             config.dtype = out_dtype
             config.save_pretrained(tmp)
         # the tokenizer, generation_config.json, and a LoRA run's adapter_config.json
@@ -404,8 +427,8 @@ def export_checkpoint(
                 _write_base(meta, config, tmp / BASE_DIR, out_dtype)
                 lora.base_model_name_or_path = str(out_dir.resolve() / BASE_DIR)
                 lora.save_pretrained(str(tmp))
-            if merge:
-                _merge(tmp, lora, out_dtype)
+            if merge:  # a rebuilt base lies in tmp until the folder is renamed into place
+                _merge(tmp, tmp / BASE_DIR if rebuilt else lora.base_model_name_or_path, out_dtype)
         _replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -446,12 +469,12 @@ def _write_base(meta: Path, config: PretrainedConfig, folder: Path, dtype: torch
     model.save_pretrained(folder)
 
 
-def _merge(folder: Path, lora: LoraConfig, dtype: torch.dtype) -> None:
+def _merge(folder: Path, base_dir: str | Path | None, dtype: torch.dtype) -> None:
     """Replace the adapter in ``folder`` by the merged model, W + (lora_alpha / r) B A,
-    through PEFT's own ``merge_and_unload`` on the base model named in the adapter (the
-    whole model is held in memory once, in ``dtype``); a rebuilt base goes with it."""
-    assert lora.base_model_name_or_path is not None  # export_checkpoint checked or rebuilt it
-    base = AutoModelForCausalLM.from_pretrained(lora.base_model_name_or_path, dtype=dtype)
+    through PEFT's own ``merge_and_unload`` on the base model in ``base_dir`` (the whole
+    model is held in memory once, in ``dtype``); a rebuilt base goes with it."""
+    assert base_dir is not None  # export_checkpoint checked or rebuilt it
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     with peft_model_warnings():
         merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     for name in (SAFETENSORS_WEIGHTS_NAME, ADAPTER_CONFIG):

@@ -1,6 +1,8 @@
 """``pp-ext bench``: every schedule's ``train_batch`` time next to DeepSpeed's own; with
 ``--model``, one device: an HF model's decoder layer and train step next to
-transformers' own under DeepSpeed's engine (:mod:`pp_ext.bench.model`)."""
+transformers' own under DeepSpeed's engine (:mod:`pp_ext.bench.model`); with ``--lora
+RECIPE``, the recipe's LoRA run at pipeline 2 next to DeepSpeed ZeRO-3 + PEFT over 2 data
+ranks (:mod:`pp_ext.bench.lora`)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,15 @@ SCHEDULE_BENCH_ONLY = (
     "auto_trials",
 )
 MODEL_BENCH_ONLY = ("device", "layers", "steps", "dtype", "save")
+# what the LoRA bench reads besides --schedules and --json; its sizes are the recipe's
+LORA_BENCH_READS = ("warmup", "repeats", "save")
+RECIPE_KEYS = {
+    "micro_batches": "parallel.micro_batches",
+    "micro_batch_size": "train.micro_batch_size",
+    "seq": "data.seq_len",
+    "dtype": "model.dtype",
+}
+LORA_SCHEDULES = ("1f1b", "zb-h1", "zbv")
 
 
 def add_parser(subparsers) -> None:
@@ -150,13 +161,35 @@ def add_parser(subparsers) -> None:
     )
     model.add_argument("--dtype", choices=("bfloat16", "float32"), help="default bfloat16")
     model.add_argument("--save", metavar="FILE", help="also write the report as JSON to FILE")
+    lora = parser.add_argument_group(
+        "LoRA against ZeRO-3 (--lora)",
+        "the recipe's model and peft section (PEFT's LoraConfig names) trained on 2 local ranks "
+        "(one GPU each, or CPU threads): pp-ext at pipeline 2 with each schedule (default "
+        f"{','.join(LORA_SCHEDULES)}) next to DeepSpeed ZeRO-3 + PEFT's get_peft_model on "
+        "transformers' model over 2 data ranks, same weights, adapters, global batch "
+        "(parallel.micro_batches x train.micro_batch_size x data.seq_len; ZeRO-3 runs half the "
+        "micro-batches on each rank) and optimizer; tokens/s (median of --repeats steps after "
+        "--warmup rounds), losses, tokens per step, and memory per rank",
+    )
+    lora.add_argument("--lora", metavar="RECIPE", help="a recipe with peft.type lora")
+    lora.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="recipe overrides (with --lora)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=run_bench)
 
 
 def _resolve(args: argparse.Namespace) -> None:
-    """Fill the options not given with the defaults of the bench ``--model`` chooses;
-    refuse what the other bench alone reads."""
+    """Fill the options not given with the defaults of the bench ``--model`` or
+    ``--lora`` chooses; refuse what another bench alone reads."""
+    if args.lora is not None:
+        _resolve_lora(args)
+        return
+    if args.overrides:
+        raise CommandError(
+            f"{args.overrides[0]}: recipe overrides are read by the LoRA bench: add --lora RECIPE, "
+            f"or drop them"
+        )
     model = args.model is not None
     given = [
         name
@@ -187,8 +220,30 @@ def _resolve(args: argparse.Namespace) -> None:
                 setattr(args, name, value)
 
 
+def _resolve_lora(args: argparse.Namespace) -> None:
+    """The LoRA bench reads its sizes from the recipe: an option for them names the key."""
+    if args.model is not None:
+        raise CommandError(
+            "--model and --lora are two benches: the LoRA bench reads the model from the "
+            "recipe (model.path=DIR as an override); drop one"
+        )
+    for name in (*SCHEDULE_BENCH_ONLY, *MODEL_BENCH_ONLY, *RECIPE_KEYS):
+        if name not in LORA_BENCH_READS and getattr(args, name) is not None:
+            option = "--" + name.replace("_", "-")
+            raise CommandError(
+                f"{option} is not read by the LoRA bench: set {RECIPE_KEYS[name]}=VALUE after "
+                f"the recipe"
+                if name in RECIPE_KEYS
+                else f"{option} is not read by the LoRA bench (--lora): drop it"
+            )
+    args.warmup = 2 if args.warmup is None else args.warmup
+    args.repeats = 5 if args.repeats is None else args.repeats
+
+
 def run_bench(args: argparse.Namespace) -> int:
     _resolve(args)
+    if args.lora is not None:
+        return run_lora_bench(args)
     if args.model is not None:
         return run_model_bench(args)
     # torch, deepspeed: only when this command runs (pp_ext.commands)
@@ -304,20 +359,52 @@ def run_model_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype or "bfloat16",
         **extra,
     )
+    return _report(args, run, options, format_report)
+
+
+def _report(args: argparse.Namespace, run, options, format_report) -> int:
+    """``run(options)``'s report printed (a table, or --json) and written to --save;
+    what it refuses (an unknown schedule, a missing model folder, a bad recipe or
+    override, targets that match nothing) in one line."""
     if args.save and Path(args.save).is_dir():
         raise CommandError(
             f"--save {args.save} is a folder: give a file name, e.g. {Path(args.save) / 'bench.json'}"
         )
     try:
         report = run(options)
-    except (
-        ScheduleError,
-        ValueError,
-        FileNotFoundError,
-    ) as err:  # an unknown schedule, a missing model folder
+    except (ScheduleError, ValueError, FileNotFoundError) as err:
         raise CommandError(" ".join(str(err).split())) from None
     text = json.dumps(report, indent=1)
     if args.save:
         write_atomic(args.save, (text + "\n").encode())
     print(text if args.json else format_report(report))
     return 0
+
+
+def run_lora_bench(args: argparse.Namespace) -> int:
+    # torch, deepspeed: only when this command runs (pp_ext.commands)
+    from pp_ext.engine.distributed import select_accelerator
+
+    select_accelerator()  # before deepspeed is first imported (its auto-detection warns on stdout)
+    import torch
+
+    from pp_ext.bench.lora import RANKS, LoraBenchOptions, format_report, run
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < RANKS:
+        raise CommandError(
+            f"--lora starts {RANKS} local ranks, one GPU each, and {torch.cuda.device_count()} is "
+            f"visible: run it on a machine with {RANKS} GPUs, or on the CPU with CUDA_VISIBLE_DEVICES="
+        )
+    names = (
+        tuple(n.strip() for n in args.schedules.split(",") if n.strip())
+        if args.schedules
+        else LORA_SCHEDULES
+    )
+    options = LoraBenchOptions(
+        recipe=args.lora,
+        overrides=tuple(args.overrides),
+        schedules=names,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    return _report(args, run, options, format_report)

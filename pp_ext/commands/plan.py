@@ -3,8 +3,12 @@
 Prints the rank layout (pipeline x tensor x data, as DeepSpeed's
 ``PipeModelDataParallelTopology`` numbers ranks), which layers each pipeline rank
 holds per chunk, the schedule's simulated bubble at unit costs, and an estimate of
-each rank's peak activation memory and its state (weights, gradients, optimizer:
-:func:`pp_ext.planning.memory.state_bytes`).
+each rank's memory (:mod:`pp_ext.planning.memory`, the one model ``pp-ext tune`` uses
+too): base weights (frozen under the recipe's ``peft`` section: the model's dtype and
+nothing else), the trainable parameters (all of them, or LoRA's adapters and
+``modules_to_save``, counted with the adapters each stage adds) with their gradients,
+the optimizer state (fp32 masters and AdamW moments), and peak activations; with
+``--memory-limit`` whether the largest rank fits.
 
 The activation estimate follows Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models", eq. (1): one transformer layer keeps
@@ -23,10 +27,12 @@ these. An estimate for planning, not a measurement: ``pp-ext tune`` will measure
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from itertools import groupby
 from typing import TYPE_CHECKING
 
 from pp_ext.planning import memory
+from pp_ext.planning.search import GIB
 from pp_ext.schedules import Placement, get, simulate
 from pp_ext.schedules.registry import BASELINE
 from pp_ext.schedules.render import format_number
@@ -54,6 +60,13 @@ def add_parser(subparsers) -> None:
         metavar="N",
         help="ranks to plan for (default: pipeline x tensor x data, data 1 when 'auto')",
     )
+    plan.add_argument(
+        "--memory-limit",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="GiB per rank (a GPU's memory): say whether the largest rank fits it",
+    )
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     plan.set_defaults(handler=run_plan)
 
@@ -64,6 +77,11 @@ def _bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1024
     raise AssertionError
+
+
+def _count(n: int) -> str:
+    """Parameters in millions, or thousands where millions would show 0.0 (adapters)."""
+    return f"{n / 1e6:.1f} M" if n >= 100_000 else f"{n / 1e3:.1f} K"
 
 
 def _names(specs) -> str:
@@ -88,6 +106,8 @@ def run_plan(args: argparse.Namespace) -> int:
     select_accelerator()  # before deepspeed is first imported
     from pp_ext.training.preflight import check_before_launch
 
+    if args.memory_limit is not None and not args.memory_limit > 0:
+        raise CommandError(f"--memory-limit must be > 0 GiB per rank, got {args.memory_limit}")
     try:
         recipe = load(args.recipe, args.overrides)
         data = recipe.parallel.data if recipe.parallel.data != "auto" else 1
@@ -95,20 +115,39 @@ def run_plan(args: argparse.Namespace) -> int:
         layout, _ = check_before_launch(recipe, world)
     except RecipeError as exc:
         raise CommandError(str(exc)) from None
-    print(describe(recipe, layout))
+    print(describe(recipe, layout, args.memory_limit))
     return 0
 
 
-def describe(recipe: Recipe, layout: Layout) -> str:
+@dataclass(frozen=True)
+class RankPlan:
+    """What one pipeline rank holds: its stages (``layers``: the stage and layer names
+    of each chunk), its frozen and trainable parameters, their bytes
+    (:class:`~pp_ext.planning.memory.RankState`) and its peak activations."""
+
+    layers: str
+    frozen: int
+    trainable: int
+    state: memory.RankState
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.state.total + self.activations
+
+
+def plan_ranks(recipe: Recipe, layout: Layout) -> tuple[list[str], list[RankPlan]]:
+    """The plan's header lines and, per pipeline rank, what it holds (one rank of its
+    tensor group where ``parallel.tensor`` > 1)."""
     # torch, deepspeed, transformers: only when this command runs (pp_ext.commands)
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from transformers import AutoConfig
 
     from pp_ext import tp
     from pp_ext.config.recipe import state_bytes
-    from pp_ext.engine.module import layer_param_counts, partition
+    from pp_ext.engine.module import partition
     from pp_ext.hf import layer_specs
     from pp_ext.hf.common import HFDecoderLayer
+    from pp_ext.peft import planned_parameters
     from pp_ext.planning.partition import chunk_layout
 
     pipe, tensor, data, chunks = layout.pipeline, layout.tensor, layout.data, layout.chunks
@@ -119,7 +158,7 @@ def describe(recipe: Recipe, layout: Layout) -> str:
     placement = Placement.named(layout.placement, pipe, chunks)
     with tp.using(tp.TensorAxis(tensor)):  # every tensor rank holds the same shapes
         parts = partition(specs, placement.stages, recipe.parallel.partition)
-        counts = layer_param_counts(specs)
+        params = planned_parameters(specs, recipe.peft, config)
     simulation = simulate(spec.build(pipe, recipe.parallel.micro_batches, chunks))
     metrics = simulation.metrics()
     per_layer, logits = memory.layer_activation_bytes(
@@ -134,12 +173,17 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         tensor=tensor,
     )
     per_param = state_bytes(recipe, data)
-    topology = PipeModelDataParallelTopology(num_pp=pipe, num_mp=tensor, num_dp=data)
     mbs, seq = recipe.train.micro_batch_size, recipe.data.seq_len
-
+    frozen, trainable = (sum(count[k] for count in params) for k in (0, 1))
     lines = [
         f"{recipe.model.path}: {config.model_type}, {len(specs)} pipeline layers "
-        f"({config.num_hidden_layers} decoder blocks), {sum(layer_param_counts(specs)) / 1e6:.1f} M parameters",
+        f"({config.num_hidden_layers} decoder blocks), {(frozen + trainable) / 1e6:.1f} M parameters"
+        + (
+            f"; LoRA r={recipe.peft.r} trains {_count(trainable)} "
+            f"({100 * trainable / (frozen + trainable):.2f} %), the rest frozen in {recipe.model.dtype}"
+            if recipe.peft.type == "lora"
+            else ""
+        ),
         f"{layout.world_size} ranks = pipeline {pipe} x tensor {tensor} x data {data}; schedule {name} "
         f"({chunks} chunk{'s' * (chunks > 1)} per rank, {placement.name} placement), "
         f"{recipe.parallel.micro_batches} micro-batches of {mbs} x {seq} tokens per data rank",
@@ -151,18 +195,7 @@ def describe(recipe: Recipe, layout: Layout) -> str:
             f"tensor parallel over {tensor} ranks (global ranks of a pipeline rank: tensor ranks "
             f"side by side, then data replicas): {tp.describe(config, tensor, recipe.parallel.make_vocab_size_divisible_by)}"
         )
-    lines.append("")
-    params = "params" if tensor == 1 else "params per tensor rank"
-    table = [
-        [
-            "pipeline rank",
-            "global ranks",
-            "stage: layers",
-            params,
-            "activations (est.)",
-            "state (est.)",
-        ]
-    ]
+    ranks = []
     for rank in range(pipe):
         bounds = chunk_layout(placement, parts, rank)
         held = [i for start, stop in bounds for i in range(start, stop)]
@@ -170,18 +203,72 @@ def describe(recipe: Recipe, layout: Layout) -> str:
         act = simulation.peak_activations_per_rank[rank] * (
             decoders * per_layer + (logits if len(specs) - 1 in held else 0)
         )
-        table.append(
-            [
-                str(rank),
-                ",".join(map(str, topology.filter_match(pipe=rank))),
+        rank_frozen, rank_trainable = (sum(params[i][k] for i in held) for k in (0, 1))
+        ranks.append(
+            RankPlan(
                 "; ".join(
                     f"{placement.holds(rank, c)[1]}: {_names(specs[start:stop])}"
                     for c, (start, stop) in enumerate(bounds)
                 ),
-                f"{sum(counts[i] for i in held) / 1e6:.1f} M",
-                _bytes(act),
-                _bytes(per_param.total * sum(counts[i] for i in held)),
+                rank_frozen,
+                rank_trainable,
+                memory.rank_state(rank_frozen, rank_trainable, per_param),
+                act,
+            )
+        )
+    return lines, ranks
+
+
+def describe(recipe: Recipe, layout: Layout, memory_limit: float | None = None) -> str:
+    """The plan as text: header, a table of what each pipeline rank holds, and whether
+    the largest rank fits ``memory_limit`` GiB."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    lines, ranks = plan_ranks(recipe, layout)
+    topology = PipeModelDataParallelTopology(
+        num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data
+    )
+    table = [
+        [
+            "pipeline rank",
+            "global ranks",
+            "stage: layers",
+            "params" if layout.tensor == 1 else "params per tensor rank",
+            "trainable",
+            "base weights",
+            "trainable + grads",
+            "optimizer",
+            "activations (est.)",
+            "total (est.)",
+        ]
+    ]
+    for rank, held in enumerate(ranks):
+        state = held.state
+        table.append(
+            [
+                str(rank),
+                ",".join(map(str, topology.filter_match(pipe=rank))),
+                held.layers,
+                _count(held.frozen + held.trainable),
+                _count(held.trainable),
+                _bytes(state.base),
+                _bytes(state.trainable + state.gradients),
+                _bytes(state.optimizer),
+                _bytes(held.activations),
+                _bytes(held.total),
             ]
         )
-    lines += format_table(table)
+    lines += ["", *format_table(table)]
+    if memory_limit is not None:
+        peak = max(range(len(ranks)), key=lambda rank: ranks[rank].total)
+        needs = ranks[peak].total / GIB
+        lines.append(
+            f"fits --memory-limit {memory_limit:g} GiB per rank: the largest, pipeline rank {peak}, "
+            f"needs {needs:.1f} GiB"
+            if needs <= memory_limit
+            else f"does not fit --memory-limit {memory_limit:g} GiB per rank: pipeline rank {peak} "
+            f"needs {needs:.1f} GiB ({ranks[peak].state.total / GIB:.1f} GiB parameters, gradients "
+            f"and optimizer state, {ranks[peak].activations / GIB:.1f} GiB activations): train LoRA "
+            f"adapters (peft.type=lora), use more pipeline ranks, or checkpoint activations"
+        )
     return "\n".join(lines)

@@ -20,7 +20,8 @@ every candidate on the measured per-stage costs:
 Peak memory per rank = activations (the profile's saved bytes of the rank's layers
 for one micro-batch, times the simulator's peak of micro-batches in flight on that
 rank, as ``pp-ext plan`` counts them) + weights, gradients and optimizer state
-(:func:`pp_ext.planning.memory.state_bytes`). Candidates over ``--memory-limit`` are dropped. The
+(:mod:`pp_ext.planning.memory`; under a LoRA recipe the frozen base holds its weights
+only). Candidates over ``--memory-limit`` are dropped. The
 predicted step time is the simulated makespan (the optimizer step, the same for all,
 is left out). The winner is written as ``key=value`` lines (``--out``), for
 ``deepspeed ... launch/train.py --recipe R $(cat FILE)``.
@@ -110,7 +111,9 @@ def run_tune(args: argparse.Namespace) -> int:
     select_accelerator()  # before deepspeed is first imported
     from pp_ext.bench.profiler import profile_ranks, profile_recipe
     from pp_ext.config.recipe import state_bytes
-    from pp_ext.engine.module import layer_param_counts, partition
+    from pp_ext.engine.module import partition
+    from pp_ext.hf.loading import load_config
+    from pp_ext.peft import planned_parameters
     from pp_ext.training.preflight import check_before_launch, recipe_layer_specs
 
     if args.memory_limit is not None and args.memory_limit <= 0:
@@ -168,11 +171,11 @@ def run_tune(args: argparse.Namespace) -> int:
         specs = recipe_layer_specs(recipe)
         found, dropped = search(
             profiles,
-            layer_param_counts(specs),
+            planned_parameters(specs, recipe.peft, load_config(recipe.model.path)),
             lambda method, stages: partition(specs, stages, method),
             pipe,
             recipe.parallel.micro_batches * recipe.train.micro_batch_size,
-            state_bytes(recipe, data).total,
+            state_bytes(recipe, data),
             args.memory_limit,
         )
     except ValueError as exc:

@@ -37,6 +37,12 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEEPSPEED_BASES = CONFIGS / "deepspeed"
 
 DTYPES = ("float32", "bfloat16", "float16")
+# DeepSpeed's names of data_types.grad_accum_dtype -> the model's dtype names
+GRAD_ACCUM_DTYPES = {
+    **{name: "float32" for name in ("fp32", "float32")},
+    **{name: "bfloat16" for name in ("bf16", "bfloat16")},
+    **{name: "float16" for name in ("fp16", "float16")},
+}
 # pp_ext.hf.common.ATTN_IMPLEMENTATIONS, repeated here to keep this module free of torch
 # (tests/test_recipe.py checks that the two agree)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -369,8 +375,9 @@ def resolve_parallel(recipe: Recipe, world_size: int) -> tuple[int, int, int]:
 
 
 def state_bytes(recipe: Recipe, data_parallel: int) -> memory.StateBytes:
-    """Bytes per parameter a rank holds under this recipe (:mod:`pp_ext.planning.memory`):
-    its dtype, optimizer, and the DeepSpeed config's bf16 and ZeRO stage."""
+    """Bytes per trainable parameter a rank holds under this recipe
+    (:mod:`pp_ext.planning.memory`): its dtype, optimizer, and the DeepSpeed config's
+    bf16, ZeRO stage and gradient accumulation dtype (DeepSpeed's default: the model's)."""
     config = deepspeed_config(recipe, data_parallel)
     return memory.state_bytes(
         recipe.model.dtype,
@@ -378,6 +385,9 @@ def state_bytes(recipe: Recipe, data_parallel: int) -> memory.StateBytes:
         bf16=bool(config.get("bf16", {}).get("enabled")),
         zero_stage=config.get("zero_optimization", {}).get("stage", 0),
         data=data_parallel,
+        grad_accum=GRAD_ACCUM_DTYPES.get(
+            config.get("data_types", {}).get("grad_accum_dtype"), recipe.model.dtype
+        ),
     )
 
 

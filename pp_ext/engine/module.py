@@ -15,7 +15,7 @@ any p can be checked without a process group; :func:`partition` applies a method
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -53,8 +53,17 @@ def _trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def layer_param_counts(layers: Sequence) -> list[int]:
-    """Trainable parameters of each layer, without allocating any of them.
+def _frozen_trainable(module: nn.Module) -> tuple[int, int]:
+    trainable = _trainable(module)
+    return sum(p.numel() for p in module.parameters()) - trainable, trainable
+
+
+def layer_parameters(
+    layers: Sequence, adapt: Callable[[int, nn.Module], object] | None = None
+) -> list[tuple[int, int]]:
+    """(frozen, trainable) parameters of each layer, without allocating any of them;
+    ``adapt(index, module)`` runs on each built layer first (e.g. LoRA's adapters, which
+    freeze the rest).
 
     DeepSpeed's 'parameters' method builds every LayerSpec at full size on every rank
     just to count; here each is built on the meta device. A layer whose constructor
@@ -63,26 +72,39 @@ def layer_param_counts(layers: Sequence) -> list[int]:
     is used, as in DeepSpeed: the count stands for the work of that place (a tied LM
     head costs as much as its weight suggests), but it is built only once.
     """
-    counts: list[int] = []
-    tied: dict[str, int] = {}  # tie key -> its count
-    for layer in layers:
+
+    def build(index: int, spec: LayerSpec) -> nn.Module:
+        module = spec.build()
+        if adapt is not None:
+            adapt(index, module)
+        return module
+
+    counts: list[tuple[int, int]] = []
+    tied: dict[str, tuple[int, int]] = {}
+    for index, layer in enumerate(layers):
         if isinstance(layer, TiedLayerSpec) and layer.key in tied:
             counts.append(tied[layer.key])
             continue
         if isinstance(layer, LayerSpec):
             try:
                 with torch.device("meta"):
-                    count = _trainable(layer.build())
+                    count = _frozen_trainable(build(index, layer))
             except Exception:  # noqa: BLE001 - any meta-only failure; a real one re-raises below
-                count = _trainable(layer.build())
+                count = _frozen_trainable(build(index, layer))
             if isinstance(layer, TiedLayerSpec):
                 tied[layer.key] = count
         elif isinstance(layer, nn.Module):
-            count = _trainable(layer)
+            count = _frozen_trainable(layer)
         else:
-            count = 0
+            count = (0, 0)
         counts.append(count)
     return counts
+
+
+def layer_param_counts(layers: Sequence) -> list[int]:
+    """Trainable parameters of each layer (:func:`layer_parameters`), what DeepSpeed's
+    'parameters' partitioning weighs."""
+    return [trainable for _, trainable in layer_parameters(layers)]
 
 
 def _type_weights(layers: Sequence, pattern: str) -> list[int]:

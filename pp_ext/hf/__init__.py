@@ -2,6 +2,7 @@
 
 from pp_ext.hf.families import layer_specs, position_table, supported
 from pp_ext.hf.loading import build_pipeline_module, load_hf_weights
+from pp_ext.hf.moe import router_loss_coef
 from pp_ext.hf.weights import copy_hf_weights
 
 __all__ = [
@@ -10,5 +11,6 @@ __all__ = [
     "layer_specs",
     "load_hf_weights",
     "position_table",
+    "router_loss_coef",
     "supported",
 ]

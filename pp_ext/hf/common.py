@@ -135,6 +135,15 @@ def _final_softcap(config: PretrainedConfig) -> float | None:
     return getattr(config, "final_logit_softcapping", None)  # only Gemma2/3 configs have it
 
 
+def on_hidden(inputs, head: Callable[[torch.Tensor], torch.Tensor]):
+    """``head`` applied to the hidden states; what follows them in a tuple (an MoE model's
+    router loss, :mod:`pp_ext.hf.moe`) is passed on after the logits."""
+    if isinstance(inputs, tuple):
+        hidden, *rest = inputs
+        return (head(hidden), *rest)
+    return head(inputs)
+
+
 class LMHead(nn.Module):
     """An untied LM head (HF key ``lm_head.weight`` in every supported model); with
     tensor parallelism column-parallel by vocabulary, its logits left sharded for
@@ -146,8 +155,13 @@ class LMHead(nn.Module):
         self.lm_head = tp.vocab_parallel_head(config.hidden_size, config.vocab_size, tp.current())
         self.cap = _final_softcap(config)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return tp.mask_padding(softcap(self.lm_head(hidden), self.cap), self.lm_head.weight)
+    def forward(self, inputs):
+        return on_hidden(
+            inputs,
+            lambda hidden: tp.mask_padding(
+                softcap(self.lm_head(hidden), self.cap), self.lm_head.weight
+            ),
+        )
 
     def hf_keys(self) -> dict[str, str]:
         return state_keys(self, "lm_head.", "lm_head.")
@@ -159,15 +173,17 @@ class TokenEmbedding(Protocol):
     embed_tokens: nn.Embedding
 
 
-def tied_head(
-    embedding: TokenEmbedding, hidden: torch.Tensor, cap: float | None = None
-) -> torch.Tensor:
+def tied_head(embedding: TokenEmbedding, inputs, cap: float | None = None):
     """The LM head tied to the embedding: logits from its ``embed_tokens`` matrix
     (unscaled, as HF's tied ``lm_head``), soft-capped at ``cap``; a vocabulary-parallel
     embedding gives this rank's block of the logits, padded rows masked."""
     table = embedding.embed_tokens
-    logits = tp.vocab_parallel_logits(hidden, table.weight, tp.axis_of(table))
-    return tp.mask_padding(softcap(logits, cap), table.weight)
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = tp.vocab_parallel_logits(hidden, table.weight, tp.axis_of(table))
+        return tp.mask_padding(softcap(logits, cap), table.weight)
+
+    return on_hidden(inputs, head)
 
 
 def embedding_and_head(

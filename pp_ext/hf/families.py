@@ -10,11 +10,12 @@ from collections.abc import Callable
 
 from transformers import PretrainedConfig
 
-from pp_ext.hf import gpt, llama
+from pp_ext.hf import gpt, llama, moe
 
 BUILDERS: dict[str, Callable[[PretrainedConfig, str | None], list]] = {
     **{model_type: llama.layer_specs for model_type in llama.FAMILIES},
     **{model_type: gpt.layer_specs for model_type in gpt.ARCHITECTURES},
+    **{model_type: moe.layer_specs for model_type in moe.FAMILIES},
 }
 
 

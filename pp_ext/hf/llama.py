@@ -74,17 +74,17 @@ class Family:
         return getattr(module, self.prefix + suffix)
 
 
-def _never(config: PretrainedConfig, layer_idx: int) -> bool:
+def never(config: PretrainedConfig, layer_idx: int) -> bool:
     return False
 
 
-def _sliding_window_set(config: PretrainedConfig, layer_idx: int) -> bool:
+def sliding_window_set(config: PretrainedConfig, layer_idx: int) -> bool:
     """Mistral, Phi3: every layer slides when ``sliding_window`` is set (MistralModel's and
     Phi3Model's choice)."""
     return config.sliding_window is not None
 
 
-def _layer_type_sliding(config: PretrainedConfig, layer_idx: int) -> bool:
+def layer_type_sliding(config: PretrainedConfig, layer_idx: int) -> bool:
     """Qwen2/Qwen3/Gemma2/Gemma3: ``config.layer_types`` names each layer's mask."""
     return config.layer_types[layer_idx] == "sliding_attention"
 
@@ -92,21 +92,21 @@ def _layer_type_sliding(config: PretrainedConfig, layer_idx: int) -> bool:
 FAMILIES = {
     f.model_type: f
     for f in (
-        Family("llama", "Llama", _never),
-        Family("mistral", "Mistral", _sliding_window_set),
-        Family("qwen2", "Qwen2", _layer_type_sliding),
-        Family("qwen3", "Qwen3", _layer_type_sliding),
-        Family("gemma", "Gemma", _never, scaled_embedding=True),
-        Family("gemma2", "Gemma2", _layer_type_sliding, scaled_embedding=True),
+        Family("llama", "Llama", never),
+        Family("mistral", "Mistral", sliding_window_set),
+        Family("qwen2", "Qwen2", layer_type_sliding),
+        Family("qwen3", "Qwen3", layer_type_sliding),
+        Family("gemma", "Gemma", never, scaled_embedding=True),
+        Family("gemma2", "Gemma2", layer_type_sliding, scaled_embedding=True),
         Family(
             "gemma3_text",
             "Gemma3",
-            _layer_type_sliding,
+            layer_type_sliding,
             package="gemma3",
             scaled_embedding=True,
             rope_per_layer_type=True,
         ),
-        Family("phi3", "Phi3", _sliding_window_set),
+        Family("phi3", "Phi3", sliding_window_set),
     )
 }
 
@@ -174,7 +174,21 @@ def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None
     family): left None, as on a bare config, HF's mask functions return no mask and
     attention is not causal.
     """
-    family = FAMILIES[config.model_type]
+    return family_specs(config, FAMILIES[config.model_type], attn_implementation)
+
+
+def family_specs(
+    config: PretrainedConfig,
+    family: Family,
+    attn_implementation: str | None,
+    embedding: type[nn.Module] = Embedding,
+    decoder: type[nn.Module] = DecoderLayer,
+    norm: type[nn.Module] = FinalNorm,
+    norm_args: tuple = (),
+) -> list:
+    """:func:`layer_specs` of ``family``, with its own embedding, decoder layer and final
+    norm classes (``norm_args`` first to the norm's): an MoE family's carry the router
+    statistics (:mod:`pp_ext.hf.moe`)."""
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError(
             f"{family.model_type} config has use_bidirectional_attention=True (an encoder, e.g. "
@@ -183,13 +197,14 @@ def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None
     # HF's default when None: sdpa where the family supports it, else eager (Gemma2:
     # sdpa cannot soft-cap attention logits)
     config = with_attention(config, family.hf_class("PreTrainedModel"), attn_implementation)
-    embed, head = embedding_and_head(config, Embedding, family)
-    decoders = [LayerSpec(DecoderLayer, config, family, i) for i in range(config.num_hidden_layers)]
-    norm = LayerSpec(
-        FinalNorm,
+    embed, head = embedding_and_head(config, embedding, family)
+    decoders = [LayerSpec(decoder, config, family, i) for i in range(config.num_hidden_layers)]
+    final = LayerSpec(
+        norm,
+        *norm_args,
         "model.norm.",
         family.hf_class("RMSNorm"),
         config.hidden_size,
         eps=config.rms_norm_eps,
     )
-    return [embed, *decoders, norm, head]
+    return [embed, *decoders, final, head]

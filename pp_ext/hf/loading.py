@@ -38,7 +38,7 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 from pp_ext import tp
 from pp_ext.engine.module import ChunkedPipelineModule
 from pp_ext.hf.families import layer_specs
-from pp_ext.hf.weights import copy_hf_weights, hf_keys, meta_model, model_names
+from pp_ext.hf.weights import copy_hf_weights, hf_keys, meta_model, model_sources
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -96,33 +96,38 @@ def load_hf_weights(layers: Iterable[nn.Module], model_dir: str | Path) -> None:
     nothing else: a shard is opened only if it holds a needed tensor, and only the
     needed tensors (a tensor-parallel rank: only its part of each) are read, one layer at a time (so at most one layer's tensors are
     held beside the layers). Checkpoint keys are renamed as ``from_pretrained`` renames
-    them (:func:`~pp_ext.hf.weights.model_names`); each tensor is cast to the dtype of
+    them (:func:`~pp_ext.hf.weights.model_sources`: one tensor per expert merged into the
+    fused experts as transformers merges them); each tensor is cast to the dtype of
     the layer's own."""
     source = weights_file(model_dir)
     files = weight_map(source)
-    stored = {
-        name: key for key, name in model_names(files, meta_model(load_config(model_dir))).items()
-    }
+    model = meta_model(load_config(model_dir))
+    sources = model_sources(files, model)
     with ExitStack() as stack:
         handles: dict[Path, safe_open] = {}
+
+        def opened(key: str) -> safe_open:
+            if files[key] not in handles:
+                handles[files[key]] = stack.enter_context(safe_open(files[key], framework="pt"))
+            return handles[files[key]]
+
         for layer in _unique(layers):
             tensors, keys = {}, hf_keys(layer)
             sharded = {
                 keys[local] for local in tp.splits(layer)
             }  # read as slices: only this rank's part
             for name in keys.values():
-                if name not in stored:
+                if name not in sources:
                     raise KeyError(
                         f"{source} has no tensor {name!r}, needed by {type(layer).__name__}: the folder's "
                         f"weights do not match its config (or this family's key mapping)"
                     )
-                path = files[stored[name]]
-                if path not in handles:
-                    handles[path] = stack.enter_context(safe_open(path, framework="pt"))
-                handle = handles[path]
-                tensors[name] = (handle.get_slice if name in sharded else handle.get_tensor)(
-                    stored[name]
-                )
+                sliced = name in sharded
+
+                def get(key: str, sliced: bool = sliced):
+                    return opened(key).get_slice(key) if sliced else opened(key).get_tensor(key)
+
+                tensors[name] = sources[name].read(name, get, model)
             copy_hf_weights([layer], tensors)
 
 

@@ -8,17 +8,21 @@ layers which HF keys they need and reads only those.
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
-    PrefixChange,
     WeightConverter,
     WeightRenaming,
+    dot_natural_key,
     rename_source_key,
+    revert_weight_conversion,
 )
 
 from pp_ext import tp
@@ -56,52 +60,68 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _split(transforms: list) -> tuple[list, list]:
+def _converters(model: PreTrainedModel) -> tuple[list, list]:
+    transforms = get_model_conversion_mapping(model)
     return (
         [t for t in transforms if isinstance(t, WeightRenaming)],
         [t for t in transforms if isinstance(t, WeightConverter)],
     )
 
 
-def _renamed(
-    keys: Iterable[str], rename: Callable[[str], tuple[str, str | None]]
-) -> dict[str, str]:
-    names = {}
-    for key in keys:
-        name, converter = rename(key)
-        if converter is not None:  # a tensor built from several (fused experts, split qkv...)
-            raise ValueError(
-                f"tensor {key!r} needs transformers' weight conversion ({converter!r}): pp-ext maps "
-                f"checkpoint tensors one to one (renamed at most)"
-            )
-        names[key] = name
-    return names
+@dataclass
+class Source:
+    """The checkpoint tensors a model tensor is read from: one key, renamed at most
+    (``converter`` None), or several that transformers' ``converter`` merges (one tensor
+    per expert into the fused ``experts.gate_up_proj``), listed by the converter's source
+    pattern they match, in transformers' key order (experts 0, 1, ..., 10)."""
+
+    keys: dict[str | None, list[str]] = field(default_factory=dict)
+    converter: WeightConverter | None = None
+
+    def stored(self) -> list[str]:
+        return [key for keys in self.keys.values() for key in keys]
+
+    def read(self, name: str, get: Callable[[str], object], model: PreTrainedModel):
+        """The tensor ``name`` from the checkpoint's, ``get(key)`` reading one (a tensor, or
+        a safetensors slice when nothing is converted)."""
+        if self.converter is None:
+            return get(self.stored()[0])
+        converter = copy.deepcopy(self.converter)  # collects this tensor's sources only
+        for pattern, keys in self.keys.items():
+            for key in keys:  # a callable: transformers' synchronous loading calls it
+                # patterns are str wherever there is a converter; the callable where
+                # transformers annotates a Future is what its synchronous loading takes
+                converter.add_tensor(name, key, pattern, functools.partial(get, key))  # type: ignore[arg-type]
+        return converter.convert(name, model=model, config=model.config)[name]
 
 
-def model_names(checkpoint_keys: Iterable[str], model: PreTrainedModel) -> dict[str, str]:
-    """Each checkpoint key -> the model's ``state_dict`` name, renamed as ``from_pretrained``
-    renames it (transformers' conversion mapping: e.g. GPT-NeoX's ``embed_out`` is the
-    model's ``lm_head``; a base-model checkpoint lacks the ``model.`` prefix)."""
-    renamings, converters = _split(get_model_conversion_mapping(model))
+def model_sources(checkpoint_keys: Iterable[str], model: PreTrainedModel) -> dict[str, Source]:
+    """Each ``state_dict`` name of ``model`` that the checkpoint holds -> its :class:`Source`,
+    renamed and converted as ``from_pretrained`` does (transformers' conversion mapping:
+    GPT-NeoX's ``embed_out`` is the model's ``lm_head``; a base-model checkpoint lacks the
+    ``model.`` prefix; an MoE checkpoint's per-expert tensors are the fused experts')."""
+    renamings, converters = _converters(model)
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
     own = model.state_dict()
+    sources: dict[str, Source] = {}
+    for key in sorted(checkpoint_keys, key=dot_natural_key):
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
+        if name not in own and key in own:
+            name, pattern = key, None
+        source = sources.setdefault(name, Source(converter=by_pattern.get(pattern)))
+        source.keys.setdefault(pattern, []).append(key)
+    return sources
 
-    def rename(key: str) -> tuple[str, str | None]:
-        name, converter = rename_source_key(
-            key, renamings, converters, model.base_model_prefix, own
-        )
-        return (key, None) if name not in own and key in own else (name, converter)
 
-    return _renamed(checkpoint_keys, rename)
+def saved_form(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """``tensors`` (``state_dict`` names of ``model``) as ``save_pretrained`` writes them:
+    transformers' ``revert_weight_conversion`` (renamed back, fused experts split into one
+    tensor per expert), one model tensor at a time allowed."""
+    return revert_weight_conversion(model, dict(tensors))
 
 
-def checkpoint_names(names: Iterable[str], model: PreTrainedModel) -> dict[str, str]:
-    """Each ``state_dict`` name of ``model`` -> the key ``save_pretrained`` writes for it:
-    the conversion mapping reversed, without its legacy renamings and prefix changes
-    (as transformers' ``revert_weight_conversion`` does for a model not loaded from disk)."""
-    transforms = [
-        t.reverse_transform()
-        for t in get_model_conversion_mapping(model, add_legacy=False)[::-1]
-        if not isinstance(t, PrefixChange)
-    ]
-    renamings, converters = _split(transforms)
-    return _renamed(names, lambda key: rename_source_key(key, renamings, converters, reverse=True))
+def checkpoint_names(names: Iterable[str], model: PreTrainedModel) -> dict[str, list[str]]:
+    """Each ``state_dict`` name of ``model`` -> the keys ``save_pretrained`` writes for it
+    (:func:`saved_form` of its meta tensor)."""
+    own = model.state_dict()
+    return {name: list(saved_form(model, {name: own[name]})) for name in names}

@@ -1,8 +1,22 @@
 """LoRA through the pipeline: the recipe's ``peft`` section as PEFT's own ``LoraConfig``,
 PEFT's target-module rules on the full HF model, and the checks of an adapter folder."""
 
-from pp_ext.peft.adapters import Targets, add_adapters, apply_lora, load_adapter, peft_keys
-from pp_ext.peft.config import PeftError, check_adapter, lora_config, saved_names, target_names
+from pp_ext.peft.adapters import (
+    Targets,
+    add_adapters,
+    apply_lora,
+    load_adapter,
+    peft_keys,
+    planned_parameters,
+)
+from pp_ext.peft.config import (
+    PeftError,
+    check_adapter,
+    embedding_targets,
+    lora_config,
+    saved_names,
+    target_names,
+)
 
 __all__ = [
     "Targets",
@@ -10,9 +24,11 @@ __all__ = [
     "add_adapters",
     "apply_lora",
     "check_adapter",
+    "embedding_targets",
     "load_adapter",
     "lora_config",
     "peft_keys",
+    "planned_parameters",
     "saved_names",
     "target_names",
 ]

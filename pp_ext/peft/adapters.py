@@ -8,7 +8,8 @@ layer's local names), initialised under ``seed + global layer index`` so the ada
 do not depend on the layout. Every other parameter is frozen (``requires_grad=False``,
 kept in the model's dtype): no gradient, no fp32 master copy, no optimizer state.
 ``modules_to_save`` (PEFT's name for modules trained in full, e.g. the LM head) stay
-trainable in place.
+trainable in place. On tensor-parallel layers the factors are cut as Megatron cuts
+them, with their own reductions (:mod:`pp_ext.peft.parallel`).
 
 PEFT's keys (``adapter_model.safetensors``): a layer's HF module name ``m`` (from its
 ``hf_keys()``) gives ``base_model.model.m.lora_A.weight`` for the adapter PEFT names
@@ -25,15 +26,18 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.utils import set_random_seed
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors import safe_open
 from torch import nn
 from transformers import PretrainedConfig
 
-from pp_ext.engine.module import ChunkedPipelineModule
+from pp_ext import tp
+from pp_ext.engine.module import ChunkedPipelineModule, layer_parameters
 from pp_ext.hf.loading import indexed_layers, load_config
 from pp_ext.peft.config import PeftError, lora_config, saved_names, target_names
+from pp_ext.peft.parallel import initialise_a, parallel_factors
 
 PREFIX = "base_model.model."  # PEFT's prefix: PeftModel -> LoraModel -> the HF model
 ADAPTER = "default"  # the adapter name PEFT gives when none is asked for
@@ -108,16 +112,31 @@ def add_adapters(
         modules = hf_modules(layer)
         local = sorted(name for name, hf in modules.items() if hf in targets.lora)
         if local:
-            set_random_seed(seed + idx)  # PEFT draws lora_A from torch's generator
+            set_random_seed(seed + idx)  # PEFT draws from torch's generator (A, B at local shapes)
             config_here = LoraConfig(
                 **{**targets.config.to_dict(), "target_modules": local, "modules_to_save": None}
             )
             inject_adapter_in_model(config_here, layer, adapter_name=ADAPTER)
+            loras = [m for m in layer.modules() if isinstance(m, LoraLayer)]  # PEFT's order
+            for lora in loras:
+                parallel_factors(lora, ADAPTER)
+            if targets.config.init_lora_weights is True:  # PEFT's default: A random, B zero
+                initialise_a(loras, ADAPTER, seed + idx)
         for name, param in layer.named_parameters():
             module = name.rpartition(".")[0].removesuffix(BASE)
             param.requires_grad_(is_adapter(name) or modules.get(module) in targets.whole)
         out.append(layer)
     return out
+
+
+def planned_parameters(specs: list, section, config: PretrainedConfig) -> list[tuple[int, int]]:
+    """(frozen, trainable) parameters of each pipeline layer of ``specs`` under the
+    recipe's ``peft`` section, counted on the meta device with the adapters each stage
+    adds (:func:`add_adapters`); full fine-tuning (type none) freezes nothing."""
+    if section.type != "lora":
+        return layer_parameters(specs)
+    targets = Targets.of(lora_config(section), config)
+    return layer_parameters(specs, lambda index, layer: add_adapters([(index, layer)], targets, 0))
 
 
 def adapter_layers(layers: Iterable[nn.Module]) -> int:
@@ -140,16 +159,19 @@ def load_adapter(layers: Iterable[nn.Module], adapter_path: str | Path) -> int:
     with safe_open(path, framework="pt") as handle:
         stored = set(handle.keys())
         for layer in layers:
-            own = dict(layer.named_parameters())
-            for name, key in peft_keys(layer).items():
+            keys = peft_keys(layer)
+            for key in keys.values():
                 if key not in stored:
                     raise PeftError(
                         f"peft.adapter_path {adapter_path} has no tensor {key}: the adapter "
                         f"targets other modules than peft.target_modules / modules_to_save; "
                         f"set them as the adapter was made"
                     )
-                own[name].copy_(handle.get_tensor(key))
-                read += 1
+            # a factor cut over tensor ranks reads only its part (pp_ext.peft.parallel)
+            tp.load_parts(
+                layer, {name: handle.get_slice(key) for name, key in keys.items()}, strict=False
+            )
+            read += len(keys)
     return read
 
 

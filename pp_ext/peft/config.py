@@ -73,6 +73,20 @@ def _linear_names(model: PreTrainedModel) -> list[str]:
 def target_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
     """The HF module names of the model of ``config`` that PEFT wraps with ``lora``;
     raises :class:`PeftError` naming the model's linear modules when none matches."""
+    return list(_wrapped(lora, config))
+
+
+def embedding_targets(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
+    """Those of :func:`target_names` that are embeddings (PEFT's ``lora.Embedding``)."""
+    return [
+        name
+        for name, layer in _wrapped(lora, config).items()
+        if isinstance(layer.get_base_layer(), torch.nn.Embedding)
+    ]
+
+
+def _wrapped(lora: LoraConfig, config: PretrainedConfig) -> dict[str, BaseTunerLayer]:
+    """HF module name -> PEFT's layer wrapping it, on the meta model of ``config``."""
     model = meta_model(config)
     try:
         # on a copy: PEFT writes all-linear's expansion back into the config it gets
@@ -90,7 +104,9 @@ def target_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
             f"{problem} this {config.model_type} model: name some of its linear modules "
             f"({', '.join(_linear_names(model))}) or use all-linear"
         ) from None
-    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    return {
+        name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+    }
 
 
 @contextmanager
@@ -107,7 +123,9 @@ def peft_model_warnings() -> Iterator[None]:
 def _peft_model(lora: LoraConfig, config: PretrainedConfig) -> PeftModel:
     """``get_peft_model`` on the meta device: PEFT's own wrapping, for no memory."""
     with peft_model_warnings():
-        return get_peft_model(meta_model(config), LoraConfig(**lora.to_dict()))
+        # no base name: peft warns when it differs from the meta model's (a config's folder)
+        unnamed = LoraConfig(**{**lora.to_dict(), "base_model_name_or_path": None})
+        return get_peft_model(meta_model(config), unnamed)
 
 
 def saved_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:

@@ -1,11 +1,15 @@
 """What one rank holds, estimated before anything runs: one model for ``pp-ext plan``
 and ``pp-ext tune``.
 
-State (per parameter a rank holds): weights and gradients in the model's dtype; torch's
-AdamW keeps two moments in the parameter's dtype (SGD, without momentum, none); with
-DeepSpeed's bf16 optimizer the step works on fp32 masters instead (a master copy and
-two fp32 moments), split over the data ranks by ZeRO stage >= 1 (Rajbhandari et al.
-2020, "ZeRO", Sec. 5.1: 2 + 2 + 12/N_d bytes per parameter at stage 1).
+State (per trainable parameter a rank holds): weights and gradients in the model's
+dtype; torch's AdamW keeps two moments in the parameter's dtype (SGD, without momentum,
+none); with DeepSpeed's bf16 optimizer the step works on fp32 masters instead (a master
+copy and two fp32 moments), split over the data ranks by ZeRO stage >= 1 (Rajbhandari
+et al. 2020, "ZeRO", Sec. 5.1: 2 + 2 + 12/N_d bytes per parameter at stage 1), and it
+accumulates the gradients in a buffer of ``data_types.grad_accum_dtype`` (DeepSpeed's
+``BF16_Optimizer``: whole on every data rank, 4 more bytes in fp32). A frozen parameter
+(LoRA's base weights, Hu et al. 2021) is its weight in the model's dtype and nothing
+else: no gradient, no master copy, no optimizer state.
 
 Activations of one micro-batch of ``b`` samples of ``s`` tokens through one decoder
 layer of hidden size ``h`` (Korthikanti et al. 2022, "Reducing Activation
@@ -40,15 +44,45 @@ class StateBytes:
         return self.weights + self.gradients + self.optimizer
 
 
-def state_bytes(dtype: str, optimizer: str, bf16: bool, zero_stage: int, data: int) -> StateBytes:
-    """Per parameter, for ``model.dtype``, ``train.optimizer`` ('adamw' | 'sgd'),
-    DeepSpeed's bf16 optimizer on or off, its ZeRO stage and the data ranks."""
+def state_bytes(
+    dtype: str, optimizer: str, bf16: bool, zero_stage: int, data: int, grad_accum: str
+) -> StateBytes:
+    """Per trainable parameter, for ``model.dtype``, ``train.optimizer`` ('adamw' |
+    'sgd'), DeepSpeed's bf16 optimizer on or off, its ZeRO stage, the data ranks and the
+    dtype its gradients accumulate in."""
     width = dtype_bytes(dtype)
     moments = 2 if optimizer == "adamw" else 0
     if bf16:
         shards = data if zero_stage >= 1 else 1
-        return StateBytes(width, width, 4 * (1 + moments) / shards)
+        return StateBytes(width, width + dtype_bytes(grad_accum), 4 * (1 + moments) / shards)
     return StateBytes(width, width, width * moments)
+
+
+@dataclass(frozen=True)
+class RankState:
+    """Bytes one rank holds for its parameters: the frozen ones (``base``, weights only)
+    and the trainable ones' weights, gradients and optimizer state."""
+
+    base: float
+    trainable: float
+    gradients: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.base + self.trainable + self.gradients + self.optimizer
+
+
+def rank_state(frozen: int, trainable: int, per_param: StateBytes) -> RankState:
+    """What a rank holding ``frozen`` and ``trainable`` parameters keeps for them, at
+    ``per_param`` bytes a trainable parameter (:func:`state_bytes`) and a frozen one's
+    weight alone."""
+    return RankState(
+        frozen * per_param.weights,
+        trainable * per_param.weights,
+        trainable * per_param.gradients,
+        trainable * per_param.optimizer,
+    )
 
 
 def layer_activation_bytes(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pp_ext.planning.memory import StateBytes, rank_state
 from pp_ext.planning.partition import balanced_parts, chunk_layout
 from pp_ext.schedules import REGISTRY, Placement, Schedule, ScheduleError, simulate
 from pp_ext.schedules.auto import auto_schedule
@@ -54,22 +55,23 @@ def micro_batch_splits(micro_batches: int, micro_batch_size: int) -> list[tuple[
 
 def search(
     profiles: dict[int, Profile],
-    counts: Sequence[int],
+    params: Sequence[tuple[int, int]],
     cut_by: Callable[[str, int], list[int]],
     pipe: int,
     batch: int,
-    per_param: float,
+    per_param: StateBytes,
     memory_limit: float | None,
 ) -> tuple[list[Candidate], int]:
     """Every candidate, fastest first, and the number dropped for memory.
 
-    ``profiles`` by micro-batch size; ``counts`` the parameters of each layer; ``cut_by(method,
-    stages)`` the boundaries of a method that needs no measurement ('parameters',
-    'uniform'; 'balanced' is cut here on each profile's layer costs); ``batch`` the
-    samples per step and data rank (micro-batches x micro-batch size); ``per_param``
-    the state bytes per parameter (:func:`pp_ext.planning.memory.state_bytes`);
+    ``profiles`` by micro-batch size; ``params`` the (frozen, trainable) parameters of each
+    layer; ``cut_by(method, stages)`` the boundaries of a method that needs no measurement
+    ('parameters', 'uniform'; 'balanced' is cut here on each profile's layer costs);
+    ``batch`` the samples per step and data rank (micro-batches x micro-batch size);
+    ``per_param`` the state bytes per trainable parameter
+    (:func:`pp_ext.planning.memory.state_bytes`, a frozen one holds its weight only);
     ``memory_limit`` GiB per rank or None."""
-    layers = len(counts)
+    layers = len(params)
     limit_bytes = None if memory_limit is None else memory_limit * GIB
     found, dropped, parts_of = [], 0, {}
 
@@ -94,8 +96,12 @@ def search(
         """Per rank: bytes of weights, gradients and optimizer state; activation bytes of one micro-batch."""
         held = [chunk_layout(placement, cut, rank) for rank in range(pipe)]
         act = profiles[size].activation_bytes(cut)
+        layers_of = [[i for a, b in bounds for i in range(a, b)] for bounds in held]
         static = [
-            per_param * sum(counts[i] for a, b in bounds for i in range(a, b)) for bounds in held
+            rank_state(
+                sum(params[i][0] for i in own), sum(params[i][1] for i in own), per_param
+            ).total
+            for own in layers_of
         ]
         act_rank = [
             sum(act[placement.holds(rank, c)[1]] for c in range(placement.chunks))

@@ -1,7 +1,8 @@
 """``metrics.jsonl``: what a training run logs, one JSON object per line, and what
 ``pp-ext report`` reads. A train step's line has ``step``, ``loss``, ``lr``,
 ``tokens_per_s``, ``step_time_s`` (and ``skipped`` when its gradients were not
-finite); an evaluation's has ``step``, ``eval_loss`` and, for answers,
+finite; an MoE model trained with its router loss: ``lm_loss`` and ``aux_loss`` apart,
+``loss`` being ``lm_loss + router_aux_loss_coef * aux_loss``); an evaluation's has ``step``, ``eval_loss`` and, for answers,
 ``eval_accuracy``."""
 
 from __future__ import annotations

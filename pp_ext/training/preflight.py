@@ -32,9 +32,9 @@ from pp_ext.config.layout import Layout
 from pp_ext.config.recipe import RecipeError, resolve_parallel
 from pp_ext.config.schema import Recipe
 from pp_ext.engine.module import partition
-from pp_ext.hf import layer_specs, position_table, supported
+from pp_ext.hf import layer_specs, moe, position_table, supported
 from pp_ext.hf.loading import load_config
-from pp_ext.peft import PeftError, check_adapter, lora_config, target_names
+from pp_ext.peft import PeftError, check_adapter, embedding_targets, lora_config, target_names
 from pp_ext.planning.search import profiled_auto
 from pp_ext.schedules import Schedule, ScheduleError, get
 from pp_ext.schedules.registry import BASELINE
@@ -88,7 +88,14 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
         raise RecipeError(
             f"model.path {model} has no config.json: point it at a Hugging Face model folder"
         )
-    model_type = json.loads((model / "config.json").read_text()).get("model_type")
+    raw = json.loads((model / "config.json").read_text())
+    model_type = raw.get("model_type")
+    if model_type not in supported() and (experts := moe.routed_experts(raw)):
+        raise RecipeError(
+            f"model.path {model} is a {model_type!r} mixture-of-experts model ({experts} routed "
+            f"experts), which pp-ext cannot split into pipeline stages yet: supported MoE model "
+            f"types are {', '.join(moe.supported())}"
+        )
     if model_type not in supported():
         raise RecipeError(
             f"model.path {model} is a {model_type!r} model, which pp-ext cannot split into "
@@ -175,18 +182,28 @@ def check_positions(recipe: Recipe, config: PretrainedConfig) -> None:
 
 def check_peft(recipe: Recipe, config: PretrainedConfig) -> None:
     """The ``peft`` section against the model: its targets match some module (PEFT's rules
-    on the full model) and ``adapter_path`` is a LoRA adapter of this rank for this base."""
+    on the full model), none an embedding when the tensor axis cuts it, and ``adapter_path``
+    is a LoRA adapter of this rank for this base."""
     if recipe.peft.type == "none":
         return
-    if recipe.parallel.tensor > 1:
-        # the lora path's factors need their own tensor-parallel reductions (issue 23)
+    if config.model_type in moe.supported():
+        # peft's target_parameters for the fused 3-D experts is a later step (issue 24)
         raise RecipeError(
-            f"peft.type=lora with parallel.tensor={recipe.parallel.tensor}: tensor-parallel LoRA "
-            f"is not supported yet: set parallel.tensor=1 (pipeline and data parallelism work)"
+            f"peft.type=lora on a {config.model_type!r} mixture-of-experts model is not supported "
+            f"yet (its fused experts would get no adapter): set peft.type=none to fine-tune it whole"
         )
     lora = lora_config(recipe.peft, config)
     try:
         target_names(lora, config)
+        embeddings = embedding_targets(lora, config)
+        if recipe.parallel.tensor > 1 and embeddings:
+            # PEFT's lora.Embedding looks up whole-vocabulary ids in this rank's rows
+            raise RecipeError(
+                f"peft.target_modules selects the embedding {embeddings[0]}, which "
+                f"parallel.tensor={recipe.parallel.tensor} cuts by vocabulary, where LoRA's "
+                f"embedding adapter cannot run: leave it out of peft.target_modules (train it "
+                f"whole with peft.modules_to_save) or set parallel.tensor=1"
+            )
         if recipe.peft.adapter_path is not None:
             check_adapter(recipe.peft.adapter_path, lora, recipe.model.path)
     except PeftError as exc:

@@ -35,7 +35,8 @@ from pp_ext.config.schema import Recipe
 from pp_ext.data import batches as data
 from pp_ext.engine.distributed import init_distributed
 from pp_ext.engine.initialize import initialize
-from pp_ext.hf import build_pipeline_module
+from pp_ext.hf import build_pipeline_module, router_loss_coef
+from pp_ext.hf.loading import load_config
 from pp_ext.peft import apply_lora
 from pp_ext.peft.config import ADAPTER_CONFIG
 from pp_ext.schedules import Schedule, get
@@ -93,7 +94,7 @@ class Trainer:
             )
         name = recipe.parallel.schedule
         spec = None if name == BASELINE else get(name)
-        self.loss = LanguageModelLoss()
+        self.loss = LanguageModelLoss(router_loss_coef(load_config(recipe.model.path)))
         module = build_pipeline_module(
             recipe.model.path,
             topology=PipeModelDataParallelTopology(
@@ -213,6 +214,18 @@ class Trainer:
         self.metrics.write({"step": step, **result})
         log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
+    def router_loss_parts(self) -> dict[str, float]:
+        """An MoE model trained with its router loss: the step's mean LM loss and mean
+        load-balancing loss apart (``loss`` is ``lm_loss + router_aux_loss_coef *
+        aux_loss``), over the micro-batches of every loss rank; empty otherwise. Every rank
+        joins the sum, loss ranks with their figures, the others with zeros."""
+        if self.loss.aux_coef is None:
+            return {}
+        parts, self.loss.parts = self.loss.parts, []
+        lm, aux = torch.stack(parts).sum(0).tolist() if parts else (0.0, 0.0)
+        lm, aux, count = _all_sum([lm, aux, float(len(parts))])
+        return {"lm_loss": lm / count, "aux_loss": aux / count}
+
     def train_step(self, step: int, train_batches) -> StepResult:
         """One ``train_batch`` (every micro-batch of the step on every rank), logged;
         :class:`StopTraining` where ``train.nonfinite`` says the run cannot go on."""
@@ -224,6 +237,7 @@ class Trainer:
         entry = {
             "step": step,
             "loss": value,
+            **self.router_loss_parts(),
             "lr": lr,
             "tokens_per_s": self.tokens_per_step / elapsed,
             "step_time_s": elapsed,

@@ -1,0 +1,209 @@
+"""Mixture-of-experts HF causal LMs (Mixtral, Qwen2-MoE with its gated shared expert,
+Qwen3-MoE, OLMoE) as pipeline layers.
+
+The decoder layers are transformers' own, built and called as the Llama-like families'
+(:mod:`pp_ext.hf.llama`): attention, norms, the top-k router and the fused experts
+(``experts.gate_up_proj`` / ``experts.down_proj``), Qwen2-MoE's sigmoid-gated shared
+expert, Qwen2/3-MoE's dense layers (``mlp_only_layers``, ``decoder_sparse_step``) come
+with them. Checkpoints store one tensor per expert; transformers' conversion mapping
+merges them on load and splits them on save (:mod:`pp_ext.hf.weights`).
+
+With ``config.output_router_logits`` HF's model adds ``router_aux_loss_coef`` times the
+load-balancing loss to the LM loss (:mod:`pp_ext.moe.router_loss`, pooled over all MoE
+layers). The stream then carries the router statistics after the int tensors:
+``(hidden, position_ids, attention_mask, counts, probabilities[, context])``. The
+embedding starts them at zero, each MoE layer adds its router's (read from the router's
+output, as HF's ``OutputRecorder`` reads it), and the final norm finishes the loss,
+which the LM head passes on after the logits: ``(logits, aux_loss)``. Without it the
+layers are the Llama-like ones and nothing more crosses a stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from pp_ext.hf import llama
+from pp_ext.hf.common import FinalNorm, Stream
+from pp_ext.moe import experts, router_loss
+
+
+def every_layer(config: PretrainedConfig, layer_idx: int) -> bool:
+    """Mixtral, OLMoE: every layer's MLP is sparse."""
+    return True
+
+
+def sparse_step(config: PretrainedConfig, layer_idx: int) -> bool:
+    """Qwen2-MoE, Qwen3-MoE: a layer is sparse unless listed in ``mlp_only_layers``, every
+    ``decoder_sparse_step``-th (``Qwen2MoeDecoderLayer.__init__``)."""
+    return (
+        layer_idx not in config.mlp_only_layers
+        and config.num_experts > 0
+        and (layer_idx + 1) % config.decoder_sparse_step == 0
+    )
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """An MoE family: its Llama-like classes, the config key of its expert count and
+    which of its layers are sparse."""
+
+    family: llama.Family
+    experts_key: str
+    sparse: Callable[[PretrainedConfig, int], bool]
+
+    def num_experts(self, config: PretrainedConfig) -> int:
+        return getattr(config, self.experts_key)
+
+    def moe_layers(self, config: PretrainedConfig) -> int:
+        return sum(self.sparse(config, i) for i in range(config.num_hidden_layers))
+
+
+FAMILIES = {
+    f.family.model_type: f
+    for f in (
+        MoEFamily(
+            llama.Family("mixtral", "Mixtral", llama.sliding_window_set),
+            "num_local_experts",
+            every_layer,
+        ),
+        MoEFamily(
+            llama.Family("qwen2_moe", "Qwen2Moe", llama.layer_type_sliding),
+            "num_experts",
+            sparse_step,
+        ),
+        MoEFamily(
+            llama.Family("qwen3_moe", "Qwen3Moe", llama.sliding_window_set),
+            "num_experts",
+            sparse_step,
+        ),
+        MoEFamily(llama.Family("olmoe", "Olmoe", llama.never), "num_experts", every_layer),
+    )
+}
+
+
+# the config keys transformers' MoE families (supported or not) count their routed experts by
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def routed_experts(config: dict) -> int:
+    """How many routed experts a ``config.json`` (as a dict) declares; 0 for a dense model."""
+    return max((config.get(key) or 0 for key in EXPERT_KEYS), default=0)
+
+
+def supported() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def router_loss_coef(config: PretrainedConfig) -> float | None:
+    """The weight HF's model gives the load-balancing loss in its training loss
+    (``router_aux_loss_coef``), None where it adds none (a dense model, or
+    ``output_router_logits`` off, HF's default)."""
+    if config.model_type not in FAMILIES or not config.output_router_logits:
+        return None
+    return config.router_aux_loss_coef
+
+
+class RouterEmbedding(llama.Embedding):
+    """The token embedding, then empty router statistics for the MoE layers to fill."""
+
+    def __init__(self, config: PretrainedConfig, family: llama.Family) -> None:
+        super().__init__(config, family)
+        self.num_experts = FAMILIES[family.model_type].num_experts(config)
+
+    def forward(self, inputs) -> Stream:
+        hidden, position_ids, attention_mask = super().forward(inputs)
+        counts, probs = router_loss.empty_statistics(self.num_experts, hidden.device)
+        return hidden, position_ids, attention_mask, counts, probs
+
+
+class MoEDecoderLayer(llama.DecoderLayer):
+    """The family's decoder layer, its experts' weight GEMMs deferrable to the W pass
+    (:func:`pp_ext.moe.experts.deferrable`); ``router`` names its top-k router within
+    ``layer``, None in a dense layer."""
+
+    def __init__(self, config: PretrainedConfig, family: llama.Family, layer_idx: int) -> None:
+        super().__init__(config, family, layer_idx)
+        routers = [
+            name
+            for name, module in self.layer.named_modules()
+            if isinstance(module, family.hf_class("TopKRouter"))
+        ]
+        if len(routers) != FAMILIES[family.model_type].sparse(config, layer_idx):
+            raise ValueError(
+                f"{family.model_type} layer {layer_idx} has {len(routers)} routers, which "
+                f"pp-ext's rule for its sparse layers does not expect: transformers changed"
+            )
+        self.router = routers[0] if routers else None
+        for module in self.layer.modules():
+            if isinstance(module, family.hf_class("Experts")):
+                experts.deferrable(module)
+
+
+class RouterDecoderLayer(MoEDecoderLayer):
+    """The family's decoder layer; a sparse one adds its router's statistics to the
+    stream's (:func:`pp_ext.moe.router_loss.add_layer`), a dense one passes them on."""
+
+    def __init__(self, config: PretrainedConfig, family: llama.Family, layer_idx: int) -> None:
+        super().__init__(config, family, layer_idx)
+        self.top_k = config.num_experts_per_tok
+        self._router_logits: torch.Tensor | None = None
+        if self.router is not None:
+            self.layer.get_submodule(self.router).register_forward_hook(self._keep_router_logits)
+
+    def _keep_router_logits(self, module: nn.Module, args, output) -> None:
+        self._router_logits = output[0]  # HF's OutputRecorder(..., index=0)
+
+    def forward(self, inputs: Stream) -> Stream:
+        hidden, position_ids, attention_mask, counts, probs, *shared = inputs
+        hidden, position_ids, attention_mask, context = super().forward(
+            (hidden, position_ids, attention_mask, *shared)
+        )
+        if self._router_logits is not None:
+            counts, probs = router_loss.add_layer(
+                counts, probs, self._router_logits, attention_mask, self.top_k
+            )
+            self._router_logits = None
+        return hidden, position_ids, attention_mask, counts, probs, context
+
+
+class RouterLossNorm(FinalNorm):
+    """The final norm; also finishes the load-balancing loss of the model's ``moe_layers``
+    MoE layers from the statistics the stream carries: ``(hidden, aux_loss)``."""
+
+    def __init__(self, moe_layers: int, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.moe_layers = moe_layers
+
+    # the stream to the head carries the aux loss beside the hidden states
+    def forward(self, inputs: Stream) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        hidden, _, attention_mask, counts, probs = inputs[:5]
+        return self.norm(hidden), router_loss.pooled_loss(
+            counts, probs, attention_mask, self.moe_layers
+        )
+
+
+def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None) -> list:
+    """The Llama-like specs of the family; with ``output_router_logits`` the router
+    statistics ride along and the head returns ``(logits, aux_loss)``."""
+    moe = FAMILIES[config.model_type]
+    # HF's default experts (PreTrainedModel.get_correct_experts_implementation): left None,
+    # as on a bare config, transformers' experts warn and loop over experts instead
+    config = copy.deepcopy(config)
+    config._experts_implementation = "grouped_mm"
+    if router_loss_coef(config) is None:
+        return llama.family_specs(config, moe.family, attn_implementation, decoder=MoEDecoderLayer)
+    return llama.family_specs(
+        config,
+        moe.family,
+        attn_implementation,
+        embedding=RouterEmbedding,
+        decoder=RouterDecoderLayer,
+        norm=RouterLossNorm,
+        norm_args=(moe.moe_layers(config),),
+    )

@@ -1,0 +1,87 @@
+"""Experts whose weight gradients wait for the zero-bubble W pass.
+
+Transformers' MoE experts (``@use_experts_implementation``: Mixtral, Qwen2/3-MoE, OLMoE)
+hold every expert's projections stacked, ``gate_up_proj`` (experts, 2 * inter, hidden)
+and ``down_proj`` (experts, hidden, inter), and by default (``grouped_mm``) sort the
+token-expert pairs by expert and run each projection as one grouped GEMM
+(``transformers.integrations.moe.grouped_mm_experts_forward``). Autograd would compute
+both GEMMs of their backward in I; zero-bubble schedules (Qi et al. 2024, "Zero Bubble
+Pipeline Parallelism", Sec. 2) want the weight GEMMs, about half of an MoE layer's
+backward, in W. :func:`deferrable` swaps an experts module's class (parameters and names
+unchanged) for one that, once bound to a store, runs the same computation with the two
+projections through :func:`pp_ext.autograd.split_backward.grouped_linear`; unbound it is
+transformers' own.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from pp_ext.autograd.split_backward import Bindable, grouped_linear
+
+
+def split_experts_forward(
+    experts: Any,  # a transformers experts module: its stacked weights, counts and gate
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Transformers' ``grouped_mm_experts_forward`` for gated experts without biases (the
+    supported families'), each grouped GEMM deferrable: pairs sorted by expert, the rows
+    of each expert counted by ``histc`` (float on CPU, int on GPU, as transformers counts
+    them), ``down(act(gate) * up)`` scaled by the routing weights, summed per token."""
+    num_tokens, hidden_dim = hidden_states.shape
+    num_top_k = top_k_index.size(-1)
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    selected = hidden_states[perm // num_top_k]
+    sample_weights = top_k_weights.reshape(-1)[perm]
+    counted = (
+        expert_ids.float() if hidden_states.device.type in ("cpu", "mps") else expert_ids.int()
+    )
+    rows = torch.histc(counted, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
+    offsets = torch.cumsum(rows, dim=0, dtype=torch.int32)
+    store = experts._wgrad_store
+    projected = experts._apply_gate(grouped_linear(selected, experts.gate_up_proj, offsets, store))
+    projected = grouped_linear(projected, experts.down_proj, offsets, store)
+    weighted = projected * sample_weights.unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted = weighted[inverse]
+    return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+class DeferrableExperts(Bindable):
+    """Mixed into a transformers experts class: its forward while bound to a store
+    (:func:`pp_ext.autograd.split_backward.enable_split_backward`) is
+    :func:`split_experts_forward`, otherwise transformers' (whatever
+    ``config._experts_implementation`` selects)."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if self._wgrad_store is None or torch.is_autocast_enabled(hidden_states.device.type):
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        return split_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+@functools.cache
+def _deferrable_class(experts_class: type) -> type:
+    return type(
+        f"Deferrable{experts_class.__name__}",
+        (DeferrableExperts, experts_class),
+        {"__module__": __name__, "__doc__": f"{experts_class.__name__} with deferrable GEMMs."},
+    )
+
+
+def deferrable(experts: nn.Module) -> nn.Module:
+    """``experts`` (gated, no biases, (experts, out, in) weights) made deferrable in place."""
+    if experts.has_bias or not experts.has_gate or experts.is_transposed:
+        raise ValueError(
+            f"{type(experts).__name__} has biases, no gate or transposed weights: pp-ext defers "
+            f"the weight GEMMs of gated experts without biases only"
+        )
+    experts_class: type = type(experts)
+    experts.__class__ = _deferrable_class(experts_class)
+    return experts
