@@ -179,7 +179,7 @@ def run_lora_case(tmp: str, case: LoraCase) -> dict:
     torch.manual_seed(0)
     config = CONFIGS[case.family](case.tied)
     hf = AutoModelForCausalLM.from_config(config).float()
-    lora = lora_config(case)
+    lora = lora_config(case, config)
     torch.manual_seed(1)  # the same reference adapter on every rank
     reference = get_peft_model(copy.deepcopy(hf), LoraConfig(**lora.to_dict()))
     if dist.get_rank() == 0:

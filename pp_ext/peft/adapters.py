@@ -135,7 +135,7 @@ def planned_parameters(specs: list, section, config: PretrainedConfig) -> list[t
     adds (:func:`add_adapters`); full fine-tuning (type none) freezes nothing."""
     if section.type != "lora":
         return layer_parameters(specs)
-    targets = Targets.of(lora_config(section), config)
+    targets = Targets.of(lora_config(section, config), config)
     return layer_parameters(specs, lambda index, layer: add_adapters([(index, layer)], targets, 0))
 
 
