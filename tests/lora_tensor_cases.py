@@ -62,6 +62,7 @@ def lora_config(case: LoraCase):
         modules_to_save=None if case.modules_to_save is None else list(case.modules_to_save),
         task_type="CAUSAL_LM",
         init_lora_weights=False,  # B random too: the first step moves A as well
+        fan_in_fan_out=case.family == "gpt2",  # GPT-2's Conv1D: as pp-ext's lora_config says
     )
 
 
@@ -179,7 +180,7 @@ def run_lora_case(tmp: str, case: LoraCase) -> dict:
     torch.manual_seed(0)
     config = CONFIGS[case.family](case.tied)
     hf = AutoModelForCausalLM.from_config(config).float()
-    lora = lora_config(case, config)
+    lora = lora_config(case)
     torch.manual_seed(1)  # the same reference adapter on every rank
     reference = get_peft_model(copy.deepcopy(hf), LoraConfig(**lora.to_dict()))
     if dist.get_rank() == 0:

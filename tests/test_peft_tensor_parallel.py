@@ -27,7 +27,9 @@ def adapted_layer(family: str, size: int, rank: int):
     idx = len(layer_specs(config)) - 3  # before the final norm and the LM head
     with tp.using(tp.TensorAxis(size, rank)):
         layer = layer_specs(config)[idx].build()
-    lora = LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=4, target_modules="all-linear", task_type="CAUSAL_LM", fan_in_fan_out=family == "gpt2"
+    )
     add_adapters([(idx, layer)], Targets.of(lora, config), seed=SEED)
     return layer
 
