@@ -13,7 +13,7 @@ from recipe_cases import one_line_error
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pp_ext.config.recipe import load
-from pp_ext.peft import PeftError, check_adapter, lora_config, target_names
+from pp_ext.peft import PeftError, check_adapter, check_modules_to_save, lora_config, target_names
 
 TARGETS = [
     None,  # PEFT's default for the family
@@ -112,6 +112,29 @@ def test_recipe_section_is_peft_lora_config(recipe_file):
 )
 def test_bad_peft_sections_name_the_key_and_the_fix(recipe_file, overrides, expected):
     assert expected in one_line_error(load, recipe_file, ["peft.type=lora", *overrides])
+
+
+@pytest.mark.parametrize(
+    "family, tied, names, expected",
+    [
+        ("gpt_neox", False, ["embed_out"], "names 'embed_out', which matches no module"),
+        ("llama", True, ["lm_head"], "trains lm_head, one half of this model's tied embedding"),
+        ("llama", True, ["embed_tokens"], "trains model.embed_tokens, one half of this model's"),
+    ],
+)
+def test_modules_to_save_that_match_nothing_or_half_a_tie(family, tied, names, expected):
+    """PEFT skips a name that matches nothing and trains an untied copy of a tied module,
+    both silently: one line each; untied halves and other modules pass."""
+    lora = LoraConfig(r=2, target_modules="all-linear", modules_to_save=names)
+    with pytest.raises(PeftError) as error:
+        check_modules_to_save(lora, CONFIGS[family](tied))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    for family, tied, names in (
+        ("gpt_neox", False, ["lm_head"]),
+        ("llama", False, ["lm_head", "embed_tokens"]),
+        ("llama", True, ["norm"]),
+    ):
+        check_modules_to_save(LoraConfig(r=2, modules_to_save=names), CONFIGS[family](tied))
 
 
 def test_adapter_folder_for_another_rank_or_base(tmp_path):

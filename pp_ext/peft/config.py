@@ -123,6 +123,43 @@ def _peft_model(lora: LoraConfig, config: PretrainedConfig) -> PeftModel:
         return get_peft_model(meta_model(config), unnamed)
 
 
+def check_modules_to_save(lora: LoraConfig, config: PretrainedConfig) -> None:
+    """Each ``modules_to_save`` name matches a module (PEFT skips one that matches nothing,
+    silently), and none is one half of tied embeddings: PEFT trains an untied copy of it
+    while the pipeline's stages share one tied module, so the two would train different
+    models. Else :class:`PeftError`, naming the fix."""
+    if not lora.modules_to_save:
+        return
+    with warnings.catch_warnings():  # peft's own about tied layers: refused below, in one line
+        warnings.filterwarnings("ignore", ".*ensure_weight_tying", UserWarning)
+        saved = saved_names(lora, config)
+    for name in lora.modules_to_save:
+        if not any(module == name or module.endswith(f".{name}") for module in saved):
+            model = meta_model(config)
+            top = [
+                n for n, m in model.named_modules() if n and next(m.parameters(), None) is not None
+            ]
+            wholes = sorted({n.rpartition(".")[2] for n in top if n.count(".") <= 1})
+            raise PeftError(
+                f"peft.modules_to_save names {name!r}, which matches no module of this "
+                f"{config.model_type} model: name one of its modules, e.g. {', '.join(wholes)}"
+            )
+    model = meta_model(config)
+    tied = config.get_text_config().tie_word_embeddings
+    halves = {
+        name
+        for name, module in model.named_modules()
+        if module is model.get_input_embeddings() or module is model.get_output_embeddings()
+    }
+    if tied and (both := sorted(halves & set(saved))):
+        raise PeftError(
+            f"peft.modules_to_save trains {both[0]}, one half of this model's tied embedding "
+            f"and LM head: PEFT would train an untied copy of it while the stages share one "
+            f"module; use a model with untied embeddings (tie_word_embeddings: false) or leave "
+            f"{both[0]} frozen"
+        )
+
+
 def saved_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
     """The HF module names of the model of ``config`` that PEFT trains whole
     (``modules_to_save``), found by ``get_peft_model`` itself."""
