@@ -78,7 +78,7 @@ def test_recipe_section_is_peft_lora_config(recipe_file):
             "peft.modules_to_save=[lm_head]",
         ],
     )
-    lora = lora_config(recipe.peft)
+    lora = lora_config(recipe.peft, AutoConfig.from_pretrained(recipe.model.path))
     assert lora == LoraConfig(
         task_type="CAUSAL_LM",
         r=4,
@@ -89,7 +89,8 @@ def test_recipe_section_is_peft_lora_config(recipe_file):
         modules_to_save=["lm_head"],
     )
     assert load(recipe_file).peft.type == "none"
-    regex = lora_config(load(recipe_file, ["peft.type=lora", "peft.target_modules=.*proj"]).peft)
+    regex = load(recipe_file, ["peft.type=lora", "peft.target_modules=.*proj"])
+    regex = lora_config(regex.peft, AutoConfig.from_pretrained(regex.model.path))
     assert regex.target_modules == ".*proj"
 
 
@@ -199,3 +200,18 @@ def test_launch_checks_the_peft_section_against_the_model(tmp_path):
     assert check_before_launch(load(QUICKSTART, good), 2)[0].pipeline == 2
     shipped = load("recipes/quickstart-lora.yaml", [f"output_dir={tmp_path / 'shipped'}"])
     assert check_before_launch(shipped, 2)[0].pipeline == 2
+
+
+def test_gpt2_s_conv1d_layers_get_fan_in_fan_out_without_a_warning(recipe_file):
+    """GPT-2 stores its linear weights [in, out] (Conv1D): the LoraConfig says so, as PEFT
+    would set it, so wrapping warns nothing; Linear models keep PEFT's default."""
+    import warnings
+
+    section = load(recipe_file, ["peft.type=lora", "peft.target_modules=all-linear"]).peft
+    for family, expected in (("gpt2", True), ("llama", False)):
+        config = CONFIGS[family](False)
+        lora = lora_config(section, config)
+        assert lora.fan_in_fan_out is expected
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert target_names(lora, config)

@@ -54,7 +54,7 @@ def test_trainable_parameters_are_peft_s_and_the_rest_frozen(family, overrides):
     config = CONFIGS[family](False)
     lora = section(RECIPE, *overrides)
     params = planned_parameters(layer_specs(config), lora, config)
-    reference = peft_model(config, lora_config(lora))
+    reference = peft_model(config, lora_config(lora, config))
     trainable, _ = reference.get_nb_trainable_parameters()
     whole = sum(p.numel() for p in meta_model(config).lm_head.parameters())
     hf = sum(p.numel() for p in meta_model(config).parameters())
@@ -92,7 +92,7 @@ def test_70b_lora_plan_per_rank(plans):
 
     recipe, layout, (lines, ranks) = plans["lora"]
     config = AutoConfig.from_pretrained(recipe.model.path)
-    reference = peft_model(config, lora_config(recipe.peft))
+    reference = peft_model(config, lora_config(recipe.peft, config))
     trainable, _ = reference.get_nb_trainable_parameters()
     assert sum(rank.trainable for rank in ranks) == trainable == 207_093_760
     assert f"LoRA r=16 trains {trainable / 1e6:.1f} M" in lines[0]

@@ -106,7 +106,8 @@ class LoraBenchOptions:
         for name in self.schedules:
             spec = get(name)
             spec.check(RANKS, m, spec.default_chunks)
-        Targets.of(lora_config(recipe.peft), load_config(recipe.model.path))  # PeftError
+        config = load_config(recipe.model.path)
+        Targets.of(lora_config(recipe.peft, config), config)  # PeftError
         return recipe
 
 
@@ -386,7 +387,7 @@ def zero3_side(recipe: Recipe, model, start: dict[str, torch.Tensor]) -> Zero3Si
     """DeepSpeed ZeRO-3 over the ranks on PEFT's ``get_peft_model(model)`` with the
     adapters ``start`` (PEFT's keys)."""
     with peft_model_warnings():
-        wrapped = get_peft_model(model, lora_config(recipe.peft))
+        wrapped = get_peft_model(model, lora_config(recipe.peft, model.config))
     expected = set(get_peft_model_state_dict(wrapped))
     if expected != set(start):
         raise RuntimeError(

@@ -62,7 +62,8 @@ class Checkpointer:
         """What the LoRA run trains (None: full fine-tuning)."""
         if not self.frozen_base:
             return None
-        return Targets.of(lora_config(self.recipe.peft), load_config(self.recipe.model.path))
+        config = load_config(self.recipe.model.path)
+        return Targets.of(lora_config(self.recipe.peft, config), config)
 
     def due(self, step: int, steps: int) -> bool:
         interval = self.recipe.checkpoint.interval
@@ -86,7 +87,9 @@ class Checkpointer:
                 self.save_dir / tag,
                 model.path,
                 model.tokenizer,
-                adapter=lora_config(self.recipe.peft) if self.frozen_base else None,
+                adapter=lora_config(self.recipe.peft, load_config(model.path))
+                if self.frozen_base
+                else None,
                 # a seeded base (no weights) is rebuilt at export: the adapter needs it
                 base_init=(
                     {"seed": self.recipe.train.seed, "dtype": model.dtype}

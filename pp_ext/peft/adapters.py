@@ -135,7 +135,7 @@ def planned_parameters(specs: list, section, config: PretrainedConfig) -> list[t
     adds (:func:`add_adapters`); full fine-tuning (type none) freezes nothing."""
     if section.type != "lora":
         return layer_parameters(specs)
-    targets = Targets.of(lora_config(section), config)
+    targets = Targets.of(lora_config(section, config), config)
     return layer_parameters(specs, lambda index, layer: add_adapters([(index, layer)], targets, 0))
 
 
@@ -181,7 +181,8 @@ def apply_lora(module: ChunkedPipelineModule, section, model: str | Path, seed: 
     ``adapter_path``, the rest frozen. Local to the rank (a :class:`PeftError` here may be
     one rank's alone); the caller then calls ``module.parameters_changed()``, a collective.
     Returns the number of trainable parameters on this rank."""
-    targets = Targets.of(lora_config(section), load_config(model))
+    config = load_config(model)
+    targets = Targets.of(lora_config(section, config), config)
     layers = add_adapters(indexed_layers(module), targets, seed)
     if section.adapter_path is not None:
         load_adapter(layers, section.adapter_path)

@@ -40,10 +40,15 @@ class PeftError(ValueError):
     """A ``peft`` section or adapter folder the user must fix (one line)."""
 
 
-def lora_config(section) -> LoraConfig:
-    """PEFT's ``LoraConfig`` of the recipe's ``peft`` section (same names, same meaning)."""
+def lora_config(section, config: PretrainedConfig) -> LoraConfig:
+    """PEFT's ``LoraConfig`` of the recipe's ``peft`` section (same names, same meaning)
+    for the model of ``config``: ``fan_in_fan_out`` where its linear layers are
+    transformers' ``Conv1D`` (GPT-2 stores weights [in, out]; PEFT would set it itself,
+    with a warning, on every build)."""
     targets = section.target_modules
+    conv1d = any(isinstance(module, Conv1D) for module in meta_model(config).modules())
     return LoraConfig(
+        fan_in_fan_out=conv1d,
         task_type=TaskType.CAUSAL_LM,
         r=section.r,
         lora_alpha=section.lora_alpha,

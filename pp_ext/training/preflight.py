@@ -199,7 +199,7 @@ def check_peft(recipe: Recipe, config: PretrainedConfig) -> None:
             f"peft.type=lora on a {config.model_type!r} mixture-of-experts model is not supported "
             f"yet (its fused experts would get no adapter): set peft.type=none to fine-tune it whole"
         )
-    lora = lora_config(recipe.peft)
+    lora = lora_config(recipe.peft, config)
     try:
         target_names(lora, config)
         check_modules_to_save(lora, config)
