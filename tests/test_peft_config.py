@@ -13,7 +13,7 @@ from recipe_cases import one_line_error
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pp_ext.config.recipe import load
-from pp_ext.peft import PeftError, check_adapter, lora_config, target_names
+from pp_ext.peft import PeftError, check_adapter, check_modules_to_save, lora_config, target_names
 
 TARGETS = [
     None,  # PEFT's default for the family
@@ -27,10 +27,9 @@ def _reference(model_type: str, targets) -> list[str]:
     """The modules peft's own get_peft_model wraps on transformers' model."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS[model_type](False))
-    lora = LoraConfig(
-        task_type="CAUSAL_LM", r=2, target_modules=targets, fan_in_fan_out=model_type == "gpt2"
+    peft_model = get_peft_model(
+        model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=targets)
     )
-    peft_model = get_peft_model(model, lora)
     prefix = "base_model.model."
     return [
         name.removeprefix(prefix)
@@ -43,9 +42,7 @@ def _reference(model_type: str, targets) -> list[str]:
 def test_targets_are_those_get_peft_model_wraps(model_type):
     config = CONFIGS[model_type](False)
     for targets in TARGETS:
-        lora = LoraConfig(
-            task_type="CAUSAL_LM", r=2, target_modules=targets, fan_in_fan_out=model_type == "gpt2"
-        )
+        lora = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=targets)
         before = lora.to_dict()
         try:
             expected = _reference(model_type, targets)
@@ -81,7 +78,7 @@ def test_recipe_section_is_peft_lora_config(recipe_file):
             "peft.modules_to_save=[lm_head]",
         ],
     )
-    lora = lora_config(recipe.peft, AutoConfig.from_pretrained("configs/models/quickstart"))
+    lora = lora_config(recipe.peft, AutoConfig.from_pretrained(recipe.model.path))
     assert lora == LoraConfig(
         task_type="CAUSAL_LM",
         r=4,
@@ -92,19 +89,9 @@ def test_recipe_section_is_peft_lora_config(recipe_file):
         modules_to_save=["lm_head"],
     )
     assert load(recipe_file).peft.type == "none"
-    regex = lora_config(
-        load(recipe_file, ["peft.type=lora", "peft.target_modules=.*proj"]).peft,
-        CONFIGS["llama"](False),
-    )
+    regex = load(recipe_file, ["peft.type=lora", "peft.target_modules=.*proj"])
+    regex = lora_config(regex.peft, AutoConfig.from_pretrained(regex.model.path))
     assert regex.target_modules == ".*proj"
-    # GPT-2's Conv1D linears: fan_in_fan_out set, so PEFT wraps them without a warning
-    # (setup.cfg's filterwarnings makes one an error)
-    gpt2 = CONFIGS["gpt2"](False)
-    lora = lora_config(
-        load(recipe_file, ["peft.type=lora", "peft.target_modules=[c_attn]"]).peft, gpt2
-    )
-    assert lora.fan_in_fan_out and not regex.fan_in_fan_out
-    assert target_names(lora, gpt2) == [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
 
 
 @pytest.mark.parametrize(
@@ -126,6 +113,29 @@ def test_recipe_section_is_peft_lora_config(recipe_file):
 )
 def test_bad_peft_sections_name_the_key_and_the_fix(recipe_file, overrides, expected):
     assert expected in one_line_error(load, recipe_file, ["peft.type=lora", *overrides])
+
+
+@pytest.mark.parametrize(
+    "family, tied, names, expected",
+    [
+        ("gpt_neox", False, ["embed_out"], "names 'embed_out', which matches no module"),
+        ("llama", True, ["lm_head"], "trains lm_head, one half of this model's tied embedding"),
+        ("llama", True, ["embed_tokens"], "trains model.embed_tokens, one half of this model's"),
+    ],
+)
+def test_modules_to_save_that_match_nothing_or_half_a_tie(family, tied, names, expected):
+    """PEFT skips a name that matches nothing and trains an untied copy of a tied module,
+    both silently: one line each; untied halves and other modules pass."""
+    lora = LoraConfig(r=2, target_modules="all-linear", modules_to_save=names)
+    with pytest.raises(PeftError) as error:
+        check_modules_to_save(lora, CONFIGS[family](tied))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    for family, tied, names in (
+        ("gpt_neox", False, ["lm_head"]),
+        ("llama", False, ["lm_head", "embed_tokens"]),
+        ("llama", True, ["norm"]),
+    ):
+        check_modules_to_save(LoraConfig(r=2, modules_to_save=names), CONFIGS[family](tied))
 
 
 def test_adapter_folder_for_another_rank_or_base(tmp_path):
@@ -190,3 +200,18 @@ def test_launch_checks_the_peft_section_against_the_model(tmp_path):
     assert check_before_launch(load(QUICKSTART, good), 2)[0].pipeline == 2
     shipped = load("recipes/quickstart-lora.yaml", [f"output_dir={tmp_path / 'shipped'}"])
     assert check_before_launch(shipped, 2)[0].pipeline == 2
+
+
+def test_gpt2_s_conv1d_layers_get_fan_in_fan_out_without_a_warning(recipe_file):
+    """GPT-2 stores its linear weights [in, out] (Conv1D): the LoraConfig says so, as PEFT
+    would set it, so wrapping warns nothing; Linear models keep PEFT's default."""
+    import warnings
+
+    section = load(recipe_file, ["peft.type=lora", "peft.target_modules=all-linear"]).peft
+    for family, expected in (("gpt2", True), ("llama", False)):
+        config = CONFIGS[family](False)
+        lora = lora_config(section, config)
+        assert lora.fan_in_fan_out is expected
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert target_names(lora, config)

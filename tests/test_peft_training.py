@@ -25,7 +25,7 @@ CASES = [
     ("phi3", "1f1b", False, 0, "all-linear", None),
     ("qwen2", "deepspeed-1f1b", True, 1, ["q_proj", "o_proj"], None),
     ("gpt2", "zb-h1", True, 0, "all-linear", None),
-    ("gpt_neox", "chimera", False, 0, "all-linear", ["embed_out"]),
+    ("gpt_neox", "chimera", False, 0, "all-linear", ["lm_head"]),
 ]
 
 

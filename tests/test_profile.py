@@ -261,8 +261,6 @@ def test_a_one_rank_profile_measures_the_layers_and_prices_p2p_at_zero(tmp_path)
     replica sum's), and a frozen embedding saves nothing for backward."""
     from pathlib import Path
 
-    from transformers import AutoConfig
-
     from pp_ext.bench.profiler import profile_recipe
     from pp_ext.config.recipe import load
     from pp_ext.peft import lora_config
@@ -273,8 +271,11 @@ def test_a_one_rank_profile_measures_the_layers_and_prices_p2p_at_zero(tmp_path)
     assert len(profile.layers) == 7 and all(
         layer.forward > 0 and layer.backward > 0 for layer in profile.layers[1:]
     )
-    config = AutoConfig.from_pretrained(recipe.model.path)
-    expected = lora_trainable_bytes(recipe.model.path, lora_config(recipe.peft, config))
+    from transformers import AutoConfig
+
+    expected = lora_trainable_bytes(
+        recipe.model.path, lora_config(recipe.peft, AutoConfig.from_pretrained(recipe.model.path))
+    )
     assert [layer.parameter_bytes for layer in profile.layers] == [0, *expected, 0, 0]
     assert profile.layers[0].activation_bytes == 0  # ids in, a frozen weight: nothing saved
     assert (profile.comm, profile.allreduce_latency, profile.allreduce_bandwidth) == (

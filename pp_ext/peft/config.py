@@ -34,7 +34,6 @@ from transformers.pytorch_utils import Conv1D
 from pp_ext.hf.weights import meta_model
 
 ADAPTER_CONFIG = "adapter_config.json"  # the name PEFT's save_pretrained writes
-CONV1D_MODEL_TYPES = ("gpt2",)  # the supported families whose linears are Conv1D
 
 
 class PeftError(ValueError):
@@ -43,9 +42,13 @@ class PeftError(ValueError):
 
 def lora_config(section, config: PretrainedConfig) -> LoraConfig:
     """PEFT's ``LoraConfig`` of the recipe's ``peft`` section (same names, same meaning)
-    for the model of ``config``."""
+    for the model of ``config``: ``fan_in_fan_out`` where its linear layers are
+    transformers' ``Conv1D`` (GPT-2 stores weights [in, out]; PEFT would set it itself,
+    with a warning, on every build)."""
     targets = section.target_modules
+    conv1d = any(isinstance(module, Conv1D) for module in meta_model(config).modules())
     return LoraConfig(
+        fan_in_fan_out=conv1d,
         task_type=TaskType.CAUSAL_LM,
         r=section.r,
         lora_alpha=section.lora_alpha,
@@ -53,9 +56,6 @@ def lora_config(section, config: PretrainedConfig) -> LoraConfig:
         target_modules=targets if targets is None or isinstance(targets, str) else list(targets),
         use_rslora=section.use_rslora,
         modules_to_save=None if section.modules_to_save is None else list(section.modules_to_save),
-        # GPT-2's linears are transformers' Conv1D, weights stored (in, out): PEFT sets this
-        # itself for them, with a warning, when it is not given
-        fan_in_fan_out=config.model_type in CONV1D_MODEL_TYPES,
     )
 
 
@@ -126,6 +126,43 @@ def _peft_model(lora: LoraConfig, config: PretrainedConfig) -> PeftModel:
         # no base name: peft warns when it differs from the meta model's (a config's folder)
         unnamed = LoraConfig(**{**lora.to_dict(), "base_model_name_or_path": None})
         return get_peft_model(meta_model(config), unnamed)
+
+
+def check_modules_to_save(lora: LoraConfig, config: PretrainedConfig) -> None:
+    """Each ``modules_to_save`` name matches a module (PEFT skips one that matches nothing,
+    silently), and none is one half of tied embeddings: PEFT trains an untied copy of it
+    while the pipeline's stages share one tied module, so the two would train different
+    models. Else :class:`PeftError`, naming the fix."""
+    if not lora.modules_to_save:
+        return
+    with warnings.catch_warnings():  # peft's own about tied layers: refused below, in one line
+        warnings.filterwarnings("ignore", ".*ensure_weight_tying", UserWarning)
+        saved = saved_names(lora, config)
+    for name in lora.modules_to_save:
+        if not any(module == name or module.endswith(f".{name}") for module in saved):
+            model = meta_model(config)
+            top = [
+                n for n, m in model.named_modules() if n and next(m.parameters(), None) is not None
+            ]
+            wholes = sorted({n.rpartition(".")[2] for n in top if n.count(".") <= 1})
+            raise PeftError(
+                f"peft.modules_to_save names {name!r}, which matches no module of this "
+                f"{config.model_type} model: name one of its modules, e.g. {', '.join(wholes)}"
+            )
+    model = meta_model(config)
+    tied = config.get_text_config().tie_word_embeddings
+    halves = {
+        name
+        for name, module in model.named_modules()
+        if module is model.get_input_embeddings() or module is model.get_output_embeddings()
+    }
+    if tied and (both := sorted(halves & set(saved))):
+        raise PeftError(
+            f"peft.modules_to_save trains {both[0]}, one half of this model's tied embedding "
+            f"and LM head: PEFT would train an untied copy of it while the stages share one "
+            f"module; use a model with untied embeddings (tie_word_embeddings: false) or leave "
+            f"{both[0]} frozen"
+        )
 
 
 def saved_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:

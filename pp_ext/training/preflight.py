@@ -34,7 +34,14 @@ from pp_ext.config.schema import Recipe
 from pp_ext.engine.module import partition
 from pp_ext.hf import layer_specs, moe, position_table, supported
 from pp_ext.hf.loading import load_config
-from pp_ext.peft import PeftError, check_adapter, embedding_targets, lora_config, target_names
+from pp_ext.peft import (
+    PeftError,
+    check_adapter,
+    check_modules_to_save,
+    embedding_targets,
+    lora_config,
+    target_names,
+)
 from pp_ext.planning.search import profiled_auto
 from pp_ext.schedules import Schedule, ScheduleError, get
 from pp_ext.schedules.registry import BASELINE
@@ -195,6 +202,7 @@ def check_peft(recipe: Recipe, config: PretrainedConfig) -> None:
     lora = lora_config(recipe.peft, config)
     try:
         target_names(lora, config)
+        check_modules_to_save(lora, config)
         embeddings = embedding_targets(lora, config)
         if recipe.parallel.tensor > 1 and embeddings:
             # PEFT's lora.Embedding looks up whole-vocabulary ids in this rank's rows
