@@ -27,9 +27,10 @@ def _reference(model_type: str, targets) -> list[str]:
     """The modules peft's own get_peft_model wraps on transformers' model."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS[model_type](False))
-    peft_model = get_peft_model(
-        model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=targets)
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=2, target_modules=targets, fan_in_fan_out=model_type == "gpt2"
     )
+    peft_model = get_peft_model(model, lora)
     prefix = "base_model.model."
     return [
         name.removeprefix(prefix)
@@ -42,7 +43,9 @@ def _reference(model_type: str, targets) -> list[str]:
 def test_targets_are_those_get_peft_model_wraps(model_type):
     config = CONFIGS[model_type](False)
     for targets in TARGETS:
-        lora = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=targets)
+        lora = LoraConfig(
+            task_type="CAUSAL_LM", r=2, target_modules=targets, fan_in_fan_out=model_type == "gpt2"
+        )
         before = lora.to_dict()
         try:
             expected = _reference(model_type, targets)
