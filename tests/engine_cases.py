@@ -129,7 +129,7 @@ def run_case(name: str, pipe: int, micro_batches: int, chunks: int, tied: bool) 
             for k in range(micro_batches):
                 loss = reference.loss(*batch(step, d, k, config.vocab)) / (micro_batches * data)
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
         ref_optimizer.step()
         ref_losses.append(total)
 

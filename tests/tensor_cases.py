@@ -140,9 +140,10 @@ def run_case(tmp, case) -> dict:
             gathered = tp.gather_last_dim(logits, axis)[..., : config.vocab_size]
             result["export_diff"] = float((gathered - want).abs().max())
             # the export equals the trained reference model too: logits and parameters
-            result["export_vs_ref"] = float(
-                (want - model.eval()(input_ids=probe).logits).abs().max()
-            )
+            with torch.no_grad():
+                result["export_vs_ref"] = float(
+                    (want - model.eval()(input_ids=probe).logits).abs().max()
+                )
             reference = model.state_dict()
             result["export_params_vs_ref"] = max(
                 float((tensor - reference[name]).abs().max())

@@ -146,7 +146,7 @@ def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
         sum(losses).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)))
         ref_optimizer.step()
-        ref_losses.append(float(sum(losses)))
+        ref_losses.append(float(sum(losses).detach()))
 
     losses = []
     for n in range(STEPS):

@@ -90,7 +90,7 @@ def run_family(family: str, schedule: str, tied: bool) -> dict:
             ids, _ = batch(s, k)
             loss = hf(input_ids=ids, labels=ids, use_cache=False).loss / micro_batches
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         optimizer.step()
         ref_losses.append(total)
     reference = hf.state_dict()

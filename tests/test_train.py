@@ -135,8 +135,8 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)  # every rank at once, mid-run
-    process.wait()
-    assert marker.exists(), process.stderr.read()
+    _, err = process.communicate()  # reads and closes its stderr pipe
+    assert marker.exists(), err
     done = losses(out)
     assert max(done) < 30, "the run finished before it was killed: nothing was resumed"
 
@@ -791,7 +791,7 @@ def test_killed_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        process.communicate()  # reads and closes its stderr pipe
     assert caught is not None, "no save was caught in the middle"
     assert not (caught / "pp_ext.json").exists(), "killed too late: the save had completed"
     previous = (saves / "latest").read_text()

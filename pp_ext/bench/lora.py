@@ -32,7 +32,6 @@ import hashlib
 import random
 import statistics
 import time
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +47,7 @@ from transformers import AutoModelForCausalLM
 from pp_ext.config.recipe import batch_config, deepspeed_config, load
 from pp_ext.config.schema import Recipe
 from pp_ext.data import IGNORE_INDEX
+from pp_ext.engine.boundary import ignore_deepspeed_deprecations
 from pp_ext.engine.initialize import initialize
 from pp_ext.hf import build_pipeline_module, copy_hf_weights
 from pp_ext.hf.loading import has_weights, load_config, local_layers, to_dtype
@@ -420,12 +420,7 @@ def zero3_side(recipe: Recipe, model, start: dict[str, torch.Tensor]) -> Zero3Si
 
 
 def worker(rank: int, world: int, options: LoraBenchOptions) -> dict | None:
-    # DeepSpeed 0.19.8's ZeRO-3 calls torch.distributed by names torch 2.13 deprecates
-    warnings.filterwarnings(
-        "ignore",
-        r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-        FutureWarning,
-    )
+    ignore_deepspeed_deprecations()
     recipe = options.load()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = load_config(recipe.model.path)

@@ -11,6 +11,8 @@ setup.cfg's range is (:mod:`pp_ext.tools.versions`).
 
 from __future__ import annotations
 
+import warnings
+
 from pp_ext.tools.versions import UnsupportedVersion
 
 HOOKS = ("_train_schedule", "_inference_schedule", "_loss_stage_global_rank")
@@ -31,3 +33,13 @@ def require_hooks(engine_class: type, version: str) -> None:
             f"DeepSpeed {version} has no PipelineEngine.{', '.join(missing)}, which pp-ext's "
             f"engine overrides (its schedule would not run): install deepspeed>={FIRST_RELEASE}"
         )
+
+
+def ignore_deepspeed_deprecations() -> None:
+    """DeepSpeed 0.19.8's ZeRO and bf16 optimizers call ``torch.distributed`` by names torch
+    2.13 deprecates (a FutureWarning per call site, DeepSpeed's to fix): not shown to users."""
+    warnings.filterwarnings(
+        "ignore",
+        r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        FutureWarning,
+    )

@@ -20,6 +20,7 @@ import os
 from pp_ext.config.layout import Layout
 from pp_ext.config.recipe import load
 from pp_ext.config.schema import Recipe
+from pp_ext.engine.boundary import ignore_deepspeed_deprecations
 from pp_ext.engine.engine import PipelineError
 from pp_ext.schedules import Schedule
 from pp_ext.tools.logging import EVERY_RANK, get_logger
@@ -53,6 +54,7 @@ def checked(args: argparse.Namespace, world_size: int) -> tuple[Recipe, Layout, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ignore_deepspeed_deprecations()
     try:
         return Trainer(*checked(args, world_size)).train()
     except USER_ERRORS as exc:  # the user's to fix: one line
