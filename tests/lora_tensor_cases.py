@@ -162,7 +162,7 @@ def adapter_diff(layers, axis, reference) -> float:
         for layer in layers
         for name, key in peft_keys(layer).items()
     }
-    return max(float((ours[k] - trained[k]).abs().max()) for k in ours)
+    return max(float((ours[k] - trained[k]).detach().abs().max()) for k in ours)
 
 
 def run_lora_case(tmp: str, case: LoraCase) -> dict:
@@ -222,7 +222,9 @@ def run_lora_case(tmp: str, case: LoraCase) -> dict:
             with torch.no_grad():
                 want = exported(input_ids=probe).logits
                 trained = reference.eval()(input_ids=probe).logits
-            result["export_diff"] = float((tp.gather_last_dim(logits, axis) - want).abs().max())
+            result["export_diff"] = float(
+                (tp.gather_last_dim(logits, axis) - want).detach().abs().max()
+            )
             result["export_vs_ref"] = float((want - trained).abs().max())
         # the checkpoint resumed at pipe 2 x data 2 (its lora factors merged whole), a 4th step
         resumed, layers = lora_engine(model, RESUME_LAYOUT, case.schedule, lora, None)

@@ -155,14 +155,14 @@ def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
             eng.save_checkpoint(ckpt_dir, tag="one")
     ref_params = dict(reference.named_parameters())
     param_diff = max(
-        float((p - ref_params[name]).abs().max()) for name, p in module.named_parameters()
+        float((p - ref_params[name]).detach().abs().max()) for name, p in module.named_parameters()
     )
 
     resumed, eng2 = engine(7)
     eng2.load_checkpoint(ckpt_dir, tag="one")
     resumed_losses = [step(eng2, n) for n in range(1, STEPS)]
     resumed_diff = max(
-        float((p - dict(module.named_parameters())[name]).abs().max())
+        float((p - dict(module.named_parameters())[name]).detach().abs().max())
         for name, p in resumed.named_parameters()
     )
 
@@ -185,9 +185,10 @@ def train_replicas(rank: int, world: int, ckpt_dir: str) -> dict:
     after = masters()
     # the bf16 run's update against the fp32 reference's, relative to the reference's
     wrong = sum(
-        float((after[n] - before[n] - (ref_params[n] - start[n])).pow(2).sum()) for n in after
+        float((after[n] - before[n] - (ref_params[n] - start[n])).pow(2).sum().detach())
+        for n in after
     )
-    update = sum(float((ref_params[n] - start[n]).pow(2).sum()) for n in after)
+    update = sum(float((ref_params[n] - start[n]).pow(2).sum().detach()) for n in after)
     ends = [None] * world
     dist.all_gather_object(ends, {name: t.float().clone() for name, t in low.state_dict().items()})
     end = {name: t for held in ends for name, t in held.items()}
