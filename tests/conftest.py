@@ -61,7 +61,11 @@ def pytest_collection_finish(session):
     memory report at its start (``see_memory_usage(..., force=True)``, 4 per engine),
     each after a full ``gc.collect()``: 0.15 s apiece at the quick subset's heap, 10 s in
     all, for lines no test reads; in this process it reports nothing (spawned ranks,
-    fresh interpreters, keep DeepSpeed's own)."""
+    fresh interpreters, keep DeepSpeed's own). And matplotlib's font cache is built."""
+    # matplotlib's first use on a machine builds its font cache by running fc-list: done here,
+    # before any test's process guard, so the first test that draws is not blamed for it
+    import matplotlib.font_manager  # noqa: F401
+
     if "deepspeed" in sys.modules:
         from deepspeed.runtime import bf16_optimizer
 
