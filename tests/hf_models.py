@@ -6,7 +6,9 @@ enough for CPU tests, with tied or untied input/output embeddings.
 
 from __future__ import annotations
 
+import torch
 from transformers import (
+    DeepseekV3Config,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
@@ -109,7 +111,13 @@ CONFIGS = {
 # The MoE families: 4 experts, top 2, the aux loss on (output_router_logits) with a large
 # weight so that it moves the training; Qwen2-MoE with its gated shared expert and Qwen3-MoE
 # with a dense first layer (mlp_only_layers), Mixtral with a sliding window of 4, Qwen3-MoE's
-# and Qwen2-MoE's top-k probabilities renormalised, OLMoE's not.
+# and Qwen2-MoE's top-k probabilities renormalised, OLMoE's not. DeepSeek-V3: latent attention
+# (query and key-value ranks, rotary and non-rotary head parts, interleaved YaRN rope past 8
+# positions; a larger init, as Gemma2/3's, so that the rope details move the logits), one dense
+# layer then two sparse ones with a shared expert, 8 experts in 4 groups of which 2 are searched
+# for the top 3, scaled by 2.5; HF adds no router loss to it, whatever
+# output_router_logits says (on here). Its e_score_correction_bias starts at zero in HF's
+# initialisation: :func:`reference_model` makes it nonzero, as in a trained checkpoint.
 MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
 MOE_CONFIGS = {
     "mixtral": lambda tied: MixtralConfig(
@@ -136,5 +144,48 @@ MOE_CONFIGS = {
     "olmoe": lambda tied: OlmoeConfig(
         **SIZES, **MOE, num_experts=4, pad_token_id=0, eos_token_id=2, tie_word_embeddings=tied
     ),
+    "deepseek_v3": lambda tied: DeepseekV3Config(
+        **SIZES | {"num_hidden_layers": 3, "num_key_value_heads": 4},
+        output_router_logits=True,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        q_lora_rank=16,
+        kv_lora_rank=8,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=6,
+        initializer_range=0.2,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 8,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        tie_word_embeddings=tied,
+    ),
 }
 ALL_CONFIGS = CONFIGS | MOE_CONFIGS
+
+
+def reference_model(config):
+    """transformers' model of ``config`` in float32, with HF's initialisation, except that
+    DeepSeek-V3's routers get a nonzero ``e_score_correction_bias`` (HF starts it at zero,
+    and a zero bias would leave the expert choice's bias term untested): N(0, 0.05), a
+    quarter of the tiny routers' score spread (enough to change their picks:
+    test_hf_llama's test_deepseek_router_bias_is_exercised), seeded apart from the weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).float()
+    biases = [b for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")]
+    generator = torch.Generator().manual_seed(7)
+    for bias in biases:
+        bias.copy_(0.05 * torch.randn(bias.shape, generator=generator))
+    return model

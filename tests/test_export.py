@@ -15,7 +15,7 @@ import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from hf_checks import TOL, by_hf_key, ids, max_diff
-from hf_models import ALL_CONFIGS, CONFIGS, MOE_CONFIGS
+from hf_models import ALL_CONFIGS, CONFIGS, MOE_CONFIGS, reference_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -39,7 +39,7 @@ def tokenizer(vocab_size: int = 100) -> PreTrainedTokenizerFast:
 def hf_folder(path, family: str, tied: bool):
     """A saved tiny HF model with its tokenizer; returns the model."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(ALL_CONFIGS[family](tied)).eval()
+    model = reference_model(ALL_CONFIGS[family](tied)).eval()
     model.save_pretrained(path, max_shard_size="20KB")
     tokenizer().save_pretrained(path)
     return model
@@ -68,6 +68,7 @@ def checkpoint(tmp_path, family: str, tied: bool):
         ("qwen2", False),
         ("mixtral", False),
         ("qwen2_moe", True),
+        ("deepseek_v3", False),
     ],
 )
 def test_export_loads_in_hf(world, tmp_path, family, tied):

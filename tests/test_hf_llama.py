@@ -1,5 +1,5 @@
 """HF Llama-like families (Llama, Mistral, Qwen2/3, Gemma, Gemma2, Gemma3 text, Phi3;
-the MoE families Mixtral, Qwen2/3-MoE, OLMoE) as pipeline layers: chained layers
+the MoE families Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3) as pipeline layers: chained layers
 reproduce HF logits (and the MoE models' router loss).
 
 Single process, no DeepSpeed group: each spec is built and the modules are called
@@ -24,7 +24,7 @@ from hf_checks import (
     max_diff,
     pipeline,
 )
-from hf_models import ALL_CONFIGS, CONFIGS
+from hf_models import ALL_CONFIGS, CONFIGS, reference_model
 from transformers import AutoModelForCausalLM, BertConfig
 
 from pp_ext.hf import copy_hf_weights, layer_specs, supported
@@ -41,7 +41,7 @@ def models(request):
     family, tied = request.param
     torch.manual_seed(0)
     config = ALL_CONFIGS[family](tied)
-    hf_model = AutoModelForCausalLM.from_config(config).float().eval()  # HF's default attention
+    hf_model = reference_model(config).eval()  # HF's default attention
     assert (
         hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight
     ) == tied
@@ -108,6 +108,15 @@ ABLATIONS = {
         "rope_parameters",
         {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
     ),
+    "deepseek routed scaling": ("deepseek_v3", "routed_scaling_factor", 1.0),
+    "deepseek top-k renormalised": ("deepseek_v3", "norm_topk_prob", False),
+    "deepseek group-limited": ("deepseek_v3", "topk_group", 4),
+    "deepseek interleaved rope": ("deepseek_v3", "rope_interleave", False),
+    "deepseek yarn": (
+        "deepseek_v3",
+        "rope_parameters",
+        {"rope_type": "default", "rope_theta": 1e4},
+    ),
 }
 
 
@@ -117,8 +126,8 @@ ABLATIONS = {
 def test_family_details_are_exercised(name, tied):
     family, field, value = ABLATIONS[name]
     torch.manual_seed(0)
-    config = CONFIGS[family](tied)
-    hf_model = AutoModelForCausalLM.from_config(config).eval()
+    config = ALL_CONFIGS[family](tied)
+    hf_model = reference_model(config).eval()
     ablated = copy.deepcopy(config)
     if field == "rope_parameters" and family == "gemma3_text":  # one layer type's rope for both
         value = {
@@ -128,6 +137,22 @@ def test_family_details_are_exercised(name, tied):
     setattr(ablated, field, value)
     x = ids()
     assert max_diff(pipeline(hf_model, ablated)(x), hf_model(x).logits) > EFFECT
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_deepseek_router_bias_is_exercised(tied):
+    """DeepSeek-V3's ``e_score_correction_bias`` (nonzero in the tiny model) changes which
+    experts the router picks: with it zeroed the pipeline misses HF's logits."""
+    torch.manual_seed(0)
+    config = ALL_CONFIGS["deepseek_v3"](tied)
+    hf_model = reference_model(config).eval()
+    run, x = pipeline(hf_model, config), ids()
+    biases = [b for n, b in run.named_buffers() if n.endswith("e_score_correction_bias")]
+    assert len(biases) == 2 and all(b.abs().min() > 0 for b in biases)
+    for bias in biases:
+        bias.zero_()
+    assert max_diff(run(x), hf_model(x).logits) > EFFECT
 
 
 @torch.no_grad()

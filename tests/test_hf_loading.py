@@ -21,7 +21,7 @@ from hf_checks import (
     logits_and_aux,
     max_diff,
 )
-from hf_models import ALL_CONFIGS, CONFIGS
+from hf_models import ALL_CONFIGS, CONFIGS, reference_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -41,9 +41,7 @@ def family_id(param) -> str:
 
 def hf_model(family: str, tied: bool, seed: int = 0):
     torch.manual_seed(seed)
-    return (
-        AutoModelForCausalLM.from_config(ALL_CONFIGS[family](tied)).float().eval()
-    )  # HF's default attention
+    return reference_model(ALL_CONFIGS[family](tied)).eval()  # HF's default attention
 
 
 def stages(chain: SequentialReference, count: int = 2) -> list[list]:
@@ -215,7 +213,8 @@ def test_random_init_is_hfs_and_layout_free(world, tmp_path, family, tied):
         first.keys() == o.keys() and all(torch.equal(first[k], o[k]) for k in first) for o in others
     )
 
-    reference = hf_model(family, tied, seed=1)
+    torch.manual_seed(1)
+    reference = AutoModelForCausalLM.from_config(config).eval()  # HF's own initialisation
     theirs = reference.state_dict()
     for key, ours in first.items():
         if theirs[key].unique().numel() == 1:  # ones, zeros: HF's constant initialisations

@@ -2,7 +2,8 @@
 pp-ext's engine equals single-process HF training on the same micro-batches (3 steps,
 fp32). Zero-bubble schedules split each backward, GPT-2's Conv1D weights and the MoE
 experts' fused weights included. The MoE families train with HF's load-balancing loss
-on (``output_router_logits``), pooled across the two stages."""
+on (``output_router_logits``), pooled across the two stages (DeepSeek-V3: none, as HF's;
+its routers' nonzero e_score_correction_bias stays as loaded)."""
 
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ CASES = [
     ("qwen2_moe", "1f1b", True),
     ("qwen3_moe", "zb-h1", False),
     ("olmoe", "1f1b", False),
+    ("deepseek_v3", "zb-h1", True),
+    ("deepseek_v3", "1f1b", False),
 ]
 
 
 def run_family(family: str, schedule: str, tied: bool) -> dict:
     import torch
-    from hf_models import CONFIGS, MOE_CONFIGS
-    from transformers import AutoModelForCausalLM
+    from hf_models import CONFIGS, MOE_CONFIGS, reference_model
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
@@ -46,7 +48,7 @@ def run_family(family: str, schedule: str, tied: bool) -> dict:
     config = (CONFIGS | MOE_CONFIGS)[family](tied)
     # an MoE model's last stage returns (logits, aux loss): pp-ext's training loss adds them
     loss_fn = shifted_loss if family in CONFIGS else LanguageModelLoss(router_loss_coef(config))
-    hf = AutoModelForCausalLM.from_config(config).float()  # HF's default attention, as layer_specs'
+    hf = reference_model(config)  # HF's default attention, as layer_specs'
     spec = get(schedule)
     module = ChunkedPipelineModule(
         layers=layer_specs(config),

@@ -1,7 +1,7 @@
 """MoE families through the pipeline (issue 24, step 1), in one process against
-transformers' own models: the training loss with the router loss, its gradients, the
-zero-bubble W pass holding the experts' weight gradients, the router loss off, and the
-parts metrics.jsonl reports. Logits and router losses of chained and per-stage loaded
+transformers' own models: the training loss with the router loss (none for DeepSeek-V3,
+whose HF model adds none), its gradients, the zero-bubble W pass holding the experts'
+weight gradients, the router loss off, and the parts metrics.jsonl reports. Logits and router losses of chained and per-stage loaded
 layers are test_hf_llama's and test_hf_loading's checks (every MoE family runs there);
 2-stage training equal to HF's is test_hf_training's."""
 
@@ -12,8 +12,7 @@ import types
 import pytest
 import torch
 from hf_checks import TOL, build, ids, max_diff
-from hf_models import MOE_CONFIGS
-from transformers import AutoModelForCausalLM
+from hf_models import MOE_CONFIGS, reference_model
 
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
 from pp_ext.hf import copy_hf_weights, layer_specs, router_loss_coef
@@ -21,6 +20,7 @@ from pp_ext.training.loss import LanguageModelLoss
 from pp_ext.training.trainer import Trainer
 
 FAMILIES = sorted(MOE_CONFIGS)
+WITH_AUX_LOSS = [f for f in FAMILIES if f != "deepseek_v3"]
 
 
 def hf_and_chain(family: str, tied: bool = False, **changes):
@@ -28,7 +28,7 @@ def hf_and_chain(family: str, tied: bool = False, **changes):
     config = MOE_CONFIGS[family](tied)
     for key, value in changes.items():
         setattr(config, key, value)
-    hf = AutoModelForCausalLM.from_config(config).float()
+    hf = reference_model(config)
     chain = build(layer_specs(config))
     copy_hf_weights(chain.layers, hf.state_dict())
     return hf, chain, config
@@ -86,7 +86,7 @@ def test_training_loss_and_gradients_are_hfs(family, split):
     assert routers and all(reference[k].abs().max() > 0 for k in routers)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WITH_AUX_LOSS)
 def test_router_loss_moves_the_router_gradients(family):
     """The tiny configs' router loss matters: without it HF's router gradients differ by far
     more than the tolerance (so the checks above and the 2-stage training see it)."""
@@ -99,6 +99,29 @@ def test_router_loss_moves_the_router_gradients(family):
     hf.zero_grad()
     hf(x, labels=x, use_cache=False, output_router_logits=False).loss.backward()
     assert min(max_diff(g, hf.get_parameter(k).grad) for k, g in with_aux.items()) > 1e-3
+
+
+def test_deepseek_hf_adds_no_router_loss_and_keeps_the_bias():
+    """``DeepseekV3ForCausalLM``'s loss is the LM loss alone, even with
+    ``output_router_logits`` on (the tiny config's), and an optimizer step leaves
+    ``e_score_correction_bias`` where it was (a buffer: no gradient, no update). So
+    pp-ext adds no router loss to it and sends the dense families' stream."""
+    hf, chain, config = hf_and_chain("deepseek_v3")
+    assert config.output_router_logits and router_loss_coef(config) is None
+    x = ids()
+    out = hf(x, labels=x, use_cache=False)
+    assert (
+        out.aux_loss is None
+        and max_diff(out.loss, LanguageModelLoss()(out.logits, shifted(x))) == 0
+    )
+    biases = {k: b.clone() for k, b in hf.named_buffers() if k.endswith("e_score_correction_bias")}
+    assert biases and not any(
+        k.endswith("e_score_correction_bias") for k, _ in hf.named_parameters()
+    )
+    out.loss.backward()
+    torch.optim.SGD(hf.parameters(), lr=0.1).step()
+    assert all(torch.equal(hf.get_buffer(k), b) for k, b in biases.items())
+    assert len(chain.funcs[0](x)) == 3
 
 
 @torch.no_grad()

@@ -211,7 +211,6 @@ def mixtral(tmp_path: Path) -> Path:
 # what a row's "{name}" stands for: something made in tmp_path before the run
 PLACEHOLDERS = {
     "bert": lambda tmp: fake_model(tmp, "bert"),
-    "deepseek": lambda tmp: fake_model(tmp, "deepseek_v3", n_routed_experts=8),
     "gpt_oss": lambda tmp: fake_model(tmp, "gpt_oss", num_local_experts=32),
     "mixtral": mixtral,
     "vocab50": vocab_50,
@@ -262,13 +261,6 @@ BAD_INPUT = [
         "supported model types are",
     ),
     # issue 24: MoE families pp-ext does not split yet, MoE with what it does not support yet
-    (
-        ["model.path={deepseek}"],
-        2,
-        "is a 'deepseek_v3' mixture-of-experts model (8 routed experts), which pp-ext cannot "
-        "split into pipeline stages yet: supported MoE model types are mixtral, olmoe, qwen2_moe, "
-        "qwen3_moe",
-    ),
     (
         ["model.path={gpt_oss}"],
         2,

@@ -1,12 +1,25 @@
 """Mixture-of-experts HF causal LMs (Mixtral, Qwen2-MoE with its gated shared expert,
-Qwen3-MoE, OLMoE) as pipeline layers.
+Qwen3-MoE, OLMoE, DeepSeek-V3) as pipeline layers.
 
 The decoder layers are transformers' own, built and called as the Llama-like families'
 (:mod:`pp_ext.hf.llama`): attention, norms, the top-k router and the fused experts
 (``experts.gate_up_proj`` / ``experts.down_proj``), Qwen2-MoE's sigmoid-gated shared
 expert, Qwen2/3-MoE's dense layers (``mlp_only_layers``, ``decoder_sparse_step``) come
-with them. Checkpoints store one tensor per expert; transformers' conversion mapping
-merges them on load and splits them on save (:mod:`pp_ext.hf.weights`).
+with them. So do DeepSeek-V3's (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report"):
+multi-head latent attention (``q_lora_rank``, ``kv_lora_rank``, the rotary and
+non-rotary head parts, interleaved rope with YaRN's softmax scale), the dense first
+``first_k_dense_replace`` layers, the shared experts and the sigmoid router
+(``DeepseekV3TopkRouter``: ``e_score_correction_bias`` added for the choice only,
+group-limited top-k over ``n_group`` / ``topk_group``, weights renormalised with
+``norm_topk_prob`` and scaled by ``routed_scaling_factor``). Checkpoints store one
+tensor per expert; transformers' conversion mapping merges them on load and splits
+them on save (:mod:`pp_ext.hf.weights`).
+
+``DeepseekV3ForCausalLM`` computes the LM loss only: it adds no router loss whatever
+``output_router_logits`` says (the config has no ``router_aux_loss_coef``), and nothing
+in transformers updates ``e_score_correction_bias`` in training (a buffer, loaded and
+saved, its gradient none). pp-ext computes the same: the bias is a constant of the
+checkpoint, and the paper's auxiliary-loss-free bias update (Sec. 2.1.2) is not run.
 
 With ``config.output_router_logits`` HF's model adds ``router_aux_loss_coef`` times the
 load-balancing loss to the LM loss (:mod:`pp_ext.moe.router_loss`, pooled over all MoE
@@ -38,6 +51,12 @@ def every_layer(config: PretrainedConfig, layer_idx: int) -> bool:
     return True
 
 
+def after_dense(config: PretrainedConfig, layer_idx: int) -> bool:
+    """DeepSeek-V3: the first ``first_k_dense_replace`` layers are dense
+    (``DeepseekV3DecoderLayer.__init__``)."""
+    return layer_idx >= config.first_k_dense_replace
+
+
 def sparse_step(config: PretrainedConfig, layer_idx: int) -> bool:
     """Qwen2-MoE, Qwen3-MoE: a layer is sparse unless listed in ``mlp_only_layers``, every
     ``decoder_sparse_step``-th (``Qwen2MoeDecoderLayer.__init__``)."""
@@ -50,12 +69,15 @@ def sparse_step(config: PretrainedConfig, layer_idx: int) -> bool:
 
 @dataclass(frozen=True)
 class MoEFamily:
-    """An MoE family: its Llama-like classes, the config key of its expert count and
-    which of its layers are sparse."""
+    """An MoE family: its Llama-like classes, the config key of its expert count, which
+    of its layers are sparse, its router's class suffix, and whether HF's model adds the
+    load-balancing loss with ``output_router_logits`` (DeepSeek-V3's does not)."""
 
     family: llama.Family
     experts_key: str
     sparse: Callable[[PretrainedConfig, int], bool]
+    router: str = "TopKRouter"
+    aux_loss: bool = True
 
     def num_experts(self, config: PretrainedConfig) -> int:
         return getattr(config, self.experts_key)
@@ -83,6 +105,13 @@ FAMILIES = {
             sparse_step,
         ),
         MoEFamily(llama.Family("olmoe", "Olmoe", llama.never), "num_experts", every_layer),
+        MoEFamily(
+            llama.Family("deepseek_v3", "DeepseekV3", llama.never),
+            "n_routed_experts",
+            after_dense,
+            router="TopkRouter",
+            aux_loss=False,
+        ),
     )
 }
 
@@ -103,8 +132,9 @@ def supported() -> list[str]:
 def router_loss_coef(config: PretrainedConfig) -> float | None:
     """The weight HF's model gives the load-balancing loss in its training loss
     (``router_aux_loss_coef``), None where it adds none (a dense model, or
-    ``output_router_logits`` off, HF's default)."""
-    if config.model_type not in FAMILIES or not config.output_router_logits:
+    ``output_router_logits`` off, HF's default; DeepSeek-V3, whose model never adds one)."""
+    family = FAMILIES.get(config.model_type)
+    if family is None or not family.aux_loss or not config.output_router_logits:
         return None
     return config.router_aux_loss_coef
 
@@ -129,12 +159,13 @@ class MoEDecoderLayer(llama.DecoderLayer):
 
     def __init__(self, config: PretrainedConfig, family: llama.Family, layer_idx: int) -> None:
         super().__init__(config, family, layer_idx)
+        moe = FAMILIES[family.model_type]
         routers = [
             name
             for name, module in self.layer.named_modules()
-            if isinstance(module, family.hf_class("TopKRouter"))
+            if isinstance(module, family.hf_class(moe.router))
         ]
-        if len(routers) != FAMILIES[family.model_type].sparse(config, layer_idx):
+        if len(routers) != moe.sparse(config, layer_idx):
             raise ValueError(
                 f"{family.model_type} layer {layer_idx} has {len(routers)} routers, which "
                 f"pp-ext's rule for its sparse layers does not expect: transformers changed"
