@@ -23,7 +23,7 @@ from hf_checks import (
 )
 from hf_models import ALL_CONFIGS, CONFIGS, reference_model
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import pp_ext.hf.loading as loading
@@ -173,20 +173,25 @@ def test_loading_errors(tmp_path):
 # --- build_pipeline_module, in a world of one rank -------------------------------------
 
 
-def test_build_loads_every_weight_in_dtype(world, tmp_path):
-    """bf16 weights on disk, a bf16 module: every tensor equal to the file's, rotary
-    tables still float32 as in HF, and logits equal to HF's ``from_pretrained``."""
-    model = hf_model("qwen3", True).to(torch.bfloat16)
+@pytest.mark.parametrize("family", ["qwen3", "deepseek_v3"])
+def test_build_loads_every_weight_in_dtype(world, tmp_path, family):
+    """bf16 weights on disk, a bf16 module: every tensor equal to HF's ``from_pretrained``
+    in bf16, in its dtype (DeepSeek-V3's router weight and bias float32, as HF's
+    ``_keep_in_fp32_modules_strict`` keeps them; the rest bf16), rotary tables still
+    float32 as in HF, and the logits HF's."""
+    model = hf_model(family, True).to(torch.bfloat16)
     model.save_pretrained(tmp_path, max_shard_size=SHARD)
     module = build_pipeline_module(
         tmp_path, num_stages=1, chunks=2, partition_method="uniform", dtype="bfloat16"
     )
-    on_disk = {k: v for f in tmp_path.glob("*.safetensors") for k, v in load_file(f).items()}
-    ours = by_hf_key(module)
-    assert ours.keys() == on_disk.keys()
-    assert all(ours[k].dtype == torch.bfloat16 and torch.equal(ours[k], on_disk[k]) for k in ours)
-    assert {b.dtype for name, b in module.named_buffers() if "inv_freq" in name} == {torch.float32}
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ours, theirs = by_hf_key(module), reference.state_dict()
+    assert ours.keys() == theirs.keys() - {"lm_head.weight"}
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    assert {t.dtype for t in ours.values()} == (
+        {torch.bfloat16, torch.float32} if family == "deepseek_v3" else {torch.bfloat16}
+    )
+    assert {b.dtype for name, b in module.named_buffers() if "inv_freq" in name} == {torch.float32}
     x = ids()
     with torch.no_grad():
         out = module.chunk_forward(1, module.chunk_forward(0, x))
