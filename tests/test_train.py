@@ -212,6 +212,9 @@ def mixtral(tmp_path: Path) -> Path:
 PLACEHOLDERS = {
     "bert": lambda tmp: fake_model(tmp, "bert"),
     "gpt_oss": lambda tmp: fake_model(tmp, "gpt_oss", num_local_experts=32),
+    "fp8": lambda tmp: fake_model(
+        tmp, "deepseek_v3", quantization_config={"quant_method": "fp8", "fmt": "e4m3"}
+    ),
     "mixtral": mixtral,
     "vocab50": vocab_50,
     "added": added_token,
@@ -261,6 +264,12 @@ BAD_INPUT = [
         "supported model types are",
     ),
     # issue 24: MoE families pp-ext does not split yet, MoE with what it does not support yet
+    (
+        ["model.path={fp8}"],
+        2,
+        "holds fp8-quantized weights (config.json's quantization_config), which pp-ext does not "
+        "dequantize: save a bf16 copy first",
+    ),
     (
         ["model.path={gpt_oss}"],
         2,

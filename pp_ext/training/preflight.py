@@ -108,6 +108,14 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
             f"model.path {model} is a {model_type!r} model, which pp-ext cannot split into "
             f"pipeline stages: supported model types are {', '.join(supported())}"
         )
+    # DeepSeek-V3's hub weights are fp8 with per-block scales (weight_scale_inv): read as
+    # they are, they would load as wrong numbers without a word
+    if (raw.get("quantization_config") or {}).get("quant_method") == "fp8":
+        raise RecipeError(
+            f"model.path {model} holds fp8-quantized weights (config.json's quantization_config), "
+            f"which pp-ext does not dequantize: save a bf16 copy first (from_pretrained with "
+            f"FineGrainedFP8Config(dequantize=True), then save_pretrained)"
+        )
     config = AutoConfig.from_pretrained(model)
     if tensor > 1:
         try:
