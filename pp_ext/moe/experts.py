@@ -1,7 +1,7 @@
 """Experts whose weight gradients wait for the zero-bubble W pass.
 
-Transformers' MoE experts (``@use_experts_implementation``: Mixtral, Qwen2/3-MoE, OLMoE)
-hold every expert's projections stacked, ``gate_up_proj`` (experts, 2 * inter, hidden)
+Transformers' MoE experts (``@use_experts_implementation``: Mixtral, Qwen2/3-MoE, OLMoE,
+DeepSeek-V3) hold every expert's projections stacked, ``gate_up_proj`` (experts, 2 * inter, hidden)
 and ``down_proj`` (experts, hidden, inter), and by default (``grouped_mm``) sort the
 token-expert pairs by expert and run each projection as one grouped GEMM
 (``transformers.integrations.moe.grouped_mm_experts_forward``). Autograd would compute
