@@ -73,14 +73,17 @@ def check_padding(hf_model, run, side: str) -> None:
 @torch.no_grad()
 def check_packed_sequences(hf_model, run) -> None:
     """Two documents in one row: positions restart, no mask; the second document must
-    not see the first (checked against running it alone)."""
+    not see the first (checked against running it alone), except in gpt-oss, whose
+    ``GptOssModel`` gives its mask functions no position ids: there it sees the first,
+    as in HF."""
     x = ids(1, 10)
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
     outputs = run((x, torch.ones_like(x), positions))
     # HF looks for packed documents only without a KV cache (training), hence use_cache=False
     check_outputs(outputs, hf_model(x, position_ids=positions, use_cache=False))
     ours, _ = logits_and_aux(outputs)
-    assert max_diff(ours[:, 6:], hf_model(x[:, 6:]).logits) <= TOL
+    isolated = hf_model.config.model_type != "gpt_oss"
+    assert (max_diff(ours[:, 6:], hf_model(x[:, 6:]).logits) <= TOL) == isolated
 
 
 def by_hf_key(module) -> dict[str, torch.Tensor]:

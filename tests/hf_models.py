@@ -12,6 +12,7 @@ from transformers import (
     GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -135,6 +136,25 @@ MOE_CONFIGS = {
     ),
     "olmoe": lambda tied: OlmoeConfig(
         **SIZES, **MOE, num_experts=4, pad_token_id=0, eos_token_id=2, tie_word_embeddings=tied
+    ),
+    "gpt_oss": lambda tied: GptOssConfig(
+        **SIZES,
+        **MOE,
+        num_local_experts=4,
+        head_dim=8,
+        sliding_window=4,
+        initializer_range=0.2,
+        swiglu_limit=1.0,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 8,
+        },
+        tie_word_embeddings=tied,
     ),
 }
 ALL_CONFIGS = CONFIGS | MOE_CONFIGS

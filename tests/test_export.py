@@ -68,6 +68,7 @@ def checkpoint(tmp_path, family: str, tied: bool):
         ("qwen2", False),
         ("mixtral", False),
         ("qwen2_moe", True),
+        ("gpt_oss", False),
     ],
 )
 def test_export_loads_in_hf(world, tmp_path, family, tied):

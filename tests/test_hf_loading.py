@@ -220,6 +220,8 @@ def test_random_init_is_hfs_and_layout_free(world, tmp_path, family, tied):
     for key, ours in first.items():
         if theirs[key].unique().numel() == 1:  # ones, zeros: HF's constant initialisations
             assert torch.equal(ours, theirs[key]), key
+        elif ours.numel() < 32:  # one value per head or expert (gpt-oss's sinks, router bias)
+            assert ours.unique().numel() == ours.numel(), key  # random, too few for a spread
         else:
             assert abs(ours.std() / theirs[key].std() - 1) < 0.2, key
     reference.load_state_dict(first, strict=not tied)

@@ -27,6 +27,8 @@ CASES = [
     ("qwen2_moe", "1f1b", True),
     ("qwen3_moe", "zb-h1", False),
     ("olmoe", "1f1b", False),
+    ("gpt_oss", "1f1b", False),
+    ("gpt_oss", "zb-h1", True),
 ]
 
 

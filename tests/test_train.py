@@ -212,7 +212,6 @@ def mixtral(tmp_path: Path) -> Path:
 PLACEHOLDERS = {
     "bert": lambda tmp: fake_model(tmp, "bert"),
     "deepseek": lambda tmp: fake_model(tmp, "deepseek_v3", n_routed_experts=8),
-    "gpt_oss": lambda tmp: fake_model(tmp, "gpt_oss", num_local_experts=32),
     "mixtral": mixtral,
     "vocab50": vocab_50,
     "added": added_token,
@@ -266,13 +265,8 @@ BAD_INPUT = [
         ["model.path={deepseek}"],
         2,
         "is a 'deepseek_v3' mixture-of-experts model (8 routed experts), which pp-ext cannot "
-        "split into pipeline stages yet: supported MoE model types are mixtral, olmoe, qwen2_moe, "
-        "qwen3_moe",
-    ),
-    (
-        ["model.path={gpt_oss}"],
-        2,
-        "is a 'gpt_oss' mixture-of-experts model (32 routed experts), which pp-ext cannot",
+        "split into pipeline stages yet: supported MoE model types are gpt_oss, mixtral, olmoe, "
+        "qwen2_moe, qwen3_moe",
     ),
     (
         ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "parallel.tensor=2"],

@@ -83,6 +83,11 @@ FAMILIES = {
             sparse_step,
         ),
         MoEFamily(llama.Family("olmoe", "Olmoe", llama.never), "num_experts", every_layer),
+        MoEFamily(
+            llama.Family("gpt_oss", "GptOss", llama.layer_type_sliding, packed_documents=False),
+            "num_local_experts",
+            every_layer,
+        ),
     )
 }
 
