@@ -112,3 +112,61 @@ def batch(step: int, micro_batch: int):
     # HF shifts labels inside the model; a pipeline's last stage gets them shifted
     labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
     return ids, labels
+
+
+# E2M1, the 4-bit element of the OCP Microscaling (MX) formats, by its 4-bit code
+FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+FP4 = torch.cat([FP4, -FP4])
+MXFP4_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gpt-oss's stacked expert ``weight`` (experts, in, out) as the hub stores it in MXFP4:
+    per output row, blocks of 32 inputs share a power-of-two scale (the smallest that
+    brings the block's largest value within E2M1's 6) and each value is rounded to the
+    nearest E2M1 code, two codes a byte, the even one low. Returns ``(blocks (experts,
+    out, in / 32, 16) uint8, scales (experts, out, in / 32) uint8, biased by 127, the
+    weight those codes stand for)``."""
+    rows = weight.detach().float().transpose(1, 2)
+    experts, out, inputs = rows.shape
+    groups = rows.reshape(experts, out, inputs // 32, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1) / 6)).clamp(-127, 127)
+    scale = torch.exp2(exponent).unsqueeze(-1)
+    codes = (groups.unsqueeze(-1) / scale.unsqueeze(-1) - FP4).abs().argmin(-1)
+    blocks = (codes[..., 0::2] | codes[..., 1::2] << 4).to(torch.uint8)
+    values = (FP4[codes] * scale).reshape(experts, out, inputs).transpose(1, 2)
+    return blocks, (exponent + 127).to(torch.uint8), values
+
+
+def save_mxfp4(model, folder, max_shard_size: str = "20KB") -> dict[str, torch.Tensor]:
+    """``model`` (gpt-oss) saved as the hub's checkpoints are: its experts' weights MXFP4
+    ``*_blocks`` / ``*_scales`` (:func:`mxfp4`), everything else as is, config.json with
+    the hub's ``quantization_config``. Returns the expert weights the codes stand for."""
+    import json
+    from pathlib import Path
+
+    from huggingface_hub import save_torch_state_dict
+
+    folder = Path(folder)
+    model.save_pretrained(folder)  # config and generation config
+    for stale in folder.glob("*.safetensors"):
+        stale.unlink()
+    tensors, values = {}, {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith(MXFP4_EXPERTS):
+            tensors[f"{key}_blocks"], tensors[f"{key}_scales"], values[key] = mxfp4(tensor)
+        else:
+            tensors[key] = tensor.detach().contiguous()
+    save_torch_state_dict(tensors, folder, max_shard_size=max_shard_size)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return values

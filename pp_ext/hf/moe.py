@@ -1,12 +1,14 @@
 """Mixture-of-experts HF causal LMs (Mixtral, Qwen2-MoE with its gated shared expert,
-Qwen3-MoE, OLMoE) as pipeline layers.
+Qwen3-MoE, OLMoE, gpt-oss) as pipeline layers.
 
 The decoder layers are transformers' own, built and called as the Llama-like families'
 (:mod:`pp_ext.hf.llama`): attention, norms, the top-k router and the fused experts
 (``experts.gate_up_proj`` / ``experts.down_proj``), Qwen2-MoE's sigmoid-gated shared
-expert, Qwen2/3-MoE's dense layers (``mlp_only_layers``, ``decoder_sparse_step``) come
-with them. Checkpoints store one tensor per expert; transformers' conversion mapping
-merges them on load and splits them on save (:mod:`pp_ext.hf.weights`).
+expert, Qwen2/3-MoE's dense layers (``mlp_only_layers``, ``decoder_sparse_step``),
+gpt-oss's attention sinks, router (``mlp.router``) and expert biases and clamped SwiGLU
+come with them. Checkpoints store one tensor per expert; transformers' conversion mapping
+merges them on load and splits them on save (:mod:`pp_ext.hf.weights`); gpt-oss's store
+them fused, on the hub in MXFP4, which its converter dequantizes.
 
 With ``config.output_router_logits`` HF's model adds ``router_aux_loss_coef`` times the
 load-balancing loss to the LM loss (:mod:`pp_ext.moe.router_loss`, pooled over all MoE
