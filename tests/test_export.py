@@ -14,10 +14,10 @@ import re
 import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from hf_checks import TOL, by_hf_key, ids, max_diff
+from hf_checks import TOL, by_hf_key, ids, max_diff, save_mxfp4
 from hf_models import ALL_CONFIGS, CONFIGS, MOE_CONFIGS, reference_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, Mxfp4Config, PreTrainedTokenizerFast
 
 import pp_ext.checkpoint.export as export
 from pp_ext.checkpoint.export import export_checkpoint, save_hf_metadata
@@ -36,19 +36,23 @@ def tokenizer(vocab_size: int = 100) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token="w2")
 
 
-def hf_folder(path, family: str, tied: bool):
-    """A saved tiny HF model with its tokenizer; returns the model."""
+def hf_folder(path, family: str, tied: bool, mxfp4: bool = False):
+    """A saved tiny HF model with its tokenizer (``mxfp4``: gpt-oss in the hub's MXFP4
+    layout, :func:`hf_checks.save_mxfp4`); returns the model."""
     torch.manual_seed(0)
     model = reference_model(ALL_CONFIGS[family](tied)).eval()
-    model.save_pretrained(path, max_shard_size="20KB")
+    if mxfp4:
+        save_mxfp4(model, path)
+    else:
+        model.save_pretrained(path, max_shard_size="20KB")
     tokenizer().save_pretrained(path)
     return model
 
 
-def checkpoint(tmp_path, family: str, tied: bool):
+def checkpoint(tmp_path, family: str, tied: bool, mxfp4: bool = False):
     """A DeepSpeed save dir (``latest`` -> TAG) of the model loaded into a 2-chunk
     pipeline module, with hf_meta; returns (save dir, HF model, module)."""
-    model = hf_folder(tmp_path / "hf", family, tied)
+    model = hf_folder(tmp_path / "hf", family, tied, mxfp4)
     module = build_pipeline_module(
         tmp_path / "hf", num_stages=1, chunks=2, placement="v", partition_method="uniform"
     )
@@ -69,6 +73,7 @@ def checkpoint(tmp_path, family: str, tied: bool):
         ("mixtral", False),
         ("qwen2_moe", True),
         ("deepseek_v3", False),
+        ("gpt_oss", False),
     ],
 )
 def test_export_loads_in_hf(world, tmp_path, family, tied):
@@ -98,6 +103,26 @@ def test_export_loads_in_hf(world, tmp_path, family, tied):
         AutoTokenizer.from_pretrained(out)(text).input_ids
         == AutoTokenizer.from_pretrained(tmp_path / "hf")(text).input_ids
     )
+
+
+def test_mxfp4_model_exports_dequantized(world, tmp_path):
+    """gpt-oss loaded from MXFP4 exports fused bf16 tensors and a config without
+    ``quantization_config``: from_pretrained loads them plainly, to the tensors of
+    ``from_pretrained(MXFP4 folder, quantization_config=Mxfp4Config(dequantize=True))``."""
+    save_dir, _, module = checkpoint(tmp_path, "gpt_oss", False, mxfp4=True)
+    out = export_checkpoint(save_dir / TAG, tmp_path / "out", dtype="bfloat16")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    dequantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16
+    ).state_dict()
+    theirs = loaded.state_dict()
+    assert theirs.keys() == dequantized.keys()
+    assert all(
+        t.dtype == torch.bfloat16 and torch.equal(t, dequantized[k]) for k, t in theirs.items()
+    )
+    assert all(torch.equal(t.bfloat16(), theirs[k]) for k, t in by_hf_key(module).items())
 
 
 def test_export_in_bfloat16_one_file(world, tmp_path):

@@ -9,9 +9,12 @@ whose layers come from disk. ``build_pipeline_module`` runs in a world of one ra
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hf_checks import (
+    MXFP4_EXPERTS,
     TOL,
     by_hf_key,
     check_no_padding,
@@ -20,11 +23,12 @@ from hf_checks import (
     ids,
     logits_and_aux,
     max_diff,
+    save_mxfp4,
 )
 from hf_models import ALL_CONFIGS, CONFIGS, reference_model
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Mxfp4Config
 
 import pp_ext.hf.loading as loading
 from pp_ext.hf import build_pipeline_module, layer_specs, load_hf_weights
@@ -136,6 +140,55 @@ def test_a_stage_reads_only_its_tensors(saved, monkeypatch):
         assert len(reads.files) < len(set(files.values()))
 
 
+def test_mxfp4_checkpoint_is_dequantized_per_stage(world, tmp_path, monkeypatch):
+    """A gpt-oss checkpoint in the hub's MXFP4 layout: each of 3 stages reads only its
+    tensors (an expert weight: its blocks and scales), and the weights are those of
+    transformers' ``from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True))``
+    and of the codes the test wrote; in bf16 too, where the logits are its."""
+    model = hf_model("gpt_oss", False)
+    coded = save_mxfp4(model, tmp_path)
+    files = loading.weight_map(tmp_path / "model.safetensors.index.json")
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=Mxfp4Config(dequantize=True)
+    )
+    assert not hasattr(reference.config, "quantization_config")
+    theirs = reference.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in coded.items()) and len(coded) == 4
+    chain = SequentialReference(layer_specs(loading.load_config(tmp_path)), loss_fn=None)
+    for stage in stages(chain, 3):
+        reads = CountingReads()
+        monkeypatch.setattr(loading, "safe_open", reads)
+        load_hf_weights(stage, tmp_path)
+        names = {k for layer in stage for k in layer.hf_keys().values()}
+        needed = [
+            stored
+            for name in names
+            for stored in (
+                [f"{name}_blocks", f"{name}_scales"] if name.endswith(MXFP4_EXPERTS) else [name]
+            )
+        ]
+        assert sorted(reads.tensors) == sorted(needed)
+        assert reads.files == {str(files[key]) for key in needed}
+    ours = {
+        hf: layer.state_dict()[local]
+        for layer in chain.layers
+        for local, hf in layer.hf_keys().items()
+    }
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    monkeypatch.undo()
+    module = build_pipeline_module(tmp_path, num_stages=1, dtype="bfloat16")
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16
+    )
+    theirs = reference.state_dict()
+    assert all(torch.equal(t, theirs[k]) for k, t in by_hf_key(module).items())
+    x = ids()
+    with torch.no_grad():
+        logits, _ = module.chunk_forward(0, x)
+        assert max_diff(logits.float(), reference(x).logits.float()) == 0.0
+
+
 def test_single_file(tmp_path):
     model = hf_model("qwen2", False)
     model.save_pretrained(tmp_path)
@@ -168,6 +221,14 @@ def test_loading_errors(tmp_path):
         KeyError, match=r"model.safetensors has no tensor 'model.norm.weight', needed by FinalNorm"
     ):
         load_hf_weights(chain.layers, tmp_path)
+    model.save_pretrained(tmp_path / "fp8")
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8"}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match="quantized with 'fp8': pp-ext loads plain tensors or MXFP4"
+    ):
+        load_hf_weights(chain.layers, tmp_path / "fp8")
 
 
 # --- build_pipeline_module, in a world of one rank -------------------------------------
@@ -224,6 +285,8 @@ def test_random_init_is_hfs_and_layout_free(world, tmp_path, family, tied):
     for key, ours in first.items():
         if theirs[key].unique().numel() == 1:  # ones, zeros: HF's constant initialisations
             assert torch.equal(ours, theirs[key]), key
+        elif ours.numel() < 32:  # one value per head or expert (gpt-oss's sinks, router bias)
+            assert ours.unique().numel() == ours.numel(), key  # random, too few for a spread
         else:
             assert abs(ours.std() / theirs[key].std() - 1) < 0.2, key
     reference.load_state_dict(first, strict=not tied)

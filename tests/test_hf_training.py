@@ -30,6 +30,8 @@ CASES = [
     ("olmoe", "1f1b", False),
     ("deepseek_v3", "zb-h1", True),
     ("deepseek_v3", "1f1b", False),
+    ("gpt_oss", "1f1b", False),
+    ("gpt_oss", "zb-h1", True),
 ]
 
 

@@ -21,14 +21,22 @@ from pp_ext.training.trainer import Trainer
 
 FAMILIES = sorted(MOE_CONFIGS)
 WITH_AUX_LOSS = [f for f in FAMILIES if f != "deepseek_v3"]
+EXPERT_BIASES = ("experts.gate_up_proj_bias", "experts.down_proj_bias")  # gpt-oss's
+ROUTERS = ("mlp.gate.weight", "mlp.router.weight")  # gpt-oss's is mlp.router
 
 
 def hf_and_chain(family: str, tied: bool = False, **changes):
+    """HF's model (:func:`hf_models.reference_model`) and the chained layers with its weights;
+    gpt-oss's expert biases, which HF initialises to zeros, drawn at random so that they count."""
     torch.manual_seed(0)
     config = MOE_CONFIGS[family](tied)
     for key, value in changes.items():
         setattr(config, key, value)
     hf = reference_model(config)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith(EXPERT_BIASES):
+                param.normal_(0.0, config.initializer_range)
     chain = build(layer_specs(config))
     copy_hf_weights(chain.layers, hf.state_dict())
     return hf, chain, config
@@ -54,7 +62,8 @@ def grads(chain) -> dict[str, torch.Tensor]:
 def test_training_loss_and_gradients_are_hfs(family, split):
     """LM loss + router_aux_loss_coef * aux, as HF's model computes it with labels, and
     every parameter's gradient HF's; split: the I pass leaves every expert's weight
-    gradient to W (nothing in .grad), and W gives it."""
+    gradient to W (nothing in .grad), and W gives it; gpt-oss's expert biases get theirs
+    in I."""
     hf, chain, config = hf_and_chain(family)
     x, mask = ids(), torch.ones(2, 10, dtype=torch.long)
     mask[1, 7:] = 0
@@ -75,6 +84,13 @@ def test_training_loss_and_gradients_are_hfs(family, split):
         if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
     ]
     assert experts and all((p.grad is None) == split for p in experts)
+    biases = [
+        p
+        for layer in chain.layers
+        for n, p in layer.named_parameters()
+        if n.endswith(EXPERT_BIASES)
+    ]
+    assert (family == "gpt_oss") == bool(biases) and all(p.grad is not None for p in biases)
     store.run("mb")
     assert max_diff(ours, theirs.loss) <= TOL
     reference = {k: p.grad for k, p in hf.named_parameters() if p.grad is not None}
@@ -82,7 +98,7 @@ def test_training_loss_and_gradients_are_hfs(family, split):
     assert reference.keys() <= ours_grads.keys()
     worst = max(max_diff(ours_grads[k], g) for k, g in reference.items())
     assert worst <= TOL, worst
-    routers = [k for k in reference if k.endswith("mlp.gate.weight")]
+    routers = [k for k in reference if k.endswith(ROUTERS)]
     assert routers and all(reference[k].abs().max() > 0 for k in routers)
 
 
@@ -93,9 +109,7 @@ def test_router_loss_moves_the_router_gradients(family):
     hf, _, _ = hf_and_chain(family)
     x = ids()
     hf(x, labels=x, use_cache=False).loss.backward()
-    with_aux = {
-        k: p.grad.clone() for k, p in hf.named_parameters() if k.endswith("mlp.gate.weight")
-    }
+    with_aux = {k: p.grad.clone() for k, p in hf.named_parameters() if k.endswith(ROUTERS)}
     hf.zero_grad()
     hf(x, labels=x, use_cache=False, output_router_logits=False).loss.backward()
     assert min(max_diff(g, hf.get_parameter(k).grad) for k, g in with_aux.items()) > 1e-3

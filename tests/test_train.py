@@ -211,7 +211,7 @@ def mixtral(tmp_path: Path) -> Path:
 # what a row's "{name}" stands for: something made in tmp_path before the run
 PLACEHOLDERS = {
     "bert": lambda tmp: fake_model(tmp, "bert"),
-    "gpt_oss": lambda tmp: fake_model(tmp, "gpt_oss", num_local_experts=32),
+    "deepseek_v2": lambda tmp: fake_model(tmp, "deepseek_v2", n_routed_experts=8),
     "fp8": lambda tmp: fake_model(
         tmp, "deepseek_v3", quantization_config={"quant_method": "fp8", "fmt": "e4m3"}
     ),
@@ -271,9 +271,11 @@ BAD_INPUT = [
         "dequantize: save a bf16 copy first",
     ),
     (
-        ["model.path={gpt_oss}"],
+        ["model.path={deepseek_v2}"],
         2,
-        "is a 'gpt_oss' mixture-of-experts model (32 routed experts), which pp-ext cannot",
+        "is a 'deepseek_v2' mixture-of-experts model (8 routed experts), which pp-ext cannot "
+        "split into pipeline stages yet: supported MoE model types are deepseek_v3, gpt_oss, "
+        "mixtral, olmoe, qwen2_moe, qwen3_moe",
     ),
     (
         ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "parallel.tensor=2"],

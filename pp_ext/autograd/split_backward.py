@@ -13,8 +13,8 @@ How: :func:`enable_split_backward` turns each ``torch.nn.Linear`` (and transform
 :class:`DeferrableLinear` / ``DeferrableConv1D`` by swapping the instance's class:
 parameters stay the same objects, ``state_dict`` keys stay the same, torch itself is
 not patched. A mixture of experts' stacked weights (transformers' fused
-``experts.gate_up_proj`` / ``experts.down_proj``, one (out, in) matrix per expert) go the
-same way through :func:`grouped_linear`, one grouped GEMM over the tokens sorted by
+``experts.gate_up_proj`` / ``experts.down_proj``, one (out, in) matrix per expert, or
+(in, out) in gpt-oss) go the same way through :func:`grouped_linear`, one grouped GEMM over the tokens sorted by
 expert (:mod:`pp_ext.moe.experts`), whose weight GEMM, ``grad_W_e = grad_y_e^T x_e`` for
 each expert's rows, is deferred alike. Their backward is an autograd Function that, inside
 ``store.defer(key)``, returns the input gradient and the bias gradient and queues
@@ -100,9 +100,11 @@ def _weight_grad(
 ) -> torch.Tensor:
     """The weight GEMM, leading dims flattened; the same products, in the same operand
     order, as autograd's backward of ``F.linear`` / ``torch.addmm``, so bit-exact. With
-    ``offsets`` one GEMM per group of rows, (groups, out, in), as autograd's backward of
-    ``F.grouped_mm`` computes it."""
+    ``offsets`` one GEMM per group of rows, (groups, out, in) or with ``weight_in_out``
+    (groups, in, out), as autograd's backward of ``F.grouped_mm`` computes it."""
     if offsets is not None:
+        if weight_in_out:
+            return F.grouped_mm(input.t(), grad_output, offs=offsets)
         return F.grouped_mm(grad_output.t(), input, offs=offsets)
     x = input.reshape(-1, input.size(-1))
     g = grad_output.reshape(-1, grad_output.size(-1))
@@ -206,16 +208,23 @@ class _SplitLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
+def _grouped(input: torch.Tensor, weight: torch.Tensor, offsets, weight_in_out: bool):
+    """Group g's rows of ``input`` times its matrix: ``weight[g]`` stored (in, out), or
+    ``weight[g]^T`` stored (out, in)."""
+    return F.grouped_mm(input, weight if weight_in_out else weight.transpose(-2, -1), offs=offsets)
+
+
 class _SplitGroupedLinear(torch.autograd.Function):
     """Rows of ``input`` sorted by group, group g's rows (up to ``offsets[g]``) times
-    ``weight[g]^T`` (``weight`` stacked (groups, out, in)), whose weight GEMM can be deferred."""
+    ``weight[g]^T`` (``weight`` stacked (groups, out, in); ``weight_in_out``: times
+    ``weight[g]``, stacked (groups, in, out)), whose weight GEMM can be deferred."""
 
     @staticmethod
-    def forward(ctx, input, weight, offsets, store):
+    def forward(ctx, input, weight, offsets, store, weight_in_out):
         ctx.save_for_backward(input, weight, offsets)
-        ctx.store = store
+        ctx.store, ctx.weight_in_out = store, weight_in_out
         ctx.param = weight if weight.is_leaf else None  # as _SplitLinear's
-        return F.grouped_mm(input, weight.transpose(-2, -1), offs=offsets)
+        return _grouped(input, weight, offsets, weight_in_out)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -223,13 +232,14 @@ class _SplitGroupedLinear(torch.autograd.Function):
         needs_input, needs_weight = ctx.needs_input_grad[:2]
         grad_input = grad_weight = None
         if needs_input:
-            grad_input = F.grouped_mm(grad_output, weight, offs=offsets)
+            # times each group's matrix transposed: (in, out) -> (out, in) and back
+            grad_input = _grouped(grad_output, weight, offsets, not ctx.weight_in_out)
         if needs_weight:
             if ctx.store._deferring and ctx.param is not None:
-                ctx.store._queue(ctx.param, input, grad_output, False, offsets)
+                ctx.store._queue(ctx.param, input, grad_output, ctx.weight_in_out, offsets)
             else:
-                grad_weight = _weight_grad(input, grad_output, False, offsets)
-        return grad_input, grad_weight, None, None
+                grad_weight = _weight_grad(input, grad_output, ctx.weight_in_out, offsets)
+        return grad_input, grad_weight, None, None, None
 
 
 def grouped_linear(
@@ -237,15 +247,18 @@ def grouped_linear(
     weight: torch.Tensor,
     offsets: torch.Tensor,
     store: WeightGradStore | None,
+    weight_in_out: bool = False,
 ) -> torch.Tensor:
     """``input``'s rows, sorted by group, each times its group's ``weight[g]^T``
-    (``weight`` (groups, out, in), group g's rows ending at ``offsets[g]``): one grouped
-    GEMM, as transformers' ``grouped_mm`` experts compute it; the weight GEMM goes to the W
-    pass of ``store`` (None: computed with the rest, as autograd would)."""
+    (``weight`` (groups, out, in), group g's rows ending at ``offsets[g]``; with
+    ``weight_in_out`` times ``weight[g]``, stored (groups, in, out) as gpt-oss's experts
+    are, ``is_transposed`` in transformers): one grouped GEMM, as transformers'
+    ``grouped_mm`` experts compute it; the weight GEMM goes to the W pass of ``store``
+    (None: computed with the rest, as autograd would)."""
     input = input.to(weight.dtype)  # grouped_mm does not autocast (transformers casts too)
     if store is None:
-        return F.grouped_mm(input, weight.transpose(-2, -1), offs=offsets)
-    return _SplitGroupedLinear.apply(input, weight, offsets, store)
+        return _grouped(input, weight, offsets, weight_in_out)
+    return _SplitGroupedLinear.apply(input, weight, offsets, store, weight_in_out)
 
 
 def dense(

@@ -360,7 +360,8 @@ def export_checkpoint(
     folder; it needs ``hf_meta/`` (:func:`save_hf_metadata`). ``dtype`` None keeps the
     checkpoint's. Writes safetensors (``model.safetensors``, or shards of at most
     ``max_shard_size`` and ``model.safetensors.index.json``), config.json with its
-    dtype, and the other hf_meta files. The tensor names must be exactly those of the
+    dtype (and no ``quantization_config``: a model loaded from MXFP4 is written
+    dequantized, bf16 or fp32 tensors), and the other hf_meta files. The tensor names must be exactly those of the
     HF model (``from_config`` on the meta device, tied copies left out), else nothing
     is written. An existing non-empty ``out_dir`` is an error unless ``overwrite``.
 
@@ -415,6 +416,10 @@ def export_checkpoint(
         if lora is None:
             _write_weights(tensors, model, out_dtype, tmp, max_shard_size)
             config.dtype = out_dtype
+            # the weights are dequantized (a gpt-oss checkpoint in MXFP4), as from_pretrained's
+            # Mxfp4Config(dequantize=True) leaves them: transformers drops the config's too
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
             config.save_pretrained(tmp)
         # the tokenizer, generation_config.json, and a LoRA run's adapter_config.json
         for path in meta.iterdir():

@@ -30,6 +30,7 @@ choice of attention) are :mod:`pp_ext.hf.common`'s. Each layer class has
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ class Family:
     scaled by sqrt(hidden_size) (GemmaModel, Gemma2Model, Gemma3TextModel).
     ``rope_per_layer_type``: the rotary module holds one table per layer type and is
     called with it (Gemma3TextModel: local rope for sliding layers, global for full).
+    ``packed_documents``: the model gives its mask functions the position ids, so packed
+    documents attend only to themselves; GptOssModel gives none, and they see each other.
     """
 
     model_type: str
@@ -67,11 +70,24 @@ class Family:
     package: str = ""  # when not ``model_type`` (gemma3_text lives in gemma3)
     scaled_embedding: bool = False
     rope_per_layer_type: bool = False
+    packed_documents: bool = True
 
     def hf_class(self, suffix: str) -> type:
         package = self.package or self.model_type
         module = importlib.import_module(f"transformers.models.{package}.modeling_{package}")
         return getattr(module, self.prefix + suffix)
+
+
+@functools.cache
+def without_positions(make_mask: Callable) -> Callable:
+    """``make_mask`` called without position ids, as a model that passes none calls it
+    (``GptOssModel.forward``): no packed-sequence mask. One function per mask kind, so the
+    layers of a chunk share their masks (:class:`~pp_ext.hf.context.ChunkContext`)."""
+
+    def mask(*args, position_ids=None, **kwargs):
+        return make_mask(*args, **kwargs)
+
+    return mask
 
 
 def never(config: PretrainedConfig, layer_idx: int) -> bool:
@@ -151,6 +167,8 @@ class DecoderLayer(HFDecoderLayer):
             if family.sliding(config, layer_idx)
             else create_causal_mask
         )
+        if not family.packed_documents:
+            make_mask = without_positions(make_mask)
         # Gemma3 keeps a local and a global table in one module; this layer asks for its own.
         rope_kwargs = (
             {"layer_type": config.layer_types[layer_idx]} if family.rope_per_layer_type else None

@@ -38,7 +38,13 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 from pp_ext import tp
 from pp_ext.engine.module import ChunkedPipelineModule
 from pp_ext.hf.families import layer_specs
-from pp_ext.hf.weights import copy_hf_weights, hf_keys, meta_model, model_sources
+from pp_ext.hf.weights import (
+    copy_hf_weights,
+    dequantizer,
+    hf_keys,
+    meta_model,
+    model_sources,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,12 +103,13 @@ def load_hf_weights(layers: Iterable[nn.Module], model_dir: str | Path) -> None:
     needed tensors (a tensor-parallel rank: only its part of each) are read, one layer at a time (so at most one layer's tensors are
     held beside the layers). Checkpoint keys are renamed as ``from_pretrained`` renames
     them (:func:`~pp_ext.hf.weights.model_sources`: one tensor per expert merged into the
-    fused experts as transformers merges them); each tensor is cast to the dtype of
-    the layer's own."""
+    fused experts as transformers merges them, MXFP4 experts dequantized by transformers'
+    own converter); each tensor is cast to the dtype of the layer's own."""
     source = weights_file(model_dir)
     files = weight_map(source)
-    model = meta_model(load_config(model_dir))
-    sources = model_sources(files, model)
+    config = load_config(model_dir)
+    model = meta_model(config)
+    sources = model_sources(files, model, dequantizer(config))
     with ExitStack() as stack:
         handles: dict[Path, safe_open] = {}
 

@@ -1,11 +1,12 @@
 """Mixture-of-experts HF causal LMs (Mixtral, Qwen2-MoE with its gated shared expert,
-Qwen3-MoE, OLMoE, DeepSeek-V3) as pipeline layers.
+Qwen3-MoE, OLMoE, gpt-oss, DeepSeek-V3) as pipeline layers.
 
 The decoder layers are transformers' own, built and called as the Llama-like families'
 (:mod:`pp_ext.hf.llama`): attention, norms, the top-k router and the fused experts
 (``experts.gate_up_proj`` / ``experts.down_proj``), Qwen2-MoE's sigmoid-gated shared
-expert, Qwen2/3-MoE's dense layers (``mlp_only_layers``, ``decoder_sparse_step``) come
-with them. So do DeepSeek-V3's (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report"):
+expert, Qwen2/3-MoE's dense layers (``mlp_only_layers``, ``decoder_sparse_step``),
+gpt-oss's attention sinks, router (``mlp.router``) and expert biases and clamped SwiGLU
+come with them. So do DeepSeek-V3's (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report"):
 multi-head latent attention (``q_lora_rank``, ``kv_lora_rank``, the rotary and
 non-rotary head parts, interleaved rope with YaRN's softmax scale), the dense first
 ``first_k_dense_replace`` layers, the shared experts and the sigmoid router
@@ -13,7 +14,8 @@ non-rotary head parts, interleaved rope with YaRN's softmax scale), the dense fi
 group-limited top-k over ``n_group`` / ``topk_group``, weights renormalised with
 ``norm_topk_prob`` and scaled by ``routed_scaling_factor``). Checkpoints store one
 tensor per expert; transformers' conversion mapping merges them on load and splits
-them on save (:mod:`pp_ext.hf.weights`).
+them on save (:mod:`pp_ext.hf.weights`); gpt-oss's store them fused, on the hub in MXFP4,
+which its converter dequantizes.
 
 ``DeepseekV3ForCausalLM`` computes the LM loss only: it adds no router loss whatever
 ``output_router_logits`` says (the config has no ``router_aux_loss_coef``), and nothing
@@ -105,6 +107,11 @@ FAMILIES = {
             sparse_step,
         ),
         MoEFamily(llama.Family("olmoe", "Olmoe", llama.never), "num_experts", every_layer),
+        MoEFamily(
+            llama.Family("gpt_oss", "GptOss", llama.layer_type_sliding, packed_documents=False),
+            "num_local_experts",
+            every_layer,
+        ),
         MoEFamily(
             llama.Family("deepseek_v3", "DeepseekV3", llama.never),
             "n_routed_experts",

@@ -24,6 +24,8 @@ from transformers.core_model_loading import (
     rename_source_key,
     revert_weight_conversion,
 )
+from transformers.quantizers import AutoHfQuantizer, HfQuantizer
+from transformers.utils.quantization_config import Mxfp4Config
 
 from pp_ext import tp
 
@@ -60,8 +62,28 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _converters(model: PreTrainedModel) -> tuple[list, list]:
-    transforms = get_model_conversion_mapping(model)
+def dequantizer(config: PretrainedConfig) -> HfQuantizer | None:
+    """Transformers' quantizer set to dequantize a checkpoint saved quantized, as
+    ``from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True))`` sets it: the
+    hub's gpt-oss checkpoints store the experts' weights as MXFP4 (``*_blocks`` and
+    ``*_scales``), which its converters turn into the model's bf16/fp32 tensors
+    (``transformers.integrations.mxfp4.Mxfp4Dequantize``). None for plain tensors
+    (no ``quantization_config``); another quantization is an error."""
+    stored = getattr(config, "quantization_config", None)
+    if stored is None:
+        return None
+    method = stored.get("quant_method") if isinstance(stored, dict) else stored.quant_method
+    if method != "mxfp4":
+        raise ValueError(
+            f"the checkpoint is quantized with {method!r}: pp-ext loads plain tensors or MXFP4 "
+            f"(gpt-oss, dequantized); save the model unquantized (bf16) with transformers first"
+        )
+    merged = AutoHfQuantizer.merge_quantization_configs(stored, Mxfp4Config(dequantize=True))
+    return AutoHfQuantizer.from_config(merged, pre_quantized=True)
+
+
+def _converters(model: PreTrainedModel, quantizer: HfQuantizer | None = None) -> tuple[list, list]:
+    transforms = get_model_conversion_mapping(model, hf_quantizer=quantizer)
     return (
         [t for t in transforms if isinstance(t, WeightRenaming)],
         [t for t in transforms if isinstance(t, WeightConverter)],
@@ -95,12 +117,15 @@ class Source:
         return converter.convert(name, model=model, config=model.config)[name]
 
 
-def model_sources(checkpoint_keys: Iterable[str], model: PreTrainedModel) -> dict[str, Source]:
+def model_sources(
+    checkpoint_keys: Iterable[str], model: PreTrainedModel, quantizer: HfQuantizer | None = None
+) -> dict[str, Source]:
     """Each ``state_dict`` name of ``model`` that the checkpoint holds -> its :class:`Source`,
     renamed and converted as ``from_pretrained`` does (transformers' conversion mapping:
     GPT-NeoX's ``embed_out`` is the model's ``lm_head``; a base-model checkpoint lacks the
-    ``model.`` prefix; an MoE checkpoint's per-expert tensors are the fused experts')."""
-    renamings, converters = _converters(model)
+    ``model.`` prefix; an MoE checkpoint's per-expert tensors are the fused experts'; with
+    a :func:`dequantizer`, gpt-oss's MXFP4 ``*_blocks`` and ``*_scales`` its experts')."""
+    renamings, converters = _converters(model, quantizer)
     by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
     own = model.state_dict()
     sources: dict[str, Source] = {}

@@ -1,16 +1,25 @@
 """Experts whose weight gradients wait for the zero-bubble W pass.
 
 Transformers' MoE experts (``@use_experts_implementation``: Mixtral, Qwen2/3-MoE, OLMoE,
-DeepSeek-V3) hold every expert's projections stacked, ``gate_up_proj`` (experts, 2 * inter, hidden)
-and ``down_proj`` (experts, hidden, inter), and by default (``grouped_mm``) sort the
-token-expert pairs by expert and run each projection as one grouped GEMM
-(``transformers.integrations.moe.grouped_mm_experts_forward``). Autograd would compute
-both GEMMs of their backward in I; zero-bubble schedules (Qi et al. 2024, "Zero Bubble
-Pipeline Parallelism", Sec. 2) want the weight GEMMs, about half of an MoE layer's
-backward, in W. :func:`deferrable` swaps an experts module's class (parameters and names
-unchanged) for one that, once bound to a store, runs the same computation with the two
-projections through :func:`pp_ext.autograd.split_backward.grouped_linear`; unbound it is
-transformers' own.
+DeepSeek-V3, gpt-oss) hold every expert's projections stacked, ``gate_up_proj`` (experts, 2 * inter,
+hidden) and ``down_proj`` (experts, hidden, inter), or transposed, (experts, hidden,
+2 * inter) and (experts, inter, hidden), with per-expert biases ``gate_up_proj_bias`` /
+``down_proj_bias`` (gpt-oss: ``is_transposed``, ``has_bias``, its gate and up columns
+interleaved and split by its own clamped SwiGLU, ``GptOssExperts._apply_gate``). By
+default (``grouped_mm``) they sort the token-expert pairs by expert and run each
+projection as one grouped GEMM (``transformers.integrations.moe.grouped_mm_experts_forward``).
+Autograd would compute both GEMMs of their backward in I; zero-bubble schedules (Qi et
+al. 2024, "Zero Bubble Pipeline Parallelism", Sec. 2) want the weight GEMMs, about half
+of an MoE layer's backward, in W. :func:`deferrable` swaps an experts module's class
+(parameters and names unchanged) for one that, once bound to a store, runs the same
+computation with the two projections through
+:func:`pp_ext.autograd.split_backward.grouped_linear`; unbound it is transformers' own.
+
+The biases are added after each grouped GEMM, as transformers adds them (each pair's
+expert's row, ``bias[expert_ids]``), by autograd: their gradients, a scatter-add of
+``grad_output``'s rows per expert, come in I, as a linear layer's bias gradient does
+(:mod:`pp_ext.autograd.split_backward`): about 1/in_features of the weight GEMM's work,
+and left to autograd they accumulate exactly as in transformers' model.
 """
 
 from __future__ import annotations
@@ -30,10 +39,11 @@ def split_experts_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Transformers' ``grouped_mm_experts_forward`` for gated experts without biases (the
-    supported families'), each grouped GEMM deferrable: pairs sorted by expert, the rows
-    of each expert counted by ``histc`` (float on CPU, int on GPU, as transformers counts
-    them), ``down(act(gate) * up)`` scaled by the routing weights, summed per token."""
+    """Transformers' ``grouped_mm_experts_forward`` for gated experts, each grouped GEMM
+    deferrable: pairs sorted by expert, the rows of each expert counted by ``histc``
+    (float on CPU, int on GPU, as transformers counts them), ``down(gate(up_gate(x) + b)) + b``
+    (the biases where the experts have them), scaled by the routing weights, summed per
+    token."""
     num_tokens, hidden_dim = hidden_states.shape
     num_top_k = top_k_index.size(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
@@ -44,9 +54,13 @@ def split_experts_forward(
     )
     rows = torch.histc(counted, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
     offsets = torch.cumsum(rows, dim=0, dtype=torch.int32)
-    store = experts._wgrad_store
-    projected = experts._apply_gate(grouped_linear(selected, experts.gate_up_proj, offsets, store))
-    projected = grouped_linear(projected, experts.down_proj, offsets, store)
+    store, transposed = experts._wgrad_store, experts.is_transposed
+
+    def project(x: torch.Tensor, name: str) -> torch.Tensor:
+        out = grouped_linear(x, getattr(experts, name), offsets, store, transposed)
+        return out + getattr(experts, f"{name}_bias")[expert_ids] if experts.has_bias else out
+
+    projected = project(experts._apply_gate(project(selected, "gate_up_proj")), "down_proj")
     weighted = projected * sample_weights.unsqueeze(-1)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.size(0), device=perm.device)
@@ -76,11 +90,12 @@ def _deferrable_class(experts_class: type) -> type:
 
 
 def deferrable(experts: nn.Module) -> nn.Module:
-    """``experts`` (gated, no biases, (experts, out, in) weights) made deferrable in place."""
-    if experts.has_bias or not experts.has_gate or experts.is_transposed:
+    """``experts`` (gated, with or without biases, weights (experts, out, in) or
+    transposed) made deferrable in place."""
+    if not experts.has_gate or experts.has_post_expert_norm:
         raise ValueError(
-            f"{type(experts).__name__} has biases, no gate or transposed weights: pp-ext defers "
-            f"the weight GEMMs of gated experts without biases only"
+            f"{type(experts).__name__} has no gate or a norm after each expert: pp-ext defers "
+            f"the weight GEMMs of gated experts without a post-expert norm only"
         )
     experts_class: type = type(experts)
     experts.__class__ = _deferrable_class(experts_class)

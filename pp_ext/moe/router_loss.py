@@ -3,7 +3,10 @@
 Switch Transformer's auxiliary loss (Fedus et al. 2022, "Switch Transformers", eqs. 4-6),
 ``E * sum_e f_e * P_e``, with ``f_e`` the fraction of top-k assignments routed to expert e
 and ``P_e`` its mean router probability, is what transformers' MoE models compute in
-``load_balancing_loss_func`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: one function). It pools
+``load_balancing_loss_func`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss: one function,
+from each router's first output, its logits: gpt-oss's with the router's bias, which
+routes by top-k of the logits and a softmax over those k, while the loss takes the softmax
+over all experts, then its top-k, as for the others). It pools
 the statistics of all layers before it multiplies them, so it is not a sum of per-layer
 losses (Megatron's per-layer form differs) and no stage can finish it alone.
 
