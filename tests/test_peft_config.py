@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import CONFIGS
+from hf_models import CONFIGS, MOE_CONFIGS
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from recipe_cases import one_line_error
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pp_ext.config.recipe import load
-from pp_ext.peft import PeftError, check_adapter, check_modules_to_save, lora_config, target_names
+from pp_ext.peft import (
+    PeftError,
+    check_adapter,
+    check_experts,
+    check_modules_to_save,
+    lora_config,
+    target_names,
+)
 
 TARGETS = [
     None,  # PEFT's default for the family
@@ -107,6 +114,7 @@ def test_recipe_section_is_peft_lora_config(recipe_file):
         (["peft.lora_dropout=1.0"], "recipe key 'peft.lora_dropout' must be in [0, 1), got 1.0"),
         (["peft.target_modules=[]"], "recipe key 'peft.target_modules' must be a list"),
         (["peft.target_modules=3"], "recipe key 'peft.target_modules' must be a list"),
+        (["peft.target_parameters=[3]"], "recipe key 'peft.target_parameters' must be a list"),
         (
             ["peft.adapter_path=/nonexistent/adapter"],
             "recipe key 'peft.adapter_path' is /nonexistent/adapter, which holds no "
@@ -218,3 +226,69 @@ def test_gpt2_s_conv1d_layers_get_fan_in_fan_out_without_a_warning(recipe_file):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert target_names(lora, config)
+
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_CONFIGS))
+def test_moe_stages_hold_the_adapters_peft_saves(model_type):
+    """On every MoE family the stages' adapters (fused experts through ParamWrapper,
+    nested per parameter; peft's v4-name conversion of all-linear with its doubled rank
+    for gate_up_proj) are get_peft_model's: the same keys of adapter_model.safetensors,
+    the same shapes."""
+    from peft import get_peft_model_state_dict
+
+    from pp_ext.hf import layer_specs
+    from pp_ext.peft import Targets, add_adapters, peft_keys
+    from pp_ext.peft.config import peft_model_warnings
+    from pp_ext.testing.reference import SequentialReference
+
+    config = MOE_CONFIGS[model_type](False)
+    for targets, parameters in (("all-linear", EXPERTS), ("all-linear", []), (["q_proj"], EXPERTS)):
+        lora = LoraConfig(r=2, target_modules=targets, target_parameters=parameters)
+        chain = SequentialReference(layer_specs(config), loss_fn=None)
+        layers = add_adapters(list(enumerate(chain.layers)), Targets.of(lora, config), 0)
+        ours = {
+            key: tuple(dict(layer.named_parameters())[name].shape)
+            for layer in layers
+            for name, key in peft_keys(layer).items()
+        }
+        with peft_model_warnings():
+            model = get_peft_model(AutoModelForCausalLM.from_config(config), lora)
+        theirs = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+        assert ours == theirs, (model_type, targets, parameters)
+        experts = any(".experts." in key for key in ours)
+        # peft converts all-linear onto the experts of Mixtral, Qwen3-MoE and OLMoE (even
+        # with target_parameters=[]), not Qwen2-MoE's: there only target_parameters adapt them
+        assert experts == (
+            bool(parameters) or targets == "all-linear" and model_type != "qwen2_moe"
+        ), experts
+
+
+def test_moe_targets_that_miss_the_experts_are_refused():
+    """target_parameters that match nothing list the 3-D parameters; all-linear (or an
+    expert projection's name) that PEFT leaves off the experts (Qwen2-MoE, which peft 0.21
+    does not convert) is refused unless target_parameters says which ([]: none); where
+    peft converts it (Mixtral) the experts are adapted and nothing is refused."""
+    cases = [
+        ("olmoe", ["q_proj"], ["experts.w1"], "peft.target_parameters ['experts.w1'] matches no"),
+        ("qwen2_moe", "all-linear", None, "peft.target_modules 'all-linear' adapts no expert"),
+        ("qwen2_moe", ["q_proj", "gate_proj"], None, "set peft.target_parameters=["),
+    ]
+    for model_type, targets, parameters, expected in cases:
+        config = MOE_CONFIGS[model_type](False)
+        lora = LoraConfig(r=2, target_modules=targets, target_parameters=parameters)
+        with pytest.raises(PeftError) as error:
+            target_names(lora, config)
+            check_experts(lora, config)
+        assert expected in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert "(experts.down_proj, experts.gate_up_proj)" in str(error.value)
+    for model_type, targets, parameters in (
+        ("qwen2_moe", "all-linear", []),
+        ("qwen2_moe", "all-linear", EXPERTS),
+        ("mixtral", "all-linear", None),
+        ("qwen3_moe", ["q_proj", "v_proj"], None),
+    ):
+        lora = LoraConfig(r=2, target_modules=targets, target_parameters=parameters)
+        check_experts(lora, MOE_CONFIGS[model_type](False))

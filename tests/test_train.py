@@ -280,10 +280,15 @@ BAD_INPUT = [
         "parallel.tensor=2: tensor parallelism has no sharding plan for 'mixtral' models",
     ),
     (
-        ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "peft.type=lora"],
+        [
+            "model.path={mixtral}",
+            "model.tokenizer=configs/models/quickstart",
+            "peft.type=lora",
+            "peft.target_parameters=[experts.w1]",
+        ],
         2,
-        "peft.type=lora on a 'mixtral' mixture-of-experts model is not supported yet (its fused "
-        "experts would get no adapter): set peft.type=none to fine-tune it whole",
+        "peft.target_parameters ['experts.w1'] matches no parameter of this mixtral model: name "
+        "some of its 3-D parameters (experts.down_proj, experts.gate_up_proj)",
     ),
     (["train.steps=abc"], 2, "recipe key 'train.steps' has the wrong type"),
     (["--recipe", "{yaml}"], 2, "{yaml}: not a valid YAML recipe"),

@@ -37,6 +37,7 @@ from pp_ext.hf.loading import load_config
 from pp_ext.peft import (
     PeftError,
     check_adapter,
+    check_experts,
     check_modules_to_save,
     embedding_targets,
     lora_config,
@@ -193,15 +194,10 @@ def check_peft(recipe: Recipe, config: PretrainedConfig) -> None:
     is a LoRA adapter of this rank for this base."""
     if recipe.peft.type == "none":
         return
-    if config.model_type in moe.supported():
-        # peft's target_parameters for the fused 3-D experts is a later step (issue 24)
-        raise RecipeError(
-            f"peft.type=lora on a {config.model_type!r} mixture-of-experts model is not supported "
-            f"yet (its fused experts would get no adapter): set peft.type=none to fine-tune it whole"
-        )
     lora = lora_config(recipe.peft, config)
     try:
         target_names(lora, config)
+        check_experts(lora, config)
         check_modules_to_save(lora, config)
         embeddings = embedding_targets(lora, config)
         if recipe.parallel.tensor > 1 and embeddings:
