@@ -292,3 +292,54 @@ def test_moe_targets_that_miss_the_experts_are_refused():
     ):
         lora = LoraConfig(r=2, target_modules=targets, target_parameters=parameters)
         check_experts(lora, MOE_CONFIGS[model_type](False))
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_CONFIGS))
+def test_moe_adapters_under_peft_keys_load_in_peft_with_the_stages_logits(model_type, tmp_path):
+    """The stages' adapters (random, B too) written under their PEFT keys (what the export
+    writes, ``peft_keys``) load with ``PeftModel.from_pretrained`` with no missing or
+    unexpected key and give the chained layers' logits (fp32, 1e-5)."""
+    import warnings
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from pp_ext.hf import copy_hf_weights, layer_specs
+    from pp_ext.peft import Targets, add_adapters, peft_keys
+    from pp_ext.peft.config import peft_model_warnings
+    from pp_ext.testing.reference import SequentialReference
+
+    torch.manual_seed(0)
+    config = MOE_CONFIGS[model_type](False)
+    config.output_router_logits = False  # logits only
+    base = AutoModelForCausalLM.from_config(config).float()
+    base.save_pretrained(tmp_path / "base")
+    lora = LoraConfig(
+        r=2,
+        target_modules="all-linear",
+        target_parameters=EXPERTS,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(tmp_path / "base"),
+    )
+    chain = SequentialReference(layer_specs(config), loss_fn=None)
+    copy_hf_weights(chain.layers, base.state_dict())
+    layers = add_adapters(list(enumerate(chain.layers)), Targets.of(lora, config), 0)
+    tensors = {
+        key: dict(layer.named_parameters())[name].detach().contiguous()
+        for layer in layers
+        for name, key in peft_keys(layer).items()
+    }
+    x = torch.randint(100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = base(x).logits  # before peft wraps base in place
+    lora.save_pretrained(tmp_path / "adapter")
+    save_file(tensors, tmp_path / "adapter/adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft warns of a missing or unexpected key
+        with peft_model_warnings():
+            model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ours, theirs = chain(x), model(x).logits
+    assert float((ours - theirs).abs().max()) <= 1e-5
+    assert float((ours - plain).abs().max()) > 1e-3  # the adapters act
