@@ -275,15 +275,19 @@ def test_moe_targets_that_miss_the_experts_are_refused():
         ("olmoe", ["q_proj"], ["experts.w1"], "peft.target_parameters ['experts.w1'] matches no"),
         ("qwen2_moe", "all-linear", None, "peft.target_modules 'all-linear' adapts no expert"),
         ("qwen2_moe", ["q_proj", "gate_proj"], None, "set peft.target_parameters=["),
+        ("qwen2_moe", ["q_proj"], EXPERTS, "which does not work with lora_dropout != 0: set"),
     ]
     for model_type, targets, parameters, expected in cases:
         config = MOE_CONFIGS[model_type](False)
-        lora = LoraConfig(r=2, target_modules=targets, target_parameters=parameters)
+        dropout = 0.1 if "dropout" in expected else 0.0
+        lora = LoraConfig(
+            r=2, target_modules=targets, target_parameters=parameters, lora_dropout=dropout
+        )
         with pytest.raises(PeftError) as error:
             target_names(lora, config)
             check_experts(lora, config)
         assert expected in str(error.value) and "\n" not in str(error.value), str(error.value)
-    assert "(experts.down_proj, experts.gate_up_proj)" in str(error.value)
+    assert "(experts.down_proj, experts.gate_up_proj) with its ParamWrapper" in str(error.value)
     for model_type, targets, parameters in (
         ("qwen2_moe", "all-linear", []),
         ("qwen2_moe", "all-linear", EXPERTS),

@@ -197,6 +197,14 @@ def _inject(
             problem = "peft.target_modules is not set and PEFT has no default for"
         elif "no `target_parameters` found" in str(exc):
             raise _no_parameter(lora, config) from None
+        elif "lora.ParamWrapper does not work with" in str(exc):
+            raise PeftError(
+                f"PEFT adapts this {config.model_type} model's 3-D parameters "
+                f"({', '.join(stacked_names(model))}) with its ParamWrapper, which "
+                f"{str(exc).removeprefix('lora.ParamWrapper ')[:-1]}: set it back to its default "
+                f"or target no expert (no target_parameters; target_modules without all-linear "
+                f"or an expert projection's name)"
+            ) from None
         elif "because they are fused into" in str(exc):
             raise PeftError(
                 f"peft.target_modules {_shown(lora.target_modules)!r}: PEFT's conversion to this "
