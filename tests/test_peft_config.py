@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import CONFIGS
+from hf_models import CONFIGS, MOE_CONFIGS
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from recipe_cases import one_line_error
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pp_ext.config.recipe import load
-from pp_ext.peft import PeftError, check_adapter, check_modules_to_save, lora_config, target_names
+from pp_ext.peft import (
+    PeftError,
+    check_adapter,
+    check_experts,
+    check_modules_to_save,
+    lora_config,
+    target_names,
+)
+from pp_ext.training.preflight import LORA_MOE
 
 TARGETS = [
     None,  # PEFT's default for the family
@@ -107,6 +115,7 @@ def test_recipe_section_is_peft_lora_config(recipe_file):
         (["peft.lora_dropout=1.0"], "recipe key 'peft.lora_dropout' must be in [0, 1), got 1.0"),
         (["peft.target_modules=[]"], "recipe key 'peft.target_modules' must be a list"),
         (["peft.target_modules=3"], "recipe key 'peft.target_modules' must be a list"),
+        (["peft.target_parameters=[3]"], "recipe key 'peft.target_parameters' must be a list"),
         (
             ["peft.adapter_path=/nonexistent/adapter"],
             "recipe key 'peft.adapter_path' is /nonexistent/adapter, which holds no "
@@ -218,3 +227,124 @@ def test_gpt2_s_conv1d_layers_get_fan_in_fan_out_without_a_warning(recipe_file):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert target_names(lora, config)
+
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+@pytest.mark.parametrize("model_type", LORA_MOE)
+def test_moe_stages_hold_the_adapters_peft_saves(model_type):
+    """On every MoE family the stages' adapters (fused experts through ParamWrapper,
+    nested per parameter; peft's v4-name conversion of all-linear with its doubled rank
+    for gate_up_proj) are get_peft_model's: the same keys of adapter_model.safetensors,
+    the same shapes."""
+    from peft import get_peft_model_state_dict
+
+    from pp_ext.hf import layer_specs
+    from pp_ext.peft import Targets, add_adapters, peft_keys
+    from pp_ext.peft.config import peft_model_warnings
+    from pp_ext.testing.reference import SequentialReference
+
+    config = MOE_CONFIGS[model_type](False)
+    for targets, parameters in (("all-linear", EXPERTS), ("all-linear", []), (["q_proj"], EXPERTS)):
+        lora = LoraConfig(r=2, target_modules=targets, target_parameters=parameters)
+        chain = SequentialReference(layer_specs(config), loss_fn=None)
+        layers = add_adapters(list(enumerate(chain.layers)), Targets.of(lora, config), 0)
+        ours = {
+            key: tuple(dict(layer.named_parameters())[name].shape)
+            for layer in layers
+            for name, key in peft_keys(layer).items()
+        }
+        with peft_model_warnings():
+            model = get_peft_model(AutoModelForCausalLM.from_config(config), lora)
+        theirs = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+        assert ours == theirs, (model_type, targets, parameters)
+        experts = any(".experts." in key for key in ours)
+        # peft converts all-linear onto the experts of Mixtral, Qwen3-MoE and OLMoE (even
+        # with target_parameters=[]), not Qwen2-MoE's: there only target_parameters adapt them
+        assert experts == (
+            bool(parameters) or targets == "all-linear" and model_type != "qwen2_moe"
+        ), experts
+
+
+def test_moe_targets_that_miss_the_experts_are_refused():
+    """target_parameters that match nothing list the 3-D parameters; all-linear (or an
+    expert projection's name) that PEFT leaves off the experts (Qwen2-MoE, which peft 0.21
+    does not convert) is refused unless target_parameters says which ([]: none); where
+    peft converts it (Mixtral) the experts are adapted and nothing is refused."""
+    cases = [
+        ("olmoe", ["q_proj"], ["experts.w1"], "peft.target_parameters ['experts.w1'] matches no"),
+        ("qwen2_moe", "all-linear", None, "peft.target_modules 'all-linear' adapts no expert"),
+        ("qwen2_moe", ["q_proj", "gate_proj"], None, "set peft.target_parameters=["),
+        ("qwen2_moe", ["q_proj"], EXPERTS, "which does not work with lora_dropout != 0: set"),
+    ]
+    for model_type, targets, parameters, expected in cases:
+        config = MOE_CONFIGS[model_type](False)
+        dropout = 0.1 if "dropout" in expected else 0.0
+        lora = LoraConfig(
+            r=2, target_modules=targets, target_parameters=parameters, lora_dropout=dropout
+        )
+        with pytest.raises(PeftError) as error:
+            target_names(lora, config)
+            check_experts(lora, config)
+        assert expected in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert "(experts.down_proj, experts.gate_up_proj) with its ParamWrapper" in str(error.value)
+    for model_type, targets, parameters in (
+        ("qwen2_moe", "all-linear", []),
+        ("qwen2_moe", "all-linear", EXPERTS),
+        ("mixtral", "all-linear", None),
+        ("qwen3_moe", ["q_proj", "v_proj"], None),
+    ):
+        lora = LoraConfig(r=2, target_modules=targets, target_parameters=parameters)
+        check_experts(lora, MOE_CONFIGS[model_type](False))
+
+
+@pytest.mark.parametrize("model_type", LORA_MOE)
+def test_moe_adapters_under_peft_keys_load_in_peft_with_the_stages_logits(model_type, tmp_path):
+    """The stages' adapters (random, B too) written under their PEFT keys (what the export
+    writes, ``peft_keys``) load with ``PeftModel.from_pretrained`` with no missing or
+    unexpected key and give the chained layers' logits (fp32, 1e-5)."""
+    import warnings
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from pp_ext.hf import copy_hf_weights, layer_specs
+    from pp_ext.peft import Targets, add_adapters, peft_keys
+    from pp_ext.peft.config import peft_model_warnings
+    from pp_ext.testing.reference import SequentialReference
+
+    torch.manual_seed(0)
+    config = MOE_CONFIGS[model_type](False)
+    config.output_router_logits = False  # logits only
+    base = AutoModelForCausalLM.from_config(config).float()
+    base.save_pretrained(tmp_path / "base")
+    lora = LoraConfig(
+        r=2,
+        target_modules="all-linear",
+        target_parameters=EXPERTS,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(tmp_path / "base"),
+    )
+    chain = SequentialReference(layer_specs(config), loss_fn=None)
+    copy_hf_weights(chain.layers, base.state_dict())
+    layers = add_adapters(list(enumerate(chain.layers)), Targets.of(lora, config), 0)
+    tensors = {
+        key: dict(layer.named_parameters())[name].detach().contiguous()
+        for layer in layers
+        for name, key in peft_keys(layer).items()
+    }
+    x = torch.randint(100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = base(x).logits  # before peft wraps base in place
+    lora.save_pretrained(tmp_path / "adapter")
+    save_file(tensors, tmp_path / "adapter/adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft warns of a missing or unexpected key
+        with peft_model_warnings():
+            model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ours, theirs = chain(x), model(x).logits
+    assert float((ours - theirs).abs().max()) <= 1e-5
+    assert float((ours - plain).abs().max()) > 1e-3  # the adapters act

@@ -27,28 +27,42 @@ CASES = [
     ("gpt2", "zb-h1", True, 0, "all-linear", None),
     ("gpt_neox", "chimera", False, 0, "all-linear", ["lm_head"]),
 ]
+# MoE families (issue 24), aux loss on: peft 0.21 maps all-linear on Mixtral, Qwen3-MoE and
+# OLMoE onto the fused experts (gate_up_proj at rank 2r) and the router (gate.weight);
+# Qwen2-MoE names its experts in target_parameters, beside its shared expert's linears
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+CASES += [
+    ("mixtral", "zb-h1", False, 0, "all-linear", None, None),
+    ("qwen2_moe", "1f1b", False, 0, "all-linear", None, EXPERTS),
+    ("qwen3_moe", "zb-h1", False, 0, ["q_proj", "v_proj"], None, EXPERTS),
+    ("olmoe", "1f1b", False, 1, "all-linear", None, None),
+]
 
 
-def run_case(family, schedule, tied, interval, targets, whole) -> dict:
+def run_case(family, schedule, tied, interval, targets, whole, parameters=None) -> dict:
     import copy
     import tempfile
 
     import torch
-    from hf_models import CONFIGS
+    from hf_models import ALL_CONFIGS, CONFIGS
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
-    from pp_ext.hf import copy_hf_weights, layer_specs
+    from pp_ext.hf import copy_hf_weights, layer_specs, router_loss_coef
     from pp_ext.hf.loading import indexed_layers, local_layers
     from pp_ext.peft import Targets, add_adapters, load_adapter, peft_keys
     from pp_ext.peft.adapters import BASE, is_adapter
+    from pp_ext.peft.config import peft_model_warnings
     from pp_ext.schedules import get
     from pp_ext.schedules.registry import BASELINE
+    from pp_ext.training.loss import LanguageModelLoss
 
     torch.manual_seed(0)
-    config = CONFIGS[family](tied)
+    config = ALL_CONFIGS[family](tied)
+    # an MoE model's last stage returns (logits, aux loss): pp-ext's training loss adds them
+    loss_fn = shifted_loss if family in CONFIGS else LanguageModelLoss(router_loss_coef(config))
     hf = AutoModelForCausalLM.from_config(config).float()
     base = {k: v.clone() for k, v in hf.state_dict().items()}
     lora = LoraConfig(
@@ -56,12 +70,14 @@ def run_case(family, schedule, tied, interval, targets, whole) -> dict:
         lora_alpha=8,
         target_modules=targets,
         modules_to_save=whole,
+        target_parameters=parameters,
         task_type="CAUSAL_LM",
         init_lora_weights=False,  # B random too: the first step moves A as well
         fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D: as pp-ext's lora_config says
     )
     torch.manual_seed(1)  # the same reference adapter on every rank
-    reference = get_peft_model(copy.deepcopy(hf), LoraConfig(**lora.to_dict()))
+    with peft_model_warnings():  # peft's own, about its MoE conversion's rank pattern
+        reference = get_peft_model(copy.deepcopy(hf), LoraConfig(**lora.to_dict()))
     folder = tempfile.mkdtemp()
     reference.save_pretrained(folder)
     initial = {k: v.clone() for k, v in get_peft_model_state_dict(reference).items()}
@@ -70,7 +86,7 @@ def run_case(family, schedule, tied, interval, targets, whole) -> dict:
     module = ChunkedPipelineModule(
         layers=layer_specs(config),
         num_stages=2,
-        loss_fn=shifted_loss,
+        loss_fn=loss_fn,
         chunks=1 if spec is None else spec.default_chunks,
         placement="loop" if spec is None else spec.placement,
         partition_method="type:layer",  # one decoder layer per stage: both have adapters
@@ -137,6 +153,8 @@ def run_case(family, schedule, tied, interval, targets, whole) -> dict:
         "ref_losses": ref_losses,
         "adapter_diff": adapter_diff,
         "adapters": len(ours),
+        "keys": sorted(ours),  # over the ranks: every tensor PEFT trains (none dropped)
+        "ref_keys": sorted(trained),
         "moved": moved,  # every adapter tensor trained: the comparison is not of two inits
         "base_changed": base_changed,
         # AdamW keeps two moments per trainable element, and nothing for the frozen base
@@ -155,7 +173,11 @@ def test_two_stage_lora_training_equals_peft():
     from pp_ext.testing.spawn import spawn
 
     failures = []
-    for rank, results in enumerate(spawn(run_cases, 2, CASES, timeout=400)):
+    ranks = spawn(run_cases, 2, CASES, timeout=400)
+    for case, *results in zip(CASES, *ranks):
+        if {k for r in results for k in r["keys"]} != set(results[0]["ref_keys"]):
+            failures.append(f"{case}: the stages' adapters are not PEFT's")
+    for rank, results in enumerate(ranks):
         for r in results:
             loss_diff = max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"]))
             problems = [

@@ -193,11 +193,11 @@ def gpt2(tmp_path: Path, positions: int) -> Path:
     )
 
 
-def mixtral(tmp_path: Path) -> Path:
-    """A tiny Mixtral config over the quickstart tokenizer's 103 tokens."""
+def tiny_moe(tmp_path: Path, model_type: str = "mixtral", **config) -> Path:
+    """A tiny MoE config (Mixtral's by default) over the quickstart tokenizer's 103 tokens."""
     return fake_model(
         tmp_path,
-        "mixtral",
+        model_type,
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
@@ -205,6 +205,7 @@ def mixtral(tmp_path: Path) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         num_local_experts=4,
+        **config,
     )
 
 
@@ -215,7 +216,8 @@ PLACEHOLDERS = {
     "fp8": lambda tmp: fake_model(
         tmp, "deepseek_v3", quantization_config={"quant_method": "fp8", "fmt": "e4m3"}
     ),
-    "mixtral": mixtral,
+    "mixtral": tiny_moe,
+    "gpt_oss": lambda tmp: tiny_moe(tmp, "gpt_oss", head_dim=8),
     "vocab50": vocab_50,
     "added": added_token,
     "gpt2": lambda tmp: gpt2(tmp, 32),  # shorter than the quickstart's seq_len 64
@@ -283,10 +285,21 @@ BAD_INPUT = [
         "parallel.tensor=2: tensor parallelism has no sharding plan for 'mixtral' models",
     ),
     (
-        ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "peft.type=lora"],
+        [
+            "model.path={mixtral}",
+            "model.tokenizer=configs/models/quickstart",
+            "peft.type=lora",
+            "peft.target_parameters=[experts.w1]",
+        ],
         2,
-        "peft.type=lora on a 'mixtral' mixture-of-experts model is not supported yet (its fused "
-        "experts would get no adapter): set peft.type=none to fine-tune it whole",
+        "peft.target_parameters ['experts.w1'] matches no parameter of this mixtral model: name "
+        "some of its 3-D parameters (experts.down_proj, experts.gate_up_proj)",
+    ),
+    (
+        ["model.path={gpt_oss}", "model.tokenizer=configs/models/quickstart", "peft.type=lora"],
+        2,
+        "peft.type=lora on a 'gpt_oss' model is not supported yet (LoRA on mixtures of experts is "
+        "checked against peft on mixtral, olmoe, qwen2_moe, qwen3_moe only): set peft.type=none",
     ),
     (["train.steps=abc"], 2, "recipe key 'train.steps' has the wrong type"),
     (["--recipe", "{yaml}"], 2, "{yaml}: not a valid YAML recipe"),

@@ -197,6 +197,16 @@ def _check_peft(peft: DictConfig) -> None:
             f"recipe key 'peft.target_modules' must be a list of module names, a regex string or "
             f"all-linear (as PEFT's LoraConfig reads it), got {targets!r}"
         )
+    params = peft.target_parameters
+    if not (
+        params is None
+        or isinstance(params, ListConfig)
+        and all(isinstance(t, str) and t for t in params)
+    ):
+        raise RecipeError(
+            f"recipe key 'peft.target_parameters' must be a list of parameter names (as PEFT's "
+            f"LoraConfig reads it, e.g. [experts.gate_up_proj, experts.down_proj]), got {params!r}"
+        )
     if (
         peft.adapter_path is not None
         and not (Path(peft.adapter_path) / "adapter_config.json").is_file()

@@ -145,6 +145,9 @@ class PeftConfig:
     target_modules: Any = None
     """module names (a list: a name or its dotted suffix), a regex (a string: full match), or
     all-linear (every linear layer but the LM head); None: PEFT's default for the family"""
+    target_parameters: Optional[list] = None
+    """parameters adapted directly (PEFT's ParamWrapper), by name or dotted suffix: an MoE
+    model's fused 3-D experts, [experts.gate_up_proj, experts.down_proj]; [] adapts none"""
     use_rslora: bool = False
     """scale lora_alpha / sqrt(r) (Kalajdzievski 2023, "Rank-Stabilized LoRA", arXiv:2312.03732)"""
     modules_to_save: Optional[list] = None

@@ -12,6 +12,7 @@ from pp_ext.peft.adapters import (
 from pp_ext.peft.config import (
     PeftError,
     check_adapter,
+    check_experts,
     check_modules_to_save,
     embedding_targets,
     lora_config,
@@ -25,6 +26,7 @@ __all__ = [
     "add_adapters",
     "apply_lora",
     "check_adapter",
+    "check_experts",
     "check_modules_to_save",
     "embedding_targets",
     "load_adapter",

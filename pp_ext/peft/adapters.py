@@ -36,7 +36,15 @@ from transformers import PretrainedConfig
 from pp_ext import tp
 from pp_ext.engine.module import ChunkedPipelineModule, layer_parameters
 from pp_ext.hf.loading import indexed_layers, load_config
-from pp_ext.peft.config import PeftError, lora_config, saved_names, target_names
+from pp_ext.peft.config import (
+    PeftError,
+    converted,
+    lora_config,
+    peft_model_warnings,
+    saved_names,
+    target_names,
+    target_parameters,
+)
 from pp_ext.peft.parallel import initialise_a, parallel_factors
 
 PREFIX = "base_model.model."  # PEFT's prefix: PeftModel -> LoraModel -> the HF model
@@ -49,14 +57,34 @@ def is_adapter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+def unwrapped(name: str) -> tuple[str, str]:
+    """A module name seen through PEFT's wrapping, and the ``.base_layer`` suffixes it
+    had: ``q_proj.base_layer`` is ``q_proj``; nested ``ParamWrapper`` s (one per adapted
+    parameter of a module) give ``experts.base_layer.base_layer``."""
+    bare = name.replace(BASE, "")
+    return bare, name[len(bare) :] if name.endswith(BASE) else ""
+
+
 def hf_modules(layer: nn.Module) -> dict[str, str]:
-    """Local name of each submodule with a weight -> its HF module name (from ``hf_keys``),
-    seen through PEFT's wrapping (``q_proj.base_layer`` is ``q_proj``)."""
+    """Local name of each submodule with a parameter -> its HF module name (from
+    ``hf_keys``), seen through PEFT's wrapping (:func:`unwrapped`)."""
     names, hf_keys = {}, getattr(layer, "hf_keys")  # every family's layer has one (pp_ext/hf)
     for local, hf in hf_keys().items():
+        module = local.rpartition(".")[0]
+        if not is_adapter(local):
+            names[unwrapped(module)[0]] = unwrapped(hf.rpartition(".")[0])[0]
+    return names
+
+
+def hf_parameters(layer: nn.Module) -> dict[str, str]:
+    """Local name of each parameter, its module seen through PEFT's wrapping -> its HF
+    name: what ``target_parameters`` match."""
+    modules, names = hf_modules(layer), {}
+    for local in getattr(layer, "hf_keys")():
         module, _, leaf = local.rpartition(".")
-        if leaf == "weight" and not is_adapter(local):
-            names[module.removesuffix(BASE)] = hf.rpartition(".")[0].replace(BASE, "")
+        if not is_adapter(local):
+            bare = unwrapped(module)[0]
+            names[f"{bare}.{leaf}"] = f"{modules[bare]}.{leaf}"
     return names
 
 
@@ -71,9 +99,10 @@ def peft_keys(layer: nn.Module) -> dict[str, str]:
         module, _, leaf = name.rpartition(".")
         if is_adapter(name):  # <m>.lora_A.default.weight -> <hf m>.lora_A.weight
             owner, part, _ = module.rsplit(".", 2)
-            keys[name] = f"{PREFIX}{modules[owner]}.{part}.{leaf}"
+            bare, wrapped = unwrapped(owner)  # an inner ParamWrapper keeps its .base_layer
+            keys[name] = f"{PREFIX}{modules[bare]}{wrapped}.{part}.{leaf}"
         else:
-            keys[name] = f"{PREFIX}{modules[module]}.{leaf}"
+            keys[name] = f"{PREFIX}{modules[unwrapped(module)[0]]}.{leaf}"
     return keys
 
 
@@ -88,16 +117,22 @@ def _indexed(layers: Iterable[tuple[int, nn.Module]]) -> list[tuple[int, nn.Modu
 @dataclass(frozen=True)
 class Targets:
     """What a LoRA config selects on one model, by PEFT's rules on the full model: the
-    HF module names to wrap (``lora``) and to train whole (``whole``)."""
+    HF module names to wrap (``lora``), to train whole (``whole``) and the HF parameter
+    names adapted directly (``parameters``: ``target_parameters``, an MoE model's fused
+    experts)."""
 
     config: LoraConfig
     lora: frozenset[str]
     whole: frozenset[str]
+    parameters: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, lora: LoraConfig, config: PretrainedConfig) -> Targets:
         return cls(
-            lora, frozenset(target_names(lora, config)), frozenset(saved_names(lora, config))
+            converted(lora, config),  # PEFT's ranks for fused experts (rank_pattern)
+            frozenset(target_names(lora, config)),
+            frozenset(saved_names(lora, config)),
+            frozenset(target_parameters(lora, config)),
         )
 
 
@@ -111,12 +146,19 @@ def add_adapters(
     for idx, layer in _indexed(layers):
         modules = hf_modules(layer)
         local = sorted(name for name, hf in modules.items() if hf in targets.lora)
-        if local:
+        params = sorted(n for n, hf in hf_parameters(layer).items() if hf in targets.parameters)
+        if local or params:
             set_random_seed(seed + idx)  # PEFT draws from torch's generator (A, B at local shapes)
             config_here = LoraConfig(
-                **{**targets.config.to_dict(), "target_modules": local, "modules_to_save": None}
+                **{
+                    **targets.config.to_dict(),
+                    "target_modules": local,
+                    "target_parameters": params or None,
+                    "modules_to_save": None,
+                }
             )
-            inject_adapter_in_model(config_here, layer, adapter_name=ADAPTER)
+            with peft_model_warnings():
+                inject_adapter_in_model(config_here, layer, adapter_name=ADAPTER)
             loras = [m for m in layer.modules() if isinstance(m, LoraLayer)]  # PEFT's order
             for lora in loras:
                 parallel_factors(lora, ADAPTER)

@@ -26,8 +26,10 @@ from peft import (
     get_peft_model_state_dict,
     inject_adapter_in_model,
 )
+from peft.tuners.lora import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
@@ -56,6 +58,9 @@ def lora_config(section, config: PretrainedConfig) -> LoraConfig:
         target_modules=targets if targets is None or isinstance(targets, str) else list(targets),
         use_rslora=section.use_rslora,
         modules_to_save=None if section.modules_to_save is None else list(section.modules_to_save),
+        target_parameters=(
+            None if section.target_parameters is None else list(section.target_parameters)
+        ),
     )
 
 
@@ -70,10 +75,63 @@ def _linear_names(model: PreTrainedModel) -> list[str]:
     )
 
 
+def stacked_names(model: nn.Module) -> list[str]:
+    """The last two names of every 3-D parameter (an MoE model's fused experts,
+    ``experts.gate_up_proj``): what ``target_parameters`` names."""
+    return sorted(
+        {".".join(name.split(".")[-2:]) for name, p in model.named_parameters() if p.dim() == 3}
+    )
+
+
 def target_names(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
-    """The HF module names of the model of ``config`` that PEFT wraps with ``lora``;
-    raises :class:`PeftError` naming the model's linear modules when none matches."""
-    return list(_wrapped(lora, config))
+    """The HF module names of the model of ``config`` that PEFT wraps with ``lora``'s
+    ``target_modules`` (its ``target_parameters`` are :func:`target_parameters`); raises
+    :class:`PeftError` naming the model's linear modules (3-D parameters) when a target
+    matches none."""
+    return [
+        name
+        for name, layer in _wrapped(lora, config).items()
+        if not isinstance(layer, ParamWrapper)
+    ]
+
+
+def target_parameters(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
+    """The HF names of the parameters PEFT adapts directly (``target_parameters``)."""
+    return [
+        f"{name.replace('.base_layer', '')}.{layer.parameter_name}"
+        for name, layer in _wrapped(lora, config).items()
+        if isinstance(layer, ParamWrapper)
+    ]
+
+
+# the per-expert projections of MoE checkpoints (Mixtral's w1/w2/w3, Qwen-MoE's and OLMoE's
+# gate_proj/up_proj/down_proj), which transformers v5 fuses into 3-D parameters
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+
+
+def check_experts(lora: LoraConfig, config: PretrainedConfig) -> None:
+    """On a model with fused 3-D experts, ``all-linear`` or a list naming an expert
+    projection (``EXPERT_PROJECTIONS``) means the experts; where PEFT's rules (its v4 name
+    conversion included, :func:`converted`) still adapt none of them (e.g. Qwen2-MoE,
+    which peft 0.21 does not convert: there ``gate_proj`` is the shared expert's only),
+    PEFT would train without them, silently: :class:`PeftError`, unless
+    ``target_parameters`` says which (``[]``: none)."""
+    stacked = stacked_names(meta_model(config))
+    targets = lora.target_modules
+    if not stacked or lora.target_parameters is not None:
+        return
+    if isinstance(targets, str):
+        meant = targets == "all-linear"
+    else:
+        meant = bool({t.rpartition(".")[2] for t in targets or ()} & set(EXPERT_PROJECTIONS))
+    adapted = {".".join(name.split(".")[-2:]) for name in target_parameters(lora, config)}
+    if meant and not adapted & set(stacked):
+        raise PeftError(
+            f"peft.target_modules {_shown(targets)!r} adapts no expert of this {config.model_type} model: "
+            f"PEFT wraps linear modules, and its experts are 3-D parameters ({', '.join(stacked)}); "
+            f"set peft.target_parameters=[{','.join(stacked)}] to adapt them too, or "
+            f"peft.target_parameters=[] to leave the experts frozen"
+        )
 
 
 def embedding_targets(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
@@ -85,19 +143,73 @@ def embedding_targets(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
     ]
 
 
+def converted(lora: LoraConfig, config: PretrainedConfig) -> LoraConfig:
+    """``lora`` as PEFT applies it to the model of ``config``: on MoE models whose experts
+    transformers v5 fuses, peft 0.21 maps v4 names (``all-linear``, ``w1``/``w3``,
+    ``gate_proj``/``up_proj``, ``w2``/``down_proj``, the router ``gate``) onto
+    ``target_parameters`` (``experts.gate_up_proj`` with rank and alpha doubled for the
+    two fused projections, ``experts.down_proj``, ``gate.weight``)
+    (``peft.utils.transformers_weight_conversion``)."""
+    return _inject(lora, config)[1]
+
+
 def _wrapped(lora: LoraConfig, config: PretrainedConfig) -> dict[str, BaseTunerLayer]:
     """HF module name -> PEFT's layer wrapping it, on the meta model of ``config``."""
+    return _inject(lora, config)[0]
+
+
+def _shown(targets):
+    """``target_modules`` as the user wrote it: LoraConfig keeps a list as a set."""
+    return sorted(targets) if isinstance(targets, set) else targets
+
+
+def _no_parameter(lora: LoraConfig, config: PretrainedConfig) -> PeftError:
+    return PeftError(
+        f"peft.target_parameters {sorted(lora.target_parameters or ())!r} matches no "
+        f"parameter of this {config.model_type} model: name some of its 3-D parameters "
+        f"({', '.join(stacked_names(meta_model(config))) or 'it has none'})"
+    )
+
+
+def _inject(
+    lora: LoraConfig, config: PretrainedConfig
+) -> tuple[dict[str, BaseTunerLayer], LoraConfig]:
     model = meta_model(config)
+    lora = LoraConfig(**lora.to_dict())  # PEFT converts and expands the config it gets
     try:
-        # on a copy: PEFT writes all-linear's expansion back into the config it gets
-        inject_adapter_in_model(LoraConfig(**lora.to_dict()), model, low_cpu_mem_usage=True)
+        with warnings.catch_warnings(record=True) as unmatched:
+            # PEFT only warns when one of target_modules / target_parameters matches nothing
+            warnings.filterwarnings("always", ".* were set but no .* was matched", RuntimeWarning)
+            with peft_model_warnings():
+                inject_adapter_in_model(lora, model, low_cpu_mem_usage=True)
+        for warning in unmatched:
+            if "target_parameters" in str(warning.message):
+                raise _no_parameter(lora, config)
+            if "target_modules" in str(warning.message):
+                raise ValueError("not found in the base model")
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
     except ValueError as exc:
         if "not found in the base model" in str(exc):
-            targets = lora.target_modules  # LoraConfig keeps a list as a set
-            shown = sorted(targets) if isinstance(targets, set) else targets
-            problem = f"peft.target_modules {shown!r} matches no module of"
+            problem = f"peft.target_modules {_shown(lora.target_modules)!r} matches no module of"
         elif "specify `target_modules`" in str(exc):
             problem = "peft.target_modules is not set and PEFT has no default for"
+        elif "no `target_parameters` found" in str(exc):
+            raise _no_parameter(lora, config) from None
+        elif "lora.ParamWrapper does not work with" in str(exc):
+            raise PeftError(
+                f"PEFT adapts this {config.model_type} model's 3-D parameters "
+                f"({', '.join(stacked_names(model))}) with its ParamWrapper, which "
+                f"{str(exc).removeprefix('lora.ParamWrapper ')[:-1]}: set it back to its default "
+                f"or target no expert (no target_parameters; target_modules without all-linear "
+                f"or an expert projection's name)"
+            ) from None
+        elif "because they are fused into" in str(exc):
+            raise PeftError(
+                f"peft.target_modules {_shown(lora.target_modules)!r}: PEFT's conversion to this "
+                f"{config.model_type} model's fused experts refuses it: {exc}"
+            ) from None
         else:
             raise
         raise PeftError(
@@ -106,16 +218,22 @@ def _wrapped(lora: LoraConfig, config: PretrainedConfig) -> dict[str, BaseTunerL
         ) from None
     return {
         name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
-    }
+    }, lora
 
 
 @contextmanager
 def peft_model_warnings() -> Iterator[None]:
-    """Around building a ``PeftModel``: peft 0.21's reads transformers' deprecated
-    ``is_gradient_checkpointing`` (a FutureWarning that is peft's to fix, not the user's)."""
+    """Around building a ``PeftModel`` or injecting adapters: peft 0.21's reads
+    transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning that is peft's
+    to fix, not the user's), and its conversion of v4 MoE targets (:func:`converted`) adds
+    a rank / alpha pattern for ``gate_up_proj`` that it applies and then reports as
+    unmatched (its check looks at modules; the pattern names a parameter)."""
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+        )
+        warnings.filterwarnings(
+            "ignore", r"The following (rank|alpha)_pattern keys did not match", RuntimeWarning
         )
         yield
 

@@ -37,6 +37,7 @@ from pp_ext.hf.loading import load_config
 from pp_ext.peft import (
     PeftError,
     check_adapter,
+    check_experts,
     check_modules_to_save,
     embedding_targets,
     lora_config,
@@ -195,21 +196,27 @@ def check_positions(recipe: Recipe, config: PretrainedConfig) -> None:
         )
 
 
+# the MoE families whose LoRA (peft's target_parameters on the fused experts) test_peft_training
+# checks against peft; gpt-oss's transposed, biased experts and DeepSeek-V3's are not yet
+LORA_MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+
+
 def check_peft(recipe: Recipe, config: PretrainedConfig) -> None:
     """The ``peft`` section against the model: its targets match some module (PEFT's rules
     on the full model), none an embedding when the tensor axis cuts it, and ``adapter_path``
     is a LoRA adapter of this rank for this base."""
     if recipe.peft.type == "none":
         return
-    if config.model_type in moe.supported():
-        # peft's target_parameters for the fused 3-D experts is a later step (issue 24)
+    if config.model_type in moe.supported() and config.model_type not in LORA_MOE:
         raise RecipeError(
-            f"peft.type=lora on a {config.model_type!r} mixture-of-experts model is not supported "
-            f"yet (its fused experts would get no adapter): set peft.type=none to fine-tune it whole"
+            f"peft.type=lora on a {config.model_type!r} model is not supported yet (LoRA on "
+            f"mixtures of experts is checked against peft on {', '.join(LORA_MOE)} only): set "
+            f"peft.type=none to fine-tune it whole"
         )
     lora = lora_config(recipe.peft, config)
     try:
         target_names(lora, config)
+        check_experts(lora, config)
         check_modules_to_save(lora, config)
         embeddings = embedding_targets(lora, config)
         if recipe.parallel.tensor > 1 and embeddings:
