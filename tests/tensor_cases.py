@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import functools
+from pathlib import Path
 
 import torch
-from hf_models import CONFIGS
+from hf_models import ALL_CONFIGS
 
 from pp_ext import tp
 
@@ -25,61 +25,58 @@ def batch(step: int, micro_batch: int):
     return ids, torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
 
 
+def reference_step(model, step: int, data: int) -> tuple[float, float]:
+    """One step of single-process HF training (SGD, stateless) on every data rank's
+    micro-batches (an MoE model's loss with its router loss): the mean loss and the
+    gradient norm before clipping."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # no state: one per step
+    optimizer.zero_grad()
+    total = 0.0
+    for k in range(MICRO_BATCHES * data):
+        ids, _ = batch(step, k)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss / (MICRO_BATCHES * data)
+        loss.backward()
+        total += float(loss.detach())
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
+    optimizer.step()
+    return total, norm
+
+
 def reference_training(model, data: int) -> tuple[list[float], list[float]]:
-    """Single-process HF training on every data rank's micro-batches: the mean loss and
-    the gradient norm (before clipping) of each step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses, norms = [], []
-    for step in range(3):
-        optimizer.zero_grad()
-        total = 0.0
-        for k in range(MICRO_BATCHES * data):
-            ids, _ = batch(step, k)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss / (MICRO_BATCHES * data)
-            loss.backward()
-            total += float(loss.detach())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
-        optimizer.step()
-        losses.append(total)
-    return losses, norms
+    """:func:`reference_step` 3 times: the losses and the gradient norms."""
+    steps = [reference_step(model, step, data) for step in range(3)]
+    return [loss for loss, _ in steps], [norm for _, norm in steps]
 
 
 def loss_fn(logits, labels, axis):
     return tp.vocab_parallel_cross_entropy(logits, labels, axis)
 
 
-def run_case(tmp, case) -> dict:
-    import torch.distributed as dist
+RESUME_LAYOUT = (2, 1, 2)  # where an MoE case's tensor-parallel checkpoint is resumed
+
+
+def pipeline_engine(model: str, layout, schedule: str, dtype: str = "float32"):
+    """The pp-ext engine of the HF folder ``model`` at ``layout`` (pipe, tensor, data),
+    trained by SGD with the tests' clipping; its loss adds an MoE model's router loss."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-    from transformers import AutoModelForCausalLM
 
     import pp_ext
-    from pp_ext.checkpoint.export import export_checkpoint, save_hf_metadata
-    from pp_ext.hf import build_pipeline_module
+    from pp_ext.hf import build_pipeline_module, router_loss_coef
+    from pp_ext.hf.loading import load_config
     from pp_ext.schedules import get
+    from pp_ext.training.loss import LanguageModelLoss
 
-    family, tied, (pipe, tensor, data), schedule, export, *rest = case
-    dtype = rest[0] if rest else "float32"
-    vocab = rest[1] if len(rest) > 1 else None
-    folder = f"{tmp}/{family}-{tied}-{pipe}{tensor}{data}-{schedule}-{dtype}-{vocab}"
-    config = CONFIGS[family](tied)
-    config.vocab_size = vocab or config.vocab_size  # 103: padded to 104 on 2 tensor ranks
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float()
-    if dist.get_rank() == 0:
-        model.save_pretrained(f"{folder}/hf")
-    dist.barrier()
-    spec = get(schedule)
+    spec, data = get(schedule), layout[2]
     module = build_pipeline_module(
-        f"{folder}/hf",
-        topology=PipeModelDataParallelTopology(pipe, tensor, data),
+        model,
+        topology=PipeModelDataParallelTopology(*layout),
         chunks=spec.default_chunks,
         placement=spec.placement,
         partition_method="uniform",
         dtype=dtype,
     )
-    axis = module.tensor_axis
-    module.loss_fn = functools.partial(loss_fn, axis=axis)
+    module.loss_fn = LanguageModelLoss(router_loss_coef(load_config(model)))
+    module.loss_fn.tensor_axis = module.tensor_axis
     engine, *_ = pp_ext.initialize(
         model=module,
         optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
@@ -96,6 +93,47 @@ def run_case(tmp, case) -> dict:
         },
         schedule=schedule,
     )
+    return engine
+
+
+def params_vs(module, reference) -> float:
+    """Largest difference of ``module``'s parameters (a tensor rank's parts compared with
+    their cut of the reference's) from the HF model ``reference``'s."""
+    from pp_ext.hf.loading import local_layers
+    from pp_ext.hf.weights import hf_keys
+
+    whole = reference.state_dict()
+    worst = 0.0
+    for layer in local_layers(module):
+        cut = tp.splits(layer)
+        for name, param in layer.named_parameters():
+            want = whole[hf_keys(layer)[name]]
+            want = cut[name].take(want) if name in cut else want
+            worst = max(worst, float((param.detach() - want).abs().max()))
+    return worst
+
+
+def run_case(tmp, case) -> dict:
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from pp_ext.checkpoint import reshape
+    from pp_ext.checkpoint.export import export_checkpoint, save_hf_metadata
+
+    family, tied, (pipe, tensor, data), schedule, export, *rest = case
+    dtype = rest[0] if rest else "float32"
+    vocab = rest[1] if len(rest) > 1 else None
+    folder = f"{tmp}/{family}-{tied}-{pipe}{tensor}{data}-{schedule}-{dtype}-{vocab}"
+    config = ALL_CONFIGS[family](tied)
+    config.vocab_size = vocab or config.vocab_size  # 103: padded to 104 on 2 tensor ranks
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    if dist.get_rank() == 0:
+        model.save_pretrained(f"{folder}/hf")
+    dist.barrier()
+    engine = pipeline_engine(f"{folder}/hf", (pipe, tensor, data), schedule, dtype)
+    module = engine.module
+    axis = module.tensor_axis
     dp = engine.grid.get_data_parallel_rank()
     losses, norms = [], []
     for step in range(3):
@@ -125,8 +163,9 @@ def run_case(tmp, case) -> dict:
             sum(getattr(m, "_wgrad_store", None) is engine.store for m in convs),
         )
     result["ref_losses"], result["ref_norms"] = reference_training(model, data)
+    result["params_vs_ref"] = params_vs(module, model)
     if export:
-        engine.save_checkpoint(f"{folder}/ckpt", tag="t")
+        engine.save_checkpoint(f"{folder}/ckpt", tag="t", client_state=reshape.client_state(engine))
         if dist.get_rank() == 0:
             save_hf_metadata(f"{folder}/ckpt/t", model.config)  # no tokenizer needed
             export_checkpoint(f"{folder}/ckpt", f"{folder}/out", tag="t")
@@ -150,17 +189,34 @@ def run_case(tmp, case) -> dict:
                 for name, tensor in exported.state_dict().items()
             )
             result["export_vocab"] = (exported.config.vocab_size, config.vocab_size)
+        if getattr(config, "output_router_logits", False):
+            # the MoE checkpoint resumed at pipe 2 x data 2 (tensor 2 -> 1), a 4th step
+            resumed = pipeline_engine(f"{folder}/hf", RESUME_LAYOUT, schedule)
+            reshape.load(resumed, Path(f"{folder}/ckpt/t"), [f"tensor {tensor} -> 1"])
+            dp = resumed.grid.get_data_parallel_rank()
+            loss = float(
+                resumed.train_batch(
+                    iter([batch(3, dp * MICRO_BATCHES + k) for k in range(MICRO_BATCHES)])
+                )
+            )
+            want, _ = reference_step(model, 3, RESUME_LAYOUT[2])
+            result["resume_diff"] = (abs(loss - want), params_vs(resumed.module, model))
     return result
 
 
 def probe_logits(engine) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A probe batch's token ids and the pipeline's logits of it (this tensor rank's
-    vocabulary block, on the last stage; None elsewhere)."""
+    vocabulary block, on the last stage; None elsewhere; an MoE model's without its aux
+    loss, nothing averaged)."""
     probe = batch(7, 0)
     logits = engine.eval_batch(
-        iter([probe]), return_logits=True, compute_loss=False, num_micro_batches=1
+        iter([probe]),
+        return_logits=True,
+        compute_loss=False,
+        reduce_output=None,
+        num_micro_batches=1,
     )[1]
-    return probe[0], logits
+    return probe[0], logits[0] if isinstance(logits, tuple) else logits
 
 
 def replicas_differ(module, axis) -> list[str]:

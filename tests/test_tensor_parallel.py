@@ -7,8 +7,10 @@ ranks: pipe 2 x tensor 2, tensor 2 x data 2 and pipe 2 x data 2, Llama- and
 Qwen-family models (plus Phi3's fused projections, GPT-NeoX and GPT-2's transposed
 Conv1D with its fused c_attn), zero-bubble schedules included, loaded by slices from
 HF folders, gradients clipped by the global norm; each matches single-process HF
-training over 3 steps within 1e-5, and a tensor-parallel checkpoint exported to a HF
-folder gives the pipeline's logits. A bf16 case (BF16_Optimizer) matches the fp32
+training over 3 steps within 1e-5 (losses, gradient norms, every parameter), and a
+tensor-parallel checkpoint exported to a HF folder gives the pipeline's logits. MoE
+models (Mixtral, Qwen2-MoE's shared expert, Qwen3-MoE's dense layer; aux loss on) at
+pipe 2 x tensor 2 too, their checkpoints also resumed at pipe 2 x data 2. A bf16 case (BF16_Optimizer) matches the fp32
 reference within bf16's tolerance and keeps replicated parameters bitwise equal
 across tensor ranks. The same launch runs tests/lora_tensor_cases.py: LoRA at pipe 2 x
 tensor 2 and pipe 2 x data 2 against PEFT's single-process model.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import CONFIGS
+from hf_models import ALL_CONFIGS, CONFIGS
 from lora_tensor_cases import LORA_CASES, LoraCase, lora_failures, run_every_case
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -59,6 +61,41 @@ def test_local_config_keeps_head_dim():
     )
 
 
+def test_moe_plans_cut_attention_and_dense_mlps_and_keep_experts_whole():
+    """Megatron-Core's cut with expert tensor parallel size 1: attention by heads, the dense
+    MLP and Qwen2-MoE's shared expert by features (gate and up by output rows, down by input
+    columns), the router, the experts and the shared expert's sigmoid gate whole."""
+    from hf_models import MOE_CONFIGS
+
+    from pp_ext.hf.moe import FAMILIES
+
+    attention = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 0}
+    attention |= {"self_attn.v_proj.weight": 0, "self_attn.o_proj.weight": 1}
+    mlp = {"gate_proj.weight": 0, "up_proj.weight": 0, "down_proj.weight": 1}
+    want = {  # (family, layer) -> the sharded parameters and the dimension each is cut along
+        ("mixtral", 0): attention,
+        ("qwen2_moe", 0): attention
+        | {f"self_attn.{p}_proj.bias": 0 for p in "qkv"}  # Qwen2's q/k/v biases
+        | {f"mlp.shared_expert.{k}": d for k, d in mlp.items()},
+        ("qwen3_moe", 0): attention | {f"mlp.{k}": d for k, d in mlp.items()},  # dense
+        ("qwen3_moe", 1): attention,
+    }
+    for (family, idx), cut in want.items():
+        config = MOE_CONFIGS[family](False)
+        local = tp.local_config(config, 2)
+        hf_class = FAMILIES[family].family.hf_class("DecoderLayer")
+        layer = tp.shard_layer(hf_class(local, idx), config, tp.TensorAxis(2, 1))
+        assert {name: split.dim for name, split in tp.splits(layer).items()} == cut, family
+        whole = hf_class(config, idx).state_dict()
+        for name, param in layer.state_dict().items():  # routers and experts keep their shape
+            if name not in cut:
+                assert param.shape == whole[name].shape, (family, name)
+    assert tp.describe(MOE_CONFIGS["qwen2_moe"](False), 2) == (
+        "each tensor rank holds 2 of 4 heads, 1 of 2 key/value heads, 32 of 64 MLP features, "
+        "12 of 24 shared-expert features, every router and expert whole, 50 of 100 vocabulary rows"
+    )
+
+
 @pytest.mark.parametrize(
     "family,tensor,message",
     [
@@ -70,11 +107,14 @@ def test_local_config_keeps_head_dim():
         ("llama", 3, "num_attention_heads=4, which does not divide by tensor=3"),
         ("gpt2", 3, "num_attention_heads=4, which does not divide by tensor=3"),
         ("gpt_neox", 8, "num_attention_heads=4, which does not divide by tensor=8"),
+        ("qwen2_moe", 3, "num_attention_heads=4, which does not divide by tensor=3"),
+        # its q/k norms span every head: no rank holding some heads can apply them
+        ("olmoe", 2, "no sharding plan for 'olmoe' models .*: set parallel.tensor=1"),
     ],
 )
 def test_split_errors(family, tensor, message):
     with pytest.raises(ValueError, match=message) as err:
-        tp.check_tensor_split(CONFIGS[family](False), tensor)
+        tp.check_tensor_split(ALL_CONFIGS[family](False), tensor)
     assert "\n" not in str(err.value)
 
 
@@ -284,6 +324,13 @@ CASES = [
     ("llama", False, (2, 2, 1), "zb-h1", True, "float32", 103),
     ("gemma", True, (2, 2, 1), "1f1b", True, "float32", 103),  # tied across stages
     ("gpt2", True, (1, 2, 2), "zb-h1", False, "float32", 103),
+    # MoE (aux loss on): attention and dense MLPs cut, routers and experts whole; the exported
+    # ones also resumed at pipe 2 x data 2 from their tensor-2 checkpoint
+    ("mixtral", False, (2, 2, 1), "1f1b", True),
+    ("mixtral", True, (2, 2, 1), "zb-h1", False),
+    ("qwen2_moe", False, (2, 2, 1), "zb-h1", True),  # the shared expert cut as a dense MLP
+    ("qwen2_moe", True, (2, 2, 1), "1f1b", False),
+    ("qwen3_moe", False, (2, 2, 1), "zb-h1", False),  # a dense first layer, per-head q/k norms
 ]
 # bf16 against the fp32 reference, relative. bf16 keeps 8 significant bits (unit roundoff
 # u = 2^-8 = 3.9e-3); BF16_Optimizer keeps fp32 master weights and accumulates gradients in
@@ -330,7 +377,8 @@ def main() -> None:
                     r["case"],
                     f"losses {[round(x, 4) for x in r['losses']]} max {kind(r)} diff {diff:.1e}, norms "
                     f"{[round(x, 3) for x in r['norms']]} max {kind(r)} diff {norm_diff:.1e}, "
-                    f"{r['optimizer']}, replicas differing: {r['replicas_differ']}, conv1d {r.get('conv1d')}",
+                    f"{r['optimizer']}, replicas differing: {r['replicas_differ']}, conv1d {r.get('conv1d')}, "
+                    f"parameters diff {r['params_vs_ref']:.1e}, resume diff {r.get('resume_diff')}",
                     file=sys.stderr,
                 )
 
@@ -360,6 +408,17 @@ def test_pipe_tensor_data_training_equals_hf(tmp_path):
                     f"rank {rank} {r['case']}: {kind(r)} loss diff {diff:.2e} ({r['losses']} vs "
                     f"{r['ref_losses']}), gradient norm diff {norm_diff:.2e}"
                 )
+            if not bf16(r) and r["params_vs_ref"] > TOLERANCE:
+                failures.append(
+                    f"rank {rank} {r['case']}: parameters differ by {r['params_vs_ref']:.2e} "
+                    f"from the reference's"
+                )
+            if "resume_diff" in r and max(r["resume_diff"]) > TOLERANCE:
+                failures.append(
+                    f"rank {rank} {r['case']}: resumed at pipe 2 x data 2, the 4th step's loss "
+                    f"and parameters differ by {r['resume_diff'][0]:.2e} and "
+                    f"{r['resume_diff'][1]:.2e}"
+                )
             if r["optimizer"] != ("BF16_Optimizer" if bf16(r) else "SGD"):
                 failures.append(f"rank {rank} {r['case']}: optimizer {r['optimizer']}")
             if r["replicas_differ"]:
@@ -383,5 +442,7 @@ def test_pipe_tensor_data_training_equals_hf(tmp_path):
                         f"{r['export_vocab'][0]}, the model's {r['export_vocab'][1]}"
                     )
     assert not failures, "\n".join(failures)
-    # both tensor ranks of the last stage compared: 4 full fine-tuning cases, 2 LoRA
-    assert exports == 12
+    # both tensor ranks of the last stage compared: 6 full fine-tuning cases, 2 LoRA
+    assert exports == 16
+    # every rank of the 2 MoE export cases resumed (and of the 2 LoRA ones)
+    assert sum("resume_diff" in r for results in launch for r in results) == 2 * 4 + 2 * 4

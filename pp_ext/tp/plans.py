@@ -23,6 +23,18 @@ dimension; ``GPT2Attention`` splits it at ``split_size``, which becomes the loca
 width, and the MLP (``c_fc``, ``c_proj``) is built from ``n_inner / tensor``. Phi3's
 fused ``qkv_proj`` ([q; k; v]) and ``gate_up_proj`` ([gate; up]) are cut section by
 section (:class:`~pp_ext.tp.split.Split`).
+
+Mixture-of-experts families are cut as Megatron-Core cuts them with expert tensor
+parallel size 1: attention as above, a dense layer's MLP (Qwen2/3-MoE's
+``mlp_only_layers``) and Qwen2-MoE's shared expert as a dense MLP, while the router
+(``mlp.gate``), the routed experts and the shared expert's sigmoid gate stay whole on
+every tensor rank. After the row-parallel attention all-reduce every rank holds the same
+hidden states, so each computes the same routing and the same experts' output; the
+gradient reaching them is whole on every rank too (the column-parallel ``f`` sums the
+shared expert's share of the input gradient), so their gradients are equal across the
+axis and, like the norms', summed by no one. OLMoE normalises q and k over all heads
+(``OlmoeAttention.q_norm`` over ``hidden_size``), which a rank holding some heads cannot,
+so it has no plan.
 """
 
 from __future__ import annotations
@@ -61,11 +73,11 @@ def _gpt2_qkv(config: PretrainedConfig) -> tuple[int, ...]:
     return (config.hidden_size,) * 3
 
 
-def mlp_features(config: PretrainedConfig) -> int:
-    """The MLP's intermediate width (GPT-2: ``n_inner``, default 4 x hidden)."""
-    if config.model_type == "gpt2":
+def mlp_features(config: PretrainedConfig, key: str = "intermediate_size") -> int:
+    """The MLP width ``key`` of ``config`` (GPT-2's ``n_inner``: default 4 x hidden)."""
+    if key == "n_inner":
         return config.n_inner or 4 * config.hidden_size
-    return config.intermediate_size
+    return getattr(config, key)
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,10 @@ class Plan:
     gradients are summed over the axis, where the layer has them; ``rebuilt``: linears
     of ``columns`` or ``rows`` rebuilt at local width first (GPT-NeoX, GPT-2);
     ``local_widths``: attributes (submodule -> names) divided by the tensor size after
-    the rebuild (GPT-2's ``split_size`` and head count)."""
+    the rebuild (GPT-2's ``split_size`` and head count); ``features``: the config's MLP
+    widths divided by the tensor size (an MoE family's experts keep theirs);
+    ``optional``: submodules of ``columns`` and ``rows`` only some layers have (an MoE
+    family's dense MLP or shared expert)."""
 
     columns: dict[str, Sections | None]
     rows: tuple[str, ...]
@@ -83,6 +98,9 @@ class Plan:
     kv_heads: bool = True  # the family has grouped key/value heads to divide
     rebuilt: tuple[str, ...] = ()
     local_widths: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    features: tuple[str, ...] = ("intermediate_size",)
+    optional: tuple[str, ...] = ()
+    moe: bool = False  # routers and experts, kept whole
 
 
 LLAMA = Plan(
@@ -92,6 +110,24 @@ LLAMA = Plan(
     rows=("self_attn.o_proj", "mlp.down_proj"),
     per_head=("self_attn.q_norm", "self_attn.k_norm"),
 )
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SHARED_EXPERT = tuple(f"mlp.shared_expert.{name}" for name in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _moe(mlps: tuple[str, ...], features: tuple[str, ...], per_head: tuple[str, ...]) -> Plan:
+    """An MoE family's plan: Llama's attention, the dense ``mlps`` (gate, up, down) where a
+    layer has them; router and experts whole."""
+    return Plan(
+        columns=dict.fromkeys(ATTENTION + tuple(m for m in mlps if not m.endswith("down_proj"))),
+        rows=("self_attn.o_proj", *(m for m in mlps if m.endswith("down_proj"))),
+        per_head=per_head,
+        features=features,
+        optional=mlps,
+        moe=True,
+    )
+
+
 PHI3 = Plan(
     columns={"self_attn.qkv_proj": _qkv, "mlp.gate_up_proj": _gate_up},
     rows=("self_attn.o_proj", "mlp.down_proj"),
@@ -108,6 +144,7 @@ GPT2 = Plan(
     kv_heads=False,
     rebuilt=("attn.c_attn", "attn.c_proj"),
     local_widths={"attn": ("split_size", "num_heads")},
+    features=("n_inner",),
 )
 PLANS = {
     **dict.fromkeys(
@@ -116,6 +153,11 @@ PLANS = {
     "phi3": PHI3,
     "gpt_neox": GPT_NEOX,
     "gpt2": GPT2,
+    "mixtral": _moe((), (), ()),
+    "qwen2_moe": _moe(
+        DENSE_MLP + SHARED_EXPERT, ("intermediate_size", "shared_expert_intermediate_size"), ()
+    ),
+    "qwen3_moe": _moe(DENSE_MLP, ("intermediate_size",), LLAMA.per_head),
 }
 
 
@@ -135,9 +177,8 @@ def check_tensor_split(config: PretrainedConfig, tensor: int) -> None:
             f"{', '.join(supported())}): set parallel.tensor=1"
         )
     plan = PLANS[model_type]
-    counts = {
-        "num_attention_heads": config.num_attention_heads,
-        "n_inner" if model_type == "gpt2" else "intermediate_size": mlp_features(config),
+    counts = {"num_attention_heads": config.num_attention_heads} | {
+        key: mlp_features(config, key) for key in plan.features
     }
     if plan.kv_heads:
         counts["num_key_value_heads"] = config.num_key_value_heads
@@ -155,10 +196,8 @@ def local_config(config: PretrainedConfig, tensor: int) -> PretrainedConfig:
         return config
     check_tensor_split(config, tensor)
     plan, local = PLANS[config.model_type], copy.deepcopy(config)
-    if config.model_type == "gpt2":
-        local.n_inner = mlp_features(config) // tensor
-    else:
-        local.intermediate_size = config.intermediate_size // tensor
+    for key in plan.features:
+        setattr(local, key, mlp_features(config, key) // tensor)
     if plan.kv_heads:
         local.head_dim = head_dim(config)
         local.num_attention_heads = config.num_attention_heads // tensor
@@ -183,10 +222,13 @@ def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) ->
         module = layer.get_submodule(name)
         for attribute in attributes:
             setattr(module, attribute, getattr(module, attribute) // axis.size)
+    present = [n for n in (*plan.columns, *plan.rows) if n not in plan.optional or _has(layer, n)]
     for name, sections in plan.columns.items():
-        column_parallel(layer.get_submodule(name), axis, sections(config) if sections else None)
+        if name in present:
+            column_parallel(layer.get_submodule(name), axis, sections(config) if sections else None)
     for name in plan.rows:
-        row_parallel(layer.get_submodule(name), axis)
+        if name in present:
+            row_parallel(layer.get_submodule(name), axis)
     for name in plan.per_head:
         parent, _, child = name.rpartition(".")
         if hasattr(
@@ -194,6 +236,14 @@ def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) ->
         ):  # Qwen3 and Gemma3 have q/k norms, Llama not
             sum_gradients(layer.get_submodule(name), axis)
     return layer
+
+
+def _has(layer: nn.Module, name: str) -> bool:
+    try:
+        layer.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _local_width(whole: nn.Module, column: bool, tensor: int) -> nn.Module:
@@ -228,8 +278,15 @@ def describe(config: PretrainedConfig, tensor: int, make_vocab_size_divisible_by
         parts.append(
             f"{config.num_key_value_heads // tensor} of {config.num_key_value_heads} key/value heads"
         )
+    names = {"shared_expert_intermediate_size": "shared-expert features"}
     parts += [
-        f"{mlp_features(config) // tensor} of {mlp_features(config)} MLP features",
+        f"{mlp_features(config, key) // tensor} of {mlp_features(config, key)} "
+        f"{names.get(key, 'MLP features')}"
+        for key in PLANS[config.model_type].features
+    ]
+    if PLANS[config.model_type].moe:
+        parts.append("every router and expert whole")
+    parts += [
         f"{padded_vocab_size(config.vocab_size, axis) // tensor} of {config.vocab_size} "
         f"vocabulary rows",
     ]
