@@ -220,6 +220,7 @@ def _check(recipe: DictConfig) -> None:
     for key in (
         "parallel.pipeline",
         "parallel.tensor",
+        "parallel.expert",
         "parallel.make_vocab_size_divisible_by",
         "parallel.micro_batches",
         "parallel.comm_timeout_s",
