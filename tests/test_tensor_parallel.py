@@ -179,6 +179,10 @@ def test_a_tensor_size_change_is_a_layout_change_and_an_unreadable_checkpoint_on
     before = Layout(1, 2, 1, 1, "loop", "uniform").saved()
     del before["make_vocab_size_divisible_by"]  # a marker written before the key existed
     assert Layout(1, 2, 1, 1, "loop", "uniform").changes(before) == []
+
+    del before["expert"]  # issue 24: a marker from before expert parallelism has expert 1
+    assert Layout(1, 2, 1, 1, "loop", "uniform").changes(before) == []
+    assert Layout(1, 2, 1, 1, "loop", "uniform", expert=2).changes(before) == ["expert 1 -> 2"]
     with pytest.raises(
         CheckpointError, match="has no parameter names .*resume with the saved layout"
     ) as err:

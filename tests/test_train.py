@@ -301,6 +301,31 @@ BAD_INPUT = [
         "peft.type=lora on a 'gpt_oss' model is not supported yet (LoRA on mixtures of experts is "
         "checked against peft on mixtral, olmoe, qwen2_moe, qwen3_moe only): set peft.type=none",
     ),
+    # issue 24 item 8: expert parallelism that cannot be laid out
+    (
+        ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "parallel.expert=3"],
+        6,
+        "parallel.expert=3 does not divide the 4 routed experts of model.path {mixtral}: use a "
+        "divisor of 4",
+    ),
+    (
+        ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "parallel.expert=2"],
+        6,
+        "parallel.expert=2 does not divide the 3 data-parallel ranks (expert groups are taken "
+        "out of them): use a divisor of 3 or launch more ranks",
+    ),
+    (
+        ["parallel.expert=2"],
+        4,
+        "parallel.expert=2 on model.path configs/models/quickstart, a dense 'llama' model "
+        "without routed experts: set parallel.expert=1",
+    ),
+    (
+        ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "parallel.expert=2"],
+        4,
+        "parallel.expert=2: the training job does not run expert parallelism yet",
+    ),
+    (["parallel.expert=0"], 2, "recipe key 'parallel.expert' must be"),
     (["train.steps=abc"], 2, "recipe key 'train.steps' has the wrong type"),
     (["--recipe", "{yaml}"], 2, "{yaml}: not a valid YAML recipe"),
     (

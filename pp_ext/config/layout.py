@@ -6,7 +6,8 @@ order), ``chunks`` model chunks per pipeline rank in ``placement`` (``loop``: ch
 of rank r is stage c*p + r, Megatron's interleaving; ``v``: stage r then 2p-1-r, the
 V shape of Qi et al. 2024; ``bidirectional``: Chimera's two pipelines), the layers cut
 by ``partition``, the vocabulary padded to a multiple of ``make_vocab_size_divisible_by x
-tensor`` (:mod:`pp_ext.tp.vocab`). A checkpoint saves it (:meth:`Layout.saved`) and a resume compares
+tensor`` (:mod:`pp_ext.tp.vocab`), each MoE layer's experts spread over ``expert`` of the
+data ranks (:mod:`pp_ext.moe.dispatch`). A checkpoint saves it (:meth:`Layout.saved`) and a resume compares
 the run's with it (:meth:`Layout.changes`): what differs is re-cut by
 :mod:`pp_ext.checkpoint.reshape`.
 """
@@ -32,6 +33,8 @@ class Layout:
     # stage boundaries (p * chunks + 1 layer indices)
     partition: str | tuple[int, ...]
     make_vocab_size_divisible_by: int = 1
+    # routed experts of each MoE layer spread over this many of a stage's data ranks
+    expert: int = 1
 
     @classmethod
     def of(
@@ -48,6 +51,7 @@ class Layout:
             placement,
             partition,
             recipe.parallel.make_vocab_size_divisible_by,
+            recipe.parallel.expert,
         )
 
     @property

@@ -230,6 +230,7 @@ def _check(recipe: DictConfig) -> None:
     for key in (
         "parallel.pipeline",
         "parallel.tensor",
+        "parallel.expert",
         "parallel.make_vocab_size_divisible_by",
         "parallel.micro_batches",
         "parallel.comm_timeout_s",

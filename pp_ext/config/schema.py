@@ -61,6 +61,10 @@ class ParallelConfig:
     tensor: int = 1
     data: Any = "auto"
     """data-parallel ranks; "auto": world size / (pipeline x tensor)"""
+    expert: int = 1
+    """expert parallelism (DeepSpeed-MoE, Megatron): each MoE layer's routed experts spread over
+    this many of a stage's data ranks (same pipeline stage and tensor rank), tokens sent to their
+    experts and back by all-to-all; it must divide the data ranks and the routed experts"""
     schedule: str = "1f1b"
     micro_batches: int = 4
     """micro-batches per step (DeepSpeed's gradient_accumulation_steps)"""

@@ -28,6 +28,7 @@ from contextlib import nullcontext
 import deepspeed
 import torch
 from deepspeed import comm as dist
+from deepspeed.moe.utils import is_moe_param
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -488,6 +489,12 @@ class ScheduleEngine(PipelineEngine):
             for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 grad.copy_(summed)
 
+    def _configure_distributed_model(self, model):
+        super()._configure_distributed_model(model)
+        # expert parameters marked as DeepSpeed's MoE layer marks them (pp_ext.moe.dispatch):
+        # its engine then reduces their gradients over the expert-data group only
+        self.has_moe_layers = any(is_moe_param(p) for p in self.module.parameters())
+
     def fp32_grad_norm(self) -> torch.Tensor:
         """The norm of the whole model's fp32 gradient, each parameter once.
 
@@ -497,9 +504,17 @@ class ScheduleEngine(PipelineEngine):
         skipping copies marked ``ds_pipe_replicated`` (extra owners of tied weights,
         Chimera's up replicas) as DeepSpeed's bf16 and ZeRO paths do."""
         squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        experts = torch.zeros((), dtype=torch.float32, device=self.device)
         for param in self.module.parameters():
             if param.grad is not None and not getattr(param, "ds_pipe_replicated", False):
-                squares += param.grad.detach().float().pow(2).sum()
+                part = param.grad.detach().float().pow(2).sum()
+                if is_moe_param(param):
+                    experts += part
+                else:
+                    squares += part
+        for name in sorted(self.expert_parallel_group):  # the other ranks' experts
+            dist.all_reduce(experts, group=self.expert_parallel_group[name])
+        squares += experts
         dist.all_reduce(squares, group=self.mpu.get_model_parallel_group())
         return squares.sqrt()
 

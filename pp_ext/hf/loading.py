@@ -45,6 +45,7 @@ from pp_ext.hf.weights import (
     meta_model,
     model_sources,
 )
+from pp_ext.moe import dispatch, experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -129,7 +130,9 @@ def load_hf_weights(layers: Iterable[nn.Module], model_dir: str | Path) -> None:
                         f"{source} has no tensor {name!r}, needed by {type(layer).__name__}: the folder's "
                         f"weights do not match its config (or this family's key mapping)"
                     )
-                sliced = name in sharded
+                # per-expert tensors merged by transformers' converter are read whole (the
+                # converter stacks tensors), then cut
+                sliced = name in sharded and sources[name].converter is None
 
                 def get(key: str, sliced: bool = sliced):
                     return opened(key).get_slice(key) if sliced else opened(key).get_tensor(key)
@@ -253,6 +256,7 @@ def build_pipeline_module(
     activation_checkpoint_interval: int = 0,
     seed: int = 1234,
     make_vocab_size_divisible_by: int = 1,
+    expert: int = 1,
     **kwargs,
 ) -> ChunkedPipelineModule:
     """A :class:`ChunkedPipelineModule` of the HF model ``model`` (a folder with
@@ -265,7 +269,8 @@ def build_pipeline_module(
     tensor-parallel on it (:mod:`pp_ext.tp`); each rank then reads only its part of
     each sharded tensor; a vocabulary is padded to a multiple of
     ``make_vocab_size_divisible_by`` x tensor (Megatron's rule, :mod:`pp_ext.tp.vocab`:
-    zero rows, masked logits). Other keyword arguments go to DeepSpeed's
+    zero rows, masked logits). ``expert`` > 1 spreads each MoE layer's experts over that
+    many data ranks (:mod:`pp_ext.moe.dispatch`); each rank reads only its experts. Other keyword arguments go to DeepSpeed's
     ``PipelineModule`` (e.g. ``checkpointable_layers``, ``dynamic_shape``).
     """
     config = load_config(model)
@@ -291,6 +296,12 @@ def build_pipeline_module(
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         **kwargs,
     )
+    if expert > 1:
+        axis = dispatch.expert_axis(module._grid, expert)
+        for layer in local_layers(module):
+            for sub in list(layer.modules()):
+                if isinstance(sub, experts.DeferrableExperts):
+                    dispatch.shard(sub, axis)
     if weights is not None:
         load_hf_weights(local_layers(module), weights)
     return module

@@ -33,6 +33,49 @@ from torch import nn
 from pp_ext.autograd.split_backward import Bindable, grouped_linear
 
 
+def sorted_pairs(
+    hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(expert_ids, perm, selected, sample_weights)``: the token-expert pairs sorted by
+    expert, as ``grouped_mm_experts_forward`` sorts them."""
+    num_top_k = top_k_index.size(-1)
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    selected = hidden_states[perm // num_top_k]
+    return expert_ids, perm, selected, top_k_weights.reshape(-1)[perm]
+
+
+def grouped_experts(experts: Any, selected: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``down(gate(up_gate(x) + b)) + b`` of rows sorted by expert (expert g's ending at
+    ``offsets[g]``; the biases where the experts have them, each row's expert's, as
+    transformers adds them), each projection one grouped GEMM deferrable to ``experts``'
+    store."""
+    store, transposed = experts._wgrad_store, experts.is_transposed
+    if experts.has_bias:
+        rows = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
+        expert_ids = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), rows)
+
+    def project(x: torch.Tensor, name: str) -> torch.Tensor:
+        out = grouped_linear(x, getattr(experts, name), offsets, store, transposed)
+        return out + getattr(experts, f"{name}_bias")[expert_ids] if experts.has_bias else out
+
+    return project(experts._apply_gate(project(selected, "gate_up_proj")), "down_proj")
+
+
+def combine(
+    projected: torch.Tensor,
+    perm: torch.Tensor,
+    sample_weights: torch.Tensor,
+    shape: tuple[int, int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The sorted pairs' outputs scaled by their routing weights, put back in token order
+    and summed over each token's ``top_k`` (``shape``: tokens, top_k, hidden)."""
+    weighted = projected * sample_weights.unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.size(0), device=perm.device)
+    return weighted[inverse].view(shape).sum(dim=1).to(dtype)
+
+
 def split_experts_forward(
     experts: Any,  # a transformers experts module: its stacked weights, counts and gate
     hidden_states: torch.Tensor,
@@ -45,27 +88,17 @@ def split_experts_forward(
     (the biases where the experts have them), scaled by the routing weights, summed per
     token."""
     num_tokens, hidden_dim = hidden_states.shape
-    num_top_k = top_k_index.size(-1)
-    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    selected = hidden_states[perm // num_top_k]
-    sample_weights = top_k_weights.reshape(-1)[perm]
+    expert_ids, perm, selected, sample_weights = sorted_pairs(
+        hidden_states, top_k_index, top_k_weights
+    )
     counted = (
         expert_ids.float() if hidden_states.device.type in ("cpu", "mps") else expert_ids.int()
     )
     rows = torch.histc(counted, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
     offsets = torch.cumsum(rows, dim=0, dtype=torch.int32)
-    store, transposed = experts._wgrad_store, experts.is_transposed
-
-    def project(x: torch.Tensor, name: str) -> torch.Tensor:
-        out = grouped_linear(x, getattr(experts, name), offsets, store, transposed)
-        return out + getattr(experts, f"{name}_bias")[expert_ids] if experts.has_bias else out
-
-    projected = project(experts._apply_gate(project(selected, "gate_up_proj")), "down_proj")
-    weighted = projected * sample_weights.unsqueeze(-1)
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.size(0), device=perm.device)
-    weighted = weighted[inverse]
-    return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+    projected = grouped_experts(experts, selected, offsets)
+    shape = (num_tokens, top_k_index.size(-1), hidden_dim)
+    return combine(projected, perm, sample_weights, shape, hidden_states.dtype)
 
 
 class DeferrableExperts(Bindable):

@@ -219,11 +219,13 @@ def sum_gradients(module: nn.Module, axis: TensorAxis) -> None:
 
 
 def splits(layer: nn.Module) -> dict[str, Split]:
-    """``state_dict`` name -> :class:`Split` of each sharded parameter of ``layer``."""
+    """``state_dict`` name -> :class:`Split` of each sharded parameter of ``layer`` (on
+    the tensor axis, ``tp_split``, or the expert axis, ``expert_split``: an expert group's
+    part of the fused experts, :mod:`pp_ext.moe.dispatch`)."""
     return {
-        name: param.tp_split
+        name: split
         for name, param in layer.named_parameters()
-        if hasattr(param, "tp_split")
+        if (split := getattr(param, "tp_split", None) or getattr(param, "expert_split", None))
     }
 
 

@@ -118,6 +118,7 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
             f"FineGrainedFP8Config(dequantize=True), then save_pretrained)"
         )
     config = AutoConfig.from_pretrained(model)
+    check_expert(recipe.parallel.expert, data, model, raw)
     if tensor > 1:
         try:
             tp.check_tensor_split(config, tensor)
@@ -142,6 +143,34 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
     else:
         placement = "loop" if name == BASELINE else get(name).placement_for(chunks)
     return Layout.of(recipe, pipe, tensor, data, chunks, placement), prebuilt
+
+
+def check_expert(expert: int, data: int, model: Path, raw: dict) -> None:
+    """``parallel.expert`` > 1 needs routed experts and must divide them and the data ranks
+    (each expert group is ``expert`` of a stage's data ranks, holding ``experts / expert``
+    experts each)."""
+    if expert == 1:
+        return
+    experts = moe.routed_experts(raw)
+    if not experts:
+        raise RecipeError(
+            f"parallel.expert={expert} on model.path {model}, a dense {raw.get('model_type')!r} "
+            f"model without routed experts: set parallel.expert=1"
+        )
+    if experts % expert:
+        raise RecipeError(
+            f"parallel.expert={expert} does not divide the {experts} routed experts of model.path "
+            f"{model}: use a divisor of {experts}"
+        )
+    if data % expert:
+        raise RecipeError(
+            f"parallel.expert={expert} does not divide the {data} data-parallel ranks (expert "
+            f"groups are taken out of them): use a divisor of {data} or launch more ranks"
+        )
+    raise RecipeError(
+        f"parallel.expert={expert}: the training job does not run expert parallelism yet "
+        f"(its checkpoints would hold one expert group's experts only): set parallel.expert=1"
+    )
 
 
 def tokenizer_folder(recipe: Recipe) -> Path:
