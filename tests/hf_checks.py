@@ -4,6 +4,8 @@ beside its logits), HF-side losses and batches."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 import pp_ext.hf.loading as loading
@@ -11,6 +13,16 @@ from pp_ext.hf import copy_hf_weights, layer_specs
 from pp_ext.testing.reference import SequentialReference
 
 TOL = 1e-5
+
+
+def hf_layer(name: str, blocks: int) -> int:
+    """The pipeline layer of a Llama-like HF model's parameter: embedding, blocks, final
+    norm, head."""
+    if name.startswith("model.embed_tokens."):
+        return 0
+    if match := re.match(r"model\.layers\.(\d+)\.", name):
+        return int(match.group(1)) + 1
+    return blocks + 1 if name.startswith("model.norm.") else blocks + 2
 
 
 EFFECT = 1e-3  # how far HF's logits must move when a family detail is dropped

@@ -135,3 +135,35 @@ def test_bench_model_reports_layer_and_steps_side_by_side(capsys, tiny, tmp_path
     for row in rows:
         assert row["engine"] in table
     assert "pp-ext / transformers" in table
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_bench_model_runs_an_moe_model_beside_deepspeeds_engine(capsys, tmp_path, family):
+    """An MoE model (4 experts, top 2, the aux loss on at weight 0.5; Qwen3-MoE's first
+    layer dense), fp32: DeepSpeed's engine on transformers' model and pp-ext at pipeline
+    1 train to the same losses, step after step, within 1e-5 (HF's loss adds the aux
+    loss itself, pp-ext's LanguageModelLoss from the stream); the timed layer is an MoE
+    layer; each row has tokens/s and a peak memory."""
+    from hf_models import MOE_CONFIGS
+
+    MOE_CONFIGS[family](False).save_pretrained(tmp_path / "model")
+    saved = tmp_path / "bench.json"
+    args = ["--model", str(tmp_path / "model"), "--device", "cpu", "--dtype", "float32"]
+    args += ["--seq", "16", "--micro-batch-size", "2", "--steps", "3", "--warmup", "1"]
+    assert main(["bench", *args, "--repeats", "2", "--save", str(saved)]) == 0
+    report = json.loads(saved.read_text())
+    assert report["model_type"] == family
+    assert report["layer"]["layer"].endswith("DecoderLayer")
+    rows = report["steps"]
+    assert [row["engine"] for row in rows] == [
+        "deepspeed (HF model)",
+        "pp-ext 1f1b",
+        "pp-ext zb-h1",
+    ]
+    reference = rows[0]["losses"]
+    assert len(reference) == 3 and reference[0] != reference[-1]  # it trains
+    for row in rows[1:]:
+        assert row["losses"] == pytest.approx(reference, rel=1e-5, abs=1e-5), row["engine"]
+    assert all(row["tokens_per_s"] > 0 and row["peak_step_mib"] > 0 for row in rows)
+    assert "peak MiB" in capsys.readouterr().out

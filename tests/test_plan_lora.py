@@ -7,11 +7,11 @@ model's full fine-tune does not. The expected counts come from peft's own
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
 import pytest
+from hf_checks import hf_layer
 from hf_models import CONFIGS
 from peft import get_peft_model
 from transformers import AutoConfig
@@ -76,15 +76,6 @@ def plans():
     return result
 
 
-def hf_layer(name: str, blocks: int) -> int:
-    """The pipeline layer of an HF Llama parameter: embedding, blocks, final norm, head."""
-    if name.startswith("model.embed_tokens."):
-        return 0
-    if match := re.match(r"model\.layers\.(\d+)\.", name):
-        return int(match.group(1)) + 1
-    return blocks + 1 if name.startswith("model.norm.") else blocks + 2
-
-
 def test_70b_lora_plan_per_rank(plans):
     from pp_ext.engine.module import partition
     from pp_ext.planning.partition import chunk_layout
@@ -119,7 +110,9 @@ def test_70b_lora_fits_8_x_80_gb_and_its_full_fine_tune_does_not(plans, monkeypa
 
     assert max(rank.total for rank in plans["lora"][2][1]) < GPU * GIB
     assert min(rank.total for rank in plans["none"][2][1]) > GPU * GIB
-    monkeypatch.setattr(plan, "plan_ranks", lambda recipe, layout: plans[recipe.peft.type][2])
+    monkeypatch.setattr(
+        plan, "plan_ranks", lambda recipe, layout, expert: plans[recipe.peft.type][2]
+    )
     lora = plan.describe(*plans["lora"][:2], memory_limit=GPU).splitlines()
     assert lora[-1].startswith(f"fits --memory-limit {GPU} GiB per rank: the largest, pipeline")
     assert len(lora) == 3 + 1 + 1 + 8 + 1  # header, blank line, table head, 8 ranks, verdict

@@ -26,7 +26,15 @@ fill? One process on one device answers both, in one run:
   TorchDispatchMode: host reads (``.item()``, ``bool(tensor)``, ``nonzero`` ... each
   waits for the device's queue to drain), device synchronisations, and aten ops (about
   one kernel launch each). Counts do not depend on the device, so a CPU run shows what
-  a GPU run pays.
+  a GPU run pays; and its memory: on CUDA the peak allocated during the step above what
+  was allocated at its start (activations, gradients being formed, temporaries), on CPU
+  the peak bytes alive of what autograd saves for backward (:class:`pp_ext.bench.lora.SavedBytes`).
+
+A mixture-of-experts model (:mod:`pp_ext.hf.moe`) runs the same way: both sides use
+transformers' ``grouped_mm`` experts, and with ``output_router_logits`` both add
+``router_aux_loss_coef`` times the load-balancing loss to the LM loss (HF's model
+itself, pp-ext's :class:`~pp_ext.training.loss.LanguageModelLoss`); the decoder layer
+timed is one MoE layer, its stream carrying the router statistics.
 
 Ratios are pp-ext / transformers for the layer (time) and pp-ext / DeepSpeed's engine
 for the step (tokens/s), both medians of the same run.
@@ -49,14 +57,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
+from pp_ext.bench.lora import SavedBytes
 from pp_ext.bench.measure import median_time, time_passes
 from pp_ext.config.recipe import DEEPSPEED_BASES, batch_config
 from pp_ext.data import IGNORE_INDEX
 from pp_ext.engine.initialize import initialize
-from pp_ext.hf import build_pipeline_module, copy_hf_weights, layer_specs
+from pp_ext.hf import build_pipeline_module, copy_hf_weights, layer_specs, router_loss_coef
 from pp_ext.hf.common import HFDecoderLayer
 from pp_ext.hf.context import ChunkContext
 from pp_ext.hf.loading import default_dtype, load_config, local_layers
+from pp_ext.hf.moe import FAMILIES as MOE_FAMILIES
+from pp_ext.hf.moe import RouterDecoderLayer
+from pp_ext.moe.router_loss import empty_statistics
 from pp_ext.schedules import get
 from pp_ext.testing.spawn import spawn
 from pp_ext.training.loss import LanguageModelLoss
@@ -209,6 +221,8 @@ def hf_model(config, options: ModelBenchOptions, device):
     kwargs = (
         {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
     )
+    if config.model_type in MOE_FAMILIES:  # the experts pp-ext's layers use (pp_ext.hf.moe)
+        kwargs["experts_implementation"] = "grouped_mm"
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, options.dtype), **kwargs)
     return model.to(device).train()
 
@@ -241,7 +255,7 @@ def pp_ext_engine(config, state_dict, schedule: str, options: ModelBenchOptions)
     """pp-ext's engine at pipeline 1 on ``config``'s layers holding ``state_dict`` (the
     HF model's weights), and a step function."""
     spec = get(schedule)
-    loss = LanguageModelLoss()
+    loss = LanguageModelLoss(router_loss_coef(config))
     module = build_pipeline_module(
         config,
         num_stages=1,
@@ -279,16 +293,32 @@ def count_step(step, data) -> dict:
     return counts.as_dict()
 
 
+def step_memory(step, data, device) -> int:
+    """Peak bytes of one train step: on CUDA allocated above its start, on CPU saved for
+    backward (see the module doc)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    with SavedBytes() as saved:
+        step(data)
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    return saved.peak
+
+
 def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
-    """One row per engine: tokens/s median over the timed rounds, step times, the
-    first step's loss and the counts of one more step."""
+    """One row per engine: tokens/s median over the timed rounds, step times, each
+    step's loss and the counts and peak memory of one more step."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     engines = build_engines(config, options, device)
     data = batches(options, config.vocab_size)
     times: dict[str, list[float]] = {name: [] for name in engines}
-    first: dict[str, float] = {}
+    losses: dict[str, list[float]] = {name: [] for name in engines}
     order, shuffle = list(engines), random.Random(options.seed).shuffle
-    for round_ in range(options.steps):
+    for _ in range(options.steps):
         shuffle(order)
         for name in order:
             sync()
@@ -296,8 +326,7 @@ def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
             loss = engines[name][1](data)
             sync()
             times[name].append(time.perf_counter() - start)
-            if round_ == 0:
-                first[name] = float(loss)
+            losses[name].append(float(loss))
     tokens = options.micro_batch_size * options.seq * options.micro_batches
     rows = []
     for name, (engine, step) in engines.items():
@@ -308,8 +337,10 @@ def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
                 "tokens_per_s": tokens / statistics.median(timed),
                 "step_time_s": statistics.median(timed),
                 "step_times_s": times[name],
-                "first_loss": first[name],
+                "first_loss": losses[name][0],
+                "losses": losses[name],
                 **count_step(step, data),
+                "peak_step_mib": step_memory(step, data, device) / 2**20,
             }
         )
     base = rows[0]["tokens_per_s"]
@@ -329,10 +360,15 @@ def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
 def layer_timings(config, options: ModelBenchOptions, device) -> dict:
     """Median seconds of one decoder layer's passes, pp-ext's next to transformers'."""
     dtype = getattr(torch, options.dtype)
-    spec = next(
+    # the first MoE layer of an MoE model (Qwen3-MoE's first layers may be dense)
+    decoders = [
         s
         for s in layer_specs(config, options.attn_implementation)
         if isinstance(s.typename, type) and issubclass(s.typename, HFDecoderLayer)
+    ]
+    moe = MOE_FAMILIES.get(config.model_type)
+    spec = next(
+        (s for i, s in enumerate(decoders) if moe is None or moe.sparse(config, i)), decoders[0]
     )
     torch.manual_seed(options.seed)
     with default_dtype(
@@ -347,6 +383,12 @@ def layer_timings(config, options: ModelBenchOptions, device) -> dict:
     positions = torch.arange(options.seq, device=device).expand(*shape)
     padding = torch.ones(shape, dtype=torch.long, device=device)
     context = ChunkContext(positions, padding)
+    # the router statistics an MoE layer adds to, riding after the int tensors (pp_ext.hf.moe)
+    stats = (
+        empty_statistics(moe.num_experts(config), device)
+        if issubclass(spec.typename, RouterDecoderLayer) and moe
+        else ()
+    )
     # what transformers' model passes its layers: the mask and the rotary table, built once
     kwargs = {
         "attention_mask": context.mask(ours.make_mask, ours.config, x),
@@ -373,16 +415,20 @@ def layer_timings(config, options: ModelBenchOptions, device) -> dict:
         timed(lambda: theirs(x, **kwargs)), backward, WeightGradStore(), repeats, sync
     )
     f, _, _, b = time_passes(
-        timed(lambda: ours((x, positions, padding, context))[0]),
+        timed(lambda: ours((x, positions, padding, *stats, context))[0]),
         backward,
         WeightGradStore(),
         repeats,
         sync,
     )
     split_f, i, w, _ = time_passes(
-        timed(lambda: split((x, positions, padding, context))[0]), backward, store, repeats, sync
+        timed(lambda: split((x, positions, padding, *stats, context))[0]),
+        backward,
+        store,
+        repeats,
+        sync,
     )
-    first = median_time(timed(lambda: ours((x, positions, padding))[0]), repeats)
+    first = median_time(timed(lambda: ours((x, positions, padding, *stats))[0]), repeats)
     build = median_time(timed(lambda: _build(ChunkContext(positions, padding), ours, x)), repeats)
     return {
         "layer": type(theirs).__name__,
@@ -472,15 +518,21 @@ def format_report(report: dict) -> str:
             "",
             f"train step: {opts['micro_batches']} micro-batches of {opts['micro_batch_size']} x {opts['seq']} "
             f"tokens ({tokens} per step), median of steps {opts['warmup'] + 1}-{opts['steps']}; "
-            f"counts of one more step",
+            f"counts of one more step, and its peak memory ("
+            + (
+                "allocated above the step's start"
+                if report["device"].startswith("cuda")
+                else "saved for backward"
+            )
+            + ")",
             f"{'engine':<22}{'tokens/s':>12}{'vs DS':>8}{'vs 1f1b':>9}{'step s':>9}{'1st loss':>10}"
-            f"{'reads':>7}{'syncs':>7}{'aten ops':>10}",
+            f"{'reads':>7}{'syncs':>7}{'aten ops':>10}{'peak MiB':>10}",
         ]
         for row in report["steps"]:
             vs = f"{row['vs_1f1b']:.3f}" if "vs_1f1b" in row else "-"
             lines.append(
                 f"{row['engine']:<22}{row['tokens_per_s']:>12.1f}{row['vs_deepspeed']:>8.3f}{vs:>9}"
                 f"{row['step_time_s']:>9.4f}{row['first_loss']:>10.4f}{row['host_reads']:>7}"
-                f"{row['synchronizations']:>7}{row['aten_ops']:>10}"
+                f"{row['synchronizations']:>7}{row['aten_ops']:>10}{row['peak_step_mib']:>10.1f}"
             )
     return "\n".join(lines)

@@ -8,7 +8,10 @@ too): base weights (frozen under the recipe's ``peft`` section: the model's dtyp
 nothing else), the trainable parameters (all of them, or LoRA's adapters and
 ``modules_to_save``, counted with the adapters each stage adds) with their gradients,
 the optimizer state (fp32 masters and AdamW moments), and peak activations; with
-``--memory-limit`` whether the largest rank fits.
+``--memory-limit`` whether the largest rank fits. On a mixture-of-experts model the
+routed experts stand apart: per rank its MoE layers, the experts of each it holds, their
+parameters, weights + gradients and optimizer state (over the expert-data ranks,
+:mod:`pp_ext.planning.memory`); shared experts count with the dense parameters.
 
 The activation estimate follows Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models", eq. (1): one transformer layer keeps
@@ -130,23 +133,41 @@ class RankPlan:
     trainable: int
     state: memory.RankState
     activations: float
+    moe: ExpertPlan | None = None
 
     @property
     def total(self) -> float:
-        return self.state.total + self.activations
+        return self.state.total + self.activations + (self.moe.state.total if self.moe else 0)
 
 
-def plan_ranks(recipe: Recipe, layout: Layout) -> tuple[list[str], list[RankPlan]]:
+@dataclass(frozen=True)
+class ExpertPlan:
+    """A pipeline rank's MoE layers: how many it holds, the routed experts of each it
+    holds (``num_experts / E``), their parameters (``params``, its share, not counted in
+    the rank's dense ``frozen`` / ``trainable``) and bytes
+    (:func:`~pp_ext.planning.memory.expert_state`), and its shared experts' parameters
+    (dense: counted with the rest)."""
+
+    layers: int
+    experts: int
+    params: int
+    shared: int
+    state: memory.RankState
+
+
+def plan_ranks(recipe: Recipe, layout: Layout, expert: int = 1) -> tuple[list[str], list[RankPlan]]:
     """The plan's header lines and, per pipeline rank, what it holds (one rank of its
-    tensor group where ``parallel.tensor`` > 1)."""
+    tensor group where ``parallel.tensor`` > 1); an MoE model's routed experts spread
+    over ``expert`` of a stage's data ranks (:func:`~pp_ext.planning.memory.expert_share`)."""
     # torch, deepspeed, transformers: only when this command runs (pp_ext.commands)
     from transformers import AutoConfig
 
     from pp_ext import tp
-    from pp_ext.config.recipe import state_bytes
+    from pp_ext.config.recipe import RecipeError, state_bytes
     from pp_ext.engine.module import partition
     from pp_ext.hf import layer_specs
     from pp_ext.hf.common import HFDecoderLayer
+    from pp_ext.hf.moe import FAMILIES, expert_parameters
     from pp_ext.peft import planned_parameters
     from pp_ext.planning.partition import chunk_layout
 
@@ -159,6 +180,16 @@ def plan_ranks(recipe: Recipe, layout: Layout) -> tuple[list[str], list[RankPlan
     with tp.using(tp.TensorAxis(tensor)):  # every tensor rank holds the same shapes
         parts = partition(specs, placement.stages, recipe.parallel.partition)
         params = planned_parameters(specs, recipe.peft, config)
+        moe = FAMILIES.get(config.model_type)
+        experts = expert_parameters(specs) if moe else []
+    if moe:
+        try:
+            share = memory.expert_share(moe.num_experts(config), expert, data)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        # pp-ext's LoRA freezes all but its adapters (pp_ext.peft.adapters.add_adapters)
+        experts_train = recipe.peft.type != "lora"
+        per_expert_param = state_bytes(recipe, share.expert_data)
     simulation = simulate(spec.build(pipe, recipe.parallel.micro_batches, chunks))
     metrics = simulation.metrics()
     per_layer, logits = memory.layer_activation_bytes(
@@ -190,6 +221,15 @@ def plan_ranks(recipe: Recipe, layout: Layout) -> tuple[list[str], list[RankPlan
         f"bubble at unit costs: {format_number(metrics['bubble_ratio'])} per step; peak activations "
         f"in flight: {format_number(metrics['peak_activations'])} micro-batches of a rank's layers",
     ]
+    if moe:
+        shared = sum(count[1] for count in experts)
+        lines.append(
+            f"{moe.moe_layers(config)} MoE layers of {share.expert * share.experts} routed experts "
+            f"({config.num_experts_per_tok} per token{', and shared experts' * bool(shared)}); "
+            f"experts over {share.expert} rank{'s' * (share.expert > 1)} of a stage: "
+            f"{share.experts} per MoE layer on each, their gradients and optimizer state over "
+            f"{share.expert_data} expert-data rank{'s' * (share.expert_data > 1)}"
+        )
     if tensor > 1:
         lines.append(
             f"tensor parallel over {tensor} ranks (global ranks of a pipeline rank: tensor ranks "
@@ -204,6 +244,27 @@ def plan_ranks(recipe: Recipe, layout: Layout) -> tuple[list[str], list[RankPlan
             decoders * per_layer + (logits if len(specs) - 1 in held else 0)
         )
         rank_frozen, rank_trainable = (sum(params[i][k] for i in held) for k in (0, 1))
+        held_moe = None
+        if moe:
+            routed = sum(experts[i][0] for i in held)
+            # the routed experts leave the dense count: the rank holds 1/E of them
+            rank_trainable, rank_frozen = (
+                (rank_trainable - routed, rank_frozen)
+                if experts_train
+                else (rank_trainable, rank_frozen - routed)
+            )
+            held_moe = ExpertPlan(
+                sum(1 for i in held if experts[i][0]),
+                share.experts,
+                routed // share.expert,
+                sum(experts[i][1] for i in held),
+                memory.expert_state(
+                    0 if experts_train else routed,
+                    routed if experts_train else 0,
+                    share,
+                    per_expert_param,
+                ),
+            )
         ranks.append(
             RankPlan(
                 "; ".join(
@@ -214,17 +275,22 @@ def plan_ranks(recipe: Recipe, layout: Layout) -> tuple[list[str], list[RankPlan
                 rank_trainable,
                 memory.rank_state(rank_frozen, rank_trainable, per_param),
                 act,
+                held_moe,
             )
         )
     return lines, ranks
 
 
-def describe(recipe: Recipe, layout: Layout, memory_limit: float | None = None) -> str:
-    """The plan as text: header, a table of what each pipeline rank holds, and whether
-    the largest rank fits ``memory_limit`` GiB."""
+def describe(
+    recipe: Recipe, layout: Layout, memory_limit: float | None = None, expert: int = 1
+) -> str:
+    """The plan as text: header, a table of what each pipeline rank holds (an MoE
+    model's experts apart, spread over ``expert`` ranks), and whether the largest rank
+    fits ``memory_limit`` GiB."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    lines, ranks = plan_ranks(recipe, layout)
+    lines, ranks = plan_ranks(recipe, layout, expert)
+    moe = ranks[0].moe is not None
     topology = PipeModelDataParallelTopology(
         num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data
     )
@@ -233,11 +299,24 @@ def describe(recipe: Recipe, layout: Layout, memory_limit: float | None = None) 
             "pipeline rank",
             "global ranks",
             "stage: layers",
-            "params" if layout.tensor == 1 else "params per tensor rank",
+            ("dense params" if moe else "params")
+            + (" per tensor rank" if layout.tensor > 1 else ""),
             "trainable",
             "base weights",
             "trainable + grads",
             "optimizer",
+            *(
+                [
+                    "MoE layers",
+                    "experts each",
+                    "expert params",
+                    "shared",
+                    "expert w + g",
+                    "expert opt",
+                ]
+                if moe
+                else []
+            ),
             "activations (est.)",
             "total (est.)",
         ]
@@ -254,6 +333,22 @@ def describe(recipe: Recipe, layout: Layout, memory_limit: float | None = None) 
                 _bytes(state.base),
                 _bytes(state.trainable + state.gradients),
                 _bytes(state.optimizer),
+                *(
+                    [
+                        str(held.moe.layers),
+                        str(held.moe.experts),
+                        _count(held.moe.params),
+                        _count(held.moe.shared),
+                        _bytes(
+                            held.moe.state.base
+                            + held.moe.state.trainable
+                            + held.moe.state.gradients
+                        ),
+                        _bytes(held.moe.state.optimizer),
+                    ]
+                    if held.moe
+                    else []
+                ),
                 _bytes(held.activations),
                 _bytes(held.total),
             ]
@@ -267,7 +362,7 @@ def describe(recipe: Recipe, layout: Layout, memory_limit: float | None = None) 
             f"needs {needs:.1f} GiB"
             if needs <= memory_limit
             else f"does not fit --memory-limit {memory_limit:g} GiB per rank: pipeline rank {peak} "
-            f"needs {needs:.1f} GiB ({ranks[peak].state.total / GIB:.1f} GiB parameters, gradients "
+            f"needs {needs:.1f} GiB ({(ranks[peak].total - ranks[peak].activations) / GIB:.1f} GiB parameters, gradients "
             f"and optimizer state, {ranks[peak].activations / GIB:.1f} GiB activations): train LoRA "
             f"adapters (peft.type=lora), use more pipeline ranks, or checkpoint activations"
         )

@@ -178,9 +178,24 @@ class MoEDecoderLayer(llama.DecoderLayer):
                 f"pp-ext's rule for its sparse layers does not expect: transformers changed"
             )
         self.router = routers[0] if routers else None
-        for module in self.layer.modules():
-            if isinstance(module, family.hf_class("Experts")):
-                experts.deferrable(module)
+        self.experts = [
+            module
+            for module in self.layer.modules()
+            if isinstance(module, family.hf_class("Experts"))
+        ]
+        for module in self.experts:
+            experts.deferrable(module)
+
+    def expert_parameters(self) -> tuple[int, int]:
+        """``(routed, shared)``: the parameters of the layer's routed experts and of the
+        rest of its sparse MoE block less the router (Qwen2-MoE's shared expert and its
+        gate, which every token runs); ``(0, 0)`` in a dense layer."""
+        if self.router is None:
+            return 0, 0
+        block = self.layer.get_submodule(self.router.rpartition(".")[0])
+        routed = sum(p.numel() for module in self.experts for p in module.parameters())
+        router = sum(p.numel() for p in self.layer.get_submodule(self.router).parameters())
+        return routed, sum(p.numel() for p in block.parameters()) - routed - router
 
 
 class RouterDecoderLayer(MoEDecoderLayer):
@@ -224,6 +239,17 @@ class RouterLossNorm(FinalNorm):
         return self.norm(hidden), router_loss.pooled_loss(
             counts, probs, attention_mask, self.moe_layers
         )
+
+
+def expert_parameters(specs: list) -> list[tuple[int, int]]:
+    """``(routed, shared)`` expert parameters of each pipeline layer of ``specs``
+    (:meth:`MoEDecoderLayer.expert_parameters`), built on the meta device."""
+    counts = []
+    for spec in specs:
+        moe = isinstance(spec.typename, type) and issubclass(spec.typename, MoEDecoderLayer)
+        with torch.device("meta"):
+            counts.append(spec.build().expert_parameters() if moe else (0, 0))
+    return counts
 
 
 def layer_specs(config: PretrainedConfig, attn_implementation: str | None = None) -> list:

@@ -18,6 +18,15 @@ h)`` bytes at 2 bytes a value, ``s b h (10 + 24 / t)`` over ``t`` tensor ranks, 
 the ``5 a s^2 b`` attention scores where the attention is fused (sdpa, flash); with
 activation checkpointing a layer keeps only its input (``2 s b h``); the logits (fp32,
 ``4 s b V / t``) sit on the last stage.
+
+Experts (mixture-of-experts layers, Lepikhin et al. 2021, "GShard"; Rajbhandari et al.
+2022, "DeepSpeed-MoE", Sec. 5): with expert parallelism over ``E`` ranks taken out of a
+stage's ``N_d`` data ranks, a rank holds ``num_experts / E`` routed experts of each MoE
+layer, whole, and each expert is replicated on the ``N_d / E`` expert-data ranks, which
+alone reduce its gradients and split its optimizer state (DeepSpeed-MoE's expert-data
+group; Megatron-Core's ``expert_data_parallel``): per routed parameter of the layer the
+rank holds ``1/E`` of the state of :func:`state_bytes` at ``N_d / E`` data ranks. Shared
+experts (Qwen2-MoE's) run on every token and are dense parameters.
 """
 
 from __future__ import annotations
@@ -108,3 +117,33 @@ def layer_activation_bytes(
         if eager_attention:  # the softmax's scores and dropout mask, materialised
             per_layer += 5 * a * s * s * b / tensor
     return per_layer, 4.0 * s * b * vocab_size / tensor
+
+
+@dataclass(frozen=True)
+class ExpertShare:
+    """How a rank holds a model's routed experts under expert parallelism over ``expert``
+    ranks: ``experts`` of each MoE layer's, replicated on ``expert_data`` ranks."""
+
+    expert: int
+    experts: int
+    expert_data: int
+
+
+def expert_share(num_experts: int, expert: int, data: int) -> ExpertShare:
+    """The share of one of ``expert`` expert ranks out of ``data`` data ranks (see the
+    module doc); a ValueError where ``expert`` divides either not."""
+    if expert < 1 or num_experts % expert or data % expert:
+        raise ValueError(
+            f"expert parallelism over {expert} ranks must divide the {num_experts} experts "
+            f"and the {data} data ranks"
+        )
+    return ExpertShare(expert, num_experts // expert, data // expert)
+
+
+def expert_state(
+    frozen: int, trainable: int, share: ExpertShare, per_param: StateBytes
+) -> RankState:
+    """What a rank keeps for its routed experts, of the ``frozen`` and ``trainable``
+    routed parameters its stage has: ``1/E`` of them, at ``per_param`` bytes a trainable
+    one (:func:`state_bytes` at ``share.expert_data`` data ranks)."""
+    return rank_state(frozen // share.expert, trainable // share.expert, per_param)
