@@ -110,9 +110,7 @@ def test_70b_lora_fits_8_x_80_gb_and_its_full_fine_tune_does_not(plans, monkeypa
 
     assert max(rank.total for rank in plans["lora"][2][1]) < GPU * GIB
     assert min(rank.total for rank in plans["none"][2][1]) > GPU * GIB
-    monkeypatch.setattr(
-        plan, "plan_ranks", lambda recipe, layout, expert: plans[recipe.peft.type][2]
-    )
+    monkeypatch.setattr(plan, "plan_ranks", lambda recipe, layout: plans[recipe.peft.type][2])
     lora = plan.describe(*plans["lora"][:2], memory_limit=GPU).splitlines()
     assert lora[-1].startswith(f"fits --memory-limit {GPU} GiB per rank: the largest, pipeline")
     assert len(lora) == 3 + 1 + 1 + 8 + 1  # header, blank line, table head, 8 ranks, verdict

@@ -7,6 +7,7 @@ shared), never pp-ext's counting."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,11 @@ def check_ranks(recipe, layout, ranks, expert: int) -> None:
     data / E expert-data ranks; the dense ones as before, over all data ranks."""
     config = AutoConfig.from_pretrained(recipe.model.path)
     total, routed, shared = hf_counts(config)
-    experts_key = "num_local_experts" if config.model_type == "mixtral" else "num_experts"
+    # transformers' own keys, not pp-ext's table of them
+    experts_key = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts"}.get(
+        config.model_type,
+        "n_routed_experts" if config.model_type == "deepseek_v3" else "num_experts",
+    )
     expert_data = layout.data // expert
     assert sum(rank.moe.params for rank in ranks) * expert == sum(routed)
     for index, (rank, held) in enumerate(zip(ranks, held_layers(recipe, layout, config))):
@@ -89,11 +94,12 @@ def test_experts_per_rank_are_transformers_counts(tmp_path, family, expert):
 
     MOE_CONFIGS[family](False).save_pretrained(tmp_path / "model")
     (tmp_path / "recipe.yaml").write_text(MINIMAL)
-    recipe = load(tmp_path / "recipe.yaml", [f"model.path={tmp_path / 'model'}", *BF16])
+    overrides = [f"model.path={tmp_path / 'model'}", f"parallel.expert={expert}", *BF16]
+    recipe = load(tmp_path / "recipe.yaml", overrides)
     layout = check_before_launch(recipe, 8)[0]
-    _, ranks = plan_ranks(recipe, layout, expert)
+    _, ranks = plan_ranks(recipe, layout)
     check_ranks(recipe, layout, ranks, expert)
-    text = describe(recipe, layout, expert=expert)
+    text = describe(recipe, layout)
     assert f"experts over {expert} rank" in text and "expert params" in text
 
 
@@ -104,8 +110,8 @@ def test_expert_degree_must_divide_experts_and_data_ranks(tmp_path):
     MOE_CONFIGS["qwen3_moe"](False).save_pretrained(tmp_path / "model")
     (tmp_path / "recipe.yaml").write_text(MINIMAL)
     recipe = load(tmp_path / "recipe.yaml", [f"model.path={tmp_path / 'model'}"])
-    layout = check_before_launch(recipe, 8)[0]
-    assert one_line_error(plan_ranks, recipe, layout, 8) == (
+    layout = replace(check_before_launch(recipe, 8)[0], expert=8)  # past preflight's check
+    assert one_line_error(plan_ranks, recipe, layout) == (
         "expert parallelism over 8 ranks must divide the 4 experts and the 4 data ranks"
     )
 
@@ -125,7 +131,9 @@ def test_qwen3_30b_a3b_recipe_plan_per_rank(qwen3_30b, expert):
     from pp_ext.commands.plan import plan_ranks
 
     recipe, layout = qwen3_30b
-    lines, ranks = plan_ranks(recipe, layout, expert)
+    assert layout.expert == 2  # the recipe's
+    layout = replace(layout, expert=expert)
+    lines, ranks = plan_ranks(recipe, layout)
     assert "30532.1 M parameters" in lines[0]
     assert [rank.moe.layers for rank in ranks] == [12] * 4
     check_ranks(recipe, layout, ranks, expert)
@@ -140,4 +148,5 @@ def test_qwen3_30b_a3b_plan_command(capsys):
     assert main(["plan", "--recipe", str(RECIPE), "--memory-limit", "80", QWEN3_30B]) == 0
     out = capsys.readouterr().out
     assert "48 MoE layers of 128 routed experts (8 per token)" in out
-    assert "128 per MoE layer on each" in out and "expert w + g" in out
+    assert "experts over 2 ranks of a stage: 64 per MoE layer on each" in out  # the recipe's E
+    assert "expert w + g" in out

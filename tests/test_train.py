@@ -280,9 +280,9 @@ BAD_INPUT = [
         "mixtral, olmoe, qwen2_moe, qwen3_moe",
     ),
     (
-        ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "parallel.tensor=2"],
+        ["model.path={gpt_oss}", "model.tokenizer=configs/models/quickstart", "parallel.tensor=2"],
         4,
-        "parallel.tensor=2: tensor parallelism has no sharding plan for 'mixtral' models",
+        "parallel.tensor=2: tensor parallelism has no sharding plan for 'gpt_oss' models",
     ),
     (
         [

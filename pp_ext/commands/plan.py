@@ -155,10 +155,10 @@ class ExpertPlan:
     state: memory.RankState
 
 
-def plan_ranks(recipe: Recipe, layout: Layout, expert: int = 1) -> tuple[list[str], list[RankPlan]]:
+def plan_ranks(recipe: Recipe, layout: Layout) -> tuple[list[str], list[RankPlan]]:
     """The plan's header lines and, per pipeline rank, what it holds (one rank of its
     tensor group where ``parallel.tensor`` > 1); an MoE model's routed experts spread
-    over ``expert`` of a stage's data ranks (:func:`~pp_ext.planning.memory.expert_share`)."""
+    over ``layout.expert`` of a stage's data ranks (:func:`~pp_ext.planning.memory.expert_share`)."""
     # torch, deepspeed, transformers: only when this command runs (pp_ext.commands)
     from transformers import AutoConfig
 
@@ -184,7 +184,7 @@ def plan_ranks(recipe: Recipe, layout: Layout, expert: int = 1) -> tuple[list[st
         experts = expert_parameters(specs) if moe else []
     if moe:
         try:
-            share = memory.expert_share(moe.num_experts(config), expert, data)
+            share = memory.expert_share(moe.num_experts(config), layout.expert, data)
         except ValueError as exc:
             raise RecipeError(str(exc)) from None
         # pp-ext's LoRA freezes all but its adapters (pp_ext.peft.adapters.add_adapters)
@@ -281,15 +281,13 @@ def plan_ranks(recipe: Recipe, layout: Layout, expert: int = 1) -> tuple[list[st
     return lines, ranks
 
 
-def describe(
-    recipe: Recipe, layout: Layout, memory_limit: float | None = None, expert: int = 1
-) -> str:
+def describe(recipe: Recipe, layout: Layout, memory_limit: float | None = None) -> str:
     """The plan as text: header, a table of what each pipeline rank holds (an MoE
-    model's experts apart, spread over ``expert`` ranks), and whether the largest rank
+    model's experts apart, spread over ``layout.expert`` ranks), and whether the largest rank
     fits ``memory_limit`` GiB."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    lines, ranks = plan_ranks(recipe, layout, expert)
+    lines, ranks = plan_ranks(recipe, layout)
     moe = ranks[0].moe is not None
     topology = PipeModelDataParallelTopology(
         num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data

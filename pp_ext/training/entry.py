@@ -25,7 +25,7 @@ from pp_ext.engine.engine import PipelineError
 from pp_ext.schedules import Schedule
 from pp_ext.tools.logging import EVERY_RANK, get_logger
 from pp_ext.training.errors import USAGE_ERROR, USER_ERRORS
-from pp_ext.training.preflight import check_before_launch, check_data
+from pp_ext.training.preflight import check_before_launch, check_data, check_expert_runs
 from pp_ext.training.trainer import Trainer
 
 log = get_logger()
@@ -46,6 +46,7 @@ def checked(args: argparse.Namespace, world_size: int) -> tuple[Recipe, Layout, 
     on every rank, and by ``pp-ext launch`` before any rank starts."""
     recipe = load(args.recipe, args.overrides)
     layout, prebuilt = check_before_launch(recipe, world_size)
+    check_expert_runs(layout)
     if recipe.data.path is not None:
         check_data(recipe)  # bad data fails here, not on one rank later
     return recipe, layout, prebuilt

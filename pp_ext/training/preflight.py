@@ -145,6 +145,18 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
     return Layout.of(recipe, pipe, tensor, data, chunks, placement), prebuilt
 
 
+def check_expert_runs(layout: Layout) -> None:
+    """The training job's own limit (``pp-ext plan`` and ``tune`` lay expert parallelism
+    out): DeepSpeed's pipeline checkpoint saves the layers of data rank 0 only, so the
+    other expert ranks' experts would be lost."""
+    if layout.expert > 1:
+        raise RecipeError(
+            f"parallel.expert={layout.expert}: the training job does not run expert parallelism "
+            f"yet (its checkpoints would hold one expert group's experts only): set "
+            f"parallel.expert=1"
+        )
+
+
 def check_expert(expert: int, data: int, model: Path, raw: dict) -> None:
     """``parallel.expert`` > 1 needs routed experts and must divide them and the data ranks
     (each expert group is ``expert`` of a stage's data ranks, holding ``experts / expert``
@@ -167,10 +179,6 @@ def check_expert(expert: int, data: int, model: Path, raw: dict) -> None:
             f"parallel.expert={expert} does not divide the {data} data-parallel ranks (expert "
             f"groups are taken out of them): use a divisor of {data} or launch more ranks"
         )
-    raise RecipeError(
-        f"parallel.expert={expert}: the training job does not run expert parallelism yet "
-        f"(its checkpoints would hold one expert group's experts only): set parallel.expert=1"
-    )
 
 
 def tokenizer_folder(recipe: Recipe) -> Path:
