@@ -374,7 +374,7 @@ BAD_INPUT = [
     (["train.lr=inf"], 2, "recipe key 'train.lr' must be a finite number >= 0, got inf"),
     (["train.lr=-1e-3"], 2, "recipe key 'train.lr' must be a finite number >= 0, got -0.001"),
     (["train.min_lr=nan"], 2, "recipe key 'train.min_lr' must be a finite number >= 0, got nan"),
-    (["train.min_lr=0.01"], 2, "recipe key 'train.min_lr' is 0.01, above train.lr 0.003"),
+    (["train.min_lr=0.01"], 2, "recipe key 'train.min_lr' is 0.01, above train.lr 0.002"),
     (["train.warmup_steps=-1"], 2, "recipe key 'train.warmup_steps' must be >= 0, got -1"),
     (["train.eps=0"], 2, "recipe key 'train.eps' must be a finite number > 0, got 0.0"),
     (["train.betas=[0.9,1.0]"], 2, "recipe key 'train.betas' must be two numbers in [0, 1)"),
