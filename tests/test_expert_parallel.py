@@ -15,10 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_models import MOE_CONFIGS
+from tensor_cases import CLIP, MICRO_BATCHES, TOLERANCE, batch, reference_step
 
-TOLERANCE = 1e-5
-MICRO_BATCHES = 4
-CLIP = 0.5
 STEPS = 3
 
 # (family, (pipe, data, expert), schedule)
@@ -31,30 +29,10 @@ CASES = [
 ]
 
 
-def batch(step: int, micro_batch: int):
-    ids = torch.randint(
-        100, (2, 10), generator=torch.Generator().manual_seed(100 * step + micro_batch)
-    )
-    return ids, torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
-
-
 def reference_training(model, data: int) -> list[float]:
     """transformers' model (aux loss in its loss) trained in one process, SGD on the mean
-    loss of every data rank's micro-batches, clipped as the engine clips."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses = []
-    for step in range(STEPS):
-        optimizer.zero_grad()
-        total = 0.0
-        for k in range(MICRO_BATCHES * data):
-            ids, _ = batch(step, k)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss / (MICRO_BATCHES * data)
-            loss.backward()
-            total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        losses.append(total)
-    return losses
+    loss of every data rank's micro-batches, clipped as the engine clips: the losses."""
+    return [reference_step(model, step, data)[0] for step in range(STEPS)]
 
 
 def run_case(tmp: str, case) -> dict:
