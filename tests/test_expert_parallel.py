@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_models import MOE_CONFIGS
-from tensor_cases import CLIP, MICRO_BATCHES, TOLERANCE, batch, reference_step
+from tensor_cases import MICRO_BATCHES, TOLERANCE, batch, pipeline_engine, reference_step
 
 STEPS = 3
 
@@ -37,16 +37,11 @@ def reference_training(model, data: int) -> list[float]:
 
 def run_case(tmp: str, case) -> dict:
     import torch.distributed as dist
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from transformers import AutoModelForCausalLM
 
-    import pp_ext
-    from pp_ext.hf import build_pipeline_module, router_loss_coef
     from pp_ext.hf.loading import local_layers
     from pp_ext.hf.weights import hf_keys
     from pp_ext.moe.dispatch import ShardedExperts
-    from pp_ext.schedules import get
-    from pp_ext.training.loss import LanguageModelLoss
 
     family, (pipe, data, expert), schedule = case
     folder = f"{tmp}/{family}-{pipe}{data}{expert}-{schedule}"
@@ -56,29 +51,8 @@ def run_case(tmp: str, case) -> dict:
     if dist.get_rank() == 0:
         model.save_pretrained(f"{folder}/hf")
     dist.barrier()
-    spec = get(schedule)
-    module = build_pipeline_module(
-        f"{folder}/hf",
-        topology=PipeModelDataParallelTopology(pipe, 1, data),
-        chunks=spec.default_chunks,
-        placement=spec.placement,
-        partition_method="uniform",
-        expert=expert,
-    )
-    loss = LanguageModelLoss(router_loss_coef(config))
-    loss.tensor_axis = module.tensor_axis
-    module.loss_fn = loss
-    engine, *_ = pp_ext.initialize(
-        model=module,
-        optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
-        config={
-            "train_micro_batch_size_per_gpu": 2,
-            "gradient_accumulation_steps": MICRO_BATCHES,
-            "train_batch_size": 2 * MICRO_BATCHES * data,
-            "gradient_clipping": CLIP,
-        },
-        schedule=schedule,
-    )
+    engine = pipeline_engine(f"{folder}/hf", (pipe, 1, data), schedule, expert=expert)
+    module = engine.module
     dp = engine.grid.get_data_parallel_rank()
     losses = []
     for step in range(STEPS):
