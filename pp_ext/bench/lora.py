@@ -33,6 +33,7 @@ import random
 import statistics
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,6 +234,22 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
+def step_peak(run: Callable[[], Any], device: torch.device) -> tuple[Any, int, int]:
+    """``run()``'s result, its peak bytes (on CUDA allocated above its start, elsewhere the
+    peak saved for backward) and the peak saved for backward (:class:`SavedBytes`)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    with SavedBytes() as saved:
+        result = run()
+    if cuda:
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - start, saved.peak
+    return result, saved.peak, saved.peak
+
+
 def memory(side: Side, data: list, device: torch.device) -> tuple[float, dict]:
     """One step of ``side`` measured: its loss and this rank's bytes by kind (see FOOTNOTE)."""
     module, optimizer = side.module, side.engine.optimizer
@@ -243,23 +260,13 @@ def memory(side: Side, data: list, device: torch.device) -> tuple[float, dict]:
     ]
     trainable = [p for p in module.parameters() if p.requires_grad]
     grad_size = 4 if side.fp32_grads else trainable[0].element_size()
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-    with SavedBytes() as saved:
-        loss = side.step(data)
-    activations = saved.peak
-    if cuda:
-        torch.cuda.synchronize()
-        activations = torch.cuda.max_memory_allocated() - start
+    loss, activations, saved_for_backward = step_peak(lambda: side.step(data), device)
     return loss, {
         "weights": _unique_bytes(weights),
         "gradients": grad_size * sum(getattr(p, "ds_tensor", p).numel() for p in trainable),
         "optimizer": _unique_bytes(state),
         "activations": activations,
-        "saved_for_backward": saved.peak,
+        "saved_for_backward": saved_for_backward,
     }
 
 

@@ -57,7 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
-from pp_ext.bench.lora import SavedBytes
+from pp_ext.bench.lora import step_peak
 from pp_ext.bench.measure import median_time, time_passes
 from pp_ext.config.recipe import DEEPSPEED_BASES, batch_config
 from pp_ext.data import IGNORE_INDEX
@@ -293,22 +293,6 @@ def count_step(step, data) -> dict:
     return counts.as_dict()
 
 
-def step_memory(step, data, device) -> int:
-    """Peak bytes of one train step: on CUDA allocated above its start, on CPU saved for
-    backward (see the module doc)."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-    with SavedBytes() as saved:
-        step(data)
-    if cuda:
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    return saved.peak
-
-
 def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
     """One row per engine: tokens/s median over the timed rounds, step times, each
     step's loss and the counts and peak memory of one more step."""
@@ -340,7 +324,7 @@ def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
                 "first_loss": losses[name][0],
                 "losses": losses[name],
                 **count_step(step, data),
-                "peak_step_mib": step_memory(step, data, device) / 2**20,
+                "peak_step_mib": step_peak(lambda: step(data), device)[1] / 2**20,
             }
         )
     base = rows[0]["tokens_per_s"]
