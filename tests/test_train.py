@@ -140,10 +140,14 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     done = losses(out)
     assert max(done) < 30, "the run finished before it was killed: nothing was resumed"
 
-    resumed = launch(out, *steps)
-    _, err = resumed.communicate(timeout=600)
+    # the README's way, whose log is pp-ext's lines only (issue 25, point 3): no
+    # launcher WARNING, INFO or DeepSpeed print (its seeds, its topology), no Python warning
+    resumed = launch(out, *steps, launcher=("pp-ext", "launch"), stdout=subprocess.PIPE)
+    printed, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     assert "resumed from" in err and "at step 10" in err
+    noise = [line for line in (printed + err).splitlines() if not line.startswith("pp-ext: ")]
+    assert not noise, noise
     after = losses(out)
     assert sorted(after) == list(range(1, 31))
     diff = max(abs(after[s] - uninterrupted[s]) for s in after)

@@ -11,6 +11,8 @@ nothing started and nothing written. Then DeepSpeed's runner runs in this proces
 (``deepspeed.launcher.runner.main``, what the ``deepspeed`` command is), at log level
 ``warning`` unless the arguments set one: its and its per-node launcher's INFO lines
 (the command lines, the world info, "exits successfully") are not the training log.
+Without a hostfile the level is ``error``: the runner's one WARNING then says only that
+it runs on local resources, which the run's first line already shows.
 """
 
 from __future__ import annotations
@@ -65,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     argv = list(args.deepspeed_args)
     ds_args = runner.parse_args(argv)  # deepspeed's own parser: its usage errors, its --help
     if not any(a.startswith("--log_level") or a in ("-q", "--quiet") for a in argv):
-        argv.insert(0, "--log_level=warning")
+        # the runner's INFO lines are noise; without a hostfile its only WARNING says the
+        # run is local, which ``world_size`` already found and the first log line says
+        local = not os.path.isfile(ds_args.hostfile)
+        argv.insert(0, f"--log_level={'error' if local else 'warning'}")
     ranks = world_size(ds_args)
     if ranks:  # none: the runner says it has no resources
         try:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
+from io import StringIO
 
 import torch
 from deepspeed import comm as dist
@@ -200,7 +201,12 @@ class ChunkedPipelineModule(PipelineModule):
         # read by _partition_layers, which PipelineModule.__init__ calls
         self._chunks, self._placement_name = chunks, placement
         self._vocab_multiple = make_vocab_size_divisible_by
-        super().__init__(layers, *args, **kwargs)
+        # PipelineModule and its grid print() their seeds and topology on rank 0, with no
+        # logging switch: kept out of the training log, in DeepSpeed's debug log
+        with redirect_stdout(StringIO()) as printed:
+            super().__init__(layers, *args, **kwargs)
+        if printed.getvalue().strip():
+            logger.debug(printed.getvalue().strip())
         # after PipelineModule's build, which resets every ds_pipe_replicated flag
         tp.mark_replicated(self, self.tensor_axis)
         self.replica_group: ProcessGroup | None
