@@ -99,6 +99,17 @@ def test_every_local_format_loads_the_same_records(tmp_path):
     ]  # file = document
 
 
+def test_loading_prints_no_progress_bar(tmp_path, capfd):
+    """The first run builds datasets' cache: its "Generating train split" bars stay out
+    of the training log (issue 25, point 3), and datasets' switch is given back."""
+    path = write_all_formats(tmp_path / "f")["jsonl"]
+    capfd.readouterr()  # the csv and parquet writers' bars
+    assert datasets.is_progress_bar_enabled()
+    assert load_records(cfg(path), "train").to_list() == RECORDS
+    assert capfd.readouterr().err == ""
+    assert datasets.is_progress_bar_enabled()
+
+
 def test_eval_split_from_file_names_and_eval_fraction(tmp_path):
     train, evals = (
         load_records(cfg(REVERSE, eval_split="validation"), "train"),

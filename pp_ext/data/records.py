@@ -87,9 +87,12 @@ def _innermost(exc: BaseException) -> str:
 def _reading(cfg: DataConfig, builder: str):
     """What ``datasets`` (or pyarrow under it) raises on data it cannot read or reach, as
     one :class:`DataError` naming ``data.path``; datasets' own error log, which says the
-    same, is held back."""
+    same, is held back, and so are its progress bars (the first run's "Generating train
+    split", in the middle of the training log)."""
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         yield
     except DataError:
@@ -112,6 +115,8 @@ def _reading(cfg: DataConfig, builder: str):
         ) from exc
     finally:
         datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _split(dataset: datasets.DatasetDict, name: str, key: str, cfg: DataConfig) -> datasets.Dataset:
