@@ -13,7 +13,7 @@ from pp_ext.tools.versions import UnsupportedVersion, require_versions
 
 try:
     require_versions()  # before a stage meets an API it lacks (transformers 4.x, ...)
-    from pp_ext.engine.distributed import select_accelerator
+    from pp_ext.engine.distributed import select_accelerator, shut_down
 
     select_accelerator()  # before pp_ext.training.entry imports deepspeed (its auto-detection warns on stdout)
     from pp_ext.training.entry import main
@@ -22,4 +22,7 @@ except UnsupportedVersion as exc:  # one line from rank 0, not an import traceba
     sys.exit(2)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 0:  # every rank finished together (a failed one may have lost its peers)
+        shut_down()
+    sys.exit(code)

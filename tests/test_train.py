@@ -93,6 +93,7 @@ def launch(
     *overrides: str,
     launcher: tuple[str, ...] = ("deepspeed",),
     stdout: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """The `deepspeed` launcher (or ``launcher``: ``("pp-ext", "launch")``, the README's
     way), 2 ranks, in its own process group; stdout dropped unless ``subprocess.PIPE``."""
@@ -115,7 +116,7 @@ def launch(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 
@@ -141,8 +142,15 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     assert max(done) < 30, "the run finished before it was killed: nothing was resumed"
 
     # the README's way, whose log is pp-ext's lines only (issue 25, point 3): no
-    # launcher WARNING, INFO or DeepSpeed print (its seeds, its topology), no Python warning
-    resumed = launch(out, *steps, launcher=("pp-ext", "launch"), stdout=subprocess.PIPE)
+    # launcher WARNING, INFO or DeepSpeed print (its seeds, its topology), no Python
+    # warning, no bar of datasets' (a first run's: an empty cache)
+    resumed = launch(
+        out,
+        *steps,
+        launcher=("pp-ext", "launch"),
+        stdout=subprocess.PIPE,
+        env={"HF_DATASETS_CACHE": str(tmp_path / "datasets")},
+    )
     printed, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     assert "resumed from" in err and "at step 10" in err
@@ -519,6 +527,27 @@ def stop_together(rank: int, world: int) -> list:
         except RecipeError as exc:
             raised.append(str(exc))
     return raised
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_a_finished_rank_destroys_its_process_group(monkeypatch, code):
+    """launch/train.py destroys the process group when the run finished on every rank
+    (left to the interpreter's exit, gloo's threads killed a finished quickstart rank
+    with SIGABRT), and leaves it to a failed run, whose peers may be gone."""
+    import runpy
+
+    import torch.distributed as dist
+
+    import pp_ext.training.entry
+
+    destroyed = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(True))
+    monkeypatch.setattr(pp_ext.training.entry, "main", lambda: code)
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(ROOT / "launch/train.py"), run_name="__main__")
+    assert exit.value.code == code
+    assert destroyed == ([True] if code == 0 else [])
 
 
 @pytest.mark.slow

@@ -31,3 +31,15 @@ def init_distributed(local_rank: int, timeout_s: float | None = None) -> None:
     )
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
+
+
+def shut_down() -> None:
+    """Destroy the process group once every rank is done with it (PyTorch's "Shutdown":
+    ``destroy_process_group`` near the end of main). Left to the interpreter's exit,
+    gloo's worker threads can outlive it: a rank then dies with "terminate called
+    without an active exception" (SIGABRT, seen once in a finished quickstart), and
+    NCCL warns that the group was not destroyed."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import datasets
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -145,6 +146,8 @@ class Trainer:
             self.steps = 0
             return
         tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
+        if not _live(recipe.logging.progress):  # datasets' tokenizing bars, as the train bar
+            datasets.disable_progress_bars()
         # rank 0 tokenizes first and fills datasets' cache; the others then read it
         for first in (True, False):
             with together():
@@ -337,9 +340,14 @@ class Trainer:
                     log.info(f"exported the model to {out} (from_pretrained loads it)")
 
 
+def _live(enabled: bool) -> bool:
+    """Live bars are rank 0's, on a terminal; a log file gets plain lines instead."""
+    return enabled and rank() == 0 and sys.stderr.isatty()
+
+
 def _progress(steps: int, start: int, enabled: bool):
-    """A live bar on rank 0 when stderr is a terminal; logs get plain lines instead."""
-    if not enabled or rank() != 0 or steps == 0 or not sys.stderr.isatty():
+    """The train bar (:func:`_live`)."""
+    if not _live(enabled) or steps == 0:
         return None
     return tqdm(
         total=steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True
