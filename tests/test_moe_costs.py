@@ -125,3 +125,38 @@ def test_tune_search_prices_the_all_to_alls():
 
     assert one_f_one_b(1) == pytest.approx(24.0)
     assert one_f_one_b(2) == pytest.approx(38.4)
+
+
+@pytest.mark.slow  # one 2-rank launch profiling a tiny Qwen3-MoE recipe
+def test_the_profiler_measures_an_moe_recipe(tmp_path):
+    """Qwen3-MoE (a dense first layer, then two MoE layers; top 2 of 4 experts, hidden
+    32) through ``pp-ext tune``'s profiler: every layer's passes measured, each MoE layer
+    hands its experts 2 x 16 tokens x 2 x 32 floats of 4 bytes, the dense ones none, and
+    the all-to-all between the two ranks is fitted; at E = 2 the MoE stage is slower."""
+    from pathlib import Path
+
+    import torch
+    from hf_models import MOE_CONFIGS
+    from transformers import AutoModelForCausalLM
+
+    from pp_ext.bench.profiler import profile_recipe
+    from pp_ext.config.recipe import load
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(MOE_CONFIGS["qwen3_moe"](False)).save_pretrained(
+        tmp_path / "hf"
+    )
+    recipe = load(
+        Path(__file__).resolve().parent.parent / "recipes/quickstart.yaml",
+        [f"model.path={tmp_path / 'hf'}", "data.seq_len=16"],
+    )
+    profile = profile_recipe(recipe, (2,), repeats=1, ranks=2)[2]
+    assert len(profile.layers) == 6 and all(
+        layer.forward > 0 and layer.input_grad > 0 and layer.weight_grad > 0
+        for layer in profile.layers[1:]
+    )
+    assert [layer.routed_bytes for layer in profile.layers] == [0, 0, 8192, 8192, 0, 0]
+    assert profile.alltoall_latency > 0 and profile.alltoall_bandwidth > 0
+    assert Profile.load(profile.save(tmp_path / "profile.json")) == profile
+    one, two = profile.stage_costs([0, 2, 6]), profile.stage_costs([0, 2, 6], 2)
+    assert two.per_stage[0] == one.per_stage[0] and two.per_stage[1][0] > one.per_stage[1][0]

@@ -138,6 +138,10 @@ def run_tune(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(recipe.output_dir) / "tune.txt")
     if out.is_dir():
         raise CommandError(f"--out {out} is a folder: give a file name, e.g. {out / 'tune.txt'}")
+    if not out.parent.is_dir():  # found before the profile, not after it
+        raise CommandError(
+            f"--out {out}: folder {out.parent} does not exist: create it or give --out in an existing one"
+        )
     splits = micro_batch_splits(recipe.parallel.micro_batches, recipe.train.micro_batch_size)
     if args.profile:
         try:
