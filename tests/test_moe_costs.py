@@ -5,11 +5,12 @@ recipe's layers, their routed bytes and the all-to-all fit (one slow 2-rank laun
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from pp_ext.planning.memory import StateBytes
-from pp_ext.planning.search import search
+from pp_ext.planning.search import profiled_auto, search
 from pp_ext.schedules.auto import auto_schedule
 from pp_ext.schedules.cost_model import LayerCost, Profile
 
@@ -98,9 +99,24 @@ def auto_chunks(expert: int) -> int:
     return auto_schedule(2, 4, costs, memory_limit=4).placement.chunks
 
 
-def test_auto_moves_the_moe_layers_apart_when_their_all_to_alls_are_dear():
+def test_auto_moves_the_moe_layers_apart_when_their_all_to_alls_are_dear(tmp_path):
     assert auto_chunks(1) == 2  # V: the heavy layers balanced
     assert auto_chunks(2) == 1  # loop: one MoE layer per rank
+    # a recipe's auto from its profile prices at its parallel.expert
+    path = AUTO.save(tmp_path / "auto.json")
+
+    def recipe(expert: int):
+        return SimpleNamespace(
+            parallel=SimpleNamespace(profile=path, chunks=None, micro_batches=4, expert=expert),
+            train=SimpleNamespace(micro_batch_size=1),
+            data=SimpleNamespace(seq_len=8),
+            model=SimpleNamespace(dtype="float32"),
+        )
+
+    def cut(stages: int) -> list[int]:
+        return list(range(0, 5, 4 // stages))
+
+    assert [profiled_auto(recipe(e), 2, cut, 4).placement.chunks for e in (1, 2)] == [2, 1]
 
 
 def test_tune_search_prices_the_all_to_alls():
