@@ -185,6 +185,7 @@ def test_auto_under_a_memory_limit_writes_its_limit(tmp_path, capsys):
             ["parallel.schedul=auto"],
             "recipe key 'parallel.schedul' does not exist in section 'parallel'",
         ),
+        (["--out", "no-such-folder/tune.txt"], "folder no-such-folder does not exist"),
     ],
 )
 def test_tune_errors_are_one_line_and_write_nothing(tmp_path, capsys, args, message):

@@ -1,12 +1,13 @@
 """Measuring what the simulator prices: F, I, W and fused B of a chunk, the p2p
-latency of one activation, and all-reduce latency and bandwidth.
+latency of one activation, all-reduce and all-to-all latency and bandwidth, and the
+bytes an MoE layer hands its experts (what expert parallelism's all-to-alls move).
 
 One module for ``pp-ext bench`` (:mod:`pp_ext.bench.pipeline`, per-stage costs of its
 engines) and the profiler (:mod:`pp_ext.bench.profiler`, per-layer costs of a recipe's
 model), so that both time the same way. Medians over repeats, the first calls left
 out (they allocate, select kernels and set up channels); on a GPU each timed call
-waits for the device. The all-reduce is kept as latency + bytes / bandwidth (the
-alpha-beta model of Hockney 1994, :mod:`pp_ext.schedules.cost_model`).
+waits for the device. The all-reduce and the all-to-all are kept as latency + bytes /
+bandwidth (the alpha-beta model of Hockney 1994, :mod:`pp_ext.schedules.cost_model`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from deepspeed import comm as dist
 
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
 from pp_ext.engine.module import layer_name
+from pp_ext.moe.experts import DeferrableExperts
 from pp_ext.schedules.cost_model import LayerCost
 
 
@@ -74,7 +76,11 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
     chunk, in order), each fed the previous chunk's real output. Activation memory
     is the bytes autograd saves during the chunk's forward, less the parameters it
     saves (they are held anyway); parameter bytes count the trainable parameters,
-    whose gradients a replica sum moves (a LoRA stage: the adapters)."""
+    whose gradients a replica sum moves (a LoRA stage: the adapters); routed bytes
+    are the token-expert rows the chunk's MoE experts receive in one forward (tokens x
+    top_k x hidden x dtype bytes: what expert parallelism sends by all-to-all, whatever
+    the routing; 0 in a dense chunk). The experts' weight GEMMs are timed in W
+    (:class:`~pp_ext.moe.experts.DeferrableExperts`, bound to the store here)."""
     store = WeightGradStore()
     enable_split_backward(module, store)
     held = {p.data_ptr() for p in module.parameters()}
@@ -102,8 +108,25 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
                 saved[(tensor.data_ptr(), tensor.dtype)] = tensor.numel() * tensor.element_size()
             return tensor
 
+        routed = []
+
+        def count_rows(experts, args) -> None:
+            hidden_states, top_k_index = args[:2]
+            # each token-expert pair is one row of the hidden width (dispatch.py sends these)
+            routed.append(
+                top_k_index.numel() * hidden_states.size(-1) * hidden_states.element_size()
+            )
+
+        hooks = [
+            sub.register_forward_pre_hook(count_rows)
+            for layer in module.chunk_modules(chunk)
+            for sub in layer.modules()
+            if issubclass(type(sub), DeferrableExperts)  # a mixin: keeps sub typed as a Module
+        ]
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             out = forward()
+        for hook in hooks:
+            hook.remove()
         f, i, w, b = time_passes(forward, backward, store, repeats, sync)
         start = module.chunk_bounds(chunk)[0]
         costs.append(
@@ -119,6 +142,7 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
                     for p in module.chunk_parameters(chunk)
                     if p.requires_grad
                 ),
+                sum(routed),
             )
         )
         x = None if last else _detached(out)
@@ -183,3 +207,45 @@ def allreduce_model(module, repeats: int) -> tuple[float, float]:
     moved = (numel - 1) * first.element_size()
     # a large all-reduce timed no slower than a one-element one: bandwidth beyond what this can tell
     return small, moved / (large - small) if large > small else float("inf")
+
+
+def alltoall_seconds(rows, repeats: int, group=None) -> float:
+    """Median seconds of an even ``all_to_all_single`` of ``rows`` (its first dimension
+    split equally) over ``group`` (default: all ranks), the first call left out; on a GPU
+    each call is waited for."""
+    sync = torch.cuda.synchronize if rows.is_cuda else (lambda: None)
+    out = torch.empty_like(rows)
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        sync()
+        start = time.perf_counter()
+        dist.all_to_all_single(out, rows, group=group)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def alltoall_model(routed_bytes: int, dtype, device, repeats: int) -> tuple[float, float]:
+    """Latency (s) and bandwidth (bytes/s) of an all-to-all between this launch's ranks
+    (all of them), measured as :func:`allreduce_model` measures the all-reduce: its
+    median time on one row per rank and on ``routed_bytes`` (the largest a layer hands
+    its experts; at most ``LARGEST_ALLREDUCE`` elements) in ``dtype`` on ``device``,
+    t = latency + bytes a rank sends to the others / bandwidth (Hockney 1994; with W
+    ranks, (W-1)/W of its buffer leaves it, as :func:`pp_ext.schedules.cost_model.alltoall_seconds`
+    prices it). Every rank gets the slowest rank's figures; (0, inf) without MoE
+    layers (``routed_bytes`` 0)."""
+    if not routed_bytes:
+        return 0.0, float("inf")
+    world = dist.get_world_size()
+    size = torch.empty((), dtype=dtype).element_size()
+    numel = max(min(routed_bytes // size, LARGEST_ALLREDUCE) // world, 1) * world
+    small, large = (
+        alltoall_seconds(torch.zeros(n, device=device, dtype=dtype), repeats)
+        for n in (world, numel)
+    )
+    result = torch.tensor([small, large], dtype=torch.float64, device=device)
+    dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    small, large = (float(t) for t in result)
+    sent = (numel - world) * size * (world - 1) / world
+    return small, sent / (large - small) if large > small else float("inf")

@@ -17,6 +17,9 @@ every candidate on the measured per-stage costs:
 - partition: ``parameters``, ``uniform`` and ``balanced`` (the measured layer costs,
   :func:`~pp_ext.planning.partition.balanced_parts`).
 
+With ``parallel.expert: E`` > 1 each MoE layer's all-to-alls are priced in its F and
+I from the profile's all-to-all fit (:meth:`~pp_ext.schedules.cost_model.Profile.stage_costs`).
+
 Peak memory per rank = activations (the profile's saved bytes of the rank's layers
 for one micro-batch, times the simulator's peak of micro-batches in flight on that
 rank, as ``pp-ext plan`` counts them) + weights, gradients and optimizer state
@@ -135,6 +138,10 @@ def run_tune(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(recipe.output_dir) / "tune.txt")
     if out.is_dir():
         raise CommandError(f"--out {out} is a folder: give a file name, e.g. {out / 'tune.txt'}")
+    if not out.parent.is_dir():  # found before the profile, not after it
+        raise CommandError(
+            f"--out {out}: folder {out.parent} does not exist: create it or give --out in an existing one"
+        )
     splits = micro_batch_splits(recipe.parallel.micro_batches, recipe.train.micro_batch_size)
     if args.profile:
         try:
@@ -159,8 +166,8 @@ def run_tune(args: argparse.Namespace) -> int:
         )
         if ranks == 1:
             say(
-                "one GPU visible: the layers are measured on it; p2p latency and all-reduce need a second GPU "
-                "(NCCL takes one rank per GPU) and are priced at 0"
+                "one GPU visible: the layers are measured on it; p2p latency, all-reduce and all-to-all need a "
+                "second GPU (NCCL takes one rank per GPU) and are priced at 0"
             )
         profiles, profile_path = (
             profile_recipe(recipe, tuple(b for _, b in splits), args.repeats),
@@ -177,6 +184,7 @@ def run_tune(args: argparse.Namespace) -> int:
             recipe.parallel.micro_batches * recipe.train.micro_batch_size,
             state_bytes(recipe, data),
             args.memory_limit,
+            layout.expert,
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None

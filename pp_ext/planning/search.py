@@ -61,6 +61,7 @@ def search(
     batch: int,
     per_param: StateBytes,
     memory_limit: float | None,
+    expert: int = 1,
 ) -> tuple[list[Candidate], int]:
     """Every candidate, fastest first, and the number dropped for memory.
 
@@ -70,7 +71,8 @@ def search(
     ``batch`` the samples per step and data rank (micro-batches x micro-batch size);
     ``per_param`` the state bytes per trainable parameter
     (:func:`pp_ext.planning.memory.state_bytes`, a frozen one holds its weight only);
-    ``memory_limit`` GiB per rank or None."""
+    ``memory_limit`` GiB per rank or None; ``expert`` the ranks each MoE layer's experts
+    are spread over (their all-to-alls priced in F and I, :meth:`Profile.stage_costs`)."""
     layers = len(params)
     limit_bytes = None if memory_limit is None else memory_limit * GIB
     found, dropped, parts_of = [], 0, {}
@@ -111,7 +113,7 @@ def search(
 
     def consider(schedule, method: str, cut: list[int], size: int, limits=None) -> None:
         nonlocal dropped
-        sim = simulate(schedule, profiles[size].stage_costs(cut))
+        sim = simulate(schedule, profiles[size].stage_costs(cut, expert))
         static, act_rank = memory(schedule.placement, cut, size)
         peak = tuple(
             s + float(n) * a for s, n, a in zip(static, sim.peak_activations_per_rank, act_rank)
@@ -155,7 +157,11 @@ def search(
                                 continue
                         consider(
                             auto_schedule(
-                                pipe, m, profiles[size].stage_costs(cut), limits, placement.chunks
+                                pipe,
+                                m,
+                                profiles[size].stage_costs(cut, expert),
+                                limits,
+                                placement.chunks,
                             ),
                             method,
                             cut,
@@ -186,7 +192,8 @@ def profiled_auto(
 ) -> Schedule:
     """``parallel.schedule: auto`` with ``parallel.profile``: :func:`auto_schedule` on the
     profile's per-stage costs for the recipe's partition (Qi et al. 2024, Sec. 3: the best
-    order depends on the measured F, I, W and communication), under ``memory_limit``
+    order depends on the measured F, I, W and communication; with ``parallel.expert`` > 1
+    the MoE layers' all-to-alls are priced in F and I), under ``memory_limit``
     micro-batches per rank (None: 1F1B's), in the placement ``parallel.chunks`` names (1:
     loop, 2: V) or, without it, the one auto chooses from the costs of both cuts (p and 2p
     stages; 2p only where the partition method can cut that many). ``cut_by(stages)``: the
@@ -206,7 +213,7 @@ def profiled_auto(
     cuts = []
     for count in (1, 2) if chunks is None else (chunks,):
         try:
-            cuts.append(profile.stage_costs(cut_by(pipe * count)))
+            cuts.append(profile.stage_costs(cut_by(pipe * count), recipe.parallel.expert))
         except ValueError:
             if chunks is not None or count == 1:
                 raise
