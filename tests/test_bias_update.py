@@ -11,7 +11,8 @@ over the data ranks). Over 3 steps each equals the reference: the losses and eve
 parameter within 1e-5, the biases within 1e-6 (float32), and each step's per-layer loads
 exactly. GAMMA is 10x the paper's so that the update changes the routers' picks within
 the steps (a check that they do: the final biases move the picks of the reference's
-last batch)."""
+last batch); an evaluation after training counts nothing. The second test runs the
+training job: its bias update, checkpoints, resume and export."""
 
 from __future__ import annotations
 
@@ -112,6 +113,12 @@ def run_case(tmp: str, case) -> dict:
         losses.append(float(engine.train_batch(data_iter)))
         loads.append(dict(zip(router_names, update.step().tolist())))
 
+    # forwards per router and micro-batch: 2 where activation checkpointing recomputes
+    runs = calls[0] / (STEPS * MICRO_BATCHES * len(router_names)) if router_names else None
+    # evaluation routes tokens too, but counts none
+    engine.eval_batch(iter([batch(STEPS, dp * MICRO_BATCHES + k) for k in range(MICRO_BATCHES)]))
+    eval_counts = sum(int(c.sum()) for c in update.counts)
+
     model = AutoModelForCausalLM.from_pretrained(f"{folder}/hf")
     before = picks(model, STEPS - 1)
     ref_losses, ref_loads = hf_training(model, data)
@@ -134,9 +141,9 @@ def run_case(tmp: str, case) -> dict:
         "routers": router_names,
         "loads": loads,
         "ref_loads": [{n: step[n] for n in router_names} for step in ref_loads],
+        "eval_counts": eval_counts,
         "picks_moved": picks(model, STEPS - 1) != before,
-        # forwards per router and micro-batch: 2 where activation checkpointing recomputes
-        "runs": calls[0] / (STEPS * MICRO_BATCHES * len(router_names)) if router_names else None,
+        "runs": runs,
     }
 
 
@@ -159,6 +166,59 @@ def test_bias_update_equals_hf_training_with_the_update(tmp_path):
         for r in results:
             assert r["runs"] in (None, 2 if case[2] else 1), r
             assert r["loads"] == r["ref_loads"], r
+            assert r["eval_counts"] == 0, r
             assert r["loss_diff"] <= TOLERANCE, r
             assert r["param_diff"] <= TOLERANCE, r
             assert r["bias_diff"] <= BIAS_TOLERANCE, r
+
+
+# the job's runs: pipeline 2, 1f1b with activation checkpointing, a checkpoint every step
+JOB = [
+    "model.tokenizer=configs/models/quickstart",
+    f"moe.bias_update_speed={GAMMA}",
+    "parallel.schedule=1f1b",
+    "model.activation_checkpoint_interval=1",
+    "checkpoint.interval=1",
+]
+
+
+def biases(folder) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return {k: v for k, v in model.state_dict().items() if k.endswith("e_score_correction_bias")}
+
+
+@pytest.mark.slow
+def test_the_job_updates_saves_resumes_and_exports_the_bias(tmp_path):
+    """The training job with moe.bias_update_speed on the tiny DeepSeek-V3 (its vocabulary
+    widened to the quickstart tokenizer's): 3 steps whole, and 2 steps then resumed from
+    the step-2 checkpoint to 3, give the same step-3 loss and the same exported biases
+    (from_pretrained loads them), each moved from the loaded one by a whole number of
+    GAMMA steps, at most 3; metrics.jsonl reports each step's max load / mean load."""
+    import json
+
+    from train_cases import train_cases
+
+    from pp_ext.testing.spawn import spawn
+
+    config = MOE_CONFIGS["deepseek_v3"](False)
+    config.vocab_size = 128
+    torch.manual_seed(0)
+    reference_model(config).save_pretrained(tmp_path / "model")
+    job = [f"model.path={tmp_path / 'model'}", *JOB]
+    cases = [("whole", job), ("part", [*job, "train.steps=2"]), ("part:resumed", job)]
+    results = spawn(train_cases, 2, str(tmp_path), cases, timeout=600)[0]
+    assert all(code == 0 for code, _ in results.values()), results
+    assert abs(results["whole"][1][3] - results["part:resumed"][1][3]) <= TOLERANCE, results
+    loaded, whole, resumed = (biases(tmp_path / d) for d in ("model", "whole/hf", "part/hf"))
+    assert len(whole) == 2 and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    for key, bias in whole.items():
+        moves = (bias - loaded[key]) / GAMMA
+        assert (moves - moves.round()).abs().max() < 1e-3 and moves.round().abs().max() <= 3, moves
+        assert moves.abs().max() >= 1, key  # the update ran
+    entries = [
+        json.loads(line) for line in (tmp_path / "whole/metrics.jsonl").read_text().splitlines()
+    ]
+    imbalance = [e["moe_max_imbalance"] for e in entries if "loss" in e]
+    assert len(imbalance) == 3 and all(1 <= x <= 8 for x in imbalance), imbalance
