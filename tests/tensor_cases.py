@@ -55,10 +55,18 @@ def loss_fn(logits, labels, axis):
 RESUME_LAYOUT = (2, 1, 2)  # where an MoE case's tensor-parallel checkpoint is resumed
 
 
-def pipeline_engine(model: str, layout, schedule: str, dtype: str = "float32", expert: int = 1):
+def pipeline_engine(
+    model: str,
+    layout,
+    schedule: str,
+    dtype: str = "float32",
+    expert: int = 1,
+    checkpoint_interval: int = 0,
+):
     """The pp-ext engine of the HF folder ``model`` at ``layout`` (pipe, tensor, data),
-    an MoE model's experts over ``expert`` data ranks, trained by SGD with the tests'
-    clipping; its loss adds an MoE model's router loss."""
+    an MoE model's experts over ``expert`` data ranks, activation checkpointing every
+    ``checkpoint_interval`` layers (0: off), trained by SGD with the tests' clipping; its
+    loss adds an MoE model's router loss."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     import pp_ext
@@ -76,6 +84,7 @@ def pipeline_engine(model: str, layout, schedule: str, dtype: str = "float32", e
         partition_method="uniform",
         dtype=dtype,
         expert=expert,
+        activation_checkpoint_interval=checkpoint_interval,
     )
     module.loss_fn = LanguageModelLoss(router_loss_coef(load_config(model)))
     module.loss_fn.tensor_axis = module.tensor_axis

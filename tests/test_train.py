@@ -229,6 +229,7 @@ PLACEHOLDERS = {
         tmp, "deepseek_v3", quantization_config={"quant_method": "fp8", "fmt": "e4m3"}
     ),
     "mixtral": tiny_moe,
+    "deepseek_v3": lambda tmp: fake_model(tmp, "deepseek_v3", vocab_size=128, n_routed_experts=8),
     "gpt_oss": lambda tmp: tiny_moe(tmp, "gpt_oss", head_dim=8),
     "vocab50": vocab_50,
     "added": added_token,
@@ -338,6 +339,30 @@ BAD_INPUT = [
         "parallel.expert=2: the training job does not run expert parallelism yet",
     ),
     (["parallel.expert=0"], 2, "recipe key 'parallel.expert' must be"),
+    # issue 24 item 2: DeepSeek-V3's bias update where there is no bias, or no step boundary
+    (
+        ["moe.bias_update_speed=0.001"],
+        2,
+        "moe.bias_update_speed=0.001 on model.path configs/models/quickstart, a 'llama' model whose "
+        "routers have no e_score_correction_bias to update (DeepSeek-V3's have): set "
+        "moe.bias_update_speed=0",
+    ),
+    (
+        [
+            "model.path={deepseek_v3}",
+            "model.tokenizer=configs/models/quickstart",
+            "moe.bias_update_speed=0.001",
+            "parallel.schedule=pipedream",
+        ],
+        2,
+        "moe.bias_update_speed=0.001 counts each step's tokens, and parallel.schedule=pipedream "
+        "keeps micro-batches in flight across steps: use a synchronous schedule",
+    ),
+    (
+        ["moe.bias_update_speed=-0.001"],
+        2,
+        "recipe key 'moe.bias_update_speed' must be a finite number >= 0, got -0.001",
+    ),
     (["train.steps=abc"], 2, "recipe key 'train.steps' has the wrong type"),
     (["--recipe", "{yaml}"], 2, "{yaml}: not a valid YAML recipe"),
     (

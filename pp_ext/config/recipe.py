@@ -144,6 +144,7 @@ def _check_numbers(recipe: DictConfig) -> None:
     _number("train.weight_decay", train.weight_decay)
     _number("train.eps", train.eps, above=True)
     _number("train.grad_clip", train.grad_clip)  # 0: no clipping
+    _number("moe.bias_update_speed", recipe.moe.bias_update_speed)  # 0: off
     betas = list(train.betas)
     if len(betas) != 2 or not all(
         isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas

@@ -90,6 +90,15 @@ class ParallelConfig:
 
 
 @dataclass
+class MoEConfig:
+    bias_update_speed: float = 0.0
+    """DeepSeek-V3's auxiliary-loss-free load balancing (arXiv 2412.19437, Sec. 2.1.2): after each
+    step every router's e_score_correction_bias moves by this gamma, b_i += gamma *
+    sign(mean_load - load_i), the loads counted over the step's tokens (the paper: 0.001); 0: off,
+    the bias stays as loaded (as HF's training leaves it). Models with such a bias only"""
+
+
+@dataclass
 class TrainConfig:
     steps: Optional[int] = None
     """optimizer steps; 0: load, export and exit (a conversion). Or set epochs."""
@@ -169,6 +178,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

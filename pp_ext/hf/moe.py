@@ -20,8 +20,9 @@ which its converter dequantizes.
 ``DeepseekV3ForCausalLM`` computes the LM loss only: it adds no router loss whatever
 ``output_router_logits`` says (the config has no ``router_aux_loss_coef``), and nothing
 in transformers updates ``e_score_correction_bias`` in training (a buffer, loaded and
-saved, its gradient none). pp-ext computes the same: the bias is a constant of the
-checkpoint, and the paper's auxiliary-loss-free bias update (Sec. 2.1.2) is not run.
+saved, its gradient none). pp-ext computes the same by default; with
+``moe.bias_update_speed`` the training job runs the paper's auxiliary-loss-free bias
+update (Sec. 2.1.2) after each step (:mod:`pp_ext.moe.bias_update`).
 
 With ``config.output_router_logits`` HF's model adds ``router_aux_loss_coef`` times the
 load-balancing loss to the LM loss (:mod:`pp_ext.moe.router_loss`, pooled over all MoE
@@ -72,14 +73,17 @@ def sparse_step(config: PretrainedConfig, layer_idx: int) -> bool:
 @dataclass(frozen=True)
 class MoEFamily:
     """An MoE family: its Llama-like classes, the config key of its expert count, which
-    of its layers are sparse, its router's class suffix, and whether HF's model adds the
-    load-balancing loss with ``output_router_logits`` (DeepSeek-V3's does not)."""
+    of its layers are sparse, its router's class suffix, whether HF's model adds the
+    load-balancing loss with ``output_router_logits`` (DeepSeek-V3's does not), and whether
+    its routers choose with ``e_score_correction_bias`` (DeepSeek-V3's,
+    :mod:`pp_ext.moe.bias_update`)."""
 
     family: llama.Family
     experts_key: str
     sparse: Callable[[PretrainedConfig, int], bool]
     router: str = "TopKRouter"
     aux_loss: bool = True
+    expert_bias: bool = False
 
     def num_experts(self, config: PretrainedConfig) -> int:
         return getattr(config, self.experts_key)
@@ -118,6 +122,7 @@ FAMILIES = {
             after_dense,
             router="TopkRouter",
             aux_loss=False,
+            expert_bias=True,
         ),
     )
 }

@@ -119,6 +119,7 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
         )
     config = AutoConfig.from_pretrained(model)
     check_expert(recipe.parallel.expert, data, model, raw)
+    check_bias_update(recipe, model, model_type)
     if tensor > 1:
         try:
             tp.check_tensor_split(config, tensor)
@@ -178,6 +179,28 @@ def check_expert(expert: int, data: int, model: Path, raw: dict) -> None:
         raise RecipeError(
             f"parallel.expert={expert} does not divide the {data} data-parallel ranks (expert "
             f"groups are taken out of them): use a divisor of {data} or launch more ranks"
+        )
+
+
+def check_bias_update(recipe: Recipe, model: Path, model_type: str) -> None:
+    """``moe.bias_update_speed`` > 0 needs routers that choose with a correction bias
+    (:mod:`pp_ext.moe.bias_update`), and a step boundary: a synchronous schedule."""
+    speed = recipe.moe.bias_update_speed
+    if not speed:
+        return
+    family = moe.FAMILIES.get(model_type)
+    if family is None or not family.expert_bias:
+        raise RecipeError(
+            f"moe.bias_update_speed={speed:g} on model.path {model}, a {model_type!r} model whose "
+            f"routers have no e_score_correction_bias to update (DeepSeek-V3's have): set "
+            f"moe.bias_update_speed=0"
+        )
+    name = recipe.parallel.schedule
+    if name != BASELINE and not get(name).synchronous:
+        raise RecipeError(
+            f"moe.bias_update_speed={speed:g} counts each step's tokens, and "
+            f"parallel.schedule={name} keeps micro-batches in flight across steps: use a "
+            f"synchronous schedule (e.g. 1f1b) or set moe.bias_update_speed=0"
         )
 
 

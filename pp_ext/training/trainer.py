@@ -38,6 +38,7 @@ from pp_ext.engine.distributed import init_distributed
 from pp_ext.engine.initialize import initialize
 from pp_ext.hf import build_pipeline_module, router_loss_coef
 from pp_ext.hf.loading import load_config
+from pp_ext.moe.bias_update import BiasUpdate, max_imbalance
 from pp_ext.peft import apply_lora
 from pp_ext.peft.config import ADAPTER_CONFIG
 from pp_ext.schedules import Schedule, get
@@ -129,6 +130,15 @@ class Trainer:
             lr_scheduler=warmup_cosine(optimizer, recipe, self.steps, updates),
             config=deepspeed_config(recipe, layout.data, str(self.output_dir)),
             schedule=prebuilt or name,
+        )
+        self.bias_update = (
+            BiasUpdate(
+                self.engine.module,
+                recipe.moe.bias_update_speed,
+                self.engine.grid.get_data_parallel_group(),
+            )
+            if recipe.moe.bias_update_speed
+            else None
         )
         self.checkpointer = Checkpointer(self.engine, recipe, layout)
         resumed = self.checkpointer.resume()
@@ -229,6 +239,19 @@ class Trainer:
         lm, aux, count = _all_sum([lm, aux, float(len(parts))])
         return {"lm_loss": lm / count, "aux_loss": aux / count}
 
+    def balance_experts(self, skipped: bool) -> dict[str, float]:
+        """With ``moe.bias_update_speed``: the step's bias update (none where the optimizer
+        skipped the step) and the step's largest ``max_load / mean_load`` over every MoE
+        layer of every stage (each rank joins the maximum); empty otherwise."""
+        if self.bias_update is None:
+            return {}
+        loads = self.bias_update.step(apply=not skipped)
+        worst = torch.tensor(  # on the engine's device: NCCL reduces no CPU tensor
+            [max_imbalance(loads)], device=self.engine.device
+        )
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return {"moe_max_imbalance": float(worst)}
+
     def train_step(self, step: int, train_batches) -> StepResult:
         """One ``train_batch`` (every micro-batch of the step on every rank), logged;
         :class:`StopTraining` where ``train.nonfinite`` says the run cannot go on."""
@@ -241,6 +264,7 @@ class Trainer:
             "step": step,
             "loss": value,
             **self.router_loss_parts(),
+            **self.balance_experts(self.engine.skipped_steps > skipped),
             "lr": lr,
             "tokens_per_s": self.tokens_per_step / elapsed,
             "step_time_s": elapsed,
