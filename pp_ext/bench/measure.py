@@ -19,6 +19,7 @@ import torch
 from deepspeed import comm as dist
 
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
+from pp_ext.engine.distributed import comm_device
 from pp_ext.engine.module import layer_name
 from pp_ext.moe.experts import DeferrableExperts
 from pp_ext.schedules.cost_model import LayerCost
@@ -153,10 +154,12 @@ def measure_layers(module, inputs, labels, repeats: int) -> list[LayerCost]:
 def comm_latency(shape: tuple[int, ...], repeats: int, rank: int) -> float:
     """Half a ping-pong of one float32 activation of ``shape`` between ranks 0 and 1
     (median of ``repeats``, the first exchange left out); every rank gets rank 0's figure."""
-    tensor = torch.randn(shape)
+    tensor = torch.randn(shape, device=comm_device())  # NCCL sends no CPU tensor
+    sync = torch.cuda.synchronize if tensor.is_cuda else (lambda: None)
     times = []
     for _ in range(repeats + 1):
         dist.barrier()
+        sync()
         start = time.perf_counter()
         if rank == 0:
             dist.send(tensor, 1)
@@ -164,8 +167,11 @@ def comm_latency(shape: tuple[int, ...], repeats: int, rank: int) -> float:
         elif rank == 1:
             dist.recv(tensor, 0)
             dist.send(tensor, 0)
+        sync()
         times.append((time.perf_counter() - start) / 2)
-    result = torch.tensor([statistics.median(times[1:]) if rank == 0 else 0.0])
+    result = torch.tensor(
+        [statistics.median(times[1:]) if rank == 0 else 0.0], device=tensor.device
+    )
     dist.broadcast(result, 0)
     return float(result)
 

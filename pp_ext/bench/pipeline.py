@@ -85,6 +85,7 @@ from pp_ext.bench.measure import (
 )
 from pp_ext.config.recipe import batch_config
 from pp_ext.engine.async_engine import AsyncScheduleEngine
+from pp_ext.engine.distributed import comm_device
 from pp_ext.engine.initialize import initialize
 from pp_ext.engine.module import ChunkedPipelineModule, partition
 from pp_ext.schedules import REGISTRY, ConstraintError, Costs, build, get, simulate
@@ -203,8 +204,10 @@ def replica_reduce_time(module, options: BenchOptions) -> float:
     0 where the module has one replica of each stage."""
     if module.replica_group is None:
         return 0.0
-    flat = torch.zeros(sum(p.numel() for p in module.replica_parameters()))
-    result = torch.tensor([allreduce_seconds(flat, options.cost_repeats, module.replica_group)])
+    flat = torch.zeros(sum(p.numel() for p in module.replica_parameters()), device=comm_device())
+    result = torch.tensor(
+        [allreduce_seconds(flat, options.cost_repeats, module.replica_group)], device=flat.device
+    )
     dist.all_reduce(result, op=dist.ReduceOp.MAX)  # every rank waits for the slowest pair
     return float(result)
 
@@ -308,7 +311,7 @@ def worker(rank: int, world: int, options: BenchOptions) -> list[dict] | None:
         dist.barrier()
         start = time.perf_counter()
         engine.train_batch(iter(step_batches))
-        elapsed = torch.tensor([time.perf_counter() - start])
+        elapsed = torch.tensor([time.perf_counter() - start], device=comm_device())
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if steady:  # its last gradients are still in flight: receiving them here keeps
             engine.flush()  # them from the next engine's messages on the same channels

@@ -43,3 +43,12 @@ def shut_down() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def comm_device() -> torch.device:
+    """Where this rank's collectives put their tensors: NCCL (``init_distributed``'s
+    backend on GPUs) reduces no CPU tensor ("No backend type associated with device type
+    cpu"), so figures summed over ranks ride on the rank's GPU; gloo's CPU otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

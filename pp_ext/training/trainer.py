@@ -34,7 +34,7 @@ from pp_ext.config.layout import Layout
 from pp_ext.config.recipe import deepspeed_config
 from pp_ext.config.schema import Recipe
 from pp_ext.data import batches as data
-from pp_ext.engine.distributed import init_distributed
+from pp_ext.engine.distributed import comm_device, init_distributed
 from pp_ext.engine.initialize import initialize
 from pp_ext.hf import build_pipeline_module, router_loss_coef
 from pp_ext.hf.loading import load_config
@@ -71,7 +71,7 @@ def _threads() -> None:
 
 
 def _all_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=comm_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
 
