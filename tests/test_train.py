@@ -321,9 +321,26 @@ BAD_INPUT = [
         "without routed experts: set parallel.expert=1",
     ),
     (
-        ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "parallel.expert=2"],
+        [
+            "model.path={mixtral}",
+            "model.tokenizer=configs/models/quickstart",
+            "parallel.expert=2",
+            "deepspeed.bases=[zero1-bf16]",
+        ],
         4,
-        "parallel.expert=2: the training job does not run expert parallelism yet",
+        "parallel.expert=2 with bf16 or ZeRO (deepspeed.bases): the training job's checkpoints "
+        "hold expert-parallel optimizer state in fp32 without ZeRO only",
+    ),
+    (
+        [
+            "model.path={mixtral}",
+            "model.tokenizer=configs/models/quickstart",
+            "parallel.expert=2",
+            "peft.type=lora",
+            "peft.target_parameters=[experts.gate_up_proj]",
+        ],
+        4,
+        "parallel.expert=2 with peft.type=lora: LoRA runs do not spread experts yet",
     ),
     (["parallel.expert=0"], 2, "recipe key 'parallel.expert' must be"),
     (["train.steps=abc"], 2, "recipe key 'train.steps' has the wrong type"),
