@@ -3,7 +3,8 @@ data 2, its experts over 2 ranks (``parallel.expert=2``) against the same run at
 ``expert=1``, in one launch of 2 gloo ranks: the same losses, checkpoints holding every
 expert once (one file per layer and global expert, the same rows as the ``expert=1``
 checkpoint's fused tensors), resume from step 2 under the same and the other expert
-size (weights and AdamW state moved by expert index) giving the uninterrupted losses,
+size, and from and to pipeline 2 (weights and AdamW state moved by expert index) giving
+the uninterrupted losses,
 and the end-of-training export equal to the ``expert=1`` run's, through from_pretrained."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from hf_models import MOE_CONFIGS
 from train_cases import ROOT, train_cases
 
 TIGHT = 1e-6  # fp32: the all-to-all moves rows, the grouped GEMMs see the same rows
-RUN = ["parallel.pipeline=1", "train.steps=4", "checkpoint.interval=2", "checkpoint.keep=0"]
+RUN = ["train.steps=4", "checkpoint.interval=2", "checkpoint.keep=0"]
 AT_2 = "checkpoints/step-00000002"
 
 
@@ -49,22 +50,28 @@ def test_expert_parallel_job(tmp_path):
         f"model.path={tmp_path / 'model'}",
         f"model.tokenizer={ROOT}/configs/models/quickstart",
     ]
-    e1, e2 = tmp_path / "e1", tmp_path / "e2"
+    e1, e2, p2 = tmp_path / "e1", tmp_path / "e2", tmp_path / "p2"
+    data_2 = [*model, *RUN, "parallel.pipeline=1", "parallel.micro_batches=2"]
+    pipe_2 = [*model, *RUN, "parallel.pipeline=2", "parallel.micro_batches=4"]  # the same batch
     cases = [
-        ("e1", [*model, *RUN, "parallel.expert=1"]),
-        ("e2", [*model, *RUN, "parallel.expert=2"]),
-        ("e2-e2", [*model, *RUN, "parallel.expert=2", f"checkpoint.resume={e2 / AT_2}"]),
-        ("e2-e1", [*model, *RUN, "parallel.expert=1", f"checkpoint.resume={e2 / AT_2}"]),
-        ("e1-e2", [*model, *RUN, "parallel.expert=2", f"checkpoint.resume={e1 / AT_2}"]),
-        ("bf16", [*model, *RUN, "parallel.expert=2", "deepspeed.bases=[zero1-fp32]"]),
+        ("e1", [*data_2, "parallel.expert=1"]),
+        ("e2", [*data_2, "parallel.expert=2"]),
+        ("p2", pipe_2),
+        ("e2-e2", [*data_2, "parallel.expert=2", f"checkpoint.resume={e2 / AT_2}"]),
+        ("e2-e1", [*data_2, "parallel.expert=1", f"checkpoint.resume={e2 / AT_2}"]),
+        ("e1-e2", [*data_2, "parallel.expert=2", f"checkpoint.resume={e1 / AT_2}"]),
+        ("e2-p2", [*pipe_2, f"checkpoint.resume={e2 / AT_2}"]),  # pipe 1 x expert 2 -> pipe 2
+        ("p2-e2", [*data_2, "parallel.expert=2", f"checkpoint.resume={p2 / AT_2}"]),
+        ("bf16", [*data_2, "parallel.expert=2", "deepspeed.bases=[zero1-fp32]"]),
     ]
     results = spawn(train_cases, 2, str(tmp_path), cases, timeout=900)[0]
     codes = {name: code for name, (code, _) in results.items()}
     assert codes == {**dict.fromkeys(codes, 0), "bf16": 2}, codes
     whole = results["e1"][1]
     assert sorted(whole) == [1, 2, 3, 4]
-    assert max(abs(results["e2"][1][s] - whole[s]) for s in whole) <= TIGHT, results
-    for name in ("e2-e2", "e2-e1", "e1-e2"):
+    for name in ("e2", "p2"):
+        assert max(abs(results[name][1][s] - whole[s]) for s in whole) <= TIGHT, results
+    for name in ("e2-e2", "e2-e1", "e1-e2", "e2-p2", "p2-e2"):
         resumed = results[name][1]
         assert sorted(resumed) == [3, 4], (name, resumed)
         assert max(abs(resumed[s] - whole[s]) for s in resumed) <= TIGHT, (name, results)
