@@ -342,6 +342,17 @@ BAD_INPUT = [
         4,
         "parallel.expert=2 with peft.type=lora: LoRA runs do not spread experts yet",
     ),
+    (
+        [
+            "model.path={mixtral}",
+            "model.tokenizer=configs/models/quickstart",
+            "parallel.expert=2",
+            "parallel.schedule=chimera",
+        ],
+        4,
+        "parallel.expert=2 with parallel.schedule=chimera: the training job does not save the "
+        "experts of Chimera's two pipelines yet",
+    ),
     (["parallel.expert=0"], 2, "recipe key 'parallel.expert' must be"),
     (["train.steps=abc"], 2, "recipe key 'train.steps' has the wrong type"),
     (["--recipe", "{yaml}"], 2, "{yaml}: not a valid YAML recipe"),

@@ -148,7 +148,8 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
 def check_expert_runs(recipe: Recipe, layout: Layout) -> None:
     """The training job's own limits on expert parallelism (``pp-ext plan`` and ``tune``
     lay any out): its checkpoints (:mod:`pp_ext.checkpoint.experts`) save the experts'
-    torch optimizer state, fp32 without ZeRO, and a LoRA run's experts are not sharded."""
+    torch optimizer state, fp32 without ZeRO, of one pipeline (not Chimera's two), and a LoRA
+    run's experts are not sharded."""
     if layout.expert == 1:
         return
     config = deepspeed_config(recipe, layout.data)
@@ -162,6 +163,12 @@ def check_expert_runs(recipe: Recipe, layout: Layout) -> None:
         raise RecipeError(
             f"parallel.expert={layout.expert} with peft.type={recipe.peft.type}: LoRA runs do "
             f"not spread experts yet: set parallel.expert=1"
+        )
+    if layout.placement == "bidirectional":  # two ranks would save each expert
+        raise RecipeError(
+            f"parallel.expert={layout.expert} with parallel.schedule={recipe.parallel.schedule}: "
+            f"the training job does not save the experts of Chimera's two pipelines yet: use "
+            f"another schedule or parallel.expert=1"
         )
 
 
