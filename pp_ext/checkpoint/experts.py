@@ -54,9 +54,10 @@ def weight_files(tag_dir: Path, idx: int) -> list[Path]:
     return [found[j] for j in sorted(found)]
 
 
-def merged(split_count: int) -> tp.Split:
-    """The cut that merges one ``[1, ...]`` part per expert into the fused tensor."""
-    return tp.Split(0, (split_count,), split_count, 0)
+def merged(experts: int) -> tp.Split:
+    """The cut that merges one ``[1, ...]`` part per expert (of ``experts``) into the fused
+    tensor."""
+    return tp.Split(0, (experts,), experts, 0)
 
 
 def _own_experts(module: torch.nn.Module) -> list[str]:
