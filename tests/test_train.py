@@ -334,9 +334,37 @@ BAD_INPUT = [
         "without routed experts: set parallel.expert=1",
     ),
     (
-        ["model.path={mixtral}", "model.tokenizer=configs/models/quickstart", "parallel.expert=2"],
+        [
+            "model.path={mixtral}",
+            "model.tokenizer=configs/models/quickstart",
+            "parallel.expert=2",
+            "deepspeed.bases=[zero1-bf16]",
+        ],
         4,
-        "parallel.expert=2: the training job does not run expert parallelism yet",
+        "parallel.expert=2 with bf16 or ZeRO (deepspeed.bases): the training job's checkpoints "
+        "hold expert-parallel optimizer state in fp32 without ZeRO only",
+    ),
+    (
+        [
+            "model.path={mixtral}",
+            "model.tokenizer=configs/models/quickstart",
+            "parallel.expert=2",
+            "peft.type=lora",
+            "peft.target_parameters=[experts.gate_up_proj]",
+        ],
+        4,
+        "parallel.expert=2 with peft.type=lora: LoRA runs do not spread experts yet",
+    ),
+    (
+        [
+            "model.path={mixtral}",
+            "model.tokenizer=configs/models/quickstart",
+            "parallel.expert=2",
+            "parallel.schedule=chimera",
+        ],
+        4,
+        "parallel.expert=2 with parallel.schedule=chimera: the training job does not save the "
+        "experts of Chimera's two pipelines yet",
     ),
     (["parallel.expert=0"], 2, "recipe key 'parallel.expert' must be"),
     # issue 24 item 2: DeepSeek-V3's bias update where there is no bias, or no step boundary

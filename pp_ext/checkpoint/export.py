@@ -48,6 +48,7 @@ from transformers import (
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
 
 from pp_ext import tp
+from pp_ext.checkpoint import experts
 from pp_ext.checkpoint.tags import LATEST, MARKER, info
 from pp_ext.hf.families import layer_specs
 from pp_ext.hf.loading import hf_initializer, layout_free_specs, load_config, to_dtype
@@ -230,22 +231,39 @@ def layer_tensors(
     frozen = {name for name, param in layer.named_parameters() if not param.requires_grad}
     expected = {k: v for k, v in layer.state_dict().items() if k not in frozen}
     cut = tp.splits(layer)
-    for path in paths:
-        state = load_layer(path)
-        if state.keys() != expected.keys() or any(
-            state[k].shape != expected[k].shape for k in state
-        ):
+    # an expert-parallel run's experts: one file per global expert (pp_ext.checkpoint.experts)
+    rows = tuple(experts.weight_files(tag_dir, idx))
+    in_rows = load_layer(rows[0]).keys() if rows else set()
+    whole, dtypes = {k: v.shape for k, v in expected.items()}, {}
+    for path in (*paths, *rows):
+        state, want = (
+            load_layer(path),
+            {
+                k: (1, *whole[k][1:]) if path in rows else v.shape
+                for k, v in expected.items()
+                if (k in in_rows) == (path in rows)
+            },
+        )
+        if state.keys() != want.keys() or any(state[k].shape != want[k] for k in state):
             raise ExportError(
                 f"{path.name} does not hold the tensors of {type(layer).__name__} as "
                 f"{HF_META}/{CONFIG_NAME} describes it (names or shapes differ): export with the "
                 f"config the checkpoint was trained with"
             )
+        dtypes.update({k: v.dtype for k, v in state.items()})
+    if rows and any(whole[k][0] != len(rows) for k in in_rows):
+        raise ExportError(
+            f"{tag_dir} holds {len(rows)} expert files of layer {idx}, whose experts number "
+            f"{whole[next(iter(in_rows))][0]}: the checkpoint is incomplete; export another tag"
+        )
     return layer, {
-        local: Stored(
+        local: Stored(rows, local, tensor.shape, dtypes[local], experts.merged(len(rows)))
+        if local in in_rows
+        else Stored(
             paths if local in cut else paths[:1],
             local,
             cut[local].whole_shape(tensor.shape) if local in cut else tensor.shape,
-            state[local].dtype,
+            dtypes[local],
             cut.get(local),
         )
         for local, tensor in expected.items()

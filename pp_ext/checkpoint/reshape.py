@@ -20,6 +20,11 @@ the new size is taken (:meth:`pp_ext.tp.Split.take`); a replicated one (a norm) 
 tensor rank 0's. Merging then cutting at the saved size gives back the same parts, so
 an unchanged tensor size goes the same way.
 
+An expert-parallel run's experts (Rajbhandari et al. 2022) are saved one file per
+global expert (:mod:`pp_ext.checkpoint.experts`), weights and AdamW state alike: merged in
+expert order and this rank's experts taken (its ``expert_split``), so a resume under
+another ``parallel.expert`` moves each expert, with its state, by index.
+
 What stays refused, in one line: a checkpoint without parameter names (saved by an
 older pp-ext), and a change between fp32 and bf16 / ZeRO (their optimizers keep
 different state). A tensor size the model's heads or MLP width does not divide is
@@ -37,7 +42,7 @@ import torch
 from deepspeed.pipe import TiedLayerSpec
 
 from pp_ext import tp
-from pp_ext.checkpoint import optimizer_state
+from pp_ext.checkpoint import experts, optimizer_state
 from pp_ext.checkpoint.export import layer_tensors, load_layer, saved_layers
 from pp_ext.checkpoint.tags import CheckpointError
 from pp_ext.peft import Targets
@@ -125,10 +130,26 @@ def load(engine, tag_dir: Path, what_changed: list[str], adapters: Targets | Non
             strict=adapters is None,
         )
         shapes = meta.state_dict()
+        rows = experts.weight_files(tag_dir, idx)
+        by_expert = experts.saved_states(tag_dir, idx, len(rows)) if rows else {}
         for local, param in layer.named_parameters():
             if not param.requires_grad:
                 continue
             name, where = prefix + local, stored[local]
+            current = getattr(param, "tp_split", None) or getattr(param, "expert_split", None)
+            if local in by_expert:  # merged from its experts' files, whole
+                state = by_expert[local]
+                wanted[param] = (
+                    None
+                    if state is None
+                    else {
+                        key: recut([value], None, current)
+                        if torch.is_tensor(value) and value.dim() > 0
+                        else value
+                        for key, value in state.items()
+                    }
+                )
+                continue
             ranks = range(
                 len(where.paths)
             )  # the saved tensor ranks' parts, or tensor rank 0's whole
@@ -144,7 +165,7 @@ def load(engine, tag_dir: Path, what_changed: list[str], adapters: Targets | Non
                     key: recut(
                         [part[key].view(shapes[local].shape) for part in parts],
                         where.split,
-                        getattr(param, "tp_split", None),
+                        current,
                     )
                     if torch.is_tensor(value) and value.dim() > 0
                     else value

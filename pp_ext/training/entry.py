@@ -46,7 +46,7 @@ def checked(args: argparse.Namespace, world_size: int) -> tuple[Recipe, Layout, 
     on every rank, and by ``pp-ext launch`` before any rank starts."""
     recipe = load(args.recipe, args.overrides)
     layout, prebuilt = check_before_launch(recipe, world_size)
-    check_expert_runs(layout)
+    check_expert_runs(recipe, layout)
     if recipe.data.path is not None:
         check_data(recipe)  # bad data fails here, not on one rank later
     return recipe, layout, prebuilt

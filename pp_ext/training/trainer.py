@@ -111,6 +111,7 @@ class Trainer:
             activation_checkpoint_interval=recipe.model.activation_checkpoint_interval,
             seed=recipe.train.seed,
             make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
+            expert=layout.expert,
         )
         self.loss.tensor_axis = module.tensor_axis
         if recipe.peft.type == "lora":
