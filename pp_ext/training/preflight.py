@@ -44,8 +44,9 @@ from pp_ext.peft import (
     target_names,
 )
 from pp_ext.planning.search import profiled_auto
-from pp_ext.schedules import Schedule, ScheduleError, get
+from pp_ext.schedules import InvalidScheduleError, Schedule, ScheduleError, get, lower
 from pp_ext.schedules.registry import BASELINE
+from pp_ext.schedules.validate import expert_dry_run
 
 # what transformers' AutoTokenizer reads a tokenizer from (any one suffices)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -65,12 +66,12 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
             "partitioned p2p pp-ext does not check with tensor parallelism: use 1f1b (the same "
             "schedule on pp-ext's engine) with parallel.tensor > 1"
         )
-    chunks, prebuilt = recipe.parallel.chunks, None
+    chunks, prebuilt, built = recipe.parallel.chunks, None, None
     if name != BASELINE:
         spec = get(name)
         chunks = spec.resolve_chunks(chunks)
         try:
-            spec.build(pipe, recipe.parallel.micro_batches, chunks)
+            built = spec.build(pipe, recipe.parallel.micro_batches, chunks)
             if (
                 name == "auto" and recipe.parallel.profile is not None
             ):  # auto chooses its chunks from the profile
@@ -119,6 +120,8 @@ def check_before_launch(recipe: Recipe, world_size: int) -> tuple[Layout, Schedu
         )
     config = AutoConfig.from_pretrained(model)
     check_expert(recipe.parallel.expert, data, model, raw)
+    if recipe.parallel.expert > 1 and built is not None:
+        check_expert_order(prebuilt or built, data, recipe.parallel.expert)
     if tensor > 1:
         try:
             tp.check_tensor_split(config, tensor)
@@ -179,6 +182,19 @@ def check_expert(expert: int, data: int, model: Path, raw: dict) -> None:
             f"parallel.expert={expert} does not divide the {data} data-parallel ranks (expert "
             f"groups are taken out of them): use a divisor of {data} or launch more ranks"
         )
+
+
+def check_expert_order(schedule: Schedule, data: int, expert: int) -> None:
+    """The schedule's program on the whole pipe x data grid, each MoE layer's all-to-alls
+    on its expert group, finishes under NCCL's rules (:func:`pp_ext.schedules.validate.
+    expert_dry_run`, an MoE layer on every chunk: the strictest placement of them)."""
+    try:
+        expert_dry_run(lower(schedule), data, expert)
+    except InvalidScheduleError as exc:
+        raise RecipeError(
+            f"parallel.schedule={schedule.name} with parallel.expert={expert}: "
+            f"{' '.join(exc.reason.split())}: choose another schedule or parallel.expert=1"
+        ) from None
 
 
 def tokenizer_folder(recipe: Recipe) -> Path:
