@@ -402,11 +402,36 @@ def test_a_host_waiting_on_a_receive_that_a_peer_in_the_all_to_all_must_send_is_
         assert run(grid(False), streams).finished
 
 
+def test_one_queue_for_every_communicator_is_stricter_than_one_per_communicator():
+    """Hand-made: ranks 0 and 3 post a send (not waited) before their all-to-all, rank 1
+    receives rank 3's send after its all-to-all, rank 2 rank 0's after its. Per
+    communicator each all-to-all meets at once and each receive then meets its send. With
+    one queue per rank ("device") each head waits for an op behind another head: rank 0's
+    send for rank 2's receive (behind y), y for rank 3's y (behind its send to 1), that
+    send for rank 1's receive (behind x), x for rank 0's x (behind its send)."""
+    x, y = a2a(EXPERTS_0, "x"), a2a(EXPERTS_1, "y")
+    to_2, from_0 = pipe_op("send", (0, 2), 2, "F0"), pipe_op("recv", (0, 2), 0, "F0")
+    to_1, from_3 = pipe_op("send", (1, 3), 1, "B0"), pipe_op("recv", (1, 3), 3, "B0")
+    zero, three = Trace(), Trace()
+    sent_0, sent_3 = zero.post([to_2]), three.post([to_1])
+    zero.wait(zero.post([x]))
+    three.wait(three.post([y]))
+    zero.wait(sent_0)
+    three.wait(sent_3)
+    grid = [zero, blocking(x, from_3), blocking(y, from_0), three]
+    for streams in STREAMS:
+        assert run(grid, streams).finished
+    stuck = run(grid, "device")
+    assert not stuck.finished and stuck.heads == ((0, 0), (1, 0), (2, 0), (3, 0)), stuck
+    assert "rank 0's stream on the device" in stuck.report, stuck.report
+
+
 @pytest.mark.parametrize("name", [n for n, spec in REGISTRY.items() if spec.synchronous])
 def test_every_synchronous_schedule_with_experts_finishes_on_the_grid(name):
     """The lowering posts each MoE layer's 3 forward and 2 backward exchanges (none in W):
     5 per layer for each micro-batch whose pipeline the chunk is on (all of them; half
-    of them for Chimera's two), on every rank; the grid finishes (expert_dry_run)."""
+    of them for Chimera's two), on every rank; the grid finishes (expert_dry_run), also
+    with every communicator of a rank on one queue ("device")."""
     from pp_ext.schedules.nccl import grid_traces
     from pp_ext.schedules.validate import expert_dry_run
 

@@ -11,7 +11,11 @@ p2p and groups; PyTorch's ProcessGroupNCCL; ``FACTS.md``, "NCCL point-to-point")
   pair, both directions (``streams="pair"``); batched ops (``batch_isend_irecv``),
   every op once the communicator is initialised eagerly, and collectives share the
   process group's communicator: one stream per rank for every peer
-  (``streams="rank"``, the stricter model);
+  (``streams="rank"``, the stricter model). Ops on different communicators run
+  concurrently in practice, but NCCL's guide asks that operations on different
+  communicators be submitted in the same order across ranks ("Using multiple NCCL
+  communicators concurrently"; NVIDIA/nccl issues 195, 1174): ``streams="device"``
+  puts all of a rank's ops, every communicator's, on one queue, the strictest model;
 - a batch (one ``ncclGroupStart``/``ncclGroupEnd``) completes as one unit, once
   every op in it can;
 - the k-th send from a to b on a communicator matches the k-th receive on b from a
@@ -20,7 +24,7 @@ p2p and groups; PyTorch's ProcessGroupNCCL; ``FACTS.md``, "NCCL point-to-point")
 - the host goes on after posting and blocks only where it waits.
 
 A :class:`Trace` is what one rank posts and waits for, in order: the engine's
-recorded calls (``tests/test_nccl_replay.py``) or a lowered program
+recorded calls (``tests/test_nccl.py``) or a lowered program
 (:func:`program_traces`; :func:`grid_traces` on a pipe x data grid with each MoE
 layer's all-to-alls on its expert group, a process group with its own communicator and
 stream). :func:`run` plays all ranks' traces under those rules and returns the
@@ -37,7 +41,9 @@ from typing import Literal
 from .actions import Kind
 from .schedule import Message, Schedule
 
-Streams = Literal["pair", "rank"]
+Streams = Literal["pair", "rank", "device"]
+# what every program is checked under; "device" (stricter still) where expert parallelism
+# puts a second communicator beside the pipeline's
 STREAMS: tuple[Streams, ...] = ("pair", "rank")
 
 
@@ -126,7 +132,8 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
     def post(rank: int, ids: tuple[int, ...]) -> None:
         for i in ids:
             op = traces[rank].ops[i]
-            comm = _communicator(rank, op, streams)
+            # "device": matched per communicator as "rank", queued on one stream
+            comm = _communicator(rank, op, "rank" if streams == "device" else streams)
             if op.kind == "collective":
                 if rank not in op.group:
                     raise ValueError(
@@ -141,7 +148,7 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
             counters[(rank, op.kind) + base] += 1
             matches[key][rank] = i
             match_of[(rank, i)] = key
-            stream[(rank, i)] = (rank, comm)
+            stream[(rank, i)] = (rank, ("device",) if streams == "device" else comm)
         # a batch spanning several communicators (never posted by pp-ext) would be one
         # element on each of them; keep it on the first op's queue, which is stricter
         queue = stream[(rank, ids[0])]
@@ -231,6 +238,8 @@ def _name(op: Op) -> str:
 
 
 def _stream(rank: int, op: Op, streams: Streams) -> str:
+    if streams == "device":
+        return "on the device (every communicator's)"
     comm = _communicator(rank, op, streams)
     return f"to rank {op.peer}" if comm[2] == "pair" else f"on group {op.name or list(op.group)}"
 

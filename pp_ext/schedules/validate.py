@@ -144,14 +144,16 @@ def expert_dry_run(
     data: int,
     expert: int,
     moe_layers: dict[tuple[int, int], int] | None = None,
-    streams: tuple[Streams, ...] = STREAMS,
+    streams: tuple[Streams, ...] = (*STREAMS, "device"),
 ) -> None:
     """Rule 5 on the whole pipe x ``data`` grid of the lowered ``schedule`` with each MoE
     layer's all-to-alls on its stage's expert group of ``expert`` data ranks
     (:func:`pp_ext.schedules.nccl.grid_traces`): they must meet in the same order on every
     member and never wait on the pipeline's p2p in a cycle. ``moe_layers``: (pipeline
     rank, chunk) -> MoE layers; None: one on every chunk (each exchange is a meeting of
-    all members at one place of one program, so more of them only refuse more)."""
+    all members at one place of one program, so more of them only refuse more).
+    ``streams``: also "device", every communicator's ops of a rank on one queue, as NCCL's
+    guide asks of ops on several communicators."""
     if moe_layers is None:
         moe_layers = {(r, c): 1 for r in range(schedule.ranks) for c in range(schedule.chunks)}
     traces = grid_traces(schedule, data, expert, moe_layers)
