@@ -578,7 +578,7 @@ def projection(trace: Trace, group: tuple[int, ...]) -> list:
 @pytest.mark.slow
 def test_the_engines_expert_all_to_alls_are_recorded_and_replay_under_nccl(tmp_path):
     """One launch of 4 ranks, pipe 2 x data 2 x expert 2 (Mixtral): 1F1B and ZB-H1 recorded
-    on plain gloo replay to the end under both stream models; each rank's messages and
+    on plain gloo replay to the end under every stream model ("device" too); each rank's messages and
     all-to-alls come in the order grid_traces lowers them to; ZB-H1 under the emulation
     gives ZB-H1's loss; members posting different exchanges pass plain gloo and fail
     under the emulation, naming both."""
@@ -592,7 +592,7 @@ def test_the_engines_expert_all_to_alls_are_recorded_and_replay_under_nccl(tmp_p
             assert [c["loss"] for c in cases] == [r["cases"][i - 1]["loss"] for r in ranks]
             continue
         traces = [c["trace"] for c in cases]
-        for streams in STREAMS:
+        for streams in (*STREAMS, "device"):
             outcome = run(traces, streams)
             assert outcome.finished, (schedule, streams, outcome.report)
         layers = {key: n for c in cases for key, n in c["layers"].items()}
