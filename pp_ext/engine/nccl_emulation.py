@@ -125,17 +125,19 @@ def all_to_all(
     too (a RuntimeError naming the first that posts another), each wait bounded by
     ``timeout`` (None: 30 minutes)."""
     timeout = timeout or _DEFAULT_TIMEOUT
+    encoded = what.encode()[:_NAME_BYTES]
     name = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
-    name[: len(what.encode()[:_NAME_BYTES])] = torch.tensor(list(what.encode()[:_NAME_BYTES]))
+    name[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
     names = [torch.zeros_like(name) for _ in range(dist.get_world_size(group))]
     _wait_collective(dist.all_gather(names, name, group=group, async_op=True), what, timeout)
     ranks = dist.get_process_group_ranks(group)
     for rank, other in zip(ranks, names):
-        posted = bytes(other.tolist()).rstrip(b"\0").decode()
-        if posted != what:
+        posted = bytes(other.tolist()).rstrip(b"\0")
+        if posted != encoded:
             raise RuntimeError(
                 f"emulated NCCL collectives: rank {dist.get_rank()} posts the all-to-all "
-                f"{what!r} on group {ranks} while rank {rank} posts {posted!r} there: the "
+                f"{what!r} on group {ranks} while rank {rank} posts "
+                f"{posted.decode(errors='replace')!r} there: the "
                 f"members posted their collectives in crossing orders"
             )
     work = dist.all_to_all_single(out, rows, out_splits, in_splits, group=group, async_op=True)
