@@ -456,7 +456,8 @@ def test_every_synchronous_schedule_with_experts_finishes_on_the_grid(name):
 
 def test_the_launch_checks_the_expert_order_of_its_grid(tmp_path, monkeypatch):
     """check_before_launch (pp-ext plan, tune, the job) runs the expert dry run on the
-    recipe's grid, pipe 2 x data 4 x expert 2 here, and turns a refusal into one line."""
+    pipelines of one expert group of the recipe's grid (pipe 2 x data 4 x expert 2 here:
+    pipe 2 x data 2), and turns a refusal into one line."""
     from hf_models import MOE_CONFIGS
     from recipe_cases import MINIMAL, one_line_error
 
@@ -482,7 +483,7 @@ def test_the_launch_checks_the_expert_order_of_its_grid(tmp_path, monkeypatch):
         assert one_line_error(preflight.check_before_launch, recipe, 8).startswith(
             f"parallel.schedule={name} with parallel.expert=2: deadlock under NCCL's rules (stub)"
         )
-    assert checked == [("zbv", True, 4, 2), ("chimera", True, 4, 2)]
+    assert checked == [("zbv", True, 2, 2), ("chimera", True, 2, 2)]  # one expert group's
     recipe = load(tmp_path / "recipe.yaml", [model, "parallel.expert=1"])
     preflight.check_before_launch(recipe, 8)  # no expert parallelism: nothing to check
     assert len(checked) == 2
