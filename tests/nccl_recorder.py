@@ -8,13 +8,15 @@ the trace, in call order, with the process group's ranks and name; a blocking ca
 post and a wait, an asynchronous one a post, and each ``wait()`` on the works it
 returned a wait. A call made inside a recorded one (deepspeed.comm calling torch) is not
 recorded again. The label of a point-to-point op is its dtype and shape, which the two
-sides of a transfer must agree on.
+sides of a transfer must agree on; of a collective its name and first tensor's (an
+all-to-all with variable splits without its first size, which each member has its own).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import threading
 
 import deepspeed.comm as ds_comm
@@ -170,12 +172,16 @@ def _collective_wrapper(recorder: _Recorder, name: str, original):
         given = _arguments(name, args, kwargs)
         ranks, group_name = _group(given.get("group"))
         tensors = args[:1] if name != "barrier" else ()
+        label = _label(list(tensors))
+        if name == "all_to_all_single" and given.get("output_split_sizes") is not None:
+            # variable splits: each member receives its own number of rows
+            label = re.sub(r"\[\d+", "[*", label)
         ids = recorder.trace.post(
             [
                 Op(
                     "collective",
                     ranks,
-                    label=f"{name} {_label(list(tensors))}",
+                    label=f"{name} {label}",
                     name=group_name,
                     where=name,
                 )

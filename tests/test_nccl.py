@@ -9,6 +9,14 @@ data 2, pipe 2 x tensor 2 with a Qwen2-MoE case, plain gloo) replay to the end u
 DeepSpeed's own engine's do, while a recorded crossing program does not; the emulation
 on gloo (PP_EXT_P2P=emulate-nccl) stops the crossing program with the comm-timeout error
 within 30 s, which plain gloo runs.
+
+Expert parallelism: hand-made grids whose expert members post their all-to-alls in
+crossing orders, or whose hosts wait on a receive that a peer in an all-to-all must send,
+are refused; the lowering of every synchronous schedule with MoE chunks finishes on
+pipe x data x expert grids (5 exchanges per layer and micro-batch, none in W). Slow: a
+pipe 2 x data 2 x expert 2 run's calls (Mixtral, 1f1b and zb-h1) replay to the end and
+come in the lowering's order; the emulation names members that post different exchanges,
+which plain gloo passes.
 """
 
 from __future__ import annotations
@@ -335,3 +343,271 @@ def test_the_emulation_stops_a_crossing_program_that_plain_gloo_runs():
         ), result
     # the first rank to time out stops; its peer may see that instead of its own timeout
     assert any("Timed out waiting 5000ms" in result["error"] for result in emulated), emulated
+
+
+# ---------------------------------------------------------------------- expert parallelism
+
+# pipe 2 x data 2, global rank = pipeline rank * 2 + data rank: expert groups (0, 1) and
+# (2, 3) (one stage's data ranks, DeepSpeed's layout), pipelines (0, 2) and (1, 3)
+EXPERTS_0, EXPERTS_1 = (0, 1), (2, 3)
+
+
+def a2a(group: tuple[int, ...], label: str) -> Op:
+    return Op("collective", group, label=label, name="ep_size_2")
+
+
+def pipe_op(kind: str, pipeline: tuple[int, int], peer: int, label: str) -> Op:
+    return Op(kind, pipeline, peer, label, name="pipeline")
+
+
+def blocking(*steps: Op) -> Trace:
+    """Each op posted and waited for at once, in order."""
+    trace = Trace()
+    for op in steps:
+        trace.wait(trace.post([op]))
+    return trace
+
+
+def test_expert_members_posting_their_all_to_alls_in_crossing_orders_are_refused():
+    """Hand-made: rank 0 runs F1's exchange then B0's, rank 1 B0's then F1's: their first
+    collectives meet carrying different exchanges."""
+    crossed = [
+        blocking(a2a(EXPERTS_0, "counts F1"), a2a(EXPERTS_0, "back grad B0")),
+        blocking(a2a(EXPERTS_0, "back grad B0"), a2a(EXPERTS_0, "counts F1")),
+    ]
+    for streams in STREAMS:
+        with pytest.raises(CrossedMessagesError, match="rank 0.s collective counts F1 meets"):
+            run(crossed, streams)
+
+
+def test_a_host_waiting_on_a_receive_that_a_peer_in_the_all_to_all_must_send_is_stuck():
+    """Hand-made: rank 0 is in an all-to-all with rank 1 before it sends to rank 2; rank 1
+    waits for rank 3's message first, rank 3 is in an all-to-all with rank 2, which waits
+    for rank 0's message: a cycle through both expert groups and both pipelines, every
+    host at its first wait (event 1). With the stage-1 ranks entering the all-to-all
+    before their receive, as every data rank runs one program, it finishes."""
+
+    def grid(stage_1_receives_first: bool) -> list[Trace]:
+        x, y = a2a(EXPERTS_0, "x"), a2a(EXPERTS_1, "y")
+        to_2, from_0 = pipe_op("send", (0, 2), 2, "F0"), pipe_op("recv", (0, 2), 0, "F0")
+        to_1, from_3 = pipe_op("send", (1, 3), 1, "B0"), pipe_op("recv", (1, 3), 3, "B0")
+        rank_1 = (from_3, x) if stage_1_receives_first else (x, from_3)
+        rank_2 = (from_0, y) if stage_1_receives_first else (y, from_0)
+        return [blocking(x, to_2), blocking(*rank_1), blocking(*rank_2), blocking(y, to_1)]
+
+    for streams in STREAMS:
+        stuck = run(grid(True), streams)
+        assert not stuck.finished and stuck.blocked == ((0, 1), (1, 1), (2, 1), (3, 1)), stuck
+        assert "rank 1 waits for recv B0" in stuck.report, stuck.report
+        assert run(grid(False), streams).finished
+
+
+def test_one_queue_for_every_communicator_is_stricter_than_one_per_communicator():
+    """Hand-made: ranks 0 and 3 post a send (not waited) before their all-to-all, rank 1
+    receives rank 3's send after its all-to-all, rank 2 rank 0's after its. Per
+    communicator each all-to-all meets at once and each receive then meets its send. With
+    one queue per rank ("device") each head waits for an op behind another head: rank 0's
+    send for rank 2's receive (behind y), y for rank 3's y (behind its send to 1), that
+    send for rank 1's receive (behind x), x for rank 0's x (behind its send)."""
+    x, y = a2a(EXPERTS_0, "x"), a2a(EXPERTS_1, "y")
+    to_2, from_0 = pipe_op("send", (0, 2), 2, "F0"), pipe_op("recv", (0, 2), 0, "F0")
+    to_1, from_3 = pipe_op("send", (1, 3), 1, "B0"), pipe_op("recv", (1, 3), 3, "B0")
+    zero, three = Trace(), Trace()
+    sent_0, sent_3 = zero.post([to_2]), three.post([to_1])
+    zero.wait(zero.post([x]))
+    three.wait(three.post([y]))
+    zero.wait(sent_0)
+    three.wait(sent_3)
+    grid = [zero, blocking(x, from_3), blocking(y, from_0), three]
+    for streams in STREAMS:
+        assert run(grid, streams).finished
+    stuck = run(grid, "device")
+    assert not stuck.finished and stuck.heads == ((0, 0), (1, 0), (2, 0), (3, 0)), stuck
+    assert "rank 0's stream on the device" in stuck.report, stuck.report
+
+
+@pytest.mark.parametrize("name", [n for n, spec in REGISTRY.items() if spec.synchronous])
+def test_every_synchronous_schedule_with_experts_finishes_on_the_grid(name):
+    """The lowering posts each MoE layer's 3 forward and 2 backward exchanges (none in W):
+    5 per layer for each micro-batch whose pipeline the chunk is on (all of them; half
+    of them for Chimera's two), on every rank; the grid finishes (expert_dry_run), also
+    with every communicator of a rank on one queue ("device")."""
+    from pp_ext.schedules.nccl import grid_traces
+    from pp_ext.schedules.validate import expert_dry_run
+
+    for p, data, expert in ((2, 2, 2), (2, 4, 2), (4, 2, 2)):
+        schedule = lower(REGISTRY[name].build(p, 2 * p))
+        layers = {(r, c): 1 + (r + c) % 2 for r in range(p) for c in range(schedule.chunks)}
+        expert_dry_run(schedule, data, expert, layers)
+        traces = grid_traces(schedule, data, expert, layers)
+        for rank, trace in enumerate(traces):
+            count = sum(op.kind == "collective" for op in trace.ops)
+            stage_rank = rank // data
+            runs = [
+                sum(
+                    schedule.pipeline(mb) == schedule.placement.holds(stage_rank, c)[0]
+                    for mb in range(2 * p)
+                )
+                for c in range(schedule.chunks)
+            ]
+            want = sum(5 * n * layers[(stage_rank, c)] for c, n in enumerate(runs))
+            assert count == want, (name, p, data, rank)
+
+
+def test_the_launch_checks_the_expert_order_of_its_grid(tmp_path, monkeypatch):
+    """check_before_launch (pp-ext plan, tune, the job) runs the expert dry run on the
+    pipelines of one expert group of the recipe's grid (pipe 2 x data 4 x expert 2 here:
+    pipe 2 x data 2), and turns a refusal into one line."""
+    from hf_models import MOE_CONFIGS
+    from recipe_cases import MINIMAL, one_line_error
+
+    from pp_ext.config.recipe import load
+    from pp_ext.schedules.validate import expert_dry_run
+    from pp_ext.training import preflight
+
+    MOE_CONFIGS["mixtral"](False).save_pretrained(tmp_path / "model")
+    (tmp_path / "recipe.yaml").write_text(MINIMAL)
+    model = f"model.path={tmp_path / 'model'}"
+    checked = []
+
+    def refuse(schedule, data, expert):
+        checked.append((schedule.name, schedule.lowered, data, expert))
+        expert_dry_run(schedule, data, expert)  # the real one passes
+        raise InvalidScheduleError("deadlock under NCCL's rules (stub)")
+
+    monkeypatch.setattr(preflight, "expert_dry_run", refuse)
+    for name in ("zbv", "chimera"):
+        recipe = load(
+            tmp_path / "recipe.yaml", [model, f"parallel.schedule={name}", "parallel.expert=2"]
+        )
+        assert one_line_error(preflight.check_before_launch, recipe, 8).startswith(
+            f"parallel.schedule={name} with parallel.expert=2: deadlock under NCCL's rules (stub)"
+        )
+    assert checked == [("zbv", True, 2, 2), ("chimera", True, 2, 2)]  # one expert group's
+    recipe = load(tmp_path / "recipe.yaml", [model, "parallel.expert=1"])
+    preflight.check_before_launch(recipe, 8)  # no expert parallelism: nothing to check
+    assert len(checked) == 2
+
+
+# the engine, recorded: Mixtral (every layer MoE), 4 layers, at pipe 2 x data 2 x expert 2
+EXPERT_CASES = [("1f1b", ""), ("zb-h1", ""), ("zb-h1", "emulate-nccl")]
+HEADER = "int64[177]"  # pp_ext.engine.p2p's shape header: 1 + MAX_TENSORS * (3 + MAX_DIMS)
+
+
+def run_expert_recorded(rank: int, world: int, tmp: str) -> dict:
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+    from hf_models import MOE_CONFIGS
+    from tensor_cases import MICRO_BATCHES, batch, pipeline_engine
+    from transformers import AutoModelForCausalLM
+
+    from pp_ext.engine import nccl_emulation, p2p
+    from pp_ext.moe.dispatch import ShardedExperts
+
+    torch.manual_seed(0)
+    config = MOE_CONFIGS["mixtral"](False)
+    config.num_hidden_layers = 4  # cut uniformly, both stages hold MoE layers
+    model = AutoModelForCausalLM.from_config(config).float()
+    if rank == 0:
+        model.save_pretrained(f"{tmp}/hf")
+    dist.barrier()
+    out: dict = {"cases": []}
+    for schedule, mode in EXPERT_CASES:
+        os.environ["PP_EXT_P2P"] = mode
+        p2p._links.clear()  # the pipeline's link is made per mode: new groups, on every rank
+        engine = pipeline_engine(f"{tmp}/hf", (2, 1, 2), schedule, expert=2)
+        module = engine.module
+        dp = engine.grid.get_data_parallel_rank()
+        data_iter = iter([batch(0, dp * MICRO_BATCHES + k) for k in range(MICRO_BATCHES)])
+        loss, trace = record(engine.train_batch, data_iter)
+        layers = {
+            (engine.stage_id, c): sum(
+                isinstance(m, ShardedExperts)
+                for layer in module.chunk_modules(c)
+                for m in layer.modules()
+            )
+            for c in range(module.chunks)
+        }
+        out["cases"].append(
+            {"loss": float(loss), "trace": trace, "layers": layers, "schedule": engine.schedule}
+        )
+    group = groups._get_expert_parallel_group("ep_size_2")  # every rank's, MoE layers or not
+    out["group"] = tuple(dist.get_process_group_ranks(group))
+    # the emulation on its own: the members post different exchanges of equal size
+    os.environ["PP_EXT_P2P"] = ""
+    me = dist.get_rank(group)
+    rows = torch.full((2, 3), float(rank))
+    received = torch.empty_like(rows)
+    dist.all_to_all_single(received, rows, group=group)  # plain gloo: passes, whatever each is
+    out["gloo"] = received[:, 0].tolist()
+    try:
+        what = "counts" if me == 0 else "rows grad"
+        nccl_emulation.all_to_all(received, rows, None, None, group, what, None)
+        out["emulated"] = "passed"
+    except RuntimeError as error:
+        out["emulated"] = str(error)
+    return out
+
+
+def projection(trace: Trace, group: tuple[int, ...]) -> list:
+    """What a rank posts, in order: the pipeline's messages (each batch's (kind, peer)s, the
+    shape headers left out) and the expert group's all-to-alls."""
+    out: list = []
+    for event in trace.events:
+        if event.kind != "post":
+            continue
+        ops = [trace.ops[i] for i in event.ops]
+        if all(op.kind == "collective" for op in ops):
+            # recorded: all_to_all_single on the group (its ranks may also be the data group's);
+            # lowered: the expert communicator's
+            out += [
+                "a2a"
+                for op in ops
+                if op.group == group
+                and (op.label.startswith("all_to_all_single") or op.name.startswith("ep_size"))
+            ]
+            continue
+        if any(op.label == HEADER for op in ops):
+            continue
+        out.append(tuple(dict.fromkeys((op.kind, op.peer) for op in ops)))
+    return out
+
+
+@pytest.mark.slow
+def test_the_engines_expert_all_to_alls_are_recorded_and_replay_under_nccl(tmp_path):
+    """One launch of 4 ranks, pipe 2 x data 2 x expert 2 (Mixtral): 1F1B and ZB-H1 recorded
+    on plain gloo replay to the end under every stream model ("device" too); each rank's messages and
+    all-to-alls come in the order grid_traces lowers them to; ZB-H1 under the emulation
+    gives ZB-H1's loss; members posting different exchanges pass plain gloo and fail
+    under the emulation, naming both."""
+    from pp_ext.schedules.nccl import grid_traces
+    from pp_ext.testing.spawn import spawn
+
+    ranks = spawn(run_expert_recorded, 4, str(tmp_path), timeout=900)
+    for i, (schedule, mode) in enumerate(EXPERT_CASES):
+        cases = [r["cases"][i] for r in ranks]
+        if mode:
+            assert [c["loss"] for c in cases] == [r["cases"][i - 1]["loss"] for r in ranks]
+            continue
+        traces = [c["trace"] for c in cases]
+        for streams in (*STREAMS, "device"):
+            outcome = run(traces, streams)
+            assert outcome.finished, (schedule, streams, outcome.report)
+        layers = {key: n for c in cases for key, n in c["layers"].items()}
+        assert sum(layers.values()) == 4 and all(layers.values()), layers
+        lowered = grid_traces(cases[0]["schedule"], 2, 2, layers)
+        for rank, (recorded, expected) in enumerate(zip(traces, lowered)):
+            group = ranks[rank]["group"]
+            want, got = projection(expected, group), projection(recorded, group)
+            assert "a2a" in got and got == want, (schedule, rank, layers, got, want)
+    for rank, result in enumerate(ranks):
+        assert result["gloo"] == [rank - rank % 2, rank - rank % 2 + 1], result
+        me = "counts" if rank % 2 == 0 else "rows grad"
+        other = "rows grad" if rank % 2 == 0 else "counts"
+        assert (
+            f"posts the all-to-all {me!r}" in result["emulated"]
+            and f"posts {other!r}" in result["emulated"]
+        ), result

@@ -9,6 +9,17 @@ message), and nothing behind an element starts before it completes. A crossing
 order then fails as it would under NCCL, with gloo's timeout naming the wait,
 instead of passing. (One stream per rank for every peer is the stricter of NCCL's
 stream models, and the one pp-ext's engine uses: :mod:`pp_ext.engine.p2p`.)
+
+Collectives on a process group of their own (the expert group's all-to-alls,
+:func:`all_to_all`) have their own communicator and stream under NCCL: they never
+queue behind the pipeline's p2p, and gloo, whose collectives block the host,
+orders them as NCCL's stream order does (every op posted after one waits for it
+through the compute stream; the host itself waits at the counts' ``.tolist()``).
+What gloo hides there is a crossing: the k-th collective of one member meets the
+k-th of every other whatever each one is, so two members posting different
+exchanges in their k-th place pass with wrong data where the sizes agree. The
+emulation has each member show the others what it posts first, and fails naming
+both; and it waits no longer than the default group's timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 _DATA, _ACK = 0, 1
+_NAME_BYTES = 64
 _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -98,3 +110,43 @@ class EmulatedNccl:
             work.wait(self.timeout)
         except RuntimeError as exc:
             raise RuntimeError(f"{what}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def all_to_all(
+    out: torch.Tensor,
+    rows: torch.Tensor,
+    out_splits: list[int] | None,
+    in_splits: list[int] | None,
+    group,
+    what: str,
+    timeout: datetime.timedelta | None,
+) -> None:
+    """``all_to_all_single`` on ``group``, once every member has shown it posts ``what``
+    too (a RuntimeError naming the first that posts another), each wait bounded by
+    ``timeout`` (None: 30 minutes)."""
+    timeout = timeout or _DEFAULT_TIMEOUT
+    encoded = what.encode()[:_NAME_BYTES]
+    name = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
+    name[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+    names = [torch.zeros_like(name) for _ in range(dist.get_world_size(group))]
+    _wait_collective(dist.all_gather(names, name, group=group, async_op=True), what, timeout)
+    ranks = dist.get_process_group_ranks(group)
+    for rank, other in zip(ranks, names):
+        posted = bytes(other.tolist()).rstrip(b"\0")
+        if posted != encoded:
+            raise RuntimeError(
+                f"emulated NCCL collectives: rank {dist.get_rank()} posts the all-to-all "
+                f"{what!r} on group {ranks} while rank {rank} posts "
+                f"{posted.decode(errors='replace')!r} there: the "
+                f"members posted their collectives in crossing orders"
+            )
+    work = dist.all_to_all_single(out, rows, out_splits, in_splits, group=group, async_op=True)
+    _wait_collective(work, what, timeout)
+
+
+def _wait_collective(work, what: str, timeout: datetime.timedelta) -> None:
+    try:
+        work.wait(timeout)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise RuntimeError(f"emulated NCCL collectives: the all-to-all {what!r}: {first}") from None

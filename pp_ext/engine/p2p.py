@@ -128,13 +128,18 @@ class Link:
         return Posted(dist.batch_isend_irecv(ops) if ops else [])
 
 
-def _timeout() -> datetime.timedelta | None:
+def default_timeout() -> datetime.timedelta | None:
     """The default process group's timeout (``parallel.comm_timeout_s``), for the groups made here."""
     group = torch_dist.distributed_c10d._get_default_group()
     try:
         return group._get_backend(torch.device(_device_type())).options._timeout
     except (AttributeError, RuntimeError):
         return None
+
+
+def emulating() -> bool:
+    """``PP_EXT_P2P=emulate-nccl`` on gloo: NCCL's rules emulated (on NCCL it changes nothing)."""
+    return os.environ.get(MODE_VARIABLE, "") == EMULATE and _device_type() == "cpu"
 
 
 def _device_type() -> str:
@@ -161,7 +166,7 @@ def pipeline_link(pipelines: Sequence[Sequence[int]], rank: int, device) -> Link
     if max(map(len, key)) == 1:
         _links[key] = Link(None)
         return _links[key]
-    timeout = _timeout()
+    timeout = default_timeout()
     groups = [
         torch_dist.new_group(list(ranks), timeout=timeout or None)  # None: torch's default
         for ranks in key

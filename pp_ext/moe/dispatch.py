@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import groups
 
+from pp_ext.engine import nccl_emulation, p2p
 from pp_ext.moe.experts import DeferrableExperts, combine, grouped_experts, sorted_pairs
 from pp_ext.tp import Split
 
@@ -72,21 +73,33 @@ def expert_axis(grid, size: int) -> ExpertAxis:
     return ExpertAxis(size, dist.get_rank(group), group)
 
 
+def _exchange(out, rows, out_splits, in_splits, group, what: str) -> None:
+    """``all_to_all_single`` on the expert group; under ``PP_EXT_P2P=emulate-nccl`` with
+    NCCL's rules for collectives emulated (:func:`pp_ext.engine.nccl_emulation.all_to_all`:
+    ``what`` is the exchange, the names of :mod:`pp_ext.schedules.nccl`'s lowering)."""
+    if p2p.emulating():
+        nccl_emulation.all_to_all(
+            out, rows, out_splits, in_splits, group, what, p2p.default_timeout()
+        )
+    else:
+        dist.all_to_all_single(out, rows, out_splits, in_splits, group=group)
+
+
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with variable splits; its gradient is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, send: list[int], receive: list[int], group):
-        ctx.send, ctx.receive, ctx.group = send, receive, group
+    def forward(ctx, rows: torch.Tensor, send: list[int], receive: list[int], group, what: str):
+        ctx.send, ctx.receive, ctx.group, ctx.what = send, receive, group, what
         out = rows.new_empty((sum(receive), *rows.shape[1:]))
-        dist.all_to_all_single(out, rows.contiguous(), receive, send, group=group)
+        _exchange(out, rows.contiguous(), receive, send, group, what)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.receive, group=ctx.group)
-        return back, None, None, None
+        _exchange(back, grad.contiguous(), ctx.send, ctx.receive, ctx.group, f"{ctx.what} grad")
+        return back, None, None, None, None
 
 
 def dispatched_forward(
@@ -106,10 +119,10 @@ def dispatched_forward(
     counts = torch.bincount(expert_ids, minlength=axis.size * local)
     # counts first: what each source sends to each of this rank's experts (source-major)
     received = torch.empty_like(counts)
-    dist.all_to_all_single(received, counts, group=axis.group)
+    _exchange(received, counts, None, None, axis.group, "counts")
     send = counts.view(axis.size, local).sum(dim=1).tolist()
     by_source = received.view(axis.size, local)
-    rows = _AllToAll.apply(selected, send, by_source.sum(dim=1).tolist(), axis.group)
+    rows = _AllToAll.apply(selected, send, by_source.sum(dim=1).tolist(), axis.group, "rows")
     # received rows are source-major then expert; the grouped GEMM wants them by expert
     local_ids = torch.repeat_interleave(
         torch.arange(local, device=rows.device).repeat(axis.size), by_source.reshape(-1)
@@ -119,7 +132,7 @@ def dispatched_forward(
     projected = grouped_experts(experts, rows[order], offsets)
     back = torch.empty_like(projected)
     back[order] = projected
-    returned = _AllToAll.apply(back, by_source.sum(dim=1).tolist(), send, axis.group)
+    returned = _AllToAll.apply(back, by_source.sum(dim=1).tolist(), send, axis.group, "back")
     shape = (num_tokens, top_k_index.size(-1), hidden_dim)
     return combine(returned, perm, sample_weights, shape, hidden_states.dtype)
 

@@ -11,7 +11,11 @@ p2p and groups; PyTorch's ProcessGroupNCCL; ``FACTS.md``, "NCCL point-to-point")
   pair, both directions (``streams="pair"``); batched ops (``batch_isend_irecv``),
   every op once the communicator is initialised eagerly, and collectives share the
   process group's communicator: one stream per rank for every peer
-  (``streams="rank"``, the stricter model);
+  (``streams="rank"``, the stricter model). Ops on different communicators run
+  concurrently in practice, but NCCL's guide asks that operations on different
+  communicators be submitted in the same order across ranks ("Using multiple NCCL
+  communicators concurrently"; NVIDIA/nccl issues 195, 1174): ``streams="device"``
+  puts all of a rank's ops, every communicator's, on one queue, the strictest model;
 - a batch (one ``ncclGroupStart``/``ncclGroupEnd``) completes as one unit, once
   every op in it can;
 - the k-th send from a to b on a communicator matches the k-th receive on b from a
@@ -20,10 +24,12 @@ p2p and groups; PyTorch's ProcessGroupNCCL; ``FACTS.md``, "NCCL point-to-point")
 - the host goes on after posting and blocks only where it waits.
 
 A :class:`Trace` is what one rank posts and waits for, in order: the engine's
-recorded calls (``tests/test_nccl_replay.py``) or a lowered program
-(:func:`program_traces`). :func:`run` plays all ranks' traces under those rules and
-returns the :class:`Outcome`: finished, or stuck with each rank's blocked wait and
-the ops at the heads of its streams.
+recorded calls (``tests/test_nccl.py``) or a lowered program
+(:func:`program_traces`; :func:`grid_traces` on a pipe x data grid with each MoE
+layer's all-to-alls on its expert group, a process group with its own communicator and
+stream). :func:`run` plays all ranks' traces under those rules and returns the
+:class:`Outcome`: finished, or stuck with each rank's blocked wait and the ops at the
+heads of its streams.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from typing import Literal
 from .actions import Kind
 from .schedule import Message, Schedule
 
-Streams = Literal["pair", "rank"]
+Streams = Literal["pair", "rank", "device"]
+# what every program is checked under; "device" (stricter still) where expert parallelism
+# puts a second communicator beside the pipeline's
 STREAMS: tuple[Streams, ...] = ("pair", "rank")
 
 
@@ -124,7 +132,8 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
     def post(rank: int, ids: tuple[int, ...]) -> None:
         for i in ids:
             op = traces[rank].ops[i]
-            comm = _communicator(rank, op, streams)
+            # "device": matched per communicator as "rank", queued on one stream
+            comm = _communicator(rank, op, "rank" if streams == "device" else streams)
             if op.kind == "collective":
                 if rank not in op.group:
                     raise ValueError(
@@ -139,7 +148,7 @@ def run(traces: list[Trace], streams: Streams) -> Outcome:
             counters[(rank, op.kind) + base] += 1
             matches[key][rank] = i
             match_of[(rank, i)] = key
-            stream[(rank, i)] = (rank, comm)
+            stream[(rank, i)] = (rank, ("device",) if streams == "device" else comm)
         # a batch spanning several communicators (never posted by pp-ext) would be one
         # element on each of them; keep it on the first op's queue, which is stricter
         queue = stream[(rank, ids[0])]
@@ -229,6 +238,8 @@ def _name(op: Op) -> str:
 
 
 def _stream(rank: int, op: Op, streams: Streams) -> str:
+    if streams == "device":
+        return "on the device (every communicator's)"
     comm = _communicator(rank, op, streams)
     return f"to rank {op.peer}" if comm[2] == "pair" else f"on group {op.name or list(op.group)}"
 
@@ -262,28 +273,127 @@ def program_traces(schedule: Schedule) -> list[Trace]:
     program waits for every send. The host waits right at each receive, as it does for
     a shape header: stricter than the engine, which waits for a tensor where it is used
     (a program that finishes so finishes there too: deferring a wait only frees the host)."""
-    group = tuple(range(schedule.ranks))
     carried = messages(schedule)
+    return [
+        _program_trace(schedule, rank, carried, tuple(range(schedule.ranks)))
+        for rank in range(schedule.ranks)
+    ]
+
+
+def _program_trace(
+    schedule: Schedule,
+    rank: int,
+    carried: dict[tuple[int, object], Message],
+    pipeline: tuple[int, ...],
+    name: str = "",
+    experts: tuple[ExpertGroup, dict[int, int]] | None = None,
+) -> Trace:
+    """Pipeline rank ``rank``'s trace, its peers the global ranks ``pipeline`` (its
+    pipeline's, by pipeline rank) on the communicator ``name``; ``experts``: its expert
+    group and the MoE layers of each of its chunks, whose all-to-alls each F, B and I
+    of the chunk posts (:func:`expert_collectives`)."""
+    trace = Trace()
+    sends: list[int] = []
+    for step, action in enumerate(schedule.programs[rank]):
+        if action.kind.is_comm:
+            message = carried[(rank, action)]
+            send = action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD)
+            op = Op(
+                "send" if send else "recv",
+                pipeline,
+                pipeline[message.dst if send else message.src],
+                _label(message),
+                name=name,
+                where=str(action),
+            )
+            ids = trace.post([op], step, op.where)
+            if send:
+                sends += ids
+            else:
+                trace.wait(ids, step, op.where)
+        elif experts is not None:
+            group, layers = experts
+            for op in expert_collectives(action, layers.get(action.chunk, 0), group):
+                trace.wait(trace.post([op], step, op.where), step, op.where)
+    trace.wait(sends, len(schedule.programs[rank]) - 1, "the end of the program")
+    return trace
+
+
+# ---------------------------------------------------------------------- expert parallelism
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """The global ranks of one expert group and its communicator's name (DeepSpeed's
+    ``ep_size_<E>``, a process group of its own: its own communicator and stream)."""
+
+    ranks: tuple[int, ...]
+    name: str
+
+
+# what one MoE layer's dispatch (pp_ext.moe.dispatch.dispatched_forward) exchanges: the
+# per-expert counts, the rows to the experts, the results back; its backward (autograd,
+# in reverse) the gradient of the results, then of the rows; the counts have none. W holds
+# only the experts' weight GEMMs (pp_ext.moe.experts): no exchange
+FORWARD_EXCHANGES = ("counts", "rows", "back")
+BACKWARD_EXCHANGES = ("back grad", "rows grad")
+
+
+def expert_collectives(action, moe_layers: int, group: ExpertGroup) -> list[Op]:
+    """The all-to-alls, in order, a compute ``action`` of a chunk holding ``moe_layers``
+    MoE layers posts on its expert group: F the forward exchanges layer by layer,
+    B and I the backward ones from the last layer back, W none."""
+    if action.kind is Kind.F:
+        order = [(layer, what) for layer in range(moe_layers) for what in FORWARD_EXCHANGES]
+    elif action.kind in (Kind.B, Kind.I):
+        order = [
+            (layer, what) for layer in reversed(range(moe_layers)) for what in BACKWARD_EXCHANGES
+        ]
+    else:
+        order = []
+    return [
+        Op("collective", group.ranks, label=f"{what} of {action} MoE {layer}", name=group.name)
+        for layer, what in order
+    ]
+
+
+def expert_groups(ranks: int, data: int, expert: int) -> list[list[int]]:
+    """Each stage's ``data`` ranks cut into groups of ``expert`` consecutive ones, as
+    DeepSpeed lays them out (``deepspeed.utils.groups._get_expert_parallel_ranks``, one
+    tensor rank) on the pipe x data grid, global rank ``pipeline rank * data + data rank``."""
+    if expert < 1 or data % expert:
+        raise ValueError(f"expert parallelism over {expert} ranks must divide {data} data ranks")
+    return [
+        list(range(stage * data + start, stage * data + start + expert))
+        for stage in range(ranks)
+        for start in range(0, data, expert)
+    ]
+
+
+def grid_traces(
+    schedule: Schedule, data: int, expert: int, moe_layers: dict[tuple[int, int], int]
+) -> list[Trace]:
+    """The traces of every rank of a pipe x ``data`` grid running the lowered ``schedule``
+    (global rank ``pipeline rank * data + data rank``, DeepSpeed's topology with one tensor
+    rank): each pipeline's p2p on its own communicator (:mod:`pp_ext.engine.p2p`), each MoE
+    layer's all-to-alls on its stage's expert group of ``expert`` data ranks
+    (:func:`expert_groups`); ``moe_layers``: (pipeline rank, chunk) -> MoE layers it runs.
+    Every all-to-all blocks the host: the counts' does (``.tolist()``), and every op posted
+    after the others, on any stream, waits for them through the compute stream."""
+    carried = messages(schedule)
+    group_of = {
+        rank: ExpertGroup(tuple(ranks), f"ep_size_{expert}")
+        for ranks in expert_groups(schedule.ranks, data, expert)
+        for rank in ranks
+    }
     traces = []
-    for rank, program in enumerate(schedule.programs):
-        trace = Trace()
-        sends: list[int] = []
-        for step, action in enumerate(program):
-            if action.kind.is_comm:
-                message = carried[(rank, action)]
-                send = action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD)
-                op = Op(
-                    "send" if send else "recv",
-                    group,
-                    message.dst if send else message.src,
-                    _label(message),
-                    where=str(action),
-                )
-                ids = trace.post([op], step, op.where)
-                if send:
-                    sends += ids
-                else:
-                    trace.wait(ids, step, op.where)
-        trace.wait(sends, len(program) - 1, "the end of the program")
-        traces.append(trace)
+    for rank in range(schedule.ranks * data):
+        stage_rank, data_rank = divmod(rank, data)
+        pipeline = tuple(r * data + data_rank for r in range(schedule.ranks))
+        layers = {c: n for (r, c), n in moe_layers.items() if r == stage_rank}
+        traces.append(
+            _program_trace(
+                schedule, stage_rank, carried, pipeline, "pipeline", (group_of[rank], layers)
+            )
+        )
     return traces

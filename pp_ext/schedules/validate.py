@@ -14,7 +14,9 @@ action marked with ``!``:
    (what gloo, which buffers sends, needs);
 5. it also runs to the end under NCCL's rules (:mod:`pp_ext.schedules.nccl`): a
    send completes only with its receive, ops complete in posting order on one
-   stream per rank pair and, stricter, on one stream per rank for every peer.
+   stream per rank pair and, stricter, on one stream per rank for every peer;
+   with expert parallelism (:func:`expert_dry_run`, before a launch) on the whole
+   pipe x data grid, each MoE layer's all-to-alls on its expert group's communicator.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .actions import Action, Kind
 from .errors import InvalidScheduleError
 from .grid import step_grid
 from .lower import lower
-from .nccl import STREAMS, Streams, Trace, program_traces, run
+from .nccl import STREAMS, CrossedMessagesError, Streams, Trace, grid_traces, program_traces, run
 from .schedule import Message, Schedule
 
 
@@ -134,11 +136,45 @@ def nccl_dry_run(schedule: Schedule, streams: Streams, traces: list[Trace] | Non
     """Rule 5 with one stream model; receives block the host where they are posted
     (as the engine's shape headers do), the stricter case. ``traces``: the schedule's
     :func:`program_traces`, where the caller has them already."""
-    traces = traces or program_traces(schedule)
-    outcome = run(traces, streams)
+    _refuse_stuck(schedule, streams, traces or program_traces(schedule), 1, "")
+
+
+def expert_dry_run(
+    schedule: Schedule,
+    data: int,
+    expert: int,
+    moe_layers: dict[tuple[int, int], int] | None = None,
+    streams: tuple[Streams, ...] = (*STREAMS, "device"),
+) -> None:
+    """Rule 5 on the whole pipe x ``data`` grid of the lowered ``schedule`` with each MoE
+    layer's all-to-alls on its stage's expert group of ``expert`` data ranks
+    (:func:`pp_ext.schedules.nccl.grid_traces`): they must meet in the same order on every
+    member and never wait on the pipeline's p2p in a cycle. ``moe_layers``: (pipeline
+    rank, chunk) -> MoE layers; None: one on every chunk (each exchange is a meeting of
+    all members at one place of one program, so more of them only refuse more).
+    ``streams``: also "device", every communicator's ops of a rank on one queue, as NCCL's
+    guide asks of ops on several communicators."""
+    if moe_layers is None:
+        moe_layers = {(r, c): 1 for r in range(schedule.ranks) for c in range(schedule.chunks)}
+    traces = grid_traces(schedule, data, expert, moe_layers)
+    where = f" with expert parallelism (data {data}, expert {expert}; global rank r*{data}+d)"
+    for model in streams:
+        _refuse_stuck(schedule, model, traces, data, where)
+
+
+def _refuse_stuck(
+    schedule: Schedule, streams: Streams, traces: list[Trace], data: int, where: str
+) -> None:
+    """Raise InvalidScheduleError unless ``traces`` (``data`` copies of each pipeline
+    rank's program, global rank ``rank * data + d``) finish, the grid marking the steps
+    where each stuck rank waits and posted the op that holds its stream."""
+    try:
+        outcome = run(traces, streams)
+    except CrossedMessagesError as exc:
+        _fail(schedule, f"crossing orders under NCCL's rules{where}: {exc}", [])
     if outcome.finished:
         return
-    marks = [(r, traces[r].events[e].step) for r, e in outcome.blocked]
+    marks = [(r // data, traces[r].events[e].step) for r, e in outcome.blocked]
     posted_at = {
         (r, i): event.step
         for r, trace in enumerate(traces)
@@ -146,9 +182,11 @@ def nccl_dry_run(schedule: Schedule, streams: Streams, traces: list[Trace] | Non
         if event.kind == "post"
         for i in event.ops
     }
-    marks += [(head[0], posted_at[head]) for head in outcome.heads]
+    marks += [(head[0] // data, posted_at[head]) for head in outcome.heads]
     _fail(
-        schedule, f"deadlock under NCCL's rules (one stream per {streams}): {outcome.report}", marks
+        schedule,
+        f"deadlock under NCCL's rules (one stream per {streams}){where}: {outcome.report}",
+        marks,
     )
 
 
