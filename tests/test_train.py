@@ -366,6 +366,17 @@ BAD_INPUT = [
         "parallel.expert=2 with parallel.schedule=chimera: the training job does not save the "
         "experts of Chimera's two pipelines yet",
     ),
+    (
+        [
+            "model.path={mixtral}",
+            "model.tokenizer=configs/models/quickstart",
+            "parallel.expert=2",
+            "parallel.schedule=deepspeed-1f1b",
+        ],
+        4,
+        "parallel.expert=2 with parallel.schedule=deepspeed-1f1b: DeepSpeed's own engine would "
+        "sum different experts' gradients over the data ranks",
+    ),
     (["parallel.expert=0"], 2, "recipe key 'parallel.expert' must be"),
     # issue 24 item 2: DeepSeek-V3's bias update where there is no bias, or no step boundary
     (

@@ -168,6 +168,14 @@ def check_expert_runs(recipe: Recipe, layout: Layout) -> None:
             f"parallel.expert={layout.expert} with peft.type={recipe.peft.type}: LoRA runs do "
             f"not spread experts yet: set parallel.expert=1"
         )
+    if recipe.parallel.schedule == BASELINE:
+        # its stock engine finds no DeepSpeed MoE layer (has_moe_layers stays False), so it
+        # would all-reduce the expert ranks' different experts over every data rank
+        raise RecipeError(
+            f"parallel.expert={layout.expert} with parallel.schedule={BASELINE}: DeepSpeed's own "
+            f"engine would sum different experts' gradients over the data ranks: use "
+            f"parallel.schedule=1f1b (the same order, pp-ext's engine) or parallel.expert=1"
+        )
     if layout.placement == "bidirectional":  # two ranks would save each expert
         raise RecipeError(
             f"parallel.expert={layout.expert} with parallel.schedule={recipe.parallel.schedule}: "
