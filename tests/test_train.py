@@ -309,10 +309,16 @@ BAD_INPUT = [
         "some of its 3-D parameters (experts.down_proj, experts.gate_up_proj)",
     ),
     (
-        ["model.path={gpt_oss}", "model.tokenizer=configs/models/quickstart", "peft.type=lora"],
+        [
+            "model.path={gpt_oss}",
+            "model.tokenizer=configs/models/quickstart",
+            "peft.type=lora",
+            "peft.target_modules=all-linear",
+        ],
         2,
-        "peft.type=lora on a 'gpt_oss' model is not supported yet (LoRA on mixtures of experts is "
-        "checked against peft on mixtral, olmoe, qwen2_moe, qwen3_moe only): set peft.type=none",
+        "peft.target_modules 'all-linear' adapts no expert of this gpt_oss model: PEFT wraps "
+        "linear modules, and its experts are 3-D parameters (experts.down_proj, "
+        "experts.gate_up_proj); set peft.target_parameters=[experts.down_proj,experts.gate_up_proj]",
     ),
     (
         [

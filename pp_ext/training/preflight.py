@@ -250,23 +250,12 @@ def check_positions(recipe: Recipe, config: PretrainedConfig) -> None:
         )
 
 
-# the MoE families whose LoRA (peft's target_parameters on the fused experts) test_peft_training
-# checks against peft; gpt-oss's transposed, biased experts and DeepSeek-V3's are not yet
-LORA_MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
-
-
 def check_peft(recipe: Recipe, config: PretrainedConfig) -> None:
     """The ``peft`` section against the model: its targets match some module (PEFT's rules
     on the full model), none an embedding when the tensor axis cuts it, and ``adapter_path``
     is a LoRA adapter of this rank for this base."""
     if recipe.peft.type == "none":
         return
-    if config.model_type in moe.supported() and config.model_type not in LORA_MOE:
-        raise RecipeError(
-            f"peft.type=lora on a {config.model_type!r} model is not supported yet (LoRA on "
-            f"mixtures of experts is checked against peft on {', '.join(LORA_MOE)} only): set "
-            f"peft.type=none to fine-tune it whole"
-        )
     lora = lora_config(recipe.peft, config)
     try:
         target_names(lora, config)
