@@ -195,6 +195,18 @@ MOE_CONFIGS = {
 ALL_CONFIGS = CONFIGS | MOE_CONFIGS
 
 
+EXPERT_BIASES = ("experts.gate_up_proj_bias", "experts.down_proj_bias")  # gpt-oss's
+
+
+@torch.no_grad()
+def draw_expert_biases(model, std: float) -> None:
+    """gpt-oss's expert biases, which HF initialises to zeros, drawn N(0, std) from torch's
+    generator, so that they count."""
+    for name, param in model.named_parameters():
+        if name.endswith(EXPERT_BIASES):
+            param.normal_(0.0, std)
+
+
 def reference_model(config):
     """transformers' model of ``config`` in float32, with HF's initialisation, except that
     DeepSeek-V3's routers get a nonzero ``e_score_correction_bias`` (HF starts it at zero,

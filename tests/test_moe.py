@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 from hf_checks import TOL, build, ids, max_diff
-from hf_models import MOE_CONFIGS, reference_model
+from hf_models import EXPERT_BIASES, MOE_CONFIGS, draw_expert_biases, reference_model
 
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
 from pp_ext.hf import copy_hf_weights, layer_specs, router_loss_coef
@@ -21,7 +21,6 @@ from pp_ext.training.trainer import Trainer
 
 FAMILIES = sorted(MOE_CONFIGS)
 WITH_AUX_LOSS = [f for f in FAMILIES if f != "deepseek_v3"]
-EXPERT_BIASES = ("experts.gate_up_proj_bias", "experts.down_proj_bias")  # gpt-oss's
 ROUTERS = ("mlp.gate.weight", "mlp.router.weight")  # gpt-oss's is mlp.router
 
 
@@ -33,10 +32,7 @@ def hf_and_chain(family: str, tied: bool = False, **changes):
     for key, value in changes.items():
         setattr(config, key, value)
     hf = reference_model(config)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith(EXPERT_BIASES):
-                param.normal_(0.0, config.initializer_range)
+    draw_expert_biases(hf, config.initializer_range)
     chain = build(layer_specs(config))
     copy_hf_weights(chain.layers, hf.state_dict())
     return hf, chain, config

@@ -13,6 +13,7 @@ from recipe_cases import one_line_error
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pp_ext.config.recipe import load
+from pp_ext.hf import moe
 from pp_ext.peft import (
     PeftError,
     check_adapter,
@@ -21,7 +22,6 @@ from pp_ext.peft import (
     lora_config,
     target_names,
 )
-from pp_ext.training.preflight import LORA_MOE
 
 TARGETS = [
     None,  # PEFT's default for the family
@@ -232,7 +232,7 @@ def test_gpt2_s_conv1d_layers_get_fan_in_fan_out_without_a_warning(recipe_file):
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
-@pytest.mark.parametrize("model_type", LORA_MOE)
+@pytest.mark.parametrize("model_type", moe.supported())
 def test_moe_stages_hold_the_adapters_peft_saves(model_type):
     """On every MoE family the stages' adapters (fused experts through ParamWrapper,
     nested per parameter; peft's v4-name conversion of all-linear with its doubled rank
@@ -246,7 +246,7 @@ def test_moe_stages_hold_the_adapters_peft_saves(model_type):
     from pp_ext.testing.reference import SequentialReference
 
     config = MOE_CONFIGS[model_type](False)
-    for targets, parameters in (("all-linear", EXPERTS), ("all-linear", []), (["q_proj"], EXPERTS)):
+    for targets, parameters in (("all-linear", EXPERTS), ("all-linear", []), (["o_proj"], EXPERTS)):
         lora = LoraConfig(r=2, target_modules=targets, target_parameters=parameters)
         chain = SequentialReference(layer_specs(config), loss_fn=None)
         layers = add_adapters(list(enumerate(chain.layers)), Targets.of(lora, config), 0)
@@ -260,10 +260,13 @@ def test_moe_stages_hold_the_adapters_peft_saves(model_type):
         theirs = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
         assert ours == theirs, (model_type, targets, parameters)
         experts = any(".experts." in key for key in ours)
-        # peft converts all-linear onto the experts of Mixtral, Qwen3-MoE and OLMoE (even
-        # with target_parameters=[]), not Qwen2-MoE's: there only target_parameters adapt them
+        # peft converts all-linear onto the experts of Mixtral, Qwen3-MoE, OLMoE and
+        # DeepSeek-V3 (even with target_parameters=[]), not Qwen2-MoE's or gpt-oss's: there
+        # only target_parameters adapt them
         assert experts == (
-            bool(parameters) or targets == "all-linear" and model_type != "qwen2_moe"
+            bool(parameters)
+            or targets == "all-linear"
+            and model_type not in ("qwen2_moe", "gpt_oss")
         ), experts
 
 
@@ -299,7 +302,7 @@ def test_moe_targets_that_miss_the_experts_are_refused():
         check_experts(lora, MOE_CONFIGS[model_type](False))
 
 
-@pytest.mark.parametrize("model_type", LORA_MOE)
+@pytest.mark.parametrize("model_type", moe.supported())
 def test_moe_adapters_under_peft_keys_load_in_peft_with_the_stages_logits(model_type, tmp_path):
     """The stages' adapters (random, B too) written under their PEFT keys (what the export
     writes, ``peft_keys``) load with ``PeftModel.from_pretrained`` with no missing or

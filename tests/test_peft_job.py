@@ -224,3 +224,50 @@ def test_lora_job_checkpoints_resumes_and_exports(tmp_path, capfd):
     assert not (merged / "base").exists()
     with torch.no_grad():
         assert max_diff(AutoModelForCausalLM.from_pretrained(merged)(x).logits, expected) <= TOL
+
+
+@pytest.mark.slow
+def test_moe_lora_exports_load_in_peft(tmp_path):
+    """DeepSeek-V3 and gpt-oss (issue 24): a LoRA job (aux loss on where HF adds one;
+    attention by target_modules, the fused experts by target_parameters, gpt-oss's
+    expert biases nonzero and frozen) exports an adapter that PEFT loads on its base with
+    no missing or unexpected key and that gives the trained pipeline's logits."""
+    from hf_models import MOE_CONFIGS, draw_expert_biases, reference_model
+    from peft import LoraConfig
+
+    from pp_ext.peft import Targets
+    from pp_ext.testing.spawn import spawn
+
+    families = ("deepseek_v3", "gpt_oss")
+    experts = "peft.target_parameters=[experts.gate_up_proj,experts.down_proj]"
+    adapted = LoraConfig(  # the recipe's peft section: lora(base) and experts
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    bases, cases = {}, []
+    for family in families:
+        config = MOE_CONFIGS[family](False)
+        config.vocab_size = 128  # the quickstart tokenizer's 103 ids
+        config.max_position_embeddings = 128
+        torch.manual_seed(0)
+        bases[family] = reference_model(config).eval()
+        draw_expert_biases(bases[family], config.initializer_range)
+        bases[family].save_pretrained(tmp_path / f"{family}-base")
+        cases.append((family, [*lora(tmp_path / f"{family}-base"), experts]))
+    results = spawn(train_cases, 2, str(tmp_path), cases, timeout=600)[0]
+    assert {name: code for name, (code, _) in results.items()} == dict.fromkeys(families, 0)
+    x = ids()
+    for family in families:
+        config = bases[family].config
+        got, _ = peft_logits(tmp_path / family / "hf", x)
+        config.output_router_logits = False  # the chained layers give the logits alone
+        targets = Targets.of(adapted, config)
+        expected = pipeline_logits(
+            tag(tmp_path / family, 3), bases[family].state_dict(), config, targets, x
+        )
+        assert max_diff(got, expected) <= TOL, family
+        with torch.no_grad():
+            assert max_diff(bases[family](x).logits, expected) > 1e-3, family  # trained

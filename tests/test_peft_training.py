@@ -36,6 +36,15 @@ CASES += [
     ("qwen2_moe", "1f1b", False, 0, "all-linear", None, EXPERTS),
     ("qwen3_moe", "zb-h1", False, 0, ["q_proj", "v_proj"], None, EXPERTS),
     ("olmoe", "1f1b", False, 1, "all-linear", None, None),
+    # DeepSeek-V3 (no router loss, as HF's): peft maps all-linear onto its experts (rank 2r
+    # for gate_up_proj) and router, beside the latent attention's linears (and takes its
+    # shared experts' and dense layer's gate/up/down_proj for the experts' v4 names: no
+    # adapter there, as peft); gpt-oss's transposed, biased experts (biases drawn nonzero)
+    # only by target_parameters
+    ("deepseek_v3", "zb-h1", False, 0, "all-linear", None, None),
+    ("deepseek_v3", "1f1b", True, 1, ["q_b_proj", "kv_b_proj", "o_proj"], None, EXPERTS),
+    ("gpt_oss", "1f1b", False, 0, "all-linear", None, EXPERTS),
+    ("gpt_oss", "zb-h1", True, 1, ["q_proj", "o_proj"], None, EXPERTS),
 ]
 
 
@@ -44,9 +53,8 @@ def run_case(family, schedule, tied, interval, targets, whole, parameters=None) 
     import tempfile
 
     import torch
-    from hf_models import ALL_CONFIGS, CONFIGS
+    from hf_models import ALL_CONFIGS, CONFIGS, draw_expert_biases, reference_model
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
 
     import pp_ext
     from pp_ext.engine.module import ChunkedPipelineModule
@@ -63,7 +71,8 @@ def run_case(family, schedule, tied, interval, targets, whole, parameters=None) 
     config = ALL_CONFIGS[family](tied)
     # an MoE model's last stage returns (logits, aux loss): pp-ext's training loss adds them
     loss_fn = shifted_loss if family in CONFIGS else LanguageModelLoss(router_loss_coef(config))
-    hf = AutoModelForCausalLM.from_config(config).float()
+    hf = reference_model(config)  # DeepSeek-V3's router bias nonzero
+    draw_expert_biases(hf, config.initializer_range)
     base = {k: v.clone() for k, v in hf.state_dict().items()}
     lora = LoraConfig(
         r=4,

@@ -230,6 +230,7 @@ PLACEHOLDERS = {
     ),
     "mixtral": tiny_moe,
     "deepseek_v3": lambda tmp: fake_model(tmp, "deepseek_v3", vocab_size=128, n_routed_experts=8),
+    "mixtral_aux": lambda tmp: tiny_moe(tmp, output_router_logits=True),
     "gpt_oss": lambda tmp: tiny_moe(tmp, "gpt_oss", head_dim=8),
     "vocab50": vocab_50,
     "added": added_token,
@@ -309,10 +310,28 @@ BAD_INPUT = [
         "some of its 3-D parameters (experts.down_proj, experts.gate_up_proj)",
     ),
     (
-        ["model.path={gpt_oss}", "model.tokenizer=configs/models/quickstart", "peft.type=lora"],
+        [
+            "model.path={gpt_oss}",
+            "model.tokenizer=configs/models/quickstart",
+            "peft.type=lora",
+            "peft.target_modules=all-linear",
+        ],
         2,
-        "peft.type=lora on a 'gpt_oss' model is not supported yet (LoRA on mixtures of experts is "
-        "checked against peft on mixtral, olmoe, qwen2_moe, qwen3_moe only): set peft.type=none",
+        "peft.target_modules 'all-linear' adapts no expert of this gpt_oss model: PEFT wraps "
+        "linear modules, and its experts are 3-D parameters (experts.down_proj, "
+        "experts.gate_up_proj); set peft.target_parameters=[experts.down_proj,experts.gate_up_proj]",
+    ),
+    (
+        [
+            "model.path={mixtral_aux}",
+            "model.tokenizer=configs/models/quickstart",
+            "parallel.schedule=deepspeed-1f1b",
+            "parallel.pipeline=3",
+        ],
+        3,
+        "parallel.schedule=deepspeed-1f1b with parallel.pipeline=3 on a 'mixtral' model with its "
+        "router loss on (output_router_logits): DeepSpeed's own engine receives a middle stage's "
+        "router-statistics gradient into an int64 buffer and trains wrong: use 1f1b",
     ),
     # issue 24 item 8: expert parallelism that cannot be laid out
     (
@@ -530,17 +549,24 @@ def test_bad_input_is_one_line_before_any_rank_starts(
 
 def test_the_edges_pass_the_checks_before_launch(tmp_path):
     """A tokenizer whose highest id is the model's last row (the quickstart's, 103 and
-    103), a GPT-2 position table exactly data.seq_len long, and the quickstart's
-    vocabulary of 103 cut 2 ways (padded), are accepted."""
+    103), a GPT-2 position table exactly data.seq_len long, the quickstart's
+    vocabulary of 103 cut 2 ways (padded), and an MoE model with its router loss on
+    under deepspeed-1f1b at pipeline 2 (and 1f1b at 3), are accepted."""
     from pp_ext.config.recipe import load
     from pp_ext.training.preflight import check_before_launch
 
-    for overrides in (
-        [],
-        [f"model.path={gpt2(tmp_path, 64)}", "model.tokenizer=configs/models/quickstart"],
-        ["parallel.pipeline=1", "parallel.tensor=2"],
+    moe = [
+        f"model.path={PLACEHOLDERS['mixtral_aux'](tmp_path)}",
+        "model.tokenizer=configs/models/quickstart",
+    ]
+    for overrides, world in (
+        ([], 2),
+        ([f"model.path={gpt2(tmp_path, 64)}", "model.tokenizer=configs/models/quickstart"], 2),
+        (["parallel.pipeline=1", "parallel.tensor=2"], 2),
+        ([*moe, "parallel.schedule=deepspeed-1f1b"], 2),
+        ([*moe, "parallel.schedule=1f1b", "parallel.pipeline=3"], 3),
     ):
-        check_before_launch(load(RECIPE, [f"output_dir={tmp_path / 'run'}", *overrides]), 2)
+        check_before_launch(load(RECIPE, [f"output_dir={tmp_path / 'run'}", *overrides]), world)
 
 
 @pytest.mark.slow
