@@ -32,6 +32,7 @@ from deepspeed.moe.utils import is_moe_param
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.utils import combine_grad_norm_groups
 from deepspeed.utils import groups
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -143,7 +144,8 @@ def _zero_global_norm(optimizer, norm_type: int = 2) -> torch.Tensor:
     for i, group in enumerate(optimizer.params_in_partition):
         if grads := optimizer.averaged_gradients.get(i):
             gradients, params = gradients + grads, params + group
-    return optimizer.get_grad_norm_direct(gradients, params, norm_type)
+    # an inf/NaN norm comes back as -1: combined as DeepSpeed combines its groups', inf
+    return combine_grad_norm_groups([optimizer.get_grad_norm_direct(gradients, params, norm_type)])
 
 
 class ScheduleEngine(PipelineEngine):
