@@ -34,7 +34,6 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import combine_grad_norm_groups
 from deepspeed.utils import groups
-from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
@@ -107,8 +106,9 @@ def _grads_for_norm(optimizer, for_clipping: bool = False):
     those collectives and the stages that hold experts wait for it. Here every rank sums
     its experts' squares over each expert group of the model (all-reduced within its
     stage, a zero where it has none) and hands the root as one more dense tensor, so the
-    single model-parallel sum counts dense and expert gradients once each (experts are
-    replicated over tensor ranks: tensor rank 0's). With tensor parallelism (Shoeybi et
+    single model-parallel sum counts dense and expert gradients once each (a tensor rank
+    > 0's experts, whole on every tensor rank, are skipped as ``ds_pipe_replicated``
+    copies). With tensor parallelism (Shoeybi et
     al. 2019, Sec. 3) a tensor rank > 0 of a stage holding only replicated weights (a
     final norm) and a tied copy (the LM head) skips them all, and DeepSpeed's
     ``get_global_norm_of_tensors`` cannot stack an empty list (its all-reduce over the
@@ -118,10 +118,9 @@ def _grads_for_norm(optimizer, for_clipping: bool = False):
         return found
     dense, experts = found
     device = optimizer.fp32_groups_flat_partition[0].device
-    counted = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu) == 0
     for name, group in sorted(groups._get_expert_parallel_group_dict().items()):
         squares = torch.zeros(1, dtype=torch.float32, device=device)
-        for grad in experts.get(name, []) if counted else []:
+        for grad in experts.get(name, []):
             squares += grad.detach().float().pow(2).sum()
         dist.all_reduce(squares, group=group)
         dense.append(squares.sqrt())
