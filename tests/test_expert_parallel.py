@@ -114,6 +114,30 @@ def test_expert_parallel_training_equals_hf(tmp_path):
             assert result["param_diff"] <= TOLERANCE, result
 
 
+def test_make_optimizer_puts_experts_in_groups_of_their_own(recipe_file):
+    """The training job's optimizer: expert tensors (DeepSpeed's MoE marks) in a group of
+    their own named by their expert group and marked ``moe``, with the weight decay of the
+    group they came from; dense matrices, and biases and norms, in theirs."""
+    from pp_ext.config.recipe import load
+    from pp_ext.training.optim import make_optimizer
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    experts = torch.nn.Parameter(torch.zeros(2, 4, 4))
+    experts.allreduce, experts.group_name = False, "ep_size_2"
+    module.register_parameter("experts", experts)
+    recipe = load(recipe_file, ["train.weight_decay=0.1"])
+    groups = make_optimizer(recipe, module).param_groups
+    summary = [
+        (g["name"], g.get("moe", False), g["weight_decay"], [p.shape for p in g["params"]])
+        for g in groups
+    ]
+    assert summary == [
+        ("decay", False, 0.1, [(4, 4)]),
+        ("no-decay", False, 0.0, [(4,), (4,), (4,)]),
+        ("ep_size_2", True, 0.1, [(2, 4, 4)]),
+    ]
+
+
 # (pipe, tensor, data) -> (dtype, ZeRO-1) runs of the optimizer test at expert 2: fp32 ZeRO-1,
 # bf16, bf16 with ZeRO-1 (fp32 accumulation); at tensor 2 (experts whole on both tensor
 # ranks, counted once in the norm) fp32 without ZeRO too
