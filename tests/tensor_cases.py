@@ -62,11 +62,13 @@ def pipeline_engine(
     dtype: str = "float32",
     expert: int = 1,
     checkpoint_interval: int = 0,
+    zero: bool = False,
 ):
     """The pp-ext engine of the HF folder ``model`` at ``layout`` (pipe, tensor, data),
-    an MoE model's experts over ``expert`` data ranks, activation checkpointing every
-    ``checkpoint_interval`` layers (0: off), trained by SGD with the tests' clipping; its
-    loss adds an MoE model's router loss."""
+    an MoE model's experts over ``expert`` data ranks (in optimizer groups of their own),
+    activation checkpointing every ``checkpoint_interval`` layers (0: off), trained by SGD
+    with the tests' clipping; its loss adds an MoE model's router loss. ``zero``: ZeRO-1
+    (bf16: with fp32 gradient accumulation, the training job's base)."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     import pp_ext
@@ -74,6 +76,7 @@ def pipeline_engine(
     from pp_ext.hf.loading import load_config
     from pp_ext.schedules import get
     from pp_ext.training.loss import LanguageModelLoss
+    from pp_ext.training.optim import expert_groups
 
     spec, data = get(schedule), layout[2]
     module = build_pipeline_module(
@@ -90,7 +93,9 @@ def pipeline_engine(
     module.loss_fn.tensor_axis = module.tensor_axis
     engine, *_ = pp_ext.initialize(
         model=module,
-        optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
+        optimizer=torch.optim.SGD(
+            expert_groups([{"name": "params", "params": list(module.parameters())}]), lr=0.1
+        ),
         config={
             "train_micro_batch_size_per_gpu": 2,
             "gradient_accumulation_steps": MICRO_BATCHES,
@@ -99,6 +104,15 @@ def pipeline_engine(
             **(
                 {"bf16": {"enabled": True, "immediate_grad_update": False}}
                 if dtype == "bfloat16"
+                else {}
+            ),
+            **(
+                {
+                    "zero_optimization": {"stage": 1},
+                    "zero_allow_untested_optimizer": True,  # SGD, the reference's
+                    "data_types": {"grad_accum_dtype": "fp32"},
+                }
+                if zero
                 else {}
             ),
         },

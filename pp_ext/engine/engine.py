@@ -32,6 +32,8 @@ from deepspeed.moe.utils import is_moe_param
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.utils import combine_grad_norm_groups
+from deepspeed.utils import groups
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pp_ext.autograd.split_backward import WeightGradStore, enable_split_backward
@@ -95,15 +97,54 @@ def forward_only(schedule: Schedule, micro_batches: int) -> Schedule:
 
 
 def _grads_for_norm(optimizer, for_clipping: bool = False):
-    """BF16_Optimizer's gradients for the global norm, with a zero where this rank counts
-    none: with tensor parallelism (Shoeybi et al. 2019, Sec. 3) a tensor rank > 0 of a
-    stage holding only replicated weights (a final norm) and a tied copy (the LM head)
-    skips them all, and DeepSpeed's ``get_global_norm_of_tensors`` cannot stack an
-    empty list (its all-reduce over the model-parallel group must still run here)."""
+    """BF16_Optimizer's gradients for the global norm, the experts' folded in, with a zero
+    where this rank counts none.
+
+    DeepSpeed's step sums the dense gradients' squares over the model-parallel group and
+    then, per expert group this rank holds, the experts' over the pipeline and expert
+    groups: a stage holding no experts (a dense first layer, or only the LM head) skips
+    those collectives and the stages that hold experts wait for it. Here every rank sums
+    its experts' squares over each expert group of the model (all-reduced within its
+    stage, a zero where it has none) and hands the root as one more dense tensor, so the
+    single model-parallel sum counts dense and expert gradients once each (a tensor rank
+    > 0's experts, whole on every tensor rank, are skipped as ``ds_pipe_replicated``
+    copies). With tensor parallelism (Shoeybi et
+    al. 2019, Sec. 3) a tensor rank > 0 of a stage holding only replicated weights (a
+    final norm) and a tied copy (the LM head) skips them all, and DeepSpeed's
+    ``get_global_norm_of_tensors`` cannot stack an empty list (its all-reduce over the
+    model-parallel group must still run here)."""
     found = type(optimizer).get_grads_for_norm(optimizer, for_clipping)
-    if for_clipping or found[0]:  # for clipping: a list of every gradient
+    if for_clipping:  # a list of every gradient
         return found
-    return [torch.zeros(1, device=optimizer.fp32_groups_flat_partition[0].device)], found[1]
+    dense, experts = found
+    device = optimizer.fp32_groups_flat_partition[0].device
+    for name, group in sorted(groups._get_expert_parallel_group_dict().items()):
+        squares = torch.zeros(1, dtype=torch.float32, device=device)
+        for grad in experts.get(name, []):
+            squares += grad.detach().float().pow(2).sum()
+        dist.all_reduce(squares, group=group)
+        dense.append(squares.sqrt())
+    return dense or [torch.zeros(1, device=device)], {}
+
+
+def _zero_global_norm(optimizer, norm_type: int = 2) -> torch.Tensor:
+    """ZeRO-1's global gradient norm from one sum of every group's partition, over the
+    data ranks and then the model-parallel group: DeepSpeed's ``get_grad_norm_direct``
+    on all groups at once. DeepSpeed's ``scaled_global_norm`` runs those two all-reduces
+    once per parameter group, and a stage holding experts has more groups than one
+    holding none (its experts' own, partitioned over the expert-data group), so the
+    stages' model-parallel all-reduces would not pair up. Summed over all data ranks, the
+    expert groups' partitions hold every expert of the stage once (expert x expert-data
+    ranks), as the dense partitions hold every dense parameter once."""
+    if optimizer.cpu_offload:  # its norms are taken on the host as gradients move there
+        return type(optimizer).scaled_global_norm(optimizer, norm_type)
+    gradients: list[torch.Tensor] = []
+    params: list[torch.Tensor] = []
+    for i, group in enumerate(optimizer.params_in_partition):
+        if grads := optimizer.averaged_gradients.get(i):
+            gradients, params = gradients + grads, params + group
+    # an inf/NaN norm comes back as -1: combined as DeepSpeed combines its groups', inf
+    return combine_grad_norm_groups([optimizer.get_grad_norm_direct(gradients, params, norm_type)])
 
 
 class ScheduleEngine(PipelineEngine):
@@ -153,8 +194,11 @@ class ScheduleEngine(PipelineEngine):
                 f"gradients in autograd hooks, which the deferred weight-gradient (W) work does "
                 f'not fire; set "bf16": {{"immediate_grad_update": false}} (the default)'
             )
-        if self.using_bf16_optimizer:  # a rank may count nothing in the norm: see _grads_for_norm
+        # the norm's collectives the same on every stage, with or without experts
+        if self.using_bf16_optimizer:
             self.optimizer.get_grads_for_norm = functools.partial(_grads_for_norm, self.optimizer)
+        elif self.zero_optimization():
+            self.optimizer.scaled_global_norm = functools.partial(_zero_global_norm, self.optimizer)
         # DeepSpeed turns these on with a model axis (Megatron's scattered p2p); pp-ext's own
         # p2p sends whole tensors, and nothing here may take DeepSpeed's partitioned paths
         self.is_pipe_partitioned = self.is_grad_partitioned = False

@@ -166,7 +166,12 @@ def shard(experts: Any, axis: ExpertAxis) -> None:
     whole = experts.num_experts
     split = Split(0, (whole,), axis.size, axis.rank)
     for name in ("gate_up_proj", "down_proj"):
-        param = torch.nn.Parameter(split.take(experts.get_parameter(name).detach()).clone())
+        whole_param = experts.get_parameter(name)
+        param = torch.nn.Parameter(split.take(whole_param.detach()).clone())
+        # experts are whole on every tensor rank: the replaced tensor's mark (counted in
+        # gradient norms on tensor rank 0 only, pp_ext.tp.mark_replicated) carries over
+        if getattr(whole_param, "ds_pipe_replicated", False):
+            setattr(param, "ds_pipe_replicated", True)
         # DeepSpeed's marks of an expert parameter (deepspeed.moe.experts.Experts)
         setattr(param, "allreduce", False)
         setattr(param, "group_name", axis.group_name)

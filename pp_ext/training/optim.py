@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
 from pp_ext.config.schema import Recipe
 from pp_ext.schedules import Kind
@@ -13,22 +14,34 @@ from pp_ext.schedules.registry import ScheduleSpec
 
 def make_optimizer(recipe: Recipe, module: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (or SGD) as torch's own: DeepSpeed's "optimizer" config on CPU would
-    JIT-build FusedAdam for minutes (FACTS). No weight decay on biases and norms."""
+    JIT-build FusedAdam for minutes (FACTS). No weight decay on biases and norms; an MoE
+    model's expert parameters in groups of their own (:func:`expert_groups`)."""
     decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [  # an empty group (LoRA trains matrices only) would be dropped by DeepSpeed
-        group
-        for group in (
-            {"params": decay, "weight_decay": recipe.train.weight_decay},
-            {"params": other, "weight_decay": 0.0},
-        )
-        if group["params"]
-    ]
+    groups = expert_groups(
+        [
+            {"name": "decay", "params": decay, "weight_decay": recipe.train.weight_decay},
+            {"name": "no-decay", "params": other, "weight_decay": 0.0},
+        ]
+    )
     if recipe.train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.train.lr)
     return torch.optim.AdamW(
         groups, lr=recipe.train.lr, betas=tuple(recipe.train.betas), eps=recipe.train.eps
     )
+
+
+def expert_groups(groups: list[dict]) -> list[dict]:
+    """``groups`` (each with a ``name``) with the expert parameters (DeepSpeed's MoE marks,
+    :mod:`pp_ext.moe.dispatch`) moved into groups of their own, as DeepSpeed's
+    ``split_params_into_different_moe_groups_for_optimizer`` moves them: ``'moe': True`` and
+    the expert group's name, by which BF16_Optimizer and ZeRO partition them over the
+    expert-data group (dense groups over all data ranks) and take their norm over the
+    expert group. Groups left empty are dropped (LoRA trains matrices only; DeepSpeed
+    would drop them after the learning-rate schedule counted them)."""
+    if any(is_moe_param(p) for group in groups for p in group["params"]):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [group for group in groups if group["params"]]
 
 
 def warmup_cosine(
