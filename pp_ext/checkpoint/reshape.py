@@ -178,16 +178,45 @@ def load(engine, tag_dir: Path, what_changed: list[str], adapters: Targets | Non
             f"({len(missing)} parameters): is it a checkpoint of this model?"
         )
     optimizer_state.write(engine, wanted)
-    if len(saved_groups) != len(engine.optimizer.param_groups):
-        raise CheckpointError(
-            f"checkpoint {tag_dir} has {len(saved_groups)} optimizer parameter groups, this run "
-            f"{len(engine.optimizer.param_groups)}: resume with the same optimizer"
-        )
-    for group, saved in zip(engine.optimizer.param_groups, saved_groups):
+    groups = engine.optimizer.param_groups
+    sources = group_sources(saved_groups, groups, tag_dir)
+    for group, source in zip(groups, sources):
         # the learning rate in force (the scheduler sets it only at its next step) and the rest
-        group.update({k: v for k, v in saved.items() if k != "params"})
+        kept = ("params", "name", "moe") if group.get("moe") else ("params",)
+        group.update({k: v for k, v in saved_groups[source].items() if k not in kept})
     first = model_states[0]
     if engine.lr_scheduler is not None and first.get("lr_scheduler") is not None:
-        engine.lr_scheduler.load_state_dict(first["lr_scheduler"])
+        scheduler = dict(first["lr_scheduler"])
+        for key in ("base_lrs", "_last_lr"):  # one entry per group: this run's groups
+            if key in scheduler:
+                scheduler[key] = [scheduler[key][source] for source in sources]
+        engine.lr_scheduler.load_state_dict(scheduler)
     engine.global_steps, engine.global_samples = first["global_steps"], first["global_samples"]
     engine.skipped_steps = first["skipped_steps"]
+
+
+def group_sources(saved: list[dict], groups: list[dict], tag_dir: Path) -> list[int]:
+    """For each of this run's optimizer groups, the saved group whose settings (and
+    learning-rate schedule entry) it takes: the one of the same name and origin, else
+    (an expert group that a change of ``parallel.expert`` made or removed,
+    :func:`pp_ext.training.optim.expert_groups`) the saved group of its origin's name.
+    A CheckpointError, one line, where neither exists: another optimizer."""
+
+    def key(group: dict) -> tuple:
+        return group.get("name"), group.get("origin")
+
+    if len(saved) == len(groups) and not any("name" in group for group in saved):
+        return list(range(len(groups)))  # saved before groups had names: by place
+    by_key = {key(group): index for index, group in enumerate(saved)}
+    by_name = {group.get("name"): index for index, group in enumerate(saved)}
+    sources = []
+    for group in groups:
+        source = by_key.get(key(group), by_name.get(group.get("origin")))
+        if source is None:
+            raise CheckpointError(
+                f"checkpoint {tag_dir} has optimizer parameter groups "
+                f"{[g.get('name') for g in saved]}, none of them for this run's "
+                f"{group.get('name')!r}: resume with the same optimizer"
+            )
+        sources.append(source)
+    return sources

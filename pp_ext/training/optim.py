@@ -38,7 +38,11 @@ def expert_groups(groups: list[dict]) -> list[dict]:
     the expert group's name, by which BF16_Optimizer and ZeRO partition them over the
     expert-data group (dense groups over all data ranks) and take their norm over the
     expert group. Groups left empty are dropped (LoRA trains matrices only; DeepSpeed
-    would drop them after the learning-rate schedule counted them)."""
+    would drop them after the learning-rate schedule counted them). Each group keeps the
+    name of the group it came from as ``origin``: a resume under another
+    ``parallel.expert`` gives an expert group its origin's settings
+    (:func:`pp_ext.checkpoint.reshape.group_sources`)."""
+    groups = [{**group, "origin": group["name"]} for group in groups]
     if any(is_moe_param(p) for group in groups for p in group["params"]):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return [group for group in groups if group["params"]]
