@@ -73,6 +73,11 @@ def test_a_one_stage_step_asks_no_more_of_the_host_than_deepspeeds_engine(world,
         ),
         (["--model", "{tiny}", "--expert", "2"], "--expert 2 runs in float32 only for now"),
         (
+            ["--model", "configs/models/smoke-moe", "--expert", "2", "--dtype", "float32"]
+            + ["--layers", "2"],
+            "--expert 2: a stage of pipeline 2 holds no MoE layer of the 2 decoder layers",
+        ),
+        (
             ["--model", "{tiny}", "--device", "cuda"],
             "--device cuda: no CUDA device is visible here",
         ),

@@ -34,7 +34,9 @@ A mixture-of-experts model (:mod:`pp_ext.hf.moe`) runs the same way: both sides 
 transformers' ``grouped_mm`` experts, and with ``output_router_logits`` both add
 ``router_aux_loss_coef`` times the load-balancing loss to the LM loss (HF's model
 itself, pp-ext's :class:`~pp_ext.training.loss.LanguageModelLoss`); the decoder layer
-timed is one MoE layer, its stream carrying the router statistics.
+timed is one MoE layer, its stream carrying the router statistics. With ``expert`` E > 1
+one more row (:func:`expert_steps`): pp-ext at pipeline 2 x data E x expert E on 2 E
+ranks, the same tokens per step, its losses next to pipeline 1's.
 
 Ratios are pp-ext / transformers for the layer (time) and pp-ext / DeepSpeed's engine
 for the step (tokens/s), both medians of the same run.
@@ -67,6 +69,7 @@ from pp_ext.config.recipe import DEEPSPEED_BASES, batch_config
 from pp_ext.data import IGNORE_INDEX
 from pp_ext.engine.boundary import ignore_deepspeed_deprecations
 from pp_ext.engine.initialize import initialize
+from pp_ext.engine.module import partition
 from pp_ext.hf import build_pipeline_module, copy_hf_weights, layer_specs, router_loss_coef
 from pp_ext.hf.common import HFDecoderLayer
 from pp_ext.hf.context import ChunkContext
@@ -140,6 +143,22 @@ class ModelBenchOptions:
             raise ValueError(
                 f"--expert {self.expert} does not divide the {experts} routed experts of "
                 f"{self.model}: give a divisor of {experts}"
+            )
+        specs = layer_specs(config, self.attn_implementation)
+        decoders = [
+            i
+            for i, s in enumerate(specs)
+            if isinstance(s.typename, type) and issubclass(s.typename, HFDecoderLayer)
+        ]
+        sparse = {i for n, i in enumerate(decoders) if moe.sparse(config, n)}
+        chunks = get(self.schedules[0]).default_chunks
+        bounds = partition(specs, 2 * chunks, "uniform")
+        if chunks == 1 and not all(sparse & set(range(a, b)) for a, b in zip(bounds, bounds[1:])):
+            # DeepSpeed's ZeRO then reduces expert norms on the ranks with experts only
+            raise ValueError(
+                f"--expert {self.expert}: a stage of pipeline 2 holds no MoE layer of the "
+                f"{config.num_hidden_layers} decoder layers, where DeepSpeed's ZeRO with expert "
+                f"groups hangs: give more --layers"
             )
 
 
