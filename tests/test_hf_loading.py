@@ -159,6 +159,15 @@ def test_a_stage_reads_only_its_tensors(saved, monkeypatch):
         assert len(reads.files) < len(set(files.values()))
 
 
+def shard_experts(chain: SequentialReference, rank: int) -> None:
+    """Every MoE layer's experts cut to those of ``rank`` in an expert group of 2."""
+    from pp_ext.moe import dispatch, experts
+
+    for module in chain.modules():
+        if isinstance(module, experts.DeferrableExperts):
+            dispatch.shard(module, dispatch.ExpertAxis(2, rank))
+
+
 EXPERT_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 FUSED = ("experts.gate_up_proj", "experts.down_proj")
 
@@ -172,8 +181,6 @@ def test_an_expert_rank_reads_only_its_experts(tmp_path, monkeypatch, family, st
     model holds them: it reads the tensors of its own experts only (fused: rows
     ``2 rank``, ``2 rank + 1`` of dim 0), half of the experts' bytes, and its weights are
     transformers' ``from_pretrained``'s, its experts their rows."""
-    from pp_ext.moe import dispatch, experts
-
     model = hf_model(family, False)
     if stored == "hub":
         model.save_pretrained(tmp_path, max_shard_size=SHARD)
@@ -191,9 +198,7 @@ def test_an_expert_rank_reads_only_its_experts(tmp_path, monkeypatch, family, st
     for rank in range(2):
         own = range(2 * rank, 2 * rank + 2)
         chain = SequentialReference(layer_specs(model.config), loss_fn=None)
-        for module in chain.modules():
-            if isinstance(module, experts.DeferrableExperts):
-                dispatch.shard(module, dispatch.ExpertAxis(2, rank))
+        shard_experts(chain, rank)
         reads = CountingReads()
         monkeypatch.setattr(loading, "safe_open", reads)
         load_hf_weights(chain.layers, tmp_path)
@@ -216,7 +221,9 @@ def test_mxfp4_checkpoint_is_dequantized_per_stage(world, tmp_path, monkeypatch)
     """A gpt-oss checkpoint in the hub's MXFP4 layout: each of 3 stages reads only its
     tensors (an expert weight: its blocks and scales), and the weights are those of
     transformers' ``from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True))``
-    and of the codes the test wrote; in bf16 too, where the logits are its."""
+    and of the codes the test wrote; each rank of an expert group of 2 reads only its
+    experts' rows of the blocks, scales and biases, and gets their rows; in bf16 too,
+    where the logits are its."""
     model = hf_model("gpt_oss", False)
     coded = save_mxfp4(model, tmp_path)
     files = loading.weight_map(tmp_path / "model.safetensors.index.json")
@@ -243,6 +250,23 @@ def test_mxfp4_checkpoint_is_dequantized_per_stage(world, tmp_path, monkeypatch)
         assert reads.files == {str(files[key]) for key in needed}
     ours = layers_by_hf_key(chain.layers)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    for rank in range(2):  # an expert rank of 2: rows of the blocks and scales, biases
+        chain = SequentialReference(layer_specs(loading.load_config(tmp_path)), loss_fn=None)
+        shard_experts(chain, rank)
+        reads = CountingReads()
+        monkeypatch.setattr(loading, "safe_open", reads)
+        load_hf_weights(chain.layers, tmp_path)
+        rows = (slice(2 * rank, 2 * rank + 2),)
+        read_rows = [index if isinstance(index, tuple) else (index,) for _, index in reads.slices]
+        assert all(index == rows for index in read_rows) and sorted(
+            key for key, _ in reads.slices
+        ) == sorted(k for k in files if ".experts." in k)
+        assert not [k for k in reads.tensors if ".experts." in k]  # nothing of them whole
+        ours = layers_by_hf_key(chain.layers)
+        assert all(
+            torch.equal(ours[k], v[rows] if ".experts." in k else v) for k, v in theirs.items()
+        )
 
     monkeypatch.undo()
     module = build_pipeline_module(tmp_path, num_stages=1, dtype="bfloat16")
