@@ -17,7 +17,7 @@
 #      Qwen3-30B-A3B MoE layer (128 experts, 8 per token, its 151936 vocabulary), micro-batches
 #      of 2 x 2048 tokens, 4 per step, bf16 + ZeRO-1: tokens/s of DeepSpeed's engine on
 #      transformers' model and of pp-ext 1f1b at pipeline 1, per-layer F, I, W, B; with 4 GPUs
-#      2 layers in float32, with pp-ext at pipeline 2 x data 2 x expert 2 (--expert 2) beside, its losses
+#      2 layers, with pp-ext at pipeline 2 x data 2 x expert 2 (--expert 2) beside, its losses
 #      next to pipeline 1's;
 #   4. lora.{txt,json}: `pp-ext bench --lora` on 2 GPUs (skipped, said in lora.txt, with
 #      fewer): LoRA r=16 all-linear on the 308M model, bf16, micro-batches of 4 x 2048
@@ -81,12 +81,12 @@ stage "bench 308M (tokens/s, layer)" 180 "$py" -m pp_ext.cli bench --device "$de
 stage "layer at the 8B shape" 90 "$py" -m pp_ext.cli bench --device "$device" "${layer[@]}" \
     --save "$out/layer-8b.json" > "$out/layer-8b.txt" 2>> "$out/bench.log"
 # the MoE bench's pipeline 2 x data 2 x expert 2 row: 4 ranks, one GPU each, or CPU threads
-# (float32: the expert row's bf16 optimizer is not wired yet, `pp-ext bench` says so; on the
-# GPUs 2 layers, one MoE layer per stage, which DeepSpeed's ZeRO with expert groups needs)
+# (on the GPUs 2 layers: an MoE layer on each stage, which DeepSpeed's ZeRO with expert groups
+# needs, `pp-ext bench` says so)
 if [ "$device" = cpu ]; then
     moe+=(--expert 2)
 elif [ "$gpus" -ge 4 ]; then
-    moe+=(--expert 2 --dtype float32 --layers 2)
+    moe+=(--expert 2 --layers 2)
 fi
 stage "MoE: pipeline 1 (and 2 x expert 2) vs DeepSpeed" 180 "$py" -m pp_ext.cli bench --device "$device" \
     "${moe[@]}" --save "$out/moe.json" > "$out/moe.txt" 2>> "$out/bench.log"

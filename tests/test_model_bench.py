@@ -64,17 +64,15 @@ def test_a_one_stage_step_asks_no_more_of_the_host_than_deepspeeds_engine(world,
         (["--model", "{tiny}", "--schedules", "zbw"], "unknown schedule 'zbw'"),
         (["--expert", "2"], "--expert is read by the one-device bench: add --model DIR"),
         (
-            ["--model", "{tiny}", "--expert", "2", "--dtype", "float32"],
+            ["--model", "{tiny}", "--expert", "2"],
             "--expert 2: {tiny} is a dense 'llama' model without routed experts",
         ),
         (
-            ["--model", "{tiny}", "--expert", "3", "--dtype", "float32"],
+            ["--model", "{tiny}", "--expert", "3"],
             "--expert 3 splits the 4 micro-batches over 3 data ranks",
         ),
-        (["--model", "{tiny}", "--expert", "2"], "--expert 2 runs in float32 only for now"),
         (
-            ["--model", "configs/models/smoke-moe", "--expert", "2", "--dtype", "float32"]
-            + ["--layers", "2"],
+            ["--model", "configs/models/smoke-moe", "--expert", "2", "--layers", "2"],
             "--expert 2: a stage of pipeline 2 holds no MoE layer of the 2 decoder layers",
         ),
         (
