@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one-GPU check of issue 16, in one command (about 5 minutes on an H200; each stage has a
-# time limit, 180 + 90 + 240 + 200 s at most), and on a machine with 2 GPUs the LoRA bench of
-# issue 23.
+# time limit, 180 + 90 + 180 + 240 + 200 s at most), on a machine with 2 GPUs the LoRA bench of
+# issue 23, and the MoE bench of issue 24 (its pipeline 2 x expert 2 row with 4 GPUs).
 #
 # On a machine with one GPU (or two), from the repository root, after the device kit:
 #   source .device-kit/setup.sh && OUT=/some/folder bash launch/gpu_check.sh
-# It writes under $OUT (default runs/gpu-check; 9 files, no sub-folders) and prints a
+# It writes under $OUT (default runs/gpu-check; 11 files, no sub-folders) and prints a
 # summary table last:
 #   1. bench-308m.{txt,json}: `pp-ext bench --model configs/models/llama-308m` at the
 #      issue's settings: 16 layers, hidden 1024, vocabulary 32000; micro-batches of
@@ -13,11 +13,17 @@
 #      tokens/s median of steps 4-12 of DeepSpeed's engine on transformers' model and of
 #      pp-ext at pipeline 1 (1f1b, zb-h1); per-layer F, I, W, B at that shape;
 #   2. layer-8b.{txt,json}: per-layer F, I, W, B at the Llama-3.1-8B shape, 4096 tokens;
-#   3. lora.{txt,json}: `pp-ext bench --lora` on 2 GPUs (skipped, said in lora.txt, with
+#   3. moe.{txt,json}: `pp-ext bench --model configs/models/qwen3-30b-a3b --layers 1`: one
+#      Qwen3-30B-A3B MoE layer (128 experts, 8 per token, its 151936 vocabulary), micro-batches
+#      of 2 x 2048 tokens, 4 per step, bf16 + ZeRO-1: tokens/s of DeepSpeed's engine on
+#      transformers' model and of pp-ext 1f1b at pipeline 1, per-layer F, I, W, B; with 4 GPUs
+#      2 layers, with pp-ext at pipeline 2 x data 2 x expert 2 (--expert 2) beside, its losses
+#      next to pipeline 1's;
+#   4. lora.{txt,json}: `pp-ext bench --lora` on 2 GPUs (skipped, said in lora.txt, with
 #      fewer): LoRA r=16 all-linear on the 308M model, bf16, micro-batches of 4 x 2048
 #      tokens, 8 per step; pp-ext pipeline 2 (1f1b, zb-h1, zbv) next to DeepSpeed ZeRO-3 +
 #      peft over 2 data ranks: tokens/s, losses, tokens per step, memory per rank;
-#   4. smoke.log: the GPU smoke suite's single-GPU cases (tests/test_gpu_smoke.py);
+#   5. smoke.log: the GPU smoke suite's single-GPU cases (tests/test_gpu_smoke.py);
 #   bench.log: the benches' stderr; summary.txt: the table printed last, with the
 #   issue's bars (pp-ext 1f1b >= 0.97x DeepSpeed's engine, zb-h1 >= 0.98x 1f1b,
 #   decoder-layer forward within 5 % of transformers').
@@ -38,12 +44,16 @@ if [ "${PP_EXT_GPU_CHECK_TINY:-0}" = 1 ]; then
     big=(--model configs/models/smoke --layers 2 --seq 16 --micro-batch-size 2 --micro-batches 4 --steps 4
          --warmup 1 --repeats 2)
     layer=(--model configs/models/smoke --layers 1 --seq 32 --micro-batch-size 1 --steps 0 --repeats 2)
+    moe=(--model configs/models/smoke-moe --layers 4 --seq 16 --micro-batch-size 2 --micro-batches 4 --steps 2
+         --warmup 1 --repeats 1 --schedules 1f1b --dtype float32)
     lora=(model.path=configs/models/smoke train.micro_batch_size=2 data.seq_len=16 --schedules 1f1b --warmup 0 --repeats 1)
 else
     device=cuda
     big=(--model configs/models/llama-308m --seq 2048 --micro-batch-size 4 --micro-batches 4 --steps 12 --warmup 3
          --repeats 20)
     layer=(--model configs/models/llama-3.1-8b --layers 1 --seq 4096 --micro-batch-size 1 --steps 0 --repeats 20)
+    moe=(--model configs/models/qwen3-30b-a3b --layers 1 --seq 2048 --micro-batch-size 2 --micro-batches 4 --steps 12
+         --warmup 3 --repeats 20 --schedules 1f1b)
     lora=(model.path=configs/models/llama-308m model.dtype=bfloat16 'deepspeed.bases=[zero1-bf16]' peft.r=16
           peft.lora_alpha=32 train.micro_batch_size=4 data.seq_len=2048 parallel.micro_batches=8 --warmup 3 --repeats 10)
 fi
@@ -70,6 +80,16 @@ stage "bench 308M (tokens/s, layer)" 180 "$py" -m pp_ext.cli bench --device "$de
     --save "$out/bench-308m.json" > "$out/bench-308m.txt" 2>> "$out/bench.log"
 stage "layer at the 8B shape" 90 "$py" -m pp_ext.cli bench --device "$device" "${layer[@]}" \
     --save "$out/layer-8b.json" > "$out/layer-8b.txt" 2>> "$out/bench.log"
+# the MoE bench's pipeline 2 x data 2 x expert 2 row: 4 ranks, one GPU each, or CPU threads
+# (on the GPUs 2 layers: an MoE layer on each stage, which DeepSpeed's ZeRO with expert groups
+# needs, `pp-ext bench` says so)
+if [ "$device" = cpu ]; then
+    moe+=(--expert 2)
+elif [ "$gpus" -ge 4 ]; then
+    moe+=(--expert 2 --layers 2)
+fi
+stage "MoE: pipeline 1 (and 2 x expert 2) vs DeepSpeed" 180 "$py" -m pp_ext.cli bench --device "$device" \
+    "${moe[@]}" --save "$out/moe.json" > "$out/moe.txt" 2>> "$out/bench.log"
 if [ "$device" = cpu ] || [ "$gpus" -ge 2 ]; then
     stage "LoRA: pipeline 2 vs ZeRO-3 + peft" 240 "$py" -m pp_ext.cli bench --lora recipes/quickstart.yaml \
         peft.type=lora peft.target_modules=all-linear "${lora[@]}" --save "$out/lora.json" > "$out/lora.txt" \
@@ -124,6 +144,21 @@ for name, report in (("308M", bench), ("8B shape", layer8b)):
                  f"{verdict(lay['forward_ratio'] <= 1.05)}); B {lay['backward_ratio']:.3f}; I {ours['input_grad'] * 1e3:.3f} "
                  f"W {ours['weight_grad'] * 1e3:.3f} B {ours['backward'] * 1e3:.3f} ms, I+W = {lay['split_ratio']:.3f} B; "
                  f"first in chunk {ours['forward_first_in_chunk'] * 1e3:.3f} ms")
+moe = load("moe.json")
+if moe is None:
+    lines.append("MoE bench: no report (see bench.log)")
+else:
+    rows = moe["steps"]
+    lines.append(f"MoE train step, {moe['model_type']} {moe['decoder_layers']} layer(s), {moe['device']}")
+    lines.append(f"{'engine':<22}{'tokens/s':>11}{'vs DS':>8}{'loss 1st':>10}{'last':>8}")
+    for row in rows:
+        lines.append(f"{row['engine']:<22}{row['tokens_per_s']:>11.0f}{row['vs_deepspeed']:>8.3f}"
+                     f"{row['losses'][0]:>10.4f}{row['losses'][-1]:>8.4f}")
+    for row in rows:
+        if "ranks" in row:
+            lines.append(f"MoE {row['ranks']}: losses within {row['loss_vs_pipeline_1']:.1e} of pipeline 1's")
+    if not any("ranks" in row for row in rows):
+        lines.append("MoE pipeline 2 x expert 2 row skipped: it starts 4 ranks, one GPU each")
 lora = load("lora.json")
 if lora is None:
     lines.append("LoRA bench: " + ((out / "lora.txt").read_text().strip() or "no report (see bench.log)"))

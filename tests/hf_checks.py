@@ -98,13 +98,16 @@ def check_packed_sequences(hf_model, run) -> None:
     assert (max_diff(ours[:, 6:], hf_model(x[:, 6:]).logits) <= TOL) == isolated
 
 
+def layers_by_hf_key(layers) -> dict[str, torch.Tensor]:
+    """The tensors of pipeline ``layers`` under their HF names."""
+    return {
+        hf: layer.state_dict()[local] for layer in layers for local, hf in layer.hf_keys().items()
+    }
+
+
 def by_hf_key(module) -> dict[str, torch.Tensor]:
     """The module's tensors under their HF names."""
-    return {
-        hf: layer.state_dict()[local]
-        for layer in loading.local_layers(module)
-        for local, hf in layer.hf_keys().items()
-    }
+    return layers_by_hf_key(loading.local_layers(module))
 
 
 def shifted_loss(logits, labels):

@@ -40,6 +40,8 @@ def test_the_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path):
         "layer-8b.txt",
         "lora.json",
         "lora.txt",
+        "moe.json",
+        "moe.txt",
         "smoke.log",
         "summary.txt",
     ]
@@ -52,6 +54,9 @@ def test_the_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path):
         "layer 308M",
         "layer 8B shape",
         "zero-3 + peft",
+        "MoE train step, qwen3_moe 4 layer(s), cpu",
+        "pp-ext 1f1b p2 e2",
+        "MoE pipe 2 x data 2 x expert 2: losses within",
         "LoRA: same tokens, batch and trainable parameters on every row ok",
         "smoke (single GPU): 2 skipped",
     ):

@@ -10,6 +10,7 @@ whose layers come from disk. ``build_pipeline_module`` runs in a world of one ra
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from hf_checks import (
     check_packed_sequences,
     check_padding,
     ids,
+    layers_by_hf_key,
     logits_and_aux,
     max_diff,
     save_mxfp4,
@@ -55,11 +57,14 @@ def stages(chain: SequentialReference, count: int = 2) -> list[list]:
 
 
 class CountingReads:
-    """``safe_open`` that records which files were opened and which tensors were read."""
+    """``safe_open`` that records which files were opened, which tensors were read whole
+    (``tensors``) or in part (``slices``: key and index), and the bytes read."""
 
     def __init__(self) -> None:
         self.files: set[str] = set()
         self.tensors: list[str] = []
+        self.slices: list[tuple[str, object]] = []
+        self.bytes = 0
 
     def __call__(self, path, *args, **kwargs):
         counter, handle = self, safe_open(path, *args, **kwargs)
@@ -78,7 +83,21 @@ class CountingReads:
 
             def get_tensor(self, key):
                 counter.tensors.append(key)
-                return handle.get_tensor(key)
+                tensor = handle.get_tensor(key)
+                counter.bytes += tensor.nbytes
+                return tensor
+
+            def get_slice(self, key):
+                whole = handle.get_slice(key)
+
+                class Slice:
+                    def __getitem__(self, index):
+                        counter.slices.append((key, index))
+                        part = whole[index]
+                        counter.bytes += part.nbytes
+                        return part
+
+                return Slice()
 
         return Handle()
 
@@ -140,11 +159,71 @@ def test_a_stage_reads_only_its_tensors(saved, monkeypatch):
         assert len(reads.files) < len(set(files.values()))
 
 
+def shard_experts(chain: SequentialReference, rank: int) -> None:
+    """Every MoE layer's experts cut to those of ``rank`` in an expert group of 2."""
+    from pp_ext.moe import dispatch, experts
+
+    for module in chain.modules():
+        if isinstance(module, experts.DeferrableExperts):
+            dispatch.shard(module, dispatch.ExpertAxis(2, rank))
+
+
+EXPERT_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+FUSED = ("experts.gate_up_proj", "experts.down_proj")
+
+
+@pytest.mark.parametrize("stored", ["hub", "fused"])
+@pytest.mark.parametrize("family", EXPERT_FAMILIES)
+def test_an_expert_rank_reads_only_its_experts(tmp_path, monkeypatch, family, stored):
+    """Each rank of an expert group of 2 (4 experts: 2 each) loads from a checkpoint as
+    the hub stores it (save_pretrained: one tensor per expert, Mixtral's
+    ``block_sparse_moe.experts.N.w1``, the others' ``experts.N.gate_proj``) or fused as the
+    model holds them: it reads the tensors of its own experts only (fused: rows
+    ``2 rank``, ``2 rank + 1`` of dim 0), half of the experts' bytes, and its weights are
+    transformers' ``from_pretrained``'s, its experts their rows."""
+    model = hf_model(family, False)
+    if stored == "hub":
+        model.save_pretrained(tmp_path, max_shard_size=SHARD)
+    else:
+        model.config.save_pretrained(tmp_path)
+        fused = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(fused, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    keys = list(loading.weight_map(loading.weights_file(tmp_path)))
+    per_expert = [k for k in keys if re.search(r"\.experts\.\d+\.", k)]
+    assert (stored == "hub") == bool(per_expert) and (stored == "hub") != any(
+        k.endswith(FUSED) for k in keys
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    expert_bytes = sum(v.nbytes for k, v in theirs.items() if k.endswith(FUSED))
+    for rank in range(2):
+        own = range(2 * rank, 2 * rank + 2)
+        chain = SequentialReference(layer_specs(model.config), loss_fn=None)
+        shard_experts(chain, rank)
+        reads = CountingReads()
+        monkeypatch.setattr(loading, "safe_open", reads)
+        load_hf_weights(chain.layers, tmp_path)
+        monkeypatch.undo()
+        whole = [k for k in keys if k not in per_expert and not k.endswith(FUSED)]
+        mine = [k for k in per_expert if int(re.search(r"experts\.(\d+)\.", k)[1]) in own]
+        assert sorted(reads.tensors) == sorted(whole + mine)
+        rows = (slice(own.start, own.stop),)
+        assert sorted(reads.slices) == sorted((k, rows) for k in keys if k.endswith(FUSED))
+        dense = sum(v.nbytes for k, v in theirs.items() if not k.endswith(FUSED))
+        assert reads.bytes == dense + expert_bytes // 2
+        ours = layers_by_hf_key(chain.layers)
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            want = value[own.start : own.stop] if key.endswith(FUSED) else value
+            assert torch.equal(ours[key], want), key
+
+
 def test_mxfp4_checkpoint_is_dequantized_per_stage(world, tmp_path, monkeypatch):
     """A gpt-oss checkpoint in the hub's MXFP4 layout: each of 3 stages reads only its
     tensors (an expert weight: its blocks and scales), and the weights are those of
     transformers' ``from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True))``
-    and of the codes the test wrote; in bf16 too, where the logits are its."""
+    and of the codes the test wrote; each rank of an expert group of 2 reads only its
+    experts' rows of the blocks, scales and biases, and gets their rows; in bf16 too,
+    where the logits are its."""
     model = hf_model("gpt_oss", False)
     coded = save_mxfp4(model, tmp_path)
     files = loading.weight_map(tmp_path / "model.safetensors.index.json")
@@ -169,12 +248,25 @@ def test_mxfp4_checkpoint_is_dequantized_per_stage(world, tmp_path, monkeypatch)
         ]
         assert sorted(reads.tensors) == sorted(needed)
         assert reads.files == {str(files[key]) for key in needed}
-    ours = {
-        hf: layer.state_dict()[local]
-        for layer in chain.layers
-        for local, hf in layer.hf_keys().items()
-    }
+    ours = layers_by_hf_key(chain.layers)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    for rank in range(2):  # an expert rank of 2: rows of the blocks and scales, biases
+        chain = SequentialReference(layer_specs(loading.load_config(tmp_path)), loss_fn=None)
+        shard_experts(chain, rank)
+        reads = CountingReads()
+        monkeypatch.setattr(loading, "safe_open", reads)
+        load_hf_weights(chain.layers, tmp_path)
+        rows = (slice(2 * rank, 2 * rank + 2),)
+        read_rows = [index if isinstance(index, tuple) else (index,) for _, index in reads.slices]
+        assert all(index == rows for index in read_rows) and sorted(
+            key for key, _ in reads.slices
+        ) == sorted(k for k in files if ".experts." in k)
+        assert not [k for k in reads.tensors if ".experts." in k]  # nothing of them whole
+        ours = layers_by_hf_key(chain.layers)
+        assert all(
+            torch.equal(ours[k], v[rows] if ".experts." in k else v) for k, v in theirs.items()
+        )
 
     monkeypatch.undo()
     module = build_pipeline_module(tmp_path, num_stages=1, dtype="bfloat16")

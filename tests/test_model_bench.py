@@ -62,6 +62,15 @@ def test_a_one_stage_step_asks_no_more_of_the_host_than_deepspeeds_engine(world,
         ),
         (["--model", "/no/such/model"], "model folder /no/such/model does not exist"),
         (["--model", "{tiny}", "--schedules", "zbw"], "unknown schedule 'zbw'"),
+        (["--expert", "2"], "--expert is read by the one-device bench: add --model DIR"),
+        (
+            ["--model", "{tiny}", "--expert", "2"],
+            "--expert 2: {tiny} is a dense 'llama' model without routed experts",
+        ),
+        (
+            ["--model", "{tiny}", "--expert", "3"],
+            "--expert 3 splits the 4 micro-batches over 3 data ranks",
+        ),
         (
             ["--model", "{tiny}", "--device", "cuda"],
             "--device cuda: no CUDA device is visible here",
@@ -73,6 +82,7 @@ def test_bench_model_refuses_bad_input_before_launching(capsys, tiny, args, mess
         pytest.skip("a CUDA device is visible")
     assert main(["bench", *(a.format(tiny=tiny) for a in args)]) == 2
     err = capsys.readouterr().err
+    message = message.format(tiny=tiny)
     assert (
         err.startswith("pp-ext: error: ") and message in err and len(err.strip().splitlines()) == 1
     )
@@ -144,13 +154,16 @@ def test_bench_model_runs_an_moe_model_beside_deepspeeds_engine(capsys, tmp_path
     layer dense), fp32: DeepSpeed's engine on transformers' model and pp-ext at pipeline
     1 train to the same losses, step after step, within 1e-5 (HF's loss adds the aux
     loss itself, pp-ext's LanguageModelLoss from the stream); the timed layer is an MoE
-    layer; each row has tokens/s and a peak memory."""
+    layer; each row has tokens/s and a peak memory. Qwen3-MoE adds the row of pipeline 2
+    x data 2 x expert 2 (4 ranks, ZeRO-1 over the data ranks with DeepSpeed's MoE
+    groups, each data rank half the micro-batches): the same losses too."""
     from hf_models import MOE_CONFIGS
 
     MOE_CONFIGS[family](False).save_pretrained(tmp_path / "model")
     saved = tmp_path / "bench.json"
     args = ["--model", str(tmp_path / "model"), "--device", "cpu", "--dtype", "float32"]
     args += ["--seq", "16", "--micro-batch-size", "2", "--steps", "3", "--warmup", "1"]
+    args += ["--expert", "2"] if family == "qwen3_moe" else []
     assert main(["bench", *args, "--repeats", "2", "--save", str(saved)]) == 0
     report = json.loads(saved.read_text())
     assert report["model_type"] == family
@@ -160,10 +173,19 @@ def test_bench_model_runs_an_moe_model_beside_deepspeeds_engine(capsys, tmp_path
         "deepspeed (HF model)",
         "pp-ext 1f1b",
         "pp-ext zb-h1",
-    ]
+    ] + (["pp-ext 1f1b p2 e2"] if family == "qwen3_moe" else [])
     reference = rows[0]["losses"]
     assert len(reference) == 3 and reference[0] != reference[-1]  # it trains
     for row in rows[1:]:
         assert row["losses"] == pytest.approx(reference, rel=1e-5, abs=1e-5), row["engine"]
-    assert all(row["tokens_per_s"] > 0 and row["peak_step_mib"] > 0 for row in rows)
-    assert "peak MiB" in capsys.readouterr().out
+    assert all(row["tokens_per_s"] > 0 for row in rows)
+    assert all(row["peak_step_mib"] > 0 for row in rows[:3])
+    table = capsys.readouterr().out
+    assert "peak MiB" in table
+    if family == "qwen3_moe":
+        expert_row = rows[-1]
+        assert expert_row["ranks"] == "pipe 2 x data 2 x expert 2"
+        assert expert_row["loss_vs_pipeline_1"] == max(
+            abs(a - b) for a, b in zip(expert_row["losses"], rows[1]["losses"])
+        )
+        assert "pp-ext 1f1b p2 e2: pipe 2 x data 2 x expert 2 (4 ranks" in table

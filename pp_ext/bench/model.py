@@ -34,7 +34,9 @@ A mixture-of-experts model (:mod:`pp_ext.hf.moe`) runs the same way: both sides 
 transformers' ``grouped_mm`` experts, and with ``output_router_logits`` both add
 ``router_aux_loss_coef`` times the load-balancing loss to the LM loss (HF's model
 itself, pp-ext's :class:`~pp_ext.training.loss.LanguageModelLoss`); the decoder layer
-timed is one MoE layer, its stream carrying the router statistics.
+timed is one MoE layer, its stream carrying the router statistics. With ``expert`` E > 1
+one more row (:func:`expert_steps`): pp-ext at pipeline 2 x data E x expert E on 2 E
+ranks, the same tokens per step, its losses next to pipeline 1's.
 
 Ratios are pp-ext / transformers for the layer (time) and pp-ext / DeepSpeed's engine
 for the step (tokens/s), both medians of the same run.
@@ -51,7 +53,9 @@ from dataclasses import asdict, dataclass
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
@@ -61,6 +65,7 @@ from pp_ext.bench.lora import step_peak
 from pp_ext.bench.measure import median_time, time_passes
 from pp_ext.config.recipe import DEEPSPEED_BASES, batch_config
 from pp_ext.data import IGNORE_INDEX
+from pp_ext.engine.boundary import ignore_deepspeed_deprecations
 from pp_ext.engine.initialize import initialize
 from pp_ext.hf import build_pipeline_module, copy_hf_weights, layer_specs, router_loss_coef
 from pp_ext.hf.common import HFDecoderLayer
@@ -72,6 +77,7 @@ from pp_ext.moe.router_loss import empty_statistics
 from pp_ext.schedules import get
 from pp_ext.testing.spawn import spawn
 from pp_ext.training.loss import LanguageModelLoss
+from pp_ext.training.optim import expert_groups
 
 BASELINE = "deepspeed (HF model)"
 
@@ -87,6 +93,7 @@ class ModelBenchOptions:
     steps: int = 12  # rounds of train steps (0: per-layer timings only)
     warmup: int = 3  # first rounds left out of the medians
     schedules: tuple[str, ...] = ("1f1b", "zb-h1")
+    expert: int = 1  # > 1: also the row of pipeline 2 x data E x expert E (2 E ranks)
     layer_repeats: int = 20
     dtype: str = "bfloat16"
     attn_implementation: str | None = None
@@ -103,6 +110,32 @@ class ModelBenchOptions:
             )
         for name in self.schedules:
             get(name)
+        if self.expert > 1:
+            if not self.steps:
+                raise ValueError(
+                    f"--expert {self.expert} adds a train-step row: give --steps above --warmup"
+                )
+            if self.micro_batches % self.expert:
+                raise ValueError(
+                    f"--expert {self.expert} splits the {self.micro_batches} micro-batches over "
+                    f"{self.expert} data ranks: give --micro-batches a multiple of {self.expert}"
+                )
+
+    def check_model(self, config) -> None:
+        """One ValueError line for an expert row the model cannot run."""
+        if self.expert == 1:
+            return
+        moe = MOE_FAMILIES.get(config.model_type)
+        if moe is None:
+            raise ValueError(
+                f"--expert {self.expert}: {self.model} is a dense {config.model_type!r} model "
+                f"without routed experts: drop --expert, or give an MoE model"
+            )
+        if (experts := moe.num_experts(config)) % self.expert:
+            raise ValueError(
+                f"--expert {self.expert} does not divide the {experts} routed experts of "
+                f"{self.model}: give a divisor of {experts}"
+            )
 
 
 def bench_config(options: ModelBenchOptions):
@@ -189,12 +222,13 @@ class StepCounts:
 # --------------------------------------------------------------------------- the engines
 
 
-def deepspeed_config(options: ModelBenchOptions) -> dict:
-    """The training job's ``zero1-bf16`` base (fp32 ones for ``float32``) with the bench's sizes."""
+def deepspeed_config(options: ModelBenchOptions, data: int = 1) -> dict:
+    """The training job's ``zero1-bf16`` base (fp32 ones for ``float32``) with the bench's
+    sizes: its micro-batches shared by ``data`` data ranks (the same tokens per step)."""
     base = "zero1-bf16" if options.dtype == "bfloat16" else "zero1-fp32"
     config = json.loads((DEEPSPEED_BASES / f"{base}.json").read_text())
     config.update(
-        batch_config(options.micro_batch_size, options.micro_batches, 1),
+        batch_config(options.micro_batch_size, options.micro_batches // data, data),
         gradient_clipping=options.grad_clip,
         steps_per_print=10**9,
     )
@@ -251,14 +285,23 @@ def deepspeed_engine(model, options: ModelBenchOptions):
     return engine, step
 
 
-def pp_ext_engine(config, state_dict, schedule: str, options: ModelBenchOptions):
-    """pp-ext's engine at pipeline 1 on ``config``'s layers holding ``state_dict`` (the
-    HF model's weights), and a step function."""
+def pp_ext_engine(config, state_dict, schedule: str, options: ModelBenchOptions, expert: int = 1):
+    """pp-ext's engine on ``config``'s layers holding ``state_dict`` (the HF model's
+    weights), and a step function: at pipeline 1, or with ``expert`` > 1 at pipeline 2 x
+    data ``expert`` x expert ``expert`` (each rank holding its experts)."""
     spec = get(schedule)
     loss = LanguageModelLoss(router_loss_coef(config))
+    layout = (
+        {"num_stages": 1}
+        if expert == 1
+        else {
+            "topology": PipeModelDataParallelTopology(2, 1, expert),
+            "expert": expert,
+        }
+    )
     module = build_pipeline_module(
         config,
-        num_stages=1,
+        **layout,
         chunks=spec.default_chunks,
         placement=spec.placement,
         partition_method="uniform",
@@ -268,18 +311,28 @@ def pp_ext_engine(config, state_dict, schedule: str, options: ModelBenchOptions)
         seed=options.seed,
     )
     copy_hf_weights(local_layers(module), state_dict)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=options.lr)
+    # ZeRO partitions expert parameters in groups of their own (DeepSpeed-MoE's), as training
+    params = expert_groups([{"params": list(module.parameters()), "name": "dense"}])
+    optimizer = torch.optim.AdamW(params, lr=options.lr)
     engine, *_ = initialize(
-        model=module, optimizer=optimizer, config=deepspeed_config(options), schedule=schedule
+        model=module,
+        optimizer=optimizer,
+        config=deepspeed_config(options, data=expert),
+        schedule=schedule,
     )
     return engine, lambda data: engine.train_batch(iter(data))
+
+
+def initial_state(config, options: ModelBenchOptions, device) -> tuple:
+    """The HF model and a CPU copy of its initial weights."""
+    model = hf_model(config, options, device)
+    return model, {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
 
 
 def build_engines(config, options: ModelBenchOptions, device) -> dict:
     """{name: (engine, step)}: DeepSpeed's engine on the HF model first, then pp-ext's
     for each schedule, all from the HF model's initial weights."""
-    model = hf_model(config, options, device)
-    state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+    model, state = initial_state(config, options, device)
     engines = {BASELINE: deepspeed_engine(model, options)}
     for schedule in options.schedules:
         engines[f"pp-ext {schedule}"] = pp_ext_engine(config, state, schedule, options)
@@ -296,7 +349,7 @@ def count_step(step, data) -> dict:
 def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
     """One row per engine: tokens/s median over the timed rounds, step times, each
     step's loss and the counts and peak memory of one more step."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     engines = build_engines(config, options, device)
     data = batches(options, config.vocab_size)
     times: dict[str, list[float]] = {name: [] for name in engines}
@@ -311,7 +364,7 @@ def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
             sync()
             times[name].append(time.perf_counter() - start)
             losses[name].append(float(loss))
-    tokens = options.micro_batch_size * options.seq * options.micro_batches
+    tokens = tokens_per_step(options)
     rows = []
     for name, (engine, step) in engines.items():
         timed = times[name][options.warmup :]
@@ -327,15 +380,72 @@ def train_steps(config, options: ModelBenchOptions, device) -> list[dict]:
                 "peak_step_mib": step_peak(lambda: step(data), device)[1] / 2**20,
             }
         )
+    return rows
+
+
+def ratios(rows: list[dict]) -> None:
+    """Each row's tokens/s over DeepSpeed's (the first row) and pp-ext's rows' over pp-ext
+    1f1b's at pipeline 1; an expert row's largest loss difference from its schedule's
+    pipeline-1 row."""
     base = rows[0]["tokens_per_s"]
-    one_f_one_b = next(
-        (row["tokens_per_s"] for row in rows if row["engine"] == "pp-ext 1f1b"), None
-    )
+    by_name = {row["engine"]: row for row in rows}
+    one_f_one_b = by_name.get("pp-ext 1f1b", {}).get("tokens_per_s")
     for row in rows:
         row["vs_deepspeed"] = row["tokens_per_s"] / base
         if one_f_one_b is not None and row["engine"].startswith("pp-ext"):
             row["vs_1f1b"] = row["tokens_per_s"] / one_f_one_b
-    return rows
+        if "ranks" in row:
+            pipeline_1 = by_name[row["engine"].rsplit(" p2 ", 1)[0]]["losses"]
+            row["loss_vs_pipeline_1"] = max(
+                abs(a - b) for a, b in zip(row["losses"], pipeline_1, strict=True)
+            )
+
+
+def expert_steps(rank: int, world: int, options: ModelBenchOptions) -> dict | None:
+    """The row of pp-ext at pipeline 2 x data E x expert E (``options.expert``; 2 E ranks,
+    the first schedule), from the HF model's same initial weights (each rank builds them
+    under the seed and keeps its layers and experts) on the same micro-batches, E data
+    ranks taking every E-th: the same tokens per step, so its tokens/s and losses stand
+    beside the pipeline-1 rows. A step's time is the slowest rank's."""
+    ignore_deepspeed_deprecations()  # ZeRO over 2 or more data ranks
+    device = bench_device(options)
+    config = bench_config(options)
+    _, state = initial_state(config, options, device)
+    schedule, sync = options.schedules[0], device_sync(device)
+    engine, step = pp_ext_engine(config, state, schedule, options, expert=options.expert)
+    del state
+    data = batches(options, config.vocab_size)[
+        engine.grid.get_data_parallel_rank() :: options.expert
+    ]
+    times, losses = [], []
+    for _ in range(options.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        losses.append(float(step(data)))  # every rank's: the mean over all data ranks
+        sync()
+        elapsed = torch.tensor([time.perf_counter() - start], device=device)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(float(elapsed))
+    if rank:
+        return None
+    timed = times[options.warmup :]
+    return {
+        "engine": f"pp-ext {schedule} p2 e{options.expert}",
+        "ranks": f"pipe 2 x data {options.expert} x expert {options.expert}",
+        "tokens_per_s": tokens_per_step(options) / statistics.median(timed),
+        "step_time_s": statistics.median(timed),
+        "step_times_s": times,
+        "first_loss": losses[0],
+        "losses": losses,
+    }
+
+
+def tokens_per_step(options: ModelBenchOptions) -> int:
+    return options.micro_batch_size * options.seq * options.micro_batches
+
+
+def device_sync(device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 # --------------------------------------------------------------------------- one layer
@@ -380,7 +490,7 @@ def layer_timings(config, options: ModelBenchOptions, device) -> dict:
     }
     if ours.rotary_emb is not None:
         kwargs["position_embeddings"] = context.rotary(ours.rotary_emb, x, ours.rope_kwargs)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
 
     def timed(forward):
         def run():
@@ -449,8 +559,12 @@ def describe(device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def bench_device(options: ModelBenchOptions) -> torch.device:
+    return torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def worker(rank: int, world: int, options: ModelBenchOptions) -> dict:
-    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench_device(options)
     config = bench_config(options)
     report = {
         "options": {**asdict(options), "schedules": list(options.schedules)},
@@ -470,8 +584,14 @@ def worker(rank: int, world: int, options: ModelBenchOptions) -> dict:
 def run(options: ModelBenchOptions) -> dict:
     """The report of one run, in a process of its own (a world of one rank)."""
     options.check()
-    bench_config(options)  # a missing folder or unknown model fails here, in this process
-    return spawn(worker, 1, options)[0]
+    # a missing folder, an unknown model, an expert row it cannot run: here, in this process
+    options.check_model(bench_config(options))
+    report = spawn(worker, 1, options)[0]
+    if "steps" in report:
+        if options.expert > 1:  # its ranks after the one-device run: no engine shares a core
+            report["steps"].append(spawn(expert_steps, 2 * options.expert, options)[0])
+        ratios(report["steps"])
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -514,9 +634,20 @@ def format_report(report: dict) -> str:
         ]
         for row in report["steps"]:
             vs = f"{row['vs_1f1b']:.3f}" if "vs_1f1b" in row else "-"
+            counts = (
+                f"{row['host_reads']:>7}{row['synchronizations']:>7}{row['aten_ops']:>10}"
+                f"{row['peak_step_mib']:>10.1f}"
+                if "aten_ops" in row
+                else f"{'-':>7}{'-':>7}{'-':>10}{'-':>10}"
+            )
             lines.append(
                 f"{row['engine']:<22}{row['tokens_per_s']:>12.1f}{row['vs_deepspeed']:>8.3f}{vs:>9}"
-                f"{row['step_time_s']:>9.4f}{row['first_loss']:>10.4f}{row['host_reads']:>7}"
-                f"{row['synchronizations']:>7}{row['aten_ops']:>10}{row['peak_step_mib']:>10.1f}"
+                f"{row['step_time_s']:>9.4f}{row['first_loss']:>10.4f}{counts}"
             )
+        lines += [
+            f"{row['engine']}: {row['ranks']} ({2 * opts['expert']} ranks after the rows above, "
+            f"the same tokens per step), losses within {row['loss_vs_pipeline_1']:.2e} of pipeline 1's"
+            for row in report["steps"]
+            if "ranks" in row
+        ]
     return "\n".join(lines)

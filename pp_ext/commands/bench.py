@@ -34,7 +34,7 @@ SCHEDULE_BENCH_ONLY = (
     "auto_candidates",
     "auto_trials",
 )
-MODEL_BENCH_ONLY = ("device", "layers", "steps", "dtype", "save")
+MODEL_BENCH_ONLY = ("device", "layers", "steps", "dtype", "expert", "save")
 # what the LoRA bench reads besides --schedules and --json; its sizes are the recipe's
 LORA_BENCH_READS = ("warmup", "repeats", "save")
 RECIPE_KEYS = {
@@ -160,6 +160,14 @@ def add_parser(subparsers) -> None:
         help="rounds of train steps, every engine once a round (default 12; 0: the layer only)",
     )
     model.add_argument("--dtype", choices=("bfloat16", "float32"), help="default bfloat16")
+    model.add_argument(
+        "--expert",
+        type=positive_int,
+        metavar="E",
+        help="an MoE model: also a row of pp-ext at pipeline 2 x data E x expert E (2 E local "
+        "ranks, one GPU each or CPU threads; the first schedule), the same tokens per step, its "
+        "losses next to pipeline 1's",
+    )
     model.add_argument("--save", metavar="FILE", help="also write the report as JSON to FILE")
     lora = parser.add_argument_group(
         "LoRA against ZeRO-3 (--lora)",
@@ -342,6 +350,13 @@ def run_model_bench(args: argparse.Namespace) -> int:
             raise CommandError(
                 "--device cuda: no CUDA device is visible here; use --device cpu (small sizes)"
             )
+    expert = args.expert or 1
+    if expert > 1 and 0 < torch.cuda.device_count() < 2 * expert:
+        raise CommandError(
+            f"--expert {expert} starts {2 * expert} local ranks, one GPU each, and "
+            f"{torch.cuda.device_count()} is visible: drop --expert, run on a machine with "
+            f"{2 * expert} GPUs, or on the CPU with CUDA_VISIBLE_DEVICES="
+        )
     names = (
         tuple(n.strip() for n in args.schedules.split(",") if n.strip()) if args.schedules else None
     )
@@ -357,6 +372,7 @@ def run_model_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         layer_repeats=args.repeats,
         dtype=args.dtype or "bfloat16",
+        expert=expert,
         **extra,
     )
     return _report(args, run, options, format_report)

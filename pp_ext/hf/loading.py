@@ -101,11 +101,13 @@ def _unique(layers: Iterable[nn.Module]) -> list[nn.Module]:
 def load_hf_weights(layers: Iterable[nn.Module], model_dir: str | Path) -> None:
     """Copy into ``layers`` their tensors from the HF folder ``model_dir``, reading
     nothing else: a shard is opened only if it holds a needed tensor, and only the
-    needed tensors (a tensor-parallel rank: only its part of each) are read, one layer at a time (so at most one layer's tensors are
-    held beside the layers). Checkpoint keys are renamed as ``from_pretrained`` renames
-    them (:func:`~pp_ext.hf.weights.model_sources`: one tensor per expert merged into the
-    fused experts as transformers merges them, MXFP4 experts dequantized by transformers'
-    own converter); each tensor is cast to the dtype of the layer's own."""
+    needed tensors (a tensor-parallel rank: only its part of each; an expert rank: only its
+    experts, whether stored fused or one tensor per expert) are read, one layer at a time
+    (so at most one layer's tensors are held beside the layers). Checkpoint keys are
+    renamed as ``from_pretrained`` renames them (:func:`~pp_ext.hf.weights.model_sources`:
+    one tensor per expert merged into the fused experts as transformers merges them, MXFP4
+    experts dequantized by transformers' own converter); each tensor is cast to the dtype
+    of the layer's own."""
     source = weights_file(model_dir)
     files = weight_map(source)
     config = load_config(model_dir)
@@ -119,25 +121,28 @@ def load_hf_weights(layers: Iterable[nn.Module], model_dir: str | Path) -> None:
                 handles[files[key]] = stack.enter_context(safe_open(files[key], framework="pt"))
             return handles[files[key]]
 
+        def read(key: str, rows: slice | None) -> torch.Tensor:
+            return opened(key).get_tensor(key) if rows is None else opened(key).get_slice(key)[rows]
+
         for layer in _unique(layers):
             tensors, keys = {}, hf_keys(layer)
-            sharded = {
-                keys[local] for local in tp.splits(layer)
-            }  # read as slices: only this rank's part
+            sharded = {keys[local] for local in tp.splits(layer)}  # only this rank's part read
+            experts = {  # an expert rank's part of the fused experts (pp_ext.moe.dispatch)
+                keys[local]: param.expert_split
+                for local, param in layer.named_parameters()
+                if hasattr(param, "expert_split")
+            }
             for name in keys.values():
                 if name not in sources:
                     raise KeyError(
                         f"{source} has no tensor {name!r}, needed by {type(layer).__name__}: the folder's "
                         f"weights do not match its config (or this family's key mapping)"
                     )
-                # per-expert tensors merged by transformers' converter are read whole (the
-                # converter stacks tensors), then cut
-                sliced = name in sharded and sources[name].converter is None
-
-                def get(key: str, sliced: bool = sliced):
-                    return opened(key).get_slice(key) if sliced else opened(key).get_tensor(key)
-
-                tensors[name] = sources[name].read(name, get, model)
+                if sources[name].converter is None and name in sharded:
+                    key = sources[name].stored()[0]  # a slice, of which Split.take reads its part
+                    tensors[name] = opened(key).get_slice(key)
+                else:  # converted tensors (merged experts, MXFP4): an expert rank's experts only
+                    tensors[name] = sources[name].read(name, read, model, experts.get(name))
             copy_hf_weights([layer], tensors)
 
 

@@ -28,6 +28,7 @@ from transformers.quantizers import AutoHfQuantizer, HfQuantizer
 from transformers.utils.quantization_config import Mxfp4Config
 
 from pp_ext import tp
+from pp_ext.tp import Split
 
 
 def copy_hf_weights(layers: Iterable[nn.Module], state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -90,6 +91,24 @@ def _converters(model: PreTrainedModel, quantizer: HfQuantizer | None = None) ->
     )
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Rows ``start`` ... ``start + len(part) - 1`` (dim 0) of a tensor, the only ones read:
+    an expert rank's experts, converted from the checkpoint's tensors of those experts
+    alone. It stands for the whole tensor where :meth:`pp_ext.tp.Split.take` cuts this
+    rank's part, and refuses any other rows (they were never read)."""
+
+    part: torch.Tensor
+    start: int
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows, *rest = index if isinstance(index, tuple) else (index,)
+        stop = self.start + self.part.shape[0]
+        if not (isinstance(rows, slice) and self.start <= rows.start and rows.stop <= stop):
+            raise IndexError(f"rows {rows} of a tensor of which rows {self.start}:{stop} were read")
+        return self.part[(slice(rows.start - self.start, rows.stop - self.start),) + tuple(rest)]
+
+
 @dataclass
 class Source:
     """The checkpoint tensors a model tensor is read from: one key, renamed at most
@@ -103,18 +122,45 @@ class Source:
     def stored(self) -> list[str]:
         return [key for keys in self.keys.values() for key in keys]
 
-    def read(self, name: str, get: Callable[[str], object], model: PreTrainedModel):
-        """The tensor ``name`` from the checkpoint's, ``get(key)`` reading one (a tensor, or
-        a safetensors slice when nothing is converted)."""
+    def read(
+        self,
+        name: str,
+        get: Callable[[str, slice | None], torch.Tensor],
+        model: PreTrainedModel,
+        experts: Split | None = None,
+    ) -> torch.Tensor | Rows:
+        """The tensor ``name`` converted from the checkpoint's, ``get(key, rows)`` reading
+        one checkpoint tensor (``rows`` None: whole). With ``experts`` (an expert rank's
+        :class:`~pp_ext.tp.Split` of dim 0) only that rank's experts are read, as
+        transformers' expert-parallel loading picks them (a tensor's place in its
+        pattern's list is its expert, ``tensor_idx``): of one tensor per expert those of
+        its experts, of one stored fused (gpt-oss's MXFP4 blocks and scales) its rows; the
+        result is then their :class:`Rows`. Without a converter: the one tensor, whole."""
         if self.converter is None:
-            return get(self.stored()[0])
+            return get(self.stored()[0], None)
+        rows, whole = None, 0
+        if experts is not None:
+            whole = experts.sections[0]
+            local = whole // experts.size
+            rows = slice(experts.rank * local, (experts.rank + 1) * local)
         converter = copy.deepcopy(self.converter)  # collects this tensor's sources only
         for pattern, keys in self.keys.items():
-            for key in keys:  # a callable: transformers' synchronous loading calls it
+            if rows is not None and len(keys) not in (1, whole):
+                raise ValueError(
+                    f"{name}: the checkpoint holds {len(keys)} tensors of {pattern!r} for "
+                    f"{whole} experts: its weights do not match its config"
+                )
+            # one tensor per expert: this rank's; one fused tensor: its rows
+            if rows is None or len(keys) == 1:
+                chosen = [(key, rows) for key in keys]
+            else:
+                chosen = [(key, None) for key in keys[rows.start : rows.stop]]
+            for key, part in chosen:  # a callable: transformers' synchronous loading calls it
                 # patterns are str wherever there is a converter; the callable where
                 # transformers annotates a Future is what its synchronous loading takes
-                converter.add_tensor(name, key, pattern, functools.partial(get, key))  # type: ignore[arg-type]
-        return converter.convert(name, model=model, config=model.config)[name]
+                converter.add_tensor(name, key, pattern, functools.partial(get, key, part))  # type: ignore[arg-type]
+        value = converter.convert(name, model=model, config=model.config)[name]
+        return value if rows is None else Rows(value, rows.start)
 
 
 def model_sources(

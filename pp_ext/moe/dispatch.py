@@ -151,7 +151,7 @@ class ShardedExperts(DeferrableExperts):
 
 def shard(experts: Any, axis: ExpertAxis) -> None:
     """Keep only this rank's ``num_experts / axis.size`` experts of ``experts`` (made
-    deferrable), each fused tensor's part marked for loading (``tp_split``'s
+    deferrable), each fused tensor's part (and bias's, where the experts have them) marked for loading (``tp_split``'s
     :class:`~pp_ext.tp.Split` on the expert dimension, read as slices) and as DeepSpeed's
     MoE parameters; a no-op with one rank."""
     if axis.size == 1:
@@ -165,7 +165,9 @@ def shard(experts: Any, axis: ExpertAxis) -> None:
     experts._expert_axis = axis
     whole = experts.num_experts
     split = Split(0, (whole,), axis.size, axis.rank)
-    for name in ("gate_up_proj", "down_proj"):
+    # gpt-oss's per-expert biases too: a row per expert, indexed by local expert ids
+    biases = ("gate_up_proj_bias", "down_proj_bias") if experts.has_bias else ()
+    for name in ("gate_up_proj", "down_proj", *biases):
         whole_param = experts.get_parameter(name)
         param = torch.nn.Parameter(split.take(whole_param.detach()).clone())
         # experts are whole on every tensor rank: the replaced tensor's mark (counted in
