@@ -81,8 +81,7 @@ stage "bench 308M (tokens/s, layer)" 180 "$py" -m pp_ext.cli bench --device "$de
 stage "layer at the 8B shape" 90 "$py" -m pp_ext.cli bench --device "$device" "${layer[@]}" \
     --save "$out/layer-8b.json" > "$out/layer-8b.txt" 2>> "$out/bench.log"
 # the MoE bench's pipeline 2 x data 2 x expert 2 row: 4 ranks, one GPU each, or CPU threads
-# (on the GPUs 2 layers: an MoE layer on each stage, which DeepSpeed's ZeRO with expert groups
-# needs, `pp-ext bench` says so)
+# (on the GPUs 2 layers: an MoE layer on each stage)
 if [ "$device" = cpu ]; then
     moe+=(--expert 2)
 elif [ "$gpus" -ge 4 ]; then
