@@ -182,7 +182,7 @@ def load(engine, tag_dir: Path, what_changed: list[str], adapters: Targets | Non
     sources = group_sources(saved_groups, groups, tag_dir)
     for group, source in zip(groups, sources):
         # the learning rate in force (the scheduler sets it only at its next step) and the rest
-        kept = ("params", "name", "moe") if group.get("moe") else ("params",)
+        kept = ("params", "name", "moe")  # an expert group keeps its own name and mark
         group.update({k: v for k, v in saved_groups[source].items() if k not in kept})
     first = model_states[0]
     if engine.lr_scheduler is not None and first.get("lr_scheduler") is not None:
