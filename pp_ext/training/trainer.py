@@ -247,9 +247,7 @@ class Trainer:
         if self.bias_update is None:
             return {}
         loads = self.bias_update.step(apply=not skipped)
-        worst = torch.tensor(  # on the engine's device: NCCL reduces no CPU tensor
-            [max_imbalance(loads)], device=self.engine.device
-        )
+        worst = torch.tensor([max_imbalance(loads)], device=comm_device())
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         return {"moe_max_imbalance": float(worst)}
 
