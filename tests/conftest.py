@@ -55,6 +55,35 @@ def starts_no_process_unless_slow(request, monkeypatch):
         pytest.fail(f"starts a process but is not marked slow: {'; '.join(started)}", pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def destroys_its_process_groups(monkeypatch):
+    """Each process group a test makes in this process is destroyed after it. Every DeepSpeed
+    grid makes its topology's groups, and gloo gives each a thread polling its sockets every
+    10 ms: the thousand groups the suite's engines made, left alive, kept a core busy for the
+    rest of the run (half the machine the spawned ranks after them had). DeepSpeed's cached
+    groups go with them (``deepspeed.utils.groups`` keeps its first world group)."""
+    import torch.distributed as dist
+
+    made: list = []
+    new_group = dist.new_group
+
+    def made_group(*args, **kwargs):
+        made.append(group := new_group(*args, **kwargs))
+        return group
+
+    monkeypatch.setattr(dist, "new_group", made_group)
+    yield
+    if not made:
+        return
+    from deepspeed.utils import groups
+
+    for group in made:
+        if group is not None and group is not dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(group)
+    if any(groups._WORLD_GROUP is group for group in made):
+        groups._WORLD_GROUP = None
+
+
 def pytest_collection_finish(session):
     """Freeze what collection imported (torch, deepspeed, transformers), so that a full
     collection scans only what the tests made. And DeepSpeed's BF16_Optimizer prints a
