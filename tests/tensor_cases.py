@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hf_models import ALL_CONFIGS
+from hf_models import ALL_CONFIGS, draw_expert_biases, reference_model
 
 from pp_ext import tp
 
@@ -148,15 +148,17 @@ def run_case(tmp, case) -> dict:
     family, tied, (pipe, tensor, data), schedule, export, *rest = case
     dtype = rest[0] if rest else "float32"
     vocab = rest[1] if len(rest) > 1 else None
-    folder = f"{tmp}/{family}-{tied}-{pipe}{tensor}{data}-{schedule}-{dtype}-{vocab}"
+    expert = rest[2] if len(rest) > 2 else 1
+    folder = f"{tmp}/{family}-{tied}-{pipe}{tensor}{data}{expert}-{schedule}-{dtype}-{vocab}"
     config = ALL_CONFIGS[family](tied)
     config.vocab_size = vocab or config.vocab_size  # 103: padded to 104 on 2 tensor ranks
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float()
+    model = reference_model(config)  # DeepSeek-V3's routers with a nonzero correction bias
+    draw_expert_biases(model, 0.2)  # gpt-oss's, zero in HF's initialisation
     if dist.get_rank() == 0:
         model.save_pretrained(f"{folder}/hf")
     dist.barrier()
-    engine = pipeline_engine(f"{folder}/hf", (pipe, tensor, data), schedule, dtype)
+    engine = pipeline_engine(f"{folder}/hf", (pipe, tensor, data), schedule, dtype, expert)
     module = engine.module
     axis = module.tensor_axis
     dp = engine.grid.get_data_parallel_rank()

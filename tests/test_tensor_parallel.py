@@ -9,8 +9,10 @@ Conv1D with its fused c_attn), zero-bubble schedules included, loaded by slices 
 HF folders, gradients clipped by the global norm; each matches single-process HF
 training over 3 steps within 1e-5 (losses, gradient norms, every parameter), and a
 tensor-parallel checkpoint exported to a HF folder gives the pipeline's logits. MoE
-models (Mixtral, Qwen2-MoE's shared expert, Qwen3-MoE's dense layer; aux loss on) at
-pipe 2 x tensor 2 too, their checkpoints also resumed at pipe 2 x data 2. A bf16 case (BF16_Optimizer) matches the fp32
+models (Mixtral, Qwen2-MoE's shared expert, Qwen3-MoE's dense layer, OLMoE's all-head
+q/k norms, DeepSeek-V3's latent attention; aux loss on) at pipe 2 x tensor 2 too, the
+exported checkpoints also resumed at pipe 2 x data 2; gpt-oss (sinks, biases) at tensor 2
+x data 2 with its experts over 2 data ranks (expert 2). A bf16 case (BF16_Optimizer) matches the fp32
 reference within bf16's tolerance and keeps replicated parameters bitwise equal
 across tensor ranks. The same launch runs tests/lora_tensor_cases.py: LoRA at pipe 2 x
 tensor 2 and pipe 2 x data 2 against PEFT's single-process model.
@@ -72,6 +74,8 @@ def test_moe_plans_cut_attention_and_dense_mlps_and_keep_experts_whole():
     attention = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 0}
     attention |= {"self_attn.v_proj.weight": 0, "self_attn.o_proj.weight": 1}
     mlp = {"gate_proj.weight": 0, "up_proj.weight": 0, "down_proj.weight": 1}
+    mla = {f"self_attn.{p}.weight": 0 for p in ("q_b_proj", "kv_b_proj")}
+    mla |= {"self_attn.o_proj.weight": 1}
     want = {  # (family, layer) -> the sharded parameters and the dimension each is cut along
         ("mixtral", 0): attention,
         ("qwen2_moe", 0): attention
@@ -79,6 +83,16 @@ def test_moe_plans_cut_attention_and_dense_mlps_and_keep_experts_whole():
         | {f"mlp.shared_expert.{k}": d for k, d in mlp.items()},
         ("qwen3_moe", 0): attention | {f"mlp.{k}": d for k, d in mlp.items()},  # dense
         ("qwen3_moe", 1): attention,
+        # OLMoE's q/k norms over all heads: their weights cut with the heads' rows
+        ("olmoe", 0): attention | {"self_attn.q_norm.weight": 0, "self_attn.k_norm.weight": 0},
+        # gpt-oss: q/k/v biases cut with their rows (o_proj's whole), one sink per head
+        ("gpt_oss", 0): attention
+        | {f"self_attn.{p}_proj.bias": 0 for p in "qkv"}
+        | {"self_attn.sinks": 0},
+        # DeepSeek-V3's latent attention: the up-projections by heads, the down-projections,
+        # their norms and the shared rope key whole; a dense MLP, then the shared experts
+        ("deepseek_v3", 0): mla | {f"mlp.{k}": d for k, d in mlp.items()},
+        ("deepseek_v3", 1): mla | {f"mlp.shared_experts.{k}": d for k, d in mlp.items()},
     }
     for (family, idx), cut in want.items():
         config = MOE_CONFIGS[family](False)
@@ -90,6 +104,20 @@ def test_moe_plans_cut_attention_and_dense_mlps_and_keep_experts_whole():
         for name, param in layer.state_dict().items():  # routers and experts keep their shape
             if name not in cut:
                 assert param.shape == whole[name].shape, (family, name)
+    # kv_b_proj's rows are head-major ([k_nope_h; v_h] per head, 4 + 6 rows): rank 1 keeps
+    # heads 2 and 3, one contiguous block, not a block of each of k_nope and v
+    config = MOE_CONFIGS["deepseek_v3"](False)
+    layer = tp.shard_layer(
+        FAMILIES["deepseek_v3"].family.hf_class("DecoderLayer")(tp.local_config(config, 2), 1),
+        config,
+        tp.TensorAxis(2, 1),
+    )
+    whole = torch.arange(40.0)[:, None].expand(40, 8)
+    assert torch.equal(tp.splits(layer)["self_attn.kv_b_proj.weight"].take(whole), whole[20:])
+    assert tp.describe(config, 2) == (
+        "each tensor rank holds 2 of 4 heads, 2 of 4 key/value heads, 32 of 64 MLP features, "
+        "8 of 16 shared-expert features, every router and expert whole, 50 of 100 vocabulary rows"
+    )
     assert tp.describe(MOE_CONFIGS["qwen2_moe"](False), 2) == (
         "each tensor rank holds 2 of 4 heads, 1 of 2 key/value heads, 32 of 64 MLP features, "
         "12 of 24 shared-expert features, every router and expert whole, 50 of 100 vocabulary rows"
@@ -108,14 +136,28 @@ def test_moe_plans_cut_attention_and_dense_mlps_and_keep_experts_whole():
         ("gpt2", 3, "num_attention_heads=4, which does not divide by tensor=3"),
         ("gpt_neox", 8, "num_attention_heads=4, which does not divide by tensor=8"),
         ("qwen2_moe", 3, "num_attention_heads=4, which does not divide by tensor=3"),
-        # its q/k norms span every head: no rank holding some heads can apply them
-        ("olmoe", 2, "no sharding plan for 'olmoe' models .*: set parallel.tensor=1"),
+        ("olmoe", 3, "num_attention_heads=4, which does not divide by tensor=3"),
+        ("gpt_oss", 4, "num_key_value_heads=2, which does not divide by tensor=4"),
+        ("deepseek_v3", 8, "num_attention_heads=4, which does not divide by tensor=8"),
     ],
 )
 def test_split_errors(family, tensor, message):
     with pytest.raises(ValueError, match=message) as err:
         tp.check_tensor_split(ALL_CONFIGS[family](False), tensor)
     assert "\n" not in str(err.value)
+
+
+def test_deepseek_shared_experts_must_divide():
+    """DeepSeek-V3's shared experts are one MLP n_shared_experts x moe_intermediate_size wide,
+    cut by features while the routed experts keep moe_intermediate_size."""
+    config = ALL_CONFIGS["deepseek_v3"](False)
+    config.moe_intermediate_size = 18
+    with pytest.raises(
+        ValueError,
+        match="deepseek_v3 config has n_shared_experts x moe_intermediate_size=18, which does "
+        "not divide by tensor=4",
+    ):
+        tp.check_tensor_split(config, 4)
 
 
 def test_gpt2_plan_cuts_conv1d_on_transposed_dims():
@@ -310,7 +352,7 @@ def test_padded_logits_never_win(family, tied):
 
 # ---------------------------------------------------------------- 4 ranks, one launch
 
-# (family, tied, (pipe, tensor, data), schedule, export[, dtype[, vocab_size]])
+# (family, tied, (pipe, tensor, data), schedule, export[, dtype[, vocab_size[, expert]]])
 CASES = [
     ("llama", True, (2, 2, 1), "zbv", True),
     ("qwen2", False, (2, 2, 1), "zb-h1", False),
@@ -335,6 +377,11 @@ CASES = [
     ("qwen2_moe", False, (2, 2, 1), "zb-h1", True),  # the shared expert cut as a dense MLP
     ("qwen2_moe", True, (2, 2, 1), "1f1b", False),
     ("qwen3_moe", False, (2, 2, 1), "zb-h1", False),  # a dense first layer, per-head q/k norms
+    ("olmoe", False, (2, 2, 1), "zb-h1", False),  # q/k norms over all heads, summed statistic
+    # latent attention by heads, a dense first layer, shared experts rebuilt at local width
+    ("deepseek_v3", False, (2, 2, 1), "zb-h1", True),
+    # sinks by heads, q/k/v/o biases; tensor 2 x data 2 with the experts over 2 data ranks
+    ("gpt_oss", True, (1, 2, 2), "1f1b", False, "float32", None, 2),
 ]
 # bf16 against the fp32 reference, relative. bf16 keeps 8 significant bits (unit roundoff
 # u = 2^-8 = 3.9e-3); BF16_Optimizer keeps fp32 master weights and accumulates gradients in
@@ -446,7 +493,7 @@ def test_pipe_tensor_data_training_equals_hf(tmp_path):
                         f"{r['export_vocab'][0]}, the model's {r['export_vocab'][1]}"
                     )
     assert not failures, "\n".join(failures)
-    # both tensor ranks of the last stage compared: 6 full fine-tuning cases, 2 LoRA
-    assert exports == 16
-    # every rank of the 2 MoE export cases resumed (and of the 2 LoRA ones)
-    assert sum("resume_diff" in r for results in launch for r in results) == 2 * 4 + 2 * 4
+    # both tensor ranks of the last stage compared: 7 full fine-tuning cases, 2 LoRA
+    assert exports == 18
+    # every rank of the 3 MoE export cases resumed (and of the 2 LoRA ones)
+    assert sum("resume_diff" in r for results in launch for r in results) == 3 * 4 + 2 * 4

@@ -294,9 +294,10 @@ BAD_INPUT = [
         "mixtral, olmoe, qwen2_moe, qwen3_moe",
     ),
     (
-        ["model.path={gpt_oss}", "model.tokenizer=configs/models/quickstart", "parallel.tensor=2"],
-        4,
-        "parallel.tensor=2: tensor parallelism has no sharding plan for 'gpt_oss' models",
+        ["model.path={gpt_oss}", "model.tokenizer=configs/models/quickstart", "parallel.tensor=4"],
+        8,
+        "parallel.tensor=4: gpt_oss config has num_key_value_heads=2, which does not divide by "
+        "tensor=4: choose a tensor size that divides it",
     ),
     (
         [

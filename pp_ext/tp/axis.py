@@ -6,7 +6,9 @@ with two operators placed around each pair of linear layers: ``f`` is the identi
 in forward and an all-reduce of the input gradient in backward (before a
 column-parallel layer, whose input every rank holds whole), ``g`` is an all-reduce
 in forward and the identity in backward (after a row-parallel layer, whose outputs
-are partial sums). They are autograd Functions, so the all-reduce of ``f`` runs
+are partial sums). A statistic summed over the axis and then used by every rank with
+its own features (a norm over a cut width) is summed in both directions
+(:func:`sum_over_axis`). They are autograd Functions, so the all-reduce of ``f`` runs
 inside whichever backward pass reaches it: with a split backward, the input-gradient
 (I) pass; the weight-gradient (W) pass of a parallel layer needs no communication.
 
@@ -114,6 +116,26 @@ def copy_to_region(input: torch.Tensor, axis: TensorAxis) -> torch.Tensor:
 def reduce_from_region(input: torch.Tensor, axis: TensorAxis) -> torch.Tensor:
     """g on ``axis``: ``input`` summed over the axis; its gradient passed through."""
     return input if axis.size == 1 else _ReduceFromRegion.apply(input, axis)
+
+
+class _SumOverAxis(torch.autograd.Function):
+    """All-reduce forward and backward: g's forward, f's backward."""
+
+    @staticmethod
+    def forward(ctx, input, axis):
+        ctx.axis = axis
+        return axis.all_reduce(input.contiguous().clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.axis.all_reduce(grad.contiguous().clone()), None
+
+
+def sum_over_axis(input: torch.Tensor, axis: TensorAxis) -> torch.Tensor:
+    """``input`` summed over the axis, its gradient summed too: for a sum that every rank
+    then uses with its own part of the activations (a norm's statistic over a width cut
+    across the axis), each rank's gradient of it is partial, the sum's is their sum."""
+    return input if axis.size == 1 else _SumOverAxis.apply(input, axis)
 
 
 def gather_last_dim(input: torch.Tensor, axis: TensorAxis) -> torch.Tensor:

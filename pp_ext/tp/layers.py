@@ -40,7 +40,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pp_ext.autograd.split_backward import Deferrable
-from pp_ext.tp.axis import TensorAxis, copy_to_region, reduce_from_region
+from pp_ext.tp.axis import TensorAxis, copy_to_region, reduce_from_region, sum_over_axis
 from pp_ext.tp.split import Split
 from pp_ext.tp.vocab import padded_vocab_size, vocab_split
 
@@ -125,6 +125,98 @@ def row_parallel(linear: nn.Module, axis: TensorAxis) -> nn.Module:
         split = Split(0 if in_out else 1, (in_features * axis.size,), axis.size, axis.rank)
         setattr(linear.get_parameter("weight"), "tp_split", split)
     return linear
+
+
+def shard_rows(param: nn.Parameter, axis: TensorAxis) -> nn.Parameter:
+    """Mark ``param`` (built with this rank's rows: one value per local head, gpt-oss's
+    attention sinks) as this rank's contiguous block of the whole tensor's rows; a head's
+    values meet only its own head, so their gradient is local (no collective)."""
+    if axis.size > 1:
+        rows = param.shape[0] * axis.size
+        setattr(param, "tp_split", Split(0, (rows,), axis.size, axis.rank))
+    return param
+
+
+class _AxisRMSNorm(nn.Module):
+    """Mixed into an RMSNorm class (``weight``, ``variance_epsilon``; first in its bases)
+    that normalises a column-parallel output over its whole width (Zhang and Sennrich
+    2019, RMSNorm: y = w x / sqrt(mean(x^2) + eps)) while this rank holds ``width`` of its
+    ``whole_width`` = N features (OLMoE's q/k norms over all heads). With s = sum_r s_r,
+    s_r = sum_i x_ri^2 over rank r's features and rho = (s/N + eps)^-1/2, y_ri = w_ri x_ri
+    rho, so dL/dx_ri = g_ri w_ri rho + 2 x_ri dL/ds with dL/ds = -rho^3/(2N) sum_r sum_i
+    g_ri w_ri x_ri: rank r holds only its own term of that sum. So s is summed over the
+    axis forward and its gradient backward (:func:`~pp_ext.tp.axis.sum_over_axis`), one
+    all-reduce of a [tokens, 1] statistic each way. The weight is cut with the features:
+    its gradient, g_ri x_ri rho, is local and needs no sum."""
+
+    tensor_axis: TensorAxis
+    whole_width: int
+    weight: nn.Parameter
+    variance_epsilon: float
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype  # computed in fp32 and cast back, as HF's RMSNorm
+        hidden = hidden_states.to(torch.float32)
+        squares = sum_over_axis(hidden.pow(2).sum(-1, keepdim=True), self.tensor_axis)
+        hidden = hidden * torch.rsqrt(squares / self.whole_width + self.variance_epsilon)
+        return self.weight * hidden.to(input_dtype)
+
+
+@functools.cache
+def _axis_norm_class(norm: type) -> type:
+    return type(
+        f"Axis{norm.__name__}",
+        (_AxisRMSNorm, norm),
+        {"__module__": __name__, "__doc__": f"{norm.__name__} over a width cut across the axis."},
+    )
+
+
+def rms_norm_over_axis(norm: nn.Module, width: int, axis: TensorAxis) -> nn.Module:
+    """Make ``norm`` (an RMSNorm of a whole column-parallel output) normalise this rank's
+    ``width`` features of it with the whole width's statistic (:class:`_AxisRMSNorm`),
+    holding this rank's rows of its weight (loaded, or initialised whole and cut,
+    :func:`load_parts`)."""
+    if axis.size > 1:
+        norm.weight = nn.Parameter(norm.get_parameter("weight").new_ones(width))  # RMSNorm's init
+        # a class is hashable: mypy takes nn.Module's instance __hash__ for the class's
+        norm.__class__ = _axis_norm_class(type(norm))  # type: ignore[arg-type]
+        setattr(norm, "tensor_axis", axis)  # attributes torch's types do not declare
+        setattr(norm, "whole_width", width * axis.size)
+        shard_rows(norm.weight, axis)
+    return norm
+
+
+class _SharedRopeKey(nn.Module):
+    """Mixed into DeepSeek's multi-head latent attention (first in its bases; HF's
+    ``expand_kv(kv_nope, k_rot)`` builds the heads' keys and values from the latents).
+    The rotary key part k_rot (the paper's k^R, ``k_pe``) is one head shared by all heads,
+    made whole on every rank by the replicated ``kv_a_proj_with_mqa``, and each rank's
+    heads read it: it passes f, so its gradient is summed over the axis (the compressed
+    latent's is summed by ``kv_b_proj``'s own f)."""
+
+    tensor_axis: TensorAxis
+
+    def expand_kv(self, kv_nope: torch.Tensor, k_rot: torch.Tensor):
+        parent = super()
+        return parent.expand_kv(kv_nope, copy_to_region(k_rot, self.tensor_axis))  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _shared_rope_class(attention: type) -> type:
+    return type(
+        f"SharedRopeKey{attention.__name__}",
+        (_SharedRopeKey, attention),
+        {"__module__": __name__, "__doc__": f"{attention.__name__} whose heads are cut."},
+    )
+
+
+def shared_rope_key(attention: nn.Module, axis: TensorAxis) -> nn.Module:
+    """Make ``attention`` (DeepSeek's, built at this rank's heads) sum its shared rotary
+    key's gradient over the axis (:class:`_SharedRopeKey`)."""
+    if axis.size > 1:
+        attention.__class__ = _shared_rope_class(type(attention))  # type: ignore[arg-type]
+        setattr(attention, "tensor_axis", axis)  # attributes torch's types do not declare
+    return attention
 
 
 class _VocabParallel(nn.Embedding):

@@ -32,9 +32,24 @@ every tensor rank. After the row-parallel attention all-reduce every rank holds 
 hidden states, so each computes the same routing and the same experts' output; the
 gradient reaching them is whole on every rank too (the column-parallel ``f`` sums the
 shared expert's share of the input gradient), so their gradients are equal across the
-axis and, like the norms', summed by no one. OLMoE normalises q and k over all heads
-(``OlmoeAttention.q_norm`` over ``hidden_size``), which a rank holding some heads cannot,
-so it has no plan.
+axis and, like the norms', summed by no one.
+
+OLMoE normalises q and k over all heads (``OlmoeAttention.q_norm`` over ``hidden_size``):
+each rank holds its heads' features and its rows of the norm's weight, and the sum of
+squares, a [tokens, 1] statistic, is summed over the axis forward and backward
+(:func:`~pp_ext.tp.layers.rms_norm_over_axis`). gpt-oss's attention sinks, one logit per
+head, are cut with their heads (:func:`~pp_ext.tp.layers.shard_rows`); its q/k/v biases
+are cut with their rows and o_proj's is added once, after the reduction. DeepSeek-V3's
+multi-head latent attention (DeepSeek-AI 2024, "DeepSeek-V2", Sec. 2.1) keeps the
+down-projections ``q_a_proj`` and ``kv_a_proj_with_mqa`` and their norms whole (every head
+reads the latents), cuts the up-projections ``q_b_proj`` and ``kv_b_proj`` by heads (their
+rows are head-major, [q_nope_h, q_rope_h] and [k_nope_h, v_h] per head, so a contiguous
+block of rows is a block of heads) and ``o_proj`` by input; the shared rotary key ``k_pe``
+stays whole and its gradient is summed over the axis
+(:func:`~pp_ext.tp.layers.shared_rope_key`). Its dense first layers' MLP and its shared
+experts are Megatron MLPs; the shared experts are rebuilt at local width, since their
+width ``n_shared_experts x moe_intermediate_size`` shares its key with the routed experts,
+which stay whole with the router (``e_score_correction_bias`` included).
 """
 
 from __future__ import annotations
@@ -49,7 +64,14 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from pp_ext.tp.axis import TensorAxis
-from pp_ext.tp.layers import column_parallel, row_parallel, sum_gradients
+from pp_ext.tp.layers import (
+    column_parallel,
+    rms_norm_over_axis,
+    row_parallel,
+    shard_rows,
+    shared_rope_key,
+    sum_gradients,
+)
 from pp_ext.tp.vocab import padded_vocab_size
 
 Sections = Callable[[PretrainedConfig], tuple[int, ...]]
@@ -73,10 +95,15 @@ def _gpt2_qkv(config: PretrainedConfig) -> tuple[int, ...]:
     return (config.hidden_size,) * 3
 
 
+SHARED_EXPERTS_WIDTH = "n_shared_experts x moe_intermediate_size"
+
+
 def mlp_features(config: PretrainedConfig, key: str = "intermediate_size") -> int:
     """The MLP width ``key`` of ``config`` (GPT-2's ``n_inner``: default 4 x hidden)."""
     if key == "n_inner":
         return config.n_inner or 4 * config.hidden_size
+    if key == SHARED_EXPERTS_WIDTH:  # DeepSeek-V3's shared experts, one MLP of their width
+        return config.n_shared_experts * config.moe_intermediate_size
     return getattr(config, key)
 
 
@@ -89,8 +116,13 @@ class Plan:
     ``local_widths``: attributes (submodule -> names) divided by the tensor size after
     the rebuild (GPT-2's ``split_size`` and head count); ``features``: the config's MLP
     widths divided by the tensor size (an MoE family's experts keep theirs);
-    ``optional``: submodules of ``columns`` and ``rows`` only some layers have (an MoE
-    family's dense MLP or shared expert)."""
+    ``optional``: submodules of ``columns``, ``rows`` and ``rebuilt`` only some layers have
+    (an MoE family's dense MLP or shared expert); ``rebuilt_features``: MLP widths checked
+    and divided as ``features`` are, by rebuilding their linears (DeepSeek-V3's shared
+    experts); ``head_rows``: parameters holding one row per head, cut with the heads
+    (gpt-oss's sinks); ``axis_norms``: norm -> the column-parallel linear whose whole output
+    it normalises (OLMoE's q/k norms); ``shared_rope``: latent attentions whose shared
+    rotary key's gradient is summed (DeepSeek-V3's)."""
 
     columns: dict[str, Sections | None]
     rows: tuple[str, ...]
@@ -101,6 +133,10 @@ class Plan:
     features: tuple[str, ...] = ("intermediate_size",)
     optional: tuple[str, ...] = ()
     moe: bool = False  # routers and experts, kept whole
+    rebuilt_features: tuple[str, ...] = ()
+    head_rows: tuple[str, ...] = ()
+    axis_norms: dict[str, str] = field(default_factory=dict)
+    shared_rope: tuple[str, ...] = ()
 
 
 LLAMA = Plan(
@@ -113,18 +149,31 @@ LLAMA = Plan(
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 SHARED_EXPERT = tuple(f"mlp.shared_expert.{name}" for name in ("gate_proj", "up_proj", "down_proj"))
+SHARED_EXPERTS = tuple(f"mlp.shared_experts.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
+# DeepSeek's latent attention: the up-projections by heads (q_proj without a query rank)
+MLA = ("self_attn.q_proj", "self_attn.q_b_proj", "self_attn.kv_b_proj")
 
 
-def _moe(mlps: tuple[str, ...], features: tuple[str, ...], per_head: tuple[str, ...]) -> Plan:
-    """An MoE family's plan: Llama's attention, the dense ``mlps`` (gate, up, down) where a
-    layer has them; router and experts whole."""
+def _moe(
+    mlps: tuple[str, ...],
+    features: tuple[str, ...],
+    per_head: tuple[str, ...] = (),
+    attention: tuple[str, ...] = ATTENTION,
+    optional: tuple[str, ...] = (),
+    **rest,
+) -> Plan:
+    """An MoE family's plan: ``attention``'s column-parallel linears (Llama's q, k, v) and
+    o_proj, the dense ``mlps`` (gate, up, down) where a layer has them (and the
+    ``optional`` attention linears); router and experts whole; ``rest``: more of
+    :class:`Plan`'s fields."""
     return Plan(
-        columns=dict.fromkeys(ATTENTION + tuple(m for m in mlps if not m.endswith("down_proj"))),
+        columns=dict.fromkeys(attention + tuple(m for m in mlps if not m.endswith("down_proj"))),
         rows=("self_attn.o_proj", *(m for m in mlps if m.endswith("down_proj"))),
         per_head=per_head,
         features=features,
-        optional=mlps,
+        optional=mlps + optional,
         moe=True,
+        **rest,
     )
 
 
@@ -158,6 +207,21 @@ PLANS = {
         DENSE_MLP + SHARED_EXPERT, ("intermediate_size", "shared_expert_intermediate_size"), ()
     ),
     "qwen3_moe": _moe(DENSE_MLP, ("intermediate_size",), LLAMA.per_head),
+    "olmoe": _moe(
+        (),
+        (),
+        axis_norms={"self_attn.q_norm": "self_attn.q_proj", "self_attn.k_norm": "self_attn.k_proj"},
+    ),
+    "gpt_oss": _moe((), (), head_rows=("self_attn.sinks",)),
+    "deepseek_v3": _moe(
+        DENSE_MLP + SHARED_EXPERTS,
+        ("intermediate_size",),
+        attention=MLA,
+        optional=MLA[:2],  # q_proj without q_lora_rank, else q_b_proj
+        rebuilt=SHARED_EXPERTS,
+        rebuilt_features=(SHARED_EXPERTS_WIDTH,),
+        shared_rope=("self_attn",),
+    ),
 }
 
 
@@ -178,7 +242,7 @@ def check_tensor_split(config: PretrainedConfig, tensor: int) -> None:
         )
     plan = PLANS[model_type]
     counts = {"num_attention_heads": config.num_attention_heads} | {
-        key: mlp_features(config, key) for key in plan.features
+        key: mlp_features(config, key) for key in plan.features + plan.rebuilt_features
     }
     if plan.kv_heads:
         counts["num_key_value_heads"] = config.num_key_value_heads
@@ -212,6 +276,8 @@ def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) ->
         return layer
     plan = PLANS[config.model_type]
     for name in plan.rebuilt:
+        if name in plan.optional and not _has(layer, name):
+            continue
         parent, _, child = name.rpartition(".")
         setattr(
             layer.get_submodule(parent),
@@ -235,6 +301,13 @@ def shard_layer(layer: nn.Module, config: PretrainedConfig, axis: TensorAxis) ->
             layer.get_submodule(parent), child
         ):  # Qwen3 and Gemma3 have q/k norms, Llama not
             sum_gradients(layer.get_submodule(name), axis)
+    for name in plan.head_rows:
+        shard_rows(layer.get_parameter(name), axis)
+    for name, linear in plan.axis_norms.items():
+        width = layer.get_submodule(linear).get_parameter("weight").shape[0]
+        rms_norm_over_axis(layer.get_submodule(name), width, axis)
+    for name in plan.shared_rope:
+        shared_rope_key(layer.get_submodule(name), axis)
     return layer
 
 
@@ -273,18 +346,21 @@ def _local_width(whole: nn.Module, column: bool, tensor: int) -> nn.Module:
 def describe(config: PretrainedConfig, tensor: int, make_vocab_size_divisible_by: int = 1) -> str:
     """One line: what each tensor rank holds (for ``pp-ext plan``)."""
     axis = TensorAxis(tensor, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    plan = PLANS[config.model_type]
     parts = [f"{config.num_attention_heads // tensor} of {config.num_attention_heads} heads"]
-    if PLANS[config.model_type].kv_heads:
+    if plan.kv_heads:
         parts.append(
             f"{config.num_key_value_heads // tensor} of {config.num_key_value_heads} key/value heads"
         )
-    names = {"shared_expert_intermediate_size": "shared-expert features"}
+    names = dict.fromkeys(
+        ("shared_expert_intermediate_size", SHARED_EXPERTS_WIDTH), "shared-expert features"
+    )
     parts += [
         f"{mlp_features(config, key) // tensor} of {mlp_features(config, key)} "
         f"{names.get(key, 'MLP features')}"
-        for key in PLANS[config.model_type].features
+        for key in plan.features + plan.rebuilt_features
     ]
-    if PLANS[config.model_type].moe:
+    if plan.moe:
         parts.append("every router and expert whole")
     parts += [
         f"{padded_vocab_size(config.vocab_size, axis) // tensor} of {config.vocab_size} "
