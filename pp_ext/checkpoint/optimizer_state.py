@@ -136,7 +136,7 @@ def _lp_groups(optimizer) -> list[list[torch.nn.Parameter]]:
 def whole(optimizer, params: list[torch.nn.Parameter]) -> dict[torch.nn.Parameter, dict]:
     """Each of ``params``' whole state in a flat optimizer, as :func:`saved` reads one: its
     fp32 master weight under :data:`FP32`, its part of every elementwise state of its
-    group's flat partition (AdamW's ``exp_avg``, ``exp_avg_sq``), the group's ``step``; each
+    group's flat partition, whole (AdamW's ``exp_avg``, ``exp_avg_sq``), the group's ``step``; each
     tensor shaped as the parameter. The fragments are summed over the parameter's
     data-parallel group (an expert's: its expert-data group), as DeepSpeed's
     ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` do: a collective
@@ -148,7 +148,9 @@ def whole(optimizer, params: list[torch.nn.Parameter]) -> dict[torch.nn.Paramete
         i = group_of[id(param)]
         hp = optimizer.optimizer.param_groups[i]["params"][0]
         flat_state = optimizer.optimizer.state.get(hp, {})
-        if flat_state:  # the fragments' views of it (ZeRO may have linked them while empty)
+        # the fragments' views of it, linked again: ZeRO links every group's after its first
+        # group's step, the later groups' state still empty (so DeepSpeed's getters find none)
+        if flat_state:
             lazy_init_hp_params_optimizer_state(lp_groups[i], hp, optimizer.optimizer.state)
         state = {FP32: safe_get_full_fp32_param(param)}
         for key, value in flat_state.items():  # the same keys on every member: one group
