@@ -358,17 +358,6 @@ BAD_INPUT = [
             "model.path={mixtral}",
             "model.tokenizer=configs/models/quickstart",
             "parallel.expert=2",
-            "deepspeed.bases=[zero1-bf16]",
-        ],
-        4,
-        "parallel.expert=2 with bf16 or ZeRO (deepspeed.bases): the training job's checkpoints "
-        "hold expert-parallel optimizer state in fp32 without ZeRO only",
-    ),
-    (
-        [
-            "model.path={mixtral}",
-            "model.tokenizer=configs/models/quickstart",
-            "parallel.expert=2",
             "peft.type=lora",
             "peft.target_parameters=[experts.gate_up_proj]",
         ],

@@ -10,7 +10,10 @@ each rank of the first expert group (the ranks holding distinct experts; expert-
 0) of tensor rank 0 (experts are whole on every tensor rank) writes, for each of its
 experts ``j = expert rank x local + i``, ``layer_XX_expert_J_model_states.pt`` (the fused
 tensors' row ``i``, kept as a ``[1, ...]`` slice) and ``layer_XX_expert_J_optim_states.pt``
-(that row of its AdamW ``exp_avg`` / ``exp_avg_sq``, ``step``). The layer index XX is the
+(that row of its AdamW ``exp_avg`` / ``exp_avg_sq``, ``step``; under bf16 or ZeRO, whose
+flat partitions DeepSpeed saves per data rank under the same names on every expert rank,
+also its fp32 master weight, as :mod:`pp_ext.checkpoint.optimizer_state` names it, and
+the moments of that expert only). The layer index XX is the
 global one (as the layer files'), not DeepSpeed's per-rank count of MoE layers, so no
 layout changes a name: export and resume merge the files by expert index
 (:class:`pp_ext.tp.Split` with one part per expert) and cut this run's part again.
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from pp_ext import tp
+from pp_ext.checkpoint import optimizer_state
 
 
 def expert_params(layer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -94,7 +98,10 @@ def layer_files_without_experts(engine) -> Iterator[None]:
 
 def save(engine, tag_dir: Path, held: list[tuple[int, str, torch.nn.Module]]) -> None:
     """Write this rank's expert files of the layers it ``held`` (``(index, prefix,
-    module)``, :func:`pp_ext.checkpoint.reshape.held_layers`), if it is a writer."""
+    module)``, :func:`pp_ext.checkpoint.reshape.held_layers`), if it is a writer. A flat
+    optimizer's (bf16, ZeRO) state is first assembled whole
+    (:func:`pp_ext.checkpoint.optimizer_state.whole`, with the fp32 master weights) by
+    every rank of each expert-data group, the writer's included."""
     if engine.module.tensor_axis.rank != 0:
         return
     data_rank = engine.grid.get_data_parallel_rank()
@@ -103,6 +110,11 @@ def save(engine, tag_dir: Path, held: list[tuple[int, str, torch.nn.Module]]) ->
         if not params:
             continue
         split: tp.Split = getattr(next(iter(params.values())), "expert_split")
+        by_param = (
+            optimizer_state.whole(engine.optimizer, list(params.values()))
+            if optimizer_state.flat(engine)
+            else {p: engine.optimizer.state.get(p) for p in params.values()}
+        )
         if data_rank >= split.size:  # another expert group's replica of the same experts
             continue
         local = split.sections[0] // split.size
@@ -110,7 +122,7 @@ def save(engine, tag_dir: Path, held: list[tuple[int, str, torch.nn.Module]]) ->
             expert = split.rank * local + i
             rows = {name: p.detach()[i : i + 1].clone() for name, p in params.items()}
             torch.save(rows, weight_file(tag_dir, idx, expert))
-            states = {name: engine.optimizer.state.get(p) for name, p in params.items()}
+            states = {name: by_param[p] for name, p in params.items()}
             torch.save(
                 {
                     name: None

@@ -33,6 +33,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from deepspeed.utils import (
+    lazy_init_hp_params_optimizer_state,
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+)
 from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
 FP32 = "fp32"  # the key of a master weight beside its optimizer state (ds_to_universal's name)
@@ -122,16 +127,47 @@ def write(engine, states: Mapping[torch.nn.Parameter, dict | None]) -> None:
     _write_flat(engine.optimizer, states)
 
 
+def _lp_groups(optimizer) -> list[list[torch.nn.Parameter]]:
+    """The bf16 / fp32 parameters of each group of a flat optimizer, the names DeepSpeed's
+    own ``_load_universal_checkpoint`` uses: ZeRO's, BF16_Optimizer's."""
+    return optimizer.bit16_groups if hasattr(optimizer, "bit16_groups") else optimizer.bf16_groups
+
+
+def whole(optimizer, params: list[torch.nn.Parameter]) -> dict[torch.nn.Parameter, dict]:
+    """Each of ``params``' whole state in a flat optimizer, as :func:`saved` reads one: its
+    fp32 master weight under :data:`FP32`, its part of every elementwise state of its
+    group's flat partition, whole (AdamW's ``exp_avg``, ``exp_avg_sq``), the group's ``step``; each
+    tensor shaped as the parameter. The fragments are summed over the parameter's
+    data-parallel group (an expert's: its expert-data group), as DeepSpeed's
+    ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` do: a collective
+    that every member calls for the same parameters in the same order."""
+    lp_groups = _lp_groups(optimizer)
+    group_of = {id(lp): i for i, lps in enumerate(lp_groups) for lp in lps}
+    out = {}
+    for param in params:
+        i = group_of[id(param)]
+        hp = optimizer.optimizer.param_groups[i]["params"][0]
+        flat_state = optimizer.optimizer.state.get(hp, {})
+        # the fragments' views of it, linked again: ZeRO links every group's after its first
+        # group's step, the later groups' state still empty (so DeepSpeed's getters find none)
+        if flat_state:
+            lazy_init_hp_params_optimizer_state(lp_groups[i], hp, optimizer.optimizer.state)
+        state = {FP32: safe_get_full_fp32_param(param)}
+        for key, value in flat_state.items():  # the same keys on every member: one group
+            if torch.is_tensor(value) and value.shape == hp.shape:
+                state[key] = safe_get_full_optimizer_state(param, key)
+            else:
+                state[key] = value.clone() if torch.is_tensor(value) else value
+        out[param] = state
+    return out
+
+
 def _write_flat(optimizer, states: Mapping[torch.nn.Parameter, dict | None]) -> None:
     """As DeepSpeed's universal loader: each parameter's fragment of this data rank's
     partition takes its slice of the master weight and of each state, the flat state
     is assembled from the fragments (``map_to_flat_opt_states``), and the bf16 weights
     are cast from the masters (``update_lp_params``)."""
-    # the lp groups DeepSpeed's own _load_universal_checkpoint names: ZeRO's, BF16_Optimizer's
-    lp_groups = (
-        optimizer.bit16_groups if hasattr(optimizer, "bit16_groups") else optimizer.bf16_groups
-    )
-    for lp_group, group in zip(lp_groups, optimizer.optimizer.param_groups):
+    for lp_group, group in zip(_lp_groups(optimizer), optimizer.optimizer.param_groups):
         hp_param, step = group["params"][0], None
         keys: set[str] = set()
         for lp in lp_group:

@@ -21,8 +21,9 @@ tensor rank 0's. Merging then cutting at the saved size gives back the same part
 an unchanged tensor size goes the same way.
 
 An expert-parallel run's experts (Rajbhandari et al. 2022) are saved one file per
-global expert (:mod:`pp_ext.checkpoint.experts`), weights and AdamW state alike: merged in
-expert order and this rank's experts taken (its ``expert_split``), so a resume under
+global expert (:mod:`pp_ext.checkpoint.experts`), weights and AdamW state alike (under bf16
+or ZeRO with the fp32 master weights, which the flat writer takes as a dense parameter's):
+merged in expert order and this rank's experts taken (its ``expert_split``), so a resume under
 another ``parallel.expert`` moves each expert, with its state, by index.
 
 What stays refused, in one line: a checkpoint without parameter names (saved by an

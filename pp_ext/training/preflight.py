@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from pp_ext import tp
 from pp_ext.checkpoint import tags as checkpoints
 from pp_ext.config.layout import Layout
-from pp_ext.config.recipe import RecipeError, deepspeed_config, resolve_parallel
+from pp_ext.config.recipe import RecipeError, resolve_parallel
 from pp_ext.config.schema import Recipe
 from pp_ext.engine.module import partition
 from pp_ext.hf import layer_specs, moe, position_table, supported
@@ -168,18 +168,10 @@ def check_baseline_router_loss(name: str, pipe: int, config: PretrainedConfig) -
 
 def check_expert_runs(recipe: Recipe, layout: Layout) -> None:
     """The training job's own limits on expert parallelism (``pp-ext plan`` and ``tune``
-    lay any out): its checkpoints (:mod:`pp_ext.checkpoint.experts`) save the experts'
-    torch optimizer state, fp32 without ZeRO, of one pipeline (not Chimera's two), and a LoRA
-    run's experts are not sharded."""
+    lay any out): its checkpoints (:mod:`pp_ext.checkpoint.experts`) save the experts of
+    one pipeline (not Chimera's two), and a LoRA run's experts are not sharded."""
     if layout.expert == 1:
         return
-    config = deepspeed_config(recipe, layout.data)
-    if config.get("bf16", {}).get("enabled") or config.get("zero_optimization", {}).get("stage"):
-        raise RecipeError(
-            f"parallel.expert={layout.expert} with bf16 or ZeRO (deepspeed.bases): the training "
-            f"job's checkpoints hold expert-parallel optimizer state in fp32 without ZeRO only: "
-            f"use deepspeed.bases=[fp32-cpu] or parallel.expert=1"
-        )
     if recipe.peft.type != "none":
         raise RecipeError(
             f"parallel.expert={layout.expert} with peft.type={recipe.peft.type}: LoRA runs do "
