@@ -127,7 +127,7 @@ def write(engine, states: Mapping[torch.nn.Parameter, dict | None]) -> None:
     _write_flat(engine.optimizer, states)
 
 
-def _lp_groups(optimizer) -> list[list[torch.nn.Parameter]]:
+def _lp_groups(optimizer) -> list:
     """The bf16 / fp32 parameters of each group of a flat optimizer, the names DeepSpeed's
     own ``_load_universal_checkpoint`` uses: ZeRO's, BF16_Optimizer's."""
     return optimizer.bit16_groups if hasattr(optimizer, "bit16_groups") else optimizer.bf16_groups
