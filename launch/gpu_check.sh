@@ -44,7 +44,7 @@ if [ "${PP_EXT_GPU_CHECK_TINY:-0}" = 1 ]; then
     big=(--model configs/models/smoke --layers 2 --seq 16 --micro-batch-size 2 --micro-batches 4 --steps 4
          --warmup 1 --repeats 2)
     layer=(--model configs/models/smoke --layers 1 --seq 32 --micro-batch-size 1 --steps 0 --repeats 2)
-    moe=(--model configs/models/smoke-moe --layers 4 --seq 16 --micro-batch-size 2 --micro-batches 4 --steps 2
+    moe=(--model configs/models/smoke-moe --layers 2 --seq 16 --micro-batch-size 2 --micro-batches 4 --steps 2
          --warmup 1 --repeats 1 --schedules 1f1b --dtype float32)
     lora=(model.path=configs/models/smoke train.micro_batch_size=2 data.seq_len=16 --schedules 1f1b --warmup 0 --repeats 1)
 else

@@ -54,7 +54,7 @@ def test_the_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path):
         "layer 308M",
         "layer 8B shape",
         "zero-3 + peft",
-        "MoE train step, qwen3_moe 4 layer(s), cpu",
+        "MoE train step, qwen3_moe 2 layer(s), cpu",
         "pp-ext 1f1b p2 e2",
         "MoE pipe 2 x data 2 x expert 2: losses within",
         "LoRA: same tokens, batch and trainable parameters on every row ok",
