@@ -63,7 +63,6 @@ Contracts:
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 from collections import deque
 from collections.abc import Hashable
@@ -72,6 +71,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pp_ext.tools.mixin import mixed
 
 __all__ = [
     "WeightGradStore",
@@ -306,17 +307,13 @@ class DeferrableLinear(Deferrable, nn.Linear):
     """``nn.Linear`` whose weight GEMM goes to the W pass inside ``store.defer``."""
 
 
-@functools.cache
 def _deferrable_conv1d(conv1d: type) -> type:
-    return type(
-        "DeferrableConv1D",
-        (Deferrable, conv1d),
-        {
-            "__module__": __name__,
-            "__qualname__": "DeferrableConv1D",
-            "_weight_in_out": True,
-            "__doc__": "transformers' ``Conv1D`` (weight stored (in, out)) with a deferrable weight GEMM.",
-        },
+    return mixed(
+        Deferrable,
+        conv1d,
+        "Deferrable",
+        "(transformers', weight stored (in, out)) with a deferrable weight GEMM.",
+        _weight_in_out=True,
     )
 
 

@@ -24,13 +24,13 @@ and left to autograd they accumulate exactly as in transformers' model.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import nn
 
 from pp_ext.autograd.split_backward import Bindable, grouped_linear
+from pp_ext.tools.mixin import mixed
 
 
 def sorted_pairs(
@@ -113,15 +113,6 @@ class DeferrableExperts(Bindable):
         return split_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
-@functools.cache
-def _deferrable_class(experts_class: type) -> type:
-    return type(
-        f"Deferrable{experts_class.__name__}",
-        (DeferrableExperts, experts_class),
-        {"__module__": __name__, "__doc__": f"{experts_class.__name__} with deferrable GEMMs."},
-    )
-
-
 def deferrable(experts: nn.Module) -> nn.Module:
     """``experts`` (gated, with or without biases, weights (experts, out, in) or
     transposed) made deferrable in place."""
@@ -131,5 +122,7 @@ def deferrable(experts: nn.Module) -> nn.Module:
             f"the weight GEMMs of gated experts without a post-expert norm only"
         )
     experts_class: type = type(experts)
-    experts.__class__ = _deferrable_class(experts_class)
+    experts.__class__ = mixed(
+        DeferrableExperts, experts_class, "Deferrable", "with deferrable GEMMs."
+    )
     return experts

@@ -40,6 +40,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pp_ext.autograd.split_backward import Deferrable
+from pp_ext.tools.mixin import mixed
 from pp_ext.tp.axis import TensorAxis, copy_to_region, reduce_from_region, sum_over_axis
 from pp_ext.tp.split import Split
 from pp_ext.tp.vocab import padded_vocab_size, vocab_split
@@ -162,15 +163,6 @@ class _AxisRMSNorm(nn.Module):
         return self.weight * hidden.to(input_dtype)
 
 
-@functools.cache
-def _axis_norm_class(norm: type) -> type:
-    return type(
-        f"Axis{norm.__name__}",
-        (_AxisRMSNorm, norm),
-        {"__module__": __name__, "__doc__": f"{norm.__name__} over a width cut across the axis."},
-    )
-
-
 def rms_norm_over_axis(norm: nn.Module, width: int, axis: TensorAxis) -> nn.Module:
     """Make ``norm`` (an RMSNorm of a whole column-parallel output) normalise this rank's
     ``width`` features of it with the whole width's statistic (:class:`_AxisRMSNorm`),
@@ -178,8 +170,12 @@ def rms_norm_over_axis(norm: nn.Module, width: int, axis: TensorAxis) -> nn.Modu
     :func:`load_parts`)."""
     if axis.size > 1:
         norm.weight = nn.Parameter(norm.get_parameter("weight").new_ones(width))  # RMSNorm's init
-        # a class is hashable: mypy takes nn.Module's instance __hash__ for the class's
-        norm.__class__ = _axis_norm_class(type(norm))  # type: ignore[arg-type]
+        norm.__class__ = mixed(
+            _AxisRMSNorm,
+            type(norm),
+            "Axis",
+            "over a width cut across the axis.",
+        )
         setattr(norm, "tensor_axis", axis)  # attributes torch's types do not declare
         setattr(norm, "whole_width", width * axis.size)
         shard_rows(norm.weight, axis)
@@ -201,20 +197,16 @@ class _SharedRopeKey(nn.Module):
         return parent.expand_kv(kv_nope, copy_to_region(k_rot, self.tensor_axis))  # type: ignore[attr-defined]
 
 
-@functools.cache
-def _shared_rope_class(attention: type) -> type:
-    return type(
-        f"SharedRopeKey{attention.__name__}",
-        (_SharedRopeKey, attention),
-        {"__module__": __name__, "__doc__": f"{attention.__name__} whose heads are cut."},
-    )
-
-
 def shared_rope_key(attention: nn.Module, axis: TensorAxis) -> nn.Module:
     """Make ``attention`` (DeepSeek's, built at this rank's heads) sum its shared rotary
     key's gradient over the axis (:class:`_SharedRopeKey`)."""
     if axis.size > 1:
-        attention.__class__ = _shared_rope_class(type(attention))  # type: ignore[arg-type]
+        attention.__class__ = mixed(
+            _SharedRopeKey,
+            type(attention),
+            "SharedRopeKey",
+            "whose heads are cut.",
+        )
         setattr(attention, "tensor_axis", axis)  # attributes torch's types do not declare
     return attention
 
@@ -231,18 +223,6 @@ class _VocabParallel(nn.Embedding):
         # the class's own lookup (Gemma's scales); a row's scale touches only its own ids
         out = super().forward(local.masked_fill(outside, 0))
         return reduce_from_region(out.masked_fill(outside.unsqueeze(-1), 0), self.tensor_axis)
-
-
-@functools.cache
-def _vocab_parallel_class(embedding: type) -> type:
-    return type(
-        f"VocabParallel{embedding.__name__}",
-        (_VocabParallel, embedding),
-        {
-            "__module__": __name__,
-            "__doc__": f"{embedding.__name__} over a block of the vocabulary.",
-        },
-    )
 
 
 def vocab_parallel_embedding(
@@ -267,8 +247,12 @@ def vocab_parallel_embedding(
         else None
     )
     layer = embedding(rows, hidden_size, local_pad, **kwargs)
-    # a class is hashable: mypy takes nn.Module's instance __hash__ for the class's
-    layer.__class__ = _vocab_parallel_class(embedding)  # type: ignore[arg-type]
+    layer.__class__ = mixed(
+        _VocabParallel,
+        embedding,
+        "VocabParallel",
+        "over a block of the vocabulary.",
+    )
     setattr(layer, "tensor_axis", axis)  # attributes torch's types do not declare
     setattr(layer.weight, "tp_split", split)
     return layer
