@@ -98,10 +98,12 @@ def run_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
 
 
 def launch(world: int, cases: list[tuple]) -> None:
-    from pp_ext.testing.spawn import spawn
+    """The cases on ``world`` ranks, their calls recorded on plain gloo and replayed under
+    NCCL's stream models (tests/nccl_recorder.py), and each equal to its rule."""
+    from nccl_recorder import launch_recorded
 
     failures = []
-    for rank, results in enumerate(spawn(run_cases, world, cases)):
+    for rank, results in enumerate(launch_recorded(world, "async_cases", cases)):
         for r in results:
             loss_diff = max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"]))
             print(

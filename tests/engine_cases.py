@@ -180,6 +180,8 @@ def check(results_by_rank: list[list[dict]]) -> None:
 
 
 def launch(world: int, pipe: int, cases: list[tuple]) -> None:
-    from pp_ext.testing.spawn import spawn
+    """The cases on ``world`` ranks, their calls recorded on plain gloo and replayed under
+    NCCL's stream models (tests/nccl_recorder.py), and each exact."""
+    from nccl_recorder import launch_recorded
 
-    check(spawn(run_cases, world, pipe, cases))
+    check(launch_recorded(world, "engine_cases", pipe, cases))

@@ -15,7 +15,9 @@ all-to-all with variable splits without its first size, which each member has it
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
+import os
 import re
 import threading
 
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as torch_dist
 
 from pp_ext.schedules import Kind, Schedule
-from pp_ext.schedules.nccl import Op, Trace
+from pp_ext.schedules.nccl import STREAMS, Op, Trace, run
 
 P2P = ("send", "recv", "isend", "irecv")
 COLLECTIVES = (
@@ -224,6 +226,52 @@ def recording():
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
+
+
+def record(case_runner, *args):
+    """``case_runner(*args)`` with this rank's communication calls recorded."""
+    with recording() as trace:
+        result = case_runner(*args)
+    return result, trace
+
+
+def run_recorded(rank: int, world: int, harness: str, *args) -> list:
+    """``harness.run_cases(rank, world, *args)`` (a tests/ module) on plain gloo, each case's
+    ``run_case`` recorded: (result, trace) per case. Plain gloo, not the emulation: the
+    recorder sees the engine's own calls. (In this rank's own interpreter, so rebinding the
+    harness's ``run_case`` reaches nothing else.)"""
+    os.environ["PP_EXT_P2P"] = ""
+    module = importlib.import_module(harness)
+    run_case = module.run_case
+    module.run_case = lambda *case: record(run_case, *case)
+    return module.run_cases(rank, world, *args)
+
+
+def replay(results_by_rank: list[list]) -> list[str]:
+    """Replay each case's recorded traces under both stream models; what did not finish."""
+    failures = []
+    for i, (result, _) in enumerate(results_by_rank[0]):
+        traces_of_case = [results[i][1] for results in results_by_rank]
+        assert sum(op.kind != "collective" for t in traces_of_case for op in t.ops), (
+            "nothing recorded"
+        )
+        for streams in STREAMS:
+            outcome = run(traces_of_case, streams)
+            if not outcome.finished:
+                failures.append(f"{result['case']} ({streams} streams): {outcome.report}")
+    return failures
+
+
+def launch_recorded(world: int, harness: str, *args) -> list[list]:
+    """:func:`run_recorded` on ``world`` ranks; every case's traces replay to the end under
+    NCCL's stream models (pp_ext.schedules.nccl), or this fails naming the cases that hang.
+    Each rank's results, traces dropped."""
+    from pp_ext.testing.spawn import spawn
+
+    ranks = spawn(run_recorded, world, harness, *args)
+    failures = replay(ranks)
+    assert not failures, "\n".join(failures)
+    return [[result for result, _ in results] for results in ranks]
 
 
 def one_global_order(lowered: Schedule) -> bool:

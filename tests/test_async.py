@@ -1,6 +1,7 @@
 """Asynchronous schedules: the pure stream (calls and drains, weight versions) and, on the
 engine, each schedule equal to its own single-process rule (pp_ext.schedules.async_rules)
-within 1e-5 over 10 calls and a flush, p = 2 and p = 4 (one launch each)."""
+within 1e-5 over 10 calls and a flush, p = 2 and p = 4 (one launch each), their calls
+recorded on plain gloo and replayed to the end under NCCL's stream models."""
 
 from __future__ import annotations
 

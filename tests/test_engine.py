@@ -1,6 +1,8 @@
 """The engine runs every registered schedule exactly: per-step losses and final
 parameters after 3 optimizer steps equal a single-process reference on the same
-data (fp32, CPU, gloo), tied and untied heads, pipeline 2 and 4, data parallel 2."""
+data (fp32, CPU, gloo), tied and untied heads, pipeline 2 and 4, data parallel 2.
+The same runs are NCCL's test: their calls, recorded on plain gloo, replay to the end
+under both of NCCL's stream models (tests/nccl_recorder.py; tests/test_nccl.py)."""
 
 from __future__ import annotations
 
@@ -10,21 +12,23 @@ from torch import nn
 
 from pp_ext.schedules import REGISTRY
 
+CHUNKS = {"interleaved-1f1b": [2, 3], "looped-bfs": [2, 3]}  # chunks per rank (others: default)
+
 
 @pytest.mark.slow
 def test_pipeline_2_every_schedule_matches_reference():
-    launch(2, 2, cases_for(2, [2, 4], {"interleaved-1f1b": [2, 3], "looped-bfs": [2, 3]}))
+    launch(2, 2, cases_for(2, [2, 4], CHUNKS))
 
 
 @pytest.mark.slow
 def test_pipeline_4_every_schedule_matches_reference():
     # chimera takes only multiples of p: its untied case runs one basic unit (m = p)
-    launch(4, 4, cases_for(4, [8, 9]) + [("chimera", 4, 2, False)])
+    launch(4, 4, cases_for(4, [8, 9], CHUNKS) + [("chimera", 4, 2, False)])
 
 
 @pytest.mark.slow
 def test_pipeline_2_data_2_every_schedule_matches_reference():
-    launch(4, 2, cases_for(2, [4, 5]))
+    launch(4, 2, cases_for(2, [4, 5], CHUNKS))
 
 
 def test_engine_knows_actions_not_schedule_names():

@@ -4,9 +4,11 @@ Pure: the dry run on small traces whose outcome is derived by hand; today's-styl
 crossing lowering of 1f1b refused under both stream models while gloo's buffered model
 passes it; the second, independent check of the lowering's invariant (a cycle search
 for one global order of transfers) that tests/test_properties.py runs on its grids.
-Slow: the engine's calls recorded while training every schedule (p = 2 and 4, pipe 2 x
-data 2, pipe 2 x tensor 2 with a Qwen2-MoE case, plain gloo) replay to the end under both stream models, as
-DeepSpeed's own engine's do, while a recorded crossing program does not; the emulation
+Slow: the engine's calls recorded while training (plain gloo) replay to the end under both
+stream models, as DeepSpeed's own engine's do, while a recorded crossing program does not.
+Here pipe 2 x tensor 2 with a Qwen2-MoE case; every schedule at p = 2 and 4 and pipe 2 x
+data 2 is recorded by the exactness runs themselves (tests/test_engine.py, test_async.py,
+through tests/nccl_recorder.launch_recorded), so each case trains once. The emulation
 on gloo (PP_EXT_P2P=emulate-nccl) stops the crossing program with the comm-timeout error
 within 30 s, which plain gloo runs.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from nccl_recorder import one_global_order
+from nccl_recorder import launch_recorded, one_global_order, record
 
 from pp_ext.schedules import (
     REGISTRY,
@@ -176,91 +178,6 @@ def test_the_cycle_search_tells_one_global_order_from_crossing_orders():
 # ---------------------------------------------------------------------- the engine, recorded
 
 
-def record(case_runner, *args):
-    """``case_runner(*args)`` with this rank's communication calls recorded."""
-    from nccl_recorder import recording
-
-    with recording() as trace:
-        result = case_runner(*args)
-    return result, trace
-
-
-def run_recorded(rank: int, world: int, kind: str, cases: list, *extra) -> list:
-    import os
-
-    os.environ["PP_EXT_P2P"] = ""  # plain gloo: the recorder sees the engine's real calls
-    if kind == "engine":
-        import engine_cases as harness
-
-        return [record(harness.run_case, name, extra[0], m, v, tied) for name, m, v, tied in cases]
-    if kind == "async":
-        import async_cases as harness
-
-        return [record(harness.run_case, name, world, m) for name, m in cases]
-    import tensor_cases as harness
-
-    return [record(harness.run_case, extra[0], case) for case in cases]
-
-
-def replay(results_by_rank: list[list]) -> list[str]:
-    """Replay each case's recorded traces under both stream models; what did not finish."""
-    failures = []
-    for i, (result, _) in enumerate(results_by_rank[0]):
-        traces_of_case = [results[i][1] for results in results_by_rank]
-        assert sum(op.kind != "collective" for t in traces_of_case for op in t.ops), (
-            "nothing recorded"
-        )
-        for streams in STREAMS:
-            outcome = run(traces_of_case, streams)
-            if not outcome.finished:
-                failures.append(f"{result['case']} ({streams} streams): {outcome.report}")
-    return failures
-
-
-def launch_recorded(world: int, kind: str, cases: list, *extra) -> list[list]:
-    from pp_ext.testing.spawn import spawn
-
-    results = spawn(run_recorded, world, kind, cases, *extra)
-    assert not replay(results), "\n".join(replay(results))
-    return results
-
-
-def synchronous_cases(pipe: int, m: int) -> list[tuple]:
-    from engine_cases import cases_for
-
-    return cases_for(pipe, [m], {"interleaved-1f1b": [2, 3], "looped-bfs": [2, 3]})
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("pipe", [2, 4])
-def test_the_engines_recorded_calls_finish_under_nccl_every_schedule(pipe):
-    """Every registered schedule (and DeepSpeed's own engine, whose blocking send/recv in
-    parity order is NCCL-safe): the replay finishes, and training is still exact."""
-    import engine_cases
-
-    engine_cases.check(
-        [
-            [result for result, _ in results]
-            for results in launch_recorded(pipe, "engine", synchronous_cases(pipe, 2 * pipe), pipe)
-        ]
-    )
-    launch_recorded(
-        pipe, "async", [(name, pipe) for name, spec in REGISTRY.items() if not spec.synchronous]
-    )
-
-
-@pytest.mark.slow
-def test_the_engines_recorded_calls_finish_under_nccl_pipe_2_data_2():
-    import engine_cases
-
-    engine_cases.check(
-        [
-            [result for result, _ in results]
-            for results in launch_recorded(4, "engine", synchronous_cases(2, 4), 2)
-        ]
-    )
-
-
 @pytest.mark.slow
 def test_the_engines_recorded_calls_finish_under_nccl_pipe_2_tensor_2(tmp_path):
     cases = [
@@ -270,8 +187,8 @@ def test_the_engines_recorded_calls_finish_under_nccl_pipe_2_tensor_2(tmp_path):
         ("llama", False, (2, 2, 1), "chimera", False),
         ("qwen2_moe", False, (2, 2, 1), "zb-h1", False),  # router statistics in the stream
     ]
-    for results in launch_recorded(4, "tensor", cases, str(tmp_path)):
-        for result, _ in results:
+    for results in launch_recorded(4, "tensor_cases", str(tmp_path), cases):
+        for result in results:
             assert max(abs(a - b) for a, b in zip(result["losses"], result["ref_losses"])) < 1e-5, (
                 result["case"]
             )
