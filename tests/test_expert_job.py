@@ -9,7 +9,10 @@ within 1e-6): resume to pipeline 2 and from it back into expert 2 (weights, mast
 weights and AdamW state moved by expert index); under bf16 (BF16_Optimizer): expert 2
 against expert 1 no further apart than bf16 from its fp32 twin, the same-layout resume
 bitwise, expert 2 -> 1 within the twin gap. The expert files hold each expert's own
-AdamW moments (those of the fp32 run) and, bf16 / ZeRO, its fp32 master weight."""
+AdamW moments (those of the fp32 run) and, bf16 / ZeRO, its fp32 master weight. LoRA
+(attention and the fused experts by target_parameters): expert 2 trains as expert 1
+(losses, every exported adapter), resumes 2 -> 1 -> 2 exactly, its expert files hold
+the adapters only, and its export loads in PEFT with the trained pipeline's logits."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ What PEFT cannot do inside a tensor-parallel layer is written here, by hand:
   draws at the local shapes, which for a cut ``A_t`` would use the local fan-in and give
   every tensor rank the same draw. On a tensor-parallel layer PEFT's draws are replayed
   at the whole shapes and this rank's part of A taken, so the adapters start as on one
-  tensor rank, bit for bit, for any pipeline and tensor layout.
+  tensor rank, bit for bit, for any pipeline and tensor layout; so too for the factors of
+  fused experts cut over expert ranks (:mod:`pp_ext.peft.experts`).
 * dropout on a cut input: each tensor rank draws the whole input's mask (the ranks' random
   generators are in step: same seeds, same operations) and keeps its part, which is the
   dropout a single process applies to the whole input. On a whole (replicated) input
