@@ -1,5 +1,6 @@
 """Tensor- and data-parallel LoRA cases (issue 23), run in the 4-rank launch of
-tests/test_tensor_parallel.py: pipe 2 x tensor 2 and pipe 2 x data 2 LoRA training
+tests/test_tensor_parallel.py: pipe 2 x tensor 2, pipe 2 x data 2 and pipe 2 x data 2 x
+expert 2 (a Mixtral's fused experts adapted by target_parameters) LoRA training
 against PEFT's own ``get_peft_model`` on transformers' model in one process (fp32, AdamW,
 gradient clipping, 3 steps), every adapter weight gathered whole; the PEFT export of a
 tensor-parallel run loaded by ``PeftModel.from_pretrained``."""
@@ -7,17 +8,15 @@ tensor-parallel run loaded by ``PeftModel.from_pretrained``."""
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hf_models import CONFIGS
+from hf_models import ALL_CONFIGS
 from tensor_cases import (
     CLIP,
     MICRO_BATCHES,
     batch,
-    loss_fn,
     probe_logits,
     replicas_differ,
     run_case,
@@ -38,6 +37,8 @@ class LoraCase:
     modules_to_save: tuple[str, ...] | None = None
     dropout: float = 0.0  # > 0: dropout's masks differ from the reference's; replicas checked
     export: bool = False  # also: the PEFT export, and the checkpoint resumed at RESUME_LAYOUT
+    expert: int = 1  # an MoE model's experts over this many data ranks
+    target_parameters: tuple[str, ...] | None = None  # PEFT's ParamWrapper on fused experts
 
 
 LORA_CASES = [
@@ -47,6 +48,16 @@ LORA_CASES = [
     LoraCase("gpt_neox", False, (2, 2, 1), "zbv", "all-linear", ("embed_in",)),
     LoraCase("llama", True, (2, 1, 2), "1f1b", ("q_proj", "v_proj", "down_proj")),
     LoraCase("qwen2", False, (2, 2, 1), "1f1b", "all-linear", dropout=0.2),
+    # the fused experts' adapters cut by expert (rows of A, strided columns of B), aux loss on
+    LoraCase(
+        "mixtral",
+        False,
+        (2, 1, 2),
+        "zb-h1",
+        ("q_proj", "v_proj"),
+        expert=2,
+        target_parameters=("experts.gate_up_proj", "experts.down_proj"),
+    ),
 ]
 
 
@@ -60,6 +71,7 @@ def lora_config(case: LoraCase):
         lora_dropout=case.dropout,
         target_modules=targets,
         modules_to_save=None if case.modules_to_save is None else list(case.modules_to_save),
+        target_parameters=None if case.target_parameters is None else list(case.target_parameters),
         task_type="CAUSAL_LM",
         init_lora_weights=False,  # B random too: the first step moves A as well
         fan_in_fan_out=case.family == "gpt2",  # GPT-2's Conv1D: as pp-ext's lora_config says
@@ -91,27 +103,34 @@ class Reference:
 
 
 def whole(param: torch.Tensor, axis) -> torch.Tensor:
-    """``param`` merged from every tensor rank's part (itself when not cut)."""
+    """``param`` merged from every tensor rank's part, or expert rank's (itself when not cut)."""
     import torch.distributed as dist
+    from deepspeed.utils import groups
 
-    split = getattr(param, "tp_split", None)
+    split, group = getattr(param, "tp_split", None), axis.group
+    if split is None and hasattr(param, "expert_split"):
+        split = getattr(param, "expert_split")
+        group = groups._get_expert_parallel_group(getattr(param, "group_name"))
     if split is None:
         return param.detach()
-    parts = [torch.empty_like(param) for _ in range(axis.size)]
-    dist.all_gather(parts, param.detach().contiguous(), group=axis.group)
+    parts = [torch.empty_like(param) for _ in range(split.size)]
+    dist.all_gather(parts, param.detach().contiguous(), group=group)
     return split.merge(parts)
 
 
-def lora_engine(model: str, layout, schedule: str, lora, adapter: str | None):
-    """The pipeline engine of ``model`` at ``layout`` with ``lora``'s adapters, read from
-    the PEFT folder ``adapter`` (None: left to a checkpoint), and its adapted layers."""
+def lora_engine(model: str, layout, schedule: str, lora, adapter: str | None, expert: int = 1):
+    """The pipeline engine of ``model`` at ``layout`` (an MoE model's experts over ``expert``
+    data ranks) with ``lora``'s adapters, read from the PEFT folder ``adapter`` (None: left
+    to a checkpoint), and its adapted layers; its loss adds an MoE model's router loss."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     import pp_ext
-    from pp_ext.hf import build_pipeline_module
+    from pp_ext.hf import build_pipeline_module, router_loss_coef
     from pp_ext.hf.loading import indexed_layers, load_config
     from pp_ext.peft import Targets, add_adapters, load_adapter
     from pp_ext.schedules import get
+    from pp_ext.training.loss import LanguageModelLoss
+    from pp_ext.training.optim import expert_groups
 
     spec, data = get(schedule), layout[2]
     module = build_pipeline_module(
@@ -120,8 +139,10 @@ def lora_engine(model: str, layout, schedule: str, lora, adapter: str | None):
         chunks=spec.default_chunks,
         placement=spec.placement,
         partition_method="type:layer",  # a decoder layer on each stage: both have adapters
+        expert=expert,
     )
-    module.loss_fn = functools.partial(loss_fn, axis=module.tensor_axis)
+    module.loss_fn = LanguageModelLoss(router_loss_coef(load_config(model)))
+    module.loss_fn.tensor_axis = module.tensor_axis
     layers = add_adapters(indexed_layers(module), Targets.of(lora, load_config(model)), seed=0)
     if adapter is not None:
         load_adapter(layers, adapter)
@@ -129,7 +150,9 @@ def lora_engine(model: str, layout, schedule: str, lora, adapter: str | None):
     trainable = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = pp_ext.initialize(
         model=module,
-        optimizer=torch.optim.AdamW(trainable, lr=LR),
+        optimizer=torch.optim.AdamW(
+            expert_groups([{"name": "params", "params": trainable}]), lr=LR
+        ),
         config={
             "train_micro_batch_size_per_gpu": 2,
             "gradient_accumulation_steps": MICRO_BATCHES,
@@ -178,7 +201,7 @@ def run_lora_case(tmp: str, case: LoraCase) -> dict:
     pipe, tensor, data = case.layout
     folder = f"{tmp}/lora-{case.family}-{pipe}{tensor}{data}-{case.schedule}"
     torch.manual_seed(0)
-    config = CONFIGS[case.family](case.tied)
+    config = ALL_CONFIGS[case.family](case.tied)
     hf = AutoModelForCausalLM.from_config(config).float()
     lora = lora_config(case)
     torch.manual_seed(1)  # the same reference adapter on every rank
@@ -189,7 +212,9 @@ def run_lora_case(tmp: str, case: LoraCase) -> dict:
     dist.barrier()
 
     model = f"{folder}/hf"
-    engine, layers = lora_engine(model, case.layout, case.schedule, lora, f"{folder}/adapter")
+    engine, layers = lora_engine(
+        model, case.layout, case.schedule, lora, f"{folder}/adapter", case.expert
+    )
     axis = engine.module.tensor_axis
     losses = [train_step(engine, step) for step in range(3)]
     ref = Reference(reference)

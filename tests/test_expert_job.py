@@ -9,12 +9,16 @@ within 1e-6): resume to pipeline 2 and from it back into expert 2 (weights, mast
 weights and AdamW state moved by expert index); under bf16 (BF16_Optimizer): expert 2
 against expert 1 no further apart than bf16 from its fp32 twin, the same-layout resume
 bitwise, expert 2 -> 1 within the twin gap. The expert files hold each expert's own
-AdamW moments (those of the fp32 run) and, bf16 / ZeRO, its fp32 master weight."""
+AdamW moments (those of the fp32 run) and, bf16 / ZeRO, its fp32 master weight. LoRA
+(attention and the fused experts by target_parameters): expert 2 trains as expert 1
+(losses, every exported adapter), resumes 2 -> 1 -> 2 exactly, its expert files hold
+the adapters only, and its export loads in PEFT with the trained pipeline's logits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hf_checks import TOL, ids, max_diff
 from hf_models import MOE_CONFIGS
 from train_cases import ROOT, train_cases
 
@@ -22,6 +26,13 @@ TIGHT = 1e-6  # fp32: the all-to-all moves rows, the grouped GEMMs see the same 
 RUN = ["train.steps=4", "checkpoint.interval=2", "checkpoint.keep=0"]
 AT_2, AT_3 = "checkpoints/step-00000002", "checkpoints/step-00000003"
 ZERO, BF16 = "deepspeed.bases=[zero1-fp32]", "deepspeed.bases=[zero1-bf16]"
+LORA = [
+    "peft.type=lora",
+    "peft.r=4",
+    "peft.lora_alpha=8",
+    "peft.target_modules=[q_proj,v_proj]",
+    "peft.target_parameters=[experts.gate_up_proj,experts.down_proj]",
+]
 
 
 def checkpoint_experts(tag_dir) -> dict[str, torch.Tensor]:
@@ -74,8 +85,12 @@ def gap(a: dict[int, float], b: dict[int, float]) -> float:
 
 @pytest.mark.slow
 def test_expert_parallel_job(tmp_path):
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+    from test_peft_job import peft_logits, pipeline_logits
     from transformers import AutoModelForCausalLM
 
+    from pp_ext.peft import Targets
     from pp_ext.testing.spawn import spawn
 
     config = MOE_CONFIGS["mixtral"](False)
@@ -90,7 +105,8 @@ def test_expert_parallel_job(tmp_path):
     z2, pz = tmp_path / "z2", tmp_path / "pz"
     data_2 = [*model, *RUN, "parallel.pipeline=1", "parallel.micro_batches=2"]
     pipe_2 = [*model, *RUN, "parallel.pipeline=2", "parallel.micro_batches=4"]  # the same batch
-    z_data_2, b_data_2 = [*data_2, ZERO], [*data_2, BF16]
+    z_data_2, b_data_2, l_data_2 = [*data_2, ZERO], [*data_2, BF16], [*data_2, *LORA]
+    l2, resume = tmp_path / "l2", "checkpoint.resume="
     cases = [
         ("e1", [*data_2, "parallel.expert=1"]),
         ("e2", [*data_2, "parallel.expert=2"]),
@@ -107,6 +123,15 @@ def test_expert_parallel_job(tmp_path):
         ("b2", [*b_data_2, "parallel.expert=2"]),
         ("b2-b2", [*b_data_2, "parallel.expert=2", f"checkpoint.resume={b2 / AT_2}"]),
         ("b2-b1", [*b_data_2, "parallel.expert=1", f"checkpoint.resume={b2 / AT_2}"]),
+        # LoRA (attention and the fused experts): expert 1, expert 2, resumed from step 2 into
+        # expert 1 (saving step 3), and from it back into expert 2
+        ("l1", [*l_data_2, "parallel.expert=1"]),
+        ("l2", [*l_data_2, "parallel.expert=2"]),
+        (
+            "l2-l1",
+            [*l_data_2, "parallel.expert=1", "checkpoint.interval=1", f"{resume}{l2 / AT_2}"],
+        ),
+        ("l2-l1-l2", [*l_data_2, "parallel.expert=2", f"{resume}{tmp_path / 'l2-l1' / AT_3}"]),
     ]
     results = spawn(train_cases, 2, str(tmp_path), cases, timeout=900)[0]
     codes = {name: code for name, (code, _) in results.items()}
@@ -167,3 +192,54 @@ def test_expert_parallel_job(tmp_path):
 
     assert apart("e2", "e1") <= TIGHT and apart("z2", "e1") <= TIGHT
     assert apart("b2", "b1") <= apart("b1", "e1")
+
+    # LoRA: expert 2 trains as expert 1 (losses; every adapter, the experts' merged from
+    # the ranks' rows and strided columns, exported in PEFT's layout) and resumes across
+    for name, steps in (("l2", [1, 2, 3, 4]), ("l2-l1", [3, 4]), ("l2-l1-l2", [4])):
+        assert sorted(loss[name]) == steps, (name, results)
+        assert gap(loss[name], {s: loss["l1"][s] for s in steps}) <= TIGHT, (name, results)
+    adapters = {
+        run: load_file(tmp_path / run / "hf/adapter_model.safetensors")
+        for run in ("l1", "l2", "l2-l1", "l2-l1-l2")
+    }
+    trained = {k: v for k, v in adapters["l1"].items() if ".experts." in k and ".lora_B." in k}
+    assert len(trained) == 2 * 2 and all(v.abs().max() > 1e-3 for v in trained.values())
+    adapter_gaps = {
+        run: max(float((adapters[run][k] - v).abs().max()) for k, v in adapters["l1"].items())
+        for run in adapters
+        if adapters[run].keys() == adapters["l1"].keys()
+    }
+    assert len(adapter_gaps) == 4 and max(adapter_gaps.values()) <= TIGHT, adapter_gaps
+    # an expert file holds that expert's adapters only (the frozen experts are the base's)
+    saved = torch.load(l2 / AT_2 / "layer_01_expert_3_model_states.pt", weights_only=True)
+    assert sorted(saved) == sorted(
+        f"layer.mlp.experts.{inner}lora_{f}.default.weight"
+        for inner in ("", "base_layer.")
+        for f in "AB"
+    ), sorted(saved)
+    # PEFT loads expert 2's export on the HF model: the trained pipeline's logits (expert 1's
+    # checkpoint, its layer files chained in one process)
+    lora_config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    config.output_router_logits = False  # the chained layers give the logits alone
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    x = ids()
+    expected = pipeline_logits(
+        tmp_path / "l1" / "checkpoints/step-00000004",
+        base,
+        config,
+        Targets.of(lora_config, config),
+        x,
+    )
+    for run in ("l2", "l2-l1-l2"):
+        got, _ = peft_logits(tmp_path / run / "hf", x)
+        assert max_diff(got, expected) <= TOL, run
+    print(
+        f"LoRA expert 2 vs 1: losses {gap(loss['l2'], loss['l1']):.1e}, adapters "
+        + ", ".join(f"{run} {value:.1e}" for run, value in adapter_gaps.items())
+    )

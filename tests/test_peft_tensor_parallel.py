@@ -82,3 +82,63 @@ def test_dropout_of_a_cut_input_is_the_whole_inputs_dropout_cut():
             dropout(x[..., rank * 4 : (rank + 1) * 4]), want[..., rank * 4 : (rank + 1) * 4]
         )
         assert torch.equal(dropout.eval()(x[..., :4]), x[..., :4])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_expert_ranks_hold_their_rows_of_peft_whole_fused_adapter(family):
+    """LoRA on fused experts at expert 2 (pp_ext/peft/experts.py): each expert rank's
+    lora_A is rows e*r ... e*r+r-1 and its lora_B columns e, e+E, ... of PEFT's own
+    adapter built on transformers' decoder layer with all E experts under the layer's
+    seed (PEFT's draws replayed in PEFT's order), the dense adapters PEFT's whole; the
+    expert factors carry DeepSpeed's expert marks and cut any whole tensor so."""
+    from hf_models import MOE_CONFIGS
+    from peft import inject_adapter_in_model
+
+    from pp_ext.moe import dispatch
+    from pp_ext.moe.experts import DeferrableExperts
+
+    config = MOE_CONFIGS[family](False)
+    idx = 2  # the second decoder layer: sparse in both
+    lora = LoraConfig(
+        r=4,
+        target_modules=["q_proj", "v_proj", "down_proj"],  # qwen2_moe: its shared expert's
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    hf_class = type(__import__("transformers").AutoModelForCausalLM.from_config(config))
+    reference = hf_class.__module__
+    decoder = getattr(
+        __import__(reference, fromlist=["x"]),
+        hf_class.__name__.replace("ForCausalLM", "DecoderLayer"),
+    )(config, idx - 1)
+    torch.manual_seed(SEED + idx)
+    inject_adapter_in_model(LoraConfig(**lora.to_dict()), decoder)
+    whole = {n: p.detach() for n, p in decoder.named_parameters() if "lora_" in n}
+    experts, r = config.num_local_experts if family == "mixtral" else config.num_experts, 4
+    local = experts // 2
+    seen = set()
+    for rank in range(2):
+        layer = layer_specs(config)[idx].build()
+        for sub in list(layer.modules()):
+            if isinstance(sub, DeferrableExperts):
+                dispatch.shard(sub, dispatch.ExpertAxis(2, rank))
+        add_adapters([(idx, layer)], Targets.of(lora, config), seed=SEED)
+        for name, param in layer.named_parameters():
+            if "lora_" not in name:
+                continue
+            key = name.removeprefix("layer.")
+            want = whole[key]
+            if ".experts." in key:  # rows / strided columns of this rank's experts
+                mine = [rank * local + i for i in range(local)]
+                rows = [e * r + j for e in mine for j in range(r)]
+                columns = [j * experts + e for j in range(r) for e in mine]
+                pick = (lambda t: t[rows]) if ".lora_A." in key else (lambda t: t[:, columns])
+                drawn = torch.randn(want.shape)  # B starts at zero: the cut on any values
+                assert torch.equal(param.expert_split.take(drawn), pick(drawn)), name
+                want = pick(want)
+                assert param.allreduce is False and param.group_name == "ep_size_2", name
+            else:
+                assert not hasattr(param, "expert_split"), name
+            assert torch.equal(param.detach(), want), (rank, name)
+            seen.add(key)
+    assert seen == set(whole) and any(".experts." in k for k in seen)

@@ -358,17 +358,6 @@ BAD_INPUT = [
             "model.path={mixtral}",
             "model.tokenizer=configs/models/quickstart",
             "parallel.expert=2",
-            "peft.type=lora",
-            "peft.target_parameters=[experts.gate_up_proj]",
-        ],
-        4,
-        "parallel.expert=2 with peft.type=lora: LoRA runs do not spread experts yet",
-    ),
-    (
-        [
-            "model.path={mixtral}",
-            "model.tokenizer=configs/models/quickstart",
-            "parallel.expert=2",
             "parallel.schedule=chimera",
         ],
         4,

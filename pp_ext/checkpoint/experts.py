@@ -9,14 +9,18 @@ MoE checkpoint does (``_get_expert_ckpt_name``: one file per layer and global ex
 each rank of the first expert group (the ranks holding distinct experts; expert-data rank
 0) of tensor rank 0 (experts are whole on every tensor rank) writes, for each of its
 experts ``j = expert rank x local + i``, ``layer_XX_expert_J_model_states.pt`` (the fused
-tensors' row ``i``, kept as a ``[1, ...]`` slice) and ``layer_XX_expert_J_optim_states.pt``
-(that row of its AdamW ``exp_avg`` / ``exp_avg_sq``, ``step``; under bf16 or ZeRO, whose
+tensors' row ``i``, kept as a ``[1, ...]`` slice; a LoRA run's: the adapters' part of
+that expert, rows of ``lora_A`` and columns of ``lora_B``, :func:`pp_ext.peft.expert_parts`,
+its frozen experts left out as DeepSpeed leaves out the frozen parameters) and
+``layer_XX_expert_J_optim_states.pt`` (that part of its AdamW ``exp_avg`` / ``exp_avg_sq``,
+``step``; under bf16 or ZeRO, whose
 flat partitions DeepSpeed saves per data rank under the same names on every expert rank,
 also its fp32 master weight, as :mod:`pp_ext.checkpoint.optimizer_state` names it, and
 the moments of that expert only). The layer index XX is the
 global one (as the layer files'), not DeepSpeed's per-rank count of MoE layers, so no
 layout changes a name: export and resume merge the files by expert index
 (:class:`pp_ext.tp.Split` with one part per expert) and cut this run's part again.
+Only trained tensors are expert files' (a LoRA run's experts are its base's).
 """
 
 from __future__ import annotations
@@ -29,15 +33,24 @@ import torch
 
 from pp_ext import tp
 from pp_ext.checkpoint import optimizer_state
+from pp_ext.peft import expert_parts
+from pp_ext.peft.adapters import ADAPTER
+
+
+def _sharded(param: torch.nn.Parameter) -> bool:
+    """A trained tensor cut over the expert ranks (an expert group's part)."""
+    return param.requires_grad and getattr(param, "expert_split", None) is not None
 
 
 def expert_params(layer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """``state_dict`` name -> parameter of ``layer``'s sharded experts (an expert group's part)."""
-    return {
-        name: param
-        for name, param in layer.named_parameters()
-        if getattr(param, "expert_split", None) is not None
-    }
+    """``state_dict`` name -> trained parameter of ``layer``'s sharded experts."""
+    return {name: param for name, param in layer.named_parameters() if _sharded(param)}
+
+
+def own_part(cut: tp.Split, size: int, i: int) -> tp.Split:
+    """The cut of an expert rank's part (one of ``size``) into its experts, whose ``i``-th
+    is the one ``cut`` (one part per expert) calls ``rank * local + i``."""
+    return tp.Split(cut.dim, tuple(n // size for n in cut.sections), cut.size // size, i)
 
 
 def weight_file(tag_dir: Path, idx: int, expert: int) -> Path:
@@ -58,18 +71,8 @@ def weight_files(tag_dir: Path, idx: int) -> list[Path]:
     return [found[j] for j in sorted(found)]
 
 
-def merged(experts: int) -> tp.Split:
-    """The cut that merges one ``[1, ...]`` part per expert (of ``experts``) into the fused
-    tensor."""
-    return tp.Split(0, (experts,), experts, 0)
-
-
 def _own_experts(module: torch.nn.Module) -> list[str]:
-    return [
-        name
-        for name, param in module.named_parameters(recurse=False)
-        if getattr(param, "expert_split", None) is not None
-    ]
+    return [name for name, param in module.named_parameters(recurse=False) if _sharded(param)]
 
 
 def _drop_experts(module, state_dict, prefix, local_metadata) -> None:
@@ -117,10 +120,12 @@ def save(engine, tag_dir: Path, held: list[tuple[int, str, torch.nn.Module]]) ->
         )
         if data_rank >= split.size:  # another expert group's replica of the same experts
             continue
-        local = split.sections[0] // split.size
+        parts = expert_parts(layer, ADAPTER)
+        local = parts[next(iter(params))].size // split.size
         for i in range(local):
             expert = split.rank * local + i
-            rows = {name: p.detach()[i : i + 1].clone() for name, p in params.items()}
+            cuts = {name: own_part(parts[name], split.size, i) for name in params}
+            rows = {name: cuts[name].take(p.detach()).clone() for name, p in params.items()}
             torch.save(rows, weight_file(tag_dir, idx, expert))
             states = {name: by_param[p] for name, p in params.items()}
             torch.save(
@@ -128,7 +133,7 @@ def save(engine, tag_dir: Path, held: list[tuple[int, str, torch.nn.Module]]) ->
                     name: None
                     if state is None
                     else {
-                        key: value[i : i + 1].clone()
+                        key: cuts[name].take(value).clone()
                         if torch.is_tensor(value) and value.dim() > 0
                         else value
                         for key, value in state.items()
@@ -139,12 +144,13 @@ def save(engine, tag_dir: Path, held: list[tuple[int, str, torch.nn.Module]]) ->
             )
 
 
-def saved_states(tag_dir: Path, idx: int, experts: int) -> dict[str, dict | None]:
+def saved_states(tag_dir: Path, idx: int, parts: dict[str, tp.Split]) -> dict[str, dict | None]:
     """``state_dict`` name -> the whole optimizer state of each of layer ``idx``'s expert
-    tensors (``experts`` rows), merged from its per-expert files; None: none yet."""
+    tensors, merged from its per-expert files by ``parts`` (:func:`pp_ext.peft.expert_parts`);
+    None: none yet."""
     files = [
         torch.load(optim_file(tag_dir, idx, j), map_location="cpu", weights_only=False)
-        for j in range(experts)
+        for j in range(len(weight_files(tag_dir, idx)))
     ]
     states: dict[str, dict | None] = {}
     for name, first in files[0].items():
@@ -152,7 +158,7 @@ def saved_states(tag_dir: Path, idx: int, experts: int) -> dict[str, dict | None
             None
             if first is None
             else {
-                key: merged(experts).merge([file[name][key] for file in files])
+                key: parts[name].merge([file[name][key] for file in files])
                 if torch.is_tensor(value) and value.dim() > 0
                 else value
                 for key, value in first.items()

@@ -53,7 +53,8 @@ from pp_ext.checkpoint.tags import LATEST, MARKER, info
 from pp_ext.hf.families import layer_specs
 from pp_ext.hf.loading import hf_initializer, layout_free_specs, load_config, to_dtype
 from pp_ext.hf.weights import hf_keys, meta_model, saved_form
-from pp_ext.peft import Targets, add_adapters, peft_keys
+from pp_ext.peft import Targets, add_adapters, expert_parts, peft_keys
+from pp_ext.peft.adapters import ADAPTER
 from pp_ext.peft.config import ADAPTER_CONFIG, adapter_keys, peft_model_warnings
 
 HF_META = "hf_meta"
@@ -234,12 +235,13 @@ def layer_tensors(
     # an expert-parallel run's experts: one file per global expert (pp_ext.checkpoint.experts)
     rows = tuple(experts.weight_files(tag_dir, idx))
     in_rows = load_layer(rows[0]).keys() if rows else set()
+    parts = expert_parts(layer, ADAPTER) if rows else {}  # one part per expert, by its cut
     whole, dtypes = {k: v.shape for k, v in expected.items()}, {}
     for path in (*paths, *rows):
         state, want = (
             load_layer(path),
             {
-                k: (1, *whole[k][1:]) if path in rows else v.shape
+                k: parts[k].part_shape(whole[k]) if path in rows and k in parts else v.shape
                 for k, v in expected.items()
                 if (k in in_rows) == (path in rows)
             },
@@ -251,13 +253,13 @@ def layer_tensors(
                 f"config the checkpoint was trained with"
             )
         dtypes.update({k: v.dtype for k, v in state.items()})
-    if rows and any(whole[k][0] != len(rows) for k in in_rows):
+    if rows and any(parts[k].size != len(rows) for k in in_rows):
         raise ExportError(
             f"{tag_dir} holds {len(rows)} expert files of layer {idx}, whose experts number "
-            f"{whole[next(iter(in_rows))][0]}: the checkpoint is incomplete; export another tag"
+            f"{parts[next(iter(in_rows))].size}: the checkpoint is incomplete; export another tag"
         )
     return layer, {
-        local: Stored(rows, local, tensor.shape, dtypes[local], experts.merged(len(rows)))
+        local: Stored(rows, local, tensor.shape, dtypes[local], parts[local])
         if local in in_rows
         else Stored(
             paths if local in cut else paths[:1],

@@ -46,7 +46,8 @@ from pp_ext import tp
 from pp_ext.checkpoint import experts, optimizer_state
 from pp_ext.checkpoint.export import layer_tensors, load_layer, saved_layers
 from pp_ext.checkpoint.tags import CheckpointError
-from pp_ext.peft import Targets
+from pp_ext.peft import Targets, expert_parts
+from pp_ext.peft.adapters import ADAPTER
 
 
 def param_names(engine) -> list[str] | None:
@@ -132,7 +133,7 @@ def load(engine, tag_dir: Path, what_changed: list[str], adapters: Targets | Non
         )
         shapes = meta.state_dict()
         rows = experts.weight_files(tag_dir, idx)
-        by_expert = experts.saved_states(tag_dir, idx, len(rows)) if rows else {}
+        by_expert = experts.saved_states(tag_dir, idx, expert_parts(layer, ADAPTER)) if rows else {}
         for local, param in layer.named_parameters():
             if not param.requires_grad:
                 continue

@@ -174,9 +174,21 @@ def shard(experts: Any, axis: ExpertAxis) -> None:
         # gradient norms on tensor rank 0 only, pp_ext.tp.mark_replicated) carries over
         if getattr(whole_param, "ds_pipe_replicated", False):
             setattr(param, "ds_pipe_replicated", True)
-        # DeepSpeed's marks of an expert parameter (deepspeed.moe.experts.Experts)
-        setattr(param, "allreduce", False)
-        setattr(param, "group_name", axis.group_name)
-        setattr(param, "expert_split", split)
+        mark(param, split, axis)
         setattr(experts, name, param)
     experts.num_experts = whole // axis.size
+
+
+def mark(param: torch.nn.Parameter, split: Split, axis: ExpertAxis) -> None:
+    """DeepSpeed's marks of an expert parameter (``deepspeed.moe.experts.Experts``): its
+    gradient reduced over the expert-data group only, the optimizer's expert groups; and
+    ``expert_split``, this expert rank's part of the whole tensor (read as a slice,
+    checkpointed by expert, :mod:`pp_ext.checkpoint.experts`)."""
+    setattr(param, "allreduce", False)
+    setattr(param, "group_name", axis.group_name)
+    setattr(param, "expert_split", split)
+
+
+def axis_of(experts: Any) -> ExpertAxis:
+    """The expert axis ``experts`` are sharded over (one rank: not sharded)."""
+    return getattr(experts, "_expert_axis", ExpertAxis())

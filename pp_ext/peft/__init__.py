@@ -19,6 +19,7 @@ from pp_ext.peft.config import (
     saved_names,
     target_names,
 )
+from pp_ext.peft.experts import expert_parts
 
 __all__ = [
     "Targets",
@@ -29,6 +30,7 @@ __all__ = [
     "check_experts",
     "check_modules_to_save",
     "embedding_targets",
+    "expert_parts",
     "load_adapter",
     "lora_config",
     "peft_keys",

@@ -45,6 +45,7 @@ from pp_ext.peft.config import (
     target_names,
     target_parameters,
 )
+from pp_ext.peft.experts import shard_factors
 from pp_ext.peft.parallel import initialise_a, parallel_factors
 
 PREFIX = "base_model.model."  # PEFT's prefix: PeftModel -> LoraModel -> the HF model
@@ -162,6 +163,7 @@ def add_adapters(
             loras = [m for m in layer.modules() if isinstance(m, LoraLayer)]  # PEFT's order
             for lora in loras:
                 parallel_factors(lora, ADAPTER)
+                shard_factors(lora, ADAPTER)  # on an expert rank's experts: its part
             if targets.config.init_lora_weights is True:  # PEFT's default: A random, B zero
                 initialise_a(loras, ADAPTER, seed + idx)
         for name, param in layer.named_parameters():

@@ -28,7 +28,8 @@ What PEFT cannot do inside a tensor-parallel layer is written here, by hand:
   draws at the local shapes, which for a cut ``A_t`` would use the local fan-in and give
   every tensor rank the same draw. On a tensor-parallel layer PEFT's draws are replayed
   at the whole shapes and this rank's part of A taken, so the adapters start as on one
-  tensor rank, bit for bit, for any pipeline and tensor layout.
+  tensor rank, bit for bit, for any pipeline and tensor layout; so too for the factors of
+  fused experts cut over expert ranks (:mod:`pp_ext.peft.experts`).
 * dropout on a cut input: each tensor rank draws the whole input's mask (the ranks' random
   generators are in step: same seeds, same operations) and keeps its part, which is the
   dropout a single process applies to the whole input. On a whole (replicated) input
@@ -46,6 +47,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from pp_ext import tp
+from pp_ext.peft.experts import creation_order
 
 KAIMING_A = math.sqrt(5)  # PEFT's (and nn.Linear's) default for lora_A
 
@@ -94,23 +96,30 @@ def _split(layer: nn.Module) -> tp.Split:
     return tp.splits(layer)["weight"]
 
 
+def _cut(weight: torch.Tensor) -> tp.Split | None:
+    """A factor's cut: over tensor ranks, or over expert ranks (:mod:`pp_ext.peft.experts`)."""
+    return getattr(weight, "tp_split", None) or getattr(weight, "expert_split", None)
+
+
 def _whole_shape(weight: torch.Tensor) -> torch.Size:
-    split = getattr(weight, "tp_split", None)
+    split = _cut(weight)
     return weight.shape if split is None else split.whole_shape(weight.shape)
 
 
 @torch.no_grad()
 def initialise_a(loras: Sequence[LoraLayer], adapter: str, seed: int) -> None:
-    """PEFT's initial ``lora_A`` of a tensor-parallel layer's ``loras`` (in PEFT's
-    order), as one rank gets it: PEFT's draws replayed at the whole shapes from a
-    generator seeded ``seed`` (the layer's: PEFT drew from torch's, so seeded), which for
-    each target are ``nn.Linear``'s own initialisation of A and B (PEFT then overwrites
-    them) and A's Kaiming-uniform (a = sqrt(5)); this rank keeps its part of A. B stays
-    PEFT's zero. Nothing for a layer on one tensor rank, or built on the meta device."""
-    if all(tp.axis_of(lora.get_base_layer()).size == 1 for lora in loras):
+    """PEFT's initial ``lora_A`` of a layer's ``loras`` whose factors are cut over tensor
+    or expert ranks, as one rank gets it: PEFT's draws replayed at the whole shapes from a
+    generator seeded ``seed`` (the layer's: PEFT drew from torch's, so seeded), in the
+    order PEFT drew them (:func:`~pp_ext.peft.experts.creation_order`), which for each
+    target are ``nn.Linear``'s own initialisation of A and B (PEFT then overwrites them)
+    and A's Kaiming-uniform (a = sqrt(5)); this rank keeps its part of A. B stays PEFT's
+    zero. Nothing for a layer with no cut factor, or built on the meta device."""
+    factors = [getattr(f[adapter], "weight") for lora in loras for f in (lora.lora_A, lora.lora_B)]
+    if all(_cut(weight) is None for weight in factors):
         return
     generator = torch.Generator().manual_seed(seed)
-    for lora in loras:
+    for lora in creation_order(loras):
         a: torch.Tensor = getattr(lora.lora_A[adapter], "weight")
         b: torch.Tensor = getattr(lora.lora_B[adapter], "weight")
         if a.is_meta:  # built to read a checkpoint's shapes (export, reshape)
@@ -119,5 +128,5 @@ def initialise_a(loras: Sequence[LoraLayer], adapter: str, seed: int) -> None:
             nn.init.kaiming_uniform_(torch.empty(shape), a=KAIMING_A, generator=generator)
         whole = torch.empty(_whole_shape(a))
         nn.init.kaiming_uniform_(whole, a=KAIMING_A, generator=generator)
-        split = getattr(a, "tp_split", None)
+        split = _cut(a)
         a.copy_(whole if split is None else split.take(whole))

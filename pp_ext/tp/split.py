@@ -80,6 +80,12 @@ class Split:
         """The whole tensor's shape, from the shape of one part."""
         return torch.Size((*shape[: self.dim], sum(self.sections), *shape[self.dim + 1 :]))
 
+    def part_shape(self, shape: torch.Size) -> torch.Size:
+        """One part's shape (without padding), from the whole tensor's shape."""
+        return torch.Size(
+            (*shape[: self.dim], sum(self.sections) // self.size, *shape[self.dim + 1 :])
+        )
+
     def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The whole tensor from every rank's part, in rank order (inverse of :meth:`take`;
         the padding dropped)."""

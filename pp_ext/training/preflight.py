@@ -169,14 +169,9 @@ def check_baseline_router_loss(name: str, pipe: int, config: PretrainedConfig) -
 def check_expert_runs(recipe: Recipe, layout: Layout) -> None:
     """The training job's own limits on expert parallelism (``pp-ext plan`` and ``tune``
     lay any out): its checkpoints (:mod:`pp_ext.checkpoint.experts`) save the experts of
-    one pipeline (not Chimera's two), and a LoRA run's experts are not sharded."""
+    one pipeline (not Chimera's two)."""
     if layout.expert == 1:
         return
-    if recipe.peft.type != "none":
-        raise RecipeError(
-            f"parallel.expert={layout.expert} with peft.type={recipe.peft.type}: LoRA runs do "
-            f"not spread experts yet: set parallel.expert=1"
-        )
     if recipe.parallel.schedule == BASELINE:
         # its stock engine finds no DeepSpeed MoE layer (has_moe_layers stays False), so it
         # would all-reduce the expert ranks' different experts over every data rank
