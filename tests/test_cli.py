@@ -384,7 +384,7 @@ def test_a_package_outside_the_tested_range_is_one_line(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err == (
         "pp-ext: error: transformers 4.57.1 is installed, pp-ext needs transformers<6,>=5.21; "
-        "peft is not installed, pp-ext needs peft<0.22,>=0.21: pip install "
-        "'transformers<6,>=5.21' 'peft<0.22,>=0.21'\n"
+        "peft is not installed, pp-ext needs peft<0.23,>=0.21: pip install "
+        "'transformers<6,>=5.21' 'peft<0.23,>=0.21'\n"
     )
     assert main(["schedule", "list"]) == 0

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 from hf_models import CONFIGS, MOE_CONFIGS
+from packaging.version import Version
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from recipe_cases import one_line_error
@@ -230,6 +232,11 @@ def test_gpt2_s_conv1d_layers_get_fan_in_fan_out_without_a_warning(recipe_file):
 
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+# the MoE families whose experts PEFT's v4-name conversion of all-linear leaves off (read off
+# peft.utils.transformers_weight_conversion's table): peft 0.22 added Qwen2-MoE
+UNCONVERTED = (
+    ("gpt_oss",) if Version(peft.__version__) >= Version("0.22") else ("qwen2_moe", "gpt_oss")
+)
 
 
 @pytest.mark.parametrize("model_type", moe.supported())
@@ -261,24 +268,27 @@ def test_moe_stages_hold_the_adapters_peft_saves(model_type):
         assert ours == theirs, (model_type, targets, parameters)
         experts = any(".experts." in key for key in ours)
         # peft converts all-linear onto the experts of Mixtral, Qwen3-MoE, OLMoE and
-        # DeepSeek-V3 (even with target_parameters=[]), not Qwen2-MoE's or gpt-oss's: there
-        # only target_parameters adapt them
+        # DeepSeek-V3 (even with target_parameters=[]), not of the UNCONVERTED families:
+        # there only target_parameters adapt them
         assert experts == (
-            bool(parameters)
-            or targets == "all-linear"
-            and model_type not in ("qwen2_moe", "gpt_oss")
+            bool(parameters) or targets == "all-linear" and model_type not in UNCONVERTED
         ), experts
 
 
 def test_moe_targets_that_miss_the_experts_are_refused():
     """target_parameters that match nothing list the 3-D parameters; all-linear (or an
-    expert projection's name) that PEFT leaves off the experts (Qwen2-MoE, which peft 0.21
-    does not convert) is refused unless target_parameters says which ([]: none); where
-    peft converts it (Mixtral) the experts are adapted and nothing is refused."""
+    expert projection's name) that PEFT leaves off the experts (gpt-oss; Qwen2-MoE, which
+    peft 0.21 does not convert) is refused unless target_parameters says which ([]: none);
+    where peft converts it (Mixtral) the experts are adapted and nothing is refused."""
+    shared_expert_only = (  # peft 0.21: Qwen2-MoE's gate_proj is its shared expert's alone
+        "set peft.target_parameters=["
+        if "qwen2_moe" in UNCONVERTED
+        else "PEFT's conversion to this qwen2_moe model's fused experts refuses it"
+    )
     cases = [
         ("olmoe", ["q_proj"], ["experts.w1"], "peft.target_parameters ['experts.w1'] matches no"),
-        ("qwen2_moe", "all-linear", None, "peft.target_modules 'all-linear' adapts no expert"),
-        ("qwen2_moe", ["q_proj", "gate_proj"], None, "set peft.target_parameters=["),
+        ("gpt_oss", "all-linear", None, "peft.target_modules 'all-linear' adapts no expert"),
+        ("qwen2_moe", ["q_proj", "gate_proj"], None, shared_expert_only),
         ("qwen2_moe", ["q_proj"], EXPERTS, "which does not work with lora_dropout != 0: set"),
     ]
     for model_type, targets, parameters, expected in cases:

@@ -112,7 +112,7 @@ EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 def check_experts(lora: LoraConfig, config: PretrainedConfig) -> None:
     """On a model with fused 3-D experts, ``all-linear`` or a list naming an expert
     projection (``EXPERT_PROJECTIONS``) means the experts; where PEFT's rules (its v4 name
-    conversion included, :func:`converted`) still adapt none of them (e.g. Qwen2-MoE,
+    conversion included, :func:`converted`) still adapt none of them (gpt-oss, and Qwen2-MoE
     which peft 0.21 does not convert: there ``gate_proj`` is the shared expert's only),
     PEFT would train without them, silently: :class:`PeftError`, unless
     ``target_parameters`` says which (``[]``: none)."""
@@ -145,7 +145,7 @@ def embedding_targets(lora: LoraConfig, config: PretrainedConfig) -> list[str]:
 
 def converted(lora: LoraConfig, config: PretrainedConfig) -> LoraConfig:
     """``lora`` as PEFT applies it to the model of ``config``: on MoE models whose experts
-    transformers v5 fuses, peft 0.21 maps v4 names (``all-linear``, ``w1``/``w3``,
+    transformers v5 fuses, peft (0.21 and 0.22) maps v4 names (``all-linear``, ``w1``/``w3``,
     ``gate_proj``/``up_proj``, ``w2``/``down_proj``, the router ``gate``) onto
     ``target_parameters`` (``experts.gate_up_proj`` with rank and alpha doubled for the
     two fused projections, ``experts.down_proj``, ``gate.weight``)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import peft
+from packaging.version import Version
 from peft.tuners.lora import LoraLayer, ParamWrapper
 from torch import nn
 
@@ -68,14 +70,19 @@ def expert_parts(layer: nn.Module, adapter: str) -> dict[str, Split]:
     return parts
 
 
+PARAMETERS_FIRST = Version(peft.__version__) >= Version("0.22")
+
+
 def creation_order(loras: Sequence[LoraLayer]) -> list[LoraLayer]:
     """``loras`` (module order) in the order PEFT made them, so drew their random
-    initialisation: its ``target_modules`` first, in module order, then its
-    ``target_parameters`` (``BaseTuner._inject_parameters``), where the wrappers of one
-    module's parameters nest, the first made innermost."""
+    initialisation: its ``target_modules`` in module order and its ``target_parameters``
+    (``BaseTuner._inject_parameters``), where the wrappers of one module's parameters
+    nest, the first made innermost; peft 0.21 makes the modules' first, 0.22 the
+    parameters' (measured: the draws replayed in each order, tests/test_peft_tensor_parallel.py)."""
     wrappers = [lora for lora in loras if isinstance(lora, ParamWrapper)]
     inner = {id(wrapper.base_layer) for wrapper in wrappers}
-    order = [lora for lora in loras if not isinstance(lora, ParamWrapper)]
+    modules = [lora for lora in loras if not isinstance(lora, ParamWrapper)]
+    nested: list[LoraLayer] = []
     for wrapper in wrappers:
         if id(wrapper) in inner:
             continue
@@ -84,5 +91,5 @@ def creation_order(loras: Sequence[LoraLayer]) -> list[LoraLayer]:
         while isinstance(module, ParamWrapper):  # outermost first
             nest.append(module)
             module = module.base_layer
-        order.extend(reversed(nest))
-    return order
+        nested.extend(reversed(nest))
+    return nested + modules if PARAMETERS_FIRST else modules + nested
